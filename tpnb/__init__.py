@@ -1,0 +1,26 @@
+"""tpnb: Telepresence-style local development for Kubernetes, driven from Jupyter.
+
+Import root for all three processes' code:
+  tpnb.*           the client side (API, CLI, magics, widgets) - folder tpnb/
+  tpnb.daemon      the privileged per-machine daemon            - folder daemon/
+  tpnb.cluster     traffic-manager and traffic-agent (in pods)  - folder cluster/
+This module stays import-light: the cluster image imports it too.
+"""
+from __future__ import annotations
+
+from .version import __version__
+
+__all__ = ["__version__", "load_ipython_extension", "unload_ipython_extension"]
+
+
+def load_ipython_extension(ipython):  # pragma: no cover - thin shim
+    """`%load_ext tpnb` registers the %tp / %%tp magics."""
+    from .magics import load_ipython_extension as _load
+
+    _load(ipython)
+
+
+def unload_ipython_extension(ipython):  # pragma: no cover - thin shim
+    from .magics import unload_ipython_extension as _unload
+
+    _unload(ipython)

@@ -1,0 +1,211 @@
+"""Configuration in one place.
+
+Defaults live in `Config` below; a user overrides them in
+`~/.config/tpnb/config.yaml` (same nested keys) or with `TPNB_<SECTION>_<KEY>`
+environment variables.  `tpnb config view` prints the merged result with the
+source of each value, so nothing is hidden.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .version import __version__
+
+
+def _home() -> Path:
+    # When run through sudo, logs and config still belong to the real user.
+    sudo_user = os.environ.get("SUDO_USER")
+    if sudo_user and os.geteuid() == 0:
+        import pwd
+
+        try:
+            return Path(pwd.getpwnam(sudo_user).pw_dir)
+        except KeyError:
+            pass
+    return Path(os.environ.get("HOME") or "/root")
+
+
+def netns_id() -> str:
+    """Identity of the network namespace we run in.
+
+    The daemon is "one per machine", and a laptop network namespace is a
+    machine: two laptops on one host must not share a daemon socket.
+    """
+    try:
+        return str(os.stat("/proc/self/ns/net").st_ino)
+    except OSError:
+        return "default"
+
+
+@dataclass
+class ManagerConfig:
+    namespace: str = "tpnb"
+    image: str = f"tpnb.local/tpnb:{__version__}"
+    grpc_port: int = 8081
+    #: seconds without a heartbeat before a client session (and its intercepts) expires
+    session_ttl: int = 15
+
+
+@dataclass
+class AgentConfig:
+    image: str = f"tpnb.local/tpnb:{__version__}"
+    port: int = 9900
+    grpc_port: int = 9901
+    sftp_port: int = 9902
+    mount_prefix: str = "/tpnb/volumes"
+
+
+@dataclass
+class DaemonConfig:
+    #: empty: /run/tpnb/<netns inode>/daemon.sock
+    socket: str = ""
+    tun_name: str = "tpnb0"
+    #: address the laptop's resolver points at; served by the daemon inside the TUN
+    dns_ip: str = "169.254.53.53"
+    heartbeat_seconds: float = 3.0
+    connect_timeout: float = 30.0
+
+
+@dataclass
+class TimeoutConfig:
+    #: a single Kubernetes API call (an unreachable server fails within this)
+    api: float = 8.0
+    rollout: float = 180.0
+    intercept: float = 120.0
+
+
+@dataclass
+class LogConfig:
+    #: empty: ~/.cache/tpnb/logs
+    dir: str = ""
+    level: str = "info"
+
+
+@dataclass
+class DevClusterConfig:
+    state_dir: str = "/var/lib/tpnb/devcluster"
+    run_dir: str = "/run/tpnb-devcluster"
+    node_netns: str = "tpnb-node"
+    #: the link between node and laptops; the API server listens on its first address
+    lan_cidr: str = "10.250.0.0/24"
+    pod_cidr: str = "10.42.0.0/16"
+    node_pod_cidr: str = "10.42.0.0/24"
+    service_cidr: str = "10.43.0.0/16"
+    dns_service_ip: str = "10.43.0.10"
+    api_port: int = 6443
+    k8s_version: str = "v1.32.13"
+
+
+@dataclass
+class Config:
+    manager: ManagerConfig = field(default_factory=ManagerConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
+    logs: LogConfig = field(default_factory=LogConfig)
+    devcluster: DevClusterConfig = field(default_factory=DevClusterConfig)
+    #: where each value came from: "default", the config file path, or the env var
+    sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    # ------------------------------------------------------------ derived paths
+    @property
+    def socket_path(self) -> Path:
+        if self.daemon.socket:
+            return Path(self.daemon.socket)
+        return Path("/run/tpnb") / netns_id() / "daemon.sock"
+
+    @property
+    def log_dir(self) -> Path:
+        if self.logs.dir:
+            return Path(self.logs.dir)
+        return _home() / ".cache" / "tpnb" / "logs"
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "sources":
+                continue
+            out[f.name] = dataclasses.asdict(getattr(self, f.name))
+        return out
+
+
+def config_file() -> Path:
+    env = os.environ.get("TPNB_CONFIG")
+    if env:
+        return Path(env)
+    return _home() / ".config" / "tpnb" / "config.yaml"
+
+
+def _coerce(current: Any, raw: Any, where: str) -> Any:
+    try:
+        if isinstance(current, bool):
+            if isinstance(raw, str):
+                return raw.strip().lower() in ("1", "true", "yes", "on")
+            return bool(raw)
+        if isinstance(current, int):
+            return int(raw)
+        if isinstance(current, float):
+            return float(raw)
+        return str(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"invalid value {raw!r} for {where}",
+            f"expected a {type(current).__name__}",
+            "fix the value or remove it to use the default (see `tpnb config view`)",
+        ) from None
+
+
+def load() -> Config:
+    """Defaults, then the config file, then TPNB_<SECTION>_<KEY> variables."""
+    cfg = Config()
+    for sect in cfg.as_dict():
+        for key in getattr(cfg, sect).__dataclass_fields__:
+            cfg.sources[f"{sect}.{key}"] = "default"
+
+    path = config_file()
+    if path.exists():
+        import yaml
+
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"cannot parse {path}", str(exc).splitlines()[0],
+                              "fix the YAML or move the file away") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections", hint="see `tpnb config view`")
+        for sect, values in data.items():
+            if not hasattr(cfg, sect) or sect == "sources" or not isinstance(values, dict):
+                raise ConfigError(f"unknown config section {sect!r} in {path}",
+                                  hint=f"known sections: {', '.join(cfg.as_dict())}")
+            obj = getattr(cfg, sect)
+            for key, raw in values.items():
+                if key not in obj.__dataclass_fields__:
+                    raise ConfigError(f"unknown key {sect}.{key} in {path}",
+                                      hint=f"known keys: {', '.join(obj.__dataclass_fields__)}")
+                setattr(obj, key, _coerce(getattr(obj, key), raw, f"{sect}.{key}"))
+                cfg.sources[f"{sect}.{key}"] = str(path)
+
+    for sect in cfg.as_dict():
+        obj = getattr(cfg, sect)
+        for key in obj.__dataclass_fields__:
+            var = f"TPNB_{sect.upper()}_{key.upper()}"
+            if var in os.environ:
+                setattr(obj, key, _coerce(getattr(obj, key), os.environ[var], var))
+                cfg.sources[f"{sect}.{key}"] = var
+    return cfg
+
+
+_cached: Config | None = None
+
+
+def get() -> Config:
+    """The process-wide configuration (loaded once)."""
+    global _cached
+    if _cached is None:
+        _cached = load()
+    return _cached

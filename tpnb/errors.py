@@ -1,0 +1,72 @@
+"""User-facing errors.
+
+Every failure a user can cause or fix is one of these: a short `what` line, a
+`why`, and a `hint` saying what to do.  Front ends (CLI, magics, widgets) print
+`str(err)` and never a traceback of tpnb's internals.
+"""
+from __future__ import annotations
+
+
+class TpnbError(Exception):
+    """Base of all user-facing errors."""
+
+    #: process exit status used by the CLI
+    exit_code = 1
+
+    def __init__(self, what: str, why: str = "", hint: str = "") -> None:
+        super().__init__(what)
+        self.what = what
+        self.why = why
+        self.hint = hint
+
+    def __str__(self) -> str:
+        parts = [self.what]
+        if self.why:
+            parts.append(f"  why: {self.why}")
+        if self.hint:
+            parts.append(f"  fix: {self.hint}")
+        return "\n".join(parts)
+
+
+class ConfigError(TpnbError):
+    """Bad configuration or bad command-line input."""
+
+    exit_code = 2
+
+
+class PrerequisiteError(TpnbError):
+    """Something the machine lacks (a package, a privilege, a device)."""
+
+    exit_code = 3
+
+
+class ClusterError(TpnbError):
+    """The Kubernetes API refused or could not be reached."""
+
+    exit_code = 4
+
+
+class PermissionDenied(ClusterError):
+    """RBAC denial: names the verb and resource that was refused."""
+
+
+class DaemonError(TpnbError):
+    """The privileged daemon is not running, not reachable, or failed."""
+
+    exit_code = 5
+
+
+class NotConnected(DaemonError):
+    """An operation needs a session and there is none."""
+
+
+class InterceptError(TpnbError):
+    """An intercept could not be created, or was refused."""
+
+    exit_code = 6
+
+
+class DevClusterError(TpnbError):
+    """The built-in dev cluster failed to build, boot or stop."""
+
+    exit_code = 7
