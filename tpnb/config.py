@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .version import __version__
 
 
 def _home() -> Path:
@@ -45,7 +44,8 @@ def netns_id() -> str:
 @dataclass
 class ManagerConfig:
     namespace: str = "tpnb"
-    image: str = f"tpnb.local/tpnb:{__version__}"
+    #: empty: tpnb.local/tpnb:<version>-<source hash> (see tpnb/imageref.py)
+    image: str = ""
     grpc_port: int = 8081
     #: seconds without a heartbeat before a client session (and its intercepts) expires
     session_ttl: int = 15
@@ -53,7 +53,8 @@ class ManagerConfig:
 
 @dataclass
 class AgentConfig:
-    image: str = f"tpnb.local/tpnb:{__version__}"
+    #: empty: same image as the manager
+    image: str = ""
     port: int = 9900
     grpc_port: int = 9901
     sftp_port: int = 9902
@@ -118,6 +119,18 @@ class Config:
         if self.daemon.socket:
             return Path(self.daemon.socket)
         return Path("/run/tpnb") / netns_id() / "daemon.sock"
+
+    @property
+    def manager_image(self) -> str:
+        if self.manager.image:
+            return self.manager.image
+        from .imageref import default_image
+
+        return default_image()
+
+    @property
+    def agent_image(self) -> str:
+        return self.agent.image or self.manager_image
 
     @property
     def log_dir(self) -> Path:
