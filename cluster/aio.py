@@ -1,0 +1,35 @@
+"""Two task-group shapes every flow needs, shared by manager, agent and daemon.
+
+Plain asyncio so the cluster image (no anyio) can use it too.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Awaitable
+
+log = logging.getLogger("tpnb.flow")
+
+
+async def both(*coros: Awaitable[None]) -> None:
+    """Run all until every one finishes; the first failure cancels the rest."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.gather(*tasks)
+    except Exception as exc:  # noqa: BLE001 - a flow ending badly is routine
+        log.debug("flow ended: %s", exc)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def first(*coros: Awaitable[None]) -> None:
+    """Run all until the first one returns, then cancel the others."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
