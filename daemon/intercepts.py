@@ -1,0 +1,141 @@
+"""Intercept, leave, list and uninstall: the daemon's side of issue 4.
+
+The daemon acts with the user's kubeconfig (so RBAC is the user's), injects
+the traffic-agent, then claims the workload at the manager.  The manager only
+brokers; it has no write access to user objects.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+import anyio
+import grpc
+
+from tpnb import config as tpnb_config
+from tpnb.errors import InterceptError
+from tpnb.proto import pb
+
+from . import agent_injector, kube, manager_install
+from .session import Session
+
+log = logging.getLogger("tpnb.daemon.intercepts")
+
+ProgressFn = Callable[[str, str, float], None]
+
+
+async def _port_listens(host: str, port: int) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    return True
+
+
+async def intercept(session: Session, req: pb.InterceptRequest, progress: ProgressFn) -> pb.InterceptInfo:
+    cfg = tpnb_config.get()
+    spec = pb.InterceptSpec()
+    spec.CopyFrom(req.spec)
+    if not spec.workload:
+        spec.workload = spec.name
+    if not spec.name:
+        spec.name = spec.workload
+    spec.namespace = spec.namespace or (session.mapped[0] if session.mapped else "default")
+    spec.target_host = spec.target_host or "127.0.0.1"
+    if not 0 < spec.local_port < 65536:
+        raise InterceptError(f"invalid local port {spec.local_port}", hint="use --port 1..65535")
+    if spec.name in session.intercepts:
+        raise InterceptError(f"intercept {spec.name!r} already exists in this session",
+                             hint=f"`tpnb leave {spec.name}` first")
+    if not req.skip_port_check and not await _port_listens(spec.target_host, spec.local_port):
+        raise InterceptError(
+            f"nothing listens on {spec.target_host}:{spec.local_port}",
+            "the intercepted traffic would have nowhere to go",
+            f"start your server on port {spec.local_port} first, or run it with "
+            f"`tpnb intercept {spec.workload} --port {spec.local_port} -- CMD`")
+    assert session.target is not None
+    api = session.target.api
+    progress("workload", f"Looking up {spec.namespace}/{spec.workload}...", 0.05)
+    wl = await agent_injector.find_workload(api, spec.namespace, spec.workload)
+    target = await agent_injector.resolve_service(api, wl, spec.service or None, spec.service_port or None)
+    spec.workload_kind = wl.kind
+    spec.service = target.service
+    progress("workload", f"Using {wl.kind.lower()} {wl.name}", 0.1)
+    await agent_injector.inject_agent(api, wl, target, cfg.agent_image, progress)
+    await agent_injector.wait_rollout(api, wl, cfg.timeouts.rollout, progress)
+    ic = await session.create_intercept(spec)
+    progress("agent", "Waiting for the traffic-agent to report in...", 0.9)
+    deadline = anyio.current_time() + cfg.timeouts.intercept
+    while ic.state != pb.InterceptInfo.ACTIVE:
+        if anyio.current_time() > deadline:
+            await session.remove_intercept(spec.name)
+            raise InterceptError(f"the traffic-agent of {spec.workload} did not report in",
+                                 ic.message, f"check `kubectl -n {spec.namespace} logs deploy/{spec.workload} "
+                                 "-c traffic-agent`")
+        session.changed.clear()
+        with anyio.move_on_after(1.0):
+            await session.changed.wait()
+        ic = session.intercepts.get(spec.name, ic)
+    return ic
+
+
+async def all_intercepts(session: Session | None) -> list[pb.InterceptInfo]:
+    """Every intercept the manager knows (all sessions), for `list`."""
+    if session is None or session.link is None:
+        return []
+    call = session.link.stub.WatchIntercepts(pb.SessionInfo(session_id=""))
+    try:
+        first = await asyncio.wait_for(call.read(), 5)
+        return list(first.intercepts) if first is not grpc.aio.EOF else []
+    except (asyncio.TimeoutError, grpc.aio.AioRpcError):
+        return []
+    finally:
+        call.cancel()
+
+
+async def list_workloads(session: Session, namespace: str) -> pb.WorkloadList:
+    assert session.target is not None
+    items = await anyio.to_thread.run_sync(agent_injector.list_workloads, session.target.api, namespace)
+    ics = await all_intercepts(session)
+    out = pb.WorkloadList()
+    for it in items:
+        w = out.workloads.add(name=it["name"], namespace=it.get("namespace", namespace), kind=it["kind"],
+                              services=it.get("services", []), agent_installed=bool(it.get("agent_installed")))
+        held = [ic for ic in ics if ic.spec.workload == w.name and ic.spec.namespace == w.namespace]
+        if held:
+            ic = held[0]
+            w.intercept.CopyFrom(ic)
+            w.state = "intercepted by me" if ic.session_id == session.session_id else f"intercepted by {ic.client_name}"
+        elif w.agent_installed:
+            w.state = "agent installed"
+        else:
+            w.state = "free"
+    return out
+
+
+async def uninstall(session: Session | None, req: pb.UninstallRequest, progress: ProgressFn) -> str:
+    target = session.target if session is not None else None
+    if target is None:
+        conn = req.connection
+        target = await anyio.to_thread.run_sync(kube.load_target, conn.kubeconfig or None, conn.context or None)
+        await kube.check_reachable(target, tpnb_config.get().timeouts.api)
+    ns = req.namespace or (session.mapped[0] if session and session.mapped else target.namespace or "default")
+    if req.what == pb.UninstallRequest.AGENT:
+        if not req.name:
+            raise InterceptError("uninstall --agent needs a workload name", hint="tpnb uninstall --agent hello")
+        if session is not None:
+            for name, ic in list(session.intercepts.items()):
+                if ic.spec.workload == req.name and ic.spec.namespace == ns:
+                    await session.remove_intercept(name)
+        await agent_injector.remove_agent(target.api, ns, req.name, progress)
+        return f"Removed the traffic-agent from {ns}/{req.name}"
+    if session is not None:
+        for name in list(session.intercepts):
+            await session.remove_intercept(name)
+    removed = await agent_injector.remove_all_agents(target.api, progress)
+    if req.what == pb.UninstallRequest.ALL_AGENTS:
+        return f"Removed the traffic-agent from {len(removed)} workload(s)"
+    await manager_install.uninstall_manager(target, progress)
+    return f"Removed {len(removed)} traffic-agent(s) and the traffic-manager"
