@@ -1,0 +1,223 @@
+"""The one Python API.  The CLI, the %tp magics and the widget panel are faces of it.
+
+    import tpnb
+    s = tpnb.api.Session()
+    s.connect()
+    s.intercept("hello", port=9000)
+    s.env("hello")          # dict of the intercepted pod's environment
+    s.leave("hello"); s.quit()
+
+Every method raises a `tpnb.errors.TpnbError` subclass on failure, with the
+same words whichever face called it.
+"""
+from __future__ import annotations
+
+import getpass
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import config as tpnb_config
+from .client import DaemonClient
+from .errors import ConfigError, NotConnected
+from .proto import pb
+from .version import __version__
+
+ProgressFn = Callable[[pb.Progress], None]
+
+
+@dataclass
+class Intercept:
+    name: str
+    workload: str
+    namespace: str
+    kind: str
+    service: str
+    service_port: str
+    local_port: int
+    target_host: str
+    state: str
+    message: str
+    holder: str
+    pod_ips: list[str]
+    environment: dict[str, str]
+    mount_point: str
+    id: str
+
+    @classmethod
+    def from_pb(cls, ic: pb.InterceptInfo) -> "Intercept":
+        return cls(
+            name=ic.spec.name, workload=ic.spec.workload, namespace=ic.spec.namespace,
+            kind=ic.spec.workload_kind, service=ic.spec.service, service_port=ic.spec.service_port,
+            local_port=ic.spec.local_port, target_host=ic.spec.target_host or "127.0.0.1",
+            state=pb.InterceptInfo.State.Name(ic.state), message=ic.message, holder=ic.client_name,
+            pod_ips=list(ic.pod_ips), environment=dict(ic.environment), mount_point=ic.mount_point, id=ic.id)
+
+
+@dataclass
+class Status:
+    connected: bool
+    context: str = ""
+    server: str = ""
+    namespace: str = ""
+    mapped_namespaces: list[str] = field(default_factory=list)
+    pod_subnets: list[str] = field(default_factory=list)
+    service_subnets: list[str] = field(default_factory=list)
+    also_proxy: list[str] = field(default_factory=list)
+    dns_ip: str = ""
+    tun_name: str = ""
+    manager_version: str = ""
+    manager_namespace: str = ""
+    session_id: str = ""
+    daemon_version: str = ""
+    daemon_running: bool = True
+    intercepts: list[Intercept] = field(default_factory=list)
+    error: str = ""
+
+    @classmethod
+    def from_pb(cls, st: pb.ConnectionStatus, daemon_running: bool = True) -> "Status":
+        return cls(
+            connected=st.connected, context=st.context, server=st.server, namespace=st.namespace,
+            mapped_namespaces=list(st.mapped_namespaces), pod_subnets=list(st.pod_subnets),
+            service_subnets=list(st.service_subnets), also_proxy=list(st.also_proxy), dns_ip=st.dns_ip,
+            tun_name=st.tun_name, manager_version=st.manager_version, manager_namespace=st.manager_namespace,
+            session_id=st.session_id, daemon_version=st.daemon_version, daemon_running=daemon_running,
+            intercepts=[Intercept.from_pb(i) for i in st.intercepts], error=st.error)
+
+
+@dataclass
+class Workload:
+    name: str
+    namespace: str
+    kind: str
+    services: list[str]
+    state: str
+    agent_installed: bool
+    intercept: Intercept | None
+
+
+def _user() -> str:
+    try:
+        user = os.environ.get("SUDO_USER") or getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
+
+
+def _check_cidrs(cidrs: list[str]) -> list[str]:
+    out = []
+    for c in cidrs:
+        try:
+            out.append(str(ipaddress.ip_network(c, strict=False)))
+        except ValueError:
+            raise ConfigError(f"invalid --also-proxy value {c!r}", "it is not a CIDR",
+                              "use a subnet such as 10.1.0.0/16 or a single address 10.1.2.3/32") from None
+    return out
+
+
+class Session:
+    """A handle on this machine's tpnb daemon and its (at most one) session."""
+
+    def __init__(self, cfg: tpnb_config.Config | None = None) -> None:
+        self.cfg = cfg or tpnb_config.get()
+        self.client = DaemonClient(self.cfg)
+
+    # ---------------------------------------------------------------- session
+    def connect(self, namespace: str | None = None, mapped_namespaces: list[str] | tuple[str, ...] = (),
+                also_proxy: list[str] | tuple[str, ...] = (), kubeconfig: str | None = None,
+                context: str | None = None, progress: ProgressFn | None = None,
+                say: Callable[[str], None] | None = None) -> Status:
+        req = pb.ConnectRequest(
+            kubeconfig=kubeconfig if kubeconfig is not None else os.environ.get("KUBECONFIG", ""),
+            context=context or "", namespace=namespace or "",
+            mapped_namespaces=[m for m in mapped_namespaces if m], also_proxy=_check_cidrs(list(also_proxy)),
+            user=_user(), home=os.environ.get("HOME", ""), install_manager=True)
+        if not req.kubeconfig:
+            default = os.path.expanduser("~/.kube/config")
+            if os.path.exists(default):
+                req.kubeconfig = default
+        self.client.ensure_daemon(say)
+        done = self.client.stream(self.client.stub().Connect, req, progress)
+        return Status.from_pb(done)  # type: ignore[arg-type]
+
+    def status(self) -> Status:
+        if not self.client.running():
+            return Status(connected=False, daemon_running=False)
+        return Status.from_pb(self.client.call(self.client.stub().Status, pb.Empty()))
+
+    def quit(self, stop_daemon: bool = False) -> bool:
+        """End the session (and stop the daemon too with stop_daemon). False if nothing ran."""
+        if not self.client.running():
+            return False
+        self.client.call(self.client.stub().Quit, pb.QuitRequest(stop_daemon=stop_daemon), timeout=60)
+        if stop_daemon:
+            self.client.close()
+        return True
+
+    def version(self) -> dict[str, str]:
+        out = {"client": __version__}
+        if self.client.running():
+            for v in self.client.call(self.client.stub().Version, pb.Empty()).versions:
+                out[v.name] = v.version
+        return out
+
+    def set_log_level(self, level: str) -> None:
+        self._require_daemon()
+        self.client.call(self.client.stub().SetLogLevel, pb.LogLevelRequest(level=level))
+
+    def _require_daemon(self) -> None:
+        if not self.client.running():
+            raise NotConnected("not connected", "the tpnb daemon is not running",
+                               "run `tpnb connect` (or `%tp connect`) first")
+
+    # ---------------------------------------------------------------- workloads & intercepts
+    def list(self, namespace: str | None = None) -> list[Workload]:
+        self._require_daemon()
+        lst = self.client.call(self.client.stub().List, pb.ListRequest(namespace=namespace or ""), timeout=60)
+        return [Workload(name=w.name, namespace=w.namespace, kind=w.kind, services=list(w.services),
+                         state=w.state, agent_installed=w.agent_installed,
+                         intercept=Intercept.from_pb(w.intercept) if w.HasField("intercept") else None)
+                for w in lst.workloads]
+
+    def intercept(self, name: str, port: int, namespace: str | None = None, service: str | None = None,
+                  service_port: str | None = None, workload: str | None = None,
+                  progress: ProgressFn | None = None, skip_port_check: bool = False) -> Intercept:
+        self._require_daemon()
+        spec = pb.InterceptSpec(name=name, workload=workload or name, namespace=namespace or "",
+                                service=service or "", service_port=str(service_port or ""),
+                                local_port=int(port), target_host="127.0.0.1")
+        done = self.client.stream(self.client.stub().Intercept,
+                                  pb.InterceptRequest(spec=spec, skip_port_check=skip_port_check), progress)
+        return Intercept.from_pb(done)  # type: ignore[arg-type]
+
+    def leave(self, name: str) -> None:
+        self._require_daemon()
+        self.client.call(self.client.stub().Leave, pb.LeaveRequest(name=name))
+
+    def intercepts(self) -> list[Intercept]:
+        return self.status().intercepts
+
+    def get_intercept(self, name: str) -> Intercept:
+        for ic in self.intercepts():
+            if ic.name == name:
+                return ic
+        raise NotConnected(f"no intercept named {name!r}", hint="`tpnb list` shows what is intercepted")
+
+    def env(self, name: str) -> dict[str, str]:
+        """The intercepted pod's app container environment."""
+        return dict(self.get_intercept(name).environment)
+
+    def uninstall(self, agent: str | None = None, all_agents: bool = False, everything: bool = False,
+                  namespace: str | None = None, progress: ProgressFn | None = None) -> str:
+        chosen = [bool(agent), all_agents, everything].count(True)
+        if chosen != 1:
+            raise ConfigError("choose exactly one of --agent NAME, --all-agents, --everything",
+                              hint="e.g. `tpnb uninstall --everything`")
+        what = (pb.UninstallRequest.AGENT if agent else
+                pb.UninstallRequest.ALL_AGENTS if all_agents else pb.UninstallRequest.EVERYTHING)
+        conn = pb.ConnectRequest(kubeconfig=os.environ.get("KUBECONFIG", ""), user=_user())
+        self.client.ensure_daemon()
+        req = pb.UninstallRequest(what=what, name=agent or "", namespace=namespace or "", connection=conn)
+        return str(self.client.stream(self.client.stub().Uninstall, req, progress))

@@ -1,0 +1,297 @@
+"""`tpnb`: the command-line face of tpnb.api.
+
+Output follows the shapes of Telepresence 2's walkthrough; errors print as
+"what / why / fix" lines and a non-zero exit status, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+from typing import Sequence
+
+from . import render
+from .api import Session
+from .errors import ConfigError, TpnbError
+from .proto import pb
+
+
+class Progress:
+    """One progress line per step; a rewritten line on a terminal."""
+
+    def __init__(self, stream=sys.stdout) -> None:  # noqa: ANN001
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.last = ""
+
+    def __call__(self, p: pb.Progress) -> None:
+        msg = p.message
+        if msg == self.last:
+            return
+        self.last = msg
+        if self.tty and 0 <= p.fraction < 1:
+            bar = "#" * int(p.fraction * 20)
+            self.stream.write(f"\r\033[K[{bar:<20}] {msg}")
+        else:
+            if self.tty:
+                self.stream.write("\r\033[K")
+            self.stream.write(msg + "\n")
+        self.stream.flush()
+
+    def end(self) -> None:
+        if self.tty and self.last:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+def _split_cmd(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    argv = list(argv)
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+def _parse_port(value: str) -> tuple[int, str]:
+    local, _, svc = value.partition(":")
+    try:
+        port = int(local)
+    except ValueError:
+        raise ConfigError(f"invalid --port {value!r}", "the local port must be a number",
+                          "use --port 9000 or --port 9000:http") from None
+    if not 0 < port < 65536:
+        raise ConfigError(f"invalid --port {value!r}", "ports are 1..65535")
+    return port, svc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tpnb", description="Telepresence-style local development for Kubernetes")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+
+    sub.add_parser("version", help="show client, daemon and traffic-manager versions")
+
+    c = sub.add_parser("connect", help="connect this machine to the cluster [-- CMD ARGS]")
+    c.add_argument("--namespace", "-n", help="namespace whose short names resolve (default: the context's)")
+    c.add_argument("--mapped-namespaces", default="", help="more namespaces for short names, comma separated")
+    c.add_argument("--also-proxy", action="append", default=[], metavar="CIDR",
+                   help="also route this subnet through the cluster (repeatable)")
+    c.add_argument("--context", help="kubeconfig context")
+
+    sub.add_parser("status", help="show the connection and intercepts")
+
+    q = sub.add_parser("quit", help="end the session (and with --daemon, stop the daemon)")
+    q.add_argument("--daemon", "-r", "-s", action="store_true", help="stop the daemon too")
+    q.add_argument("-u", action="store_true", help=argparse.SUPPRESS)  # seed compatibility: no-op
+
+    ls = sub.add_parser("list", help="list interceptable workloads")
+    ls.add_argument("--namespace", "-n")
+
+    i = sub.add_parser("intercept", help="route a workload's traffic to this machine [-- CMD ARGS]")
+    i.add_argument("name")
+    i.add_argument("--port", "-p", required=True, help="LOCAL[:SERVICE_PORT_NAME_OR_NUMBER]")
+    i.add_argument("--namespace", "-n")
+    i.add_argument("--service")
+    i.add_argument("--workload", help="workload name when it differs from the intercept name")
+    i.add_argument("--env-file", help="write the pod's environment here (docker --env-file syntax)")
+    i.add_argument("--env-json", help="write the pod's environment here as JSON")
+
+    lv = sub.add_parser("leave", help="end an intercept")
+    lv.add_argument("name")
+
+    u = sub.add_parser("uninstall", help="remove agents and/or the traffic-manager from the cluster")
+    g = u.add_mutually_exclusive_group(required=True)
+    g.add_argument("--agent", "-d", metavar="NAME")
+    g.add_argument("--all-agents", "-a", action="store_true")
+    g.add_argument("--everything", "-e", action="store_true")
+    u.add_argument("--namespace", "-n")
+
+    cf = sub.add_parser("config", help="show configuration")
+    cf.add_argument("action", choices=["view"])
+
+    ll = sub.add_parser("loglevel", help="set the daemon's and manager's log level")
+    ll.add_argument("level", choices=["debug", "info", "warning", "error"])
+
+    sub.add_parser("devcluster", help="the built-in dev cluster (up, status, kubeconfig, laptop, down)",
+                   add_help=False)
+    return p
+
+
+def write_env_files(env: dict[str, str], env_file: str | None, env_json: str | None) -> None:
+    """Docker env-file lines (no quoting exists there: a value with a newline cannot be written)."""
+    if env_file:
+        bad = sorted(k for k, v in env.items() if "\n" in v)
+        lines = [f"{k}={v}" for k, v in sorted(env.items()) if k not in bad]
+        _write(env_file, "\n".join(lines) + "\n")
+        if bad:
+            print(f"note: {', '.join(bad)} hold newlines, which the env-file format cannot express; "
+                  f"use --env-json for them", file=sys.stderr)
+    if env_json:
+        _write(env_json, json.dumps(env, indent=2, sort_keys=True) + "\n")
+
+
+def _write(path: str, text: str) -> None:
+    try:
+        with open(path, "w") as fh:
+            fh.write(text)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}", exc.strerror or str(exc),
+                          "choose a writable path") from None
+
+
+#: the pod's values for these would break a local command, so the local ones stay
+LOCAL_ONLY_ENV = ("PATH", "HOME", "HOSTNAME", "PWD", "SHLVL", "TERM", "USER", "SHELL")
+
+
+def command_env(pod_env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in pod_env.items() if k not in LOCAL_ONLY_ENV}
+
+
+def _run_cmd(cmd: list[str], env: dict[str, str] | None = None) -> int:
+    """Run the user's command in the foreground; Ctrl-C goes to it, then we clean up."""
+    full_env = dict(os.environ)
+    if env:
+        full_env.update(env)
+    try:
+        proc = subprocess.Popen(cmd, env=full_env)
+    except OSError as exc:
+        raise ConfigError(f"cannot run {cmd[0]!r}", exc.strerror or str(exc),
+                          "check the command after `--`") from None
+    old = signal.signal(signal.SIGINT, lambda *_: None)  # the child gets Ctrl-C from the terminal
+    try:
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def run(argv: Sequence[str]) -> int:
+    if argv and argv[0] == "devcluster":
+        from .devcluster.cli import main as devcluster_main
+
+        return devcluster_main(list(argv[1:]))
+    own, cmd = _split_cmd(argv)
+    args = build_parser().parse_args(own)
+    s = Session()
+    out = sys.stdout
+
+    if args.cmd is None:
+        build_parser().print_help()
+        return 2
+    if args.cmd == "version":
+        print(render.versions_text(s.version()))
+        return 0
+    if args.cmd == "config":
+        from . import config as tpnb_config
+
+        cfg = tpnb_config.get()
+        for sect, values in cfg.as_dict().items():
+            print(f"{sect}:")
+            for k, v in values.items():
+                src = cfg.sources.get(f"{sect}.{k}", "default")
+                print(f"  {k}: {v!r}" + ("" if src == "default" else f"   # from {src}"))
+        print(f"# derived: socket={cfg.socket_path} logs={cfg.log_dir} manager_image={cfg.manager_image}")
+        print(f"# file: {tpnb_config.config_file()}")
+        return 0
+    if args.cmd == "connect":
+        prog = Progress()
+        mapped = [m.strip() for m in args.mapped_namespaces.split(",") if m.strip()]
+        st = s.connect(namespace=args.namespace, mapped_namespaces=mapped, also_proxy=args.also_proxy,
+                       context=args.context, progress=prog, say=lambda m: print(m, file=out, flush=True))
+        prog.end()
+        if prog.last != f"Connected to context {st.context} ({st.server})":
+            print(f"Connected to context {st.context} ({st.server})")
+        if cmd:
+            try:
+                return _run_cmd(cmd)
+            finally:
+                print("Disconnecting...", end="", flush=True)
+                s.quit()
+                print("done")
+        return 0
+    if args.cmd == "status":
+        print(render.status_text(s.status()))
+        return 0
+    if args.cmd == "quit":
+        st = s.status()
+        if not st.daemon_running:
+            print("tpnb daemon had already quit")
+            return 0
+        if st.connected:
+            print("Disconnecting...", end="", flush=True)
+        s.quit(stop_daemon=args.daemon)
+        if st.connected:
+            print("done")
+        else:
+            print("tpnb was not connected")
+        if args.daemon:
+            print("tpnb daemon quitting...done")
+        return 0
+    if args.cmd == "list":
+        print(render.workloads_text(s.list(args.namespace)))
+        return 0
+    if args.cmd == "leave":
+        s.leave(args.name)
+        return 0
+    if args.cmd == "loglevel":
+        s.set_log_level(args.level)
+        return 0
+    if args.cmd == "uninstall":
+        prog = Progress()
+        msg = s.uninstall(agent=args.agent, all_agents=args.all_agents, everything=args.everything,
+                          namespace=args.namespace, progress=prog)
+        prog.end()
+        print(msg)
+        return 0
+    if args.cmd == "intercept":
+        return _intercept(s, args, cmd)
+    raise ConfigError(f"unknown command {args.cmd!r}")
+
+
+def _intercept(s: Session, args: argparse.Namespace, cmd: list[str]) -> int:
+    port, svc_port = _parse_port(args.port)
+    prog = Progress()
+    connected_here = False
+    if not s.status().connected:
+        st = s.connect(namespace=args.namespace, progress=prog, say=lambda m: print(m, flush=True))
+        prog.end()
+        print(f"Connected to context {st.context} ({st.server})")
+        connected_here = True
+    try:
+        ic = s.intercept(args.name, port, namespace=args.namespace, service=args.service,
+                         service_port=svc_port or None, workload=args.workload, progress=prog,
+                         skip_port_check=bool(cmd))
+        prog.end()
+        print(render.intercept_block(ic), flush=True)
+        write_env_files(ic.environment, args.env_file, args.env_json)
+        if not cmd:
+            return 0
+        try:
+            return _run_cmd(cmd, env=command_env(ic.environment))
+        finally:
+            try:
+                s.leave(ic.name)
+            except TpnbError as err:
+                print(str(err), file=sys.stderr)
+    finally:
+        if connected_here and cmd:
+            print("Disconnecting...", end="", flush=True)
+            s.quit(stop_daemon=True)
+            print("done")
+            print("tpnb daemon quitting...done")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except TpnbError as err:
+        print(str(err), file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Text shapes shared by the CLI and the magics, so both print the same thing."""
+from __future__ import annotations
+
+from .api import Intercept, Status, Workload
+
+
+def intercept_block(ic: Intercept) -> str:
+    kind = (ic.kind or "workload").lower()
+    state = ic.state
+    lines = [
+        f"Using {kind} {ic.workload}",
+        "intercepted",
+        f"    Intercept name: {ic.name}",
+        f"    State         : {state}" + (f" ({ic.message})" if ic.message else ""),
+        f"    Workload kind : {ic.kind}",
+        f"    Destination   : {ic.target_host}:{ic.local_port}",
+        f"    Service       : {ic.service}" + (f" port {ic.service_port}" if ic.service_port else ""),
+        "    Intercepting  : all connections",
+    ]
+    return "\n".join(lines)
+
+
+def status_text(st: Status) -> str:
+    if not st.daemon_running:
+        return "tpnb daemon: not running\nNot connected"
+    if not st.connected:
+        return f"tpnb daemon: running (v{st.daemon_version})\nNot connected"
+    lines = [
+        f"tpnb daemon: running (v{st.daemon_version})",
+        f"Connected to context {st.context} ({st.server})",
+        f"  Session          : {st.session_id}",
+        f"  Namespace        : {st.namespace}",
+        f"  Mapped namespaces: {', '.join(st.mapped_namespaces)}",
+        f"  Pod subnets      : {', '.join(st.pod_subnets) or '-'}",
+        f"  Service subnets  : {', '.join(st.service_subnets) or '-'}",
+        f"  Also proxy       : {', '.join(st.also_proxy) or '-'}",
+        f"  DNS              : {st.dns_ip} (via {st.tun_name})",
+        f"  Traffic manager  : {st.manager_version} in namespace {st.manager_namespace}",
+    ]
+    if st.error:
+        lines.append(f"  Problem          : {st.error}")
+    if st.intercepts:
+        lines.append("  Intercepts       :")
+        for ic in st.intercepts:
+            lines.append(f"    {ic.name}: {ic.namespace}/{ic.workload} -> {ic.target_host}:{ic.local_port} ({ic.state})")
+    return "\n".join(lines)
+
+
+def workloads_text(ws: list[Workload]) -> str:
+    if not ws:
+        return "No interceptable workloads (deployments, replicasets, statefulsets) found"
+    width = max(len(w.name) for w in ws)
+    out = []
+    for w in ws:
+        svcs = ", ".join(w.services) or "no service"
+        out.append(f"{w.name:<{width}} : {w.state} ({w.kind}; {svcs})")
+    return "\n".join(out)
+
+
+def versions_text(v: dict[str, str]) -> str:
+    names = {"client": "Client", "daemon": "Daemon", "traffic-manager": "Traffic Manager"}
+    return "\n".join(f"{names.get(k, k)}: v{val}" if k != "traffic-manager" else f"{names[k]}: {val}"
+                     for k, val in v.items())
