@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Runs inside a laptop namespace (`tpnb devcluster laptop -- bash scripts/walkthrough.sh`).
+# Each step prints the command first, like the seed's console transcript.
+set -euo pipefail
+say() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
+run() { say "$@"; "$@"; }
+
+run kubectl create deploy hello --image=tpnb.local/echoserver:1.4 2>/dev/null || true
+kubectl get svc hello >/dev/null 2>&1 || run kubectl expose deploy hello --port 80 --target-port 8080
+run kubectl rollout status deploy/hello --timeout=120s
+run kubectl get ns,svc,deploy,po
+
+say "curl -sS --max-time 5 hello.default    # before connecting: the laptop cannot reach the cluster"
+curl -sS --max-time 5 hello.default || true
+
+run tpnb version
+run tpnb connect
+run curl -sS hello.default
+
+say "tpnb intercept hello --port 9000 -- python3 -m http.server 9000 &"
+workdir=$(mktemp -d); echo "file1" > "$workdir/file1.txt"; echo "file2" > "$workdir/file2.txt"
+( cd "$workdir" && exec tpnb intercept hello --port 9000 -- python3 -m http.server 9000 ) &
+icpid=$!
+for _ in $(seq 1 240); do
+  tpnb status 2>/dev/null | grep -q 'hello: .*ACTIVE' && break
+  sleep 0.5
+done
+run curl -sS hello
+run curl -sS hello.default
+
+say "kill -INT %1    # <ctrl>-C ends the intercepted server and the intercept"
+kill -INT "$icpid"; wait "$icpid" || true
+run curl -sS hello.default
+say "curl -sS --max-time 5 hello    # short names are no longer mapped"
+curl -sS --max-time 5 hello || true
+
+run kubectl get svc,deploy,pod
+run kubectl -n tpnb get svc,deploy,pod
+run tpnb quit --daemon
+say "curl -sS --max-time 5 hello.default"
+curl -sS --max-time 5 hello.default || true
