@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Awaitable
 
 log = logging.getLogger("tpnb.flow")
@@ -33,3 +34,10 @@ async def first(*coros: Awaitable[None]) -> None:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def oserror_text(exc: OSError) -> str:
+    """asyncio's connect errors say "Connect call failed"; the errno says why."""
+    if exc.errno:
+        return os.strerror(exc.errno).lower()
+    return exc.strerror or str(exc)

@@ -27,8 +27,8 @@ import grpc
 from tpnb.proto import pb, rpc
 from tpnb.version import API_VERSION, __version__
 
-from .aio import both, first
-from .forward import FrameChannel, pump_stream_to_tunnel, pump_tunnel_to_stream
+from .aio import both, first, oserror_text
+from .forward import FrameChannel, GrpcFrameChannel, pump_stream_to_tunnel, pump_tunnel_to_stream
 
 log = logging.getLogger("tpnb.manager")
 
@@ -43,22 +43,6 @@ def _ip_str(raw: bytes) -> str:
 def _ipnet(cidr: str) -> pb.IPNet:
     net = ipaddress.ip_network(cidr, strict=False)
     return pb.IPNet(ip=net.network_address.packed, prefix=net.prefixlen)
-
-
-class ContextChannel(FrameChannel):
-    """FrameChannel over the server side of a Tunnel RPC."""
-
-    def __init__(self, context: grpc.aio.ServicerContext) -> None:
-        self._ctx = context
-
-    async def recv(self) -> pb.TunnelFrame | None:
-        msg = await self._ctx.read()
-        if msg is grpc.aio.EOF:
-            return None
-        return msg
-
-    async def send(self, frame: pb.TunnelFrame) -> None:
-        await self._ctx.write(frame)
 
 
 @dataclass
@@ -235,7 +219,7 @@ class Manager(rpc.ManagerServicer):
 
     # ---------------------------------------------------------------- tunnels
     async def Tunnel(self, request_iterator, context):  # noqa: N802
-        chan = ContextChannel(context)
+        chan = GrpcFrameChannel(context)
         first = await chan.recv()
         if first is None or first.WhichOneof("kind") != "open":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first tunnel frame must be `open`")
@@ -259,7 +243,7 @@ class Manager(rpc.ManagerServicer):
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), DIAL_TIMEOUT)
         except (OSError, asyncio.TimeoutError) as exc:
-            msg = "timed out" if isinstance(exc, asyncio.TimeoutError) else (exc.strerror or str(exc))
+            msg = "timed out" if isinstance(exc, asyncio.TimeoutError) else oserror_text(exc)
             log.debug("dial %s:%d failed: %s", host, port, msg)
             await chan.send(pb.TunnelFrame(error=f"dial {host}:{port}: {msg}"))
             return

@@ -28,8 +28,8 @@ from . import kube, manager_install, netstate, resolvconf, routes
 from .tun import Flow, Tun
 from .dns import ClusterResolver
 from .portforward import PortForward
-from tpnb.cluster.aio import both, first
-from tpnb.cluster.forward import FrameChannel, pump_stream_to_tunnel, pump_tunnel_to_stream
+from tpnb.cluster.aio import both, first, oserror_text
+from tpnb.cluster.forward import GrpcFrameChannel, TunnelError, pump_stream_to_tunnel, pump_tunnel_to_stream
 
 log = logging.getLogger("tpnb.daemon.session")
 netlog = logging.getLogger("tpnb.daemon.outbound")
@@ -48,23 +48,35 @@ GRPC_OPTIONS = [
 ]
 
 
-class CallChannel(FrameChannel):
-    """FrameChannel over the client side of a Tunnel RPC."""
+class _FlowTransport:
+    def __init__(self, flow: Flow) -> None:
+        self.flow = flow
 
-    def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
-        self.call = call
+    def abort(self) -> None:
+        self.flow.close()
 
-    async def recv(self) -> pb.TunnelFrame | None:
-        try:
-            msg = await self.call.read()
-        except grpc.aio.AioRpcError:
-            return None
-        if msg is grpc.aio.EOF:
-            return None
-        return msg
 
-    async def send(self, frame: pb.TunnelFrame) -> None:
-        await self.call.write(frame)
+class FlowWriter:
+    """A TUN flow with the StreamWriter surface the shared pumps use."""
+
+    def __init__(self, flow: Flow) -> None:
+        self.flow = flow
+        self.transport = _FlowTransport(flow)
+
+    def write(self, data: bytes) -> None:
+        self.flow.write(data)
+
+    async def drain(self) -> None:
+        await self.flow.drain()
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.flow.write_eof()
+
+    def close(self) -> None:
+        self.flow.close()
 
 
 def _cidr(net: pb.IPNet) -> str:
@@ -222,21 +234,20 @@ class Session:
         reply = await link.stub.LookupDNS(pb.DNSRequest(session_id=self.session_id, query=query), timeout=4)
         return reply.reply
 
-    async def _open_tunnel(self, open_: pb.TunnelOpen) -> tuple[CallChannel | None, str]:
+    async def _open_tunnel(self, open_: pb.TunnelOpen) -> tuple[GrpcFrameChannel | None, str]:
         link = self.link
         if link is None:
             return None, "not linked to the traffic-manager"
-        call = link.stub.Tunnel()
-        chan = CallChannel(call)
+        chan = GrpcFrameChannel(link.stub.Tunnel())
         try:
             await chan.send(pb.TunnelFrame(open=open_))
             first = await chan.recv()
-        except grpc.aio.AioRpcError as exc:
-            return None, exc.details() or exc.code().name
+        except TunnelError as exc:
+            return None, str(exc)
         if first is None:
             return None, "tunnel closed"
         if first.WhichOneof("kind") == "error":
-            call.cancel()
+            chan.cancel()
             return None, first.error
         return chan, ""
 
@@ -251,9 +262,9 @@ class Session:
             flow.close()
             return
         try:
-            await both(pump_stream_to_tunnel(flow, chan), pump_tunnel_to_stream(chan, flow))
+            await both(pump_stream_to_tunnel(flow, chan), pump_tunnel_to_stream(chan, FlowWriter(flow)))
         finally:
-            chan.call.cancel()
+            chan.cancel()
             flow.close()
 
     async def _on_udp(self, flow: Flow) -> None:
@@ -284,7 +295,7 @@ class Session:
         try:
             await first(up(), down())
         finally:
-            chan.call.cancel()
+            chan.cancel()
             flow.close()
 
     async def _answer_dial(self, req: pb.DialRequest) -> None:
@@ -293,28 +304,27 @@ class Session:
         link = self.link
         if link is None:
             return
-        call = link.stub.Tunnel()
-        chan = CallChannel(call)
+        chan = GrpcFrameChannel(link.stub.Tunnel())
         try:
             await chan.send(pb.TunnelFrame(open=open_))
             try:
                 reader, writer = await asyncio.wait_for(
                     asyncio.open_connection(req.target_host or "127.0.0.1", req.port), 5)
             except (OSError, asyncio.TimeoutError) as exc:
-                why = "timed out" if isinstance(exc, asyncio.TimeoutError) else (exc.strerror or str(exc))
+                why = "timed out" if isinstance(exc, asyncio.TimeoutError) else oserror_text(exc)
                 log.warning("intercept %s: cannot reach %s:%d: %s", req.intercept_id, req.target_host, req.port, why)
                 await chan.send(pb.TunnelFrame(error=f"local {req.target_host}:{req.port}: {why}"))
-                await call.done_writing()
+                await chan.done_sending()
                 return
             await chan.send(pb.TunnelFrame(opened=pb.Empty()))
             try:
                 await both(pump_stream_to_tunnel(reader, chan), pump_tunnel_to_stream(chan, writer))
             finally:
                 writer.close()
-        except grpc.aio.AioRpcError as exc:
-            log.debug("dial %s ended: %s", req.dial_id, exc.code().name)
+        except TunnelError as exc:
+            log.debug("dial %s ended: %s", req.dial_id, exc)
         finally:
-            call.cancel()
+            chan.cancel()
 
     # ================================================================ background loops
     async def _heartbeat_loop(self) -> None:
