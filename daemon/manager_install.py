@@ -1,0 +1,479 @@
+"""Install, upgrade and remove the traffic-manager, with the user's credentials.
+
+All objects are applied with server-side apply (field manager "tpnb"), so an
+install, an upgrade and a repair are the same idempotent operation, and a
+half-finished earlier attempt is simply completed.
+
+Whether to touch a running manager is decided by its image (= version) and a
+hash of the rendered manifests stored on the Deployment: equal -> reuse it
+untouched (no restart of other users' sessions), different -> apply and wait
+for the rollout.
+
+The manager only reads cluster state (the daemon injects agents with the
+user's own rights), so its ClusterRole is get/list/watch only.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from kubernetes.client import ApiException
+
+from tpnb import config
+from tpnb.errors import ClusterError
+
+from .kube import KubeTarget, api_error, path_quote, request, status_message
+
+log = logging.getLogger(__name__)
+
+#: progress(step, message, fraction 0..1)
+Progress = Callable[[str, str, float], None]
+
+MANAGED_BY = {"app.kubernetes.io/managed-by": "tpnb"}
+SELECTOR = {"app.kubernetes.io/name": "traffic-manager"}
+NAME = "traffic-manager"
+RBAC_NAME = "tpnb-traffic-manager"
+HASH_ANNOTATION = "tpnb.io/manifest-hash"
+FIELD_MANAGER = "tpnb"
+
+#: container states that will not fix themselves within a rollout
+_FATAL_WAITING = {
+    "ErrImageNeverPull", "ImagePullBackOff", "InvalidImageName", "CrashLoopBackOff",
+    "CreateContainerConfigError", "CreateContainerError", "RunContainerError",
+}
+_IMAGE_REASONS = {"ErrImageNeverPull", "ImagePullBackOff", "ErrImagePull", "InvalidImageName"}
+
+
+@dataclass
+class ManagerHandle:
+    namespace: str
+    pod: str
+    #: the image tag (tpnb version + source hash)
+    version: str
+    image: str = ""
+
+
+def image_tag(image: str) -> str:
+    """Tag of an image reference ("repo:tag" or "repo@sha256:..." -> digest)."""
+    ref = image.split("@", 1)
+    if len(ref) == 2:
+        return ref[1]
+    last = ref[0].rsplit("/", 1)[-1]
+    return last.split(":", 1)[1] if ":" in last else "latest"
+
+
+def _label_value(s: str) -> str:
+    out = "".join(c if c.isalnum() or c in "-_." else "_" for c in s)[:63]
+    return out.strip("-_.") or "unknown"
+
+
+# ----------------------------------------------------------------- manifests
+def manifests(image: str, namespace: str | None = None, grpc_port: int | None = None) -> list[dict[str, Any]]:
+    """Every object of a manager install, in apply order (namespace first)."""
+    cfg = config.get()
+    namespace = namespace or cfg.manager.namespace
+    grpc_port = grpc_port or cfg.manager.grpc_port
+    version = _label_value(image_tag(image))
+    labels = {**MANAGED_BY, **SELECTOR, "app.kubernetes.io/part-of": "tpnb"}
+    meta = lambda name, ns=namespace: {  # noqa: E731
+        "name": name, **({"namespace": ns} if ns else {}), "labels": dict(labels)}
+    read = ["get", "list", "watch"]
+    objs: list[dict[str, Any]] = [
+        {"apiVersion": "v1", "kind": "Namespace",
+         "metadata": {"name": namespace, "labels": {**MANAGED_BY, "app.kubernetes.io/part-of": "tpnb"}}},
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(NAME)},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+         "metadata": meta(RBAC_NAME, None),
+         "rules": [
+             {"apiGroups": [""], "resources": ["nodes", "namespaces", "services", "pods", "endpoints"], "verbs": read},
+             {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": read},
+             {"apiGroups": ["apps"], "resources": ["deployments", "replicasets", "statefulsets"], "verbs": read},
+         ]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+         "metadata": meta(RBAC_NAME, None),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": RBAC_NAME},
+         "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": namespace}]},
+        {"apiVersion": "v1", "kind": "Service", "metadata": meta(NAME),
+         "spec": {"clusterIP": "None", "selector": dict(SELECTOR),
+                  "ports": [{"name": "grpc", "port": grpc_port, "targetPort": grpc_port, "protocol": "TCP"}]}},
+        {"apiVersion": "apps/v1", "kind": "Deployment",
+         "metadata": {**meta(NAME), "labels": {**labels, "app.kubernetes.io/version": version}},
+         "spec": {
+             "replicas": 1,
+             "selector": {"matchLabels": dict(SELECTOR)},
+             # sessions live in the manager's memory: never two managers at once
+             "strategy": {"type": "Recreate"},
+             "template": {
+                 "metadata": {"labels": {**labels, "app.kubernetes.io/version": version}},
+                 "spec": {
+                     "serviceAccountName": NAME,
+                     "dnsPolicy": "ClusterFirst",
+                     "terminationGracePeriodSeconds": 5,
+                     "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+                     "containers": [{
+                         "name": "manager",
+                         "image": image,
+                         "imagePullPolicy": "IfNotPresent",
+                         "args": ["manager"],
+                         "env": [
+                             {"name": "MANAGER_NAMESPACE",
+                              "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                             # the config module's spelling, so config.get() agrees in the pod
+                             {"name": "TPNB_MANAGER_NAMESPACE",
+                              "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                             {"name": "TPNB_MANAGER_GRPC_PORT", "value": str(grpc_port)},
+                             {"name": "TPNB_MANAGER_SESSION_TTL", "value": str(cfg.manager.session_ttl)},
+                         ],
+                         "ports": [{"name": "grpc", "containerPort": grpc_port, "protocol": "TCP"}],
+                         "readinessProbe": {"tcpSocket": {"port": grpc_port},
+                                            "periodSeconds": 2, "failureThreshold": 3},
+                         "resources": {"requests": {"cpu": "20m", "memory": "64Mi"},
+                                       "limits": {"memory": "256Mi"}},
+                         "securityContext": {"allowPrivilegeEscalation": False,
+                                             "capabilities": {"drop": ["ALL"]}},
+                     }],
+                 },
+             },
+         }},
+    ]
+    digest = hashlib.sha256(json.dumps(objs, sort_keys=True).encode()).hexdigest()[:16]
+    objs[-1]["metadata"]["annotations"] = {HASH_ANNOTATION: digest}
+    return objs
+
+
+def object_path(obj: dict[str, Any]) -> tuple[str, str, str | None]:
+    """(API path, plural resource for messages, namespace) of a manifest."""
+    kind = obj["kind"]
+    name = path_quote(obj["metadata"]["name"])
+    ns = obj["metadata"].get("namespace")
+    table = {
+        "Namespace": ("/api/v1", "namespaces", False),
+        "ServiceAccount": ("/api/v1", "serviceaccounts", True),
+        "Service": ("/api/v1", "services", True),
+        "ClusterRole": ("/apis/rbac.authorization.k8s.io/v1", "clusterroles", False),
+        "ClusterRoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "clusterrolebindings", False),
+        "Deployment": ("/apis/apps/v1", "deployments", True),
+    }
+    base, plural, namespaced = table[kind]
+    group = base.split("/")[2] if base.startswith("/apis/") else ""
+    res = f"{plural}.{group}" if group else plural
+    if namespaced:
+        return f"{base}/namespaces/{path_quote(ns)}/{plural}/{name}", res, ns
+    return f"{base}/{plural}/{name}", res, None
+
+
+# ------------------------------------------------------------------- helpers
+def _noop(step: str, message: str, fraction: float) -> None:
+    log.info("%s: %s", step, message)
+
+
+async def _get(t: KubeTarget, path: str, resource: str, ns: str | None) -> dict[str, Any] | None:
+    try:
+        return await request(t, "GET", path)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise api_error(exc, f"get {resource}", "get", resource, ns, t.server) from None
+
+
+async def _apply(t: KubeTarget, obj: dict[str, Any]) -> None:
+    path, resource, ns = object_path(obj)
+    try:
+        await request(t, "PATCH", path, query={"fieldManager": FIELD_MANAGER, "force": "true"},
+                      body=obj, content_type="application/apply-patch+yaml")
+    except ApiException as exc:
+        if exc.status == 403 and "being terminated" in status_message(exc.body):
+            raise ClusterError(f"namespace {ns} is still being deleted", status_message(exc.body),
+                               "wait until `kubectl get ns` no longer lists it, then retry") from None
+        raise api_error(exc, f"apply {resource} {obj['metadata']['name']}", "create", resource, ns,
+                        t.server) from None
+
+
+async def _delete(t: KubeTarget, path: str, resource: str, ns: str | None) -> bool:
+    """Delete; False when it was already gone."""
+    try:
+        await request(t, "DELETE", path, query={"propagationPolicy": "Background"})
+        return True
+    except ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise api_error(exc, f"delete {resource}", "delete", resource, ns, t.server) from None
+
+
+def _pod_ready(pod: dict[str, Any]) -> bool:
+    if (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return False
+    status = pod.get("status") or {}
+    if status.get("phase") != "Running":
+        return False
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+
+
+def _pod_image(pod: dict[str, Any]) -> str:
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        if c.get("name") == "manager":
+            return str(c.get("image") or "")
+    return ""
+
+
+async def _manager_pods(t: KubeTarget, namespace: str) -> list[dict[str, Any]]:
+    sel = ",".join(f"{k}={v}" for k, v in SELECTOR.items())
+    try:
+        res = await request(t, "GET", f"/api/v1/namespaces/{path_quote(namespace)}/pods",
+                            query={"labelSelector": sel})
+    except ApiException as exc:
+        raise api_error(exc, "list traffic-manager pods", "list", "pods", namespace, t.server) from None
+    return list(res.get("items") or [])
+
+
+async def _last_logs(t: KubeTarget, namespace: str, pod: str, lines: int = 15) -> str:
+    """Tail of the crashed container's log (previous instance first)."""
+    base = f"/api/v1/namespaces/{path_quote(namespace)}/pods/{path_quote(pod)}/log"
+    for previous in ("true", "false"):
+        try:
+            resp = await _raw_text(t, base, {"container": "manager", "tailLines": str(lines), "previous": previous})
+            if resp.strip():
+                return resp.strip()
+        except ApiException:
+            continue
+        except ClusterError:
+            break
+    return "(no log output)"
+
+
+async def _raw_text(t: KubeTarget, path: str, query: dict[str, str]) -> str:
+    """GET returning text (pod logs are not JSON)."""
+    data = await request(t, "GET", path, query=query, raw=True)
+    return bytes(data or b"").decode("utf-8", "replace")
+
+
+def _image_missing_error(image: str, reason: str, message: str) -> ClusterError:
+    return ClusterError(
+        f"the traffic-manager cannot start: image {image} is not in the cluster ({reason})",
+        message,
+        "for the dev cluster run `tpnb devcluster up` (it builds and loads the image); for your own "
+        "cluster load it, e.g. `kind load image-archive tpnb.tar`, `k3s ctr images import tpnb.tar`, "
+        "`minikube image load " + image + "`, or push it to a registry and set manager.image",
+    )
+
+
+async def _pod_problem(t: KubeTarget, namespace: str, pods: list[dict[str, Any]], image: str) -> ClusterError | None:
+    """A fatal problem of the new manager pod, or None while it may still come up."""
+    for pod in pods:
+        if (pod.get("metadata") or {}).get("deletionTimestamp") or _pod_image(pod) != image:
+            continue
+        name = pod["metadata"]["name"]
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            reason = waiting.get("reason") or ""
+            msg = waiting.get("message") or ""
+            if reason in _IMAGE_REASONS and reason != "ErrImagePull":
+                return _image_missing_error(image, reason, msg)
+            if reason == "CrashLoopBackOff":
+                logs = await _last_logs(t, namespace, name)
+                last = ((cs.get("lastState") or {}).get("terminated") or {})
+                code = last.get("exitCode")
+                return ClusterError(
+                    f"the traffic-manager pod {namespace}/{name} keeps crashing"
+                    + (f" (exit code {code})" if code is not None else ""),
+                    "last log lines:\n" + "\n".join("    " + ln for ln in logs.splitlines()),
+                    f"see `kubectl -n {namespace} logs {name} --previous`; `tpnb uninstall` removes it",
+                )
+            if reason in _FATAL_WAITING:
+                return ClusterError(f"the traffic-manager pod {namespace}/{name} cannot start ({reason})", msg,
+                                    f"see `kubectl -n {namespace} describe pod {name}`")
+    return None
+
+
+def _describe_pending(pods: list[dict[str, Any]], dep: dict[str, Any] | None) -> str:
+    """Why the rollout is not done, for the timeout message and progress lines."""
+    for pod in pods:
+        status = pod.get("status") or {}
+        for c in status.get("conditions") or []:
+            if c.get("type") == "PodScheduled" and c.get("status") == "False":
+                return f"pod {pod['metadata']['name']} unschedulable: {c.get('message', '')}"
+        for cs in status.get("containerStatuses") or []:
+            waiting = (cs.get("state") or {}).get("waiting")
+            if waiting:
+                return f"pod {pod['metadata']['name']}: {waiting.get('reason')} {waiting.get('message', '')}".strip()
+        if pod.get("status", {}).get("phase") == "Running" and not _pod_ready(pod):
+            return f"pod {pod['metadata']['name']} running, not ready yet (readiness probe on the gRPC port)"
+    if not pods:
+        for c in ((dep or {}).get("status") or {}).get("conditions") or []:
+            if c.get("status") == "False" or c.get("type") == "ReplicaFailure":
+                return f"{c.get('reason')}: {c.get('message')}"
+        return "no pod created yet"
+    return "waiting for the pod"
+
+
+# ------------------------------------------------------------------- public
+async def ensure_manager(t: KubeTarget, image: str, progress: Progress | None = None) -> ManagerHandle:
+    """Make a Ready traffic-manager running `image` exist; return where it is.
+
+    absent -> install; other image or other manifests -> apply and wait for
+    the rollout; same -> reuse.  Failures are reported with the reason the
+    pod gives (image missing, crash loop with its last log lines, timeout).
+    """
+    progress = progress or _noop
+    cfg = config.get()
+    ns = cfg.manager.namespace
+    objs = manifests(image, ns, cfg.manager.grpc_port)
+    want_hash = objs[-1]["metadata"]["annotations"][HASH_ANNOTATION]
+    dep_path, _, _ = object_path(objs[-1])
+    ns_path, _, _ = object_path(objs[0])
+    deadline = time.monotonic() + cfg.timeouts.rollout
+
+    nsobj = await _get(t, ns_path, "namespaces", None)
+    if nsobj and (nsobj.get("metadata") or {}).get("deletionTimestamp"):
+        progress("install", f"namespace {ns} is still being deleted; waiting", 0.02)
+        while nsobj is not None:
+            if time.monotonic() > deadline:
+                raise ClusterError(f"namespace {ns} is stuck terminating",
+                                   _ns_conditions(nsobj), f"see `kubectl get ns {ns} -o yaml`")
+            await asyncio.sleep(1)
+            nsobj = await _get(t, ns_path, "namespaces", None)
+
+    dep = await _get(t, dep_path, "deployments.apps", ns) if nsobj else None
+    current_image = ""
+    if dep:
+        containers = (((dep.get("spec") or {}).get("template") or {}).get("spec") or {}).get("containers") or []
+        current_image = next((c.get("image", "") for c in containers if c.get("name") == "manager"), "")
+    current_hash = ((dep or {}).get("metadata") or {}).get("annotations", {}).get(HASH_ANNOTATION) if dep else None
+
+    if dep and current_image == image and current_hash == want_hash:
+        step = "reuse"
+        progress(step, f"traffic-manager {image_tag(image)} already installed in {ns}", 0.5)
+    else:
+        if not dep:
+            step = "install"
+            progress(step, f"installing traffic-manager {image_tag(image)} in namespace {ns}", 0.05)
+        elif current_image != image:
+            step = "upgrade"
+            progress(step, f"upgrading traffic-manager {image_tag(current_image)} -> {image_tag(image)}", 0.05)
+        else:
+            step = "upgrade"
+            progress(step, "updating the traffic-manager's configuration", 0.05)
+        for i, obj in enumerate(objs):
+            await _apply(t, obj)
+            progress(step, f"applied {obj['kind']} {obj['metadata']['name']}", 0.05 + 0.25 * (i + 1) / len(objs))
+
+    pod = await _wait_rollout(t, ns, dep_path, image, deadline, progress, step)
+    progress("ready", f"traffic-manager {image_tag(image)} ready ({ns}/{pod})", 1.0)
+    return ManagerHandle(namespace=ns, pod=pod, version=image_tag(image), image=image)
+
+
+def _rollout_complete(dep: dict[str, Any]) -> bool:
+    meta = dep.get("metadata") or {}
+    st = dep.get("status") or {}
+    want = (dep.get("spec") or {}).get("replicas", 1)
+    return (
+        st.get("observedGeneration", 0) >= meta.get("generation", 1)
+        and st.get("updatedReplicas", 0) >= want
+        and st.get("replicas", 0) <= want  # no old pods left
+        and st.get("availableReplicas", 0) >= 1
+    )
+
+
+async def _wait_rollout(t: KubeTarget, ns: str, dep_path: str, image: str, deadline: float,
+                        progress: Progress, step: str) -> str:
+    last_note = ""
+    started = time.monotonic()
+    while True:
+        dep = await _get(t, dep_path, "deployments.apps", ns)
+        pods = await _manager_pods(t, ns)
+        if dep and _rollout_complete(dep):
+            ready = [p for p in pods if _pod_ready(p) and _pod_image(p) == image]
+            if ready:
+                ready.sort(key=lambda p: (p.get("metadata") or {}).get("creationTimestamp", ""), reverse=True)
+                return str(ready[0]["metadata"]["name"])
+        problem = await _pod_problem(t, ns, pods, image)
+        if problem is not None:
+            raise problem
+        note = _describe_pending([p for p in pods if _pod_image(p) == image], dep)
+        if note != last_note:
+            elapsed = time.monotonic() - started
+            total = max(deadline - started, 1.0)
+            progress(step if step != "reuse" else "wait", note, min(0.35 + 0.6 * elapsed / total, 0.95))
+            last_note = note
+        if time.monotonic() > deadline:
+            raise ClusterError(
+                f"the traffic-manager did not become ready within {config.get().timeouts.rollout:g}s",
+                note,
+                f"see `kubectl -n {ns} describe pods -l app.kubernetes.io/name=traffic-manager`; "
+                "raise timeouts.rollout for slow clusters",
+            )
+        await asyncio.sleep(1.0)
+
+
+async def find_manager_pod(t: KubeTarget) -> str:
+    """Name of a Ready traffic-manager pod (the newest, if several)."""
+    ns = config.get().manager.namespace
+    pods = [p for p in await _manager_pods(t, ns) if _pod_ready(p)]
+    if not pods:
+        raise ClusterError(f"no ready traffic-manager pod in namespace {ns}",
+                           hint="`tpnb connect` installs or repairs it; "
+                                f"`kubectl -n {ns} get pods` shows what is there")
+    pods.sort(key=lambda p: (p.get("metadata") or {}).get("creationTimestamp", ""), reverse=True)
+    return str(pods[0]["metadata"]["name"])
+
+
+def _ns_conditions(nsobj: dict[str, Any]) -> str:
+    conds = (nsobj.get("status") or {}).get("conditions") or []
+    bad = [f"{c.get('type')}: {c.get('message')}" for c in conds if c.get("status") == "True"]
+    return "; ".join(bad) or "no conditions reported"
+
+
+async def uninstall_manager(t: KubeTarget, progress: Progress | None = None) -> None:
+    """Remove the manager: its namespace (if tpnb created it) and the
+    cluster-scoped RBAC; waits until the namespace is gone.
+
+    A namespace that is not labelled managed-by=tpnb (manager.namespace set
+    to an existing namespace) is left alone; only our objects in it go.
+    """
+    progress = progress or _noop
+    cfg = config.get()
+    ns = cfg.manager.namespace
+    objs = manifests("tpnb.local/tpnb:any", ns, cfg.manager.grpc_port)  # only names matter here
+    ns_path, _, _ = object_path(objs[0])
+    nsobj = await _get(t, ns_path, "namespaces", None)
+    owned = bool(nsobj) and ((nsobj.get("metadata") or {}).get("labels") or {}).get(
+        "app.kubernetes.io/managed-by") == "tpnb"
+
+    if nsobj and owned:
+        progress("uninstall", f"deleting namespace {ns}", 0.1)
+        await _delete(t, ns_path, "namespaces", None)
+    elif nsobj:
+        progress("uninstall", f"namespace {ns} is not tpnb's; deleting only the traffic-manager objects", 0.1)
+        for obj in reversed(objs[1:]):
+            if obj["kind"] in ("Deployment", "Service", "ServiceAccount"):
+                path, resource, ons = object_path(obj)
+                await _delete(t, path, resource, ons)
+    for obj in objs:
+        if obj["kind"] in ("ClusterRoleBinding", "ClusterRole"):
+            path, resource, _ = object_path(obj)
+            if await _delete(t, path, resource, None):
+                progress("uninstall", f"deleted {obj['kind']} {obj['metadata']['name']}", 0.2)
+
+    deadline = time.monotonic() + cfg.timeouts.rollout
+    if nsobj and owned:
+        progress("uninstall", f"waiting for namespace {ns} to be removed", 0.3)
+        while True:
+            cur = await _get(t, ns_path, "namespaces", None)
+            if cur is None:
+                break
+            if time.monotonic() > deadline:
+                raise ClusterError(f"namespace {ns} was not removed within {cfg.timeouts.rollout:g}s",
+                                   _ns_conditions(cur), f"see `kubectl get ns {ns} -o yaml` (finalizers?)")
+            await asyncio.sleep(1)
+    elif nsobj:
+        while await _manager_pods(t, ns):
+            if time.monotonic() > deadline:
+                raise ClusterError(f"traffic-manager pods in {ns} did not go away in time",
+                                   hint=f"`kubectl -n {ns} get pods`")
+            await asyncio.sleep(1)
+    progress("uninstall", "traffic-manager removed", 1.0)

@@ -1,0 +1,443 @@
+"""Port-forward to a pod through the API server, over WebSockets.
+
+Why our own and not ``kubectl port-forward`` or client-go's SPDY: the daemon
+needs one long-lived, in-process tunnel to the traffic-manager, with clean
+errors and no subprocess to babysit.  The API server passes a WebSocket
+upgrade on ``pods/<name>/portforward`` straight through to the kubelet (only
+the SPDY-tunnelling subprotocol is translated), and the kubelet speaks the
+channel protocol:
+
+* one WebSocket carries one TCP stream per requested port; we ask for one
+  port, so channel 0 is data (both ways) and channel 1 is errors (server to
+  client only);
+* every binary message starts with its channel byte;
+* the first message the server sends on each channel is the port number as
+  2 bytes little endian;
+* there is no half-close: the stream ends when the WebSocket closes.  The
+  kubelet closes it when the connection inside the pod ends, after writing
+  the reason (e.g. "connection refused") on channel 1 if dialing failed.
+
+So `PortForward` opens one WebSocket per accepted local connection; the
+daemon's gRPC channel multiplexes everything over one of them.
+
+Throughput: local reads go straight into a reusable buffer that already holds
+the channel byte (no per-chunk concatenation), messages are up to 256 KiB,
+`websockets` applies backpressure in `send` (drain above `write_limit`) and
+through its bounded receive queue, and local writes use ``sock_sendall``
+which only returns once the kernel took the bytes.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import struct
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+
+from tpnb import config
+from tpnb.errors import ClusterError
+
+from .kube import KubeTarget, connect_error, path_quote, rbac_error, status_message
+
+log = logging.getLogger(__name__)
+
+CHANNEL_DATA = 0
+CHANNEL_ERROR = 1
+#: kubelet's binary channel protocol; "portforward.k8s.io" is offered as in the
+#: brief but only "v4.channel.k8s.io" (or the legacy unnamed one) is ever chosen
+SUBPROTOCOLS = ("v4.channel.k8s.io", "portforward.k8s.io")
+#: largest data message we send; the kubelet (x/net/websocket) accepts 32 MiB
+FRAME_MAX = 256 * 1024
+#: largest message we accept (the kubelet sends io.Copy-sized 32 KiB chunks)
+RECV_MAX = 4 * 1024 * 1024
+#: after the local side's EOF, keep relaying the pod's answer while it flows
+#: (the protocol cannot half-close, so the pod never learns about the EOF)
+EOF_LINGER = 5.0
+
+
+# ------------------------------------------------------------------ framing
+def encode_frame(channel: int, data: bytes | bytearray | memoryview) -> bytes:
+    """A channel message (for tests and fakes; the hot path avoids the copy)."""
+    return bytes((channel,)) + bytes(data)
+
+
+def decode_frame(message: bytes | bytearray | memoryview) -> tuple[int, memoryview]:
+    """(channel, payload) of one channel message, without copying the payload."""
+    mv = memoryview(message)
+    if len(mv) == 0:
+        raise ValueError("empty port-forward message (no channel byte)")
+    return mv[0], mv[1:]
+
+
+def encode_port(port: int) -> bytes:
+    return struct.pack("<H", port)
+
+
+def decode_port(data: bytes | memoryview) -> int:
+    return struct.unpack("<H", bytes(data[:2]))[0]
+
+
+def portforward_path(namespace: str, pod: str) -> str:
+    return f"/api/v1/namespaces/{path_quote(namespace)}/pods/{path_quote(pod)}/portforward"
+
+
+class _ChannelReader:
+    """Demultiplexes one port-forward WebSocket: strips the port preambles,
+    hands data payloads out, collects the error channel's text."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self._seen_port = [False, False]
+        self.error = ""
+
+    def feed(self, message: bytes | str) -> memoryview | None:
+        """Process one message; returns data bytes for the local side, if any."""
+        if isinstance(message, str):  # only the base64 variant uses text frames
+            raise ClusterError("port-forward: unexpected text message", "the server chose the base64 protocol")
+        channel, payload = decode_frame(message)
+        if channel > CHANNEL_ERROR:
+            raise ClusterError(f"port-forward: message on unknown channel {channel}")
+        if not self._seen_port[channel]:
+            if len(payload) < 2:
+                raise ClusterError("port-forward: truncated port preamble", f"channel {channel}")
+            got = decode_port(payload)
+            if got != self.port:
+                raise ClusterError("port-forward: preamble for the wrong port", f"expected {self.port}, got {got}")
+            self._seen_port[channel] = True
+            payload = payload[2:]
+            if not payload:
+                return None
+        if channel == CHANNEL_ERROR:
+            self.error += bytes(payload).decode("utf-8", "replace")
+            return None
+        return payload if len(payload) else None
+
+    @property
+    def ready(self) -> bool:
+        return all(self._seen_port)
+
+
+# ---------------------------------------------------------------- connecting
+def _handshake_error(exc: Exception, t: KubeTarget, namespace: str, pod: str, port: int) -> ClusterError:
+    where = f"pod {namespace}/{pod} port {port}"
+    if isinstance(exc, InvalidStatus):
+        status = exc.response.status_code
+        body = exc.response.body or b""
+        msg = status_message(body) or exc.response.reason_phrase
+        if status == 403:
+            from kubernetes.client import ApiException
+
+            # a WebSocket upgrade is a GET; 1.30+ also checks "create" on pods/portforward
+            return rbac_error(ApiException(status=403, reason="Forbidden", body=body.decode("utf-8", "replace")),
+                              "create", "pods/portforward", namespace)
+        if status == 401:
+            return ClusterError(f"cannot port-forward to {where}: the API server rejected your credentials",
+                                msg, "log in again / refresh the kubeconfig")
+        if status == 404:
+            return ClusterError(f"cannot port-forward to {where}: not found", msg,
+                                "the pod is gone (restarted?); look it up again")
+        return ClusterError(f"cannot port-forward to {where} (HTTP {status})", msg,
+                            "check the pod's state: `kubectl -n {0} describe pod {1}`".format(namespace, pod))
+    if isinstance(exc, (InvalidHandshake, InvalidURI)):
+        return ClusterError(f"cannot port-forward to {where}", f"WebSocket handshake failed: {exc}",
+                            "the API server or a proxy in front of it does not pass WebSocket upgrades")
+    if isinstance(exc, (OSError, TimeoutError, ssl.SSLError)):
+        return connect_error(exc, t.server, config.get().timeouts.api)
+    return ClusterError(f"cannot port-forward to {where}", f"{type(exc).__name__}: {exc}")
+
+
+async def _open_ws(t: KubeTarget, namespace: str, pod: str, port: int) -> ClientConnection:
+    """Open the WebSocket for one stream; raises `ClusterError`."""
+    url = t.url(portforward_path(namespace, pod), {"ports": str(port)}, websocket=True)
+    kw: dict[str, Any] = {}
+    if t.secure:
+        kw["ssl"] = t.ssl_context
+        if t.tls_server_name:
+            kw["server_hostname"] = t.tls_server_name
+    timeout = config.get().timeouts.api
+    try:
+        return await connect(
+            url,
+            subprotocols=list(SUBPROTOCOLS),  # type: ignore[arg-type]
+            additional_headers=t.auth_headers(),
+            compression=None,  # the API server never negotiates it; don't offer
+            max_size=RECV_MAX,
+            max_queue=16,
+            write_limit=1024 * 1024,
+            open_timeout=timeout,
+            ping_interval=20,
+            ping_timeout=60,
+            close_timeout=2,
+            proxy=t.proxy,
+            user_agent_header="tpnb",
+            **kw,
+        )
+    except ClusterError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - classified for the user
+        raise _handshake_error(exc, t, namespace, pod, port) from None
+
+
+async def _read_preamble(ws: ClientConnection, chan: _ChannelReader, timeout: float) -> list[memoryview]:
+    """Wait until both port preambles arrived; returns any early data."""
+    early: list[memoryview] = []
+    async with asyncio.timeout(timeout):
+        while not chan.ready:
+            data = chan.feed(await ws.recv())
+            if data is not None:
+                early.append(data)
+    return early
+
+
+class _Relay:
+    """Pumps one local socket <-> one port-forward WebSocket."""
+
+    def __init__(self, sock: socket.socket, ws: ClientConnection, port: int, label: str,
+                 early: list[memoryview] | None = None, chan: _ChannelReader | None = None) -> None:
+        self.sock = sock
+        self.ws = ws
+        self.label = label
+        self.chan = chan or _ChannelReader(port)
+        self.early = early or []
+        self.sent = 0
+        self.received = 0
+        self._local_eof = asyncio.Event()
+        self._activity = asyncio.Event()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        up = asyncio.create_task(self._local_to_ws(loop))
+        down = asyncio.create_task(self._ws_to_local(loop))
+        try:
+            done, _ = await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
+            if up in done and not up.cancelled() and up.exception() is None and not down.done():
+                # local EOF: keep relaying the pod's answer while it keeps coming
+                await self._linger(down)
+        finally:
+            for task in (up, down):
+                task.cancel()
+            await asyncio.gather(up, down, return_exceptions=True)
+            for task in (up, down):
+                if not task.cancelled() and task.exception() is not None:
+                    exc = task.exception()
+                    if not isinstance(exc, (ConnectionClosed, ConnectionError, OSError)):
+                        log.warning("port-forward %s: %s", self.label, exc)
+            if self.chan.error:
+                log.warning("port-forward %s: %s", self.label, self.chan.error.strip())
+            await self._close()
+
+    async def _linger(self, down: asyncio.Task[None]) -> None:
+        while not down.done():
+            self._activity.clear()
+            act = asyncio.create_task(self._activity.wait())
+            await asyncio.wait({down, act}, timeout=EOF_LINGER, return_when=asyncio.FIRST_COMPLETED)
+            act.cancel()
+            if not self._activity.is_set():
+                return
+
+    async def _local_to_ws(self, loop: asyncio.AbstractEventLoop) -> None:
+        buf = bytearray(FRAME_MAX + 1)
+        buf[0] = CHANNEL_DATA
+        view = memoryview(buf)
+        into = view[1:]
+        while True:
+            n = await loop.sock_recv_into(self.sock, into)
+            if n == 0:
+                return
+            # websockets serialises (and masks) the frame before send() returns,
+            # so the buffer can be reused right away
+            await self.ws.send(view[: n + 1])
+            self.sent += n
+
+    async def _ws_to_local(self, loop: asyncio.AbstractEventLoop) -> None:
+        for data in self.early:
+            await loop.sock_sendall(self.sock, data)
+            self.received += len(data)
+        try:
+            async for message in self.ws:
+                data = self.chan.feed(message)
+                if data is None:
+                    if self.chan.error:
+                        return  # the pod side failed; close the local connection
+                    continue
+                await loop.sock_sendall(self.sock, data)
+                self.received += len(data)
+                self._activity.set()
+        except ConnectionClosed:
+            pass
+
+    async def _close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ws.close(), 3)
+
+
+class PortForward:
+    """Listens on 127.0.0.1:<ephemeral> and forwards each accepted TCP
+    connection over its own WebSocket to pod:port."""
+
+    #: how long `start` waits for the kubelet to report a failed dial
+    probe_wait = 0.5
+
+    def __init__(self, target: KubeTarget, namespace: str, pod: str, port: int) -> None:
+        self.target = target
+        self.namespace = namespace
+        self.pod = pod
+        self.port = port
+        self.local_port = 0
+        self.last_error: str = ""
+        self.connections = 0
+        self._listener: socket.socket | None = None
+        self._accept_task: asyncio.Task[None] | None = None
+        self._relays: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.namespace}/{self.pod}:{self.port}"
+
+    async def probe(self) -> None:
+        """Open one stream and wait briefly for the kubelet's dial result.
+
+        A refused pod port is only reported on the error channel right after
+        the WebSocket opens; a successful dial is silent.  So: wait for both
+        preambles, then `probe_wait` for an error or a close.
+        """
+        ws = await _open_ws(self.target, self.namespace, self.pod, self.port)
+        chan = _ChannelReader(self.port)
+        try:
+            await _read_preamble(ws, chan, config.get().timeouts.api)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.probe_wait):
+                    while not chan.error:
+                        chan.feed(await ws.recv())
+        except ConnectionClosed:
+            if not chan.error:
+                raise ClusterError(f"cannot port-forward to pod {self.label}",
+                                   "the API server closed the stream before it was set up") from None
+        except TimeoutError:
+            raise ClusterError(f"cannot port-forward to pod {self.label}",
+                               "no answer from the kubelet (port preamble) in time") from None
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(), 2)
+        if chan.error:
+            self.last_error = chan.error.strip()
+            raise ClusterError(f"cannot port-forward to pod {self.label}", self.last_error,
+                               "is the process in the pod listening on that port? "
+                               f"(`kubectl -n {self.namespace} logs {self.pod}`)")
+
+    async def start(self) -> int:
+        """Check that pod:port is reachable, then listen; returns the local port."""
+        if self._closed:
+            raise RuntimeError("PortForward was closed")
+        await self.probe()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        sock.setblocking(False)
+        self._listener = sock
+        self.local_port = sock.getsockname()[1]
+        self._accept_task = asyncio.create_task(self._accept_loop(), name=f"portforward-accept {self.label}")
+        log.info("port-forward 127.0.0.1:%d -> %s", self.local_port, self.label)
+        return self.local_port
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._listener is not None
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self._listener)
+            except asyncio.CancelledError:
+                raise
+            except OSError as exc:
+                if self._closed:
+                    return
+                log.warning("port-forward %s: accept failed: %s", self.label, exc)
+                await asyncio.sleep(0.1)
+                continue
+            self.connections += 1
+            task = asyncio.create_task(self._serve(conn), name=f"portforward {self.label}")
+            self._relays.add(task)
+            task.add_done_callback(self._relays.discard)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            ws = await _open_ws(self.target, self.namespace, self.pod, self.port)
+        except ClusterError as exc:
+            self.last_error = str(exc)
+            log.warning("port-forward %s: %s", self.label, exc)
+            conn.close()
+            return
+        except BaseException:
+            conn.close()
+            raise
+        relay = _Relay(conn, ws, self.port, self.label)
+        await relay.run()
+        if relay.chan.error:
+            self.last_error = relay.chan.error.strip()
+
+    async def aclose(self) -> None:
+        """Stop listening and tear down every forwarded connection."""
+        self._closed = True
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._accept_task
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        tasks = list(self._relays)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def __aenter__(self) -> PortForward:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+_background: set[asyncio.Task[None]] = set()
+
+
+async def open_stream(target: KubeTarget, namespace: str, pod: str,
+                      port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """One forwarded connection without a listener.
+
+    The WebSocket is opened (and the preamble read) before returning, so a
+    missing pod or denied RBAC raises `ClusterError` here.  The returned
+    reader/writer are ordinary asyncio streams over one end of a socketpair;
+    the other end is relayed like an accepted connection.
+    """
+    ws = await _open_ws(target, namespace, pod, port)
+    chan = _ChannelReader(port)
+    try:
+        early = await _read_preamble(ws, chan, config.get().timeouts.api)
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(ws.close(), 2)
+        if isinstance(exc, (TimeoutError, ConnectionClosed)):
+            raise ClusterError(f"cannot port-forward to pod {namespace}/{pod}:{port}",
+                               chan.error or "the stream closed before it was set up") from None
+        raise
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    relay = _Relay(ours, ws, port, f"{namespace}/{pod}:{port}", early=early, chan=chan)
+    task = asyncio.create_task(relay.run())
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+    return await asyncio.open_connection(sock=theirs)
