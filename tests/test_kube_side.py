@@ -23,6 +23,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 import uuid
 from pathlib import Path
 from typing import Any
@@ -698,3 +699,187 @@ def test_check_reachable_unreachable_in_netns(tmp_path: Path, pki: PKI, mode: st
         assert "Network is unreachable" in out["why"]
     else:
         assert "timed out" in out["why"] and 2.5 < out["elapsed"]
+
+
+# ================================================ manager install (unit, fake API)
+class FakeAPI:
+    """In-memory stand-in for `kube.request`, enough for the manager's flow:
+    server-side apply, GET/DELETE, pods by label, logs, namespace deletion.
+
+    `scenario` decides what the manager pod does: ok | neverpull | crash | pending.
+    """
+
+    def __init__(self, scenario: str = "ok") -> None:
+        self.scenario = scenario
+        self.store: dict[str, dict[str, Any]] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.forbid: set[str] = set()
+        self.ns_linger = 2  # GETs a deleted namespace survives
+
+    def _pods_path(self, ns: str) -> str:
+        return f"/api/v1/namespaces/{ns}/pods"
+
+    def _make_pod(self, dep: dict[str, Any]) -> None:
+        ns = dep["metadata"]["namespace"]
+        image = dep["spec"]["template"]["spec"]["containers"][0]["image"]
+        name = f"traffic-manager-{uuid.uuid4().hex[:5]}"
+        st: dict[str, Any] = {"phase": "Pending", "conditions": []}
+        cs: dict[str, Any] = {"name": "manager", "ready": False, "restartCount": 0, "state": {}}
+        if self.scenario == "ok":
+            st = {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
+            cs["state"] = {"running": {}}
+            dep["status"] = {"observedGeneration": dep["metadata"]["generation"], "replicas": 1,
+                             "updatedReplicas": 1, "availableReplicas": 1, "readyReplicas": 1}
+        elif self.scenario == "neverpull":
+            cs["state"] = {"waiting": {"reason": "ErrImageNeverPull",
+                                       "message": f'Container image "{image}" is not present with pull policy of Never'}}
+        elif self.scenario == "crash":
+            st["phase"] = "Running"
+            cs["state"] = {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 10s restarting"}}
+            cs["lastState"] = {"terminated": {"exitCode": 3}}
+        st["containerStatuses"] = [cs]
+        pods = {p: o for p, o in self.store.items() if p.startswith(self._pods_path(ns) + "/")}
+        for p in pods:
+            del self.store[p]
+        self.store[f"{self._pods_path(ns)}/{name}"] = {
+            "metadata": {"name": name, "namespace": ns, "labels": dict(manager_install.SELECTOR),
+                         "creationTimestamp": "2025-01-01T00:00:00Z"},
+            "spec": {"containers": [{"name": "manager", "image": image}]},
+            "status": st,
+        }
+
+    async def __call__(self, t: Any, method: str, path: str, *, query: Any = None, body: Any = None,
+                       content_type: str | None = None, timeout: float | None = None,
+                       accept_status: tuple[int, ...] = (), raw: bool = False) -> Any:
+        from kubernetes.client import ApiException
+
+        self.calls.append((method, path))
+        for f in self.forbid:
+            if f in path and method != "GET":
+                raise ApiException(status=403, reason="Forbidden", body=json.dumps({
+                    "message": f'{f} "x" is forbidden: User "carol" cannot create resource "{f}" in API group '
+                               f'"rbac.authorization.k8s.io" at the cluster scope'}))
+        if method == "GET" and path.endswith("/log"):
+            return b"Traceback (most recent call last):\nRuntimeError: boom\n"
+        if method == "GET" and path.endswith("/pods"):
+            items = [o for p, o in self.store.items() if p.startswith(path + "/")]
+            return {"items": items}
+        if method == "GET":
+            obj = self.store.get(path)
+            if obj is None:
+                raise ApiException(status=404, reason="Not Found", body='{"message": "not found"}')
+            if obj["metadata"].get("deletionTimestamp"):
+                self.ns_linger -= 1
+                if self.ns_linger < 0:
+                    self._purge(path)
+                    raise ApiException(status=404, reason="Not Found", body='{"message": "not found"}')
+            return json.loads(json.dumps(obj))
+        if method == "PATCH":
+            assert content_type == "application/apply-patch+yaml" and query["fieldManager"] == "tpnb"
+            old = self.store.get(path)
+            obj = json.loads(json.dumps(body))
+            gen = (old or {}).get("metadata", {}).get("generation", 0)
+            changed = old is None or old.get("spec") != obj.get("spec")
+            obj["metadata"]["generation"] = gen + 1 if changed else gen
+            self.store[path] = obj
+            if obj["kind"] == "Deployment" and changed:
+                self._make_pod(obj)
+            return obj
+        if method == "DELETE":
+            if path not in self.store:
+                raise ApiException(status=404, reason="Not Found", body='{"message": "not found"}')
+            if self.store[path]["kind"] == "Namespace":
+                self.store[path]["metadata"]["deletionTimestamp"] = "now"
+            else:
+                del self.store[path]
+            return {}
+        raise AssertionError(f"unexpected {method} {path}")
+
+    def _purge(self, ns_path: str) -> None:
+        ns = ns_path.rsplit("/", 1)[1]
+        for p in [p for p in self.store if p == ns_path or f"/namespaces/{ns}/" in p]:
+            del self.store[p]
+
+
+@pytest.fixture
+def fake_api(monkeypatch: pytest.MonkeyPatch) -> FakeAPI:
+    from tpnb import config
+
+    fake = FakeAPI()
+    monkeypatch.setattr(manager_install, "request", fake)
+    monkeypatch.setattr(manager_install.asyncio, "sleep", _fast_sleep)
+    monkeypatch.setattr(config.get().timeouts, "rollout", 5.0)
+    return fake
+
+
+_real_sleep = asyncio.sleep
+
+
+async def _fast_sleep(delay: float, result: Any = None) -> Any:
+    return await _real_sleep(min(delay, 0.01), result)
+
+
+IMG = "tpnb.local/tpnb:0.1.0-aaaa"
+FAKE_T: Any = types.SimpleNamespace(server="https://fake:6443")
+
+
+@pytest.mark.unit
+async def test_ensure_manager_install_reuse_upgrade(fake_api: FakeAPI) -> None:
+    lines: list[tuple[str, str, float]] = []
+    h = await manager_install.ensure_manager(FAKE_T, IMG, lambda *a: lines.append(a))
+    assert (h.namespace, h.version) == ("tpnb", "0.1.0-aaaa") and h.pod.startswith("traffic-manager-")
+    assert lines[0][0] == "install" and lines[-1][0] == "ready" and lines[-1][2] == 1.0
+    assert all(0 <= f <= 1 for _, _, f in lines)
+    applied = [p for m, p in fake_api.calls if m == "PATCH"]
+    assert len(applied) == 6 and applied[0] == "/api/v1/namespaces/tpnb"
+
+    fake_api.calls.clear()
+    h2 = await manager_install.ensure_manager(FAKE_T, IMG, lambda *a: lines.append(a))
+    assert h2.pod == h.pod and not [c for c in fake_api.calls if c[0] != "GET"]  # reuse: nothing written
+
+    lines.clear()
+    h3 = await manager_install.ensure_manager(FAKE_T, IMG + "b", lambda *a: lines.append(a))
+    assert h3.version == "0.1.0-aaaab" and h3.pod != h.pod
+    assert lines[0][0] == "upgrade" and "0.1.0-aaaa -> 0.1.0-aaaab" in lines[0][1]
+    assert await manager_install.find_manager_pod(FAKE_T) == h3.pod
+
+
+@pytest.mark.unit
+async def test_ensure_manager_image_missing_then_uninstall(fake_api: FakeAPI) -> None:
+    fake_api.scenario = "neverpull"
+    with pytest.raises(ClusterError) as ei:
+        await manager_install.ensure_manager(FAKE_T, IMG, None)
+    msg = str(ei.value)
+    assert f"image {IMG} is not in the cluster (ErrImageNeverPull)" in msg
+    assert "tpnb devcluster up" in msg and "kind load image-archive" in msg
+    with pytest.raises(ClusterError, match="no ready traffic-manager pod"):
+        await manager_install.find_manager_pod(FAKE_T)
+    steps: list[str] = []
+    await manager_install.uninstall_manager(FAKE_T, lambda s, m, f: steps.append(m))
+    assert fake_api.store == {}  # namespace content and cluster RBAC gone
+    assert steps[-1] == "traffic-manager removed"
+    await manager_install.uninstall_manager(FAKE_T, None)  # idempotent
+
+
+@pytest.mark.unit
+async def test_ensure_manager_crashloop_and_timeout(fake_api: FakeAPI) -> None:
+    fake_api.scenario = "crash"
+    with pytest.raises(ClusterError) as ei:
+        await manager_install.ensure_manager(FAKE_T, IMG, None)
+    assert "keeps crashing (exit code 3)" in ei.value.what and "RuntimeError: boom" in ei.value.why
+    fake_api.store.clear()
+    fake_api.scenario = "pending"
+    from tpnb import config
+
+    config.get().timeouts.rollout = 0.3
+    with pytest.raises(ClusterError) as ei:
+        await manager_install.ensure_manager(FAKE_T, IMG, None)
+    assert "did not become ready within 0.3s" in ei.value.what
+
+
+@pytest.mark.unit
+async def test_ensure_manager_rbac_denied(fake_api: FakeAPI) -> None:
+    fake_api.forbid.add("clusterroles")
+    with pytest.raises(PermissionDenied) as ei:
+        await manager_install.ensure_manager(FAKE_T, IMG, None)
+    assert ei.value.what == "user 'carol' may not create clusterroles.rbac.authorization.k8s.io cluster-wide"
