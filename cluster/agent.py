@@ -1,0 +1,547 @@
+"""The traffic-agent: a sidecar that sits between a Service and its app.
+
+`python3 -m tpnb.cluster agent` in the `traffic-agent` container that
+daemon/agent_injector.py adds to a workload.  The Service's target port now
+points at AGENT_PORT; every connection accepted there goes either
+
+  * to the traffic-manager (`Manager.Tunnel`, dial_id "intercept:<id>") when
+    the manager's current instructions hold an ACTIVE intercept for us -- the
+    manager hands it to the intercepting client; or
+  * to the app on 127.0.0.1:APP_PORT (same pod, same network namespace).
+
+The workload must never break because of us: when the manager is unreachable,
+restarting, or has never been installed, the agent forgets its instructions
+and forwards everything to the app, while re-arriving in the background.
+
+Environment reported to the manager (`AgentInfo.environment`) is what
+`kubectl exec POD -c APP -- env` shows: read from /proc/<pid>/environ of the
+app container's main process (the pod has shareProcessNamespace: true, set by
+the injector).  If that process cannot be read (another uid and no
+CAP_SYS_PTRACE), the injector's fallback copies are used: the app's `env`
+entries and `envFrom` sources, renamed with the `TPNB_APP_ENV_` prefix.
+
+Runs inside the cluster image: Python 3.11, grpcio, protobuf and stdlib only.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import re
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# getaddrinfo honours the pod's resolv.conf search path ("traffic-manager.tpnb");
+# must be set before grpc creates its first channel.
+os.environ.setdefault("GRPC_DNS_RESOLVER", "native")
+
+import grpc  # noqa: E402
+
+from tpnb.proto import pb, rpc  # noqa: E402
+from tpnb.version import API_VERSION, __version__  # noqa: E402
+
+from .forward import (  # noqa: E402
+    GrpcFrameChannel,
+    TunnelError,
+    bridge,
+    cancel_channel,
+    splice,
+)
+
+log = logging.getLogger("tpnb.agent")
+
+#: prefix of the injector's fallback copies of the app container's env
+APP_ENV_PREFIX = "TPNB_APP_ENV_"
+#: seconds between AgentRemain heartbeats
+REMAIN_INTERVAL = 5.0
+#: how long a connection waits for the manager to answer an intercept `open`
+OPEN_TIMEOUT = 30.0
+#: how long a new connection to the app may take
+APP_CONNECT_TIMEOUT = 10.0
+MAX_BACKOFF = 30.0
+#: grace period for open connections after SIGTERM (the pod's default is 30 s)
+DRAIN_SECONDS = 20.0
+
+
+# ------------------------------------------------------------------ settings
+
+@dataclass
+class AgentSettings:
+    """Everything the injector tells the agent, via its container env."""
+
+    name: str
+    namespace: str
+    pod_name: str
+    pod_ip: str
+    app_container: str
+    app_port: int
+    agent_port: int = 9900
+    grpc_port: int = 9901
+    manager_host: str = "traffic-manager.tpnb"
+    manager_port: int = 8081
+    mount_prefix: str = "/tpnb/volumes"
+    mounts: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> AgentSettings:
+        e = dict(os.environ if env is None else env)
+        missing = [k for k in ("APP_PORT",) if not e.get(k)]
+        if missing:
+            raise SystemExit(f"traffic-agent: missing environment variables: {', '.join(missing)}")
+        try:
+            mounts = json.loads(e.get("TPNB_MOUNTS") or "[]")
+        except ValueError:
+            mounts = []
+        return cls(
+            name=e.get("AGENT_NAME", ""),
+            namespace=e.get("AGENT_NAMESPACE", ""),
+            pod_name=e.get("AGENT_POD_NAME", socket.gethostname()),
+            pod_ip=e.get("AGENT_POD_IP", ""),
+            app_container=e.get("TPNB_CONTAINER", ""),
+            app_port=int(e["APP_PORT"]),
+            agent_port=int(e.get("AGENT_PORT") or 9900),
+            grpc_port=int(e.get("AGENT_GRPC_PORT") or 0),
+            manager_host=e.get("MANAGER_HOST") or "traffic-manager.tpnb",
+            manager_port=int(e.get("MANAGER_PORT") or 8081),
+            mount_prefix=e.get("TPNB_MOUNT_PREFIX") or "/tpnb/volumes",
+            mounts=[str(m) for m in mounts] if isinstance(mounts, list) else [],
+        )
+
+
+# ------------------------------------------------------------------ the app's environment
+
+def parse_environ(raw: bytes) -> dict[str, str]:
+    """/proc/<pid>/environ: NUL-separated KEY=VALUE entries."""
+    out: dict[str, str] = {}
+    for entry in raw.split(b"\0"):
+        if not entry or b"=" not in entry:
+            continue
+        k, _, v = entry.partition(b"=")
+        out[k.decode("utf-8", "replace")] = v.decode("utf-8", "replace")
+    return out
+
+
+def listening_inodes(port: int, proc: Path = Path("/proc")) -> set[str]:
+    """Socket inodes listening on TCP `port` in our network namespace (= the pod's)."""
+    inodes: set[str] = set()
+    for name in ("tcp", "tcp6"):
+        try:
+            lines = (proc / "net" / name).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if len(parts) < 10 or parts[3] != "0A":  # 0A = LISTEN
+                continue
+            try:
+                lport = int(parts[1].rsplit(":", 1)[1], 16)
+            except (IndexError, ValueError):
+                continue
+            if lport == port:
+                inodes.add(parts[9])
+    return inodes
+
+
+@dataclass
+class _Proc:
+    pid: int
+    ppid: int
+    argv0: str
+    ours: bool
+
+
+def _scan_processes(proc: Path) -> dict[int, _Proc]:
+    try:
+        my_mnt = os.readlink(proc / "self" / "ns" / "mnt")
+    except OSError:
+        my_mnt = None
+    me = os.getpid()
+    out: dict[int, _Proc] = {}
+    for d in proc.iterdir():
+        if not d.name.isdigit():
+            continue
+        pid = int(d.name)
+        try:
+            stat = (d / "stat").read_text()
+            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+            argv0 = (d / "cmdline").read_bytes().split(b"\0", 1)[0].decode("utf-8", "replace")
+        except (OSError, ValueError, IndexError):
+            continue
+        try:
+            ours = pid == me or (my_mnt is not None and os.readlink(d / "ns" / "mnt") == my_mnt)
+        except OSError:
+            ours = False  # not inspectable: another container's process
+        out[pid] = _Proc(pid, ppid, argv0, ours)
+    return out
+
+
+def find_app_pid(app_port: int, proc: Path = Path("/proc")) -> int | None:
+    """The main process of the app container, seen through the shared PID namespace.
+
+    Preferred: the process listening on APP_PORT (exactly the app even with
+    other sidecars), walked up to its container's first process.  Else the
+    lowest-numbered container main process that is neither ours nor the
+    pod's `pause`.
+    """
+    procs = _scan_processes(proc)
+    cands = {p.pid: p for p in procs.values()
+             if not p.ours and p.argv0 and os.path.basename(p.argv0) != "pause"}
+    inodes = listening_inodes(app_port, proc)
+    if inodes:
+        targets = {f"socket:[{i}]" for i in inodes}
+        for pid in sorted(cands):
+            try:
+                fds = os.listdir(proc / str(pid) / "fd")
+            except OSError:
+                continue
+            hit = False
+            for fd in fds:
+                try:
+                    if os.readlink(proc / str(pid) / "fd" / fd) in targets:
+                        hit = True
+                        break
+                except OSError:
+                    continue
+            if hit:
+                while cands[pid].ppid in cands:
+                    pid = cands[pid].ppid
+                return pid
+    roots = sorted(p.pid for p in cands.values() if p.ppid not in cands)
+    return roots[0] if roots else None
+
+
+_SERVICE_ENV = re.compile(r"^(KUBERNETES_.*|HOSTNAME|[A-Z0-9_]+_(SERVICE_HOST|SERVICE_PORT.*|PORT(_.*)?))$")
+
+
+def fallback_environment(own: dict[str, str]) -> dict[str, str]:
+    """Best effort without access to the app process.
+
+    The Kubernetes-provided variables (service links, HOSTNAME) are the same
+    in every container of the pod; the app's own definitions come from the
+    injector's prefixed copies.  Image ENV lines of the app are not knowable.
+    """
+    env = {k: v for k, v in own.items() if _SERVICE_ENV.match(k) and not k.startswith(("AGENT_", "TPNB_"))}
+    for k, v in own.items():
+        if k.startswith(APP_ENV_PREFIX):
+            env[k[len(APP_ENV_PREFIX):]] = v
+    return env
+
+
+def app_environment(settings: AgentSettings, proc: Path = Path("/proc")) -> dict[str, str]:
+    pid = find_app_pid(settings.app_port, proc)
+    if pid is not None:
+        try:
+            env = parse_environ((proc / str(pid) / "environ").read_bytes())
+            log.debug("app environment read from pid %d (%d variables)", pid, len(env))
+            return env
+        except OSError as exc:
+            log.warning("cannot read the environment of app process %d (%s); using the "
+                        "injector's copies instead (image ENV lines will be missing)", pid, exc)
+    else:
+        log.warning("app container process not found (is shareProcessNamespace on?); "
+                    "using the injector's copies of its environment")
+    return fallback_environment(dict(os.environ))
+
+
+# ------------------------------------------------------------------ the agent
+
+class _SessionLost(Exception):
+    pass
+
+
+def _ip_bytes(ip: str) -> bytes:
+    for fam in (socket.AF_INET, socket.AF_INET6):
+        try:
+            return socket.inet_pton(fam, ip)
+        except OSError:
+            continue
+    return b""
+
+
+class AgentServicer(rpc.AgentServicer):
+    async def Version(self, request: pb.Empty, context: Any) -> pb.VersionInfo:
+        return pb.VersionInfo(name="traffic-agent", version=__version__, api=API_VERSION)
+
+
+class Agent:
+    """Listener, manager session and per-connection routing."""
+
+    def __init__(self, settings: AgentSettings) -> None:
+        self.s = settings
+        self.agent_id: str | None = None
+        self.intercepts: list[pb.InterceptInfo] = []
+        self.channel: grpc.aio.Channel | None = None
+        self.stub: rpc.ManagerStub | None = None
+        self.server: asyncio.AbstractServer | None = None
+        self.grpc_server: Any = None
+        self._conns: set[asyncio.Task[Any]] = set()
+        self._stopping = asyncio.Event()
+        self.ready = asyncio.Event()
+
+    # ---------------------------------------------------------- routing
+    def active_intercept(self) -> pb.InterceptInfo | None:
+        for ic in self.intercepts:
+            if ic.state == pb.InterceptInfo.ACTIVE:
+                return ic
+        return None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._conns.add(task)
+        try:
+            await self._route(reader, writer)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # never let one connection take the agent down
+            log.exception("connection failed")
+            with contextlib.suppress(Exception):
+                writer.transport.abort()
+        finally:
+            if task is not None:
+                self._conns.discard(task)
+
+    async def _route(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername") or ("", 0)
+        ic = self.active_intercept()
+        if ic is not None and self.agent_id and self.stub is not None:
+            chan = await self._open_tunnel(ic, peer)
+            if chan is False:
+                writer.transport.abort()  # refused: the client sees a reset
+                return
+            if chan is not None:
+                up, down = await bridge(reader, writer, chan)
+                log.debug("intercepted %s:%s done (%d up, %d down)", peer[0], peer[1], up, down)
+                return
+            # None: manager unreachable -> serve from the app
+        await self._to_app(reader, writer, peer)
+
+    async def _to_app(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      peer: tuple[Any, ...]) -> None:
+        try:
+            ar, aw = await asyncio.wait_for(
+                asyncio.open_connection("127.0.0.1", self.s.app_port), APP_CONNECT_TIMEOUT)
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.warning("cannot connect to the app on 127.0.0.1:%d: %s", self.s.app_port, exc)
+            writer.transport.abort()
+            return
+        a2b, b2a = await splice(reader, writer, ar, aw)
+        log.debug("%s:%s -> app done (%d up, %d down)", peer[0], peer[1], a2b, b2a)
+
+    async def _open_tunnel(self, ic: pb.InterceptInfo, peer: tuple[Any, ...]) -> Any:
+        """GrpcFrameChannel once the manager says `opened`; False if refused; None if unreachable."""
+        assert self.stub is not None
+        call = self.stub.Tunnel()
+        chan = GrpcFrameChannel(call)
+        frame = pb.TunnelFrame(open=pb.TunnelOpen(
+            session_id=self.agent_id or "",
+            protocol=pb.TunnelOpen.TCP,
+            dial_id=f"intercept:{ic.id}",
+            src_ip=_ip_bytes(str(peer[0])),
+            src_port=int(peer[1]) if len(peer) > 1 else 0,
+            dst_ip=_ip_bytes(self.s.pod_ip),
+            dst_port=self.s.app_port,
+        ))
+        try:
+            await chan.send(frame)
+            async with asyncio.timeout(OPEN_TIMEOUT):
+                reply = await chan.recv()
+        except TunnelError as exc:
+            cancel_channel(chan)
+            if exc.code == "UNAVAILABLE":
+                log.warning("manager unreachable for intercept %s; forwarding to the app", ic.id)
+                return None
+            log.info("intercept %s: tunnel failed: %s", ic.id, exc)
+            return False
+        except TimeoutError:
+            cancel_channel(chan)
+            log.info("intercept %s: no answer from the manager within %.0fs", ic.id, OPEN_TIMEOUT)
+            return False
+        kind = reply.WhichOneof("kind") if reply is not None else None
+        if kind == "opened":
+            log.debug("intercept %s: tunnel opened for %s:%s", ic.id, peer[0], peer[1])
+            return chan
+        cancel_channel(chan)
+        why = reply.error if kind == "error" else f"unexpected answer {kind!r}"
+        log.info("intercept %s: connection from %s:%s refused: %s", ic.id, peer[0], peer[1], why)
+        return False
+
+    # ---------------------------------------------------------- manager session
+    def agent_info(self) -> pb.AgentInfo:
+        s = self.s
+        return pb.AgentInfo(
+            name=s.name,
+            namespace=s.namespace,
+            pod_name=s.pod_name,
+            pod_ip=s.pod_ip,
+            app_container=s.app_container,
+            environment=app_environment(s),
+            mount_point=s.mount_prefix if s.mounts else "",
+            agent_port=s.agent_port,
+            version=__version__,
+        )
+
+    def _forget(self) -> None:
+        if self.intercepts:
+            log.info("forgetting %d intercept(s): traffic goes to the app", len(self.intercepts))
+        self.agent_id = None
+        self.intercepts = []
+
+    async def session_loop(self) -> None:
+        """Arrive, heartbeat and watch instructions; on any loss, forget and re-arrive."""
+        target = f"{self.s.manager_host}:{self.s.manager_port}"
+        self.channel = grpc.aio.insecure_channel(target, options=[
+            ("grpc.initial_reconnect_backoff_ms", 500),
+            ("grpc.min_reconnect_backoff_ms", 500),
+            ("grpc.max_reconnect_backoff_ms", 5000),
+        ])
+        self.stub = rpc.ManagerStub(self.channel)
+        backoff = 1.0
+        while True:
+            lost_reason = ""
+            try:
+                info = await asyncio.to_thread(self.agent_info)
+                sess = await self.stub.ArriveAsAgent(info, timeout=10)
+                self.agent_id = sess.agent_id
+                log.info("arrived at traffic-manager %s as agent %s (%d env vars)",
+                         target, sess.agent_id, len(info.environment))
+                backoff = 1.0
+                await self._run_session(sess)
+            except _SessionLost as exc:
+                lost_reason = str(exc)
+            except grpc.aio.AioRpcError as exc:
+                lost_reason = f"{exc.code().name}: {exc.details()}"
+            except asyncio.CancelledError:
+                self._forget()
+                raise
+            except Exception as exc:  # keep serving the app whatever happens here
+                log.exception("manager session failed")
+                lost_reason = repr(exc)
+            was = self.agent_id
+            self._forget()
+            if was:
+                log.warning("lost the traffic-manager session (%s); re-arriving", lost_reason)
+                if "NOT_FOUND" in lost_reason:
+                    backoff = 0.2  # manager restarted or expired us: come back at once
+            else:
+                log.info("traffic-manager %s not reachable (%s); retrying in %.0fs",
+                         target, lost_reason, backoff)
+            await asyncio.sleep(backoff * (0.8 + 0.4 * random.random()))
+            backoff = min(max(backoff, 1.0) * 2, MAX_BACKOFF)
+
+    async def _run_session(self, sess: pb.AgentSession) -> None:
+        remain = asyncio.ensure_future(self._remain_loop(sess))
+        watch = asyncio.ensure_future(self._watch_loop(sess))
+        try:
+            done, _ = await asyncio.wait({remain, watch}, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                exc = t.exception()
+                if exc is not None:
+                    raise exc
+            raise _SessionLost("instruction stream ended")
+        finally:
+            for t in (remain, watch):
+                t.cancel()
+            await asyncio.gather(remain, watch, return_exceptions=True)
+
+    async def _remain_loop(self, sess: pb.AgentSession) -> None:
+        assert self.stub is not None
+        while True:
+            await asyncio.sleep(REMAIN_INTERVAL)
+            try:
+                await self.stub.AgentRemain(sess, timeout=REMAIN_INTERVAL)
+            except grpc.aio.AioRpcError as exc:
+                raise _SessionLost(f"AgentRemain: {exc.code().name}: {exc.details()}") from None
+
+    async def _watch_loop(self, sess: pb.AgentSession) -> None:
+        assert self.stub is not None
+        try:
+            async for instr in self.stub.WatchAgentInstructions(sess):
+                new = list(instr.intercepts)
+                old_ids = {(i.id, i.state) for i in self.intercepts}
+                self.intercepts = new
+                if {(i.id, i.state) for i in new} != old_ids:
+                    desc = ", ".join(f"{i.spec.name or i.id}={pb.InterceptInfo.State.Name(i.state)}"
+                                     for i in new) or "none"
+                    log.info("instructions: intercepts %s", desc)
+        except grpc.aio.AioRpcError as exc:
+            raise _SessionLost(f"WatchAgentInstructions: {exc.code().name}: {exc.details()}") from None
+
+    # ---------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        """Open the listener (the workload's traffic) first, then the RPC port (readiness)."""
+        self.server = await asyncio.start_server(self._handle, "0.0.0.0", self.s.agent_port,
+                                                 reuse_address=True, backlog=512)
+        log.info("listening on 0.0.0.0:%d, app at 127.0.0.1:%d", self.s.agent_port, self.s.app_port)
+        if self.s.grpc_port:
+            self.grpc_server = grpc.aio.server()
+            rpc.add_AgentServicer_to_server(AgentServicer(), self.grpc_server)
+            self.grpc_server.add_insecure_port(f"0.0.0.0:{self.s.grpc_port}")
+            await self.grpc_server.start()
+            log.info("agent RPC on 0.0.0.0:%d", self.s.grpc_port)
+        self.ready.set()
+
+    async def run(self) -> None:
+        await self.start()
+        session = asyncio.ensure_future(self.session_loop())
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self._stopping.set)
+        try:
+            await self._stopping.wait()
+            log.info("stopping: no new connections, %d open ones get %.0fs", len(self._conns),
+                     DRAIN_SECONDS)
+        finally:
+            await self.stop(session)
+
+    async def stop(self, session: asyncio.Future[Any] | None = None) -> None:
+        if self.server is not None:
+            self.server.close()
+        if session is not None:
+            session.cancel()
+            await asyncio.gather(session, return_exceptions=True)
+        if self._conns:
+            _, pending = await asyncio.wait(set(self._conns), timeout=DRAIN_SECONDS)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(1)
+        if self.channel is not None:
+            await self.channel.close()
+
+
+def setup_logging(level: str | None = None) -> None:
+    lvl = (level or os.environ.get("LOG_LEVEL") or "info").upper()
+    if lvl == "WARN":
+        lvl = "WARNING"
+    logging.basicConfig(
+        stream=sys.stdout,
+        level=getattr(logging, lvl, logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python3 -m tpnb.cluster agent`."""
+    setup_logging()
+    settings = AgentSettings.from_env()
+    log.info("traffic-agent %s for %s/%s (pod %s, container %s)", __version__, settings.namespace,
+             settings.name, settings.pod_name, settings.app_container)
+    try:
+        asyncio.run(Agent(settings).run())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

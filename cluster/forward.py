@@ -1,0 +1,391 @@
+"""Byte pumps between asyncio streams and gRPC Tunnel frames.
+
+Shared by the traffic-agent (intercepted connections -> manager) and the
+traffic-manager (its outbound dials), so they know nothing about either: a
+tunnel is anything with `recv()`/`send()` (`FrameChannel`), and the adapters
+below wrap both a grpc.aio stream-stream call (client side) and a grpc.aio
+servicer context (server side, the handler using `context.read()/write()`).
+
+Semantics (see `TunnelFrame` in tpnb.proto):
+  * `data` frames carry at most `CHUNK` bytes, so one frame never comes near
+    gRPC's 4 MiB message limit and memory stays bounded per connection;
+  * `eof` is a TCP half-close: the receiving side calls `write_eof()` and
+    keeps reading the other direction (HTTP/1.0 clients, `nc -N`, ... rely
+    on it);
+  * `error`, or the channel ending without an `eof`, tears the connection
+    down (the local socket is aborted so the peer sees a reset, not a clean
+    end of a truncated response).
+Backpressure is end to end: a pump awaits `writer.drain()` before reading the
+next frame and awaits `send()` (gRPC flow control) before reading more bytes.
+
+Runs inside the cluster image: Python 3.11, grpcio, protobuf and stdlib only.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from tpnb.proto import pb
+
+log = logging.getLogger("tpnb.forward")
+
+#: largest payload of one `data` frame, and the read size on sockets
+CHUNK = 64 * 1024
+
+#: how long a finished connection waits for the far end to end the RPC
+#: before cancelling it (so our last frames are not discarded by a reset)
+LINGER_SECONDS = 10.0
+
+
+class TunnelError(Exception):
+    """The far side of a tunnel reported an error or vanished without `eof`.
+
+    `code` is the gRPC status name when the RPC itself failed ("UNAVAILABLE"
+    means the manager could not be reached at all), else None.
+    """
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@runtime_checkable
+class FrameChannel(Protocol):
+    """One Tunnel RPC seen from one end: a bidirectional stream of frames.
+
+    `recv()` returns None once the far end has finished the RPC (no more
+    frames will come).  Implementations may also provide
+    `async done_sending()` (half-close the RPC) and `cancel()` (abort it);
+    the helpers below call them when present.
+    """
+
+    async def recv(self) -> pb.TunnelFrame | None: ...
+
+    async def send(self, frame: pb.TunnelFrame) -> None: ...
+
+
+class GrpcFrameChannel:
+    """Adapter: a grpc.aio stream-stream call or servicer context as a FrameChannel.
+
+    Both expose `read()` (returning `grpc.aio.EOF` at the end) and `write()`;
+    only the client call has `done_writing()` and `cancel()`.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self._done_sending = False
+
+    async def recv(self) -> pb.TunnelFrame | None:
+        import grpc
+
+        try:
+            msg = await self.stream.read()
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED:
+                return None
+            raise TunnelError(f"tunnel RPC failed: {exc.code().name}: {exc.details()}",
+                              exc.code().name) from None
+        except asyncio.InvalidStateError:
+            # the RPC already finished (e.g. the servicer returned)
+            return None
+        if msg is grpc.aio.EOF:
+            return None
+        return msg
+
+    async def send(self, frame: pb.TunnelFrame) -> None:
+        import grpc
+
+        try:
+            await self.stream.write(frame)
+        except grpc.aio.AioRpcError as exc:
+            raise TunnelError(f"tunnel RPC failed: {exc.code().name}: {exc.details()}",
+                              exc.code().name) from None
+        except asyncio.InvalidStateError:
+            raise TunnelError("tunnel RPC already finished") from None
+
+    async def done_sending(self) -> None:
+        if self._done_sending:
+            return
+        self._done_sending = True
+        fn = getattr(self.stream, "done_writing", None)
+        if fn is not None:
+            with contextlib.suppress(Exception):
+                await fn()
+
+    def cancel(self) -> None:
+        fn = getattr(self.stream, "cancel", None)
+        if fn is not None:
+            with contextlib.suppress(Exception):
+                fn()
+
+
+class MemoryFrameChannel:
+    """In-process FrameChannel end; `pair()` gives two connected ends.
+
+    For tests, and for gluing two pumps in one process.  Bounded queues give
+    the same backpressure a real RPC has.
+    """
+
+    _END = object()
+
+    def __init__(self, inbox: asyncio.Queue[Any], outbox: asyncio.Queue[Any]) -> None:
+        self._inbox = inbox
+        self._outbox = outbox
+        self._closed = False
+        self._peer_closed = False
+        self.sent: list[str] = []  # frame kinds, for assertions in tests
+
+    @classmethod
+    def pair(cls, maxsize: int = 8) -> tuple[MemoryFrameChannel, MemoryFrameChannel]:
+        a: asyncio.Queue[Any] = asyncio.Queue(maxsize)
+        b: asyncio.Queue[Any] = asyncio.Queue(maxsize)
+        return cls(a, b), cls(b, a)
+
+    async def recv(self) -> pb.TunnelFrame | None:
+        if self._peer_closed:
+            return None
+        item = await self._inbox.get()
+        if item is self._END:
+            self._peer_closed = True
+            return None
+        return item
+
+    async def send(self, frame: pb.TunnelFrame) -> None:
+        if self._closed:
+            raise TunnelError("channel closed")
+        self.sent.append(frame.WhichOneof("kind") or "")
+        await self._outbox.put(frame)
+
+    async def done_sending(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """End this side of the RPC: the peer's recv() returns None after queued frames."""
+        if not self._closed:
+            self._closed = True
+            try:
+                self._outbox.put_nowait(self._END)
+            except asyncio.QueueFull:
+                # peer is not reading; make room (it gets the end marker, not data)
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    self._outbox.get_nowait()
+                self._outbox.put_nowait(self._END)
+
+    def cancel(self) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------ frames
+
+def data_frame(data: bytes) -> pb.TunnelFrame:
+    return pb.TunnelFrame(data=data)
+
+
+def eof_frame() -> pb.TunnelFrame:
+    return pb.TunnelFrame(eof=pb.Empty())
+
+
+def error_frame(message: str) -> pb.TunnelFrame:
+    return pb.TunnelFrame(error=message)
+
+
+def opened_frame() -> pb.TunnelFrame:
+    return pb.TunnelFrame(opened=pb.Empty())
+
+
+# ------------------------------------------------------------------ pumps
+
+@dataclass
+class Counter:
+    """Bytes moved by one pump (for logs and tests)."""
+
+    bytes: int = 0
+
+
+async def pump_stream_to_tunnel(reader: asyncio.StreamReader, chan: FrameChannel,
+                                counter: Counter | None = None) -> None:
+    """Copy `reader` into `data` frames; at end of stream send `eof` and return.
+
+    A connection reset raises ConnectionError (the caller tells the far side
+    with an `error` frame).
+    """
+    while True:
+        data = await reader.read(CHUNK)
+        if not data:
+            await chan.send(eof_frame())
+            return
+        if counter is not None:
+            counter.bytes += len(data)
+        await chan.send(data_frame(data))
+
+
+async def pump_tunnel_to_stream(chan: FrameChannel, writer: asyncio.StreamWriter,
+                                counter: Counter | None = None) -> None:
+    """Copy `data` frames into `writer`; on `eof` half-close it and return.
+
+    Raises TunnelError when the far side sends `error` or ends the RPC
+    without an `eof` (the stream must not look cleanly finished then).
+    """
+    while True:
+        frame = await chan.recv()
+        if frame is None:
+            raise TunnelError("tunnel ended without end-of-stream")
+        kind = frame.WhichOneof("kind")
+        if kind == "data":
+            if frame.data:
+                writer.write(frame.data)
+                if counter is not None:
+                    counter.bytes += len(frame.data)
+                await writer.drain()
+        elif kind == "eof":
+            await writer.drain()
+            if writer.can_write_eof():
+                with contextlib.suppress(OSError):
+                    writer.write_eof()
+            return
+        elif kind == "error":
+            raise TunnelError(frame.error or "peer error")
+        elif kind == "opened":
+            continue  # harmless duplicate
+        else:
+            raise TunnelError(f"unexpected {kind!r} frame inside an open tunnel")
+
+
+async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                counter: Counter | None = None) -> None:
+    """One direction of a splice: bytes until EOF, then half-close `writer`."""
+    while True:
+        data = await reader.read(CHUNK)
+        if not data:
+            if writer.can_write_eof():
+                with contextlib.suppress(OSError):
+                    writer.write_eof()
+            return
+        writer.write(data)
+        if counter is not None:
+            counter.bytes += len(data)
+        await writer.drain()
+
+
+def _abort(writer: asyncio.StreamWriter) -> None:
+    """Drop a connection now (the peer sees a reset, not a clean end)."""
+    with contextlib.suppress(Exception):
+        writer.transport.abort()
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(Exception):
+        writer.close()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(writer.wait_closed(), 5)
+
+
+async def _wait_both(a: asyncio.Task[Any], b: asyncio.Task[Any]) -> None:
+    """Wait for two tasks; the first failure cancels the other and is raised.
+
+    On cancellation of the caller both tasks are cancelled and awaited, so no
+    pump outlives the connection it served.
+    """
+    try:
+        pending = {a, b}
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if not t.cancelled() and t.exception() is not None:
+                    raise t.exception()  # type: ignore[misc]
+    finally:
+        for t in (a, b):
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(a, b, return_exceptions=True)
+
+
+async def splice(r1: asyncio.StreamReader, w1: asyncio.StreamWriter,
+                 r2: asyncio.StreamReader, w2: asyncio.StreamWriter) -> tuple[int, int]:
+    """Join two TCP streams until both directions reach EOF; then close both.
+
+    Returns (bytes 1->2, bytes 2->1).  A reset on either side, or
+    cancellation, aborts both connections.
+    """
+    c12, c21 = Counter(), Counter()
+    t12 = asyncio.ensure_future(_copy(r1, w2, c12))
+    t21 = asyncio.ensure_future(_copy(r2, w1, c21))
+    ok = False
+    try:
+        await _wait_both(t12, t21)
+        ok = True
+    except (ConnectionError, OSError) as exc:
+        log.debug("splice ended by %s", exc)
+    finally:
+        if not ok:
+            _abort(w1)
+            _abort(w2)
+        await asyncio.gather(_close(w1), _close(w2))
+    return c12.bytes, c21.bytes
+
+
+async def finish_channel(chan: FrameChannel, linger: float = LINGER_SECONDS) -> None:
+    """Half-close our side of the RPC and wait (bounded) for the far side to end it.
+
+    Cancelling straight away could reset the HTTP/2 stream before the far end
+    has read our last frames.
+    """
+    done_sending = getattr(chan, "done_sending", None)
+    if done_sending is not None:
+        with contextlib.suppress(Exception):
+            await done_sending()
+    try:
+        async with asyncio.timeout(linger):
+            while await chan.recv() is not None:
+                pass
+    except (TimeoutError, TunnelError):
+        pass
+    finally:
+        cancel_channel(chan)
+
+
+def cancel_channel(chan: FrameChannel) -> None:
+    cancel = getattr(chan, "cancel", None)
+    if cancel is not None:
+        with contextlib.suppress(Exception):
+            cancel()
+
+
+async def bridge(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 chan: FrameChannel, *, linger: float = LINGER_SECONDS) -> tuple[int, int]:
+    """Join a TCP stream and an (already opened) tunnel until both directions end.
+
+    Returns (bytes stream->tunnel, bytes tunnel->stream).  A local reset
+    sends an `error` frame; a remote `error` (or vanishing RPC) aborts the
+    socket.  On cancellation both are torn down.  The socket is always closed
+    and the channel finished (half-closed, then cancelled after `linger`).
+    """
+    up, down = Counter(), Counter()
+    t_up = asyncio.ensure_future(pump_stream_to_tunnel(reader, chan, up))
+    t_down = asyncio.ensure_future(pump_tunnel_to_stream(chan, writer, down))
+    ok = False
+    try:
+        await _wait_both(t_up, t_down)
+        ok = True
+    except TunnelError as exc:
+        log.debug("tunnel ended: %s", exc)
+        _abort(writer)
+        cancel_channel(chan)
+    except (ConnectionError, OSError) as exc:
+        log.debug("local stream ended: %s", exc)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(chan.send(error_frame(f"connection reset: {exc}")), 2)
+        _abort(writer)
+        cancel_channel(chan)
+    except BaseException:
+        _abort(writer)
+        cancel_channel(chan)
+        raise
+    finally:
+        await _close(writer)
+    if ok:
+        await finish_channel(chan, linger)
+    return up.bytes, down.bytes
