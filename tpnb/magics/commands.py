@@ -1,0 +1,240 @@
+"""The %tp line commands: the CLI's commands, run through tpnb.api, printed through tpnb.render.
+
+Each function mirrors the branch of `tpnb.cli.run` with the same name (same
+calls, same text), swapping the terminal progress line for a notebook progress
+bar and returning values where a notebook user wants data (env, requests).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from typing import Any
+
+from .. import inkernel, render
+from ..cli import _parse_port, command_env, write_env_files
+from ..errors import ConfigError, TpnbError
+from . import lifecycle
+from .output import EnvTable, RequestTable
+from .parser import build_magic_parser
+from .progress import make_progress
+
+
+def _connected_line(st: Any) -> str:
+    return f"Connected to context {st.context} ({st.server})"
+
+
+def run_streaming(cmd: list[str], env: dict[str, str] | None = None) -> int:
+    """Run a command after `--`, echoing its output into the cell as it comes (Ctrl-C / interrupt stops it)."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    try:
+        proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, text=True, bufsize=1)
+    except OSError as exc:
+        raise ConfigError(f"cannot run {cmd[0]!r}", exc.strerror or str(exc), "check the command after `--`") from None
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def do_help(args: argparse.Namespace, cmd: list[str]) -> None:
+    build_magic_parser().print_help()
+
+
+def do_version(args: argparse.Namespace, cmd: list[str]) -> None:
+    print(render.versions_text(lifecycle.session().version()))
+
+
+def do_connect(args: argparse.Namespace, cmd: list[str]) -> None:
+    s = lifecycle.session()
+    prog = make_progress("connect")
+    mapped = [m.strip() for m in args.mapped_namespaces.split(",") if m.strip()]
+    ok = False
+    try:
+        st = s.connect(namespace=args.namespace, mapped_namespaces=mapped, also_proxy=args.also_proxy,
+                       context=args.context, progress=prog, say=lambda m: print(m, flush=True))
+        ok = True
+    finally:
+        prog.end(ok)
+    print(_connected_line(st))
+    if cmd:
+        try:
+            code = run_streaming(cmd)
+            if code:
+                print(f"command exited with status {code}", file=sys.stderr)
+        finally:
+            print("Disconnecting...", end="", flush=True)
+            s.quit()
+            _forget_all()
+            print("done")
+
+
+def do_status(args: argparse.Namespace, cmd: list[str]) -> None:
+    print(render.status_text(lifecycle.session().status()))
+
+
+def _forget_all() -> None:
+    for name in lifecycle.owned():
+        lifecycle.ended(name)
+
+
+def do_quit(args: argparse.Namespace, cmd: list[str]) -> None:
+    s = lifecycle.session()
+    st = s.status()
+    if not st.daemon_running:
+        print("tpnb daemon had already quit")
+        _forget_all()
+        return
+    if st.connected:
+        print("Disconnecting...", end="", flush=True)
+    s.quit(stop_daemon=args.daemon)
+    _forget_all()  # the session's intercepts ended with it
+    if st.connected:
+        print("done")
+    else:
+        print("tpnb was not connected")
+    if args.daemon:
+        print("tpnb daemon quitting...done")
+
+
+def do_list(args: argparse.Namespace, cmd: list[str]) -> None:
+    print(render.workloads_text(lifecycle.session().list(args.namespace)))
+
+
+def do_leave(args: argparse.Namespace, cmd: list[str]) -> None:
+    try:
+        lifecycle.session().leave(args.name)
+    finally:
+        lifecycle.ended(args.name)
+
+
+def do_loglevel(args: argparse.Namespace, cmd: list[str]) -> None:
+    lifecycle.session().set_log_level(args.level)
+
+
+def do_config(args: argparse.Namespace, cmd: list[str]) -> None:
+    from ..cli import run
+
+    run(["config", args.action])
+
+
+def do_uninstall(args: argparse.Namespace, cmd: list[str]) -> None:
+    prog = make_progress("uninstall")
+    ok = False
+    try:
+        msg = lifecycle.session().uninstall(agent=args.agent, all_agents=args.all_agents,
+                                            everything=args.everything, namespace=args.namespace, progress=prog)
+        ok = True
+    finally:
+        prog.end(ok)
+    print(msg)
+
+
+def ensure_connected(namespace: str | None) -> None:
+    """Like `tpnb intercept`: connect first when there is no session."""
+    s = lifecycle.session()
+    if s.status().connected:
+        return
+    prog = make_progress("connect")
+    ok = False
+    try:
+        st = s.connect(namespace=namespace, progress=prog, say=lambda m: print(m, flush=True))
+        ok = True
+    finally:
+        prog.end(ok)
+    print(_connected_line(st))
+
+
+def create_intercept(args: argparse.Namespace, port: int, svc_port: str, skip_port_check: bool = False) -> Any:
+    """Create the intercept with a progress bar, print the CLI's block, remember it as this kernel's."""
+    prog = make_progress(f"intercept {args.name}")
+    ok = False
+    try:
+        ic = lifecycle.session().intercept(args.name, port, namespace=args.namespace, service=args.service,
+                                           service_port=svc_port or None, workload=args.workload,
+                                           progress=prog, skip_port_check=skip_port_check)
+        ok = True
+    finally:
+        prog.end(ok)
+    lifecycle.own(ic.name, port)
+    inkernel.attach(ic.name, port)
+    print(render.intercept_block(ic), flush=True)
+    write_env_files(ic.environment, args.env_file, args.env_json)
+    return ic
+
+
+def do_intercept(args: argparse.Namespace, cmd: list[str]) -> None:
+    """`%tp intercept NAME --port N [-- CMD]`: route NAME to whatever listens on N (or to CMD)."""
+    port, svc_port = _parse_port(args.port)
+    ensure_connected(args.namespace)
+    ic = create_intercept(args, port, svc_port, skip_port_check=bool(cmd))
+    if not cmd:
+        return
+    try:
+        code = run_streaming(cmd, env=command_env(ic.environment))
+        if code:
+            print(f"command exited with status {code}", file=sys.stderr)
+    finally:
+        try:
+            lifecycle.session().leave(ic.name)
+        except TpnbError as err:
+            print(str(err), file=sys.stderr)
+        lifecycle.ended(ic.name)
+
+
+def do_env(args: argparse.Namespace, cmd: list[str]) -> EnvTable:
+    return EnvTable(lifecycle.session().env(args.name))
+
+
+def do_mounts(args: argparse.Namespace, cmd: list[str]) -> str:
+    mp = lifecycle.session().get_intercept(args.name).mount_point
+    if not mp:
+        print(f"no volumes are mounted for {args.name}", file=sys.stderr)
+    return mp
+
+
+def do_requests(args: argparse.Namespace, cmd: list[str]) -> RequestTable:
+    records = inkernel.requests_log(args.name)
+    if args.tail > 0:
+        records = records[-args.tail:]
+    return RequestTable(records)
+
+
+def do_panel(args: argparse.Namespace, cmd: list[str]) -> Any:
+    from ..widgets import panel
+
+    return panel()
+
+
+def do_serve(args: argparse.Namespace, cmd: list[str], user_ns: dict) -> None:
+    if args.stop:
+        if not inkernel.stop(args.port):
+            print(f"no in-kernel server on port {args.port}", file=sys.stderr)
+        return
+    if args.app not in user_ns:
+        raise ConfigError(f"no variable {args.app!r} in the notebook",
+                          hint="define your WSGI/ASGI app first, or pass --app NAME")
+    existed = inkernel.get_server(args.port) is not None
+    srv = inkernel.serve(user_ns[args.app], args.port)
+    verb = "swapped in" if existed else "serving"
+    print(f"{verb} {args.app} ({srv.kind.upper()}, app v{srv.app_version}) on http://127.0.0.1:{args.port}")
+
+
+COMMANDS = {
+    None: do_help, "version": do_version, "connect": do_connect, "status": do_status, "quit": do_quit,
+    "list": do_list, "leave": do_leave, "loglevel": do_loglevel, "config": do_config,
+    "uninstall": do_uninstall, "intercept": do_intercept, "env": do_env, "mounts": do_mounts,
+    "requests": do_requests, "panel": do_panel,
+}
