@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -554,7 +555,67 @@ SCRIPT = textwrap.dedent(r'''
         out["after"] = await routes.tun_links("")
         out["routes"] = sorted(str(x.dst) for x in await routes.list_routes())
 
-    asyncio.run({"flows": flows, "crash": crash, "recover": do_recover, "stale": stale}[mode]())
+    async def e2e():
+        """glibc -> resolv.conf -> TUN DNS IP -> ClusterResolver -> (fake) cluster, then connect."""
+        from tpnb.daemon.dns import ClusterResolver
+
+        async def lookup(raw):
+            q = DNSRecord.parse(raw)
+            r = q.reply()
+            if str(q.q.qname) == "hello.default.svc.cluster.local." and q.q.qtype == QTYPE.A:
+                r.add_answer(RR(q.q.qname, QTYPE.A, rdata=A("10.99.3.4"), ttl=5))
+            elif not str(q.q.qname).startswith("hello.default.svc"):
+                r.header.rcode = 3
+            return r.pack()
+
+        class Upstream(asyncio.DatagramProtocol):
+            """The machine's original resolver (127.0.0.53 in this namespace)."""
+            def connection_made(self, t):
+                self.t = t
+            def datagram_received(self, data, addr):
+                q = DNSRecord.parse(data)
+                r = q.reply()
+                if str(q.q.qname) == "www.example.test." and q.q.qtype == QTYPE.A:
+                    r.add_answer(RR(q.q.qname, QTYPE.A, rdata=A("192.0.2.80"), ttl=60))
+                elif str(q.q.qname) != "www.example.test.":
+                    r.header.rcode = 3
+                self.t.sendto(r.pack(), addr)
+
+        up, _ = await asyncio.get_running_loop().create_datagram_endpoint(Upstream, local_addr=("127.0.0.53", 53))
+        rc = ResolvConf()
+        res = ClusterResolver(lookup, namespaces={"default"}, mapped_namespaces=["default"],
+                              fallback=rc.original_nameservers(), search=rc.original_search(),
+                              subnets=["10.99.0.0/16"])
+        async with Tun("tpnbt2", on_tcp, on_udp, dns_ip=DNS_IP, dns_handler=res.handle):
+            await routes.add_routes("tpnbt2", ["10.99.0.0/16", DNS_IP + "/32"])
+            rc.install(DNS_IP, res.search_domains())
+            try:
+                loop = asyncio.get_running_loop()
+                for name in ("hello", "hello.default", "hello.default.svc.cluster.local",
+                             "www.example.test", "www"):
+                    infos = await loop.getaddrinfo(name, 80, family=socket.AF_INET, type=socket.SOCK_STREAM)
+                    out[name] = infos[0][4][0]
+                t0 = time.monotonic()
+                try:
+                    await loop.getaddrinfo("nosuch.default", 80, family=socket.AF_INET)
+                except socket.gaierror as exc:
+                    out["nosuch"] = exc.errno
+                out["nosuch_seconds"] = time.monotonic() - t0
+                r, w = await asyncio.open_connection("hello.default", 80)
+                w.write(b"hi"); w.write_eof()
+                out["reply"] = (await asyncio.wait_for(r.read(), 5)).decode()
+                w.close()
+                out["stats"] = res.stats
+            finally:
+                rc.restore()
+                up.close()
+
+    async def fail_inside():
+        async with Tun("tpnbt3", on_tcp, on_udp):
+            raise RuntimeError("boom inside the block")
+
+    asyncio.run({"flows": flows, "crash": crash, "recover": do_recover, "stale": stale,
+                 "e2e": e2e, "raise": fail_inside}[mode]())
     print("RESULT " + json.dumps(out), flush=True)
 ''')
 
@@ -635,3 +696,34 @@ def test_cleanup_stale_persistent_tun(netns: str, tmp_path: Path) -> None:
     assert out["removed"] == ["tpnbstale0"]
     assert out["after"] == ["other0"], "only tpnb-prefixed TUNs are removed"
     assert "10.98.0.0/16" not in out["routes"]
+
+
+@pytest.mark.netns
+@needs_root
+def test_system_resolver_end_to_end(netns: str, tmp_path: Path) -> None:
+    """getaddrinfo() in the namespace resolves cluster names through the TUN's DNS IP."""
+    script = tmp_path / "net_script.py"
+    script.write_text(SCRIPT)
+    resolv = Path("/etc/netns") / netns / "resolv.conf"
+    original = b"nameserver 127.0.0.53\nsearch example.test\n"
+    resolv.write_bytes(original)
+    out = run_in(netns, script, "e2e")
+    assert out["hello"] == out["hello.default"] == out["hello.default.svc.cluster.local"] == "10.99.3.4"
+    # non-cluster names go to the original resolver, search list included
+    assert out["www.example.test"] == out["www"] == "192.0.2.80"
+    assert out["nosuch"] == socket.EAI_NONAME and out["nosuch_seconds"] < 1.0
+    assert out["reply"] == "HI"
+    assert resolv.read_bytes() == original
+
+
+@pytest.mark.netns
+@needs_root
+def test_exception_inside_tun_block_is_clean(netns: str, tmp_path: Path) -> None:
+    """An exception escaping `async with Tun` must be a traceback, not a segfault."""
+    script = tmp_path / "net_script.py"
+    script.write_text(SCRIPT)
+    for _ in range(3):
+        p = sh("ip", "netns", "exec", netns, PY, str(script), "raise", check=False, timeout=60)
+        assert p.returncode == 1, (p.returncode, p.stderr[-2000:])
+        assert "boom inside the block" in p.stderr
+    assert "tpnbt3" not in sh("ip", "-n", netns, "link").stdout
