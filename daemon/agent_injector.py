@@ -69,7 +69,9 @@ KINDS: list[tuple[str, str]] = [
 ]
 _PLURAL = dict(KINDS)
 
-Progress = Callable[[str], Any] | None
+#: the daemon's progress callback: progress(step, message, fraction) -- fraction -1
+#: when unknown; a one-argument progress(message) is accepted too.  May be async.
+Progress = Callable[..., Any] | None
 
 
 @dataclass
@@ -243,11 +245,19 @@ async def _run(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
     return await anyio.to_thread.run_sync(lambda: fn(*args, **kw))
 
 
-async def _say(progress: Progress, message: str) -> None:
+def _arity3(fn: Callable[..., Any]) -> bool:
+    try:
+        inspect.signature(fn).bind("step", "message", -1.0)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+async def _say(progress: Progress, message: str, step: str = "agent") -> None:
     log.info("%s", message)
     if progress is None:
         return
-    res = progress(message)
+    res = progress(step, message, -1.0) if _arity3(progress) else progress(message)
     if inspect.isawaitable(res):
         await res
 
@@ -1084,7 +1094,7 @@ async def wait_rollout(api: Any, wl: Workload, timeout: float, progress: Progres
                         "(for the dev cluster: build and import it, see `tpnb devcluster --help`)")
             raise InterceptError(f"rollout of {wl.kind} {wl.name} failed", why, hint)
         if st.done:
-            await _say(progress, f"{wl.kind} {wl.name} rolled out")
+            await _say(progress, f"{wl.kind} {wl.name} rolled out", "rollout")
             return
         for pname in st.stale or []:
             if pname not in deleted:
@@ -1093,7 +1103,7 @@ async def wait_rollout(api: Any, wl: Workload, timeout: float, progress: Progres
                 await _run(_delete_pod_sync, api, wl.namespace, pname)
         if st.message != last:
             last = st.message
-            await _say(progress, f"Waiting for {st.message}")
+            await _say(progress, f"Waiting for {st.message}", "rollout")
         if time.monotonic() > deadline:
             reasons = _pending_reasons(pods, obj.get("spec", {}).get("template", {}).get("spec", {}))
             extra: list[str] = []
