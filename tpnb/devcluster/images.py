@@ -1,0 +1,353 @@
+"""The dev cluster's container images, built without Docker or a registry.
+
+The machine reaches package registries only, so every image the dev cluster
+runs is built here and imported into its containerd as a docker-archive tar:
+
+* `pause` and `echoserver` (+ `udpecho`): tiny static Go programs from
+  `go/tools` (stdlib only), each in a scratch image;
+* CoreDNS: compiled from the Go module proxy with only the plugins we use
+  (`go/coredns`), in a scratch image;
+* the tpnb image (traffic-manager and traffic-agent): a debootstrapped Debian
+  base, a layer of Python dependencies, and a small app layer of tpnb sources.
+
+Every output is cached by a hash of its inputs, so an unchanged image costs a
+few file reads, and a changed tpnb source rebuilds only the app layer.
+`cluster/Dockerfile` is the equivalent recipe for users with Docker.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .. import config
+from ..errors import DevClusterError, PrerequisiteError
+from . import rootfs
+from .oci import Layer, LayerWriter, image_config, write_docker_archive
+
+COREDNS_VERSION = "1.12.1"  # keep in step with go/coredns/go.mod
+COREDNS_IMAGE = f"tpnb.local/coredns:{COREDNS_VERSION}"
+PAUSE_IMAGE = "tpnb.local/pause:3.10"
+ECHO_IMAGE = "tpnb.local/echoserver:1.4"
+
+GO_DIR = Path(__file__).resolve().parent / "go"
+TOOLS_MODULE = GO_DIR / "tools"
+COREDNS_MODULE = GO_DIR / "coredns"
+#: bump when the way images are assembled changes, to invalidate every cache
+RECIPE_VERSION = 1
+#: pip flags for the dependency layer: CPython 3.11 wheels (bookworm's python3)
+PIP_TARGET_FLAGS = ("--python-version", "3.11", "--platform", "manylinux2014_x86_64",
+                    "--only-binary=:all:", "--implementation", "cp")
+APP_DIR = "opt/tpnb"
+
+Progress = Callable[[str, str, float], None]
+
+
+@dataclass
+class BuiltImage:
+    """An image tag and the docker-archive tar that `ctr images import` loads."""
+
+    name: str
+    tar: Path
+
+
+def _silent(step: str, message: str, fraction: float) -> None:
+    pass
+
+
+def images_dir() -> Path:
+    return Path(config.get().devcluster.state_dir) / "images"
+
+
+def cache_dir() -> Path:
+    return images_dir() / "cache"
+
+
+# -------------------------------------------------------------- public API
+def build_all(progress: Progress | None = None) -> list[BuiltImage]:
+    """Every image the dev cluster runs, built or taken from the cache."""
+    p = progress or _silent
+    return [build_pause(p), build_echoserver(p), build_coredns(p), build_tpnb_image(p)]
+
+
+def build_pause(progress: Progress | None = None) -> BuiltImage:
+    """Pod sandbox image: /pause."""
+    return _scratch_image(PAUSE_IMAGE, TOOLS_MODULE, {"pause": "./cmd/pause"},
+                          ["/pause"], progress or _silent)
+
+
+def build_echoserver(progress: Progress | None = None) -> BuiltImage:
+    """Echo test app: /echoserver (HTTP :8080, EXTRA_PORTS) and /udpecho (UDP :9999)."""
+    return _scratch_image(ECHO_IMAGE, TOOLS_MODULE,
+                          {"echoserver": "./cmd/echoserver", "udpecho": "./cmd/udpecho"},
+                          ["/echoserver"], progress or _silent)
+
+
+def build_coredns(progress: Progress | None = None) -> BuiltImage:
+    """Cluster DNS image: /coredns with our plugin subset."""
+    return _scratch_image(COREDNS_IMAGE, COREDNS_MODULE, {"coredns": "."},
+                          ["/coredns", "-conf", "/etc/coredns/Corefile"], progress or _silent)
+
+
+def build_tpnb_image(progress: Progress | None = None) -> BuiltImage:
+    """The traffic-manager/agent image, tagged `tpnb.imageref.default_image()`."""
+    p = progress or _silent
+    import tpnb.proto  # noqa: F401  (regenerates stale stubs before they are hashed)
+    from ..imageref import default_image, image_sources
+
+    tag = default_image()
+    step = "image tpnb"
+    sources = image_sources()
+    reqs = requirements_file()
+    deps_key = _hash(["deps", rootfs.cache_key(), reqs.read_bytes(), *PIP_TARGET_FLAGS])
+    app_key = _hash(["app", *_hash_named(sources)])
+    key = _hash([RECIPE_VERSION, tag, deps_key, app_key])
+    out = _archive_path("tpnb", tag, key)
+    if out.exists():
+        p(step, f"{tag} up to date", 1.0)
+        return BuiltImage(tag, out)
+    with _lock():
+        if out.exists():
+            return BuiltImage(tag, out)
+        start = time.monotonic()
+        cache = cache_dir()
+        root, base = rootfs.ensure_rootfs(cache, p, step)
+        deps = _deps_layer(root, reqs, deps_key, p, step)
+        p(step, "writing the app layer", 0.95)
+        app = _app_layer(sources, app_key)
+        layers = [base, deps, app]
+        cfg = image_config(
+            layers,
+            entrypoint=["python3", "-m", "tpnb.cluster"],
+            env={"PYTHONPATH": f"/{APP_DIR}:/{APP_DIR}/deps", "PYTHONUNBUFFERED": "1",
+                 "LANG": "C.UTF-8"},
+            workdir=f"/{APP_DIR}",
+            labels={"org.opencontainers.image.title": "tpnb cluster (traffic-manager, traffic-agent)"},
+        )
+        p(step, f"writing {out.name}", 0.97)
+        write_docker_archive(out, tag, layers, cfg)
+        _prune(out, "tpnb", keep_layers={base.path, deps.path, app.path})
+        p(step, f"{tag} built in {time.monotonic() - start:.1f} s", 1.0)
+    return BuiltImage(tag, out)
+
+
+def requirements_file() -> Path:
+    """cluster/requirements.txt, wherever the tpnb.cluster package lives."""
+    import tpnb.cluster
+
+    return Path(tpnb.cluster.__file__).resolve().parent / "requirements.txt"
+
+
+# ----------------------------------------------------------- scratch images
+def _scratch_image(tag: str, module: Path, binaries: dict[str, str], entrypoint: list[str],
+                   progress: Progress) -> BuiltImage:
+    """A single-layer image of static Go binaries at the filesystem root."""
+    short = tag.split("/")[-1].split(":")[0]
+    step = f"image {short}"
+    src_key = go_module_key(module)
+    key = _hash([RECIPE_VERSION, tag, src_key, *sorted(binaries.items()), *entrypoint])
+    out = _archive_path(short, tag, key)
+    if out.exists():
+        progress(step, f"{tag} up to date", 1.0)
+        return BuiltImage(tag, out)
+    with _lock():
+        if out.exists():
+            return BuiltImage(tag, out)
+        start = time.monotonic()
+        bins = _go_build(module, src_key, binaries, progress, step)
+        progress(step, "writing the image", 0.95)
+        layer_path = cache_dir() / f"layer-{short}-{key}.tar"
+        with LayerWriter(layer_path) as w:
+            for name in sorted(binaries):
+                w.add_file(name, bins / name, mode=0o755)
+        assert w.layer is not None
+        cfg = image_config([w.layer], entrypoint=entrypoint)
+        write_docker_archive(out, tag, [w.layer], cfg)
+        layer_path.unlink()  # the archive holds it; nothing else reuses it
+        layer_path.with_name(layer_path.name + ".digest").unlink(missing_ok=True)
+        _prune(out, short)
+        progress(step, f"{tag} built in {time.monotonic() - start:.1f} s", 1.0)
+    return BuiltImage(tag, out)
+
+
+# ------------------------------------------------------------------- Go
+def find_go() -> str:
+    go = shutil.which("go")
+    if go is None and os.access("/usr/local/go/bin/go", os.X_OK):
+        go = "/usr/local/go/bin/go"
+    if go is None:
+        raise PrerequisiteError("the Go toolchain is missing",
+                                "the dev cluster's pause, echoserver and CoreDNS images are compiled from source",
+                                "install Go 1.23 or newer and put it on PATH")
+    return go
+
+
+def _go_version_stamp(go: str) -> str:
+    """Identifies the toolchain cheaply (no subprocess): GOROOT/VERSION, else the binary."""
+    real = Path(go).resolve()
+    version = real.parent.parent / "VERSION"
+    try:
+        return version.read_text().splitlines()[0]
+    except (OSError, IndexError):
+        st = real.stat()
+        return f"{real}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def go_module_key(module: Path) -> str:
+    """Hash of a Go module's sources, go.mod/go.sum and the toolchain."""
+    files = sorted(p for p in module.rglob("*")
+                   if p.is_file() and (p.suffix == ".go" or p.name in ("go.mod", "go.sum")))
+    named = [(str(p.relative_to(module)), p) for p in files]
+    return _hash(["go", _go_version_stamp(find_go()), *_hash_named(named)])
+
+
+def _go_build(module: Path, src_key: str, binaries: dict[str, str], progress: Progress,
+              step: str) -> Path:
+    """Compile static binaries (CGO off) into a directory cached by `src_key`."""
+    out = cache_dir() / f"go-{module.name}-{src_key}"
+    missing = {b: pkg for b, pkg in sorted(binaries.items()) if not (out / b).is_file()}
+    if not missing:
+        return out
+    go = find_go()
+    for old in cache_dir().glob(f"go-{module.name}-*"):
+        if old != out:
+            shutil.rmtree(old, ignore_errors=True)  # built from older sources
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "CGO_ENABLED": "0", "GOOS": "linux", "GOARCH": "amd64",
+           "GOTOOLCHAIN": "local", "GOFLAGS": "-buildvcs=false"}
+    env.setdefault("HOME", "/root")
+    for i, (name, pkg) in enumerate(missing.items()):
+        tmp = out / f".{name}.tmp"
+        argv = [go, "build", "-trimpath", "-ldflags=-s -w -buildid=", "-o", str(tmp), pkg]
+        frac = 0.05 + 0.85 * i / len(missing)
+        progress(step, f"go build {name} (module {module.name}/)", frac)
+        _run_streaming(argv, module, env, progress, step, frac, f"go build {name}")
+        os.replace(tmp, out / name)
+    return out
+
+
+def _run_streaming(argv: list[str], cwd: Path, env: dict[str, str], progress: Progress,
+                   step: str, frac: float, label: str) -> None:
+    """Run a tool, turning its output lines into progress and its failure into an error."""
+    start = time.monotonic()
+    tail: list[str] = []
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        line = line.rstrip()
+        tail = (tail + [line])[-40:]
+        progress(step, f"{label} ({int(time.monotonic() - start)} s): {line[:120]}", frac)
+    rc = proc.wait()
+    if rc != 0:
+        hint = "check the output above"
+        if any("proxy.golang.org" in t or "dial tcp" in t or "403" in t for t in tail):
+            hint = "the Go module proxy could not serve a dependency; check GOPROXY and network access"
+        raise DevClusterError(f"{label} failed (exit {rc})", "\n".join(tail)[-2000:], hint)
+
+
+# ------------------------------------------------------ tpnb image layers
+def _deps_layer(root: Path, reqs: Path, key: str, progress: Progress, step: str) -> Layer:
+    """Python dependencies for CPython 3.11 in /opt/tpnb/deps, byte-compiled."""
+    cache = cache_dir()
+    tar = cache / f"deps-{key}.tar"
+    if tar.exists():
+        return Layer.from_cached(tar)
+    for old in cache.glob("deps-*"):
+        old.unlink()
+    target = root / APP_DIR / "deps"  # inside the rootfs, so its python3 can compile it
+    shutil.rmtree(root / APP_DIR, ignore_errors=True)
+    try:
+        progress(step, f"pip install -r {reqs.name} (CPython 3.11 wheels)", 0.8)
+        argv = [sys.executable, "-m", "pip", "install", "--no-compile", "--no-cache-dir",
+                "--disable-pip-version-check", "--no-warn-conflicts", "--quiet",
+                "--target", str(target), *PIP_TARGET_FLAGS, "-r", str(reqs)]
+        if subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True).returncode:
+            raise PrerequisiteError("pip is missing from tpnb's Python",
+                                    "the image's Python dependencies are fetched with the host pip",
+                                    f"{sys.executable} -m ensurepip")
+        _run_streaming(argv, root.parent, dict(os.environ), progress, step, 0.8, "pip install")
+        shutil.rmtree(target / "bin", ignore_errors=True)  # console scripts for the host python
+        progress(step, "byte-compiling the dependencies with the image's python3", 0.85)
+        rootfs.chroot_python(root, ["-m", "compileall", "-q", "--invalidation-mode",
+                                    "unchecked-hash", f"/{APP_DIR}/deps"])
+        progress(step, "writing the dependency layer", 0.9)
+        with LayerWriter(tar) as w:
+            w.add_dir("opt")
+            w.add_dir(APP_DIR)
+            w.add_tree(target, f"{APP_DIR}/deps")
+    finally:
+        shutil.rmtree(root / APP_DIR, ignore_errors=True)
+    assert w.layer is not None
+    return w.layer
+
+
+def _app_layer(sources: list[tuple[str, Path]], key: str) -> Layer:
+    """/opt/tpnb/<rel> for every tpnb source file of the image."""
+    cache = cache_dir()
+    tar = cache / f"app-{key}.tar"
+    if tar.exists():
+        return Layer.from_cached(tar)
+    with LayerWriter(tar) as w:
+        w.add_dir("opt")
+        w.add_dir(APP_DIR)
+        for rel, path in sorted(sources):
+            w.add_file(f"{APP_DIR}/{rel}", path, mode=0o644)
+    assert w.layer is not None
+    return w.layer
+
+
+# ------------------------------------------------------------- plumbing
+def _hash(parts: list[object]) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else str(part).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def _hash_named(named: list[tuple[str, Path]]) -> list[bytes]:
+    """name + content of each file, in name order: a tree's identity."""
+    return [rel.encode() + b"\0" + path.read_bytes() for rel, path in sorted(named)]
+
+
+def _archive_path(short: str, tag: str, key: str) -> Path:
+    version = tag.rpartition(":")[2]
+    return images_dir() / f"{short}_{version}_{key}.tar"
+
+
+def _prune(keep: Path, short: str, keep_layers: set[Path] | None = None) -> None:
+    """Drop older archives of an image (and unused cached layers)."""
+    for old in images_dir().glob(f"{short}_*.tar"):
+        if old != keep:
+            old.unlink(missing_ok=True)
+    if keep_layers is not None:
+        names = {p.name for p in keep_layers}
+        for old in cache_dir().glob("app-*.tar*"):
+            if old.name.removesuffix(".digest") not in names:
+                old.unlink(missing_ok=True)
+
+
+@contextmanager
+def _lock() -> Iterator[None]:
+    """One builder at a time per state dir (a CLI and a test may both call in)."""
+    d = images_dir()
+    try:
+        (d / "cache").mkdir(parents=True, exist_ok=True)
+    except PermissionError:
+        raise PrerequisiteError(f"cannot write {d}", "the image cache lives in the dev cluster's state dir",
+                                "run as root (sudo), or set TPNB_DEVCLUSTER_STATE_DIR to a writable path") from None
+    with open(d / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
