@@ -1,0 +1,425 @@
+"""The notebook face without a daemon: %tp parsing, error text, %%tp intercept logic, the panel.
+
+A fake api.Session stands in for the daemon, so these run anywhere in seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import requests
+
+from tpnb import cli, inkernel
+from tpnb.api import Intercept, Status, Workload
+from tpnb.errors import InterceptError, NotConnected
+from tpnb.magics import lifecycle, parser
+
+pytestmark = pytest.mark.unit
+
+
+# ------------------------------------------------------------------ fakes
+def _ic(name: str, port: int, state: str = "ACTIVE") -> Intercept:
+    return Intercept(name=name, workload=name, namespace="default", kind="Deployment", service=name,
+                     service_port="80", local_port=port, target_host="127.0.0.1", state=state, message="",
+                     holder="me@here", pod_ips=["10.42.0.9"],
+                     environment={"HOSTNAME": f"{name}-abc", "KUBERNETES_SERVICE_HOST": "10.43.0.1"},
+                     mount_point="", id=f"id-{name}")
+
+
+@dataclass
+class FakeSession:
+    connected: bool = True
+    intercepts: dict[str, Intercept] = field(default_factory=dict)
+    calls: list[tuple] = field(default_factory=list)
+    fail_intercept: Exception | None = None
+
+    def status(self) -> Status:
+        return Status(connected=self.connected, context="dev", server="https://10.0.0.1:6443",
+                      namespace="default", mapped_namespaces=["default"], daemon_version="0.1.0",
+                      intercepts=list(self.intercepts.values()))
+
+    def connect(self, namespace: Any = None, progress: Any = None, say: Any = None, **kw: Any) -> Status:
+        self.calls.append(("connect", namespace))
+        if progress:
+            from tpnb.proto import pb
+
+            progress(pb.Progress(step="x", message="Connecting to traffic manager...", fraction=0.5))
+        self.connected = True
+        return self.status()
+
+    def quit(self, stop_daemon: bool = False) -> bool:
+        self.calls.append(("quit", stop_daemon))
+        self.connected = False
+        self.intercepts.clear()
+        return True
+
+    def list(self, namespace: str | None = None) -> list[Workload]:
+        self._require()
+        out = []
+        for name in ("hello", "other"):
+            ic = self.intercepts.get(name)
+            state = "intercepted by me" if ic else ("intercepted by bob@far" if name == "other" else "free")
+            out.append(Workload(name=name, namespace="default", kind="Deployment",
+                                services=[f"{name}:80->8080"], state=state, agent_installed=bool(ic),
+                                intercept=ic))
+        return out
+
+    def _require(self) -> None:
+        if not self.connected:
+            raise NotConnected("not connected", "the tpnb daemon is not running",
+                               "run `tpnb connect` (or `%tp connect`) first")
+
+    def intercept(self, name: str, port: int, progress: Any = None, **kw: Any) -> Intercept:
+        self._require()
+        self.calls.append(("intercept", name, port))
+        if self.fail_intercept:
+            raise self.fail_intercept
+        ic = self.intercepts[name] = _ic(name, port)
+        return ic
+
+    def leave(self, name: str) -> None:
+        self._require()
+        self.calls.append(("leave", name))
+        if self.intercepts.pop(name, None) is None:
+            raise NotConnected(f"no intercept named {name!r}")
+
+    def get_intercept(self, name: str) -> Intercept:
+        if name not in self.intercepts:
+            raise NotConnected(f"no intercept named {name!r}", hint="`tpnb list` shows what is intercepted")
+        return self.intercepts[name]
+
+    def env(self, name: str) -> dict[str, str]:
+        return dict(self.get_intercept(name).environment)
+
+    def version(self) -> dict[str, str]:
+        return {"client": "0.1.0", "daemon": "0.1.0"}
+
+
+@pytest.fixture()
+def ip():
+    from IPython.testing.globalipapp import start_ipython
+
+    shell = start_ipython() or __import__("IPython").get_ipython()  # one shell per test process
+    shell.run_line_magic("load_ext", "tpnb")
+    yield shell
+
+
+@pytest.fixture()
+def fake():
+    f = FakeSession()
+    lifecycle.set_session_factory(lambda: f)
+    yield f
+    inkernel.stop_all(grace=0)
+    for name in list(lifecycle.owned()):
+        lifecycle.disown(name)
+    lifecycle.set_session_factory(__import__("tpnb.api", fromlist=["Session"]).Session)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------ parsing: the CLI's parser
+CLI_LINES = [
+    "connect", "connect -n staging --mapped-namespaces a,b --also-proxy 10.1.0.0/16 --context dev",
+    "status", "list", "list -n default", "quit", "quit -r", "quit -u",
+    "intercept hello --port 9000", "intercept hello -p 9000:http -n default --service hello --workload hello",
+    "intercept hello --port 9000 --env-json /tmp/e.json --env-file /tmp/e.env",
+    "leave hello", "uninstall --everything", "uninstall --agent hello -n default", "uninstall -a",
+    "version", "config view", "loglevel debug",
+]
+
+
+@pytest.mark.parametrize("line", CLI_LINES)
+def test_magic_parses_like_the_cli(line: str) -> None:
+    want = vars(cli.build_parser().parse_args(line.split()))
+    got, cmd = parser.parse(line)
+    got = vars(got)
+    got.pop("app", None)  # the only notebook addition to a CLI command (for %%tp intercept)
+    assert got == want and cmd == []
+
+
+def test_magic_parser_covers_every_cli_command() -> None:
+    cli_cmds = set(parser._subparsers(cli.build_parser()).choices)
+    magic_cmds = set(parser._subparsers(parser.build_magic_parser()).choices)
+    assert cli_cmds <= magic_cmds
+    assert set(parser.NOTEBOOK_ONLY) <= magic_cmds
+
+
+def test_command_after_double_dash_is_split_off() -> None:
+    args, cmd = parser.parse("intercept hello --port 9000 -- python3 -m http.server 9000")
+    assert args.name == "hello" and cmd == ["python3", "-m", "http.server", "9000"]
+
+
+def test_cell_magic_accepts_app_option() -> None:
+    args, _ = parser.parse("intercept hello --port 9000 --app myapp")
+    assert isinstance(args, argparse.Namespace) and args.app == "myapp"
+
+
+# ------------------------------------------------------------------ errors: readable, no traceback
+def test_bad_argument_is_readable_without_traceback(ip, capsys) -> None:
+    assert ip.run_line_magic("tp", "intercept hello") is None
+    err = capsys.readouterr().err
+    assert "%tp intercept: the following arguments are required: --port/-p" in err
+    assert "fix: usage: %tp intercept" in err
+    assert "Traceback" not in err
+
+
+def test_bad_port_uses_the_cli_words(ip, fake, capsys) -> None:
+    assert ip.run_line_magic("tp", "intercept hello --port nine") is None
+    err = capsys.readouterr().err
+    assert "invalid --port 'nine'" in err and "fix:" in err and "Traceback" not in err
+
+
+def test_unknown_command_and_bad_quotes(ip, capsys) -> None:
+    ip.run_line_magic("tp", "frobnicate")
+    ip.run_line_magic("tp", "leave 'hello")
+    err = capsys.readouterr().err
+    assert "invalid choice: 'frobnicate'" in err
+    assert "cannot parse" in err and "check the quotes" in err
+    assert "Traceback" not in err
+
+
+def test_api_error_prints_what_why_fix(ip, fake, capsys) -> None:
+    fake.connected = False
+    assert ip.run_line_magic("tp", "list") is None
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["not connected", "  why: the tpnb daemon is not running",
+                                "  fix: run `tpnb connect` (or `%tp connect`) first"]
+
+
+def test_help_prints_and_returns_none(ip, capsys) -> None:
+    assert ip.run_line_magic("tp", "intercept --help") is None
+    out = capsys.readouterr()
+    assert "usage: %tp intercept" in out.out and "--app" in out.out and not out.err
+
+
+def test_other_cell_magics_are_refused(ip, fake, capsys) -> None:
+    ip.run_cell_magic("tp", "status", "x = 1")
+    assert "only `%%tp intercept` takes a cell" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ line commands mirror the CLI text
+def test_status_list_version_text(ip, fake, capsys) -> None:
+    ip.run_line_magic("tp", "status")
+    ip.run_line_magic("tp", "list")
+    ip.run_line_magic("tp", "version")
+    out = capsys.readouterr().out
+    assert "Connected to context dev (https://10.0.0.1:6443)" in out
+    assert "hello : free (Deployment; hello:80->8080)" in out
+    assert "Client: v0.1.0" in out
+
+
+def test_connect_prints_like_cli(ip, fake, capsys) -> None:
+    fake.connected = False
+    ip.run_line_magic("tp", "connect -n default")
+    out = capsys.readouterr().out
+    assert "Connecting to traffic manager..." in out  # progress, as lines outside a notebook frontend
+    assert out.rstrip().endswith("Connected to context dev (https://10.0.0.1:6443)")
+
+
+def test_line_intercept_env_mounts_leave(ip, fake, capsys) -> None:
+    ip.run_line_magic("tp", "intercept hello --port 9123")
+    out = capsys.readouterr().out
+    assert "Using deployment hello" in out and "Destination   : 127.0.0.1:9123" in out
+    assert lifecycle.owned() == {"hello": 9123}
+    env = ip.run_line_magic("tp", "env hello")
+    assert isinstance(env, dict) and env["KUBERNETES_SERVICE_HOST"] == "10.43.0.1"
+    assert "<table>" in env._repr_html_() and "HOSTNAME" in env._repr_html_()
+    assert ip.run_line_magic("tp", "mounts hello") == ""
+    assert "no volumes are mounted for hello" in capsys.readouterr().err
+    ip.run_line_magic("tp", "leave hello")
+    assert "hello" not in fake.intercepts and lifecycle.owned() == {}
+
+
+def test_quit_forgets_intercepts(ip, fake, capsys) -> None:
+    ip.run_line_magic("tp", "intercept hello --port 9124")
+    ip.run_line_magic("tp", "quit")
+    out = capsys.readouterr().out
+    assert "Disconnecting...done" in out
+    assert lifecycle.owned() == {}
+
+
+# ------------------------------------------------------------------ %%tp intercept
+WSGI_CELL = '''
+VERSION = "{v}"
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [f"hello from the notebook {{VERSION}}".encode()]
+'''
+
+
+def test_cell_serves_in_kernel_and_rerun_swaps_without_reintercepting(ip, fake, capsys) -> None:
+    port = free_port()
+    ip.run_cell_magic("tp", f"intercept hello --port {port}", WSGI_CELL.format(v="v1"))
+    out = capsys.readouterr().out
+    assert f"serving `app` (WSGI) from this kernel on http://127.0.0.1:{port}" in out
+    assert "Using deployment hello" in out
+    assert requests.get(f"http://127.0.0.1:{port}/").text == "hello from the notebook v1"
+
+    ip.run_cell_magic("tp", f"intercept hello --port {port}", WSGI_CELL.format(v="v2"))
+    out = capsys.readouterr().out
+    assert "swapped in the new `app`" in out and "intercept hello kept" in out
+    assert requests.get(f"http://127.0.0.1:{port}/x").text == "hello from the notebook v2"
+    assert [c for c in fake.calls if c[0] == "intercept"] == [("intercept", "hello", port)]  # created once
+
+    import tpnb
+
+    log = tpnb.requests_log("hello")
+    assert [(r["method"], r["path"], r["status"], r["app_version"]) for r in log] == [
+        ("GET", "/", 200, 1), ("GET", "/x", 200, 2)]
+    assert ip.run_line_magic("tp", "requests hello") == log
+
+    ip.run_line_magic("tp", "leave hello")
+    assert inkernel.get_server(port) is None  # leave stops the cell's server
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    assert len(tpnb.requests_log("hello")) == 2  # the log outlives the server
+
+
+def test_cell_with_custom_app_name_and_asgi(ip, fake, capsys) -> None:
+    port = free_port()
+    cell = '''
+async def web(scope, receive, send):
+    assert scope["type"] == "http"
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": b"asgi here"})
+'''
+    ip.run_cell_magic("tp", f"intercept hello --port {port} --app web", cell)
+    assert "(ASGI)" in capsys.readouterr().out
+    assert requests.get(f"http://127.0.0.1:{port}/").text == "asgi here"
+
+
+def test_cell_that_fails_serves_nothing(ip, fake, capsys) -> None:
+    port = free_port()
+    ip.run_cell_magic("tp", f"intercept hello --port {port}", "app = 1/0")
+    captured = capsys.readouterr()
+    assert "the cell raised" in captured.err
+    assert inkernel.get_server(port) is None and not fake.intercepts
+
+
+def test_cell_without_app_and_nothing_listening(ip, fake, capsys) -> None:
+    ip.user_ns.pop("nothing_here", None)
+    ip.run_cell_magic("tp", f"intercept hello --port {free_port()} --app nothing_here", "x = 1")
+    err = capsys.readouterr().err
+    assert "the cell defined no `nothing_here` and nothing listens" in err and "Traceback" not in err
+
+
+def test_cell_that_starts_its_own_server_is_just_intercepted(ip, fake, capsys) -> None:
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    port = srv.getsockname()[1]
+    try:
+        ip.user_ns.pop("nope", None)
+        ip.run_cell_magic("tp", f"intercept hello --port {port} --app nope", "started = True")
+        assert ("intercept", "hello", port) in fake.calls
+        assert inkernel.get_server(port) is None
+    finally:
+        srv.close()
+
+
+def test_failed_intercept_stops_the_fresh_server(ip, fake, capsys) -> None:
+    port = free_port()
+    fake.fail_intercept = InterceptError("cannot intercept hello", "agent refused", "try again")
+    ip.run_cell_magic("tp", f"intercept hello --port {port}", WSGI_CELL.format(v="v1"))
+    err = capsys.readouterr().err
+    assert "cannot intercept hello" in err and "Traceback" not in err
+    assert inkernel.get_server(port) is None
+
+
+def test_existing_intercept_on_another_port_is_an_error(ip, fake, capsys) -> None:
+    fake.intercepts["hello"] = _ic("hello", 1234)
+    ip.run_cell_magic("tp", f"intercept hello --port {free_port()}", WSGI_CELL.format(v="v1"))
+    assert "hello is already intercepted to port 1234" in capsys.readouterr().err
+
+
+def test_not_connected_cell_connects_first(ip, fake, capsys) -> None:
+    fake.connected = False
+    port = free_port()
+    ip.run_cell_magic("tp", f"intercept hello --port {port}", WSGI_CELL.format(v="v1"))
+    assert fake.calls[0][0] == "connect"
+    assert "Connected to context dev" in capsys.readouterr().out
+
+
+def test_cleanup_leaves_owned_intercepts_and_stops_servers(ip, fake, capsys) -> None:
+    port = free_port()
+    ip.run_cell_magic("tp", f"intercept hello --port {port}", WSGI_CELL.format(v="v1"))
+    lifecycle.cleanup()
+    assert ("leave", "hello") in fake.calls and inkernel.get_server(port) is None
+
+
+def test_serve_line_magic(ip, fake, capsys) -> None:
+    port = free_port()
+    ip.run_cell(WSGI_CELL.format(v="vs"))
+    ip.run_line_magic("tp", f"serve --port {port}")
+    assert requests.get(f"http://127.0.0.1:{port}/").text == "hello from the notebook vs"
+    ip.run_line_magic("tp", f"serve --port {port} --stop")
+    assert inkernel.get_server(port) is None
+
+
+# ------------------------------------------------------------------ the panel
+def _wait(pred: Any, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return pred()
+
+
+def test_panel_rows_toggle_log_env_and_close(fake) -> None:
+    from tpnb.widgets import Panel
+
+    port = free_port()
+    inkernel.serve(lambda e, sr: (sr("200 OK", []), [b"ok"])[1], port)
+    p = Panel(poll_interval=0.2)
+    try:
+        assert "Connected" in p.status_html.value and p.connect_btn.description == "Quit"
+        rows = {k[1]: r for k, r in p._rows.items()}
+        assert set(rows) == {"hello", "other"}
+        assert rows["other"].toggle.disabled and not rows["hello"].toggle.disabled
+        rows["hello"].port.value = port
+        rows["hello"].toggle.value = True  # the user clicks Intercept
+        assert _wait(lambda: "hello" in fake.intercepts and rows["hello"].toggle.description == "Leave")
+        assert "intercepted by me" in rows["hello"].state.value
+        assert "this kernel" in p.message.value
+        requests.get(f"http://127.0.0.1:{port}/from-test")
+        assert _wait(lambda: "/from-test" in p.log_html.value)
+        assert "hello" in p.counters.value and "1 requests" in p.counters.value
+        assert p.env_select.value == "hello" and "KUBERNETES_SERVICE_HOST" in p.env_html.value
+        # a change made elsewhere (the CLI) shows up by polling
+        fake.intercepts.pop("hello")
+        assert _wait(lambda: rows["hello"].toggle.description == "Intercept")
+        polls = p.polls
+        assert p.polling
+    finally:
+        p.close()
+    assert not p.polling
+    time.sleep(0.5)
+    assert p.polls == polls or p.polls == polls + 1  # no polling after close
+
+
+def test_panel_shows_errors_and_not_connected(fake) -> None:
+    from tpnb.widgets import Panel
+
+    fake.connected = False
+    p = Panel(start=False)
+    try:
+        assert "Not connected" in p.status_html.value and p.connect_btn.description == "Connect"
+        t = p.intercept("hello", 9999)
+        assert t is not None
+        t.join(5)
+        assert "not connected" in p.message.value and "fix:" in p.message.value
+        t = p._connect_or_quit()
+        assert t is not None
+        t.join(5)
+        assert "Connected" in p.status_html.value
+    finally:
+        p.close()
