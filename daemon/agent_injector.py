@@ -100,11 +100,12 @@ class ServiceTarget:
 # ====================================================================== Kubernetes access
 
 class _ApiError(Exception):
-    def __init__(self, status: int, message: str, reason: str = "") -> None:
+    def __init__(self, status: int, message: str, reason: str = "", body: Any = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.reason = reason
+        self.body = body
 
 
 def _client(api: Any) -> Any:
@@ -152,13 +153,22 @@ def _request_sync(api: Any, method: str, path: str, *, query: dict[str, Any] | N
             message, reason = doc.get("message", ""), doc.get("reason", "")
         except (ValueError, AttributeError, TypeError):
             message = (data or b"")[:300].decode("utf-8", "replace")
-        raise _ApiError(status, message or str(resp.reason), reason)
+        raise _ApiError(status, message or str(resp.reason), reason, data)
     if raw:
         return data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
     return json.loads(data) if data else {}
 
 
 def _denied(exc: _ApiError, verb: str, resource: str, namespace: str | None) -> PermissionDenied:
+    try:  # the daemon's wording: names the user the API server saw
+        from types import SimpleNamespace
+
+        from . import kube
+
+        return kube.rbac_error(SimpleNamespace(body=exc.body, reason=exc.reason, status=403),  # type: ignore[arg-type]
+                               verb, resource, namespace)
+    except ImportError:
+        pass
     where = f" in namespace {namespace}" if namespace else " cluster-wide"
     ns_flag = f" -n {namespace}" if namespace else " -A"
     return PermissionDenied(
