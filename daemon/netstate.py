@@ -22,21 +22,11 @@ from typing import Any
 
 from . import routes
 from .resolvconf import ResolvConf, ResolvedLink, default_state_dir, write_atomic
+from .resolvconf import start_ticks as _start_ticks
 
 log = logging.getLogger(__name__)
 
 STATE_NAME = "state.json"
-
-
-def _start_ticks(pid: int) -> int | None:
-    """Process start time (clock ticks since boot): tells a live pid from a reused one."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # the command may contain spaces and parentheses: split after the last ")"
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return int(fields[19])  # field 22 overall
 
 
 @dataclass
@@ -121,13 +111,16 @@ class StateFile:
         self.save()
 
 
-async def recover(state_dir: Path | None = None, *, prefix: str = "tpnb") -> list[str]:
+async def recover(state_dir: Path | None = None, *, prefix: str = "tpnb",
+                  resolv_path: str = "/etc/resolv.conf") -> list[str]:
     """Undo what a dead daemon of this network namespace left behind.
 
     Returns a description of each thing undone ([] when it was clean).  If
     the recorded daemon is still alive nothing is touched and
     `tpnb.errors.DaemonError` is raised: two daemons must not share a netns.
-    Leftover ``prefix*`` TUN devices are removed even without a record.
+    Leftover ``prefix*`` TUN devices are removed even without a record, and a
+    tpnb-generated ``resolv_path`` whose writer is dead is restored from the
+    original embedded in it even when the backup under /run is gone.
     """
     sf = StateFile(state_dir)
     st = await asyncio.to_thread(sf.load)
@@ -156,6 +149,9 @@ async def recover(state_dir: Path | None = None, *, prefix: str = "tpnb") -> lis
     rc_dir = sf.state_dir
     if (st is None or st.resolv_state_dir != str(rc_dir)) and await asyncio.to_thread(ResolvConf.recover_stale, rc_dir):
         done.append("resolv.conf")
+    # Our file with no backup at all (reboot while connected: /run was wiped)
+    if not any(d.startswith("resolv.conf") for d in done) and await asyncio.to_thread(ResolvConf.recover_file, resolv_path):
+        done.append(f"resolv.conf {resolv_path} (from the embedded copy)")
     for name in await routes.cleanup_stale(prefix):
         done.append(f"link {name}")
     await asyncio.to_thread(sf.clear)

@@ -157,7 +157,8 @@ async def add_routes(ifname: str, cidrs: list[str], *, prefix: str = "tpnb") -> 
     """Route each CIDR to ``ifname``; returns the ones now routed there.
 
     A CIDR overlapping an existing non-tpnb route is skipped (warning logged,
-    naming both).  A route that already points at ``ifname`` counts as added;
+    naming both), as is one the kernel refuses (IPv6 disabled, say); only a
+    permission error raises.  A route that already points at ``ifname`` counts as added;
     one pointing at another tpnb device (a stale daemon's) is replaced.
     """
     added: list[str] = []
@@ -177,7 +178,11 @@ async def add_routes(ifname: str, cidrs: list[str], *, prefix: str = "tpnb") -> 
             try:
                 await ipr.route("replace", dst=str(net), oif=idx, family=fam, table=_MAIN_TABLE)
             except NetlinkError as exc:
-                raise _nl_error(f"route {net} to {ifname}", exc) from None
+                if exc.code == _EPERM:
+                    raise _nl_error(f"route {net} to {ifname}", exc) from None
+                # e.g. IPv6 disabled on this machine: the other subnets still work
+                log.warning("not routing %s to %s: netlink error %d (%s)", net, ifname, exc.code, exc)
+                continue
             added.append(str(net))
             existing.append(Route(net, ifname, idx))
     if added:

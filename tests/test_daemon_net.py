@@ -26,7 +26,7 @@ from dnslib import AAAA, PTR, QTYPE, RR, SRV, A, DNSRecord
 from tpnb.daemon import routes as routes_mod
 from tpnb.daemon.dns import ClusterResolver, DNSServer, query
 from tpnb.daemon.netstate import StateFile
-from tpnb.daemon.resolvconf import MARKER, ResolvConf, parse
+from tpnb.daemon.resolvconf import MARKER, ResolvConf, embedded_original, parse, start_ticks, writer_pid
 from tpnb.daemon.tun import Flow, servfail, udp_fit
 
 # ======================================================================= unit
@@ -343,8 +343,44 @@ def test_resolvconf_recover_stale(tmp_path: Path) -> None:
     tmp.write_bytes(MARKER.encode() + b" but not ours\n")
     os.replace(tmp, path)
     assert ResolvConf.recover_stale(state) is False
-    # a dead daemon's file without a backup is no source of fallback servers
+    # a dead daemon's file without a backup or embedded copy is no source of fallback servers
+    path.write_bytes(MARKER.encode() + b"\nnameserver 169.254.53.53\n")
     assert ResolvConf(str(path), tmp_path / "empty").original_nameservers() == []
+
+
+@pytest.mark.unit
+def test_resolvconf_survives_lost_backup(tmp_path: Path) -> None:
+    """Reboot while connected: /run (the backup) is gone, /etc/resolv.conf is not."""
+    original = b"# odd bytes \xc3\xa9 kept\nnameserver 192.0.2.1\nsearch a.example\n\n"
+    path = tmp_path / "resolv.conf"
+    path.write_bytes(original)
+    state = tmp_path / "state"
+    rc = ResolvConf(str(path), state)
+    rc.install("169.254.53.53", ["default.svc.cluster.local"])
+    data = path.read_bytes()
+    assert embedded_original(data) == original
+    assert writer_pid(data) == (os.getpid(), start_ticks(os.getpid()))
+    shutil.rmtree(state)  # the tmpfs is gone
+    # a new daemon still sees the real upstream resolvers
+    fresh = ResolvConf(str(path), tmp_path / "state2")
+    assert fresh.original_nameservers() == ["192.0.2.1"] and fresh.original_search() == ["a.example"]
+    # ... and reinstalling keeps the true original, not the dead daemon's file
+    fresh.install("169.254.53.53", [])
+    fresh.restore()
+    assert path.read_bytes() == original
+    # recovery from the embedded copy, refused while the writer is alive
+    rc2 = ResolvConf(str(path), tmp_path / "state3")
+    rc2.install("169.254.53.53", [])
+    shutil.rmtree(tmp_path / "state3")
+    ppid = os.getppid()
+    live = path.read_bytes().replace(f"pid {os.getpid()}, start {start_ticks(os.getpid())}".encode(),
+                                     f"pid {ppid}, start {start_ticks(ppid)}".encode())
+    path.write_bytes(live)
+    assert ResolvConf.recover_file(str(path)) is False
+    path.write_bytes(live.replace(f"pid {ppid},".encode(), b"pid 999999999,"))  # dead writer
+    assert ResolvConf.recover_file(str(path)) is True
+    assert path.read_bytes() == original
+    assert ResolvConf.recover_file(str(path)) is False  # not ours any more
 
 
 @pytest.mark.unit
@@ -657,7 +693,13 @@ def test_tun_flows_routes_dns(netns: str, tmp_path: Path) -> None:
 
 @pytest.mark.netns
 @needs_root
-def test_crash_then_recover(netns: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("wipe_run", [False, True], ids=["state-kept", "state-wiped"])
+def test_crash_then_recover(netns: str, tmp_path: Path, wipe_run: bool) -> None:
+    """kill -9 while connected; the next start undoes everything.
+
+    ``state-wiped`` also deletes /run/tpnb/<netns> (as a reboot would):
+    resolv.conf must still come back, from the copy embedded in it.
+    """
     script = tmp_path / "net_script.py"
     script.write_text(SCRIPT)
     resolv = Path("/etc/netns") / netns / "resolv.conf"
@@ -677,8 +719,10 @@ def test_crash_then_recover(netns: str, tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    if wipe_run:
+        shutil.rmtree(Path("/run/tpnb") / str(os.stat(f"/run/netns/{netns}").st_ino))
     out = run_in(netns, script, "recover")
-    assert "resolv.conf /etc/resolv.conf" in out["recovered"]
+    assert any(d.startswith("resolv.conf /etc/resolv.conf") for d in out["recovered"]), out
     assert out["links"] == [] and not any(r.startswith("10.99.") for r in out["routes"])
     assert out["again"] == []
     assert resolv.read_bytes() == original
