@@ -8,7 +8,9 @@ import copy
 import hashlib
 import json
 import os
+import re
 import socket
+import urllib.parse
 from typing import Any
 
 import pytest
@@ -688,3 +690,150 @@ def test_rollout_state() -> None:
     paused = copy.deepcopy(new)
     paused["spec"]["paused"] = True
     assert "paused" in (inj.rollout_state("Deployment", paused, []).failure or "")
+
+
+# ====================================================================== injector against a fake API
+
+class _Resp:
+    def __init__(self, status: int, doc: Any) -> None:
+        self.status = status
+        self.reason = {200: "OK", 403: "Forbidden", 404: "Not Found", 409: "Conflict"}.get(status, "")
+        self._data = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+
+    def read(self) -> bytes:
+        return self._data
+
+
+class FakeApi:
+    """An ApiClient look-alike over an in-memory store, with a toy Deployment
+    controller: a template change replaces the pods at once (ready)."""
+
+    def __init__(self) -> None:
+        self.store: dict[str, dict[str, Any]] = {}
+        self.rv = 100
+        self.calls: list[tuple[str, str]] = []
+        self.forbid: set[str] = set()  # methods answered with 403
+        self.conflicts = 0  # how many PATCHes get a 409 first
+
+    def put(self, path: str, obj: dict[str, Any]) -> None:
+        self.rv += 1
+        obj["metadata"]["resourceVersion"] = str(self.rv)
+        self.store[path] = obj
+
+    def param_serialize(self, method: str, resource_path: str, query_params: Any = None,
+                        header_params: Any = None, body: Any = None, **kw: Any) -> Any:
+        url = resource_path
+        if query_params:
+            url += "?" + urllib.parse.urlencode(query_params)
+        return method, url, header_params, body, None
+
+    def call_api(self, method: str, url: str, header_params: Any = None, body: Any = None,
+                 post_params: Any = None, _request_timeout: Any = None) -> _Resp:
+        path, _, qs = url.partition("?")
+        self.calls.append((method, path))
+        if method in self.forbid:
+            return _Resp(403, {"message": f'deployments.apps "x" is forbidden: User "bob" cannot '
+                                          f'{method.lower()} resource "deployments" in API group "apps" '
+                                          f'in the namespace "default"'})
+        if method == "GET":
+            if path in self.store:
+                return _Resp(200, self.store[path])
+            items = [o for p, o in self.store.items() if p.rsplit("/", 1)[0] == path
+                     or ("/namespaces/" not in path
+                         and re.sub(r"/namespaces/[^/]+", "", p).rsplit("/", 1)[0] == path)]
+            if items or path.endswith(("s", "pods")):
+                q = dict(urllib.parse.parse_qsl(qs))
+                if "labelSelector" in q:
+                    want = dict(kv.split("=") for kv in q["labelSelector"].split(","))
+                    items = [o for o in items if all(o["metadata"].get("labels", {}).get(k) == v
+                                                     for k, v in want.items())]
+                return _Resp(200, {"items": items})
+            return _Resp(404, {"message": "not found"})
+        if method == "PATCH":
+            assert header_params["Content-Type"] == "application/json-patch+json"
+            if self.conflicts:
+                self.conflicts -= 1
+                self.rv += 1
+                self.store[path]["metadata"]["resourceVersion"] = str(self.rv)  # someone else wrote
+            old = self.store[path]
+            new = _apply_patch(old, body)
+            if new["metadata"]["resourceVersion"] != old["metadata"]["resourceVersion"]:
+                return _Resp(409, {"message": "the object has been modified"})
+            if new.get("spec") != old.get("spec") and "template" in new.get("spec", {}):
+                new["metadata"]["generation"] = old["metadata"].get("generation", 1) + 1
+                new["status"] = {"observedGeneration": new["metadata"]["generation"]}
+                self._make_pod(new)
+            self.put(path, new)
+            return _Resp(200, new)
+        if method == "DELETE":
+            self.store.pop(path, None)
+            return _Resp(200, {})
+        raise AssertionError(f"unexpected {method} {path}")
+
+    def _make_pod(self, dep: dict[str, Any]) -> None:
+        ns = dep["metadata"]["namespace"]
+        for p in [p for p in self.store if p.startswith(f"/api/v1/namespaces/{ns}/pods/")]:
+            del self.store[p]
+        name = f"{dep['metadata']['name']}-{self.rv}"
+        pod = {"metadata": {"name": name, "namespace": ns, "labels": dep["spec"]["template"]["metadata"]["labels"]},
+               "spec": copy.deepcopy(dep["spec"]["template"]["spec"]),
+               "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}
+        self.put(f"/api/v1/namespaces/{ns}/pods/{name}", pod)
+
+
+def _fake_cluster() -> FakeApi:
+    api = FakeApi()
+    dep = _deployment()
+    api.put("/apis/apps/v1/namespaces/default/deployments/hello", dep)
+    api._make_pod(dep)
+    api.put("/api/v1/namespaces/default/services/hello", _service())
+    return api
+
+
+def test_injector_flow_against_fake_api() -> None:
+    api = _fake_cluster()
+    dep0 = copy.deepcopy(api.store["/apis/apps/v1/namespaces/default/deployments/hello"])
+    svc0 = copy.deepcopy(api.store["/api/v1/namespaces/default/services/hello"])
+    lines: list[tuple[str, str, float]] = []
+
+    async def main() -> None:
+        wl = await inj.find_workload(api, "default", "hello")
+        t = await inj.resolve_service(api, wl, None, None)
+        api.conflicts = 1  # a concurrent writer: re-read and re-plan
+        await inj.inject_agent(api, wl, t, "img:1", lambda s, m, f: lines.append((s, m, f)))
+        dep = api.store["/apis/apps/v1/namespaces/default/deployments/hello"]
+        svc = api.store["/api/v1/namespaces/default/services/hello"]
+        assert inj.has_agent(dep) and svc["spec"]["ports"][0]["targetPort"] == 9900
+        # the Service is switched only after the rollout
+        patches = [p for m, p in api.calls if m == "PATCH"]
+        assert patches[-1].endswith("/services/hello") and patches[0].endswith("/deployments/hello")
+        assert [w["name"] for w in inj.list_workloads(api, "default")] == ["hello"]
+        assert inj.list_workloads(api, "default")[0]["services"] == ["hello:80->8080"]
+        assert inj.list_workloads(api, "default")[0]["agent_installed"] is True
+
+        api.calls.clear()
+        await inj.inject_agent(api, wl, t, "img:1", None)
+        assert not [c for c in api.calls if c[0] != "GET"]  # idempotent: no writes
+
+        assert await inj.remove_all_agents(api, None) == ["default/hello"]
+        dep = api.store["/apis/apps/v1/namespaces/default/deployments/hello"]
+        svc = api.store["/api/v1/namespaces/default/services/hello"]
+        strip = lambda o: {k: v for k, v in o.items() if k not in ("metadata", "status")}  # noqa: E731
+        assert strip(dep) == strip(dep0) and strip(svc) == strip(svc0)
+        assert dep["metadata"].get("annotations") == dep0["metadata"].get("annotations")
+        assert svc["metadata"].get("annotations") == svc0["metadata"].get("annotations")
+        await inj.remove_agent(api, "default", "hello", None)  # nothing left to do
+
+        with pytest.raises(InterceptError) as ei:
+            await inj.find_workload(api, "default", "nope")
+        assert "Deployment/hello" in ei.value.why
+
+        api.forbid.add("PATCH")
+        from tpnb.errors import PermissionDenied
+        with pytest.raises(PermissionDenied) as pe:
+            await inj.inject_agent(api, wl, t, "img:1", None)
+        assert "may not patch deployments.apps" in pe.value.what and "bob" in pe.value.what
+
+    run(main())
+    assert lines and all(len(x) == 3 for x in lines)
+    assert any("rolled out" in m for _, m, _ in lines)
