@@ -694,8 +694,9 @@ def inject_service(svc: dict[str, Any], target: ServiceTarget, cfg: config.Confi
 
 # ====================================================================== rollout state (pure)
 
-_FATAL_WAITING = {"ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName",
-                  "CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
+#: waiting reasons that will not fix themselves (CreateContainerError and
+#: RunContainerError can be transient on a slow node: left to the timeout)
+_FATAL_WAITING = {"ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName", "CreateContainerConfigError"}
 
 
 def pod_matches_template(pod: dict[str, Any], template_spec: dict[str, Any]) -> bool:
