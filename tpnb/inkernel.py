@@ -440,26 +440,36 @@ class InKernelServer:
             pass
 
     async def _serve(self, req: _Request, writer: asyncio.StreamWriter, peer: tuple) -> bool:
-        """Answer one request; True to keep the connection open."""
+        """Answer one request; True to keep the connection open.
+
+        The request is logged just before its last bytes are written, so a client that
+        got its answer always finds the request in the log.
+        """
         t0 = time.perf_counter()
         when = _dt.datetime.now()
         ref = self._ref  # read once: this request stays on this app version
         keep = req.wants_keepalive() and not self._stopping
-        status, nbytes, error = 500, 0, None
+        logged = False
+
+        def log(status: int, nbytes: int, error: str | None) -> None:
+            nonlocal logged
+            if not logged:
+                logged = True
+                self._record(when, req, status, (time.perf_counter() - t0) * 1000, nbytes, peer, ref, error)
+
         if ref is None:
-            status = 503
+            log(503, 0, "no app")
             await self._plain(writer, req.version, 503, "no app is being served on this port yet\n")
-            keep = False
-        else:
-            ref.inflight += 1
-            try:
-                if ref.kind == "wsgi":
-                    status, nbytes, keep, error = await self._wsgi(ref, req, writer, peer, keep)
-                else:
-                    status, nbytes, keep, error = await self._asgi(ref, req, writer, peer, keep)
-            finally:
-                ref.inflight -= 1
-        self._record(when, req, status, (time.perf_counter() - t0) * 1000, nbytes, peer, ref, error)
+            return False
+        ref.inflight += 1
+        try:
+            if ref.kind == "wsgi":
+                status, nbytes, keep, error = await self._wsgi(ref, req, writer, peer, keep, log)
+            else:
+                status, nbytes, keep, error = await self._asgi(ref, req, writer, peer, keep, log)
+        finally:
+            ref.inflight -= 1
+        log(status, nbytes, error)
         return keep
 
     def _record(self, when: _dt.datetime, req: _Request, status: int, ms: float, nbytes: int,
@@ -481,10 +491,16 @@ class InKernelServer:
             except Exception:  # noqa: BLE001 - a broken listener must not break serving
                 pass
 
-    def _report_app_error(self, req: _Request, exc_text: str) -> None:
+    def _report_app_error(self, req: _Request, exc: BaseException) -> str:
+        """Show the user's traceback (without our frames) on stderr; return its one-line summary."""
+        te = traceback.TracebackException.from_exception(exc)
+        te.stack = traceback.StackSummary.from_list(
+            [f for f in te.stack if f.filename != __file__ and "concurrent/futures" not in f.filename])
+        text = "".join(te.format()).rstrip()
         names = ",".join(sorted(self.names)) or f"port {self.port}"
-        print(f"tpnb [{names}]: the app raised while serving {req.method} {req.target}:\n{exc_text}",
+        print(f"tpnb [{names}]: the app raised while serving {req.method} {req.target}:\n{text}",
               file=sys.stderr, flush=True)
+        return "".join(te.format_exception_only()).strip()
 
     # ---------------------------------------------------------------- WSGI
     def _environ(self, req: _Request, peer: tuple) -> dict:
@@ -535,18 +551,18 @@ class InKernelServer:
         return state["status"], state["headers"], b"".join(chunks)
 
     async def _wsgi(self, ref: _AppRef, req: _Request, writer: asyncio.StreamWriter, peer: tuple,
-                    keep: bool) -> tuple[int, int, bool, str | None]:
+                    keep: bool, log: Callable[[int, int, str | None], None]) -> tuple[int, int, bool, str | None]:
         loop = asyncio.get_running_loop()
         try:
             status_line, headers, body = await loop.run_in_executor(
                 self._lt.pool, self._call_wsgi, ref.app, self._environ(req, peer))
             status = int(status_line.split(" ", 1)[0])
             reason = status_line.split(" ", 1)[1] if " " in status_line else _status_reason(status)
-        except Exception:  # noqa: BLE001 - the user's app raised: 500, and show them why
-            tb = traceback.format_exc()
-            self._report_app_error(req, tb)
+        except Exception as exc:  # noqa: BLE001 - the user's app raised: 500, and show them why
+            error = self._report_app_error(req, exc)
+            log(500, 0, error)
             await self._plain(writer, req.version, 500, "Internal Server Error\n")
-            return 500, 0, False, tb.strip().splitlines()[-1]
+            return 500, 0, False, error
         out = [(k, v) for k, v in headers if k.lower() not in ("content-length", "transfer-encoding", "connection")]
         if not _no_body_status(status):
             out.append(("Content-Length", str(len(body))))
@@ -554,6 +570,7 @@ class InKernelServer:
             body = b""
         out += self._std_headers(req, keep, out)
         payload = b"" if req.method == "HEAD" else body
+        log(status, len(payload), None)
         try:
             writer.write(_head_bytes(req.version, status, reason, out) + payload)
             await writer.drain()
@@ -588,7 +605,7 @@ class InKernelServer:
         }
 
     async def _asgi(self, ref: _AppRef, req: _Request, writer: asyncio.StreamWriter, peer: tuple,
-                    keep: bool) -> tuple[int, int, bool, str | None]:
+                    keep: bool, log: Callable[[int, int, str | None], None]) -> tuple[int, int, bool, str | None]:
         done = asyncio.Event()
         st: dict[str, Any] = {"status": 500, "headers": [], "started": False, "mode": None, "bytes": 0,
                               "body_given": False, "keep": keep}
@@ -622,6 +639,10 @@ class InKernelServer:
                 raise RuntimeError("http.response.body before http.response.start")
             data = bytes(msg.get("body", b""))
             more = bool(msg.get("more_body", False))
+            if not is_head and data:
+                st["bytes"] += len(data)
+            if not more:  # log before the last bytes leave (see _serve)
+                log(st["status"], st["bytes"], None)
             if st["mode"] is None:
                 names = {k.lower() for k, _ in st["headers"]}
                 if "content-length" in names or _no_body_status(st["status"]):
@@ -638,7 +659,6 @@ class InKernelServer:
                     write_head([])
             if not is_head and data:
                 writer.write(b"%x\r\n%s\r\n" % (len(data), data) if st["mode"] == "chunked" else data)
-                st["bytes"] += len(data)
             if not more:
                 if st["mode"] == "chunked" and not is_head:
                     writer.write(b"0\r\n\r\n")
@@ -648,18 +668,18 @@ class InKernelServer:
         error = None
         try:
             await ref.app(self._scope(ref, req, peer), receive, send)
-        except Exception:  # noqa: BLE001 - the user's app raised
-            tb = traceback.format_exc()
-            error = tb.strip().splitlines()[-1]
-            self._report_app_error(req, tb)
+        except Exception as exc:  # noqa: BLE001 - the user's app raised
+            error = self._report_app_error(req, exc)
             if not st["started"] or st["mode"] is None:
                 done.set()
+                log(500, 0, error)
                 await self._plain(writer, req.version, 500, "Internal Server Error\n")
                 return 500, 0, False, error
             st["keep"] = False  # the response is cut short: closing tells the client
         if not done.is_set():
             if not st["started"]:
                 done.set()
+                log(500, 0, "no response")
                 await self._plain(writer, req.version, 500, "the ASGI app sent no response\n")
                 return 500, 0, False, "no response"
             try:

@@ -1,0 +1,282 @@
+"""The in-kernel HTTP server: WSGI and ASGI apps, HTTP/1.1 details, hot swap under load, log, shutdown.
+
+Everything talks to 127.0.0.1 only.
+"""
+from __future__ import annotations
+
+import asyncio
+import http.client
+import socket
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from tpnb import inkernel
+from tpnb.errors import ConfigError
+
+pytestmark = pytest.mark.unit
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def port():
+    p = free_port()
+    yield p
+    inkernel.stop(p, grace=0)
+
+
+def wsgi_app(tag: str, delay: float = 0.0):
+    def app(environ, start_response):
+        body = environ["wsgi.input"].read()
+        if delay:
+            time.sleep(delay)
+        out = f"{tag} {environ['REQUEST_METHOD']} {environ['PATH_INFO']} q={environ['QUERY_STRING']} " \
+              f"len={len(body)}".encode()
+        start_response("200 OK", [("Content-Type", "text/plain"), ("X-Tag", tag)])
+        return [out]
+    return app
+
+
+def asgi_app(tag: str):
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            raise RuntimeError("no lifespan here")
+        body = b""
+        while True:
+            msg = await receive()
+            body += msg.get("body", b"")
+            if not msg.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/plain"), (b"x-tag", tag.encode())]})
+        await send({"type": "http.response.body",
+                    "body": f"{tag} {scope['method']} {scope['path']} len={len(body)}".encode()})
+    return app
+
+
+class LifespanApp:
+    """A class-based ASGI app (like Starlette) with a lifespan, to check detection and startup."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    self.events.append("startup")
+                    scope["state"]["greeting"] = "hi"
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    self.events.append("shutdown")
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": scope["state"]["greeting"].encode()})
+
+
+def test_app_kind_detection() -> None:
+    assert inkernel.app_kind(wsgi_app("a")) == "wsgi"
+    assert inkernel.app_kind(asgi_app("a")) == "asgi"
+    assert inkernel.app_kind(LifespanApp()) == "asgi"
+
+    class Wsgi:
+        def __call__(self, environ, start_response):
+            return []
+
+    assert inkernel.app_kind(Wsgi()) == "wsgi"
+    with pytest.raises(ConfigError, match="is not a web application"):
+        inkernel.app_kind("nope")
+
+
+def test_wsgi_get_post_chunked_and_keepalive(port) -> None:
+    inkernel.serve(wsgi_app("w"), port)
+    base = f"http://127.0.0.1:{port}"
+    with requests.Session() as s:  # one keep-alive connection for all of these
+        r = s.get(f"{base}/a%20b?x=1&y=2")
+        assert r.status_code == 200 and r.text == "w GET /a b q=x=1&y=2 len=0"
+        assert r.headers["X-Tag"] == "w" and r.headers["Content-Length"] == str(len(r.content))
+        assert s.post(f"{base}/p", data=b"x" * 100_000).text == "w POST /p q= len=100000"
+        assert s.post(f"{base}/c", data=iter([b"abc", b"de"])).text == "w POST /c q= len=5"  # chunked
+        assert s.head(f"{base}/h").content == b""
+    # urllib (HTTP/1.1, Connection: close)
+    assert urllib.request.urlopen(f"{base}/u").read() == b"w GET /u q= len=0"
+
+
+def test_raw_http10_pipelining_and_expect_continue(port) -> None:
+    inkernel.serve(wsgi_app("r"), port)
+    with socket.create_connection(("127.0.0.1", port)) as c:
+        c.sendall(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\nGET /two HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := c.recv(65536):
+            data += chunk
+    assert data.count(b"HTTP/1.1 200 OK") == 2 and b"r GET /one" in data and b"r GET /two" in data
+    with socket.create_connection(("127.0.0.1", port)) as c:
+        c.sendall(b"POST /e HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n")
+        assert c.recv(100).startswith(b"HTTP/1.1 100 Continue")
+        c.sendall(b"abc")
+        assert b"len=3" in c.recv(65536)
+    with socket.create_connection(("127.0.0.1", port)) as c:
+        c.sendall(b"GET /old HTTP/1.0\r\n\r\n")
+        data = c.recv(65536)
+        assert data.startswith(b"HTTP/1.0 200 OK") and b"Connection: close" in data
+    with socket.create_connection(("127.0.0.1", port)) as c:
+        c.sendall(b"garbage\r\n\r\n")
+        assert c.recv(65536).startswith(b"HTTP/1.1 400")
+
+
+def test_asgi_get_post_and_streaming(port) -> None:
+    inkernel.serve(asgi_app("a"), port)
+    base = f"http://127.0.0.1:{port}"
+    assert requests.get(f"{base}/x").text == "a GET /x len=0"
+    assert requests.post(f"{base}/y", data=iter([b"12", b"345"])).text == "a POST /y len=5"
+
+    async def streamer(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for part in (b"one ", b"two ", b"three"):
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    inkernel.serve(streamer, port)
+    r = requests.get(f"{base}/s")
+    assert r.text == "one two three" and r.headers.get("Transfer-Encoding") == "chunked"
+
+
+def test_asgi_lifespan_runs_and_state_reaches_requests(port) -> None:
+    app = LifespanApp()
+    inkernel.serve(app, port)
+    assert app.events == ["startup"]
+    assert requests.get(f"http://127.0.0.1:{port}/").text == "hi"
+    inkernel.serve(wsgi_app("after"), port)  # swapping the ASGI app out shuts it down
+    deadline = time.monotonic() + 5
+    while app.events != ["startup", "shutdown"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert app.events == ["startup", "shutdown"]
+
+
+def test_app_errors_are_500_and_logged(port, capsys) -> None:
+    def broken(environ, start_response):
+        raise ValueError("boom")
+
+    inkernel.serve(broken, port, name="broken-test")
+    r = requests.get(f"http://127.0.0.1:{port}/b")
+    assert r.status_code == 500
+    rec = inkernel.requests_log("broken-test")[-1]
+    assert rec["status"] == 500 and "ValueError: boom" in rec["error"]
+    assert "ValueError: boom" in capsys.readouterr().err
+    async def abroken(scope, receive, send):
+        raise KeyError("x")
+    inkernel.serve(abroken, port)
+    assert requests.get(f"http://127.0.0.1:{port}/b").status_code == 500
+    assert requests.get(f"http://127.0.0.1:{port}/b").status_code == 500  # the server survives
+
+
+def test_swap_under_concurrent_load_drops_nothing(port) -> None:
+    """200 requests from 4 threads; the app is swapped midway (WSGI -> WSGI -> ASGI); every one succeeds."""
+    inkernel.serve(wsgi_app("v1", delay=0.002), port, name="swaptest")
+    total, done = 200, []
+    lock = threading.Lock()
+    swapped = threading.Event()
+
+    def worker(n: int) -> list[tuple[int, str]]:
+        got = []
+        with requests.Session() as s:
+            for i in range(n):
+                r = s.post(f"http://127.0.0.1:{port}/w?i={i}", data=b"payload", timeout=10)
+                got.append((r.status_code, r.headers.get("X-Tag") or r.headers.get("x-tag", "")))
+                with lock:
+                    done.append(1)
+                    count = len(done)
+                if count == total // 3 and not swapped.is_set():
+                    swapped.set()
+                    inkernel.serve(wsgi_app("v2", delay=0.002), port)
+                if count == 2 * total // 3:
+                    inkernel.serve(asgi_app("v3"), port)
+        return got
+
+    with ThreadPoolExecutor(4) as pool:
+        results = [r for f in [pool.submit(worker, total // 4) for _ in range(4)] for r in f.result()]
+    assert len(results) == total
+    assert all(code == 200 for code, _ in results), [r for r in results if r[0] != 200]
+    tags = [t for _, t in results]
+    assert {"v1", "v2", "v3"} <= set(tags)
+    log = inkernel.requests_log("swaptest")
+    assert len(log) == total and all(r["status"] == 200 for r in log)
+    assert {r["app_version"] for r in log} == {1, 2, 3}
+    assert set(log[0]) >= {"time", "method", "path", "status", "duration_ms"}
+    pd = pytest.importorskip("pandas")
+    df = pd.DataFrame(log)
+    assert list(df["method"].unique()) == ["POST"]
+
+
+def test_inflight_request_finishes_on_its_app_across_swap(port) -> None:
+    inkernel.serve(wsgi_app("slow", delay=0.8), port)
+    out: dict[str, str] = {}
+    t = threading.Thread(target=lambda: out.update(slow=requests.get(f"http://127.0.0.1:{port}/").text))
+    t.start()
+    time.sleep(0.2)
+    inkernel.serve(wsgi_app("fast"), port)
+    assert requests.get(f"http://127.0.0.1:{port}/").text.startswith("fast ")
+    t.join(5)
+    assert out["slow"].startswith("slow ")
+
+
+def test_one_server_per_port_and_busy_port_is_clear(port) -> None:
+    a = inkernel.serve(wsgi_app("a"), port)
+    b = inkernel.serve(wsgi_app("b"), port)
+    assert a is b and a.app_version == 2
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        busy = other.getsockname()[1]
+        with pytest.raises(ConfigError, match="already in use"):
+            inkernel.serve(wsgi_app("c"), busy)
+
+
+def test_stop_closes_port_and_idle_keepalive_connections(port) -> None:
+    inkernel.serve(wsgi_app("s"), port)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request("GET", "/")
+    assert conn.getresponse().read().startswith(b"s GET")
+    t0 = time.monotonic()
+    assert inkernel.stop(port)
+    assert time.monotonic() - t0 < 3
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    with pytest.raises((http.client.HTTPException, OSError)):
+        conn.request("GET", "/")
+        conn.getresponse()
+    assert inkernel.get_server(port) is None
+
+
+def test_stop_lets_inflight_request_finish(port) -> None:
+    inkernel.serve(wsgi_app("slow", delay=0.5), port)
+    out: dict[str, int] = {}
+    t = threading.Thread(target=lambda: out.update(code=requests.get(f"http://127.0.0.1:{port}/").status_code))
+    t.start()
+    time.sleep(0.15)
+    inkernel.stop(port)
+    t.join(5)
+    assert out["code"] == 200
+
+
+def test_server_runs_while_the_calling_loop_is_busy(port) -> None:
+    """The kernel's loop may be blocked by a running cell: serving must not depend on it."""
+    inkernel.serve(asgi_app("free"), port)
+
+    async def busy_cell() -> str:
+        # a cell blocking the (kernel's) loop while something else calls the server
+        return await asyncio.get_running_loop().run_in_executor(
+            None, lambda: requests.get(f"http://127.0.0.1:{port}/").text)
+
+    assert asyncio.run(busy_cell()).startswith("free GET")
