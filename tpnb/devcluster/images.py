@@ -107,9 +107,7 @@ def build_tpnb_image(progress: Progress | None = None) -> BuiltImage:
     step = "image tpnb"
     sources = image_sources()
     reqs = requirements_file()
-    deps_key = _hash(["deps", rootfs.cache_key(), reqs.read_bytes(), *PIP_TARGET_FLAGS])
-    app_key = _hash(["app", *_hash_named(sources)])
-    key = _hash([RECIPE_VERSION, tag, deps_key, app_key])
+    deps_key, app_key, key = tpnb_image_keys(tag, sources, reqs)
     out = _archive_path("tpnb", tag, key)
     if out.exists():
         p(step, f"{tag} up to date", 1.0)
@@ -137,6 +135,17 @@ def build_tpnb_image(progress: Progress | None = None) -> BuiltImage:
         _prune(out, "tpnb", keep_layers={base.path, deps.path, app.path})
         p(step, f"{tag} built in {time.monotonic() - start:.1f} s", 1.0)
     return BuiltImage(tag, out)
+
+
+def tpnb_image_keys(tag: str, sources: list[tuple[str, Path]], reqs: Path) -> tuple[str, str, str]:
+    """(dependency layer key, app layer key, image key).
+
+    The dependency layer depends on the base and the requirements only, so a
+    source change rebuilds the small app layer and nothing else.
+    """
+    deps_key = _hash(["deps", rootfs.cache_key(), reqs.read_bytes(), *PIP_TARGET_FLAGS])
+    app_key = _hash(["app", *_hash_named(sources)])
+    return deps_key, app_key, _hash([RECIPE_VERSION, tag, deps_key, app_key])
 
 
 def requirements_file() -> Path:
@@ -203,8 +212,8 @@ def _go_version_stamp(go: str) -> str:
 
 def go_module_key(module: Path) -> str:
     """Hash of a Go module's sources, go.mod/go.sum and the toolchain."""
-    files = sorted(p for p in module.rglob("*")
-                   if p.is_file() and (p.suffix == ".go" or p.name in ("go.mod", "go.sum")))
+    files = sorted(p for p in module.rglob("*") if p.is_file() and (
+        (p.suffix == ".go" and not p.name.endswith("_test.go")) or p.name in ("go.mod", "go.sum")))
     named = [(str(p.relative_to(module)), p) for p in files]
     return _hash(["go", _go_version_stamp(find_go()), *_hash_named(named)])
 

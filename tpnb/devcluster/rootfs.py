@@ -68,6 +68,11 @@ def debian_mirror() -> str:
             texts.append(p.read_text())
         except OSError:
             continue
+    return mirror_from(texts)
+
+
+def mirror_from(texts: list[str]) -> str:
+    """The first non-security archive serving SUITE in apt source files' texts."""
     for text in texts:
         for stanza in re.split(r"\n\s*\n", text):
             uris = re.search(r"^URIs:\s*(\S+)", stanza, re.M)

@@ -62,10 +62,13 @@ func echo(w http.ResponseWriter, r *http.Request) {
 	b.WriteString("CLIENT VALUES:\n")
 	fmt.Fprintf(&b, "client_address=%s\n", clientIP)
 	fmt.Fprintf(&b, "command=%s\n", r.Method)
-	fmt.Fprintf(&b, "real path=%s\n", r.RequestURI)
+	// nginx's $request_uri: path and query as sent, also for absolute-form
+	// requests ("GET http://host/path", as proxies send them).
+	uri := r.URL.RequestURI()
+	fmt.Fprintf(&b, "real path=%s\n", uri)
 	fmt.Fprintf(&b, "query=%s\n", query)
 	fmt.Fprintf(&b, "request_version=%d.%d\n", r.ProtoMajor, r.ProtoMinor)
-	fmt.Fprintf(&b, "request_uri=http://%s:%s%s\n", hostOnly(r.Host), serverPort(r), r.RequestURI)
+	fmt.Fprintf(&b, "request_uri=http://%s:%s%s\n", hostOnly(r.Host), serverPort(r), uri)
 	b.WriteString("\nSERVER VALUES:\n")
 	b.WriteString("server_version=nginx: 1.10.0 - lua: 10001\n")
 	b.WriteString("\nHEADERS RECEIVED:\n")
@@ -94,7 +97,7 @@ func echo(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Content-Type", "text/plain")
 	w.WriteHeader(http.StatusOK)
 	w.Write(b.Bytes())
-	log.Printf("%s - - \"%s %s %s\" 200 %d \"-\" %q", clientIP, r.Method, r.RequestURI, r.Proto, b.Len(), r.UserAgent())
+	log.Printf("%s - - \"%s %s %s\" 200 %d \"-\" %q", clientIP, r.Method, uri, r.Proto, b.Len(), r.UserAgent())
 }
 
 // hostOnly is nginx's $host: the Host header without its port, lowercased.
