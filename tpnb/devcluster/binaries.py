@@ -38,10 +38,30 @@ _ETCD_BUILD_NAMES = ("server", "v3")
 MIN_GO = (1, 24)
 
 
+def k8s_version(module_dir: Path = GO_MODULE_DIR) -> str:
+    """The pinned k8s.io/kubernetes version, e.g. v1.32.13."""
+    m = re.search(r"^\s*(?:require\s+)?k8s\.io/kubernetes\s+(v\S+)", (module_dir / "go.mod").read_text(), re.M)
+    if not m:
+        raise DevClusterError(f"no k8s.io/kubernetes pin in {module_dir / 'go.mod'}")
+    return m.group(1)
+
+
+def ldflags(version: str) -> str:
+    """Strip symbols and stamp the version: a plain `go build` of the module
+    reports v0.0.0-master, which confuses clients that check the server version."""
+    major, minor = version.lstrip("v").split(".")[:2]
+    flags = ["-s", "-w"]
+    for pkg in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
+        flags += [f"-X {pkg}.gitVersion={version}", f"-X {pkg}.gitMajor={major}",
+                  f"-X {pkg}.gitMinor={minor}", f"-X {pkg}.gitTreeState=clean"]
+    return " ".join(flags)
+
+
 def pin_hash(module_dir: Path = GO_MODULE_DIR) -> str:
     h = hashlib.sha256()
     for name in ("go.mod", "go.sum"):
         h.update(name.encode() + b"\0" + (module_dir / name).read_bytes() + b"\0")
+    h.update(ldflags(k8s_version(module_dir)).encode())
     return h.hexdigest()[:16]
 
 
@@ -111,7 +131,7 @@ def _build(out: Path, state_dir: Path, progress: ProgressFn, step: str, frac: tu
     start = time.monotonic()
     with open(log_path, "w") as log:
         rc = run_ticking(
-            [go, "build", "-trimpath", "-ldflags", "-s -w", "-o", str(tmp) + "/", "tool"],
+            [go, "build", "-trimpath", "-ldflags", ldflags(k8s_version()), "-o", str(tmp) + "/", "tool"],
             progress, step, "building kubernetes", frac[0],
             cwd=str(GO_MODULE_DIR), env=env, log=log, interval=2.0,
         )
@@ -132,6 +152,9 @@ def _build(out: Path, state_dir: Path, progress: ProgressFn, step: str, frac: tu
                               hint=f"see {log_path}")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
+    for old in out.parent.iterdir():  # binaries of older pins: nothing uses them now
+        if old.is_dir() and old != out:
+            shutil.rmtree(old, ignore_errors=True)
     progress(step, f"built kubernetes in {time.monotonic() - start:.0f} s into {out}", frac[1])
 
 

@@ -203,7 +203,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     stream_server_address = "127.0.0.1"
     stream_server_port = "0"
     enable_selinux = false
-    restrict_oom_score_adj = false
+    # containers may not get a lower OOM score than containerd has: lowering
+    # needs CAP_SYS_RESOURCE, which some VMs and sandboxes do not grant
+    restrict_oom_score_adj = true
     disable_apparmor = true
     max_container_log_line_size = 16384
     [plugins."io.containerd.grpc.v1.cri".containerd]
@@ -214,6 +216,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         runtime_type = "io.containerd.runc.v2"
         [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
           SystemdCgroup = false
+          # runc's state goes under our run dir, not the host's /run/containerd
+          Root = "{layout.run / 'runc'}"
     [plugins."io.containerd.grpc.v1.cri".cni]
       bin_dir = "{CNI_BIN_DIR}"
       conf_dir = "{layout.cni_conf_dir}"
@@ -296,6 +300,8 @@ def kubelet_yaml(cfg: DevClusterConfig, layout: Layout) -> str:
         "maxPods": 110,
         "podCIDR": cfg.node_pod_cidr,
         "protectKernelDefaults": False,
+        # kubelet's default (-999) needs CAP_SYS_RESOURCE; keep the inherited score
+        "oomScoreAdj": 0,
         "makeIPTablesUtilChains": True,
         "localStorageCapacityIsolation": True,
         "nodeStatusReportFrequency": "10s",
@@ -330,6 +336,7 @@ def kube_proxy_yaml(cfg: DevClusterConfig, layout: Layout) -> str:
         "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s",
                       "tcpCloseWaitTimeout": "0s"},
         "nodePortAddresses": ["primary"],
+        "oomScoreAdj": 0,
     }
     return yaml.safe_dump(doc, sort_keys=False)
 

@@ -40,6 +40,7 @@ class Printer:
         self.tick_every = tick_every
         self._last_step = ""
         self._last_print = 0.0
+        self._last_frac = 0.0
         self._open_line = False
 
     def elapsed(self) -> float:
@@ -61,10 +62,13 @@ class Printer:
         else:
             if same and message.endswith("…") and now - self._last_print < self.tick_every:
                 return  # a tick of a running step; keep logs short
+            if same and now - self._last_print < 2.0 and abs(fraction - self._last_frac) < 0.01:
+                return  # a chatty tool (debootstrap, pip): at most a line every 2 s
             self.stream.write(line + "\n")
         self.stream.flush()
         self._last_step = step
         self._last_print = now
+        self._last_frac = fraction
 
     def done(self) -> None:
         """End an open terminal line (call once at the end)."""

@@ -1,0 +1,810 @@
+"""The dev cluster: a real single-node Kubernetes inside network namespaces.
+
+`DevCluster.up` builds (or reuses) upstream binaries and images, makes the
+PKI and config files, creates the node netns and boots etcd, containerd,
+the control plane, kubelet and kube-proxy in it, then CoreDNS as a pod.
+`down` stops all of it and removes every trace from the host (processes,
+mounts, namespaces, cgroups) but keeps the caches, so the next `up` is fast.
+
+Processes are plain detached children (`nsenter --net`), with a pidfile and
+a log per component: no supervisor is needed for a dev cluster, and `down`
+finds them by pidfile, by network namespace and by cgroup.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import config as tpnb_config
+from ..config import DevClusterConfig
+from ..errors import DevClusterError, PrerequisiteError
+from . import binaries, manifests, netns
+from .manifests import CGROUP_ROOT, COMPONENTS, NODE_NAME, Addresses, Layout
+from .pki import Pki, PkiPlan
+from .progress import ProgressFn, silent
+
+#: command -> Debian package that provides it
+PREREQ_COMMANDS: dict[str, str] = {
+    "ip": "iproute2",
+    "iptables": "iptables",
+    "nsenter": "util-linux",
+    "mount": "mount",
+    "containerd": "containerd",
+    "containerd-shim-runc-v2": "containerd",
+    "ctr": "containerd",
+    "runc": "runc",
+    "conntrack": "conntrack",
+}
+CNI_PLUGINS = ("bridge", "host-local", "loopback", "portmap")
+#: kernel-wide sysctls kubelet rewrites at start; put back once it has
+#: started, so the host kernel keeps its own settings
+HOST_KERNEL_SYSCTLS = ("vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic",
+                       "kernel/panic_on_oops", "kernel/keys/root_maxkeys",
+                       "kernel/keys/root_maxbytes")
+VAR_LOG_CONTAINERS = Path("/var/log/containers")
+DEFAULT_LAPTOP = "laptop"
+SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _images_module() -> Any:
+    """The image builder, written separately; imported late so the rest of
+    the dev cluster (down, status, unit tests) works without it."""
+    try:
+        from . import images  # type: ignore[attr-defined]
+    except ImportError as exc:
+        raise DevClusterError(
+            "the dev cluster's image builder (tpnb.devcluster.images) is not available",
+            str(exc), "update tpnb; the images module builds pause, CoreDNS and the tpnb image",
+        ) from None
+    return images
+
+
+# ------------------------------------------------------------------ processes
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time) of a live process, None if gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    rest = raw[raw.rfind(")") + 2:].split()
+    return rest[0], rest[19]
+
+
+def _alive(pid: int, start: str | None = None) -> bool:
+    st = _proc_stat(pid)
+    if st is None or st[0] in ("Z", "X"):
+        return False
+    return start is None or st[1] == start
+
+
+def _ancestors() -> set[int]:
+    out, pid = set(), os.getpid()
+    while pid > 1:
+        out.add(pid)
+        st = Path(f"/proc/{pid}/stat").read_text() if Path(f"/proc/{pid}/stat").exists() else ""
+        try:
+            pid = int(st[st.rfind(")") + 2:].split()[1])
+        except (ValueError, IndexError):
+            break
+    return out
+
+
+def _tail(path: Path, n: int = 20) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join("    " + line for line in lines[-n:])
+
+
+def _mountpoints() -> list[tuple[str, str]]:
+    """(mount point, fs type) from /proc/self/mountinfo, unescaped."""
+    out = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        mp = left.split()[4].encode().decode("unicode_escape")
+        out.append((mp, right.split()[0] if right else ""))
+    return out
+
+
+@dataclass
+class Status:
+    """What `tpnb devcluster status` shows."""
+
+    components: dict[str, int | None] = field(default_factory=dict)
+    node_netns: bool = False
+    node_ready: bool | None = None
+    coredns_ready: bool | None = None
+    laptops: list[str] = field(default_factory=list)
+    kubeconfig: str = ""
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def running(self) -> bool:
+        return bool(self.components) and all(self.components.values()) and bool(self.node_ready)
+
+    @property
+    def stopped(self) -> bool:
+        return not self.node_netns and not any(self.components.values())
+
+    def render(self) -> str:
+        lines = []
+        state = "running" if self.running and self.coredns_ready else \
+            "stopped" if self.stopped else "degraded"
+        lines.append(f"dev cluster: {state}")
+        for name, pid in self.components.items():
+            lines.append(f"  {name:<24} {'pid ' + str(pid) if pid else 'not running'}")
+        fmt = {True: "yes", False: "no", None: "unknown"}
+        lines.append(f"  node {NODE_NAME} Ready:       {fmt[self.node_ready]}")
+        lines.append(f"  CoreDNS ready:             {fmt[self.coredns_ready]}")
+        lines.append(f"  laptops:                   {', '.join(self.laptops) or '(none)'}")
+        lines.append(f"  kubeconfig:                {self.kubeconfig}")
+        for p in self.problems:
+            lines.append(f"  ! {p}")
+        return "\n".join(lines)
+
+
+class DevCluster:
+    """The Python API of the dev cluster (used by the CLI and by tests)."""
+
+    def __init__(self, cfg: DevClusterConfig | None = None) -> None:
+        self.cfg = cfg or tpnb_config.get().devcluster
+        self.layout = Layout.from_config(self.cfg)
+        self.addrs = Addresses.from_config(self.cfg)
+        self._children: list[subprocess.Popen[bytes]] = []
+
+    # ------------------------------------------------------------ paths
+    @property
+    def kubeconfig_path(self) -> Path:
+        return self.layout.user_kubeconfig
+
+    @property
+    def bin_dir(self) -> Path:
+        return binaries.bin_dir(self.layout.state)
+
+    @property
+    def admin_kubeconfig(self) -> Path:
+        """Admin kubeconfig for use inside the node netns (127.0.0.1)."""
+        return self.layout.component_kubeconfig("admin")
+
+    # ------------------------------------------------------------ commands
+    def node_exec_cmd(self, argv: list[str]) -> list[str]:
+        """argv prefix that runs `argv` inside the node's network namespace."""
+        return netns.nsenter(self.cfg.node_netns, argv)
+
+    def laptop_cmd(self, name: str, argv: list[str]) -> list[str]:
+        """argv that runs `argv` in laptop `name` (created if missing).
+
+        The laptop sees the API server at the kubeconfig's address, has
+        kubectl and tpnb on PATH, and logs to its own directory so two
+        laptops' daemons never share log files.
+        """
+        self.ensure_laptop(name)
+        venv_bin = str(Path(sys.executable).parent)
+        path = ":".join([str(self.bin_dir), venv_bin, os.environ.get("PATH", SAFE_PATH)])
+        logs = tpnb_config._home() / ".cache" / "tpnb" / "logs" / name
+        return ["ip", "netns", "exec", netns.laptop_netns(name), "env",
+                f"KUBECONFIG={self.kubeconfig_path}", f"PATH={path}", f"TPNB_LOGS_DIR={logs}",
+                f"TPNB_LAPTOP={name}", *argv]
+
+    def ensure_laptop(self, name: str = DEFAULT_LAPTOP) -> netns.Laptop:
+        self._require_root()
+        return netns.ensure_laptop(self.cfg, self.layout, name)
+
+    def remove_laptop(self, name: str) -> None:
+        self._require_root()
+        netns.remove_laptop(self.cfg, self.layout, name)
+
+    def kubectl(self, *args: str, input: str | None = None, timeout: float = 30,
+                check: bool = True) -> subprocess.CompletedProcess[str]:
+        """kubectl as cluster admin, from inside the node netns."""
+        argv = self.node_exec_cmd([str(self.bin_dir / "kubectl"), f"--kubeconfig={self.admin_kubeconfig}",
+                                   "--request-timeout=10s", *args])
+        try:
+            res = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            res = subprocess.CompletedProcess(argv, 124, "", f"kubectl {' '.join(args)} timed out")
+        if check and res.returncode != 0:
+            raise DevClusterError(f"kubectl {' '.join(args)} failed", res.stderr.strip())
+        return res
+
+    # ------------------------------------------------------------ checks
+    def _require_root(self) -> None:
+        if os.geteuid() != 0:
+            raise PrerequisiteError(
+                "the dev cluster needs root",
+                "it creates network namespaces, cgroups and mounts",
+                "run it with sudo (e.g. `sudo tpnb devcluster up`)",
+            )
+
+    def check_prerequisites(self) -> None:
+        """Every missing command or plugin, with the one apt-get line to fix them all."""
+        self._require_root()
+        missing: dict[str, str] = {}
+        env_path = os.environ.get("PATH", "") + ":" + SAFE_PATH
+        for cmd, pkg in PREREQ_COMMANDS.items():
+            if not shutil.which(cmd, path=env_path):
+                missing[cmd] = pkg
+        for plugin in CNI_PLUGINS:
+            if not os.access(Path(manifests.CNI_BIN_DIR) / plugin, os.X_OK):
+                missing[f"CNI plugin {plugin}"] = "containernetworking-plugins"
+        if missing:
+            pkgs = sorted(set(missing.values()))
+            raise PrerequisiteError(
+                "missing prerequisites: " + ", ".join(missing),
+                "the dev cluster runs containerd, runc and the CNI plugins from Debian's packages",
+                f"apt-get install -y {' '.join(pkgs)}   (or run scripts/install-deps)",
+            )
+        cg = Path("/sys/fs/cgroup")
+        if not (cg / "memory").is_dir() and not (cg / "cgroup.controllers").exists():
+            raise PrerequisiteError("no cgroup hierarchy found under /sys/fs/cgroup",
+                                    hint="mount cgroups (v1 or v2) before `up`")
+        if not Path("/proc/sys/net/ipv4/ip_forward").exists():
+            raise PrerequisiteError("this kernel has no IPv4 networking sysctls",
+                                    hint="run on a Linux kernel with network namespaces")
+
+    # ------------------------------------------------------------ pids
+    def _pid(self, component: str) -> int | None:
+        try:
+            rec = json.loads(self.layout.pidfile(component).read_text())
+        except (OSError, ValueError):
+            return None
+        pid = int(rec.get("pid", 0))
+        return pid if pid and _alive(pid, rec.get("start")) else None
+
+    def _env(self) -> dict[str, str]:
+        return {"PATH": f"{self.bin_dir}:{SAFE_PATH}", "HOME": "/root", "LANG": "C.UTF-8"}
+
+    def _start(self, component: str) -> int:
+        argv = manifests.component_argv(component, self.bin_dir, self.cfg, self.layout)
+        log_path = self.layout.log(component)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:
+            log.write(f"\n=== tpnb devcluster: starting {component} at {time.ctime()}\n".encode())
+            log.flush()
+            proc = subprocess.Popen(self.node_exec_cmd(argv), stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, env=self._env(), start_new_session=True,
+                                    close_fds=True)
+        self._children.append(proc)
+        st = _proc_stat(proc.pid)
+        self.layout.pid_dir.mkdir(parents=True, exist_ok=True)
+        self.layout.pidfile(component).write_text(json.dumps(
+            {"pid": proc.pid, "start": st[1] if st else None, "argv": argv}))
+        return proc.pid
+
+    def _stop(self, component: str, timeout: float = 10.0) -> None:
+        pid = self._pid(component)
+        if pid:
+            _signal_and_wait([pid], timeout)
+        self.layout.pidfile(component).unlink(missing_ok=True)
+
+    def _reap(self) -> None:
+        for p in self._children:
+            p.poll()
+
+    def _assert_running(self, components: list[str]) -> None:
+        """Fail fast, with the log, when a component we started has died."""
+        self._reap()
+        for c in components:
+            if self._pid(c) is None:
+                raise DevClusterError(
+                    f"{c} exited during startup",
+                    f"last lines of {self.layout.log(c)}:\n{_tail(self.layout.log(c))}",
+                    "fix the cause, then run `tpnb devcluster up` again",
+                )
+
+    def _wait(self, what: str, check: Any, progress: ProgressFn, frac: float, timeout: float,
+              started: list[str], diagnose: Any = None) -> None:
+        start = time.monotonic()
+        while True:
+            if check():
+                progress(what, f"done in {time.monotonic() - start:.1f} s", frac)
+                return
+            self._assert_running(started)
+            elapsed = time.monotonic() - start
+            if elapsed > timeout:
+                detail = diagnose() if diagnose else ""
+                raise DevClusterError(f"timed out after {int(elapsed)} s waiting for {what}", detail,
+                                      f"look at the logs in {self.layout.logs_dir}")
+            progress(what, f"waiting ({int(elapsed)} s)…", frac)
+            time.sleep(1.0)
+
+    # ------------------------------------------------------------ state queries
+    def _api_ready(self) -> bool:
+        return self.kubectl("get", "--raw", "/readyz", check=False, timeout=15).stdout.strip() == "ok"
+
+    def _node_ready(self) -> bool:
+        res = self.kubectl("get", "node", NODE_NAME, "-o",
+                           'jsonpath={.status.conditions[?(@.type=="Ready")].status}', check=False)
+        return res.returncode == 0 and res.stdout.strip() == "True"
+
+    def _coredns_ready(self) -> bool:
+        res = self.kubectl("-n", "kube-system", "get", "deployment", "coredns", "-o",
+                           "jsonpath={.status.readyReplicas}", check=False)
+        return res.returncode == 0 and res.stdout.strip() not in ("", "0")
+
+    def _default_sa(self) -> bool:
+        return self.kubectl("-n", "default", "get", "serviceaccount", "default", check=False).returncode == 0
+
+    def _node_netns_ours(self) -> bool:
+        return netns.owned(self.layout, self.cfg.node_netns) is not None
+
+    def status(self) -> Status:
+        st = Status(kubeconfig=str(self.kubeconfig_path))
+        for c in COMPONENTS:
+            st.components[c] = self._pid(c)
+        st.node_netns = netns.exists(self.cfg.node_netns)
+        if st.node_netns and not self._node_netns_ours():
+            st.problems.append(f"network namespace {self.cfg.node_netns} exists but was not made by tpnb")
+        st.laptops = [lap.name for lap in netns.laptops(self.layout)]
+        if os.geteuid() != 0:
+            st.problems.append("not root: cannot ask the API server (run with sudo for details)")
+        elif st.components.get("kube-apiserver") and self.bin_dir.joinpath("kubectl").exists():
+            if self._api_ready():
+                st.node_ready = self._node_ready()
+                st.coredns_ready = self._coredns_ready()
+            else:
+                st.problems.append("the API server does not answer /readyz")
+        return st
+
+    def is_running(self) -> bool:
+        """Quick check used by an idempotent `up`: every component alive and ready."""
+        if not self._node_netns_ours() or not all(self._pid(c) for c in COMPONENTS):
+            return False
+        return self._api_ready() and self._node_ready() and self._coredns_ready()
+
+    # ------------------------------------------------------------ up
+    def up(self, progress: ProgressFn = silent) -> Path:
+        """Boot the cluster (or confirm it runs); returns the kubeconfig path."""
+        t0 = time.monotonic()
+        self._require_root()
+        if self.is_running():
+            self._restore_kernel_sysctls()
+            progress("up", f"already running; kubeconfig: {self.kubeconfig_path}", 1.0)
+            return self.kubeconfig_path
+        self.check_prerequisites()
+        progress("prerequisites", "commands, CNI plugins and cgroups present", 0.02)
+
+        if self._leftovers():
+            progress("cleanup", "stopping what an earlier, unfinished up left behind", 0.03)
+            self._teardown(progress, purge=False)
+
+        bin_dir = binaries.ensure(self.layout.state, progress, frac=(0.05, 0.35))
+        built = self._build_images(progress)
+
+        progress("config", "certificates, kubeconfigs and component configs", 0.56)
+        self._write_config()
+
+        progress("network", f"node netns {self.cfg.node_netns}, {manifests.LAN_BRIDGE} at "
+                 f"{self.addrs.node_ip}/{self.addrs.lan_prefix}", 0.58)
+        netns.setup_node(self.cfg, self.layout)
+        self._setup_cgroups()
+
+        progress("etcd", "starting", 0.6)
+        self._start("etcd")
+        progress("containerd", f"starting (socket {self.layout.containerd_sock})", 0.61)
+        self._start("containerd")
+        self._wait("containerd", self._containerd_ready, progress, 0.63, 60, ["etcd", "containerd"])
+        if self._purge_containers():
+            progress("containerd", "removed containers of an earlier boot; restarting", 0.63)
+            self._stop("containerd")
+            self._start("containerd")
+            self._wait("containerd", self._containerd_ready, progress, 0.63, 60, ["etcd", "containerd"])
+        self._import_images(built, progress, (0.64, 0.7))
+
+        self._check_port_free(self.cfg.api_port)
+        progress("kube-apiserver", f"starting on {self.addrs.node_ip}:{self.cfg.api_port}", 0.71)
+        self._start("kube-apiserver")
+        started = ["etcd", "containerd", "kube-apiserver"]
+        self._wait("kube-apiserver", self._api_ready, progress, 0.76, 120, started,
+                   lambda: f"kube-apiserver log:\n{_tail(self.layout.log('kube-apiserver'))}\n"
+                           f"etcd log:\n{_tail(self.layout.log('etcd'))}")
+
+        self._save_kernel_sysctls()
+        for c in ("kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy"):
+            progress(c, "starting", 0.78)
+            self._start(c)
+            started.append(c)
+
+        progress("coredns", "applying Deployment coredns and Service kube-dns "
+                 f"({self.cfg.dns_service_ip})", 0.8)
+        self._apply_coredns(built)
+
+        self._wait("node", self._node_ready, progress, 0.88, 180, started,
+                   lambda: f"kubelet log:\n{_tail(self.layout.log('kubelet'))}")
+        self._restore_kernel_sysctls()
+        self._wait("service accounts", self._default_sa, progress, 0.9, 120, started,
+                   lambda: f"kube-controller-manager log:\n"
+                           f"{_tail(self.layout.log('kube-controller-manager'))}")
+        self._wait("coredns", self._coredns_ready, progress, 0.98, 240, started, self._diagnose_coredns)
+        progress("up", f"dev cluster ready in {time.monotonic() - t0:.0f} s; "
+                 f"kubeconfig: {self.kubeconfig_path}", 1.0)
+        return self.kubeconfig_path
+
+    def _leftovers(self) -> bool:
+        lay = self.layout
+        if any(self.layout.pid_dir.glob("*.pid")) if lay.pid_dir.is_dir() else False:
+            return True
+        if netns.exists(self.cfg.node_netns) or netns.laptops(lay) or netns.recorded(lay):
+            return True
+        prefixes = (str(lay.state) + "/", str(lay.run) + "/")
+        if any(mp.startswith(prefixes) for mp, _ in _mountpoints()):
+            return True
+        if self._cgroup_dirs() or lay.etcd_dir.exists() or lay.kubelet_dir.exists():
+            return True
+        return bool(self._sweep_pids(dry_run=True))
+
+    def _build_images(self, progress: ProgressFn) -> list[Any]:
+        images = _images_module()
+
+        def scaled(step: str, message: str, fraction: float) -> None:
+            progress(step, message, 0.35 + 0.2 * max(0.0, min(1.0, fraction)))
+
+        progress("images", "building (cached by content hash)", 0.35)
+        built = list(images.build_all(scaled))
+        progress("images", f"{len(built)} images ready", 0.55)
+        return built
+
+    def _write_config(self) -> None:
+        lay, cfg = self.layout, self.cfg
+        for d in (lay.config_dir, lay.kubeconfig_dir, lay.logs_dir, lay.cni_conf_dir,
+                  lay.cni_data_dir, lay.etcd_dir, lay.kubelet_dir, lay.pod_logs_dir,
+                  lay.containerd_root, lay.containerd_state, lay.pid_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        os.chmod(lay.etcd_dir, 0o700)
+        for d in (lay.state, lay.state.parent):
+            os.chmod(d, 0o755)  # the user kubeconfig must be reachable by all users
+        pki = Pki(lay.pki_dir)
+        pki.ensure(PkiPlan.make(NODE_NAME, self.addrs.node_ip, self.addrs.api_service_ip,
+                                manifests.CLUSTER_DOMAIN))
+        local = f"https://127.0.0.1:{cfg.api_port}"
+        for name in ("admin", "controller-manager", "scheduler", "kube-proxy", "kubelet"):
+            pki.write_kubeconfig(lay.component_kubeconfig(name), name, local)
+        pki.write_kubeconfig(lay.user_kubeconfig, "admin", f"{self.addrs.api_server}:{cfg.api_port}",
+                             mode=0o644, embed=True, context=manifests.KUBECONFIG_CONTEXT)
+        lay.containerd_config.write_text(manifests.containerd_toml(lay))
+        lay.kubelet_config.write_text(manifests.kubelet_yaml(cfg, lay))
+        lay.kube_proxy_config.write_text(manifests.kube_proxy_yaml(cfg, lay))
+        lay.resolv_conf.write_text(manifests.RESOLV_CONF)
+        (lay.cni_conf_dir / "10-tpnb.conflist").write_text(manifests.cni_conflist(cfg, lay))
+        if not VAR_LOG_CONTAINERS.exists():
+            # kubelet creates it; remember so `down` removes it again
+            (lay.run / "created-var-log-containers").parent.mkdir(parents=True, exist_ok=True)
+            (lay.run / "created-var-log-containers").write_text("1")
+
+    # ------------------------------------------------------------ cgroups
+    def _cgroup_hierarchies(self) -> list[Path]:
+        return sorted({Path(mp) for mp, fs in _mountpoints()
+                       if fs in ("cgroup", "cgroup2") and mp.startswith("/sys/fs/cgroup")})
+
+    def _cgroup_dirs(self) -> list[Path]:
+        rel = CGROUP_ROOT.strip("/")
+        return [h / rel for h in self._cgroup_hierarchies() if (h / rel).is_dir()]
+
+    def _setup_cgroups(self) -> None:
+        """kubelet's cgroupRoot must exist in every hierarchy before it starts."""
+        rel = CGROUP_ROOT.strip("/")
+        for h in self._cgroup_hierarchies():
+            d = h / rel
+            d.mkdir(exist_ok=True)
+            for f in ("cpuset.cpus", "cpuset.mems"):
+                if (h / f).exists() and (d / f).exists() and not (d / f).read_text().strip():
+                    (d / f).write_text((h / f).read_text().strip())
+
+    def _remove_cgroups(self) -> None:
+        for top in self._cgroup_dirs():
+            for _ in range(3):
+                pids = []
+                for procs in top.rglob("cgroup.procs"):
+                    try:
+                        pids += [int(x) for x in procs.read_text().split()]
+                    except (OSError, ValueError):
+                        pass
+                if pids:
+                    _signal_and_wait(pids, 5, sig=signal.SIGKILL)
+                for dirpath, _dirs, _files in sorted(os.walk(top, topdown=False),
+                                                     key=lambda t: -t[0].count("/")):
+                    try:
+                        os.rmdir(dirpath)
+                    except OSError:
+                        pass
+                if not top.exists():
+                    break
+                time.sleep(0.5)
+
+    # ------------------------------------------------------------ kernel sysctls
+    def _sysctl_file(self) -> Path:
+        return self.layout.run / "host-kernel-sysctls.json"
+
+    def _save_kernel_sysctls(self) -> None:
+        if self._sysctl_file().exists():
+            return
+        vals = {}
+        for k in HOST_KERNEL_SYSCTLS:
+            try:
+                vals[k] = Path("/proc/sys", k).read_text().strip()
+            except OSError:
+                pass
+        self._sysctl_file().write_text(json.dumps(vals))
+
+    def _restore_kernel_sysctls(self) -> None:
+        try:
+            vals = json.loads(self._sysctl_file().read_text())
+        except (OSError, ValueError):
+            return
+        for k, v in vals.items():
+            p = Path("/proc/sys", k)
+            try:
+                if p.read_text().strip() != v:
+                    p.write_text(v)
+            except OSError:
+                pass
+
+    # ------------------------------------------------------------ containerd
+    def _ctr(self, *args: str, check: bool = False, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        argv = ["ctr", "-a", str(self.layout.containerd_sock), "-n", "k8s.io", *args]
+        try:
+            res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            res = subprocess.CompletedProcess(argv, 124, "", "timed out")
+        if check and res.returncode != 0:
+            raise DevClusterError(f"`{' '.join(argv)}` failed", res.stderr.strip())
+        return res
+
+    def _containerd_ready(self) -> bool:
+        return self.layout.containerd_sock.exists() and self._ctr("version", timeout=10).returncode == 0
+
+    def _purge_containers(self) -> bool:
+        """Kill and delete every container of the k8s.io namespace; True if any."""
+        tasks = self._ctr("tasks", "ls", "-q", timeout=30).stdout.split()
+        for t in tasks:
+            self._ctr("tasks", "rm", "-f", t, timeout=30)
+        ids = self._ctr("containers", "ls", "-q", timeout=30).stdout.split()
+        if ids:
+            self._ctr("containers", "rm", *ids, timeout=60)
+        return bool(tasks or ids)
+
+    def _import_images(self, built: list[Any], progress: ProgressFn, frac: tuple[float, float]) -> None:
+        """`ctr images import` each tar, skipping those already imported unchanged."""
+        rec_path = self.layout.images_record
+        try:
+            record: dict[str, Any] = json.loads(rec_path.read_text())
+        except (OSError, ValueError):
+            record = {}
+        present = set(self._ctr("images", "ls", "-q", check=True).stdout.split())
+        n = max(1, len(built))
+        for i, img in enumerate(built):
+            f = frac[0] + (frac[1] - frac[0]) * (i + 1) / n
+            tar = Path(img.tar)
+            digest = _file_digest(tar)
+            if img.name in present and record.get(img.name) == digest:
+                progress("images", f"{img.name} already imported", f)
+                continue
+            progress("images", f"importing {img.name}", f)
+            res = self._ctr("images", "import", str(tar), timeout=600)
+            if res.returncode != 0:
+                raise DevClusterError(f"importing image {img.name} from {tar} failed",
+                                      res.stderr.strip(), "remove the tar to have it rebuilt")
+            present = set(self._ctr("images", "ls", "-q", check=True).stdout.split())
+            if img.name not in present:
+                got = _imported_name(res.stdout)
+                if got:
+                    self._ctr("images", "tag", "--force", got, img.name, check=True)
+                else:
+                    raise DevClusterError(f"importing {tar} did not create image {img.name}",
+                                          res.stdout.strip())
+            record[img.name] = digest
+        rec_path.parent.mkdir(parents=True, exist_ok=True)
+        rec_path.write_text(json.dumps(record, indent=1))
+
+    def _apply_coredns(self, built: list[Any]) -> None:
+        image = getattr(_images_module(), "COREDNS_IMAGE")
+        text = manifests.coredns_yaml(self.cfg, image)
+        self.layout.coredns_manifest.write_text(text)
+        for _ in range(10):  # RBAC bootstrap may still be settling
+            res = self.kubectl("apply", "-f", "-", input=text, check=False)
+            if res.returncode == 0:
+                return
+            time.sleep(2)
+        raise DevClusterError("applying the CoreDNS manifests failed", res.stderr.strip())
+
+    def _diagnose_coredns(self) -> str:
+        pods = self.kubectl("-n", "kube-system", "get", "pods", "-o", "wide", check=False).stdout
+        events = self.kubectl("-n", "kube-system", "get", "events", "--sort-by=.lastTimestamp",
+                              check=False).stdout
+        return f"pods:\n{pods}\nevents:\n{events[-3000:]}\nkubelet log:\n{_tail(self.layout.log('kubelet'), 10)}"
+
+    def _check_port_free(self, port: int) -> None:
+        res = netns.in_ns(self.cfg.node_netns, ["ss", "-Hltnp", f"sport = :{port}"], check=False)
+        if res.stdout.strip():
+            raise DevClusterError(
+                f"port {port} is already in use in network namespace {self.cfg.node_netns}",
+                res.stdout.strip(),
+                "stop that process (or run `tpnb devcluster down`), or set devcluster.api_port",
+            )
+
+    # ------------------------------------------------------------ down
+    def down(self, purge: bool = False, progress: ProgressFn = silent) -> None:
+        """Stop everything and remove all traces; keep caches unless `purge`."""
+        self._require_root()
+        self._teardown(progress, purge=purge)
+        progress("down", "dev cluster stopped" + (" and its state removed" if purge else
+                 f"; caches kept in {self.layout.state}"), 1.0)
+
+    def _teardown(self, progress: ProgressFn, purge: bool) -> None:
+        lay = self.layout
+        progress("down", "stopping kube-proxy, kubelet, scheduler, controller-manager", 0.1)
+        for c in ("kube-proxy", "kubelet", "kube-scheduler", "kube-controller-manager"):
+            self._stop(c)
+        if self._pid("containerd") and self._containerd_ready():
+            progress("down", "killing and deleting pod containers", 0.3)
+            self._purge_containers()
+        progress("down", "stopping containerd, kube-apiserver, etcd", 0.4)
+        for c in ("containerd", "kube-apiserver", "etcd"):
+            self._stop(c)
+        self._restore_kernel_sysctls()
+
+        progress("down", "sweeping leftover processes (by netns and cgroup)", 0.5)
+        pids = self._sweep_pids()
+        if pids:
+            _signal_and_wait(pids, 10, sig=signal.SIGKILL)
+        self._reap()
+        self._remove_stale_shim_sockets()
+
+        progress("down", "removing pod and laptop network namespaces", 0.6)
+        node = self.cfg.node_netns
+        node_ours = self._node_netns_ours()
+        if node_ours:
+            for name in netns.peer_namespaces(node):
+                if name.startswith("cni-"):
+                    netns.run(["ip", "netns", "del", name], check=False)
+        for lap in netns.laptops(lay):
+            netns.delete(lay, lap.netns)
+        for rec in netns.recorded(lay):  # records of namespaces already gone
+            if netns.owned(lay, rec["name"]) is None:
+                netns.forget(lay, rec["name"])
+                if rec.get("role") == "laptop" and not netns.exists(rec["name"]):
+                    shutil.rmtree(netns.ETC_NETNS / rec["name"], ignore_errors=True)
+
+        progress("down", "unmounting container and volume mounts", 0.7)
+        self._unmount_all()
+        if node_ours:
+            netns.delete(lay, node)
+        progress("down", "removing cgroups", 0.8)
+        self._remove_cgroups()
+        self._clean_var_log_containers()
+
+        progress("down", "removing per-boot state", 0.9)
+        for d in (lay.etcd_dir, lay.kubelet_dir, lay.pod_logs_dir, lay.cni_data_dir, lay.pid_dir,
+                  lay.containerd_state, lay.run / "runc"):
+            shutil.rmtree(d, ignore_errors=True)
+        self._sysctl_file().unlink(missing_ok=True)
+        if purge:
+            shutil.rmtree(lay.state, ignore_errors=True)
+            shutil.rmtree(lay.run, ignore_errors=True)
+
+    def _sweep_pids(self, dry_run: bool = False) -> list[int]:
+        """Processes that are ours: in our namespaces, our cgroups, or our binaries."""
+        names = [self.cfg.node_netns] if self._node_netns_ours() else []
+        names += [lap.netns for lap in netns.laptops(self.layout)]
+        if names and names[0] == self.cfg.node_netns:
+            names += [n for n in netns.peer_namespaces(self.cfg.node_netns) if n.startswith("cni-")]
+        inodes = netns.netns_inodes(names)
+        skip = _ancestors()
+        bin_root = str(self.layout.state / "bin") + "/"
+        out = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            pid = int(entry.name)
+            if pid in skip:
+                continue
+            try:
+                if inodes and os.stat(f"/proc/{pid}/ns/net").st_ino in inodes:
+                    out.append(pid)
+                    continue
+                cg = Path(f"/proc/{pid}/cgroup").read_text()
+                if any(line.split(":", 2)[-1].startswith(CGROUP_ROOT + "/") or
+                       line.split(":", 2)[-1] == CGROUP_ROOT for line in cg.splitlines()):
+                    out.append(pid)
+                    continue
+                if os.readlink(f"/proc/{pid}/exe").startswith(bin_root):
+                    out.append(pid)
+            except OSError:
+                continue
+        return out
+
+    def _remove_stale_shim_sockets(self) -> None:
+        """containerd 1.6 puts shim sockets in /run/containerd/s/<sha256(addr/ns/id)>;
+        a killed shim leaves its socket behind, so remove ours."""
+        task_dir = self.layout.containerd_state / "io.containerd.runtime.v2.task"
+        sdir = Path("/run/containerd/s")
+        if not task_dir.is_dir() or not sdir.is_dir():
+            return
+        addr = str(self.layout.containerd_sock)
+        for ns_dir in task_dir.iterdir():
+            for cdir in ns_dir.iterdir() if ns_dir.is_dir() else []:
+                h = hashlib.sha256(os.path.join(addr, ns_dir.name, cdir.name).encode()).hexdigest()
+                (sdir / h).unlink(missing_ok=True)
+
+    def _unmount_all(self) -> None:
+        lay = self.layout
+        prefixes = (str(lay.state) + "/", str(lay.run) + "/")
+        for _ in range(5):
+            mps = [mp for mp, _ in _mountpoints() if mp.startswith(prefixes)]
+            if not mps:
+                return
+            for mp in sorted(set(mps), key=lambda m: -m.count("/")):
+                if subprocess.run(["umount", mp], capture_output=True).returncode != 0:
+                    subprocess.run(["umount", "-l", mp], capture_output=True)
+        left = [mp for mp, _ in _mountpoints() if mp.startswith(prefixes)]
+        if left:
+            raise DevClusterError("could not unmount " + ", ".join(left[:5]),
+                                  hint="a process may still use them; see `fuser -m PATH`")
+
+    def _clean_var_log_containers(self) -> None:
+        target = str(self.layout.pod_logs_dir) + "/"
+        if VAR_LOG_CONTAINERS.is_dir():
+            for link in VAR_LOG_CONTAINERS.iterdir():
+                try:
+                    if link.is_symlink() and os.readlink(link).startswith(target):
+                        link.unlink()
+                except OSError:
+                    pass
+        marker = self.layout.run / "created-var-log-containers"
+        if marker.exists():
+            try:
+                VAR_LOG_CONTAINERS.rmdir()
+            except OSError:
+                pass
+            marker.unlink(missing_ok=True)
+
+
+def _signal_and_wait(pids: list[int], timeout: float, sig: int = signal.SIGTERM) -> None:
+    """Send `sig`, wait up to `timeout`, then SIGKILL whatever is left."""
+    starts = {p: (_proc_stat(p) or ("", ""))[1] for p in pids}
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(_alive(p, starts[p]) for p in pids):
+            return
+        time.sleep(0.1)
+    for p in pids:
+        if _alive(p, starts[p]):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    end = time.monotonic() + 5
+    while time.monotonic() < end and any(_alive(p, starts[p]) for p in pids):
+        time.sleep(0.1)
+
+
+def _file_digest(path: Path) -> str:
+    st = path.stat()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return f"sha256:{h.hexdigest()}:{st.st_size}"
+
+
+def _imported_name(out: str) -> str:
+    """The image name `ctr images import` reports ("unpacking NAME (sha256:...)")."""
+    for line in out.splitlines():
+        if line.startswith("unpacking "):
+            return line.split()[1]
+    return ""
