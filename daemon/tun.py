@@ -50,6 +50,8 @@ class Flow:
     ``src`` is the local client (address on the TUN side), ``dst`` the
     cluster address it tried to reach.  The flow is closed when its handler
     returns or raises, so a handler owns the flow for exactly its lifetime.
+    For UDP a later datagram of the same pair starts the handler again with
+    a new Flow (see `Tun._dispatch`).
     """
 
     protocol: Literal["tcp", "udp"]
@@ -60,6 +62,10 @@ class Flow:
     _closed: bool = field(default=False, repr=False)
     _eof_sent: bool = field(default=False, repr=False)
     _later: list[Callable[[], None]] | None = field(default=None, repr=False)
+    #: a datagram read before this Flow existed (UDP handler restart)
+    _first: bytes | None = field(default=None, repr=False)
+    #: False for UDP: `Tun` keeps the stream open after the handler (see `Tun._dispatch`)
+    _owns_stream: bool = field(default=True, repr=False)
 
     async def read(self, n: int = 256 * 1024) -> bytes:
         """Up to ``n`` bytes; ``b""`` at EOF.  For UDP: exactly one datagram.
@@ -69,6 +75,9 @@ class Flow:
         """
         if self._closed:
             return b""
+        if self._first is not None:
+            data, self._first = self._first, None
+            return data
         return bytes(await self._stream.read(n))
 
     def write(self, data: bytes) -> None:
@@ -94,7 +103,8 @@ class Flow:
         if self._closed:
             return
         self._closed = True
-        self._deferred(self._stream.close)
+        if self._owns_stream:
+            self._deferred(self._stream.close)
 
     # ------------------------------------------------------------ internals
     def _deferred(self, fn: Callable[[], None]) -> None:
@@ -242,10 +252,17 @@ class Tun:
         await self._dispatch("udp", stream)
 
     async def _dispatch(self, proto: Literal["tcp", "udp"], stream: Any) -> None:
-        """Run one flow's handler in its own task; log its failure, always close.
+        """Run a flow's handler; log its failure; always close.
 
-        The engine awaits this coroutine per stream; running the handler as a
-        task we own lets `aclose()` cancel stragglers.
+        The engine runs this coroutine as one asyncio task per stream; we
+        track the task so `aclose()` can cancel stragglers.
+
+        UDP streams outlive their handler: once the engine has a (src, dst)
+        pair, closing it black-holes every later datagram of that pair until
+        the client has been silent for ~60 s (measured: a client sending
+        every 3 s got no reply for 100 s).  So when a UDP handler returns
+        (say its tunnel failed), the stream stays open here and the next
+        datagram starts the handler again on a fresh `Flow`.
         """
         try:
             src = _addr(stream.get_extra_info("peername"))
@@ -254,9 +271,8 @@ class Tun:
             log.warning("flow without addresses dropped: %s", exc)
             _quiet(stream.close)
             return
-        flow = Flow(proto, src, dst, stream)
         if self._closing:
-            flow.close()
+            _quiet(stream.close)
             return
         if self.dns_handler is not None and dst[1] == 53 and dst[0] == self.dns_ip:
             handler: FlowHandler = self._serve_dns_udp if proto == "udp" else self._serve_dns_tcp
@@ -265,14 +281,31 @@ class Tun:
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
+        first: bytes | None = None
         try:
-            await handler(flow)
-        except asyncio.CancelledError:
-            pass
-        except Exception:
-            log.exception("%s flow %s:%d -> %s:%d: handler failed", proto, *src, *dst)
+            while True:
+                flow = Flow(proto, src, dst, stream, _first=first, _owns_stream=proto == "tcp")
+                try:
+                    await handler(flow)
+                except asyncio.CancelledError:
+                    return
+                except Exception:
+                    log.exception("%s flow %s:%d -> %s:%d: handler failed", proto, *src, *dst)
+                finally:
+                    flow.close()
+                if proto == "tcp" or self._closing:
+                    return
+                try:
+                    first = bytes(await stream.read(65535))
+                except Exception:
+                    return
+                if not first:
+                    return
+                log.debug("udp %s:%d -> %s:%d: new datagram after the handler ended; restarting it",
+                          *src, *dst)
         finally:
-            flow.close()
+            if proto == "udp":
+                _quiet(stream.close)
             if task is not None:
                 self._tasks.discard(task)
 

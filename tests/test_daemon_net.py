@@ -513,6 +513,12 @@ SCRIPT = textwrap.dedent(r'''
 
     async def on_udp(flow):
         out.setdefault("udp", []).append([flow.src, flow.dst])
+        if flow.dst[1] == 5001:  # one datagram per handler run, then give up
+            flow.write(b"once:" + await flow.read())
+            return
+        if flow.dst[1] == 5002:
+            await flow.read()
+            raise RuntimeError("udp handler bug")
         while data := await flow.read():
             flow.write(b"echo:" + data)
 
@@ -550,8 +556,23 @@ SCRIPT = textwrap.dedent(r'''
             # UDP
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.setblocking(False)
             s.sendto(b"ping", ("10.99.2.3", 5000))
-            out["udp_reply"] = (await asyncio.wait_for(asyncio.get_running_loop().sock_recv(s, 100), 5)).decode()
+            loop = asyncio.get_running_loop()
+            out["udp_reply"] = (await asyncio.wait_for(loop.sock_recv(s, 100), 5)).decode()
             s.close()
+            # a UDP handler that ended must not black-hole the pair: the next
+            # datagram (same socket) runs the handler again
+            for port in (5001, 5002):
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.setblocking(False)
+                await loop.sock_connect(s, ("10.99.2.4", port))
+                got = []
+                for i in range(3):
+                    await loop.sock_sendall(s, b"n%d" % i)
+                    if port == 5001:
+                        got.append((await asyncio.wait_for(loop.sock_recv(s, 100), 5)).decode())
+                    else:
+                        await asyncio.sleep(0.1)
+                out["udp_%d" % port] = got
+                s.close()
             # DNS over UDP and TCP to the DNS IP
             r = await query(DNS_IP, "anything.default")
             out["dns_udp"] = str(r.rr[0].rdata)
@@ -682,6 +703,9 @@ def test_tun_flows_routes_dns(netns: str, tmp_path: Path) -> None:
     assert out["bug_eof"] is True
     assert out["early_close_hung"] == 0
     assert out["udp_reply"] == "echo:ping" and out["udp"][0][1] == ["10.99.2.3", 5000]
+    assert out["udp_5001"] == ["once:n0", "once:n1", "once:n2"]
+    assert sum(1 for f in out["udp"] if f[1][1] == 5001) == 3
+    assert sum(1 for f in out["udp"] if f[1][1] == 5002) == 3, "a raising handler is restarted too"
     assert out["dns_udp"] == "10.99.7.7" and out["dns_tcp"] == "10.99.7.7"
     assert not any(d[1][1] == 53 for d in out.get("udp", [])), "DNS must not reach on_udp"
     assert out["routes_up"] == ["10.99.0.0/16", "169.254.53.53/32"]
