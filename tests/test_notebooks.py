@@ -1,0 +1,138 @@
+"""The notebooks, executed by a real Jupyter kernel (nbclient).
+
+* `unit`: the magics inside a real ipykernel (its asyncio loop running, widgets
+  progress, the in-kernel server thread) against a fake api.Session, talking
+  only to 127.0.0.1.
+* `cluster`: notebooks/quickstart.ipynb run inside the dev cluster's laptop
+  netns, checked cell by cell against the seed walkthrough.  Fails (does not
+  skip) with the reason when the dev cluster is missing.
+"""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run_notebook as rn  # noqa: E402
+
+ARTIFACTS = rn.REPO / "test-artifacts"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _code(src: str, tag: str) -> nbformat.NotebookNode:
+    cell = nbformat.v4.new_code_cell(src)
+    cell.metadata["tags"] = [tag]
+    return cell
+
+
+APP = '''%%tp intercept hello --port {port}
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"from the kernel {v}"]'''
+
+CURL = 'import subprocess\nprint(subprocess.run(["curl", "-s", "http://127.0.0.1:{port}/"], ' \
+       'capture_output=True, text=True, timeout=30).stdout)'
+
+
+@pytest.mark.unit
+def test_magics_in_a_real_kernel(tmp_path: Path) -> None:
+    port = _free_port()
+    tests_dir = Path(__file__).resolve().parent
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                           "language": "python"}})
+    nb.cells = [
+        _code(f"import sys; sys.path.insert(0, {str(tests_dir)!r})\n"
+              "from test_magics_unit import FakeSession\n"
+              "from tpnb.magics import lifecycle\n"
+              "fake = FakeSession(connected=False)\n"
+              "lifecycle.set_session_factory(lambda: fake)", "fake"),
+        _code("%load_ext tpnb", "load"),
+        _code(APP.format(port=port, v="v1"), "v1"),
+        _code(CURL.format(port=port), "curl1"),
+        _code(APP.format(port=port, v="v2"), "v2"),
+        _code(CURL.format(port=port), "curl2"),
+        _code("print([c for c in fake.calls if c[0] in ('connect', 'intercept')])", "calls"),
+        _code("env = %tp env hello\nprint(sorted(env))", "env"),
+        _code("import tpnb\nprint([(r['path'], r['status'], r['app_version']) for r in tpnb.requests_log('hello')])",
+              "log"),
+        _code("%tp intercept hello", "bad"),
+        _code("p = tpnb.panel()\np", "panel"),
+        _code("print(p.polling, sorted(r[1] for r in p._rows)); p.close(); print(p.polling)", "panel-close"),
+        _code("%tp leave hello", "leave"),
+        _code(f"from tpnb import inkernel\nprint('server gone:', inkernel.get_server({port}) is None)", "gone"),
+    ]
+    src, dst = tmp_path / "kernel.ipynb", tmp_path / "kernel.out.ipynb"
+    nbformat.write(nb, src)
+    code = rn.execute(src, dst, timeout=120)
+    out = nbformat.read(dst, as_version=4)
+    assert code == 0, rn.errors_of(out)
+
+    v1 = rn.text_of(rn.tagged(out, "v1"))
+    assert "Connected to context dev" in v1 and f"serving `app` (WSGI) from this kernel on http://127.0.0.1:{port}" in v1
+    assert "Using deployment hello" in v1
+    progress_outputs = [o for o in rn.tagged(out, "v1").outputs if o.get("output_type") == "display_data"]
+    assert any("steps" in o["data"].get("text/plain", "") for o in progress_outputs)  # the bar, replaced by text
+    assert rn.text_of(rn.tagged(out, "curl1")).strip() == "from the kernel v1"
+    assert "intercept hello kept" in rn.text_of(rn.tagged(out, "v2"))
+    assert rn.text_of(rn.tagged(out, "curl2")).strip() == "from the kernel v2"
+    assert rn.text_of(rn.tagged(out, "calls")).strip() == f"[('connect', None), ('intercept', 'hello', {port})]"
+    assert "KUBERNETES_SERVICE_HOST" in rn.text_of(rn.tagged(out, "env"))
+    assert rn.text_of(rn.tagged(out, "log")).strip() == "[('/', 200, 1), ('/', 200, 2)]"
+    bad = rn.text_of(rn.tagged(out, "bad"), streams=("stderr",))
+    assert "the following arguments are required: --port/-p" in bad and "Traceback" not in bad
+    assert not [o for c in out.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    panel_out = rn.tagged(out, "panel").outputs
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in panel_out)
+    assert rn.text_of(rn.tagged(out, "panel-close")).split() == ["True", "['hello',", "'other']", "False"]
+    assert rn.text_of(rn.tagged(out, "gone")).strip() == "server gone: True"
+
+
+# ------------------------------------------------------------------ against the dev cluster
+@pytest.fixture()
+def laptop_with_hello():
+    try:
+        rn.dev_cluster()
+        rn.ensure_hello()
+    except Exception as exc:  # noqa: BLE001 - fail with the reason, never skip
+        pytest.fail(f"dev cluster not usable: {exc}")
+    yield
+    rn.stop_laptop_daemon()
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(1200)
+def test_quickstart_notebook_in_the_laptop(laptop_with_hello) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    dst = ARTIFACTS / "quickstart.out.ipynb"
+    argv = rn.laptop_argv([sys.executable, str(Path(rn.__file__)), str(rn.REPO / "notebooks" / "quickstart.ipynb"),
+                           str(dst), "--timeout", "300"])
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=1100, cwd=rn.REPO)
+    assert dst.exists(), f"nothing executed:\n{res.stdout}\n{res.stderr}"
+    nb = nbformat.read(dst, as_version=4)
+    problems = rn.errors_of(nb)
+    assert res.returncode == 0, "\n".join([res.stderr[-3000:], *problems])
+
+    assert "Connected to context" in rn.text_of(rn.tagged(nb, "connect")), problems
+    echo = rn.text_of(rn.tagged(nb, "echo-before"))
+    assert "CLIENT VALUES" in echo and "request_uri=http://hello.default" in echo, echo
+    assert "Using deployment hello" in rn.text_of(rn.tagged(nb, "intercept-v1")), problems
+    assert "hello from the notebook v1" in rn.text_of(rn.tagged(nb, "curl-v1")), problems
+    assert "intercept hello kept" in rn.text_of(rn.tagged(nb, "intercept-v2")), problems
+    assert "hello from the notebook v2" in rn.text_of(rn.tagged(nb, "curl-v2")), problems
+    keys = rn.text_of(rn.tagged(nb, "env-keys"))
+    assert "HOSTNAME" in keys and "KUBERNETES_SERVICE_HOST" in keys, keys
+    assert "requests served in this kernel" in rn.text_of(rn.tagged(nb, "records"))
+    after = rn.text_of(rn.tagged(nb, "echo-after"))
+    assert "CLIENT VALUES" in after and "hello from the notebook" not in after, after
+    assert "Disconnecting...done" in rn.text_of(rn.tagged(nb, "quit"))
+    assert not any("Traceback" in p for p in problems), problems
