@@ -1,0 +1,126 @@
+"""`tpnb devcluster up|status|kubeconfig|laptop|down`.
+
+`main(argv)` is what `tpnb devcluster ...` dispatches to (argv without the
+leading "devcluster"); `python -m tpnb.devcluster.cli ...` runs it directly.
+Every user-facing failure is a TpnbError: it is printed as its short
+what/why/fix text and turned into the error's exit status, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+
+from ..errors import ConfigError, TpnbError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tpnb devcluster",
+        description="A real single-node Kubernetes inside network namespaces on this machine, "
+                    "plus 'laptop' namespaces that reach only its API server.",
+    )
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+    sub.required = True
+    sub.add_parser("up", help="build (first time) and boot the cluster; prints the kubeconfig path")
+    sub.add_parser("status", help="what runs, node and CoreDNS readiness, laptops")
+    sub.add_parser("kubeconfig", help="print the path of the dev cluster's kubeconfig")
+    lp = sub.add_parser("laptop", help="run a command in a laptop namespace (default: a shell)",
+                        description="Runs CMD inside laptop namespace tpnb-NAME (created if needed) "
+                                    "with KUBECONFIG, kubectl and tpnb set up. Example: "
+                                    "tpnb devcluster laptop -- kubectl get nodes")
+    lp.add_argument("--name", default="laptop", help="laptop name (default: laptop)")
+    lp.add_argument("--remove", action="store_true", help="delete this laptop namespace instead")
+    lp.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
+                    help="command to run (default: $SHELL)")
+    dp = sub.add_parser("down", help="stop everything and remove all traces (keeps build caches)")
+    dp.add_argument("--purge", action="store_true",
+                    help="also delete the state dir (binaries, images, certificates)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    try:
+        args = parser.parse_args(args_in)
+    except SystemExit as exc:  # --help or a usage error: argparse has printed it
+        return int(exc.code or 0) if isinstance(exc.code, int) else ConfigError.exit_code
+    try:
+        return _run(args)
+    except TpnbError as err:
+        print(str(err), file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .cluster import DevCluster
+    from .progress import Printer
+
+    cluster = DevCluster()
+    if args.cmd == "kubeconfig":
+        print(cluster.kubeconfig_path)
+        return 0
+    if args.cmd == "status":
+        st = cluster.status()
+        print(st.render())
+        return 0 if st.running and st.coredns_ready else 1
+    if args.cmd == "up":
+        printer = Printer()
+        try:
+            path = cluster.up(printer)
+        finally:
+            printer.done()
+        print(f"kubeconfig: {path}")
+        print(f"try: tpnb devcluster laptop -- kubectl get nodes", file=sys.stderr)
+        return 0
+    if args.cmd == "down":
+        printer = Printer()
+        try:
+            cluster.down(purge=args.purge, progress=printer)
+        finally:
+            printer.done()
+        return 0
+    if args.cmd == "laptop":
+        if args.remove:
+            cluster.remove_laptop(args.name)
+            return 0
+        cmd = list(args.argv)
+        if cmd and cmd[0] == "--":
+            cmd = cmd[1:]
+        if not cmd:
+            cmd = [os.environ.get("SHELL") or "/bin/bash"]
+        return run_passthrough(cluster.laptop_cmd(args.name, cmd))
+    raise ConfigError(f"unknown command {args.cmd!r}", hint="see `tpnb devcluster --help`")
+
+
+def run_passthrough(argv: list[str]) -> int:
+    """Run argv with our stdin/stdout/stderr and return its exit status.
+
+    While it runs we ignore SIGINT/SIGQUIT: the terminal delivers them to the
+    child too, which decides what to do (an interactive shell survives ^C).
+    """
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    old_quit = signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+    try:
+        proc = subprocess.Popen(argv, restore_signals=True,
+                                preexec_fn=_default_signals)
+        rc = proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGQUIT, old_quit)
+    return 128 - rc if rc < 0 else rc
+
+
+def _default_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
