@@ -11,7 +11,8 @@ Name rules (``D`` is the cluster domain, normally cluster.local):
   of the cluster; answer records are renamed back to the asked name, because
   a stub resolver drops answers whose owner name is not the one it asked for
 * ``hello`` (one label)          -> ``hello.<ns>.svc.D`` for each mapped namespace in
-  order; the first answer that is not NXDOMAIN wins
+  order; the first answer that is not NXDOMAIN wins; if all are NXDOMAIN
+  the fallback resolvers get a say (LAN names like "printer")
 * ``<rev>.in-addr.arpa`` / ``ip6.arpa`` inside a cluster subnet -> the cluster
 * anything else                  -> the original (fallback) resolvers over UDP
 
@@ -31,7 +32,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 
-from dnslib import EDNS0, QTYPE, RCODE, DNSLabel, DNSRecord
+from dnslib import EDNS0, QTYPE, DNSRecord
 
 from .tun import servfail, udp_fit
 
@@ -139,10 +140,17 @@ class ClusterResolver:
                 return servfail(query, _FORMERR)
             if req.header.opcode != 0:
                 return servfail(query, _NOTIMP)
-            names = self.cluster_names(str(req.q.qname))
+            qname = str(req.q.qname).strip(".")
+            names = self.cluster_names(qname)
             if names is not None:
                 self.stats["cluster"] += 1
-                return await self._resolve_cluster(req, names)
+                reply = await self._resolve_cluster(req, names)
+                # A single label the cluster does not know may be a LAN name
+                # ("printer", the machine's own hostname): ask upstream too.
+                if "." not in qname and self.fallback and _rcode(reply) == _NXDOMAIN:
+                    self.stats["fallback"] += 1
+                    return await self._forward(req, query)
+                return reply
             self.stats["fallback"] += 1
             return await self._forward(req, query)
         except Exception:
@@ -290,6 +298,10 @@ def split_server(server: str) -> tuple[str, int]:
         return host, int(port)
     ipaddress.ip_address(s)  # ValueError for garbage
     return s, 53
+
+
+def _rcode(raw: bytes) -> int:
+    return raw[3] & 0x0F if len(raw) >= 4 else _SERVFAIL
 
 
 def _error_reply(req: DNSRecord, rcode: int) -> bytes:
@@ -445,4 +457,4 @@ async def query(server: str, name: str, qtype: str = "A", *, tcp: bool = False, 
     return DNSRecord.parse(raw)
 
 
-__all__ = ["ClusterResolver", "DNSServer", "forward_udp", "query", "split_server", "RCODE", "DNSLabel"]
+__all__ = ["ClusterResolver", "DNSServer", "forward_udp", "query", "split_server"]

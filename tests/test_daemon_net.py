@@ -225,6 +225,12 @@ def test_dns_fallback_and_server() -> None:
             assert str(r.rr[0].rdata) == "10.43.0.20"
             r = await query(addr, "hello")
             assert str(r.rr[0].rdata) == "10.43.0.20"
+            # a single label the cluster does not know: upstream may (a LAN name)
+            r = await query(addr, "printer")
+            assert str(r.rr[0].rdata) == "93.184.216.34" and upstream_seen[-1] == "printer."
+            # but a cluster-shaped name the cluster does not know never leaks upstream
+            r = await query(addr, "nosuch.default")
+            assert r.header.rcode == 3 and upstream_seen[-1] == "printer."
             # unreachable fallback: SERVFAIL after ~2 s, not a hang
             res.fallback = ["127.0.0.1:9"]
             t0 = time.monotonic()
