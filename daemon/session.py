@@ -114,14 +114,13 @@ class Session:
     routed: list[str] = field(default_factory=list)
     tun: Tun | None = None
     resolver: ClusterResolver | None = None
-    resolv: resolvconf.ResolvConf | None = None
+    resolv: resolvconf.ResolvConf | resolvconf.ResolvedLink | None = None
     namespaces: set[str] = field(default_factory=set)
     mapped: list[str] = field(default_factory=list)
     intercepts: dict[str, pb.InterceptInfo] = field(default_factory=dict)
     last_error: str = ""
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task] = field(default_factory=list)
-    _tun_cm: object | None = None
     _reconnect_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _closing: bool = False
 
@@ -204,27 +203,43 @@ class Session:
                 del self.intercepts[name]
 
     async def _network_up(self) -> None:
+        """TUN, routes and DNS; each change is recorded in netstate before it is made."""
         cfg = self.cfg.daemon
         await netstate.recover()
         await routes.cleanup_stale()
+        state = netstate.StateFile()
+        self.resolv = resolvconf.system_dns(cfg.tun_name)
+        fallback: list[str] = []
+        search: list[str] = []
+        if isinstance(self.resolv, resolvconf.ResolvConf):
+            fallback = [s for s in self.resolv.original_nameservers() if s != cfg.dns_ip]
+            search = self.resolv.original_search()
+        subnets = list(dict.fromkeys(self.pod_subnets + self.service_subnets + list(self.request.also_proxy)))
         self.resolver = ClusterResolver(
             lookup=self._dns_lookup,
             cluster_domain=(self.cluster.cluster_domain if self.cluster else "") or "cluster.local",
             namespaces=lambda: self.namespaces,
             mapped_namespaces=list(self.mapped),
-            fallback=[],
-            search=[],
+            fallback=fallback,
+            search=search,
+            subnets=subnets,
         )
-        self.resolv = resolvconf.ResolvConf(state_dir=self.cfg.socket_path.parent)
-        self.resolver.fallback = [s for s in self.resolv.original_nameservers() if s != cfg.dns_ip]
+        state.record_tun(cfg.tun_name)
         self.tun = Tun(cfg.tun_name, self._on_tcp, self._on_udp, dns_ip=cfg.dns_ip,
                        dns_handler=self.resolver.handle)
-        self._tun_cm = self.tun
         await self.tun.__aenter__()
-        subnets = list(dict.fromkeys(self.pod_subnets + self.service_subnets + list(self.request.also_proxy)))
-        self.routed = await routes.add_routes(self.tun.name, subnets + [f"{cfg.dns_ip}/32"])
-        self.resolv.install(cfg.dns_ip, [])
-        log.info("network up: %s routes %s, resolver %s", self.tun.name, self.routed, cfg.dns_ip)
+        wanted = subnets + [f"{cfg.dns_ip}/32"]
+        state.record_routes(wanted)
+        self.routed = await routes.add_routes(self.tun.name, wanted)
+        domains = self.resolver.search_domains()
+        if isinstance(self.resolv, resolvconf.ResolvConf):
+            state.record_resolv(self.resolv)
+        else:
+            state.record_resolved(self.tun.name)
+            domains = [self.resolver.cluster_domain] + sorted(self.namespaces)
+        await asyncio.to_thread(self.resolv.install, cfg.dns_ip, domains)
+        log.info("network up: %s routes %s, resolver %s, search %s", self.tun.name, self.routed,
+                 cfg.dns_ip, domains)
 
     # ================================================================ flows
     async def _dns_lookup(self, query: bytes) -> bytes:
@@ -498,7 +513,7 @@ class Session:
             resolv = self.resolv
 
             async def _restore() -> None:
-                resolv.restore()
+                await asyncio.to_thread(resolv.restore)
             steps.append(("resolv.conf", _restore))
         if self.tun is not None:
             tun, routed = self.tun, list(self.routed)
