@@ -1,0 +1,109 @@
+"""Shared pytest fixtures and options.
+
+Fixtures here are for every test module; add new ones in their own section
+with a docstring saying what they give and what they cost.
+
+Dev cluster:
+* `devcluster` (session): the running `DevCluster`, booted once via the
+  Python API (quick when `tpnb devcluster up` already ran).  It is *not*
+  torn down at the end of the session: other modules and the next run reuse
+  it.  Needs root; skipped otherwise.
+* `laptop` (session): a `LaptopRunner` for the default laptop namespace:
+  `laptop.run([...])` runs a command inside it, `laptop.kubectl(...)` runs
+  kubectl there against the dev cluster.
+
+Tests marked `devcluster_down` (they stop the cluster) run after every other
+test of the session, and are skipped with `--keep-cluster`.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--keep-cluster", action="store_true", default=bool(os.environ.get("TPNB_KEEP_CLUSTER")),
+        help="skip tests that stop the dev cluster (devcluster_down); also TPNB_KEEP_CLUSTER=1",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "devcluster_down: stops the dev cluster (runs last; skipped with --keep-cluster)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Move cluster-stopping tests to the very end, so every other test
+    module still finds the cluster running."""
+    last = [i for i in items if i.get_closest_marker("devcluster_down")]
+    if not last:
+        return
+    rest = [i for i in items if not i.get_closest_marker("devcluster_down")]
+    items[:] = rest + last
+    if config.getoption("--keep-cluster"):
+        skip = pytest.mark.skip(reason="--keep-cluster: not stopping the dev cluster")
+        for i in last:
+            i.add_marker(skip)
+
+
+# ------------------------------------------------------------------ dev cluster
+def _progress_to_terminal() -> Any:
+    """Progress lines straight to the real stderr: a cold boot builds
+    Kubernetes for many minutes, and a silent test run looks hung."""
+    from tpnb.devcluster.progress import Printer
+
+    return Printer(stream=sys.__stderr__, tick_every=30)
+
+
+@pytest.fixture(scope="session")
+def devcluster() -> Iterator[Any]:
+    """The running dev cluster (booted once per session, left running)."""
+    if os.geteuid() != 0:
+        pytest.skip("the dev cluster needs root")
+    from tpnb.devcluster.cluster import DevCluster
+
+    dc = DevCluster()
+    if not os.environ.get("TPNB_LAPTOP"):  # inside a laptop: the outer run booted it
+        dc.up(_progress_to_terminal())
+    yield dc
+
+
+class LaptopRunner:
+    """Runs commands inside laptop network namespace tpnb-<name>."""
+
+    def __init__(self, cluster: Any, name: str = "laptop") -> None:
+        self.cluster = cluster
+        self.name = name
+        cluster.ensure_laptop(name)
+
+    def cmd(self, argv: list[str]) -> list[str]:
+        return self.cluster.laptop_cmd(self.name, argv)
+
+    def run(self, argv: list[str], *, timeout: float = 60, check: bool = True,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run(self.cmd(argv), capture_output=True, text=True, timeout=timeout, input=input)
+        if check and res.returncode != 0:
+            raise AssertionError(f"in laptop {self.name}: {argv} exited {res.returncode}\n"
+                                 f"stdout: {res.stdout[-2000:]}\nstderr: {res.stderr[-2000:]}")
+        return res
+
+    def sh(self, script: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+        return self.run(["sh", "-c", script], **kw)
+
+    def kubectl(self, *args: str, timeout: float = 60, check: bool = True,
+                input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return self.run(["kubectl", *args], timeout=timeout, check=check, input=input)
+
+
+@pytest.fixture(scope="session")
+def laptop(devcluster: Any) -> LaptopRunner:
+    """The default laptop (`tpnb-laptop`) of the running dev cluster."""
+    return LaptopRunner(devcluster, "laptop")

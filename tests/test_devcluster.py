@@ -1,0 +1,393 @@
+"""The dev cluster: pure config/PKI logic (unit) and the real thing (cluster).
+
+The cluster tests act like a user on a laptop: kubectl from the laptop
+namespace works (API server only), the cluster's own networks are
+unreachable from there, and inside the cluster DNS and services work.
+"""
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import re
+import stat
+import subprocess
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tpnb.config import DevClusterConfig
+from tpnb.devcluster import binaries, manifests, netns
+from tpnb.devcluster.manifests import Addresses, Layout
+from tpnb.devcluster.pki import Pki, PkiPlan, cert_sans, load_cert
+from tpnb.devcluster.progress import Printer
+from tpnb.errors import ConfigError, PrerequisiteError
+
+ECHO_IMAGE = "tpnb.local/echoserver:1.4"
+
+
+# ====================================================================== unit
+@pytest.fixture
+def cfg() -> DevClusterConfig:
+    return DevClusterConfig()
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> Layout:
+    return Layout(tmp_path / "state", tmp_path / "run")
+
+
+@pytest.mark.unit
+def test_addresses_derive_from_config(cfg: DevClusterConfig) -> None:
+    a = Addresses.from_config(cfg)
+    assert (a.node_ip, a.lan_prefix, a.api_service_ip, a.cni_gateway) == \
+        ("10.250.0.1", 24, "10.43.0.1", "10.42.0.1")
+    assert manifests.laptop_ip(cfg, 0) == "10.250.0.10"
+    assert manifests.laptop_ip(cfg, 3) == "10.250.0.13"
+    with pytest.raises(ValueError):
+        manifests.laptop_ip(cfg, 250)
+
+
+@pytest.mark.unit
+def test_pki_sans_and_identities(tmp_path: Path) -> None:
+    plan = PkiPlan.make("tpnb-node", "10.250.0.1", "10.43.0.1")
+    pki = Pki(tmp_path / "pki")
+    assert pki.ensure(plan) is True
+    dns, ips = cert_sans(pki.crt("apiserver"))
+    assert {"10.250.0.1", "127.0.0.1", "10.43.0.1"} <= ips
+    assert {"kubernetes", "kubernetes.default", "kubernetes.default.svc",
+            "kubernetes.default.svc.cluster.local", "localhost"} <= dns
+    subj = {n: load_cert(pki.crt(n)).subject.rfc4514_string() for n in
+            ("admin", "kubelet", "kube-proxy", "scheduler", "controller-manager")}
+    assert "O=system:masters" in subj["admin"]
+    assert "CN=system:node:tpnb-node" in subj["kubelet"] and "O=system:nodes" in subj["kubelet"]
+    assert "CN=system:kube-proxy" in subj["kube-proxy"]
+    assert "CN=system:kube-scheduler" in subj["scheduler"]
+    assert "CN=system:kube-controller-manager" in subj["controller-manager"]
+    assert "10.250.0.1" in cert_sans(pki.crt("kubelet-serving"))[1]
+    # issued by the CA, private keys private
+    ca = load_cert(pki.ca)
+    for n in ("apiserver", "admin", "kubelet-serving"):
+        cert = load_cert(pki.crt(n))
+        assert cert.issuer == ca.subject
+        cert.verify_directly_issued_by(ca)
+        assert stat.S_IMODE(pki.key(n).stat().st_mode) == 0o600
+    assert pki.sa_key.exists() and pki.sa_pub.exists()
+
+
+@pytest.mark.unit
+def test_pki_is_kept_until_the_plan_changes(tmp_path: Path) -> None:
+    pki = Pki(tmp_path / "pki")
+    plan = PkiPlan.make("tpnb-node", "10.250.0.1", "10.43.0.1")
+    pki.ensure(plan)
+    before = pki.crt("apiserver").read_bytes()
+    assert pki.ensure(plan) is False and pki.crt("apiserver").read_bytes() == before
+    assert pki.ensure(PkiPlan.make("tpnb-node", "10.251.0.1", "10.43.0.1")) is True
+    assert "10.251.0.1" in cert_sans(pki.crt("apiserver"))[1]
+
+
+@pytest.mark.unit
+def test_user_kubeconfig_is_self_contained(tmp_path: Path) -> None:
+    pki = Pki(tmp_path / "pki")
+    pki.ensure(PkiPlan.make("tpnb-node", "10.250.0.1", "10.43.0.1"))
+    path = tmp_path / "kubeconfig"
+    pki.write_kubeconfig(path, "admin", "https://10.250.0.1:6443", mode=0o644, embed=True)
+    doc = yaml.safe_load(path.read_text())
+    assert doc["current-context"] == "tpnb-dev"
+    assert doc["clusters"][0]["cluster"]["server"] == "https://10.250.0.1:6443"
+    assert "certificate-authority-data" in doc["clusters"][0]["cluster"]
+    assert "client-key-data" in doc["users"][0]["user"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+@pytest.mark.unit
+def test_containerd_config_is_private(layout: Layout) -> None:
+    doc = tomllib.loads(manifests.containerd_toml(layout))
+    assert doc["root"].startswith(str(layout.state))
+    assert doc["state"].startswith(str(layout.run))
+    assert doc["grpc"]["address"] == str(layout.containerd_sock)
+    cri = doc["plugins"]["io.containerd.grpc.v1.cri"]
+    assert cri["sandbox_image"] == "tpnb.local/pause:3.10"
+    assert cri["containerd"]["snapshotter"] == "overlayfs"
+    assert cri["restrict_oom_score_adj"] is True
+    runc = cri["containerd"]["runtimes"]["runc"]["options"]
+    assert runc["SystemdCgroup"] is False and runc["Root"].startswith(str(layout.run))
+    assert cri["cni"]["conf_dir"] == str(layout.cni_conf_dir)
+
+
+@pytest.mark.unit
+def test_kubelet_config(cfg: DevClusterConfig, layout: Layout) -> None:
+    doc = yaml.safe_load(manifests.kubelet_yaml(cfg, layout))
+    assert doc["cgroupDriver"] == "cgroupfs" and doc["failSwapOn"] is False
+    assert doc["clusterDNS"] == ["10.43.0.10"] and doc["clusterDomain"] == "cluster.local"
+    assert doc["imageGCHighThresholdPercent"] == 100
+    assert doc["authorization"]["mode"] == "Webhook"
+    assert doc["authentication"]["webhook"]["enabled"] is True
+    assert doc["authentication"]["anonymous"]["enabled"] is False
+    assert doc["containerRuntimeEndpoint"] == f"unix://{layout.containerd_sock}"
+    assert doc["resolvConf"] == str(layout.resolv_conf)
+    assert doc["cgroupRoot"] == manifests.CGROUP_ROOT
+    assert all(v.endswith("%") or v.endswith("Mi") for v in doc["evictionHard"].values())
+
+
+@pytest.mark.unit
+def test_kube_proxy_and_cni(cfg: DevClusterConfig, layout: Layout) -> None:
+    kp = yaml.safe_load(manifests.kube_proxy_yaml(cfg, layout))
+    assert kp["mode"] == "iptables" and kp["iptables"]["masqueradeAll"] is True
+    assert kp["clusterCIDR"] == "10.42.0.0/16"
+    cni = json.loads(manifests.cni_conflist(cfg, layout))
+    bridge = cni["plugins"][0]
+    assert bridge["type"] == "bridge" and bridge["hairpinMode"] is True
+    assert bridge["ipam"]["ranges"][0][0]["subnet"] == "10.42.0.0/24"
+    assert bridge["ipam"]["dataDir"].startswith(str(layout.state))
+
+
+@pytest.mark.unit
+def test_component_command_lines(cfg: DevClusterConfig, layout: Layout) -> None:
+    b = Path("/bin-dir")
+    api = manifests.component_argv("kube-apiserver", b, cfg, layout)
+    assert "--advertise-address=10.250.0.1" in api
+    assert "--authorization-mode=Node,RBAC" in api
+    assert "--service-cluster-ip-range=10.43.0.0/16" in api
+    assert "--secure-port=6443" in api
+    etcd = manifests.component_argv("etcd", b, cfg, layout)
+    urls = [etcd[i + 1] for i, a in enumerate(etcd) if a.startswith("--listen-")]
+    assert all("127.0.0.1" in u or u == "" for u in urls)  # etcd is loopback-only
+    kubelet = manifests.component_argv("kubelet", b, cfg, layout)
+    assert "--hostname-override=tpnb-node" in kubelet and "--node-ip=10.250.0.1" in kubelet
+    for c in manifests.COMPONENTS:
+        assert manifests.component_argv(c, b, cfg, layout)
+
+
+@pytest.mark.unit
+def test_coredns_has_no_upstream(cfg: DevClusterConfig) -> None:
+    docs = manifests.coredns_manifests(cfg, "tpnb.local/coredns:x")
+    kinds = {d["kind"]: d for d in docs}
+    corefile = kinds["ConfigMap"]["data"]["Corefile"]
+    assert "forward" not in corefile
+    for plugin in ("kubernetes cluster.local in-addr.arpa ip6.arpa", "health", "ready", "cache",
+                   "loadbalance", "errors"):
+        assert plugin in corefile
+    assert kinds["Service"]["spec"]["clusterIP"] == "10.43.0.10"
+    assert {(p["port"], p["protocol"]) for p in kinds["Service"]["spec"]["ports"]} == \
+        {(53, "UDP"), (53, "TCP")}
+    resources = {r for rule in kinds["ClusterRole"]["rules"] for r in rule["resources"]}
+    assert {"endpoints", "endpointslices", "services", "pods", "namespaces"} <= resources
+    container = kinds["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "tpnb.local/coredns:x"
+    assert container["imagePullPolicy"] in ("Never", "IfNotPresent")
+
+
+@pytest.mark.unit
+def test_node_fence_rules(cfg: DevClusterConfig) -> None:
+    rules = [" ".join(r) for r in netns.node_rules(cfg)]
+    accepts = [r for r in rules if "TPNB-LAN-IN" in r and r.endswith("ACCEPT")]
+    assert any("--dport 6443" in r for r in accepts)
+    assert not any("--dport" in r and "6443" not in r for r in accepts)
+    assert any("REJECT" in r for r in rules)
+    assert "-t mangle -A TPNB-LAN-FWD -i lan0 -j DROP" in rules
+
+
+@pytest.mark.unit
+def test_laptop_names(cfg: DevClusterConfig) -> None:
+    netns.check_laptop_name(cfg, "laptop")
+    netns.check_laptop_name(cfg, "l2")
+    for bad in ("", "Laptop", "node", "has space", "x" * 12, "-a"):
+        with pytest.raises(ConfigError):
+            netns.check_laptop_name(cfg, bad)
+
+
+@pytest.mark.unit
+def test_binaries_version_stamp() -> None:
+    assert re.fullmatch(r"v1\.32\.\d+", binaries.k8s_version())
+    flags = binaries.ldflags("v1.32.13")
+    assert "k8s.io/component-base/version.gitVersion=v1.32.13" in flags
+    assert "gitMinor=32" in flags and flags.startswith("-s -w")
+
+
+@pytest.mark.unit
+def test_progress_lines_in_logs() -> None:
+    out = io.StringIO()
+    p = Printer(stream=out, tick_every=60)
+    p("build", "start", 0.1)
+    p("build", "building (1 s)…", 0.1)   # a tick right after: suppressed in logs
+    p("build", "done", 0.5)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    assert re.match(r"\[\s*\d+\.\ds\s+10%\] build: start", lines[0])
+    assert lines[1].endswith("build: done")
+
+
+@pytest.mark.unit
+def test_cli_errors_are_short(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from tpnb.devcluster import cli
+
+    assert cli.main(["kubeconfig"]) == 0
+    assert capsys.readouterr().out.strip() == str(Path(DevClusterConfig().state_dir) / "kubeconfig")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert cli.main(["up"]) == PrerequisiteError.exit_code
+    err = capsys.readouterr().err
+    assert "needs root" in err and "Traceback" not in err and "fix:" in err
+    assert cli.main(["bogus"]) != 0
+
+
+# ====================================================================== cluster
+@pytest.fixture(scope="module")
+def hello(laptop: Any) -> str:
+    """Deployment + Service `hello` (echoserver, port 80 -> 8080); its pod name."""
+    if laptop.kubectl("get", "deploy", "hello", check=False).returncode != 0:
+        laptop.kubectl("create", "deployment", "hello", f"--image={ECHO_IMAGE}")
+    if laptop.kubectl("get", "svc", "hello", check=False).returncode != 0:
+        laptop.kubectl("expose", "deployment", "hello", "--port=80", "--target-port=8080")
+    laptop.kubectl("rollout", "status", "deploy/hello", "--timeout=120s", timeout=150)
+    pods = laptop.kubectl("get", "pods", "-l", "app=hello", "--field-selector=status.phase=Running",
+                          "-o", "jsonpath={.items[0].metadata.name}").stdout.strip()
+    assert pods, "no Running hello pod"
+    return pods
+
+
+@pytest.fixture(scope="module")
+def toolbox(laptop: Any) -> str:
+    """A long-running pod of the tpnb image (has python3), for in-cluster checks."""
+    from tpnb.imageref import default_image
+
+    name = "devcluster-toolbox"
+    laptop.kubectl("delete", "pod", name, "--ignore-not-found", "--wait=true", timeout=90)
+    laptop.kubectl("run", name, f"--image={default_image()}", "--image-pull-policy=Never",
+                   "--restart=Never", "--command", "--", "sleep", "3600")
+    laptop.kubectl("wait", "--for=condition=Ready", f"pod/{name}", "--timeout=90s", timeout=120)
+    yield name
+    laptop.kubectl("delete", "pod", name, "--ignore-not-found", "--wait=false", check=False)
+
+
+@pytest.mark.cluster
+def test_laptop_sees_a_ready_node(laptop: Any) -> None:
+    out = laptop.kubectl("get", "nodes", "--no-headers").stdout
+    assert re.search(r"^tpnb-node\s+Ready\s", out, re.M), out
+    ver = json.loads(laptop.kubectl("version", "-o", "json").stdout)
+    assert ver["serverVersion"]["gitVersion"] == binaries.k8s_version()
+
+
+@pytest.mark.cluster
+def test_status_and_idempotent_up(devcluster: Any) -> None:
+    st = devcluster.status()
+    assert st.running and st.coredns_ready, st.render()
+    assert "laptop" in st.laptops
+    t = time.monotonic()
+    assert devcluster.up() == devcluster.kubeconfig_path
+    assert time.monotonic() - t < 10, "up on a running cluster should be a quick check"
+    assert stat.S_IMODE(devcluster.kubeconfig_path.stat().st_mode) & 0o004
+
+
+@pytest.mark.cluster
+def test_laptop_network_shape(laptop: Any, hello: str) -> None:
+    routes = laptop.run(["ip", "route"]).stdout
+    assert "default" not in routes and "10.250.0.0/24 dev eth0" in routes
+    assert "nameserver 10.250.0.1" in laptop.run(["cat", "/etc/resolv.conf"]).stdout
+    cluster_ip = laptop.kubectl("get", "svc", "hello", "-o", "jsonpath={.spec.clusterIP}").stdout.strip()
+    t = time.monotonic()
+    res = laptop.run(["curl", "-sS", "-m", "10", f"http://{cluster_ip}/"], check=False, timeout=20)
+    took = time.monotonic() - t
+    assert res.returncode != 0, res.stdout
+    assert took < 2, f"curl to a ClusterIP from a laptop took {took:.1f} s; it must fail at once"
+    # the failure is "no route", not a timeout
+    probe = ("import socket,sys\ns=socket.socket()\ntry:\n s.connect((sys.argv[1],80))\n"
+             "except OSError as e:\n print(e.errno)\n")
+    assert laptop.run(["python3", "-c", probe, cluster_ip]).stdout.strip() == str(errno.ENETUNREACH)
+    # the node answers only the API server port; the rest is refused at once
+    t = time.monotonic()
+    res = laptop.run(["curl", "-sS", "-k", "-m", "10", "https://10.250.0.1:10250/"], check=False)
+    assert res.returncode != 0 and time.monotonic() - t < 2
+    # DNS on the laptop fails at once, too
+    t = time.monotonic()
+    laptop.run(["getent", "hosts", "hello.default.svc.cluster.local"], check=False, timeout=20)
+    assert time.monotonic() - t < 3
+
+
+@pytest.mark.cluster
+def test_logs_exec_and_port_forward(laptop: Any, hello: str, toolbox: str) -> None:
+    assert "listening on :8080" in laptop.kubectl("logs", hello).stdout
+    out = laptop.kubectl("exec", toolbox, "--", "python3", "-c", "print(6 * 7)").stdout
+    assert out.strip() == "42"
+    script = (
+        "kubectl port-forward svc/hello 18080:80 >/tmp/tpnb-pf.$$ 2>&1 & pf=$!; "
+        "for i in $(seq 50); do curl -fsS -m 3 http://127.0.0.1:18080/pf-check && break; sleep 0.2; done; "
+        "rc=$?; kill $pf; cat /tmp/tpnb-pf.$$ >&2; rm -f /tmp/tpnb-pf.$$; exit $rc"
+    )
+    res = laptop.sh(script, timeout=60)
+    assert "real path=/pf-check" in res.stdout
+
+
+@pytest.mark.cluster
+def test_cluster_dns_and_services_from_a_pod(laptop: Any, hello: str, toolbox: str) -> None:
+    code = (
+        "import socket, urllib.request\n"
+        "for n in ('hello.default', 'hello.default.svc.cluster.local', 'kubernetes.default'):\n"
+        "    print(n, socket.gethostbyname(n))\n"
+        "print(urllib.request.urlopen('http://hello.default/from-pod', timeout=5).read().decode())\n"
+    )
+    cluster_ip = laptop.kubectl("get", "svc", "hello", "-o", "jsonpath={.spec.clusterIP}").stdout.strip()
+    out = laptop.kubectl("exec", toolbox, "--", "python3", "-c", code, timeout=60).stdout
+    assert f"hello.default {cluster_ip}" in out
+    assert f"hello.default.svc.cluster.local {cluster_ip}" in out
+    assert "kubernetes.default 10.43.0.1" in out
+    assert "real path=/from-pod" in out
+
+
+# ---------------------------------------------------------------- down (runs last)
+def _traces(dc: Any) -> dict[str, Any]:
+    """Everything of the dev cluster that is visible on the host."""
+    lay = dc.layout
+    ours = {dc.cfg.node_netns, *(f"tpnb-{n}" for n in ("laptop",))}
+    mounts = Path("/proc/self/mountinfo").read_text()
+    prefixes = (str(lay.state) + "/", str(lay.run) + "/")
+    procs = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            exe = os.readlink(d / "exe")
+            cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if exe.startswith(str(lay.state)) or str(lay.containerd_sock) in cmdline or \
+                str(lay.containerd_config) in cmdline:
+            procs.append(f"{d.name} {cmdline}")
+    return {
+        "netns": sorted(set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+                            .stdout.split()) & ours),
+        "links": [ln for ln in subprocess.run(["ip", "-o", "link"], capture_output=True, text=True)
+                  .stdout.splitlines() if re.search(r": (lan0|cni0|lap\d+|veth\w+)[@:]", ln)],
+        "mounts": [ln.split()[4] for ln in mounts.splitlines()
+                   if ln.split()[4].startswith(prefixes) or "/run/netns/cni-" in ln],
+        "procs": procs,
+        "iptables": [ln for ln in subprocess.run(["iptables-save"], capture_output=True, text=True)
+                     .stdout.splitlines() if "KUBE-" in ln or "TPNB-" in ln],
+        "cgroups": [str(p) for p in Path("/sys/fs/cgroup").glob("*" + manifests.CGROUP_ROOT)],
+        "etc_netns": [str(p) for p in Path("/etc/netns").glob("tpnb-laptop")],
+    }
+
+
+@pytest.mark.cluster
+@pytest.mark.devcluster_down
+def test_down_leaves_nothing_and_up_again(devcluster: Any, laptop: Any, hello: str) -> None:
+    before = _traces(devcluster)
+    assert before["netns"] and before["procs"] and before["mounts"], before
+    devcluster.down()
+    after = _traces(devcluster)
+    assert after == {k: [] for k in after}, after
+    st = devcluster.status()
+    assert st.stopped, st.render()
+    # the caches are kept, so the next up is quick and needs no build
+    assert (devcluster.bin_dir / "kube-apiserver").exists()
+    t = time.monotonic()
+    devcluster.up()
+    took = time.monotonic() - t
+    out = laptop.kubectl("get", "nodes", "--no-headers").stdout
+    assert re.search(r"^tpnb-node\s+Ready\s", out, re.M), out
+    print(f"warm up after down: {took:.1f} s")
