@@ -141,6 +141,10 @@ class Session:
         await self._open_link()
         await self._arrive()
         progress("network", "Setting up the network (TUN, routes, DNS)...", 0.85)
+        try:  # known before the first lookup, so "svc.ns" names resolve at once
+            self.namespaces = await anyio.to_thread.run_sync(_list_namespaces, self.target)
+        except Exception as exc:  # noqa: BLE001 - the refresh loop retries
+            log.info("cannot list namespaces yet: %s", exc)
         await self._network_up()
         self._tasks = [
             asyncio.ensure_future(self._heartbeat_loop()),
@@ -218,7 +222,7 @@ class Session:
         self.resolver = ClusterResolver(
             lookup=self._dns_lookup,
             cluster_domain=(self.cluster.cluster_domain if self.cluster else "") or "cluster.local",
-            namespaces=lambda: self.namespaces,
+            namespaces=lambda: self.namespaces | set(self.mapped),
             mapped_namespaces=list(self.mapped),
             fallback=fallback,
             search=search,
@@ -246,7 +250,7 @@ class Session:
         link = self.link
         if link is None:
             raise ConnectionError("not linked to the traffic-manager")
-        reply = await link.stub.LookupDNS(pb.DNSRequest(session_id=self.session_id, query=query), timeout=4)
+        reply = await link.stub.LookupDNS(pb.DNSRequest(session_id=self.session_id, query=bytes(query)), timeout=4)
         return reply.reply
 
     async def _open_tunnel(self, open_: pb.TunnelOpen) -> tuple[GrpcFrameChannel | None, str]:
