@@ -236,6 +236,41 @@ def test_cli_errors_are_short(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Ca
     assert cli.main(["bogus"]) != 0
 
 
+@pytest.mark.unit
+def test_missing_prerequisite_names_the_apt_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tpnb.devcluster import cluster
+
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setitem(cluster.PREREQ_COMMANDS, "tpnb-no-such-command", "tpnb-fake-package")
+    with pytest.raises(PrerequisiteError) as exc:
+        cluster.DevCluster(DevClusterConfig()).check_prerequisites()
+    assert "tpnb-no-such-command" in exc.value.what
+    assert "apt-get install -y tpnb-fake-package" in exc.value.hint
+
+
+@pytest.mark.netns
+def test_up_refuses_a_foreign_node_namespace(tmp_path: Path) -> None:
+    """A namespace with the node's name that tpnb did not make is reported
+    before anything is built, stopped or changed."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    from tpnb.devcluster.cluster import DevCluster
+    from tpnb.errors import DevClusterError
+
+    name = "tpnb-pftest"
+    cfg = DevClusterConfig(state_dir=str(tmp_path / "state"), run_dir=str(tmp_path / "run"),
+                           node_netns=name)
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        with pytest.raises(DevClusterError) as exc:
+            DevCluster(cfg).up()
+        assert "was not made by tpnb" in str(exc.value) and f"ip netns del {name}" in str(exc.value)
+        assert not (tmp_path / "state" / "bin").exists()  # nothing was built
+        assert netns.mounted(name)  # and nothing was deleted
+    finally:
+        subprocess.run(["ip", "netns", "del", name])
+
+
 # ====================================================================== cluster
 @pytest.fixture(scope="module")
 def hello(laptop: Any) -> str:

@@ -372,6 +372,7 @@ class DevCluster:
             progress("up", f"already running; kubeconfig: {self.kubeconfig_path}", 1.0)
             return self.kubeconfig_path
         self.check_prerequisites()
+        self._preflight()
         progress("prerequisites", "commands, CNI plugins and cgroups present", 0.02)
 
         if self._leftovers():
@@ -429,6 +430,18 @@ class DevCluster:
         progress("up", f"dev cluster ready in {time.monotonic() - t0:.0f} s; "
                  f"kubeconfig: {self.kubeconfig_path}", 1.0)
         return self.kubeconfig_path
+
+    def _preflight(self) -> None:
+        """Refuse, before building or stopping anything, to take over
+        namespaces that someone else made."""
+        node = self.cfg.node_netns
+        if netns.foreign(self.layout, node):
+            raise DevClusterError(
+                f"network namespace {node} already exists and was not made by tpnb devcluster",
+                "tpnb will not reuse or delete a namespace it did not create",
+                f"delete it (`ip netns del {node}`) if it is a leftover, or set devcluster.node_netns "
+                "to another name",
+            )
 
     def _leftovers(self) -> bool:
         lay = self.layout

@@ -56,6 +56,20 @@ def exists(name: str) -> bool:
     return netns_path(name).exists()
 
 
+def mounted(name: str) -> bool:
+    """True when /run/netns/<name> is a live namespace (an nsfs mount), not
+    a stale file left by a reboot or a crashed `ip netns add`."""
+    target = str(netns_path(name))
+    try:
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            left, _, right = line.partition(" - ")
+            if left.split()[4] == target and right.startswith("nsfs"):
+                return True
+    except OSError:
+        pass
+    return False
+
+
 def inode(name: str) -> int | None:
     try:
         return os.stat(netns_path(name)).st_ino
@@ -95,9 +109,14 @@ def owned(layout: Layout, name: str) -> dict | None:
     except (OSError, ValueError):
         return None
     ino = inode(name)
-    if ino is None or rec.get("inode") != ino:
+    if ino is None or rec.get("inode") != ino or not mounted(name):
         return None
     return rec
+
+
+def foreign(layout: Layout, name: str) -> bool:
+    """A live namespace of this name exists and we did not make it."""
+    return mounted(name) and owned(layout, name) is None
 
 
 def forget(layout: Layout, name: str) -> None:
@@ -118,6 +137,8 @@ def recorded(layout: Layout) -> list[dict]:
 
 def create(layout: Layout, name: str, **extra: object) -> None:
     """Create netns `name`; error if it exists and is not ours."""
+    if exists(name) and not mounted(name):
+        netns_path(name).unlink(missing_ok=True)  # stale file (e.g. after a reboot)
     if exists(name):
         if owned(layout, name) is None:
             raise DevClusterError(
@@ -184,7 +205,12 @@ def setup_node(cfg: DevClusterConfig, layout: Layout) -> None:
     create(layout, name, role="node")
     addrs = Addresses.from_config(cfg)
     links = in_ns(name, ["ip", "-o", "link", "show"]).stdout
-    if f" {LAN_BRIDGE}:" not in links:
+    lan = [ln for ln in links.splitlines() if f" {LAN_BRIDGE}:" in ln]
+    if lan and LAN_ALIAS not in in_ns(name, ["ip", "-d", "link", "show", LAN_BRIDGE]).stdout:
+        raise DevClusterError(
+            f"{LAN_BRIDGE} in network namespace {name} was not made by tpnb devcluster",
+            hint="run `tpnb devcluster down`, or delete the namespace by hand")
+    if not lan:
         in_ns(name, ["ip", "link", "add", LAN_BRIDGE, "type", "bridge"])
         in_ns(name, ["ip", "link", "set", LAN_BRIDGE, "alias", LAN_ALIAS])
     cidr = f"{addrs.node_ip}/{addrs.lan_prefix}"
@@ -280,9 +306,13 @@ def ensure_laptop(cfg: DevClusterConfig, layout: Layout, name: str) -> Laptop:
     # `ip netns exec` bind-mounts this over /etc/resolv.conf.  Nothing
     # answers DNS on the node's LAN address (the node rejects it), so a
     # lookup inside a bare laptop fails at once, as on a disconnected laptop.
-    (etc / "resolv.conf").write_text(
-        f"# tpnb devcluster laptop {name}: no DNS until tpnb connects\nnameserver {addrs.node_ip}\n"
-        "options timeout:1 attempts:1\n")
+    # Written once: a connected tpnb daemon rewrites it in place, and a later
+    # `laptop` call must not undo that.
+    resolv = etc / "resolv.conf"
+    if not resolv.exists():
+        resolv.write_text(
+            f"# tpnb devcluster laptop {name}: no DNS until tpnb connects\nnameserver {addrs.node_ip}\n"
+            "options timeout:1 attempts:1\n")
     return lap
 
 
