@@ -191,7 +191,7 @@ def test_kill9_daemon_then_connect_cleans_up(lap: LaptopRunner) -> None:
     lap.run(["tpnb", "quit", "--daemon"])
     assert _routes_and_resolv(lap) == before
     links = lap.run(["ip", "-o", "link"]).stdout
-    assert "tpnb" not in links
+    assert "tpnb0" not in links
 
 
 def test_manager_pod_deleted_reconnects_by_itself(lap: LaptopRunner) -> None:
