@@ -59,6 +59,9 @@ class AgentSession:
     info: pb.AgentInfo
     last_seen: float = field(default_factory=time.monotonic)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    #: intercept ids this agent has been sent: only then is an intercept ACTIVE,
+    #: so a client never sees ACTIVE while its first request still reaches the app
+    delivered: set[str] = field(default_factory=set)
 
 
 def read_resolv_conf(path: str = "/etc/resolv.conf") -> tuple[list[str], list[str]]:
@@ -137,18 +140,20 @@ class Manager(rpc.ManagerServicer):
         for ic in self.intercepts.values():
             agents = self._agent_for(ic.spec.workload, ic.spec.namespace)
             del ic.pod_ips[:]
-            if agents:
+            if agents and all(ic.id in a.delivered for a in agents):
                 ic.state = pb.InterceptInfo.ACTIVE
                 ic.message = ""
+            else:
+                ic.state = pb.InterceptInfo.WAITING
+                ic.message = ("waiting for the traffic-agent to take the intercept" if agents
+                              else "waiting for the traffic-agent to report in")
+            if agents:
                 ic.pod_ips.extend(sorted(a.info.pod_ip for a in agents))
                 first = agents[0].info
                 ic.environment.clear()
                 ic.environment.update(first.environment)
                 ic.mount_point = first.mount_point
                 ic.agent_port = first.agent_port
-            else:
-                ic.state = pb.InterceptInfo.WAITING
-                ic.message = "waiting for the traffic-agent to report in"
 
     async def expire_loop(self) -> None:
         """End sessions (and their intercepts) whose heartbeats stopped."""
@@ -413,11 +418,21 @@ class Manager(rpc.ManagerServicer):
         if a is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "agent session unknown (manager restarted?)")
         while request.agent_id in self.agents:
-            mine = [ic for ic in self.intercepts.values()
-                    if ic.spec.workload == a.info.name and ic.spec.namespace == a.info.namespace
-                    and ic.state == pb.InterceptInfo.ACTIVE]
-            yield pb.AgentInstruction(intercepts=mine)
             a.changed.clear()
+            mine = []
+            for ic in self.intercepts.values():
+                if ic.spec.workload == a.info.name and ic.spec.namespace == a.info.namespace:
+                    serve = pb.InterceptInfo()
+                    serve.CopyFrom(ic)
+                    serve.state = pb.InterceptInfo.ACTIVE  # to the agent: "serve this"
+                    mine.append(serve)
+            yield pb.AgentInstruction(intercepts=mine)
+            sent = {ic.id for ic in mine}
+            if sent != a.delivered:
+                a.delivered = sent
+                self._refresh_states()
+                for ev in list(self.watchers):
+                    ev.set()
             try:
                 await asyncio.wait_for(a.changed.wait(), 30.0)
             except asyncio.TimeoutError:

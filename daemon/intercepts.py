@@ -63,8 +63,10 @@ async def intercept(session: Session, req: pb.InterceptRequest, progress: Progre
     spec.workload_kind = wl.kind
     spec.service = target.service
     progress("workload", f"Using {wl.kind.lower()} {wl.name}", 0.1)
+    first_time = not agent_injector.has_agent(wl.obj)
     await agent_injector.inject_agent(api, wl, target, cfg.agent_image, progress)
     await agent_injector.wait_rollout(api, wl, cfg.timeouts.rollout, progress)
+    await _wait_service_on_agent(api, spec.namespace, target.service, cfg.agent.port, first_time, progress)
     ic = await session.create_intercept(spec)
     progress("agent", "Waiting for the traffic-agent to report in...", 0.9)
     deadline = anyio.current_time() + cfg.timeouts.intercept
@@ -79,6 +81,48 @@ async def intercept(session: Session, req: pb.InterceptRequest, progress: Progre
             await session.changed.wait()
         ic = session.intercepts.get(spec.name, ic)
     return ic
+
+
+def _slice_ports(api: object, namespace: str, service: str) -> tuple[set[int], int]:
+    """Ports and ready-endpoint count the Service's EndpointSlices route to now."""
+    from kubernetes import client
+
+    slices = client.DiscoveryV1Api(api).list_namespaced_endpoint_slice(
+        namespace, label_selector=f"kubernetes.io/service-name={service}", _request_timeout=10).items
+    ports: set[int] = set()
+    ready = 0
+    for sl in slices:
+        eps = [e for e in (sl.endpoints or []) if e.conditions is None or e.conditions.ready]
+        if eps:
+            ready += len(eps)
+            ports |= {p.port for p in (sl.ports or []) if p.port}
+    return ports, ready
+
+
+async def _wait_service_on_agent(api: object, namespace: str, service: str, agent_port: int,
+                                 first_time: bool, progress: ProgressFn) -> None:
+    """Return once the Service's endpoints are the agents, so the first request is intercepted.
+
+    kube-proxy applies an EndpointSlice change a moment after it is published
+    and nothing tells a client when; after a first injection we give it that
+    moment (1.5 s) rather than let the user's first request reach the old port.
+    """
+    deadline = anyio.current_time() + 60
+    while True:
+        try:
+            ports, ready = await anyio.to_thread.run_sync(_slice_ports, api, namespace, service)
+        except Exception as exc:  # noqa: BLE001 - readiness is best effort; the intercept stands
+            log.info("cannot read EndpointSlices of %s/%s: %s", namespace, service, exc)
+            return
+        if ready and ports == {agent_port}:
+            break
+        if anyio.current_time() > deadline:
+            log.warning("Service %s/%s still routes to ports %s", namespace, service, sorted(ports))
+            return
+        progress("endpoints", f"Waiting for Service {service} to route to the traffic-agent...", 0.85)
+        await anyio.sleep(0.25)
+    if first_time:
+        await anyio.sleep(1.5)
 
 
 async def all_intercepts(session: Session | None) -> list[pb.InterceptInfo]:

@@ -98,7 +98,8 @@ async def _intercept() -> None:
         spec = pb.InterceptSpec(name="hello", namespace="default", workload="hello", local_port=lport,
                                 target_host="127.0.0.1")
         ic = await stub.CreateIntercept(pb.CreateInterceptRequest(session=alice, spec=spec))
-        assert ic.state == pb.InterceptInfo.ACTIVE
+        # not ACTIVE until the agent has been told: a request now would still reach the app
+        assert ic.state == pb.InterceptInfo.WAITING
         assert dict(ic.environment) == {"A": "1"}
 
         # bob is refused, and told who holds it
@@ -107,10 +108,17 @@ async def _intercept() -> None:
         assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "alice@laptop" in exc.value.details()
 
-        # the agent learns about the intercept
+        # the agent learns about the intercept, and only then is it ACTIVE for alice
         instr = stub.WatchAgentInstructions(agent)
         first = await instr.read()
         assert [i.id for i in first.intercepts] == [ic.id]
+        assert first.intercepts[0].state == pb.InterceptInfo.ACTIVE
+        watch = stub.WatchIntercepts(alice)
+        while True:
+            lst = await asyncio.wait_for(watch.read(), 5)
+            if lst.intercepts and lst.intercepts[0].state == pb.InterceptInfo.ACTIVE:
+                break
+        watch.cancel()
 
         # alice answers dials like the daemon does
         async def answer() -> None:
