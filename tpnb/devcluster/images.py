@@ -42,7 +42,7 @@ GO_DIR = Path(__file__).resolve().parent / "go"
 TOOLS_MODULE = GO_DIR / "tools"
 COREDNS_MODULE = GO_DIR / "coredns"
 #: bump when the way images are assembled changes, to invalidate every cache
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 #: pip flags for the dependency layer: CPython 3.11 wheels (bookworm's python3)
 PIP_TARGET_FLAGS = ("--python-version", "3.11", "--platform", "manylinux2014_x86_64",
                     "--only-binary=:all:", "--implementation", "cp")
@@ -120,7 +120,7 @@ def build_tpnb_image(progress: Progress | None = None) -> BuiltImage:
         root, base = rootfs.ensure_rootfs(cache, p, step)
         deps = _deps_layer(root, reqs, deps_key, p, step)
         p(step, "writing the app layer", 0.95)
-        app = _app_layer(sources, app_key)
+        app = _app_layer(root, sources, app_key)
         layers = [base, deps, app]
         cfg = image_config(
             layers,
@@ -143,9 +143,9 @@ def tpnb_image_keys(tag: str, sources: list[tuple[str, Path]], reqs: Path) -> tu
     The dependency layer depends on the base and the requirements only, so a
     source change rebuilds the small app layer and nothing else.
     """
-    deps_key = _hash(["deps", rootfs.cache_key(), reqs.read_bytes(), *PIP_TARGET_FLAGS])
-    app_key = _hash(["app", *_hash_named(sources)])
-    return deps_key, app_key, _hash([RECIPE_VERSION, tag, deps_key, app_key])
+    deps_key = _hash(["deps", RECIPE_VERSION, rootfs.cache_key(), reqs.read_bytes(), *PIP_TARGET_FLAGS])
+    app_key = _hash(["app", RECIPE_VERSION, *_hash_named(sources)])
+    return deps_key, app_key, _hash([tag, deps_key, app_key])
 
 
 def requirements_file() -> Path:
@@ -276,7 +276,7 @@ def _deps_layer(root: Path, reqs: Path, key: str, progress: Progress, step: str)
     shutil.rmtree(root / APP_DIR, ignore_errors=True)
     try:
         progress(step, f"pip install -r {reqs.name} (CPython 3.11 wheels)", 0.8)
-        argv = [sys.executable, "-m", "pip", "install", "--no-compile", "--no-cache-dir",
+        argv = [sys.executable, "-m", "pip", "install", "--no-compile",
                 "--disable-pip-version-check", "--no-warn-conflicts", "--quiet",
                 "--target", str(target), *PIP_TARGET_FLAGS, "-r", str(reqs)]
         if subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True).returncode:
@@ -299,17 +299,34 @@ def _deps_layer(root: Path, reqs: Path, key: str, progress: Progress, step: str)
     return w.layer
 
 
-def _app_layer(sources: list[tuple[str, Path]], key: str) -> Layer:
-    """/opt/tpnb/<rel> for every tpnb source file of the image."""
+def _app_layer(root: Path, sources: list[tuple[str, Path]], key: str) -> Layer:
+    """/opt/tpnb/<rel> for every tpnb source file of the image, byte-compiled.
+
+    Compiling with the image's own python3 (3.11) doubles as a check: code
+    that only the host's newer Python accepts fails here, at build time, and
+    not as a crash-looping pod.
+    """
     cache = cache_dir()
     tar = cache / f"app-{key}.tar"
     if tar.exists():
         return Layer.from_cached(tar)
-    with LayerWriter(tar) as w:
-        w.add_dir("opt")
-        w.add_dir(APP_DIR)
-        for rel, path in sorted(sources):
-            w.add_file(f"{APP_DIR}/{rel}", path, mode=0o644)
+    stage = root / APP_DIR
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        for rel, path in sources:
+            dest = stage / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, dest)
+            dest.chmod(0o644)
+        rootfs.chroot_python(
+            root, ["-m", "compileall", "-q", "--invalidation-mode", "unchecked-hash", f"/{APP_DIR}"],
+            what="tpnb's cluster code does not compile with the image's Python 3.11",
+            hint="cluster/ and the tpnb modules it imports must stay Python 3.11-compatible")
+        with LayerWriter(tar) as w:
+            w.add_dir("opt")
+            w.add_tree(stage, APP_DIR)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     assert w.layer is not None
     return w.layer
 

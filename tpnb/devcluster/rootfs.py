@@ -123,15 +123,15 @@ def ensure_rootfs(cache_dir: Path, progress: Progress, step: str) -> tuple[Path,
     return root, layer
 
 
-def chroot_python(root: Path, args: list[str]) -> None:
+def chroot_python(root: Path, args: list[str], what: str = "python3 failed inside the image rootfs",
+                  hint: str = "") -> None:
     """Run the rootfs's own python3 (3.11) inside it: compiles matching .pyc files."""
     chroot = shutil.which("chroot") or "/usr/sbin/chroot"
     proc = subprocess.run([chroot, str(root), "/usr/bin/python3", *args], capture_output=True,
-                          text=True, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"})
+                          text=True, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"})
     if proc.returncode != 0:
-        raise DevClusterError("python3 failed inside the image rootfs",
-                              (proc.stderr or proc.stdout).strip()[-800:],
-                              f"remove {root} to bootstrap it again")
+        raise DevClusterError(what, ((proc.stdout or "") + (proc.stderr or "")).strip()[-1500:],
+                              hint or f"remove {root} to bootstrap it again")
 
 
 # ------------------------------------------------------------------ internals
