@@ -67,6 +67,7 @@ class _Row:
         self.toggle.add_class(f"tpnb-intercept-{wl.name}")
         self.toggle.observe(self._on_toggle, names="value")
         self.box = w.HBox([self.name, self.services, self.state, self.port, self.toggle])
+        self.box.add_class(f"tpnb-row-{wl.name}")  # stable hooks for browser tests and custom CSS
         self._quiet = False
         self.update(wl)
 
