@@ -43,9 +43,16 @@ TOOLS_MODULE = GO_DIR / "tools"
 COREDNS_MODULE = GO_DIR / "coredns"
 #: bump when the way images are assembled changes, to invalidate every cache
 RECIPE_VERSION = 2
-#: pip flags for the dependency layer: CPython 3.11 wheels (bookworm's python3)
-PIP_TARGET_FLAGS = ("--python-version", "3.11", "--platform", "manylinux2014_x86_64",
-                    "--only-binary=:all:", "--implementation", "cp")
+#: glibc of Debian bookworm: wheels for any manylinux_2_N up to it run in the image
+#: (pip does not widen a --platform manylinux_2_N to older N by itself)
+_BOOKWORM_GLIBC_MINOR = 36
+#: pip flags for the dependency layer: CPython 3.11 (bookworm's python3) binary wheels
+PIP_TARGET_FLAGS: tuple[str, ...] = (
+    "--python-version", "3.11", "--implementation", "cp", "--only-binary=:all:",
+    *(arg for minor in range(_BOOKWORM_GLIBC_MINOR, 16, -1)
+      for arg in ("--platform", f"manylinux_2_{minor}_x86_64")),
+    "--platform", "manylinux2014_x86_64",
+)
 APP_DIR = "opt/tpnb"
 
 Progress = Callable[[str, str, float], None]
