@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-LAPTOP = "laptop"
+#: the dev-cluster laptop these tests run in: their own, so their daemon never collides with another suite's
+LAPTOP = os.environ.get("TPNB_TEST_LAPTOP", "notebook")
 ECHO_IMAGE = "tpnb.local/echoserver:1.4"
 
 
