@@ -132,6 +132,8 @@ def test_kubelet_config(cfg: DevClusterConfig, layout: Layout) -> None:
     assert doc["containerRuntimeEndpoint"] == f"unix://{layout.containerd_sock}"
     assert doc["resolvConf"] == str(layout.resolv_conf)
     assert doc["cgroupRoot"] == manifests.CGROUP_ROOT
+    other = DevClusterConfig(node_netns="tpnb-other")
+    assert yaml.safe_load(manifests.kubelet_yaml(other, layout))["cgroupRoot"] != manifests.CGROUP_ROOT
     assert all(v.endswith("%") or v.endswith("Mi") for v in doc["evictionHard"].values())
 
 
@@ -403,7 +405,7 @@ def _traces(dc: Any) -> dict[str, Any]:
         "procs": procs,
         "iptables": [ln for ln in subprocess.run(["iptables-save"], capture_output=True, text=True)
                      .stdout.splitlines() if "KUBE-" in ln or "TPNB-" in ln],
-        "cgroups": [str(p) for p in Path("/sys/fs/cgroup").glob("*" + manifests.CGROUP_ROOT)],
+        "cgroups": [str(p) for p in Path("/sys/fs/cgroup").glob("*" + dc.cgroup_root)],
         "etc_netns": [str(p) for p in Path("/etc/netns").glob("tpnb-laptop")],
     }
 

@@ -28,7 +28,7 @@ from .. import config as tpnb_config
 from ..config import DevClusterConfig
 from ..errors import DevClusterError, PrerequisiteError
 from . import binaries, manifests, netns
-from .manifests import CGROUP_ROOT, COMPONENTS, NODE_NAME, Addresses, Layout
+from .manifests import COMPONENTS, NODE_NAME, Addresses, Layout
 from .pki import Pki, PkiPlan
 from .progress import ProgressFn, silent
 
@@ -170,6 +170,10 @@ class DevCluster:
     @property
     def bin_dir(self) -> Path:
         return binaries.bin_dir(self.layout.state)
+
+    @property
+    def cgroup_root(self) -> str:
+        return manifests.cgroup_root(self.cfg)
 
     @property
     def admin_kubeconfig(self) -> Path:
@@ -369,6 +373,8 @@ class DevCluster:
         self._require_root()
         if self.is_running():
             self._restore_kernel_sysctls()
+            # the project image follows the source: a running cluster still gets the current one
+            self._import_images(self._build_images(progress), progress, (0.6, 0.95))
             progress("up", f"already running; kubeconfig: {self.kubeconfig_path}", 1.0)
             return self.kubeconfig_path
         self.check_prerequisites()
@@ -500,12 +506,12 @@ class DevCluster:
                        if fs in ("cgroup", "cgroup2") and mp.startswith("/sys/fs/cgroup")})
 
     def _cgroup_dirs(self) -> list[Path]:
-        rel = CGROUP_ROOT.strip("/")
+        rel = self.cgroup_root.strip("/")
         return [h / rel for h in self._cgroup_hierarchies() if (h / rel).is_dir()]
 
     def _setup_cgroups(self) -> None:
         """kubelet's cgroupRoot must exist in every hierarchy before it starts."""
-        rel = CGROUP_ROOT.strip("/")
+        rel = self.cgroup_root.strip("/")
         for h in self._cgroup_hierarchies():
             d = h / rel
             d.mkdir(exist_ok=True)
@@ -726,8 +732,9 @@ class DevCluster:
                     out.append(pid)
                     continue
                 cg = Path(f"/proc/{pid}/cgroup").read_text()
-                if any(line.split(":", 2)[-1].startswith(CGROUP_ROOT + "/") or
-                       line.split(":", 2)[-1] == CGROUP_ROOT for line in cg.splitlines()):
+                root = self.cgroup_root
+                if any(line.split(":", 2)[-1].startswith(root + "/") or
+                       line.split(":", 2)[-1] == root for line in cg.splitlines()):
                     out.append(pid)
                     continue
                 if os.readlink(f"/proc/{pid}/exe").startswith(bin_root):

@@ -24,6 +24,13 @@ PAUSE_IMAGE = "tpnb.local/pause:3.10"
 #: cgroup (under every v1 controller) that holds all of kubelet's pods, so
 #: `down` finds and removes exactly what the dev cluster made
 CGROUP_ROOT = "/tpnb-devcluster"
+
+
+def cgroup_root(cfg: DevClusterConfig) -> str:
+    """CGROUP_ROOT, made distinct per node netns so two dev clusters (say a
+    test's second one, with other dirs and names) never share pods' cgroups."""
+    default = DevClusterConfig().node_netns
+    return CGROUP_ROOT if cfg.node_netns == default else f"{CGROUP_ROOT}-{cfg.node_netns}"
 KUBECONFIG_CONTEXT = "tpnb-dev"
 
 
@@ -274,7 +281,7 @@ def kubelet_yaml(cfg: DevClusterConfig, layout: Layout) -> str:
         # cgroup v1 with cgroupfs: this VM has no systemd, and kubelet 1.32
         # still accepts v1 (>= 1.35 refuses it; that is why 1.32 is pinned).
         "cgroupDriver": "cgroupfs",
-        "cgroupRoot": CGROUP_ROOT,
+        "cgroupRoot": cgroup_root(cfg),
         "failSwapOn": False,
         "failCgroupV1": False,
         "containerRuntimeEndpoint": f"unix://{layout.containerd_sock}",
