@@ -12,6 +12,8 @@ finds them by pidfile, by network namespace and by cgroup.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -22,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .. import config as tpnb_config
 from ..config import DevClusterConfig
@@ -361,7 +363,7 @@ class DevCluster:
         return st
 
     def is_running(self) -> bool:
-        """Quick check used by an idempotent `up`: every component alive and ready."""
+        """Every component alive, node Ready and CoreDNS ready."""
         if not self._node_netns_ours() or not all(self._pid(c) for c in COMPONENTS):
             return False
         return self._api_ready() and self._node_ready() and self._coredns_ready()
@@ -369,12 +371,36 @@ class DevCluster:
     # ------------------------------------------------------------ up
     def up(self, progress: ProgressFn = silent) -> Path:
         """Boot the cluster (or confirm it runs); returns the kubeconfig path."""
-        t0 = time.monotonic()
         self._require_root()
-        if self.is_running():
+        with self._lock(progress):
+            return self._up(progress)
+
+    @contextlib.contextmanager
+    def _lock(self, progress: ProgressFn) -> Iterator[None]:
+        """One up/down at a time (a CLI and several test sessions may race)."""
+        self.layout.run.mkdir(parents=True, exist_ok=True)
+        with open(self.layout.run / "lock", "w") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                progress("lock", "another `tpnb devcluster up/down` is running; waiting for it…", 0.0)
+                fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
+    def _control_plane_alive(self) -> bool:
+        return self._node_netns_ours() and all(self._pid(c) for c in COMPONENTS) and self._api_ready()
+
+    def _up(self, progress: ProgressFn) -> Path:
+        t0 = time.monotonic()
+        if self._control_plane_alive():
+            # Running: no reboot (that would wipe everyone's pods).  Bring the
+            # images up to date (the project image follows the source), make
+            # sure CoreDNS is there, and wait for readiness.
             self._restore_kernel_sysctls()
-            # the project image follows the source: a running cluster still gets the current one
-            self._import_images(self._build_images(progress), progress, (0.6, 0.95))
+            built = self._build_images(progress)
+            self._import_images(built, progress, (0.6, 0.8))
+            if not (self._node_ready() and self._coredns_ready() and self._default_sa()):
+                self._finish_boot(built, progress, list(COMPONENTS))
             progress("up", f"already running; kubeconfig: {self.kubeconfig_path}", 1.0)
             return self.kubeconfig_path
         self.check_prerequisites()
@@ -422,10 +448,16 @@ class DevCluster:
             self._start(c)
             started.append(c)
 
+        self._finish_boot(built, progress, started)
+        progress("up", f"dev cluster ready in {time.monotonic() - t0:.0f} s; "
+                 f"kubeconfig: {self.kubeconfig_path}", 1.0)
+        return self.kubeconfig_path
+
+    def _finish_boot(self, built: list[Any], progress: ProgressFn, started: list[str]) -> None:
+        """CoreDNS applied; node Ready, default ServiceAccount, CoreDNS Ready."""
         progress("coredns", "applying Deployment coredns and Service kube-dns "
                  f"({self.cfg.dns_service_ip})", 0.8)
         self._apply_coredns(built)
-
         self._wait("node", self._node_ready, progress, 0.88, 180, started,
                    lambda: f"kubelet log:\n{_tail(self.layout.log('kubelet'))}")
         self._restore_kernel_sysctls()
@@ -433,9 +465,6 @@ class DevCluster:
                    lambda: f"kube-controller-manager log:\n"
                            f"{_tail(self.layout.log('kube-controller-manager'))}")
         self._wait("coredns", self._coredns_ready, progress, 0.98, 240, started, self._diagnose_coredns)
-        progress("up", f"dev cluster ready in {time.monotonic() - t0:.0f} s; "
-                 f"kubeconfig: {self.kubeconfig_path}", 1.0)
-        return self.kubeconfig_path
 
     def _preflight(self) -> None:
         """Refuse, before building or stopping anything, to take over
@@ -606,7 +635,6 @@ class DevCluster:
             tar = Path(img.tar)
             digest = _file_digest(tar)
             if img.name in present and record.get(img.name) == digest:
-                progress("images", f"{img.name} already imported", f)
                 continue
             progress("images", f"importing {img.name}", f)
             res = self._ctr("images", "import", str(tar), timeout=600)
@@ -655,7 +683,8 @@ class DevCluster:
     def down(self, purge: bool = False, progress: ProgressFn = silent) -> None:
         """Stop everything and remove all traces; keep caches unless `purge`."""
         self._require_root()
-        self._teardown(progress, purge=purge)
+        with self._lock(progress):
+            self._teardown(progress, purge=purge)
         progress("down", "dev cluster stopped" + (" and its state removed" if purge else
                  f"; caches kept in {self.layout.state}"), 1.0)
 

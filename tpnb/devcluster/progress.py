@@ -11,6 +11,7 @@ shared with `tpnb.devcluster.images.build_all`.
 """
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -52,6 +53,10 @@ class Printer:
         line = f"[{self.elapsed():7.1f}s {pct:3d}%] {step}: {message}"
         same = step == self._last_step
         if self.tty:
+            # one screen line, or the carriage return cannot overwrite it
+            width = shutil.get_terminal_size((120, 24)).columns - 1
+            if len(line) > width:
+                line = line[:width - 1] + "…"
             if same and self._open_line:
                 self.stream.write("\r\033[K" + line)
             else:
