@@ -65,7 +65,7 @@ REMAIN_INTERVAL = 5.0
 OPEN_TIMEOUT = 30.0
 #: how long a new connection to the app may take
 APP_CONNECT_TIMEOUT = 10.0
-MAX_BACKOFF = 30.0
+MAX_BACKOFF = 5.0  # a manager restart must not leave intercepts dead for long
 #: grace period for open connections after SIGTERM (the pod's default is 30 s)
 DRAIN_SECONDS = 20.0
 

@@ -73,6 +73,17 @@ def _label_value(s: str) -> str:
 
 
 # ----------------------------------------------------------------- manifests
+def rbac_name(namespace: str) -> str:
+    """Name of the cluster-scoped RBAC objects of the manager in `namespace`.
+
+    The default install uses the plain name; a manager in another namespace
+    (manager.namespace set, e.g. tests next to a shared install) gets its own
+    ClusterRole/Binding, so installing or uninstalling it never rewires or
+    removes the other manager's permissions.
+    """
+    return RBAC_NAME if namespace == config.ManagerConfig.namespace else f"{RBAC_NAME}-{namespace}"
+
+
 def manifests(image: str, namespace: str | None = None, grpc_port: int | None = None) -> list[dict[str, Any]]:
     """Every object of a manager install, in apply order (namespace first)."""
     cfg = config.get()
@@ -80,6 +91,7 @@ def manifests(image: str, namespace: str | None = None, grpc_port: int | None = 
     grpc_port = grpc_port or cfg.manager.grpc_port
     version = _label_value(image_tag(image))
     labels = {**MANAGED_BY, **SELECTOR, "app.kubernetes.io/part-of": "tpnb"}
+    rbac = rbac_name(namespace)
     meta = lambda name, ns=namespace: {  # noqa: E731
         "name": name, **({"namespace": ns} if ns else {}), "labels": dict(labels)}
     read = ["get", "list", "watch"]
@@ -88,18 +100,20 @@ def manifests(image: str, namespace: str | None = None, grpc_port: int | None = 
          "metadata": {"name": namespace, "labels": {**MANAGED_BY, "app.kubernetes.io/part-of": "tpnb"}}},
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(NAME)},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-         "metadata": meta(RBAC_NAME, None),
+         "metadata": meta(rbac, None),
          "rules": [
              {"apiGroups": [""], "resources": ["nodes", "namespaces", "services", "pods", "endpoints"], "verbs": read},
              {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": read},
              {"apiGroups": ["apps"], "resources": ["deployments", "replicasets", "statefulsets"], "verbs": read},
          ]},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-         "metadata": meta(RBAC_NAME, None),
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": RBAC_NAME},
+         "metadata": meta(rbac, None),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": rbac},
          "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": namespace}]},
+        # A ClusterIP Service, not headless: its name always resolves, so an
+        # agent starting while the manager restarts is not handed a cached NXDOMAIN.
         {"apiVersion": "v1", "kind": "Service", "metadata": meta(NAME),
-         "spec": {"clusterIP": "None", "selector": dict(SELECTOR),
+         "spec": {"selector": dict(SELECTOR),
                   "ports": [{"name": "grpc", "port": grpc_port, "targetPort": grpc_port, "protocol": "TCP"}]}},
         {"apiVersion": "apps/v1", "kind": "Deployment",
          "metadata": {**meta(NAME), "labels": {**labels, "app.kubernetes.io/version": version}},
@@ -183,9 +197,16 @@ async def _get(t: KubeTarget, path: str, resource: str, ns: str | None) -> dict[
 
 async def _apply(t: KubeTarget, obj: dict[str, Any]) -> None:
     path, resource, ns = object_path(obj)
+    query = {"fieldManager": FIELD_MANAGER, "force": "true"}
     try:
-        await request(t, "PATCH", path, query={"fieldManager": FIELD_MANAGER, "force": "true"},
-                      body=obj, content_type="application/apply-patch+yaml")
+        try:
+            await request(t, "PATCH", path, query=query, body=obj, content_type="application/apply-patch+yaml")
+        except ApiException as exc:
+            if exc.status != 422 or obj["kind"] != "Service":
+                raise
+            # an immutable field changed (e.g. an older headless manager Service): recreate it
+            await _delete(t, path, resource, ns)
+            await request(t, "PATCH", path, query=query, body=obj, content_type="application/apply-patch+yaml")
     except ApiException as exc:
         if exc.status == 403 and "being terminated" in status_message(exc.body):
             raise ClusterError(f"namespace {ns} is still being deleted", status_message(exc.body),
