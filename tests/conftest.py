@@ -105,5 +105,7 @@ class LaptopRunner:
 
 @pytest.fixture(scope="session")
 def laptop(devcluster: Any) -> LaptopRunner:
-    """The default laptop (`tpnb-laptop`) of the running dev cluster."""
-    return LaptopRunner(devcluster, "laptop")
+    """The default laptop (`tpnb-laptop`) of the running dev cluster; another
+    name with TPNB_DEVCLUSTER_TEST_LAPTOP (e.g. for a second dev cluster set
+    up through TPNB_DEVCLUSTER_* variables)."""
+    return LaptopRunner(devcluster, os.environ.get("TPNB_DEVCLUSTER_TEST_LAPTOP", "laptop"))

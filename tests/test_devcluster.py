@@ -311,10 +311,10 @@ def test_laptop_sees_a_ready_node(laptop: Any) -> None:
 
 
 @pytest.mark.cluster
-def test_status_and_idempotent_up(devcluster: Any) -> None:
+def test_status_and_idempotent_up(devcluster: Any, laptop: Any) -> None:
     st = devcluster.status()
     assert st.running and st.coredns_ready, st.render()
-    assert "laptop" in st.laptops
+    assert laptop.name in st.laptops
     t = time.monotonic()
     assert devcluster.up() == devcluster.kubeconfig_path
     assert time.monotonic() - t < 10, "up on a running cluster should be a quick check"
@@ -377,10 +377,10 @@ def test_cluster_dns_and_services_from_a_pod(laptop: Any, hello: str, toolbox: s
 
 
 # ---------------------------------------------------------------- down (runs last)
-def _traces(dc: Any) -> dict[str, Any]:
+def _traces(dc: Any, laptop_name: str, pod_netns: list[str]) -> dict[str, Any]:
     """Everything of the dev cluster that is visible on the host."""
     lay = dc.layout
-    ours = {dc.cfg.node_netns, *(f"tpnb-{n}" for n in ("laptop",))}
+    ours = {dc.cfg.node_netns, f"tpnb-{laptop_name}"}
     mounts = Path("/proc/self/mountinfo").read_text()
     prefixes = (str(lay.state) + "/", str(lay.run) + "/")
     procs = []
@@ -401,22 +401,25 @@ def _traces(dc: Any) -> dict[str, Any]:
         "links": [ln for ln in subprocess.run(["ip", "-o", "link"], capture_output=True, text=True)
                   .stdout.splitlines() if re.search(r": (lan0|cni0|lap\d+|veth\w+)[@:]", ln)],
         "mounts": [ln.split()[4] for ln in mounts.splitlines()
-                   if ln.split()[4].startswith(prefixes) or "/run/netns/cni-" in ln],
+                   if ln.split()[4].startswith(prefixes) or
+                   any(ln.split()[4] == f"/run/netns/{n}" for n in pod_netns)],
         "procs": procs,
         "iptables": [ln for ln in subprocess.run(["iptables-save"], capture_output=True, text=True)
                      .stdout.splitlines() if "KUBE-" in ln or "TPNB-" in ln],
         "cgroups": [str(p) for p in Path("/sys/fs/cgroup").glob("*" + dc.cgroup_root)],
-        "etc_netns": [str(p) for p in Path("/etc/netns").glob("tpnb-laptop")],
+        "etc_netns": [str(p) for p in Path("/etc/netns").glob(f"tpnb-{laptop_name}")],
     }
 
 
 @pytest.mark.cluster
 @pytest.mark.devcluster_down
 def test_down_leaves_nothing_and_up_again(devcluster: Any, laptop: Any, hello: str) -> None:
-    before = _traces(devcluster)
+    pod_netns = [n for n in netns.peer_namespaces(devcluster.cfg.node_netns) if n.startswith("cni-")]
+    assert pod_netns, "the pods' network namespaces should be peers of the node"
+    before = _traces(devcluster, laptop.name, pod_netns)
     assert before["netns"] and before["procs"] and before["mounts"], before
     devcluster.down()
-    after = _traces(devcluster)
+    after = _traces(devcluster, laptop.name, pod_netns)
     assert after == {k: [] for k in after}, after
     st = devcluster.status()
     assert st.stopped, st.render()

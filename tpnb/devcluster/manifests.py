@@ -398,6 +398,15 @@ def component_argv(name: str, bin_dir: Path, cfg: DevClusterConfig, layout: Layo
                 # webhooks and aggregated APIs are reached at their pods' IPs:
                 # the node netns has no route to the service CIDR
                 "--enable-aggregator-routing=true",
+                # aggregation layer (and no "missing CA bundle" noise in the
+                # controller-manager): header authentication from our proxy cert
+                f"--requestheader-client-ca-file={pki / 'ca.crt'}",
+                "--requestheader-allowed-names=front-proxy-client",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                f"--proxy-client-cert-file={pki / 'front-proxy-client.crt'}",
+                f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
                 "--profiling=false",
                 "--v=1"]
     if name == "kube-controller-manager":

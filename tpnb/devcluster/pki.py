@@ -70,6 +70,8 @@ class PkiPlan:
             CertSpec("kubelet", f"system:node:{node_name}", ("system:nodes",), client=True),
             CertSpec("apiserver-kubelet-client", "kube-apiserver-kubelet-client",
                      ("system:masters",), client=True),
+            # the API server's identity towards aggregated API servers
+            CertSpec("front-proxy-client", "front-proxy-client", client=True),
             CertSpec("kubelet-serving", node_name, server=True,
                      dns=(node_name, "localhost"), ips=(node_ip, "127.0.0.1")),
         )
