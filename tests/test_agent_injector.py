@@ -16,17 +16,14 @@ import copy
 import glob
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from tpnb import config
 from tpnb.errors import InterceptError
@@ -49,13 +46,19 @@ def _kubectl_bin() -> str:
     return found[-1]
 
 
-def _api_reachable() -> bool:
+def _in_laptop_netns() -> bool:
+    """Whether this process runs in a laptop namespace of the dev cluster.
+
+    Decided by namespace identity, never by probing the API address: from the
+    host namespace a connection to it would leave the machine.
+    """
+    names = {LAPTOP_NS}
+    if os.environ.get("TPNB_LAPTOP"):
+        names.add(f"tpnb-{os.environ['TPNB_LAPTOP']}")
     try:
-        server = yaml.safe_load(KUBECONFIG.read_text())["clusters"][0]["cluster"]["server"]
-        u = urllib.parse.urlparse(server)
-        with socket.create_connection((u.hostname, u.port or 443), timeout=3):
-            return True
-    except (OSError, KeyError, IndexError, TypeError, ValueError):
+        here = os.stat("/proc/self/ns/net").st_ino
+        return any(os.stat(f"/run/netns/{n}").st_ino == here for n in names if os.path.exists(f"/run/netns/{n}"))
+    except OSError:
         return False
 
 
@@ -119,9 +122,9 @@ class Cluster:
 def cl(request: pytest.FixtureRequest) -> Any:
     if not KUBECONFIG.exists():
         pytest.skip(f"dev cluster not up ({KUBECONFIG} missing): tpnb devcluster up")
-    if not _api_reachable():
+    if not _in_laptop_netns():
         if os.environ.get(IN_LAPTOP_ENV):
-            pytest.skip("the dev cluster's API server is not reachable")
+            pytest.skip(f"not inside {LAPTOP_NS} after all")
         if os.geteuid() != 0 or not Path(f"/run/netns/{LAPTOP_NS}").exists():
             pytest.skip(f"API server unreachable here and no {LAPTOP_NS} netns to run in")
         # re-run this very test inside the laptop network namespace
@@ -140,6 +143,10 @@ def cl(request: pytest.FixtureRequest) -> Any:
     if not c.image_on_node(ECHO_IMAGE):
         pytest.skip(f"{ECHO_IMAGE} is not imported into the dev cluster")
     c.kubectl("create", "namespace", c.ns)
+    for _ in range(60):  # pods are refused until the namespace's default ServiceAccount exists
+        if c.kubectl("-n", c.ns, "get", "serviceaccount", "default", check=False).returncode == 0:
+            break
+        time.sleep(0.5)
     try:
         yield c
     finally:
