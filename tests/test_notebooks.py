@@ -48,6 +48,7 @@ CURL = 'import subprocess\nprint(subprocess.run(["curl", "-s", "http://127.0.0.1
 def test_magics_in_a_real_kernel(tmp_path: Path) -> None:
     port = _free_port()
     tests_dir = Path(__file__).resolve().parent
+    left_file = tmp_path / "left.txt"
     nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
                                                            "language": "python"}})
     nb.cells = [
@@ -55,7 +56,10 @@ def test_magics_in_a_real_kernel(tmp_path: Path) -> None:
               "from test_magics_unit import FakeSession\n"
               "from tpnb.magics import lifecycle\n"
               "fake = FakeSession(connected=False)\n"
-              "lifecycle.set_session_factory(lambda: fake)", "fake"),
+              "lifecycle.set_session_factory(lambda: fake)\n"
+              "_leave = fake.leave\n"
+              f"def leave(name):\n    open({str(left_file)!r}, 'a').write(name + '\\n')\n    return _leave(name)\n"
+              "fake.leave = leave", "fake"),
         _code("%load_ext tpnb", "load"),
         _code(APP.format(port=port, v="v1"), "v1"),
         _code(CURL.format(port=port), "curl1"),
@@ -70,6 +74,7 @@ def test_magics_in_a_real_kernel(tmp_path: Path) -> None:
         _code("print(p.polling, sorted(r[1] for r in p._rows)); p.close(); print(p.polling)", "panel-close"),
         _code("%tp leave hello", "leave"),
         _code(f"from tpnb import inkernel\nprint('server gone:', inkernel.get_server({port}) is None)", "gone"),
+        _code("%tp intercept keepme --port 1", "keepme"),  # never left by the notebook: kernel exit must
     ]
     src, dst = tmp_path / "kernel.ipynb", tmp_path / "kernel.out.ipynb"
     nbformat.write(nb, src)
@@ -95,6 +100,8 @@ def test_magics_in_a_real_kernel(tmp_path: Path) -> None:
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in panel_out)
     assert rn.text_of(rn.tagged(out, "panel-close")).split() == ["True", "['hello',", "'other']", "False"]
     assert rn.text_of(rn.tagged(out, "gone")).strip() == "server gone: True"
+    # nbclient shut the kernel down gracefully: its atexit hook left what the notebook had not
+    assert left_file.read_text().split() == ["hello", "keepme"]
 
 
 # ------------------------------------------------------------------ against the dev cluster
