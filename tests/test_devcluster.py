@@ -229,8 +229,10 @@ def test_progress_lines_in_logs() -> None:
 def test_cli_errors_are_short(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     from tpnb.devcluster import cli
 
+    from tpnb import config
+
     assert cli.main(["kubeconfig"]) == 0
-    assert capsys.readouterr().out.strip() == str(Path(DevClusterConfig().state_dir) / "kubeconfig")
+    assert capsys.readouterr().out.strip() == str(Path(config.get().devcluster.state_dir) / "kubeconfig")
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert cli.main(["up"]) == PrerequisiteError.exit_code
     err = capsys.readouterr().err
@@ -348,7 +350,8 @@ def test_laptop_network_shape(laptop: Any, hello: str) -> None:
 
 @pytest.mark.cluster
 def test_logs_exec_and_port_forward(laptop: Any, hello: str, toolbox: str) -> None:
-    assert "listening on :8080" in laptop.kubectl("logs", hello).stdout
+    # -c: an intercept test may have added a traffic-agent container to hello
+    assert "listening on :8080" in laptop.kubectl("logs", hello, "-c", "echoserver").stdout
     out = laptop.kubectl("exec", toolbox, "--", "python3", "-c", "print(6 * 7)").stdout
     assert out.strip() == "42"
     script = (
