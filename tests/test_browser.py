@@ -69,7 +69,8 @@ class JupyterLab:
             "ServerApp": {"ip": "127.0.0.1", "port": self.port, "open_browser": False, "allow_root": True,
                           "root_dir": str(self.root), "port_retries": 0},
             "IdentityProvider": {"token": self.token},
-            "LabApp": {"news_url": None, "check_for_updates_class": "jupyterlab.handlers.announcements.NeverCheckForUpdate"},
+            "LabApp": {"news_url": None,
+                       "check_for_updates_class": "jupyterlab.handlers.announcements.NeverCheckForUpdate"},
         }))
         news = state / "settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
         news.parent.mkdir(parents=True, exist_ok=True)

@@ -83,7 +83,8 @@ def test_magics_in_a_real_kernel(tmp_path: Path) -> None:
     assert code == 0, rn.errors_of(out)
 
     v1 = rn.text_of(rn.tagged(out, "v1"))
-    assert "Connected to context dev" in v1 and f"serving `app` (WSGI) from this kernel on http://127.0.0.1:{port}" in v1
+    assert "Connected to context dev" in v1
+    assert f"serving `app` (WSGI) from this kernel on http://127.0.0.1:{port}" in v1
     assert "Using deployment hello" in v1
     progress_outputs = [o for o in rn.tagged(out, "v1").outputs if o.get("output_type") == "display_data"]
     assert any("steps" in o["data"].get("text/plain", "") for o in progress_outputs)  # the bar, replaced by text

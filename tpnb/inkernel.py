@@ -78,7 +78,7 @@ def app_kind(app: object) -> str:
                           "or an ASGI one `async def app(scope, receive, send)`")
     if inspect.iscoroutinefunction(app):
         return "asgi"
-    call = getattr(app, "__call__", None)
+    call = type(app).__call__ if not inspect.isroutine(app) else None  # an app object's method
     if call is not None and inspect.iscoroutinefunction(call):
         return "asgi"
     return "wsgi"

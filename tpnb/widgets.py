@@ -312,8 +312,9 @@ class Panel:
         if not recent:
             self.log_html.value = "<i>no requests yet</i>"
             return
-        rows = [(r["time"][11:], names.get(r["port"], ""), r["method"], r["path"] + (f"?{r['query']}" if r["query"] else ""),
-                 r["status"], r["duration_ms"]) for r in reversed(recent)]
+        rows = [(r["time"][11:], names.get(r["port"], ""), r["method"],
+                 r["path"] + (f"?{r['query']}" if r["query"] else ""), r["status"], r["duration_ms"])
+                for r in reversed(recent)]
         self.log_html.value = html_table(["time", "intercept", "method", "path", "status", "ms"], rows)
 
     def _show_env(self, st: Status | None = None) -> None:
