@@ -66,6 +66,8 @@ OPEN_TIMEOUT = 30.0
 #: how long a new connection to the app may take
 APP_CONNECT_TIMEOUT = 10.0
 MAX_BACKOFF = 5.0  # a manager restart must not leave intercepts dead for long
+#: how long a replaced manager channel stays open for connections still using it
+OLD_CHANNEL_LINGER = 120.0
 #: grace period for open connections after SIGTERM (the pod's default is 30 s)
 DRAIN_SECONDS = 20.0
 
@@ -282,6 +284,7 @@ class Agent:
         self.server: asyncio.AbstractServer | None = None
         self.grpc_server: Any = None
         self._conns: set[asyncio.Task[Any]] = set()
+        self._old_channels: set[Any] = set()
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()
 
@@ -397,19 +400,20 @@ class Agent:
     async def session_loop(self) -> None:
         """Arrive, heartbeat and watch instructions; on any loss, forget and re-arrive."""
         target = f"{self.s.manager_host}:{self.s.manager_port}"
-        self.channel = grpc.aio.insecure_channel(target, options=[
-            ("grpc.initial_reconnect_backoff_ms", 500),
-            ("grpc.min_reconnect_backoff_ms", 500),
-            ("grpc.max_reconnect_backoff_ms", 5000),
-        ])
-        self.stub = rpc.ManagerStub(self.channel)
         backoff = 1.0
+        failures = 0
+        used = False  # whether the current channel carried a session (and maybe tunnels)
         while True:
             lost_reason = ""
+            if self.channel is None or used or failures % 4 == 3:
+                self._new_channel(target, linger=used)
+                used = False
             try:
                 info = await asyncio.to_thread(self.agent_info)
                 sess = await self.stub.ArriveAsAgent(info, timeout=10)
                 self.agent_id = sess.agent_id
+                used = True
+                failures = 0
                 log.info("arrived at traffic-manager %s as agent %s (%d env vars)",
                          target, sess.agent_id, len(info.environment))
                 backoff = 1.0
@@ -425,6 +429,7 @@ class Agent:
                 log.exception("manager session failed")
                 lost_reason = repr(exc)
             was = self.agent_id
+            failures += 1
             self._forget()
             if was:
                 log.warning("lost the traffic-manager session (%s); re-arriving", lost_reason)
@@ -435,6 +440,32 @@ class Agent:
                          target, lost_reason, backoff)
             await asyncio.sleep(backoff * (0.8 + 0.4 * random.random()))
             backoff = min(max(backoff, 1.0) * 2, MAX_BACKOFF)
+
+    def _new_channel(self, target: str, linger: bool) -> None:
+        """A fresh channel after a lost session (and every 4th failed arrival): the manager's Service is
+        headless, so a restarted manager has a new address that an old
+        channel's cached resolution would keep missing.  The previous channel
+        is closed later (`linger`) when it carried a session: connections
+        being served through it keep going if the manager is in fact still
+        there."""
+        old = self.channel
+        self.channel = grpc.aio.insecure_channel(target, options=[
+            ("grpc.initial_reconnect_backoff_ms", 500),
+            ("grpc.min_reconnect_backoff_ms", 500),
+            ("grpc.max_reconnect_backoff_ms", 5000),
+            ("grpc.dns_min_time_between_resolutions_ms", 1000),
+        ])
+        self.stub = rpc.ManagerStub(self.channel)
+        if old is not None and not linger:
+            asyncio.ensure_future(old.close())
+        elif old is not None:
+            loop = asyncio.get_running_loop()
+            self._old_channels.add(old)
+
+            def close_old() -> None:
+                self._old_channels.discard(old)
+                asyncio.ensure_future(old.close())
+            loop.call_later(OLD_CHANNEL_LINGER, close_old)
 
     async def _run_session(self, sess: pb.AgentSession) -> None:
         remain = asyncio.ensure_future(self._remain_loop(sess))
@@ -515,8 +546,10 @@ class Agent:
             await asyncio.gather(*pending, return_exceptions=True)
         if self.grpc_server is not None:
             await self.grpc_server.stop(1)
-        if self.channel is not None:
-            await self.channel.close()
+        for ch in [self.channel, *self._old_channels]:
+            if ch is not None:
+                with contextlib.suppress(Exception):
+                    await ch.close()
 
 
 def setup_logging(level: str | None = None) -> None:
