@@ -724,7 +724,7 @@ class DevCluster:
                     shutil.rmtree(netns.ETC_NETNS / rec["name"], ignore_errors=True)
 
         progress("down", "unmounting container and volume mounts", 0.7)
-        self._unmount_all()
+        stuck = self._unmount_all()
         if node_ours:
             netns.delete(lay, node)
         progress("down", "removing cgroups", 0.8)
@@ -732,10 +732,19 @@ class DevCluster:
         self._clean_var_log_containers()
 
         progress("down", "removing per-boot state", 0.9)
-        for d in (lay.etcd_dir, lay.kubelet_dir, lay.pod_logs_dir, lay.cni_data_dir, lay.pid_dir,
-                  lay.containerd_state, lay.run / "runc"):
+        cri = lay.containerd_root / "io.containerd.grpc.v1.cri"
+        per_boot = [lay.etcd_dir, lay.kubelet_dir, lay.pod_logs_dir, lay.cni_data_dir, lay.pid_dir,
+                    lay.containerd_state, lay.run / "runc", cri / "sandboxes", cri / "containers"]
+        if stuck:  # never delete below a mount point that is still there
+            per_boot = [d for d in per_boot if not any(m.startswith(str(d) + "/") for m in stuck)]
+        for d in per_boot:
             shutil.rmtree(d, ignore_errors=True)
         self._sysctl_file().unlink(missing_ok=True)
+        if stuck:
+            raise DevClusterError(
+                "could not unmount " + ", ".join(stuck[:5]) + (" …" if len(stuck) > 5 else ""),
+                "a process outside the dev cluster may still use them",
+                "find it with `fuser -vm PATH`, stop it, then run `tpnb devcluster down` again")
         if purge:
             shutil.rmtree(lay.state, ignore_errors=True)
             shutil.rmtree(lay.run, ignore_errors=True)
@@ -785,20 +794,19 @@ class DevCluster:
                 h = hashlib.sha256(os.path.join(addr, ns_dir.name, cdir.name).encode()).hexdigest()
                 (sdir / h).unlink(missing_ok=True)
 
-    def _unmount_all(self) -> None:
+    def _unmount_all(self) -> list[str]:
+        """Unmount everything under the state and run dirs, deepest first;
+        returns what could not be unmounted."""
         lay = self.layout
         prefixes = (str(lay.state) + "/", str(lay.run) + "/")
         for _ in range(5):
             mps = [mp for mp, _ in _mountpoints() if mp.startswith(prefixes)]
             if not mps:
-                return
+                return []
             for mp in sorted(set(mps), key=lambda m: -m.count("/")):
                 if subprocess.run(["umount", mp], capture_output=True).returncode != 0:
                     subprocess.run(["umount", "-l", mp], capture_output=True)
-        left = [mp for mp, _ in _mountpoints() if mp.startswith(prefixes)]
-        if left:
-            raise DevClusterError("could not unmount " + ", ".join(left[:5]),
-                                  hint="a process may still use them; see `fuser -m PATH`")
+        return sorted({mp for mp, _ in _mountpoints() if mp.startswith(prefixes)})
 
     def _clean_var_log_containers(self) -> None:
         target = str(self.layout.pod_logs_dir) + "/"
