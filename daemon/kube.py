@@ -256,8 +256,10 @@ def load_target(kubeconfig: str | None = None, context: str | None = None) -> Ku
         why = "the plugin returned no token or certificate"
         try:
             from kubernetes.config.exec_provider import ExecProvider
+            from kubernetes.config.kube_config import ConfigNode
 
-            ExecProvider(user["exec"], os.path.dirname(docs[0][0]), cluster).run()
+            ExecProvider(ConfigNode("exec", user["exec"]), os.path.dirname(docs[0][0]),
+                         ConfigNode("cluster", cluster)).run()
         except Exception as exc:  # noqa: BLE001 - any plugin failure is the user's to see
             why = str(exc)
         raise ClusterError(
@@ -427,7 +429,7 @@ async def _raw_get(t: KubeTarget, path: str) -> tuple[int, bytes]:
     reader, writer = await asyncio.open_connection(host, port, **kw)
     try:
         hdrs = {"Host": u.netloc, "Accept": "application/json", "User-Agent": "tpnb", "Connection": "close"}
-        hdrs.update(t.auth_headers())
+        hdrs.update(await anyio.to_thread.run_sync(t.auth_headers))
         req = f"GET {u.path.rstrip('/')}{path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items())
         writer.write(req.encode("latin-1") + b"\r\n")
         await writer.drain()
@@ -665,6 +667,7 @@ async def _service_cidrs(t: KubeTarget) -> list[str]:
             raise api_error(exc, "list servicecidrs", "list", "servicecidrs.networking.k8s.io", None, t.server) from None
         cidrs = [c for item in res.get("items", []) for c in ((item.get("spec") or {}).get("cidrs") or [])]
         if cidrs:
+            log.info("service subnets from the ServiceCIDR API (%s): %s", version, cidrs)
             return _collapse(cidrs)
 
     probe_ns = [config.get().manager.namespace, t.namespace, "default"]
@@ -681,6 +684,7 @@ async def _service_cidrs(t: KubeTarget) -> list[str]:
         except ApiException as exc:
             found = parse_service_range(status_message(exc.body))
             if found:
+                log.info("service subnets from a dry-run Service probe in %s: %s", ns, found)
                 return found
             if exc.status in (403, 404):
                 continue  # not allowed here / namespace missing: try the next one
@@ -694,7 +698,9 @@ async def _service_cidrs(t: KubeTarget) -> list[str]:
         svc = await request(t, "GET", "/api/v1/namespaces/default/services/kubernetes")
         ip = ipaddress.ip_address(svc["spec"]["clusterIP"])
         prefix = 16 if ip.version == 4 else 112
-        return [str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))]
+        guess = str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+        log.warning("service subnet unknown; assuming %s around the kubernetes Service IP %s", guess, ip)
+        return [guess]
     except ApiException as exc:
         raise api_error(exc, "find the service subnet", "get", "services", "default", t.server) from None
     except (KeyError, TypeError, ValueError):

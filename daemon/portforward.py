@@ -36,6 +36,7 @@ import ssl
 import struct
 from typing import Any
 
+import anyio
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
@@ -160,11 +161,13 @@ async def _open_ws(t: KubeTarget, namespace: str, pod: str, port: int) -> Client
         if t.tls_server_name:
             kw["server_hostname"] = t.tls_server_name
     timeout = config.get().timeouts.api
+    # may re-run an exec credential plugin when the token expired: not on the loop
+    headers = await anyio.to_thread.run_sync(t.auth_headers)
     try:
         return await connect(
             url,
             subprotocols=list(SUBPROTOCOLS),  # type: ignore[arg-type]
-            additional_headers=t.auth_headers(),
+            additional_headers=headers,
             compression=None,  # the API server never negotiates it; don't offer
             max_size=RECV_MAX,
             max_queue=16,

@@ -179,6 +179,29 @@ def test_load_target_token_file(tmp_path: Path, pki: PKI) -> None:
     assert t.headers["Authorization"].startswith("Bearer from-file")
 
 
+def _with_exec(kc: Path, script: str) -> Path:
+    doc = yaml.safe_load(kc.read_text())
+    doc["users"][0]["user"] = {"exec": {"apiVersion": "client.authentication.k8s.io/v1", "command": "/bin/sh",
+                                        "args": ["-c", script], "interactiveMode": "Never"}}
+    kc.write_text(yaml.safe_dump(doc))
+    return kc
+
+
+@pytest.mark.unit
+def test_load_target_exec_plugin(tmp_path: Path, pki: PKI) -> None:
+    cred = json.dumps({"apiVersion": "client.authentication.k8s.io/v1", "kind": "ExecCredential",
+                       "status": {"token": "from-plugin"}})
+    kc = _with_exec(write_kubeconfig(tmp_path / "kc", "https://127.0.0.1:6443", pki), f"echo '{cred}'")
+    t = load_target(str(kc), None)
+    assert t.headers == {"Authorization": "Bearer from-plugin"}
+    assert t.auth_headers() == {"Authorization": "Bearer from-plugin"}
+    bad = _with_exec(write_kubeconfig(tmp_path / "kc2", "https://127.0.0.1:6443", pki),
+                     "echo 'please log in first' >&2; exit 1")
+    with pytest.raises(ClusterError) as ei:
+        load_target(str(bad), None)
+    assert "credential plugin" in ei.value.what and "please log in first" in ei.value.why
+
+
 @pytest.mark.unit
 def test_missing_context_is_a_clear_error(tmp_path: Path, pki: PKI) -> None:
     kc = write_kubeconfig(tmp_path / "kc", "https://127.0.0.1:6443", pki)
