@@ -254,6 +254,13 @@ class DevCluster:
         if not (cg / "memory").is_dir() and not (cg / "cgroup.controllers").exists():
             raise PrerequisiteError("no cgroup hierarchy found under /sys/fs/cgroup",
                                     hint="mount cgroups (v1 or v2) before `up`")
+        if "overlay" not in Path("/proc/filesystems").read_text():
+            subprocess.run(["modprobe", "-q", "overlay"], capture_output=True)
+            if "overlay" not in Path("/proc/filesystems").read_text():
+                raise PrerequisiteError(
+                    "the kernel has no overlay filesystem",
+                    "containerd unpacks images with its overlayfs snapshotter",
+                    "load it with `modprobe overlay` (apt-get install -y kmod), or use a kernel with it")
         if not Path("/proc/sys/net/ipv4/ip_forward").exists():
             raise PrerequisiteError("this kernel has no IPv4 networking sysctls",
                                     hint="run on a Linux kernel with network namespaces")
@@ -401,6 +408,7 @@ class DevCluster:
             self._import_images(built, progress, (0.6, 0.8))
             if not (self._node_ready() and self._coredns_ready() and self._default_sa()):
                 self._finish_boot(built, progress, list(COMPONENTS))
+            self.ensure_laptop(DEFAULT_LAPTOP)
             progress("up", f"already running; kubeconfig: {self.kubeconfig_path}", 1.0)
             return self.kubeconfig_path
         self.check_prerequisites()
@@ -449,6 +457,9 @@ class DevCluster:
             started.append(c)
 
         self._finish_boot(built, progress, started)
+        # a laptop to work from, so `ip netns exec tpnb-laptop ...` works right away
+        lap = self.ensure_laptop(DEFAULT_LAPTOP)
+        progress("laptop", f"{lap.netns} at {lap.ip} (tpnb devcluster laptop -- CMD)", 0.99)
         progress("up", f"dev cluster ready in {time.monotonic() - t0:.0f} s; "
                  f"kubeconfig: {self.kubeconfig_path}", 1.0)
         return self.kubeconfig_path
