@@ -33,7 +33,7 @@ from tpnb.proto import pb
 log = logging.getLogger("tpnb.forward")
 
 #: largest payload of one `data` frame, and the read size on sockets
-CHUNK = 64 * 1024
+CHUNK = 256 * 1024
 
 #: how long a finished connection waits for the far end to end the RPC
 #: before cancelling it (so our last frames are not discarded by a reset)
