@@ -408,7 +408,7 @@ class DevCluster:
             self._import_images(built, progress, (0.6, 0.8))
             if not (self._node_ready() and self._coredns_ready() and self._default_sa()):
                 self._finish_boot(built, progress, list(COMPONENTS))
-            self.ensure_laptop(DEFAULT_LAPTOP)
+            self._default_laptop(progress)
             progress("up", f"already running; kubeconfig: {self.kubeconfig_path}", 1.0)
             return self.kubeconfig_path
         self.check_prerequisites()
@@ -457,9 +457,7 @@ class DevCluster:
             started.append(c)
 
         self._finish_boot(built, progress, started)
-        # a laptop to work from, so `ip netns exec tpnb-laptop ...` works right away
-        lap = self.ensure_laptop(DEFAULT_LAPTOP)
-        progress("laptop", f"{lap.netns} at {lap.ip} (tpnb devcluster laptop -- CMD)", 0.99)
+        self._default_laptop(progress)
         progress("up", f"dev cluster ready in {time.monotonic() - t0:.0f} s; "
                  f"kubeconfig: {self.kubeconfig_path}", 1.0)
         return self.kubeconfig_path
@@ -476,6 +474,17 @@ class DevCluster:
                    lambda: f"kube-controller-manager log:\n"
                            f"{_tail(self.layout.log('kube-controller-manager'))}")
         self._wait("coredns", self._coredns_ready, progress, 0.98, 240, started, self._diagnose_coredns)
+
+    def _default_laptop(self, progress: ProgressFn) -> None:
+        """A laptop to work from, so `ip netns exec tpnb-laptop ...` works
+        right away (unless that name belongs to someone else, e.g. another
+        dev cluster on this machine)."""
+        ns = netns.laptop_netns(DEFAULT_LAPTOP)
+        if netns.foreign(self.layout, ns):
+            progress("laptop", f"{ns} is not ours; use `tpnb devcluster laptop --name NAME`", 0.99)
+            return
+        lap = self.ensure_laptop(DEFAULT_LAPTOP)
+        progress("laptop", f"{lap.netns} at {lap.ip} (tpnb devcluster laptop -- CMD)", 0.99)
 
     def _preflight(self) -> None:
         """Refuse, before building or stopping anything, to take over
