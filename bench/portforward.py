@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tpnb.daemon.kube import load_target, path_quote, request  # noqa: E402
-from tpnb.daemon.portforward import PortForward  # noqa: E402
+from tpnb.daemon.kube import load_target, path_quote, request
+from tpnb.daemon.portforward import PortForward
 
 ECHO_IMAGE = "tpnb.local/echoserver:1.4"
 
@@ -116,7 +116,8 @@ async def main() -> None:
         finally:
             proc.terminate()
             await proc.wait()
-        kv = subprocess.run([kubectl, "version", "--client"], capture_output=True, text=True).stdout.split("\n")[0]
+        kv = (await asyncio.to_thread(subprocess.run, [kubectl, "version", "--client"], capture_output=True,
+                                      text=True, check=False)).stdout.split("\n")[0]
 
         def fmt(xs: list[float]) -> str:
             return f"best {max(xs):7.1f} MiB/s  median {sorted(xs)[len(xs) // 2]:7.1f} MiB/s  " \

@@ -46,13 +46,13 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "KubeTarget",
-    "load_target",
-    "check_reachable",
-    "rbac_error",
     "api_error",
-    "connect_error",
-    "request",
+    "check_reachable",
     "cluster_subnets",
+    "connect_error",
+    "load_target",
+    "rbac_error",
+    "request",
     "status_message",
 ]
 
@@ -88,7 +88,7 @@ class KubeTarget:
         if cfg is not None and ("BearerToken" in cfg.api_key or cfg.refresh_api_key_hook):
             try:
                 value = cfg.get_api_key_with_prefix("BearerToken")
-            except Exception as exc:  # a failing exec plugin on refresh
+            except Exception as exc:  # noqa: BLE001 - a failing exec plugin on refresh
                 raise ClusterError(
                     f"cannot refresh the credentials of kube context {self.context!r}",
                     str(exc),
@@ -566,7 +566,7 @@ def _unwrap_urllib3(exc: BaseException | None) -> BaseException:
         seen += 1
         if isinstance(exc, (ssl.SSLError, socket.gaierror)):
             return exc
-        if isinstance(exc, urllib3.exceptions.ConnectTimeoutError) or isinstance(exc, urllib3.exceptions.ReadTimeoutError):
+        if isinstance(exc, (urllib3.exceptions.ConnectTimeoutError, urllib3.exceptions.ReadTimeoutError)):
             return TimeoutError(str(exc))
         if isinstance(exc, OSError) and exc.errno:
             return exc

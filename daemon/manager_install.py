@@ -19,8 +19,9 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from kubernetes.client import ApiException
 
@@ -92,7 +93,7 @@ def manifests(image: str, namespace: str | None = None, grpc_port: int | None = 
     version = _label_value(image_tag(image))
     labels = {**MANAGED_BY, **SELECTOR, "app.kubernetes.io/part-of": "tpnb"}
     rbac = rbac_name(namespace)
-    meta = lambda name, ns=namespace: {  # noqa: E731
+    meta = lambda name, ns=namespace: {
         "name": name, **({"namespace": ns} if ns else {}), "labels": dict(labels)}
     read = ["get", "list", "watch"]
     objs: list[dict[str, Any]] = [

@@ -34,11 +34,16 @@ import logging
 import socket
 import ssl
 import struct
-from typing import Any
+from typing import Any, Self
 
 import anyio
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.exceptions import (
+    ConnectionClosed,
+    InvalidHandshake,
+    InvalidStatus,
+    InvalidURI,
+)
 
 from tpnb import config
 from tpnb.errors import ClusterError
@@ -143,7 +148,7 @@ def _handshake_error(exc: Exception, t: KubeTarget, namespace: str, pod: str, po
             return ClusterError(f"cannot port-forward to {where}: not found", msg,
                                 "the pod is gone (restarted?); look it up again")
         return ClusterError(f"cannot port-forward to {where} (HTTP {status})", msg,
-                            "check the pod's state: `kubectl -n {0} describe pod {1}`".format(namespace, pod))
+                            f"check the pod's state: `kubectl -n {namespace} describe pod {pod}`")
     if isinstance(exc, (InvalidHandshake, InvalidURI)):
         return ClusterError(f"cannot port-forward to {where}", f"WebSocket handshake failed: {exc}",
                             "the API server or a proxy in front of it does not pass WebSocket upgrades")
@@ -406,7 +411,7 @@ class PortForward:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def __aenter__(self) -> PortForward:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 

@@ -26,7 +26,7 @@ import time
 import types
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
 import yaml
@@ -34,10 +34,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-
 from tpnb.daemon import kube, manager_install, portforward
 from tpnb.daemon.kube import KubeTarget, check_reachable, load_target
 from tpnb.daemon.portforward import PortForward, decode_frame, encode_frame, open_stream
+
 from tpnb.errors import ClusterError, PermissionDenied
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,7 +63,7 @@ def _pem_key(k: ec.EllipticCurvePrivateKey) -> bytes:
 
 def _cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[x509.Certificate, Any] | None = None,
           ip: str | None = None, ca: bool = False, client: bool = False) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     b = (x509.CertificateBuilder().subject_name(name)
          .issuer_name(issuer[0].subject if issuer else name)
@@ -269,7 +269,7 @@ class FakeVersionServer:
         self.server: asyncio.AbstractServer | None = None
         self.port = 0
 
-    async def __aenter__(self) -> FakeVersionServer:
+    async def __aenter__(self) -> Self:
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self.ctx)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
@@ -414,7 +414,7 @@ class FakeKubelet:
         self._server: Any = None
         self.max_message = 0
 
-    async def __aenter__(self) -> FakeKubelet:
+    async def __aenter__(self) -> Self:
         from websockets.asyncio.server import serve
 
         self._server = await serve(self._handle, "127.0.0.1", 0, ssl=self.ssl_ctx,
@@ -540,7 +540,7 @@ async def test_portforward_roundtrip_large(fake_cluster: tuple[FakeKubelet, Kube
 
 @pytest.mark.unit
 async def test_portforward_refused_port(fake_cluster: tuple[FakeKubelet, KubeTarget]) -> None:
-    fk, t = fake_cluster
+    _fk, t = fake_cluster
     with pytest.raises(ClusterError) as ei:
         await PortForward(t, "default", "echo", 9999).start()
     assert "connection refused" in ei.value.why and "default/echo:9999" in str(ei.value)
@@ -579,7 +579,7 @@ async def test_portforward_missing_pod_and_forbidden(fake_cluster: tuple[FakeKub
 
 @pytest.mark.unit
 async def test_open_stream(fake_cluster: tuple[FakeKubelet, KubeTarget]) -> None:
-    fk, t = fake_cluster
+    _fk, t = fake_cluster
     r, w = await open_stream(t, "default", "echo", 8080)
     w.write(b"ping\n")
     await w.drain()
@@ -592,7 +592,7 @@ async def test_open_stream(fake_cluster: tuple[FakeKubelet, KubeTarget]) -> None
 @pytest.mark.unit
 async def test_portforward_half_close_gets_answer(fake_cluster: tuple[FakeKubelet, KubeTarget]) -> None:
     """A client that shuts down its write side still receives the answer."""
-    fk, t = fake_cluster
+    _fk, t = fake_cluster
     async with PortForward(t, "default", "echo", 8080) as pf:
         s = socket.create_connection(("127.0.0.1", pf.local_port))
         s.sendall(b"request")
@@ -712,7 +712,7 @@ def test_check_reachable_unreachable_in_netns(tmp_path: Path, pki: PKI, mode: st
                 subprocess.run(ex + cmd, check=True)
         t0 = time.monotonic()
         p = subprocess.run(ex + [sys.executable, "-c", _PROBE, str(kc), "3"], capture_output=True, text=True,
-                           timeout=30, cwd=str(REPO))
+                           timeout=30, cwd=str(REPO), check=False)
         elapsed = time.monotonic() - t0
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
@@ -950,7 +950,7 @@ def in_cluster(request: pytest.FixtureRequest) -> KubeTarget | None:
         pytest.skip(f"API server unreachable here and no {LAPTOP_NS} netns to run in")
     p = subprocess.run(["ip", "netns", "exec", LAPTOP_NS, "env", f"{IN_LAPTOP_ENV}=1", sys.executable, "-m",
                         "pytest", "-q", "-p", "no:cacheprovider", "-m", "cluster", request.node.nodeid],
-                       cwd=str(REPO), capture_output=True, text=True, timeout=900)
+                       cwd=str(REPO), capture_output=True, text=True, timeout=900, check=False)
     tail = (p.stdout + p.stderr)[-6000:]
     if p.returncode == 5 or (" skipped" in tail and " passed" not in tail):
         pytest.skip(f"skipped inside {LAPTOP_NS}: {tail.strip().splitlines()[-1]}")
@@ -1126,9 +1126,9 @@ async def test_cluster_manager_end_to_end(in_cluster: KubeTarget | None, manager
         assert await manager_install.find_manager_pod(t) == h.pod
         h2 = await manager_install.ensure_manager(t, image, None)  # reuse
         assert h2.pod == h.pod
-        async with PortForward(t, h.namespace, h.pod, 8081) as pf:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{pf.local_port}") as ch:
-                info = await tpnb_pb2_grpc.ManagerStub(ch).Version(tpnb_pb2.Empty(), timeout=20)
+        async with PortForward(t, h.namespace, h.pod, 8081) as pf, \
+                grpc.aio.insecure_channel(f"127.0.0.1:{pf.local_port}") as ch:
+            info = await tpnb_pb2_grpc.ManagerStub(ch).Version(tpnb_pb2.Empty(), timeout=20)
         assert info.name == "traffic-manager"
     finally:
         await manager_install.uninstall_manager(t, None)
