@@ -59,6 +59,7 @@ class FakeSession:
 
     def list(self, namespace: str | None = None) -> list[Workload]:
         self._require()
+        self.calls.append(("list", namespace))
         out = []
         for name in ("hello", "other"):
             ic = self.intercepts.get(name)
@@ -397,6 +398,9 @@ def test_panel_rows_toggle_log_env_and_close(fake) -> None:
         # a change made elsewhere (the CLI) shows up by polling
         fake.intercepts.pop("hello")
         assert _wait(lambda: rows["hello"].toggle.description == "Intercept")
+        assert p.namespace.value == "default"
+        p.namespace.value = "lead"  # the user types another namespace
+        assert _wait(lambda: ("list", "lead") in fake.calls)
         polls = p.polls
         assert p.polling
     finally:

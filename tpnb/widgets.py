@@ -123,7 +123,9 @@ class Panel:
         self.refresh_btn.on_click(lambda _b: self.refresh())
         self.close_btn = w.Button(description="Close", icon="times", layout=w.Layout(width="90px"))
         self.close_btn.on_click(lambda _b: self.close())
-        self.namespace = w.Dropdown(options=[], description="Namespace", layout=w.Layout(width="300px"))
+        # a combobox: pick a mapped namespace or type any other (the API has no namespace listing)
+        self.namespace = w.Combobox(options=[], value="", placeholder="namespace", description="Namespace",
+                                    ensure_option=False, continuous_update=False, layout=w.Layout(width="300px"))
         self.namespace.observe(self._on_namespace, names="value")
         self.bar = w.FloatProgress(value=0.0, min=0.0, max=1.0, layout=w.Layout(width="240px"))
         self.bar_label = w.Label("")
@@ -257,11 +259,11 @@ class Panel:
             current = self.namespace.value
             if current and current not in names:
                 names.append(current)
-            if tuple(self.namespace.options) != tuple(names):
+            if tuple(self.namespace.options) != tuple(names) or (not current and names):
                 self._quiet = True
                 try:
-                    self.namespace.options = names
-                    self.namespace.value = current if current in names else (names[0] if names else None)
+                    self.namespace.options = tuple(names)
+                    self.namespace.value = current or (names[0] if names else "")
                 finally:
                     self._quiet = False
 
