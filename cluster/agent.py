@@ -521,6 +521,9 @@ class Agent:
 
     async def run(self) -> None:
         await self.start()
+        from .sftp import serve as serve_files  # the app's volumes for laptops (cluster/sftp.py)
+        _files = asyncio.ensure_future(serve_files(int(os.environ.get("AGENT_SFTP_PORT") or 9902),
+                                                  self.s.mount_prefix))  # cancelled by asyncio.run's end
         session = asyncio.ensure_future(self.session_loop())
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
