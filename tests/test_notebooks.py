@@ -128,7 +128,8 @@ def test_quickstart_notebook_in_the_laptop(laptop_with_hello) -> None:
     assert dst.exists(), f"nothing executed:\n{res.stdout}\n{res.stderr}"
     nb = nbformat.read(dst, as_version=4)
     problems = rn.errors_of(nb)
-    assert res.returncode == 0, "\n".join([res.stderr[-3000:], *problems])
+    assert res.returncode == 0, "\n".join(["cell problems (see test-artifacts/quickstart.out.ipynb):", *problems,
+                                           "runner stderr (tail):", res.stderr[-1500:]])
 
     assert "Connected to context" in rn.text_of(rn.tagged(nb, "connect")), problems
     echo = rn.text_of(rn.tagged(nb, "echo-before"))
