@@ -90,9 +90,12 @@ class Cluster:
                                                                           "items": list(objs)}))
 
     def image_on_node(self, image: str) -> bool:
-        nodes = json.loads(self.kubectl("get", "nodes", "-o", "json").stdout)["items"]
-        return any(image in n for node in nodes for img in node.get("status", {}).get("images") or []
-                   for n in img.get("names") or [])
+        """The dev cluster's own record of imported images (the node status
+        lists only the newest 50 images, and late)."""
+        try:
+            return image in json.loads((STATE / "images-imported.json").read_text())
+        except (OSError, ValueError):
+            return False
 
     def rollout(self, name: str) -> None:
         self.kubectl("-n", self.ns, "rollout", "status", f"deploy/{name}", "--timeout=120s", timeout=150)
@@ -117,6 +120,17 @@ class Cluster:
             time.sleep(1)
         raise AssertionError(f"GET {url} from the client pod failed: {last}")
 
+    def http_until(self, url: str, via_agent: bool, timeout: float = 40) -> str:
+        """GET until the answer comes via the agent (the app sees a loopback
+        client) or directly: EndpointSlices and kube-proxy follow a rollout
+        with a short lag."""
+        end = time.monotonic() + timeout
+        while True:
+            body = self.http(url)
+            if ("client_address=127.0.0.1" in body) == via_agent or time.monotonic() > end:
+                return body
+            time.sleep(1)
+
 
 @pytest.fixture
 def cl(request: pytest.FixtureRequest) -> Any:
@@ -129,17 +143,18 @@ def cl(request: pytest.FixtureRequest) -> Any:
             pytest.skip(f"API server unreachable here and no {LAPTOP_NS} netns to run in")
         # re-run this very test inside the laptop network namespace
         p = subprocess.run(["ip", "netns", "exec", LAPTOP_NS, "env", f"{IN_LAPTOP_ENV}=1", sys.executable, "-m",
-                            "pytest", "-q", "-p", "no:cacheprovider", "-m", "cluster", request.node.nodeid],
+                            "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-m", "cluster", request.node.nodeid],
                            cwd=str(REPO), capture_output=True, text=True, timeout=1200)
         tail = (p.stdout + p.stderr)[-6000:]
         if p.returncode == 5 or " skipped" in tail and " passed" not in tail:
-            pytest.skip(f"skipped inside {LAPTOP_NS}: {tail.strip().splitlines()[-1]}")
+            why = [ln for ln in tail.splitlines() if ln.startswith("SKIPPED")] or tail.strip().splitlines()[-1:]
+            pytest.skip(f"skipped inside {LAPTOP_NS}: {why[0]}")
         assert p.returncode == 0, f"inside {LAPTOP_NS}:\n{tail}"
         yield None
         return
     c = Cluster()
     if not c.image_on_node(c.image):
-        pytest.skip(f"tpnb image {c.image} is not imported into the dev cluster")
+        pytest.skip(f"tpnb image {c.image} is not imported into the dev cluster (tpnb devcluster up)")
     if not c.image_on_node(ECHO_IMAGE):
         pytest.skip(f"{ECHO_IMAGE} is not imported into the dev cluster")
     c.kubectl("create", "namespace", c.ns)
@@ -267,7 +282,7 @@ def test_inject_forward_remove_numeric_target_port(cl: Cluster | None) -> None:
     assert svc["spec"]["ports"][0]["targetPort"] == 9900
     assert json.loads(svc["metadata"]["annotations"]["tpnb.io/original-target-port"]) == {"80": 8080}
     # the Service now reaches the app via the agent: the app sees a loopback client
-    via_agent = cl.http(f"http://hello.{cl.ns}/")
+    via_agent = cl.http_until(f"http://hello.{cl.ns}/", True)
     assert "client_address=127.0.0.1" in via_agent and "real path=/" in via_agent
     # the agent sees the app's environment (through /proc) and its volumes
     view = _agent_view(cl, pod["metadata"]["name"])
@@ -286,7 +301,7 @@ def test_inject_forward_remove_numeric_target_port(cl: Cluster | None) -> None:
     assert _comparable(cl.get("svc", "hello")) == _comparable(before_svc)
     pods = cl.pods("app=hello")
     assert len(pods) == 1 and [c["name"] for c in pods[0]["spec"]["containers"]] == ["echoserver"]
-    assert "client_address=127.0.0.1" not in cl.http(f"http://hello.{cl.ns}/")
+    assert "client_address=127.0.0.1" not in cl.http_until(f"http://hello.{cl.ns}/", False)
     run(_remove(cl, "hello"))  # idempotent
 
 
@@ -304,7 +319,7 @@ def test_inject_named_target_port(cl: Cluster | None) -> None:
     assert app["ports"][0]["name"] == "tpnb-orig-http" and app["readinessProbe"]["httpGet"]["port"] == "tpnb-orig-http"
     assert agent["ports"][0]["name"] == "http" and agent["ports"][0]["containerPort"] == 9900
     assert _comparable(cl.get("svc", "web")) == _comparable(before_svc)  # Service untouched
-    assert "client_address=127.0.0.1" in cl.http(f"http://web.{cl.ns}/")
+    assert "client_address=127.0.0.1" in cl.http_until(f"http://web.{cl.ns}/", True)
 
     run(_remove(cl, "web"))
     assert _comparable(cl.get("deploy", "web")) == _comparable(before_dep)
