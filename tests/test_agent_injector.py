@@ -378,3 +378,35 @@ def test_errors_are_clear_and_change_nothing(cl: Cluster | None) -> None:
     for k, rv in snap.items():
         if k != "deploy/multi":  # reverted above, so its resourceVersion moved
             assert cl.get(*k.split("/"))["metadata"]["resourceVersion"] == rv, k
+
+
+@pytest.mark.parametrize("kind", ["ReplicaSet", "StatefulSet"])
+def test_replicaset_and_statefulset(cl: Cluster | None, kind: str) -> None:
+    """A bare ReplicaSet does not replace its pods on a template change (the
+    injector recreates them); a StatefulSet rolls by itself."""
+    if cl is None:
+        return
+    objs = _echo_objects("wl")
+    dep = objs[1]
+    dep["kind"] = kind
+    if kind == "StatefulSet":
+        dep["spec"]["serviceName"] = "wl"
+    cl.apply(*objs, _client_pod(cl.image))
+    res = kind.lower()
+    for _ in range(120):
+        pods = cl.pods("app=wl")
+        if pods and all(c.get("ready") for p in pods for c in p["status"].get("containerStatuses") or [{}]):
+            break
+        time.sleep(1)
+    cl.kubectl("-n", cl.ns, "wait", "--for=condition=Ready", "pod/client", "--timeout=120s", timeout=150)
+    before, before_svc = cl.get(res, "wl"), cl.get("svc", "wl")
+
+    run(_inject(cl, "wl"))
+    _check_agent_pod(cl, "wl")
+    assert "client_address=127.0.0.1" in cl.http_until(f"http://wl.{cl.ns}/", True)
+
+    run(_remove(cl, "wl"))
+    assert _comparable(cl.get(res, "wl")) == _comparable(before)
+    assert _comparable(cl.get("svc", "wl")) == _comparable(before_svc)
+    pods = cl.pods("app=wl")
+    assert len(pods) == 1 and [c["name"] for c in pods[0]["spec"]["containers"]] == ["echoserver"]
