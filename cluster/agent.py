@@ -386,7 +386,7 @@ class Agent:
             pod_ip=s.pod_ip,
             app_container=s.app_container,
             environment=app_environment(s),
-            mount_point=s.mount_prefix if s.mounts else "",
+            mount_point=s.mount_prefix,  # volumes (and the linked SA token) are served from here
             agent_port=s.agent_port,
             version=__version__,
         )
