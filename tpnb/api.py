@@ -17,13 +17,17 @@ import ipaddress
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from . import config as tpnb_config
 from .client import DaemonClient
-from .errors import ConfigError, NotConnected
+from .errors import ConfigError, InterceptError, NotConnected, TpnbError
 from .proto import pb
 from .version import __version__
+
+if TYPE_CHECKING:
+    from .remotefs import RemoteFS
 
 ProgressFn = Callable[[pb.Progress], None]
 
@@ -140,7 +144,9 @@ class Session:
                 req.kubeconfig = default
         self.client.ensure_daemon(say)
         done = self.client.stream(self.client.stub().Connect, req, progress)
-        return Status.from_pb(done)  # type: ignore[arg-type]
+        st = Status.from_pb(done)  # type: ignore[arg-type]
+        self._clean_mounts(st.intercepts)
+        return st
 
     def status(self) -> Status:
         if not self.client.running():
@@ -149,6 +155,7 @@ class Session:
 
     def quit(self, stop_daemon: bool = False) -> bool:
         """End the session (and stop the daemon too with stop_daemon). False if nothing ran."""
+        self._clean_mounts([])  # no intercept outlives the session: nor do its volume mounts
         if not self.client.running():
             return False
         self.client.call(self.client.stub().Quit, pb.QuitRequest(stop_daemon=stop_daemon), timeout=60)
@@ -185,6 +192,7 @@ class Session:
                   service_port: str | None = None, workload: str | None = None,
                   progress: ProgressFn | None = None, skip_port_check: bool = False) -> Intercept:
         self._require_daemon()
+        self._clean_mounts(None if not self.client.running() else self.intercepts())
         spec = pb.InterceptSpec(name=name, workload=workload or name, namespace=namespace or "",
                                 service=service or "", service_port=str(service_port or ""),
                                 local_port=int(port), target_host="127.0.0.1")
@@ -195,6 +203,8 @@ class Session:
     def leave(self, name: str) -> None:
         self._require_daemon()
         self.client.call(self.client.stub().Leave, pb.LeaveRequest(name=name))
+        self.unmount(name)
+        self._clean_mounts(self.intercepts())
 
     def intercepts(self) -> list[Intercept]:
         return self.status().intercepts
@@ -208,6 +218,56 @@ class Session:
     def env(self, name: str) -> dict[str, str]:
         """The intercepted pod's app container environment."""
         return dict(self.get_intercept(name).environment)
+
+    # ---------------------------------------------------------------- volumes (tpnb/mounts.py, remotefs.py)
+    def mount(self, name: str, root: str | os.PathLike[str] | None = None,
+              intercept: Intercept | None = None) -> Path:
+        """Mount intercept `name`'s pod volumes with sshfs on `root` (default: a fresh temp dir).
+
+        `<root>/etc/config/x` is the app's `/etc/config/x`.  The mount stays
+        until `unmount(name)`, `leave(name)` or `quit()`.
+        """
+        from . import mounts
+
+        ic = intercept or self.get_intercept(name)
+        return mounts.mount(ic, root, self.cfg)
+
+    def unmount(self, name: str) -> None:
+        """Unmount intercept `name`'s volumes if this process's mount namespace has them mounted."""
+        from . import mounts
+
+        mounts.unmount_name(name)
+
+    def mounts(self) -> dict[str, Path]:
+        """Intercept name -> local mount point of its volumes."""
+        from . import mounts
+
+        return mounts.mounts()
+
+    def files(self, name: str) -> "RemoteFS":
+        """The intercepted app's volumes without FUSE: `s.files("hello").read_text("/etc/config/app.yaml")`."""
+        from .remotefs import RemoteFS
+
+        ic = self.get_intercept(name)
+        if not ic.pod_ips:
+            raise InterceptError(f"cannot read the files of {name}", "the intercept has no pod address yet",
+                                 "retry once it is ACTIVE")
+        try:
+            return RemoteFS(ic.pod_ips[0], self.cfg.agent.sftp_port, self.cfg.agent.mount_prefix)
+        except OSError as exc:
+            raise InterceptError(f"cannot reach the file service of {name} at {ic.pod_ips[0]}:"
+                                 f"{self.cfg.agent.sftp_port}", exc.strerror or str(exc),
+                                 f"check `kubectl -n {ic.namespace} logs deploy/{ic.workload} -c traffic-agent`"
+                                 ) from None
+
+    def _clean_mounts(self, active: list[Intercept] | None) -> None:
+        """Unmount what a crashed client left behind; never fails the caller's real work."""
+        from . import mounts
+
+        try:
+            mounts.cleanup_stale(None if active is None else {i.name: list(i.pod_ips) for i in active})
+        except (OSError, TpnbError):
+            pass
 
     def uninstall(self, agent: str | None = None, all_agents: bool = False, everything: bool = False,
                   namespace: str | None = None, progress: ProgressFn | None = None) -> str:

@@ -11,10 +11,11 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from . import render
-from .api import Session
+from .api import Intercept, Session
 from .errors import ConfigError, TpnbError
 from .proto import pb
 
@@ -97,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--workload", help="workload name when it differs from the intercept name")
     i.add_argument("--env-file", help="write the pod's environment here (docker --env-file syntax)")
     i.add_argument("--env-json", help="write the pod's environment here as JSON")
+    i.add_argument("--mount", default="true", metavar="DIR|false",
+                   help="mount the pod's volumes on DIR (empty or new; default: a fresh temp dir), "
+                        "or not at all with --mount=false; CMD gets it as $TPNB_ROOT")
 
     lv = sub.add_parser("leave", help="end an intercept")
     lv.add_argument("name")
@@ -120,16 +124,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def write_env_files(env: dict[str, str], env_file: str | None, env_json: str | None) -> None:
-    """Docker env-file lines (no quoting exists there: a value with a newline cannot be written)."""
+    """Docker env-file lines (no quoting exists there: a value with a newline cannot be written).
+
+    Both files are attempted; the first failure is raised afterwards."""
+    failed: ConfigError | None = None
     if env_file:
         bad = sorted(k for k, v in env.items() if "\n" in v)
         lines = [f"{k}={v}" for k, v in sorted(env.items()) if k not in bad]
-        _write(env_file, "\n".join(lines) + "\n")
+        try:
+            _write(env_file, "\n".join(lines) + "\n")
+        except ConfigError as err:
+            failed = err
         if bad:
             print(f"note: {', '.join(bad)} hold newlines, which the env-file format cannot express; "
                   f"use --env-json for them", file=sys.stderr)
     if env_json:
-        _write(env_json, json.dumps(env, indent=2, sort_keys=True) + "\n")
+        try:
+            _write(env_json, json.dumps(env, indent=2, sort_keys=True) + "\n")
+        except ConfigError as err:
+            failed = failed or err
+    if failed is not None:
+        raise failed
 
 
 def _write(path: str, text: str) -> None:
@@ -232,7 +247,7 @@ def run(argv: Sequence[str]) -> int:
         print(render.workloads_text(s.list(args.namespace)))
         return 0
     if args.cmd == "leave":
-        s.leave(args.name)
+        s.leave(args.name)  # unmounts its volumes too (tpnb/mounts.py)
         return 0
     if args.cmd == "loglevel":
         s.set_log_level(args.level)
@@ -263,13 +278,25 @@ def _intercept(s: Session, args: argparse.Namespace, cmd: list[str]) -> int:
                          service_port=svc_port or None, workload=args.workload, progress=prog,
                          skip_port_check=bool(cmd))
         prog.end()
-        print(render.intercept_block(ic), flush=True)
-        write_env_files(ic.environment, args.env_file, args.env_json)
+        root = _mount_volumes(s, ic, args.mount)
+        print(render.intercept_block(ic, mount_root=root), flush=True)
+        try:
+            write_env_files(ic.environment, args.env_file, args.env_json)
+        except TpnbError as err:  # the intercept itself works: say so, and go on
+            print(f"warning: {err}", file=sys.stderr)
         if not cmd:
             return 0
+        env = command_env(ic.environment)
+        if root is not None:
+            env["TPNB_ROOT"] = str(root)
         try:
-            return _run_cmd(cmd, env=command_env(ic.environment))
+            return _run_cmd(cmd, env=env)
         finally:
+            try:
+                if root is not None:
+                    s.unmount(ic.name)
+            except TpnbError as err:
+                print(str(err), file=sys.stderr)
             try:
                 s.leave(ic.name)
             except TpnbError as err:
@@ -280,6 +307,18 @@ def _intercept(s: Session, args: argparse.Namespace, cmd: list[str]) -> int:
             s.quit(stop_daemon=True)
             print("done")
             print("tpnb daemon quitting...done")
+
+
+def _mount_volumes(s: Session, ic: Intercept, mount: str) -> Path | None:
+    """Mount the pod's volumes per --mount; a failure is a warning (the intercept works without them)."""
+    if str(mount).lower() in ("false", "no", "0", "off", ""):
+        return None
+    try:
+        return s.mount(ic.name, None if str(mount).lower() in ("true", "yes", "1", "on") else mount,
+                       intercept=ic)
+    except TpnbError as err:
+        print(f"warning: volumes not mounted: {err}", file=sys.stderr)
+        return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

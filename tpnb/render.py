@@ -1,10 +1,12 @@
 """Text shapes shared by the CLI and the magics, so both print the same thing."""
 from __future__ import annotations
 
+from os import PathLike
+
 from .api import Intercept, Status, Workload
 
 
-def intercept_block(ic: Intercept) -> str:
+def intercept_block(ic: Intercept, mount_root: str | PathLike[str] | None = None) -> str:
     kind = (ic.kind or "workload").lower()
     state = ic.state
     lines = [
@@ -17,6 +19,8 @@ def intercept_block(ic: Intercept) -> str:
         f"    Service       : {ic.service}" + (f" port {ic.service_port}" if ic.service_port else ""),
         "    Intercepting  : all connections",
     ]
+    if mount_root is not None:  # where the pod's volumes are mounted (tpnb/mounts.py)
+        lines.insert(6, f"    Volume Mount Point: {mount_root}")
     return "\n".join(lines)
 
 
