@@ -5,6 +5,7 @@ set -euo pipefail
 say() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
 run() { say "$@"; "$@"; }
 
+tpnb quit --daemon >/dev/null 2>&1 || true   # start from no session, like a fresh laptop
 run kubectl create deploy hello --image=tpnb.local/echoserver:1.4 2>/dev/null || true
 kubectl get svc hello >/dev/null 2>&1 || run kubectl expose deploy hello --port 80 --target-port 8080
 run kubectl rollout status deploy/hello --timeout=120s
@@ -19,9 +20,13 @@ run curl -sS hello.default
 
 say "tpnb intercept hello --port 9000 -- python3 -m http.server 9000 &"
 workdir=$(mktemp -d); echo "file1" > "$workdir/file1.txt"; echo "file2" > "$workdir/file2.txt"
+# job control: the intercept runs in its own process group, as in a terminal,
+# so the "<ctrl>-C" below reaches it (a script's background jobs ignore SIGINT otherwise)
+set -m
 ( cd "$workdir" && exec tpnb intercept hello --port 9000 -- python3 -m http.server 9000 ) &
 icpid=$!
-for _ in $(seq 1 240); do
+set +m
+for _ in $(seq 1 360); do
   tpnb status 2>/dev/null | grep -q 'hello: .*ACTIVE' && break
   sleep 0.5
 done
@@ -29,10 +34,10 @@ run curl -sS hello
 run curl -sS hello.default
 
 say "kill -INT %1    # <ctrl>-C ends the intercepted server and the intercept"
-kill -INT "$icpid"; wait "$icpid" || true
+kill -INT -- "-$icpid"; wait "$icpid" || true
 run curl -sS hello.default
-say "curl -sS --max-time 5 hello    # short names are no longer mapped"
-curl -sS --max-time 5 hello || true
+say "curl -sS --max-time 5 hello    # the connected namespace stays mapped: short names still resolve"
+curl -sS --max-time 5 hello | head -3 || true
 
 run kubectl get svc,deploy,pod
 run kubectl -n tpnb get svc,deploy,pod
