@@ -29,7 +29,7 @@ from .tun import Flow, Tun
 from .dns import ClusterResolver
 from .portforward import PortForward
 from tpnb.cluster.aio import both, first, oserror_text
-from tpnb.cluster.forward import GrpcFrameChannel, TunnelError, pump_stream_to_tunnel, pump_tunnel_to_stream
+from tpnb.cluster.forward import GrpcFrameChannel, TunnelError, finish_channel, pump_stream_to_tunnel, pump_tunnel_to_stream
 
 log = logging.getLogger("tpnb.daemon.session")
 netlog = logging.getLogger("tpnb.daemon.outbound")
@@ -340,6 +340,7 @@ class Session:
                 await both(pump_stream_to_tunnel(reader, chan), pump_tunnel_to_stream(chan, writer))
             finally:
                 writer.close()
+            await finish_channel(chan)  # let the manager read our last frames before the RPC ends
         except TunnelError as exc:
             log.debug("dial %s ended: %s", req.dial_id, exc)
         finally:

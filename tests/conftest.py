@@ -40,6 +40,20 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "devcluster_down: stops the dev cluster (runs last; skipped with --keep-cluster)")
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # noqa: ANN201
+    """Under the README's test command (TPNB_REQUIRE_ALL=1) a skipped cluster or
+    netns test is a failure: a skipped end-to-end test must never read as a pass."""
+    outcome = yield
+    rep = outcome.get_result()
+    if (rep.skipped and os.environ.get("TPNB_REQUIRE_ALL") == "1"
+            and (item.get_closest_marker("cluster") or item.get_closest_marker("netns"))
+            and not item.get_closest_marker("devcluster_down")):
+        rep.outcome = "failed"
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        rep.longrepr = f"skipped under TPNB_REQUIRE_ALL=1 (counts as a failure): {reason}"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Move cluster-stopping tests to the very end, so every other test
     module still finds the cluster running."""

@@ -28,9 +28,9 @@ def test_bad_port_is_one_clear_error_without_traceback() -> None:
 
 def test_port_out_of_range() -> None:
     with pytest.raises(errors.ConfigError, match="invalid --port"):
-        cli._parse_port("70000")
-    assert cli._parse_port("9000:http") == (9000, "http")
-    assert cli._parse_port("9000") == (9000, "")
+        cli.parse_port("70000")
+    assert cli.parse_port("9000:http") == (9000, "http")
+    assert cli.parse_port("9000") == (9000, "")
 
 
 def test_wire_errors_round_trip_keep_class_and_words() -> None:

@@ -10,7 +10,20 @@ from __future__ import annotations
 
 from .version import __version__
 
-__all__ = ["__version__", "load_ipython_extension", "unload_ipython_extension"]
+__all__ = ["__version__", "load_ipython_extension", "unload_ipython_extension", "panel", "requests_log"]
+
+
+def __getattr__(name: str):  # noqa: ANN202 - lazy, so the cluster image never imports widgets
+    """`tpnb.panel()` and `tpnb.requests_log()` without `%load_ext tpnb` first."""
+    if name == "panel":
+        from .widgets import panel
+
+        return panel
+    if name == "requests_log":
+        from .inkernel import requests_log
+
+        return requests_log
+    raise AttributeError(f"module 'tpnb' has no attribute {name!r}")
 
 
 def load_ipython_extension(ipython):  # pragma: no cover - thin shim

@@ -48,7 +48,7 @@ class Progress:
             self.stream.flush()
 
 
-def _split_cmd(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+def split_cmd(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     argv = list(argv)
     if "--" in argv:
         i = argv.index("--")
@@ -56,7 +56,7 @@ def _split_cmd(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
-def _parse_port(value: str) -> tuple[int, str]:
+def parse_port(value: str) -> tuple[int, str]:
     local, _, svc = value.partition(":")
     try:
         port = int(local)
@@ -186,7 +186,7 @@ def run(argv: Sequence[str]) -> int:
         from .devcluster.cli import main as devcluster_main
 
         return devcluster_main(list(argv[1:]))
-    own, cmd = _split_cmd(argv)
+    own, cmd = split_cmd(argv)
     args = build_parser().parse_args(own)
     s = Session()
     out = sys.stdout
@@ -265,7 +265,7 @@ def run(argv: Sequence[str]) -> int:
 
 
 def _intercept(s: Session, args: argparse.Namespace, cmd: list[str]) -> int:
-    port, svc_port = _parse_port(args.port)
+    port, svc_port = parse_port(args.port)
     prog = Progress()
     connected_here = False
     if not s.status().connected:

@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from .. import inkernel
-from ..cli import _parse_port
+from ..cli import parse_port
 from ..errors import ConfigError, InterceptError
 from . import lifecycle
 from .commands import create_intercept, ensure_connected
@@ -36,7 +36,7 @@ def intercept_cell(shell: Any, args: argparse.Namespace, cmd: list[str], cell: s
         raise ConfigError("%%tp intercept takes no `-- CMD`",
                           "the cell itself is what gets served",
                           "use the line magic `%tp intercept NAME --port N -- CMD` to run a command")
-    port, svc_port = _parse_port(args.port)
+    port, svc_port = parse_port(args.port)
 
     result = shell.run_cell(cell, store_history=False)  # user code: its own errors show as usual
     if not result.success:

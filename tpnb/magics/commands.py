@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from .. import inkernel, render
-from ..cli import _parse_port, command_env, write_env_files
+from ..cli import parse_port, command_env, write_env_files
 from ..errors import ConfigError, TpnbError
 from . import lifecycle
 from .output import EnvTable, RequestTable
@@ -177,7 +177,7 @@ def create_intercept(args: argparse.Namespace, port: int, svc_port: str, skip_po
 
 def do_intercept(args: argparse.Namespace, cmd: list[str]) -> None:
     """`%tp intercept NAME --port N [-- CMD]`: route NAME to whatever listens on N (or to CMD)."""
-    port, svc_port = _parse_port(args.port)
+    port, svc_port = parse_port(args.port)
     ensure_connected(args.namespace)
     ic = create_intercept(args, port, svc_port, skip_port_check=bool(cmd))
     if not cmd:

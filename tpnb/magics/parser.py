@@ -15,7 +15,7 @@ import argparse
 import shlex
 from typing import NoReturn
 
-from ..cli import _split_cmd, build_parser
+from ..cli import split_cmd, build_parser
 from ..errors import ConfigError
 
 PROG = "%tp"
@@ -85,7 +85,7 @@ def split_line(line: str) -> tuple[list[str], list[str]]:
         argv = shlex.split(line, posix=True)
     except ValueError as exc:
         raise ConfigError(f"{PROG}: cannot parse {line!r}", str(exc), "check the quotes") from None
-    return _split_cmd(argv)
+    return split_cmd(argv)
 
 
 def parse(line: str) -> tuple[argparse.Namespace, list[str]]:
