@@ -18,7 +18,6 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -55,7 +54,7 @@ def sftp_root(tmp_path: Path) -> Iterator[tuple[remotefs.RemoteFS, Path]]:
 
 @pytest.mark.unit
 def test_remotefs_lists_reads_and_walks(sftp_root: tuple[remotefs.RemoteFS, Path]) -> None:
-    fs, root = sftp_root
+    fs, _ = sftp_root
     assert fs.version == 3
     assert fs.listdir("/") == ["data", "etc"]
     assert fs.listdir("/etc/config") == ["..2024_01_01", "..data", "app.yaml"]

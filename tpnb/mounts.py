@@ -247,8 +247,8 @@ def mount(intercept: _HasPods, root: str | os.PathLike[str] | None = None,
                 target.rmdir()
         raise InterceptError(
             f"cannot mount the volumes of {intercept.name} on {target}", err or "sshfs failed",
-            f"is the traffic-agent's file service up? `kubectl logs POD -c traffic-agent`; "
-            f"the intercept itself works without it")
+            "is the traffic-agent's file service up? `kubectl logs POD -c traffic-agent`; "
+            "the intercept itself works without it")
     _raise_readahead(target)
     with _state() as st:
         st[_key(intercept.name)] = {"root": str(target), "pod_ip": intercept.pod_ips[0], "made": made,
