@@ -171,7 +171,10 @@ def create_intercept(args: argparse.Namespace, port: int, svc_port: str, skip_po
     lifecycle.own(ic.name, port)
     inkernel.attach(ic.name, port)
     print(render.intercept_block(ic), flush=True)
-    write_env_files(ic.environment, args.env_file, args.env_json)
+    try:
+        write_env_files(ic.environment, args.env_file, args.env_json)
+    except TpnbError as err:  # like the CLI: the intercept itself works, say so and go on
+        print(f"warning: {err}", file=sys.stderr)
     return ic
 
 
