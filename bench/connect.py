@@ -16,26 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from common import REPO, laptop, print_table, sh  # noqa: E402  (bench/common.py)
 
 from tpnb import config as tpnb_config  # noqa: E402
-from tpnb.devcluster.cluster import DevCluster  # noqa: E402
 
 NS = "bench"
 LAPTOP = "bench"
 
 
-def sh(argv: list[str], timeout: float = 600, check: bool = True, input: str | None = None) -> str:
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input)
-    if check and r.returncode != 0:
-        raise SystemExit(f"{argv} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
-    return r.stdout
 
 
 def main() -> None:
@@ -44,11 +34,7 @@ def main() -> None:
     args = ap.parse_args()
     size = args.size_mb * 1024 * 1024
 
-    dc = DevCluster()
-    dc.up()
-    dc.ensure_laptop(LAPTOP)
-    lap = lambda argv, **kw: sh(dc.laptop_cmd(LAPTOP, argv), **kw)  # noqa: E731
-    kubectl = lambda *a, **kw: lap(["kubectl", *a], **kw)  # noqa: E731
+    dc, lap, kubectl = laptop(LAPTOP)
     image = tpnb_config.get().manager_image
 
     lap(["tpnb", "quit", "--daemon"], check=False)
@@ -100,11 +86,7 @@ def main() -> None:
     lap(["tpnb", "quit", "--daemon"], check=False)
     kubectl("delete", "ns", NS, "--wait=false", check=False)
 
-    cols = ["down_MBps", "up_MBps", "small_p50_us", "small_p99_us", "conn_p50_us", "conn_p99_us"]
-    print(f"\n| path | {' | '.join(cols)} |")
-    print("|---|" + "---|" * len(cols))
-    for path, r in results.items():
-        print(f"| {path} | " + " | ".join(str(r[c]) for c in cols) + " |")
+    print_table("path", results)
     pf, tp = results["kubectl port-forward"], results["tpnb connect"]
     print(f"\ntpnb/port-forward throughput ratio: down {tp['down_MBps'] / pf['down_MBps']:.2f}x, "
           f"up {tp['up_MBps'] / pf['up_MBps']:.2f}x")

@@ -19,12 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from common import sh  # noqa: E402  (bench/common.py)
 
 from tpnb.devcluster.cluster import DevCluster  # noqa: E402
 from tpnb.imageref import default_image  # noqa: E402
@@ -107,11 +104,6 @@ print("RESULT " + json.dumps(out))
 '''
 
 
-def sh(argv: list[str], timeout: float = 900, check: bool = True, input: str | None = None) -> str:
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input)
-    if check and r.returncode != 0:
-        raise SystemExit(f"{argv} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
-    return r.stdout
 
 
 def main() -> None:

@@ -270,15 +270,21 @@ class Session:
             return None, first.error
         return chan, ""
 
-    async def _on_tcp(self, flow: Flow) -> None:
+    async def _flow_tunnel(self, flow: Flow, protocol: int) -> GrpcFrameChannel | None:
+        """Open the manager-side dial for a TUN flow; None (flow closed) when refused."""
         dst_ip, dst_port = flow.dst
-        open_ = pb.TunnelOpen(session_id=self.session_id, protocol=pb.TunnelOpen.TCP,
+        open_ = pb.TunnelOpen(session_id=self.session_id, protocol=protocol,
                               dst_ip=ipaddress.ip_address(dst_ip).packed, dst_port=dst_port,
                               src_ip=ipaddress.ip_address(flow.src[0]).packed, src_port=flow.src[1])
         chan, err = await self._open_tunnel(open_)
         if chan is None:
-            netlog.info("tcp %s:%d -> %s:%d refused: %s", *flow.src, dst_ip, dst_port, err)
+            netlog.info("%s %s:%d -> %s:%d refused: %s", flow.protocol, *flow.src, dst_ip, dst_port, err)
             flow.close()
+        return chan
+
+    async def _on_tcp(self, flow: Flow) -> None:
+        chan = await self._flow_tunnel(flow, pb.TunnelOpen.TCP)
+        if chan is None:
             return
         try:
             await both(pump_stream_to_tunnel(flow, chan), pump_tunnel_to_stream(chan, FlowWriter(flow)))
@@ -287,14 +293,8 @@ class Session:
             flow.close()
 
     async def _on_udp(self, flow: Flow) -> None:
-        dst_ip, dst_port = flow.dst
-        open_ = pb.TunnelOpen(session_id=self.session_id, protocol=pb.TunnelOpen.UDP,
-                              dst_ip=ipaddress.ip_address(dst_ip).packed, dst_port=dst_port,
-                              src_ip=ipaddress.ip_address(flow.src[0]).packed, src_port=flow.src[1])
-        chan, err = await self._open_tunnel(open_)
+        chan = await self._flow_tunnel(flow, pb.TunnelOpen.UDP)
         if chan is None:
-            netlog.info("udp %s:%d -> %s:%d refused: %s", *flow.src, dst_ip, dst_port, err)
-            flow.close()
             return
 
         async def up() -> None:

@@ -181,6 +181,20 @@ def _run_cmd(cmd: list[str], env: dict[str, str] | None = None) -> int:
         signal.signal(signal.SIGINT, old)
 
 
+def quit_session(s: Session, stop_daemon: bool) -> None:
+    """`quit` for the CLI and `%tp quit`: same steps, same words."""
+    st = s.status()
+    if not st.daemon_running:
+        print("tpnb daemon had already quit")
+        return
+    if st.connected:
+        print("Disconnecting...", end="", flush=True)
+    s.quit(stop_daemon=stop_daemon)
+    print("done" if st.connected else "tpnb was not connected")
+    if stop_daemon:
+        print("tpnb daemon quitting...done")
+
+
 def run(argv: Sequence[str]) -> int:
     if argv and argv[0] == "devcluster":
         from .devcluster.cli import main as devcluster_main
@@ -229,19 +243,7 @@ def run(argv: Sequence[str]) -> int:
         print(render.status_text(s.status()))
         return 0
     if args.cmd == "quit":
-        st = s.status()
-        if not st.daemon_running:
-            print("tpnb daemon had already quit")
-            return 0
-        if st.connected:
-            print("Disconnecting...", end="", flush=True)
-        s.quit(stop_daemon=args.daemon)
-        if st.connected:
-            print("done")
-        else:
-            print("tpnb was not connected")
-        if args.daemon:
-            print("tpnb daemon quitting...done")
+        quit_session(s, args.daemon)
         return 0
     if args.cmd == "list":
         print(render.workloads_text(s.list(args.namespace)))

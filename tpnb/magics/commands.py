@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from .. import inkernel, render
-from ..cli import parse_port, command_env, write_env_files
+from ..cli import command_env, parse_port, quit_session, write_env_files
 from ..errors import ConfigError, TpnbError
 from . import lifecycle
 from .output import EnvTable, RequestTable
@@ -91,22 +91,10 @@ def _forget_all() -> None:
 
 
 def do_quit(args: argparse.Namespace, cmd: list[str]) -> None:
-    s = lifecycle.session()
-    st = s.status()
-    if not st.daemon_running:
-        print("tpnb daemon had already quit")
-        _forget_all()
-        return
-    if st.connected:
-        print("Disconnecting...", end="", flush=True)
-    s.quit(stop_daemon=args.daemon)
-    _forget_all()  # the session's intercepts ended with it
-    if st.connected:
-        print("done")
-    else:
-        print("tpnb was not connected")
-    if args.daemon:
-        print("tpnb daemon quitting...done")
+    try:
+        quit_session(lifecycle.session(), args.daemon)
+    finally:
+        _forget_all()  # the session's intercepts ended with it
 
 
 def do_list(args: argparse.Namespace, cmd: list[str]) -> None:

@@ -1,0 +1,45 @@
+"""Shared plumbing of the benchmark scripts: run commands, set up a laptop, print tables."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+COLUMNS = ["down_MBps", "up_MBps", "small_p50_us", "small_p99_us", "conn_p50_us", "conn_p99_us"]
+
+
+def sh(argv: list[str], timeout: float = 900, check: bool = True, input: str | None = None) -> str:
+    """Run a command; on failure stop the benchmark with its output (a benchmark has no retries)."""
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input)
+    if check and r.returncode != 0:
+        raise SystemExit(f"{argv} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    return r.stdout
+
+
+def laptop(name: str) -> tuple[Any, Callable[..., str], Callable[..., str]]:
+    """The running dev cluster, plus `lap(argv)` and `kubectl(*args)` run inside laptop `name`."""
+    from tpnb.devcluster.cluster import DevCluster
+
+    dc = DevCluster()
+    dc.up()
+    dc.ensure_laptop(name)
+
+    def lap(argv: list[str], **kw: Any) -> str:
+        return sh(dc.laptop_cmd(name, argv), **kw)
+
+    def kubectl(*args: str, **kw: Any) -> str:
+        return lap(["kubectl", *args], **kw)
+
+    return dc, lap, kubectl
+
+
+def print_table(first_col: str, results: dict[str, dict[str, Any]]) -> None:
+    print(f"\n| {first_col} | {' | '.join(COLUMNS)} |")
+    print("|---|" + "---|" * len(COLUMNS))
+    for path, r in results.items():
+        print(f"| {path} | " + " | ".join(str(r[c]) for c in COLUMNS) + " |")

@@ -1,0 +1,102 @@
+"""Benchmark `tpnb intercept` on the dev cluster (issue 4).  Not a test: it prints numbers.
+
+    sudo .venv/bin/python bench/intercept.py [--size-mb 32]
+
+One run measures:
+  * time to create an intercept the first time (agent injection + rollout)
+    and again with the agent already present (leave, then intercept);
+  * from a client pod inside the cluster: bulk throughput, 1,000 small
+    request/response round trips and 200 new connections to a Service,
+      - served by the app in the cluster (no agent), and
+      - intercepted, served by the same server program on the laptop.
+All traffic stays inside the dev cluster's network namespaces on this machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+
+from common import REPO, laptop, print_table  # noqa: E402  (bench/common.py)
+
+from tpnb import config as tpnb_config  # noqa: E402
+
+NS = "benchic"
+LAPTOP = "benchic"
+
+
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-mb", type=int, default=32)
+    args = ap.parse_args()
+    size = args.size_mb * 1024 * 1024
+
+    dc, lap, kubectl = laptop(LAPTOP)
+    image = tpnb_config.get().manager_image
+
+    lap(["tpnb", "quit", "--daemon"], check=False)
+    kubectl("delete", "ns", NS, "--ignore-not-found", "--wait=true", timeout=180)
+    kubectl("create", "ns", NS)
+    kubectl("-n", NS, "create", "configmap", "netbench",
+            f"--from-file=server.py={REPO / 'bench' / 'netbench_server.py'}",
+            f"--from-file=client.py={REPO / 'bench' / 'netbench_client.py'}")
+    vol = {"name": "src", "configMap": {"name": "netbench"}}
+    mount = {"name": "src", "mountPath": "/srv"}
+
+    def deploy(name: str, command: list[str], port: int | None) -> dict:
+        c = {"name": name, "image": image, "command": command, "volumeMounts": [mount]}
+        if port:
+            c["ports"] = [{"containerPort": port}]
+        return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
+                "spec": {"selector": {"matchLabels": {"app": name}}, "template": {
+                    "metadata": {"labels": {"app": name}}, "spec": {"containers": [c], "volumes": [vol]}}}}
+
+    objs = {"apiVersion": "v1", "kind": "List", "items": [
+        deploy("netapp", ["python3", "/srv/server.py"], 7070),
+        deploy("netclient", ["sleep", "infinity"], None),
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "netapp"},
+         "spec": {"selector": {"app": "netapp"}, "ports": [{"port": 7070, "targetPort": 7070}]}},
+    ]}
+    kubectl("-n", NS, "apply", "-f", "-", input=json.dumps(objs))
+    for d in ("netapp", "netclient"):
+        kubectl("-n", NS, "rollout", "status", f"deploy/{d}", "--timeout=120s")
+
+    def measure() -> dict:
+        out = kubectl("-n", NS, "exec", "deploy/netclient", "--", "python3", "/srv/client.py",
+                      f"netapp.{NS}", "7070", str(size), timeout=600)
+        return json.loads(out.strip().splitlines()[-1])
+
+    print(f"bulk {args.size_mb} MiB x3 each way, 1000 small requests, 200 new connections", flush=True)
+    results = {"app in the cluster (no agent)": measure()}
+
+    server = subprocess.Popen(dc.laptop_cmd(LAPTOP, ["python3", str(REPO / "bench" / "netbench_server.py")]),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        lap(["tpnb", "connect", "--namespace", NS], timeout=300)
+        t0 = time.perf_counter()
+        lap(["tpnb", "intercept", "netapp", "--port", "7070", "--mount=false"], timeout=300)
+        first = time.perf_counter() - t0
+        results["intercepted (served on the laptop)"] = measure()
+        again = []
+        for _ in range(3):
+            lap(["tpnb", "leave", "netapp"])
+            t0 = time.perf_counter()
+            lap(["tpnb", "intercept", "netapp", "--port", "7070", "--mount=false"], timeout=300)
+            again.append(time.perf_counter() - t0)
+        lap(["tpnb", "leave", "netapp"])
+    finally:
+        server.terminate()
+        lap(["tpnb", "quit", "--daemon"], check=False)
+        kubectl("delete", "ns", NS, "--wait=false", check=False)
+
+    print_table("served by", results)
+    print("\n| tpnb intercept | seconds |\n|---|---|")
+    print(f"| first time (agent injection + rollout) | {first:.2f} |")
+    print(f"| again, agent present (median of 3) | {sorted(again)[1]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
