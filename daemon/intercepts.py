@@ -68,6 +68,8 @@ async def intercept(session: Session, req: pb.InterceptRequest, progress: Progre
     await agent_injector.wait_rollout(api, wl, cfg.timeouts.rollout, progress)
     await _wait_service_on_agent(api, spec.namespace, target.service, cfg.agent.port, first_time, progress)
     ic = await session.create_intercept(spec)
+    if req.owner_pid:
+        session.tie_to_owner(spec.name, req.owner_pid)
     progress("agent", "Waiting for the traffic-agent to report in...", 0.9)
     deadline = anyio.current_time() + cfg.timeouts.intercept
     while ic.state != pb.InterceptInfo.ACTIVE:

@@ -118,6 +118,8 @@ class Session:
     namespaces: set[str] = field(default_factory=set)
     mapped: list[str] = field(default_factory=list)
     intercepts: dict[str, pb.InterceptInfo] = field(default_factory=dict)
+    #: intercept name -> (pid, start ticks) of the process whose life it is tied to
+    owners: dict[str, tuple[int, int]] = field(default_factory=dict)
     last_error: str = ""
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task] = field(default_factory=list)
@@ -458,6 +460,27 @@ class Session:
         self.changed.set()
         return ic
 
+    def tie_to_owner(self, name: str, pid: int) -> None:
+        """End intercept `name` once process `pid` is gone (a killed kernel included)."""
+        start = resolvconf.start_ticks(pid)
+        if start is None:
+            log.warning("intercept %s: owner process %d is already gone", name, pid)
+            start = -1
+        self.owners[name] = (pid, start)
+        self._tasks.append(asyncio.ensure_future(self._owner_loop(name, (pid, start))))
+
+    async def _owner_loop(self, name: str, owner: tuple[int, int]) -> None:
+        pid, start = owner
+        while self.owners.get(name) == owner and not self._closing:
+            if not _process_alive(pid, start):
+                log.info("intercept %s: its owner process %d is gone; leaving", name, pid)
+                try:
+                    await self.remove_intercept(name)
+                except TpnbError as exc:
+                    log.warning("could not end intercept %s: %s", name, exc)
+                return
+            await asyncio.sleep(1.0)
+
     async def remove_intercept(self, name: str) -> None:
         if name not in self.intercepts:
             raise InterceptError(f"no intercept named {name!r}",
@@ -470,6 +493,7 @@ class Session:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 raise InterceptError(f"cannot leave {name}", exc.details() or "") from None
         self.intercepts.pop(name, None)
+        self.owners.pop(name, None)
         self.unmap_unused()
         self.changed.set()
 
@@ -551,6 +575,17 @@ def _intercept_hint(exc: grpc.aio.AioRpcError) -> str:
     if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
         return "ask the holder to `tpnb leave` it, or intercept another workload"
     return ""
+
+
+def _process_alive(pid: int, start: int) -> bool:
+    """Same process still running (pid reuse and zombies count as gone)."""
+    if resolvconf.start_ticks(pid) != start:
+        return False
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2:][:1] not in ("Z", "X")
 
 
 def _list_namespaces(target: kube.KubeTarget | None) -> set[str]:

@@ -109,6 +109,28 @@ def test_intercept_with_a_command_like_the_seed(laps: tuple[LaptopRunner, Laptop
     assert "traffic-manager" in a.kubectl("-n", "tpnb", "get", "deploy").stdout
 
 
+def test_intercept_ends_when_its_owner_is_killed(laps: tuple[LaptopRunner, LaptopRunner]) -> None:
+    """A kernel (or CLI running `-- CMD`) killed with -9 leaves nothing hijacked."""
+    a, _ = laps
+    a.run(["tpnb", "connect", "--namespace", NS], timeout=120)
+    proc = subprocess.Popen(a.cmd(["tpnb", "intercept", "hello", "--port", "9300", "--mount=false",
+                                   "--", "sleep", "600"]),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_active(a, "hello")
+        cli = a.run(["pgrep", "-f", "-n", "tpnb intercept hello --port 9300"]).stdout.strip()
+        a.run(["kill", "-9", cli])
+        deadline = time.monotonic() + 10
+        while "hello: " in a.run(["tpnb", "status"]).stdout:
+            assert time.monotonic() < deadline, "the intercept outlived its killed owner by 10 s"
+            time.sleep(0.5)
+        assert "CLIENT VALUES:" in _from_cluster(a, f"http://hello.{NS}/")
+    finally:
+        proc.kill()
+        a.run(["pkill", "-f", "sleep 600"], check=False)
+        a.run(["tpnb", "quit"], check=False)
+
+
 def test_two_laptops_two_namespaces_and_a_refusal(laps: tuple[LaptopRunner, LaptopRunner]) -> None:
     a, b = laps
     alice = ["env", "USER=alice", "LOGNAME=alice"]

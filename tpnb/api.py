@@ -190,14 +190,21 @@ class Session:
 
     def intercept(self, name: str, port: int, namespace: str | None = None, service: str | None = None,
                   service_port: str | None = None, workload: str | None = None,
-                  progress: ProgressFn | None = None, skip_port_check: bool = False) -> Intercept:
+                  progress: ProgressFn | None = None, skip_port_check: bool = False,
+                  owner_pid: int | None = None) -> Intercept:
+        """Route workload `name`'s traffic to 127.0.0.1:`port`.
+
+        With `owner_pid` (e.g. `os.getpid()` of a kernel) the daemon ends the
+        intercept by itself once that process is gone, however it died.
+        """
         self._require_daemon()
         self._clean_mounts(None if not self.client.running() else self.intercepts())
         spec = pb.InterceptSpec(name=name, workload=workload or name, namespace=namespace or "",
                                 service=service or "", service_port=str(service_port or ""),
                                 local_port=int(port), target_host="127.0.0.1")
         done = self.client.stream(self.client.stub().Intercept,
-                                  pb.InterceptRequest(spec=spec, skip_port_check=skip_port_check), progress)
+                                  pb.InterceptRequest(spec=spec, skip_port_check=skip_port_check,
+                                                      owner_pid=owner_pid or 0), progress)
         return Intercept.from_pb(done)  # type: ignore[arg-type]
 
     def leave(self, name: str) -> None:

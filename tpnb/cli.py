@@ -278,7 +278,7 @@ def _intercept(s: Session, args: argparse.Namespace, cmd: list[str]) -> int:
     try:
         ic = s.intercept(args.name, port, namespace=args.namespace, service=args.service,
                          service_port=svc_port or None, workload=args.workload, progress=prog,
-                         skip_port_check=bool(cmd))
+                         skip_port_check=bool(cmd), owner_pid=os.getpid() if cmd else None)
         prog.end()
         root = _mount_volumes(s, ic, args.mount)
         print(render.intercept_block(ic, mount_root=root), flush=True)

@@ -20,6 +20,7 @@ thread; a connect or intercept takes seconds, so it runs on a worker thread
 from __future__ import annotations
 
 import html
+import os
 import threading
 import time
 from typing import Any, Callable
@@ -385,7 +386,8 @@ class Panel:
 
     def intercept(self, name: str, port: int, namespace: str | None = None) -> threading.Thread | None:
         def act(progress: Callable[[pb.Progress], None]) -> str:
-            ic = lifecycle.session().intercept(name, port, namespace=namespace or None, progress=progress)
+            ic = lifecycle.session().intercept(name, port, namespace=namespace or None, progress=progress,
+                                               owner_pid=os.getpid())  # ends with this kernel
             lifecycle.own(ic.name, port)
             srv = inkernel.attach(ic.name, port)
             where = "this kernel" if srv is not None else "the program listening there"

@@ -77,7 +77,7 @@ def _run(args: argparse.Namespace) -> int:
         finally:
             printer.done()
         print(f"kubeconfig: {path}")
-        print(f"try: tpnb devcluster laptop -- kubectl get nodes", file=sys.stderr)
+        print("try: tpnb devcluster laptop -- kubectl get nodes", file=sys.stderr)
         return 0
     if args.cmd == "down":
         printer = Printer()

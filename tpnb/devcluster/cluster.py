@@ -419,7 +419,7 @@ class DevCluster:
             progress("cleanup", "stopping what an earlier, unfinished up left behind", 0.03)
             self._teardown(progress, purge=False)
 
-        bin_dir = binaries.ensure(self.layout.state, progress, frac=(0.05, 0.35))
+        binaries.ensure(self.layout.state, progress, frac=(0.05, 0.35))
         built = self._build_images(progress)
 
         progress("config", "certificates, kubeconfigs and component configs", 0.56)

@@ -152,7 +152,7 @@ def create_intercept(args: argparse.Namespace, port: int, svc_port: str, skip_po
     try:
         ic = lifecycle.session().intercept(args.name, port, namespace=args.namespace, service=args.service,
                                            service_port=svc_port or None, workload=args.workload,
-                                           progress=prog, skip_port_check=skip_port_check)
+                                           progress=prog, skip_port_check=skip_port_check, owner_pid=os.getpid())
         ok = True
     finally:
         prog.end(ok)
