@@ -5,7 +5,6 @@ cluster, against real Services and pods.
 """
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
