@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -136,8 +137,12 @@ def test_quickstart_notebook_in_the_laptop(laptop_with_hello) -> None:
     assert "CLIENT VALUES" in echo and "request_uri=http://hello.default" in echo, echo
     assert "Using deployment hello" in rn.text_of(rn.tagged(nb, "intercept-v1")), problems
     assert "hello from the notebook v1" in rn.text_of(rn.tagged(nb, "curl-v1")), problems
+    assert "hello from the notebook v1" in rn.text_of(rn.tagged(nb, "from-cluster")), problems
     assert "intercept hello kept" in rn.text_of(rn.tagged(nb, "intercept-v2")), problems
     assert "hello from the notebook v2" in rn.text_of(rn.tagged(nb, "curl-v2")), problems
+    swap = rn.text_of(rn.tagged(nb, "load-stop"))
+    m = re.search(r"requests during the swap: (\d+) answered, (\d+) failed", swap)
+    assert m and int(m.group(1)) > 0 and m.group(2) == "0", swap
     keys = rn.text_of(rn.tagged(nb, "env-keys"))
     assert "HOSTNAME" in keys and "KUBERNETES_SERVICE_HOST" in keys, keys
     assert "requests served in this kernel" in rn.text_of(rn.tagged(nb, "records"))

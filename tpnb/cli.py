@@ -68,8 +68,20 @@ def parse_port(value: str) -> tuple[int, str]:
     return port, svc
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with usage errors as the same what/fix lines as every other error.
+
+    Shared with the %tp magic (tpnb/magics/parser.py builds on this parser),
+    so a mistyped command reads the same in a terminal and in a notebook.
+    """
+
+    def error(self, message: str):  # noqa: ANN201 - NoReturn
+        usage = " ".join(self.format_usage().split())
+        raise ConfigError(f"{self.prog}: {message}", hint=usage)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tpnb", description="Telepresence-style local development for Kubernetes")
+    p = ArgumentParser(prog="tpnb", description="Telepresence-style local development for Kubernetes")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
 
     sub.add_parser("version", help="show client, daemon and traffic-manager versions")

@@ -36,17 +36,16 @@ def _subparsers(p: argparse.ArgumentParser) -> argparse._SubParsersAction:
 
 
 def _tame(p: argparse.ArgumentParser) -> None:
-    """Make one (sub)parser raise instead of exiting the process."""
-    def error(message: str) -> NoReturn:
-        usage = " ".join(p.format_usage().split())
-        raise ConfigError(f"{p.prog}: {message}", hint=usage)
+    """Make one (sub)parser raise instead of exiting the process.
 
+    Usage errors already raise ConfigError (tpnb.cli.ArgumentParser); only
+    `--help`'s exit is left to catch.
+    """
     def exit(status: int = 0, message: str | None = None) -> NoReturn:  # noqa: A001 - argparse's name
         if status:
             raise ConfigError(f"{p.prog}: {(message or 'invalid arguments').strip()}")
         raise HelpShown()
 
-    p.error = error  # type: ignore[method-assign]
     p.exit = exit  # type: ignore[method-assign]
 
 
