@@ -118,6 +118,9 @@ class Session:
     namespaces: set[str] = field(default_factory=set)
     mapped: list[str] = field(default_factory=list)
     intercepts: dict[str, pb.InterceptInfo] = field(default_factory=dict)
+    #: the manager's latest view of this session's intercepts, by id (it can run
+    #: ahead of a CreateIntercept reply: the agent may take it within milliseconds)
+    remote: dict[str, pb.InterceptInfo] = field(default_factory=dict)
     #: intercept name -> (pid, start ticks) of the process whose life it is tied to
     owners: dict[str, tuple[int, int]] = field(default_factory=dict)
     last_error: str = ""
@@ -414,10 +417,10 @@ class Session:
                 continue
             try:
                 async for lst in link.stub.WatchIntercepts(pb.SessionInfo(session_id=sid)):
-                    current = {ic.spec.name: ic for ic in lst.intercepts}
-                    for name in list(self.intercepts):
-                        if name in current:
-                            self.intercepts[name] = current[name]
+                    self.remote = {ic.id: ic for ic in lst.intercepts}
+                    for name, mine in list(self.intercepts.items()):
+                        if mine.id in self.remote:
+                            self.intercepts[name] = self.remote[mine.id]
                     self.changed.set()
             except grpc.aio.AioRpcError as exc:
                 log.debug("WatchIntercepts ended: %s", exc.code().name)
@@ -455,7 +458,7 @@ class Session:
         except grpc.aio.AioRpcError as exc:
             raise InterceptError(f"cannot intercept {spec.namespace}/{spec.workload}", exc.details() or "",
                                  hint=_intercept_hint(exc)) from None
-        self.intercepts[spec.name] = ic
+        self.intercepts[spec.name] = self.remote.get(ic.id, ic)
         self.map_namespace(spec.namespace)
         self.changed.set()
         return ic
