@@ -251,3 +251,40 @@ def test_rbac_denial_names_the_missing_permission(lap: LaptopRunner, tmp_path: A
     assert re.search(r"(cannot|may not|forbidden|not allowed).*(get|list|create|watch)", r.stderr, re.I), r.stderr
     assert "system:serviceaccount:tpconn:nobody" in r.stderr
     lap.run(["tpnb", "quit", "--daemon"], check=False)
+
+
+def test_connect_with_a_command_disconnects_when_it_exits(lap: LaptopRunner) -> None:
+    lap.run(["tpnb", "quit", "--daemon"], check=False)
+    r = lap.run(["tpnb", "connect", "--namespace", NS, "--", "curl", "-sS", f"hello.{NS}"], timeout=120)
+    assert "Connected to context" in r.stdout and "CLIENT VALUES:" in r.stdout
+    assert "Disconnecting...done" in r.stdout
+    assert "Not connected" in lap.run(["tpnb", "status"]).stdout
+    # the command's exit status is the CLI's
+    r = lap.run(["tpnb", "connect", "--namespace", NS, "--", "sh", "-c", "exit 7"], check=False, timeout=120)
+    assert r.returncode == 7
+    lap.run(["tpnb", "quit", "--daemon"], check=False)
+
+
+def test_log_level_changes_at_runtime(lap: LaptopRunner) -> None:
+    lap.run(["tpnb", "connect", "--namespace", NS], timeout=120)
+    logs = lap.run(["sh", "-c", "echo $TPNB_LOGS_DIR"]).stdout.strip()
+    files = [os.path.join(logs, n) for n in ("daemon.log", "connector.log")]
+
+    def new_lines_during_curl() -> str:
+        sizes = [os.path.getsize(f) for f in files]
+        assert _curl(lap, f"hello.{NS}").returncode == 0
+        time.sleep(0.5)
+        out = ""
+        for f, size in zip(files, sizes):
+            with open(f) as fh:
+                fh.seek(size)
+                out += fh.read()
+        return out
+
+    lap.run(["tpnb", "loglevel", "debug"])
+    assert " DEBUG " in new_lines_during_curl()
+    lap.run(["tpnb", "loglevel", "info"])
+    assert " DEBUG " not in new_lines_during_curl()
+    r = lap.run(["tpnb", "loglevel", "loud"], check=False)
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+    lap.run(["tpnb", "quit"], check=False)

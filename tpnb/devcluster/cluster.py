@@ -406,6 +406,7 @@ class DevCluster:
             self._restore_kernel_sysctls()
             built = self._build_images(progress)
             self._import_images(built, progress, (0.6, 0.8))
+            self._refresh_coredns(built, progress)
             if not (self._node_ready() and self._coredns_ready() and self._default_sa()):
                 self._finish_boot(built, progress, list(COMPONENTS))
             self._default_laptop(progress)
@@ -683,6 +684,18 @@ class DevCluster:
                 return
             time.sleep(2)
         raise DevClusterError("applying the CoreDNS manifests failed", res.stderr.strip())
+
+    def _refresh_coredns(self, built: list[Any], progress: ProgressFn) -> None:
+        """A running cluster gets a changed CoreDNS config too (and CoreDNS restarts to read it)."""
+        image = getattr(_images_module(), "COREDNS_IMAGE")
+        path = self.layout.coredns_manifest
+        if path.exists() and path.read_text() == manifests.coredns_yaml(self.cfg, image):
+            return
+        progress("coredns", "configuration changed: applying it and restarting CoreDNS", 0.82)
+        self._apply_coredns(built)
+        self.kubectl("-n", "kube-system", "rollout", "restart", "deploy/coredns", check=False)
+        self.kubectl("-n", "kube-system", "rollout", "status", "deploy/coredns", "--timeout=120s",
+                     check=False, timeout=150)
 
     def _diagnose_coredns(self) -> str:
         pods = self.kubectl("-n", "kube-system", "get", "pods", "-o", "wide", check=False).stdout

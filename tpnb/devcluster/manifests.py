@@ -465,9 +465,13 @@ COREFILE = """.:53 {
     kubernetes cluster.local in-addr.arpa ip6.arpa {
         pods insecure
         fallthrough in-addr.arpa ip6.arpa
-        ttl 30
+        ttl 5
     }
-    cache 30
+    # a dev cluster recreates namespaces and Services all the time: keep
+    # answers briefly and "no such name" only 2 s, so a new Service resolves at once
+    cache 30 {
+        denial 9984 2
+    }
     loadbalance
 }
 """
