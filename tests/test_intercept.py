@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -220,6 +221,51 @@ def test_bad_input_is_clear_and_changes_nothing(laps: tuple[LaptopRunner, Laptop
            [o for o in before if o["metadata"]["name"] == "lonely"]
     assert after == before
     a.run(["tpnb", "quit"], check=False)
+
+
+def test_rbac_denial_names_what_was_refused(laps: tuple[LaptopRunner, LaptopRunner], tmp_path: Path) -> None:
+    """A user who may read and port-forward, but not change workloads, is told exactly that."""
+    a, _ = laps
+    a.run(["tpnb", "quit", "--daemon"], check=False)
+    a.run(["tpnb", "connect", "--namespace", NS], timeout=120)   # as admin: the manager is current
+    a.run(["tpnb", "quit", "--daemon"])
+    role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": "tpnb-test-reader"},
+            "rules": [{"apiGroups": ["", "apps", "discovery.k8s.io"], "resources": ["*"],
+                       "verbs": ["get", "list", "watch"]},
+                      {"apiGroups": [""], "resources": ["pods/portforward"], "verbs": ["create"]}]}
+    binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+               "metadata": {"name": "tpnb-test-reader"},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                           "name": "tpnb-test-reader"},
+               "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": NS}]}
+    a.kubectl("-n", NS, "create", "serviceaccount", "reader", check=False)
+    a.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
+                                                     "items": [role, binding]}))
+    try:
+        # a workload without an agent yet: intercepting it means changing it
+        a.kubectl("-n", NS2, "delete", "deploy,svc", "plain", "--ignore-not-found")
+        _deploy(a, NS2, "plain")
+        before = _user_objects(a, NS2)
+        token = a.kubectl("-n", NS, "create", "token", "reader").stdout.strip()
+        kc = json.loads(a.kubectl("config", "view", "--raw", "-o", "json").stdout)
+        kc["users"] = [{"name": "reader", "user": {"token": token}}]
+        kc["contexts"][0]["context"]["user"] = "reader"
+        f = tmp_path / "reader.kubeconfig"
+        f.write_text(json.dumps(kc))
+        os.chmod(tmp_path, 0o755)
+        env = ["env", f"KUBECONFIG={f}"]
+        a.run([*env, "tpnb", "connect", "--namespace", NS], timeout=120)
+        r = a.run([*env, "tpnb", "intercept", "plain", "--namespace", NS2, "--port", "9000", "--", "true"],
+                  check=False, timeout=120)
+        assert r.returncode != 0 and "Traceback" not in r.stderr
+        assert "system:serviceaccount:tpic:reader" in r.stderr, r.stderr
+        assert re.search(r"(patch|update).*deployments", r.stderr), r.stderr
+        assert _user_objects(a, NS2) == before   # nothing half-changed
+    finally:
+        a.run(["tpnb", "quit", "--daemon"], check=False)
+        a.kubectl("delete", "clusterrolebinding,clusterrole", "tpnb-test-reader", check=False)
+        a.kubectl("-n", NS2, "delete", "deploy,svc", "plain", "--ignore-not-found", check=False)
 
 
 def test_uninstall_everything_restores_the_cluster(laps: tuple[LaptopRunner, LaptopRunner]) -> None:
