@@ -15,15 +15,14 @@ import asyncio
 import copy
 import glob
 import json
-import os
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import rerun_in_laptop
 
 from tpnb import config
 from tpnb.errors import InterceptError
@@ -34,9 +33,7 @@ pytestmark = pytest.mark.cluster
 REPO = Path(__file__).resolve().parent.parent
 STATE = Path(config.get().devcluster.state_dir)
 KUBECONFIG = STATE / "kubeconfig"
-LAPTOP_NS = "tpnb-laptop"
 ECHO_IMAGE = "tpnb.local/echoserver:1.4"
-IN_LAPTOP_ENV = "TPNB_TEST_IN_LAPTOP"
 
 
 def _kubectl_bin() -> str:
@@ -44,22 +41,6 @@ def _kubectl_bin() -> str:
     if not found:
         pytest.skip("no kubectl under the dev cluster's bin directory")
     return found[-1]
-
-
-def _in_laptop_netns() -> bool:
-    """Whether this process runs in a laptop namespace of the dev cluster.
-
-    Decided by namespace identity, never by probing the API address: from the
-    host namespace a connection to it would leave the machine.
-    """
-    names = {LAPTOP_NS}
-    if os.environ.get("TPNB_LAPTOP"):
-        names.add(f"tpnb-{os.environ['TPNB_LAPTOP']}")
-    try:
-        here = os.stat("/proc/self/ns/net").st_ino
-        return any(os.stat(f"/run/netns/{n}").st_ino == here for n in names if os.path.exists(f"/run/netns/{n}"))
-    except OSError:
-        return False
 
 
 class Cluster:
@@ -134,22 +115,7 @@ class Cluster:
 
 @pytest.fixture
 def cl(request: pytest.FixtureRequest) -> Any:
-    if not KUBECONFIG.exists():
-        pytest.skip(f"dev cluster not up ({KUBECONFIG} missing): tpnb devcluster up")
-    if not _in_laptop_netns():
-        if os.environ.get(IN_LAPTOP_ENV):
-            pytest.skip(f"not inside {LAPTOP_NS} after all")
-        if os.geteuid() != 0 or not Path(f"/run/netns/{LAPTOP_NS}").exists():
-            pytest.skip(f"API server unreachable here and no {LAPTOP_NS} netns to run in")
-        # re-run this very test inside the laptop network namespace
-        p = subprocess.run(["ip", "netns", "exec", LAPTOP_NS, "env", f"{IN_LAPTOP_ENV}=1", sys.executable, "-m",
-                            "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-m", "cluster", request.node.nodeid],
-                           cwd=str(REPO), capture_output=True, text=True, timeout=1200)
-        tail = (p.stdout + p.stderr)[-6000:]
-        if p.returncode == 5 or " skipped" in tail and " passed" not in tail:
-            why = [ln for ln in tail.splitlines() if ln.startswith("SKIPPED")] or tail.strip().splitlines()[-1:]
-            pytest.skip(f"skipped inside {LAPTOP_NS}: {why[0]}")
-        assert p.returncode == 0, f"inside {LAPTOP_NS}:\n{tail}"
+    if not rerun_in_laptop(request, KUBECONFIG):
         yield None
         return
     c = Cluster()

@@ -56,7 +56,8 @@ def _udp_tcp_objects() -> dict[str, Any]:
 
 def _routes_and_resolv(lap: LaptopRunner) -> tuple[str, str]:
     routes = lap.run(["ip", "route", "show", "table", "all"]).stdout
-    routes = "\n".join(sorted(routes.splitlines()))
+    # a fresh laptop's IPv6 link-local address appears on its own a moment after link-up: not ours
+    routes = "\n".join(sorted(ln for ln in routes.splitlines() if "fe80:" not in ln))
     return routes, lap.run(["cat", "/etc/resolv.conf"]).stdout
 
 

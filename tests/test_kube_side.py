@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import pytest
+from conftest import rerun_in_laptop
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -914,23 +915,7 @@ async def test_ensure_manager_rbac_denied(fake_api: FakeAPI) -> None:
 
 # ================================================================ dev cluster
 DEVCLUSTER_KUBECONFIG = Path("/var/lib/tpnb/devcluster/kubeconfig")
-LAPTOP_NS = "tpnb-laptop"
 ECHO_IMAGE = "tpnb.local/echoserver:1.4"
-IN_LAPTOP_ENV = "TPNB_KUBE_SIDE_IN_LAPTOP"
-
-
-def _in_laptop_netns() -> bool:
-    """Whether this process runs in a laptop namespace of the dev cluster,
-    decided by namespace identity -- never by probing the API address, which
-    from the host namespace would leave the machine."""
-    names = {LAPTOP_NS}
-    if os.environ.get("TPNB_LAPTOP"):
-        names.add(f"tpnb-{os.environ['TPNB_LAPTOP']}")
-    try:
-        here = os.stat("/proc/self/ns/net").st_ino
-        return any(os.stat(f"/run/netns/{n}").st_ino == here for n in names if os.path.exists(f"/run/netns/{n}"))
-    except OSError:
-        return False
 
 
 @pytest.fixture
@@ -940,21 +925,8 @@ def in_cluster(request: pytest.FixtureRequest) -> KubeTarget | None:
     Outside one, the test re-runs itself inside `tpnb-laptop` and this
     fixture yields None (the test body then returns at once).
     """
-    if not DEVCLUSTER_KUBECONFIG.exists():
-        pytest.skip(f"dev cluster not up ({DEVCLUSTER_KUBECONFIG} missing): tpnb devcluster up")
-    if _in_laptop_netns():
+    if rerun_in_laptop(request, DEVCLUSTER_KUBECONFIG, timeout=900):
         return load_target(str(DEVCLUSTER_KUBECONFIG), None)
-    if os.environ.get(IN_LAPTOP_ENV):
-        pytest.skip(f"not inside {LAPTOP_NS} after all")
-    if os.geteuid() != 0 or not Path(f"/run/netns/{LAPTOP_NS}").exists():
-        pytest.skip(f"API server unreachable here and no {LAPTOP_NS} netns to run in")
-    p = subprocess.run(["ip", "netns", "exec", LAPTOP_NS, "env", f"{IN_LAPTOP_ENV}=1", sys.executable, "-m",
-                        "pytest", "-q", "-p", "no:cacheprovider", "-m", "cluster", request.node.nodeid],
-                       cwd=str(REPO), capture_output=True, text=True, timeout=900, check=False)
-    tail = (p.stdout + p.stderr)[-6000:]
-    if p.returncode == 5 or (" skipped" in tail and " passed" not in tail):
-        pytest.skip(f"skipped inside {LAPTOP_NS}: {tail.strip().splitlines()[-1]}")
-    assert p.returncode == 0, f"inside {LAPTOP_NS}:\n{tail}"
     return None
 
 
