@@ -43,3 +43,13 @@ def print_table(first_col: str, results: dict[str, dict[str, Any]]) -> None:
     print("|---|" + "---|" * len(COLUMNS))
     for path, r in results.items():
         print(f"| {path} | " + " | ".join(str(r[c]) for c in COLUMNS) + " |")
+
+
+def fresh_namespace(lap: Callable[..., str], kubectl: Callable[..., str], ns: str) -> None:
+    """No session in the laptop, and namespace `ns` new, holding the netbench programs as a ConfigMap."""
+    lap(["tpnb", "quit", "--daemon"], check=False)
+    kubectl("delete", "ns", ns, "--ignore-not-found", "--wait=true", timeout=180)
+    kubectl("create", "ns", ns)
+    kubectl("-n", ns, "create", "configmap", "netbench",
+            f"--from-file=server.py={REPO / 'bench' / 'netbench_server.py'}",
+            f"--from-file=client.py={REPO / 'bench' / 'netbench_client.py'}")

@@ -18,14 +18,12 @@ import argparse
 import json
 import time
 
-from common import REPO, laptop, print_table, sh  # noqa: E402  (bench/common.py)
+from common import REPO, fresh_namespace, laptop, print_table, sh  # noqa: E402  (bench/common.py)
 
 from tpnb import config as tpnb_config  # noqa: E402
 
 NS = "bench"
 LAPTOP = "bench"
-
-
 
 
 def main() -> None:
@@ -37,11 +35,7 @@ def main() -> None:
     dc, lap, kubectl = laptop(LAPTOP)
     image = tpnb_config.get().manager_image
 
-    lap(["tpnb", "quit", "--daemon"], check=False)
-    kubectl("delete", "ns", NS, "--ignore-not-found", "--wait=true", timeout=180)
-    kubectl("create", "ns", NS)
-    kubectl("-n", NS, "create", "configmap", "netbench",
-            f"--from-file=server.py={REPO / 'bench' / 'netbench_server.py'}")
+    fresh_namespace(lap, kubectl, NS)
     objs = {"apiVersion": "v1", "kind": "List", "items": [
         {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "netbench"},
          "spec": {"selector": {"matchLabels": {"app": "netbench"}}, "template": {

@@ -18,14 +18,12 @@ import json
 import subprocess
 import time
 
-from common import REPO, laptop, print_table  # noqa: E402  (bench/common.py)
+from common import REPO, fresh_namespace, laptop, print_table  # noqa: E402  (bench/common.py)
 
 from tpnb import config as tpnb_config  # noqa: E402
 
 NS = "benchic"
 LAPTOP = "benchic"
-
-
 
 
 def main() -> None:
@@ -37,12 +35,7 @@ def main() -> None:
     dc, lap, kubectl = laptop(LAPTOP)
     image = tpnb_config.get().manager_image
 
-    lap(["tpnb", "quit", "--daemon"], check=False)
-    kubectl("delete", "ns", NS, "--ignore-not-found", "--wait=true", timeout=180)
-    kubectl("create", "ns", NS)
-    kubectl("-n", NS, "create", "configmap", "netbench",
-            f"--from-file=server.py={REPO / 'bench' / 'netbench_server.py'}",
-            f"--from-file=client.py={REPO / 'bench' / 'netbench_client.py'}")
+    fresh_namespace(lap, kubectl, NS)
     vol = {"name": "src", "configMap": {"name": "netbench"}}
     mount = {"name": "src", "mountPath": "/srv"}
 

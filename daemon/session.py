@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 import anyio
 import grpc
@@ -396,35 +396,34 @@ class Session:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 3.0)
 
-    async def _dials_loop(self) -> None:
+    async def _follow(self, what: str, open_stream: Callable[[rpc.ManagerStub], Callable[..., AsyncIterator]],
+                      handle: Callable[[object], None]) -> None:
+        """Keep one of the manager's server streams open across reconnects, handing on each message."""
         while not self._closing:
             link, sid = self.link, self.session_id
             if link is None:
                 await asyncio.sleep(0.3)
                 continue
             try:
-                async for req in link.stub.WatchDials(pb.SessionInfo(session_id=sid)):
-                    asyncio.ensure_future(self._answer_dial(req))
+                async for msg in open_stream(link.stub)(pb.SessionInfo(session_id=sid)):
+                    handle(msg)
             except grpc.aio.AioRpcError as exc:
-                log.debug("WatchDials ended: %s", exc.code().name)
+                log.debug("%s ended: %s", what, exc.code().name)
             await asyncio.sleep(0.3)
 
-    async def _watch_intercepts_loop(self) -> None:
-        while not self._closing:
-            link, sid = self.link, self.session_id
-            if link is None:
-                await asyncio.sleep(0.3)
-                continue
-            try:
-                async for lst in link.stub.WatchIntercepts(pb.SessionInfo(session_id=sid)):
-                    self.remote = {ic.id: ic for ic in lst.intercepts}
-                    for name, mine in list(self.intercepts.items()):
-                        if mine.id in self.remote:
-                            self.intercepts[name] = self.remote[mine.id]
-                    self.changed.set()
-            except grpc.aio.AioRpcError as exc:
-                log.debug("WatchIntercepts ended: %s", exc.code().name)
-            await asyncio.sleep(0.3)
+    def _dials_loop(self) -> Awaitable[None]:
+        return self._follow("WatchDials", lambda stub: stub.WatchDials,
+                            lambda req: asyncio.ensure_future(self._answer_dial(req)))
+
+    def _watch_intercepts_loop(self) -> Awaitable[None]:
+        return self._follow("WatchIntercepts", lambda stub: stub.WatchIntercepts, self._on_intercepts)
+
+    def _on_intercepts(self, lst: pb.InterceptList) -> None:
+        self.remote = {ic.id: ic for ic in lst.intercepts}
+        for name, mine in list(self.intercepts.items()):
+            if mine.id in self.remote:
+                self.intercepts[name] = self.remote[mine.id]
+        self.changed.set()
 
     async def _namespaces_loop(self) -> None:
         """Keep the namespace list fresh so `svc.ns` names resolve."""
