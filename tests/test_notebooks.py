@@ -150,3 +150,20 @@ def test_quickstart_notebook_in_the_laptop(laptop_with_hello) -> None:
     assert "CLIENT VALUES" in after and "hello from the notebook" not in after, after
     assert "Disconnecting...done" in rn.text_of(rn.tagged(nb, "quit"))
     assert not any("Traceback" in p for p in problems), problems
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(600)
+def test_killed_kernel_leaves_nothing_hijacked(laptop_with_hello) -> None:
+    """kill -9 of a kernel that serves an intercept: the daemon ends it within seconds."""
+    script = Path(__file__).with_name("kernel_kill_check.py")
+    res = subprocess.run(rn.laptop_argv([sys.executable, str(script)]), capture_output=True, text=True,
+                         timeout=500, cwd=rn.REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    seconds = float(res.stdout.split("RESULT ", 1)[1].split()[0])
+    assert seconds <= 10, f"the intercept ended {seconds:.1f} s after the kernel was killed"
+    # and the cluster's own app answers again
+    out = subprocess.run(rn.laptop_argv(["sh", "-c", "tpnb connect >/dev/null && curl -sS --max-time 10 "
+                                         "http://hello.default; tpnb quit >/dev/null"]),
+                         capture_output=True, text=True, timeout=200)
+    assert "CLIENT VALUES:" in out.stdout, out.stdout + out.stderr
