@@ -13,6 +13,7 @@ import os
 import re
 import stat
 import subprocess
+import sys
 import time
 import tomllib
 from pathlib import Path
@@ -434,3 +435,22 @@ def test_down_leaves_nothing_and_up_again(devcluster: Any, laptop: Any, hello: s
     out = laptop.kubectl("get", "nodes", "--no-headers").stdout
     assert re.search(r"^tpnb-node\s+Ready\s", out, re.M), out
     print(f"warm up after down: {took:.1f} s")
+
+
+@pytest.mark.cluster
+def test_image_export_for_other_clusters(devcluster: Any, tmp_path: Path) -> None:
+    """`tpnb devcluster image -o FILE`: the project image as a docker-archive kind/k3d/minikube can load."""
+    import tarfile
+
+    from tpnb.imageref import default_image
+
+    out = tmp_path / "tpnb-image.tar"
+    r = subprocess.run([sys.executable, "-m", "tpnb.cli", "devcluster", "image", "-o", str(out)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    with tarfile.open(out) as tf:
+        manifest = json.load(tf.extractfile("manifest.json"))  # type: ignore[arg-type]
+    assert manifest[0]["RepoTags"] == [default_image()]
+    r = subprocess.run([sys.executable, "-m", "tpnb.cli", "devcluster", "image", "-o", "/nonexistent/x.tar"],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 2 and "cannot write /nonexistent/x.tar" in r.stderr and "Traceback" not in r.stderr

@@ -35,6 +35,11 @@ def _parser() -> argparse.ArgumentParser:
     lp.add_argument("--remove", action="store_true", help="delete this laptop namespace instead")
     lp.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
                     help="command to run (default: $SHELL)")
+    ip = sub.add_parser("image", help="build the project image as an archive for another cluster",
+                        description="Builds the traffic-manager/agent image (no Docker needed) and copies the "
+                                    "docker-archive to FILE, for `kind load image-archive FILE`, "
+                                    "`k3d image import FILE`, `minikube image load FILE` or `docker load -i FILE`.")
+    ip.add_argument("--output", "-o", required=True, metavar="FILE")
     dp = sub.add_parser("down", help="stop everything and remove all traces (keeps build caches)")
     dp.add_argument("--purge", action="store_true",
                     help="also delete the state dir (binaries, images, certificates)")
@@ -56,6 +61,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _export_image(output: str) -> int:
+    import shutil
+
+    from . import images
+    from .progress import Printer
+
+    printer = Printer()
+    try:
+        built = images.build_tpnb_image(printer)
+    finally:
+        printer.done()
+    try:
+        shutil.copyfile(built.tar, output)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {output}", exc.strerror or str(exc), "choose a writable path") from None
+    print(f"{built.name} -> {output}")
+    print("load it into your cluster (e.g. `kind load image-archive FILE`); the client expects that tag "
+          "(`tpnb config view` shows manager.image)", file=sys.stderr)
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -86,6 +112,8 @@ def _run(args: argparse.Namespace) -> int:
         finally:
             printer.done()
         return 0
+    if args.cmd == "image":
+        return _export_image(args.output)
     if args.cmd == "laptop":
         if args.remove:
             cluster.remove_laptop(args.name)
