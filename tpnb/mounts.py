@@ -157,14 +157,41 @@ def _mnt_ns() -> str:
         return "mnt:[?]"
 
 
-def _live_mnt_namespaces() -> set[str]:
-    """Mount namespaces some process still uses (a gone one's mounts are gone with it)."""
-    out = set()
+def _processes_by_mnt_ns() -> dict[str, list[tuple[int, str]]]:
+    """mount namespace -> [(pid, command name)] of every process we may look at."""
+    out: dict[str, list[tuple[int, str]]] = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
             with contextlib.suppress(OSError):
-                out.add(os.readlink(f"/proc/{d}/ns/mnt"))
+                ns = os.readlink(f"/proc/{d}/ns/mnt")
+                comm = Path(f"/proc/{d}/comm").read_text().strip()
+                out.setdefault(ns, []).append((int(d), comm))
     return out
+
+
+def _live_mnt_namespaces() -> set[str]:
+    """Mount namespaces some process still uses (a gone one's mounts are gone with it)."""
+    return set(_processes_by_mnt_ns())
+
+
+def _reap_orphan_sshfs() -> list[int]:
+    """Stop sshfs daemons that are the last processes of their mount namespace.
+
+    A client that mounted from a private mount namespace (e.g. every
+    `ip netns exec` call) and exited leaves sshfs as the only thing keeping
+    that namespace, and its mount, alive: nobody can reach the mount any more,
+    so the daemon would serve it forever.  The user's own namespace always
+    has other processes, so a mount still in use is never touched.
+    """
+    mine = _mnt_ns()
+    killed = []
+    for ns, procs in _processes_by_mnt_ns().items():
+        if ns != mine and procs and all(comm == "sshfs" for _, comm in procs):
+            for pid, _ in procs:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, 15)
+                    killed.append(pid)
+    return killed
 
 
 @contextlib.contextmanager
@@ -200,6 +227,7 @@ def _key(name: str) -> str:
 
 def mounts() -> dict[str, Path]:
     """Intercept name -> mount point, for the mounts of this mount namespace that are still there."""
+    _reap_orphan_sshfs()
     mine = _mnt_ns() + " "
     live = set(sshfs_mounts())
     with _state() as st:
@@ -327,6 +355,7 @@ def cleanup_stale(active: dict[str, list[str]] | None = None) -> list[str]:
     only drop entries whose mount or mount namespace is gone).  Mounts of
     other mount namespaces are never touched (we could not see them).
     """
+    _reap_orphan_sshfs()
     mine = _mnt_ns() + " "
     live = set(sshfs_mounts())
     alive_ns: set[str] | None = None
