@@ -28,7 +28,7 @@ from tpnb.proto import pb, rpc
 from tpnb.version import API_VERSION, __version__
 
 from .aio import both, first, oserror_text
-from .forward import FrameChannel, GrpcFrameChannel, pump_stream_to_tunnel, pump_tunnel_to_stream
+from .forward import FrameChannel, GrpcFrameChannel, bridge
 
 log = logging.getLogger("tpnb.manager")
 
@@ -256,10 +256,7 @@ class Manager(rpc.ManagerServicer):
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         await chan.send(pb.TunnelFrame(opened=pb.Empty()))
-        try:
-            await both(pump_stream_to_tunnel(reader, chan), pump_tunnel_to_stream(chan, writer))
-        finally:
-            writer.close()
+        await bridge(reader, writer, chan)
 
     async def _outbound_udp(self, host: str, port: int, chan: FrameChannel) -> None:
         loop = asyncio.get_running_loop()

@@ -28,8 +28,8 @@ from . import kube, manager_install, netstate, resolvconf, routes
 from .tun import Flow, Tun
 from .dns import ClusterResolver
 from .portforward import PortForward
-from tpnb.cluster.aio import both, first, oserror_text
-from tpnb.cluster.forward import GrpcFrameChannel, TunnelError, finish_channel, pump_stream_to_tunnel, pump_tunnel_to_stream
+from tpnb.cluster.aio import first, oserror_text
+from tpnb.cluster.forward import GrpcFrameChannel, TunnelError, bridge
 
 log = logging.getLogger("tpnb.daemon.session")
 netlog = logging.getLogger("tpnb.daemon.outbound")
@@ -292,9 +292,8 @@ class Session:
         if chan is None:
             return
         try:
-            await both(pump_stream_to_tunnel(flow, chan), pump_tunnel_to_stream(chan, FlowWriter(flow)))
+            await bridge(flow, FlowWriter(flow), chan)  # type: ignore[arg-type]
         finally:
-            chan.cancel()
             flow.close()
 
     async def _on_udp(self, flow: Flow) -> None:
@@ -341,11 +340,7 @@ class Session:
                 await chan.done_sending()
                 return
             await chan.send(pb.TunnelFrame(opened=pb.Empty()))
-            try:
-                await both(pump_stream_to_tunnel(reader, chan), pump_tunnel_to_stream(chan, writer))
-            finally:
-                writer.close()
-            await finish_channel(chan)  # let the manager read our last frames before the RPC ends
+            await bridge(reader, writer, chan)  # finishes the channel so the manager reads our last frames
         except TunnelError as exc:
             log.debug("dial %s ended: %s", req.dial_id, exc)
         finally:

@@ -112,6 +112,20 @@ class LaptopRunner:
     def sh(self, script: str, **kw: Any) -> subprocess.CompletedProcess[str]:
         return self.run(["sh", "-c", script], **kw)
 
+    def kubeconfig_as(self, serviceaccount: str, namespace: str, directory: Path) -> Path:
+        """A kubeconfig for the dev cluster that authenticates as a ServiceAccount (made if missing)."""
+        import json
+
+        self.kubectl("-n", namespace, "create", "serviceaccount", serviceaccount, check=False)
+        token = self.kubectl("-n", namespace, "create", "token", serviceaccount).stdout.strip()
+        kc = json.loads(self.kubectl("config", "view", "--raw", "-o", "json").stdout)
+        kc["users"] = [{"name": serviceaccount, "user": {"token": token}}]
+        kc["contexts"][0]["context"]["user"] = serviceaccount
+        path = directory / f"{serviceaccount}.kubeconfig"
+        path.write_text(json.dumps(kc))
+        os.chmod(directory, 0o755)  # the laptop's processes run as root, but keep it readable anyway
+        return path
+
     def kubectl(self, *args: str, timeout: float = 60, check: bool = True,
                 input: str | None = None) -> subprocess.CompletedProcess[str]:
         return self.run(["kubectl", *args], timeout=timeout, check=check, input=input)

@@ -238,14 +238,7 @@ def test_bad_kubeconfig_and_unreachable_api_fail_fast_and_clearly(lap: LaptopRun
 def test_rbac_denial_names_the_missing_permission(lap: LaptopRunner, tmp_path: Any) -> None:
     """A user who may not even list pods gets told exactly what was refused."""
     lap.run(["tpnb", "quit", "--daemon"], check=False)
-    lap.kubectl("-n", NS, "create", "serviceaccount", "nobody", check=False)
-    token = lap.kubectl("-n", NS, "create", "token", "nobody").stdout.strip()
-    kc = json.loads(lap.kubectl("config", "view", "--raw", "-o", "json").stdout)
-    kc["users"] = [{"name": "nobody", "user": {"token": token}}]
-    kc["contexts"][0]["context"]["user"] = "nobody"
-    f = tmp_path / "nobody.kubeconfig"
-    f.write_text(json.dumps(kc))
-    os.chmod(tmp_path, 0o755)
+    f = lap.kubeconfig_as("nobody", NS, tmp_path)
     r = lap.run(["env", f"KUBECONFIG={f}", "tpnb", "connect"], check=False, timeout=120)
     assert r.returncode != 0
     assert "Traceback" not in r.stderr

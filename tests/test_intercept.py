@@ -239,7 +239,6 @@ def test_rbac_denial_names_what_was_refused(laps: tuple[LaptopRunner, LaptopRunn
                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
                            "name": "tpnb-test-reader"},
                "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": NS}]}
-    a.kubectl("-n", NS, "create", "serviceaccount", "reader", check=False)
     a.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
                                                      "items": [role, binding]}))
     try:
@@ -247,13 +246,7 @@ def test_rbac_denial_names_what_was_refused(laps: tuple[LaptopRunner, LaptopRunn
         a.kubectl("-n", NS2, "delete", "deploy,svc", "plain", "--ignore-not-found")
         _deploy(a, NS2, "plain")
         before = _user_objects(a, NS2)
-        token = a.kubectl("-n", NS, "create", "token", "reader").stdout.strip()
-        kc = json.loads(a.kubectl("config", "view", "--raw", "-o", "json").stdout)
-        kc["users"] = [{"name": "reader", "user": {"token": token}}]
-        kc["contexts"][0]["context"]["user"] = "reader"
-        f = tmp_path / "reader.kubeconfig"
-        f.write_text(json.dumps(kc))
-        os.chmod(tmp_path, 0o755)
+        f = a.kubeconfig_as("reader", NS, tmp_path)
         env = ["env", f"KUBECONFIG={f}"]
         a.run([*env, "tpnb", "connect", "--namespace", NS], timeout=120)
         r = a.run([*env, "tpnb", "intercept", "plain", "--namespace", NS2, "--port", "9000", "--", "true"],

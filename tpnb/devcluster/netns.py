@@ -298,6 +298,10 @@ def ensure_laptop(cfg: DevClusterConfig, layout: Layout, name: str) -> Laptop:
         run(["ip", "-n", cfg.node_netns, "link", "set", lap.veth, "up"])
     if f"{lap.ip}/{prefix}" not in run(["ip", "-n", ns, "-o", "addr", "show", "dev", "eth0"]).stdout:
         run(["ip", "-n", ns, "addr", "add", f"{lap.ip}/{prefix}", "dev", "eth0"])
+        # An earlier laptop may have had this address with another MAC: the node
+        # would keep answering that stale MAC for seconds (API calls time out).
+        subprocess.run(["ip", "-n", cfg.node_netns, "neigh", "flush", "to", lap.ip],
+                       capture_output=True, check=False)
     run(["ip", "-n", ns, "link", "set", "eth0", "up"])
     run(["ip", "-n", ns, "link", "set", "lo", "up"])
     etc = ETC_NETNS / ns
