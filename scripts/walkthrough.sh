@@ -5,9 +5,11 @@ set -euo pipefail
 say() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
 run() { say "$@"; "$@"; }
 
-tpnb quit --daemon >/dev/null 2>&1 || true   # start from no session, like a fresh laptop
-run kubectl create deploy hello --image=tpnb.local/echoserver:1.4 2>/dev/null || true
-kubectl get svc hello >/dev/null 2>&1 || run kubectl expose deploy hello --port 80 --target-port 8080
+# like the seed, start from no session and no hello (an earlier run's is removed quietly)
+tpnb quit --daemon >/dev/null 2>&1 || true
+kubectl delete deploy,svc hello --ignore-not-found --wait=true >/dev/null 2>&1 || true
+run kubectl create deploy hello --image=tpnb.local/echoserver:1.4
+run kubectl expose deploy hello --port 80 --target-port 8080
 run kubectl rollout status deploy/hello --timeout=120s
 run kubectl get ns,svc,deploy,po
 
@@ -26,8 +28,11 @@ set -m
 ( cd "$workdir" && exec tpnb intercept hello --port 9000 -- python3 -m http.server 9000 ) &
 icpid=$!
 set +m
+# ready once the intercept is ACTIVE and the command it started is serving
 for _ in $(seq 1 360); do
-  tpnb status 2>/dev/null | grep -q 'hello: .*ACTIVE' && break
+  if tpnb status 2>/dev/null | grep -q 'hello: .*ACTIVE' && (echo > /dev/tcp/127.0.0.1/9000) 2>/dev/null; then
+    break
+  fi
   sleep 0.5
 done
 run curl -sS hello
