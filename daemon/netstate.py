@@ -22,7 +22,7 @@ from typing import Any
 
 from . import routes
 from .resolvconf import ResolvConf, ResolvedLink, default_state_dir, write_atomic
-from .resolvconf import start_ticks as _start_ticks
+from .resolvconf import process_alive, start_ticks as _start_ticks
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,7 @@ class NetState:
         """The recording daemon still runs (same pid *and* same start time)."""
         if self.pid == os.getpid():
             return False  # it is us: whatever is recorded is a previous life
-        start = _start_ticks(self.pid)
-        return start is not None and (self.pid_start is None or start == self.pid_start)
+        return process_alive(self.pid, self.pid_start)
 
 
 class StateFile:

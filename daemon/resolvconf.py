@@ -290,7 +290,7 @@ class ResolvConf:
         if original is None:
             return False
         writer = writer_pid(data)
-        if writer is not None and writer[0] != os.getpid() and _pid_alive(*writer):
+        if writer is not None and writer[0] != os.getpid() and process_alive(*writer):
             log.info("%s belongs to running daemon pid %d; leaving it", path, writer[0])
             return False
         write_in_place(path, original)
@@ -298,20 +298,28 @@ class ResolvConf:
         return True
 
 
-def start_ticks(pid: int) -> int | None:
-    """Process start time (clock ticks since boot): tells a live pid from a reused one."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat after the command name (fields 3.. overall), or None if gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     # the command may contain spaces and parentheses: split after the last ")"
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return int(fields[19])  # field 22 overall
+    return stat[stat.rindex(")") + 2 :].split()
 
 
-def _pid_alive(pid: int, start: int | None) -> bool:
-    now = start_ticks(pid)
-    return now is not None and (start is None or now == start)
+def start_ticks(pid: int) -> int | None:
+    """Process start time (clock ticks since boot): tells a live pid from a reused one."""
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else None  # field 22 overall
+
+
+def process_alive(pid: int, start: int | None = None) -> bool:
+    """The same process still runs: a reused pid (other start time) or a zombie counts as gone."""
+    fields = _stat_fields(pid)
+    if fields is None or fields[0] in ("Z", "X"):
+        return False
+    return start is None or int(fields[19]) == start
 
 
 # ---------------------------------------------------------------- systemd-resolved

@@ -469,7 +469,7 @@ class Session:
     async def _owner_loop(self, name: str, owner: tuple[int, int]) -> None:
         pid, start = owner
         while self.owners.get(name) == owner and not self._closing:
-            if not _process_alive(pid, start):
+            if not resolvconf.process_alive(pid, start):
                 log.info("intercept %s: its owner process %d is gone; leaving", name, pid)
                 try:
                     await self.remove_intercept(name)
@@ -572,17 +572,6 @@ def _intercept_hint(exc: grpc.aio.AioRpcError) -> str:
     if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
         return "ask the holder to `tpnb leave` it, or intercept another workload"
     return ""
-
-
-def _process_alive(pid: int, start: int) -> bool:
-    """Same process still running (pid reuse and zombies count as gone)."""
-    if resolvconf.start_ticks(pid) != start:
-        return False
-    try:
-        stat = open(f"/proc/{pid}/stat").read()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2:][:1] not in ("Z", "X")
 
 
 def _list_namespaces(target: kube.KubeTarget | None) -> set[str]:
