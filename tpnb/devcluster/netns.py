@@ -26,6 +26,9 @@ from ..config import DevClusterConfig
 from ..errors import DevClusterError, PrerequisiteError
 from .manifests import LAN_BRIDGE, Addresses, Layout, laptop_ip
 
+#: the node's address on lan0 (locally administered, so it clashes with no real NIC)
+LAN_MAC = "02:74:70:6e:62:01"
+
 NETNS_DIR = Path("/run/netns")
 ETC_NETNS = Path("/etc/netns")
 LAPTOP_PREFIX = "tpnb-"
@@ -198,6 +201,17 @@ def node_rules(cfg: DevClusterConfig) -> list[list[str]]:
     ]
 
 
+def pin_lan_mac(node_ns: str) -> None:
+    """Give lan0 a fixed MAC address.
+
+    A bridge without a MAC of its own borrows its lowest port's, so adding a
+    laptop could change the node's MAC under every other laptop's ARP cache:
+    their API calls then time out for a while.  A fixed address never moves.
+    """
+    if LAN_MAC not in in_ns(node_ns, ["ip", "link", "show", LAN_BRIDGE]).stdout:
+        in_ns(node_ns, ["ip", "link", "set", LAN_BRIDGE, "address", LAN_MAC])
+
+
 def setup_node(cfg: DevClusterConfig, layout: Layout) -> None:
     """The node netns with lan0 at the LAN's first address and its fence."""
     name = cfg.node_netns
@@ -213,6 +227,7 @@ def setup_node(cfg: DevClusterConfig, layout: Layout) -> None:
     if not lan:
         in_ns(name, ["ip", "link", "add", LAN_BRIDGE, "type", "bridge"])
         in_ns(name, ["ip", "link", "set", LAN_BRIDGE, "alias", LAN_ALIAS])
+    pin_lan_mac(name)
     cidr = f"{addrs.node_ip}/{addrs.lan_prefix}"
     if cidr not in in_ns(name, ["ip", "-o", "addr", "show", "dev", LAN_BRIDGE]).stdout:
         in_ns(name, ["ip", "addr", "add", cidr, "dev", LAN_BRIDGE])
@@ -294,6 +309,7 @@ def ensure_laptop(cfg: DevClusterConfig, layout: Layout, name: str) -> Laptop:
         run(["ip", "-n", cfg.node_netns, "link", "del", lap.veth], check=False)
         run(["ip", "-n", cfg.node_netns, "link", "add", lap.veth, "type", "veth",
              "peer", "name", "eth0", "netns", ns])
+        pin_lan_mac(cfg.node_netns)  # before the new port joins (clusters booted before the pin)
         run(["ip", "-n", cfg.node_netns, "link", "set", lap.veth, "master", LAN_BRIDGE])
         run(["ip", "-n", cfg.node_netns, "link", "set", lap.veth, "up"])
     if f"{lap.ip}/{prefix}" not in run(["ip", "-n", ns, "-o", "addr", "show", "dev", "eth0"]).stdout:
