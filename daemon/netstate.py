@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import routes
+from . import redirect, routes
 from .resolvconf import ResolvConf, ResolvedLink, default_state_dir, write_atomic
 from .resolvconf import process_alive, start_ticks as _start_ticks
 
@@ -43,6 +43,8 @@ class NetState:
     resolv_path: str | None = None
     #: the TUN name when systemd-resolved per-link DNS was configured
     resolved_link: str | None = None
+    #: the nftables table (family ip) of the kernel-TCP redirect
+    nft_table: str | None = None
 
     def owner_alive(self) -> bool:
         """The recording daemon still runs (same pid *and* same start time)."""
@@ -105,6 +107,10 @@ class StateFile:
         self.state.resolv_path = rc.path
         self.save()
 
+    def record_nft_table(self, table: str) -> None:
+        self.state.nft_table = table
+        self.save()
+
     def record_resolved(self, ifname: str) -> None:
         self.state.resolved_link = ifname
         self.save()
@@ -133,6 +139,8 @@ async def recover(state_dir: Path | None = None, *, prefix: str = "tpnb",
             f"stop it first (`tpnb quit`, or `kill {st.pid}`)",
         )
     if st is not None:
+        if st.nft_table and await redirect.delete_table(st.nft_table):
+            done.append(f"nft table ip {st.nft_table}")
         if st.tun_name:
             if st.routes and await routes.link_exists(st.tun_name):
                 await routes.remove_routes(st.tun_name, st.routes)
@@ -153,6 +161,7 @@ async def recover(state_dir: Path | None = None, *, prefix: str = "tpnb",
         done.append(f"resolv.conf {resolv_path} (from the embedded copy)")
     for name in await routes.cleanup_stale(prefix):
         done.append(f"link {name}")
+    done += await redirect.cleanup_stale(prefix)
     await asyncio.to_thread(sf.clear)
     if done:
         log.warning("cleaned up after a previous daemon: %s", "; ".join(done))

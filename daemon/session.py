@@ -20,11 +20,12 @@ import anyio
 import grpc
 
 from tpnb import config as tpnb_config
-from tpnb.errors import ClusterError, InterceptError, NotConnected, TpnbError
+from tpnb.errors import ClusterError, InterceptError, NotConnected, PrerequisiteError, TpnbError
 from tpnb.proto import pb, rpc
 from tpnb.version import API_VERSION, __version__
 
 from . import kube, manager_install, netstate, resolvconf, routes
+from .redirect import KernelTcp, SocketFlow, nft_available
 from .tun import Flow, Tun
 from .dns import ClusterResolver
 from .portforward import PortForward
@@ -113,6 +114,10 @@ class Session:
     service_subnets: list[str] = field(default_factory=list)
     routed: list[str] = field(default_factory=list)
     tun: Tun | None = None
+    #: the kernel-TCP path for TCP to the cluster (None: TCP goes through the TUN)
+    kernel_tcp: KernelTcp | None = None
+    #: why the kernel-TCP path is off, when it is
+    tcp_engine_note: str = ""
     resolver: ClusterResolver | None = None
     resolv: resolvconf.ResolvConf | resolvconf.ResolvedLink | None = None
     namespaces: set[str] = field(default_factory=set)
@@ -240,6 +245,7 @@ class Session:
         wanted = subnets + [f"{cfg.dns_ip}/32"]
         state.record_routes(wanted)
         self.routed = await routes.add_routes(self.tun.name, wanted)
+        await self._kernel_tcp_up(state, [r for r in self.routed if r != f"{cfg.dns_ip}/32"])
         domains = self.resolver.search_domains()
         if isinstance(self.resolv, resolvconf.ResolvConf):
             state.record_resolv(self.resolv)
@@ -249,6 +255,36 @@ class Session:
         await asyncio.to_thread(self.resolv.install, cfg.dns_ip, domains)
         log.info("network up: %s routes %s, resolver %s, search %s", self.tun.name, self.routed,
                  cfg.dns_ip, domains)
+
+    async def _kernel_tcp_up(self, state: netstate.StateFile, cidrs: list[str]) -> None:
+        """Move TCP to the cluster onto the kernel's TCP stack when allowed and possible.
+
+        `daemon.tcp_engine`: "kernel" requires it, "auto" falls back to the TUN
+        (with the reason in the log and `tpnb status`), "tun" never tries.
+        """
+        engine = self.cfg.daemon.tcp_engine
+        if engine == "tun":
+            self.tcp_engine_note = "daemon.tcp_engine is tun"
+            return
+        why = nft_available()
+        if why is None:
+            kt = KernelTcp(self.cfg.daemon.tun_name, self._on_tcp)
+            state.record_nft_table(kt.table)
+            try:
+                await kt.__aenter__()
+                await kt.redirect(cidrs)
+            except TpnbError as exc:
+                await kt.aclose()
+                why = f"{exc.what}: {exc.why}" if exc.why else exc.what
+            else:
+                self.kernel_tcp = kt
+                self.tcp_engine_note = ""
+                return
+        if engine == "kernel":
+            raise PrerequisiteError("daemon.tcp_engine is kernel, but the kernel TCP path is unavailable", why,
+                                    "install nftables, or set daemon.tcp_engine to auto")
+        self.tcp_engine_note = why
+        log.warning("TCP goes through the TUN engine (slower): %s", why)
 
     # ================================================================ flows
     async def _dns_lookup(self, query: bytes) -> bytes:
@@ -275,7 +311,7 @@ class Session:
             return None, first.error
         return chan, ""
 
-    async def _flow_tunnel(self, flow: Flow, protocol: int) -> GrpcFrameChannel | None:
+    async def _flow_tunnel(self, flow: Flow | SocketFlow, protocol: int) -> GrpcFrameChannel | None:
         """Open the manager-side dial for a TUN flow; None (flow closed) when refused."""
         dst_ip, dst_port = flow.dst
         open_ = pb.TunnelOpen(session_id=self.session_id, protocol=protocol,
@@ -284,15 +320,21 @@ class Session:
         chan, err = await self._open_tunnel(open_)
         if chan is None:
             netlog.info("%s %s:%d -> %s:%d refused: %s", flow.protocol, *flow.src, dst_ip, dst_port, err)
-            flow.close()
+            if isinstance(flow, SocketFlow):
+                flow.refuse()  # the client sees a reset, as from a closed port
+            else:
+                flow.close()
         return chan
 
-    async def _on_tcp(self, flow: Flow) -> None:
+    async def _on_tcp(self, flow: Flow | SocketFlow) -> None:
         chan = await self._flow_tunnel(flow, pb.TunnelOpen.TCP)
         if chan is None:
             return
         try:
-            await bridge(flow, FlowWriter(flow), chan)  # type: ignore[arg-type]
+            if isinstance(flow, SocketFlow):
+                await bridge(flow.reader, flow.writer, chan)
+            else:
+                await bridge(flow, FlowWriter(flow), chan)  # type: ignore[arg-type]
         finally:
             flow.close()
 
@@ -511,6 +553,8 @@ class Session:
             also_proxy=list(self.request.also_proxy),
             dns_ip=self.cfg.daemon.dns_ip,
             tun_name=self.tun.name if self.tun else "",
+            tcp_engine=("kernel" if self.kernel_tcp else "tun") if self.tun else "",
+            tcp_engine_note=self.tcp_engine_note,
             manager_version=self.link.version if self.link else "",
             manager_namespace=self.cfg.manager.namespace,
             session_id=self.session_id,
@@ -541,6 +585,8 @@ class Session:
             async def _restore() -> None:
                 await asyncio.to_thread(resolv.restore)
             steps.append(("resolv.conf", _restore))
+        if self.kernel_tcp is not None:
+            steps.append(("nft redirect", self.kernel_tcp.aclose))
         if self.tun is not None:
             tun, routed = self.tun, list(self.routed)
 
@@ -564,6 +610,7 @@ class Session:
             log.error("netstate recovery failed: %s", exc)
         self.link = None
         self.tun = None
+        self.kernel_tcp = None
         self.changed.set()
         log.info("session %s closed", self.session_id)
 

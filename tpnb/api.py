@@ -79,6 +79,9 @@ class Status:
     daemon_running: bool = True
     intercepts: list[Intercept] = field(default_factory=list)
     error: str = ""
+    #: how TCP to the cluster is carried: "kernel" (nftables redirect) or "tun"
+    tcp_engine: str = ""
+    tcp_engine_note: str = ""
 
     @classmethod
     def from_pb(cls, st: pb.ConnectionStatus, daemon_running: bool = True) -> "Status":
@@ -88,7 +91,8 @@ class Status:
             service_subnets=list(st.service_subnets), also_proxy=list(st.also_proxy), dns_ip=st.dns_ip,
             tun_name=st.tun_name, manager_version=st.manager_version, manager_namespace=st.manager_namespace,
             session_id=st.session_id, daemon_version=st.daemon_version, daemon_running=daemon_running,
-            intercepts=[Intercept.from_pb(i) for i in st.intercepts], error=st.error)
+            intercepts=[Intercept.from_pb(i) for i in st.intercepts], error=st.error,
+            tcp_engine=st.tcp_engine, tcp_engine_note=st.tcp_engine_note)
 
 
 @dataclass
