@@ -48,6 +48,7 @@ from tpnb.proto import pb, rpc  # noqa: E402
 from tpnb.version import API_VERSION, __version__  # noqa: E402
 
 from .forward import (  # noqa: E402
+    BULK_GRPC_OPTIONS,
     GrpcFrameChannel,
     TunnelError,
     bridge,
@@ -450,6 +451,7 @@ class Agent:
         there."""
         old = self.channel
         self.channel = grpc.aio.insecure_channel(target, options=[
+            *BULK_GRPC_OPTIONS,
             ("grpc.initial_reconnect_backoff_ms", 500),
             ("grpc.min_reconnect_backoff_ms", 500),
             ("grpc.max_reconnect_backoff_ms", 5000),

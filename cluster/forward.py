@@ -35,6 +35,18 @@ log = logging.getLogger("tpnb.forward")
 #: largest payload of one `data` frame, and the read size on sockets
 CHUNK = 256 * 1024
 
+#: gRPC channel/server options for connections that carry tunnels: fewer,
+#: larger socket reads and HTTP/2 frames than the defaults (8 KiB reads,
+#: 16 KiB frames), which matters when one connection carries bulk flows
+BULK_GRPC_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+    ("grpc.max_send_message_length", 8 * 1024 * 1024),
+    ("grpc.experimental.tcp_read_chunk_size", 1024 * 1024),
+    ("grpc.experimental.tcp_min_read_chunk_size", 256 * 1024),
+    ("grpc.experimental.tcp_max_read_chunk_size", 4 * 1024 * 1024),
+    ("grpc.http2.max_frame_size", 1024 * 1024),
+]
+
 #: how long a finished connection waits for the far end to end the RPC
 #: before cancelling it (so our last frames are not discarded by a reset)
 LINGER_SECONDS = 10.0

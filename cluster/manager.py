@@ -28,7 +28,7 @@ from tpnb.proto import pb, rpc
 from tpnb.version import API_VERSION, __version__
 
 from .aio import both, first, oserror_text
-from .forward import FrameChannel, GrpcFrameChannel, bridge
+from .forward import BULK_GRPC_OPTIONS, FrameChannel, GrpcFrameChannel, bridge
 
 log = logging.getLogger("tpnb.manager")
 
@@ -518,8 +518,7 @@ def pod_subnets() -> list[str]:
 
 async def serve(port: int) -> None:
     server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", 8 * 1024 * 1024),
-        ("grpc.max_send_message_length", 8 * 1024 * 1024),
+        *BULK_GRPC_OPTIONS,
         ("grpc.keepalive_time_ms", 20000),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.keepalive_permit_without_calls", 1),

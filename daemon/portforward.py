@@ -1,4 +1,4 @@
-"""Port-forward to a pod through the API server, over WebSockets.
+"""Port-forward to a pod through the API server, over SPDY (spdy.py) or WebSockets.
 
 Why our own and not ``kubectl port-forward`` or client-go's SPDY: the daemon
 needs one long-lived, in-process tunnel to the traffic-manager, with clean
@@ -49,6 +49,8 @@ from tpnb import config
 from tpnb.errors import ClusterError
 
 from .kube import KubeTarget, connect_error, path_quote, rbac_error, status_message
+from .spdy import SpdyError, SpdyStream, SpdyUnsupported
+from .spdy import open_stream as spdy_open_stream
 
 log = logging.getLogger(__name__)
 
@@ -203,24 +205,38 @@ async def _read_preamble(ws: ClientConnection, chan: _ChannelReader, timeout: fl
 
 
 class _Relay:
-    """Pumps one local socket <-> one port-forward WebSocket."""
+    """Pumps one local socket <-> one forwarded stream (subclasses: WebSocket, SPDY).
 
-    def __init__(self, sock: socket.socket, ws: ClientConnection, port: int, label: str,
-                 early: list[memoryview] | None = None, chan: _ChannelReader | None = None) -> None:
+    Neither protocol tells the pod about a local half-close in a way every
+    runtime honours, so after the local side's EOF the pod's answer is
+    relayed for as long as it keeps flowing (`EOF_LINGER` of silence ends it).
+    """
+
+    def __init__(self, sock: socket.socket, label: str) -> None:
         self.sock = sock
-        self.ws = ws
         self.label = label
-        self.chan = chan or _ChannelReader(port)
-        self.early = early or []
         self.sent = 0
         self.received = 0
-        self._local_eof = asyncio.Event()
         self._activity = asyncio.Event()
+
+    @property
+    def error(self) -> str:
+        """Text the kubelet / runtime reported for this stream (a failed dial)."""
+        raise NotImplementedError
+
+    async def _up(self, loop: asyncio.AbstractEventLoop) -> None:
+        raise NotImplementedError
+
+    async def _down(self, loop: asyncio.AbstractEventLoop) -> None:
+        raise NotImplementedError
+
+    async def _close_remote(self) -> None:
+        raise NotImplementedError
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        up = asyncio.create_task(self._local_to_ws(loop))
-        down = asyncio.create_task(self._ws_to_local(loop))
+        up = asyncio.create_task(self._up(loop))
+        down = asyncio.create_task(self._down(loop))
         try:
             done, _ = await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
             if up in done and not up.cancelled() and up.exception() is None and not down.done():
@@ -233,10 +249,10 @@ class _Relay:
             for task in (up, down):
                 if not task.cancelled() and task.exception() is not None:
                     exc = task.exception()
-                    if not isinstance(exc, (ConnectionClosed, ConnectionError, OSError)):
+                    if not isinstance(exc, (ConnectionClosed, ConnectionError, OSError, SpdyError)):
                         log.warning("port-forward %s: %s", self.label, exc)
-            if self.chan.error:
-                log.warning("port-forward %s: %s", self.label, self.chan.error.strip())
+            if self.error:
+                log.warning("port-forward %s: %s", self.label, self.error.strip())
             await self._close()
 
     async def _linger(self, down: asyncio.Task[None]) -> None:
@@ -248,7 +264,28 @@ class _Relay:
             if not self._activity.is_set():
                 return
 
-    async def _local_to_ws(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def _close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        await self._close_remote()
+
+
+class _WsRelay(_Relay):
+    """Over a port-forward WebSocket (channel protocol)."""
+
+    def __init__(self, sock: socket.socket, ws: ClientConnection, port: int, label: str,
+                 early: list[memoryview] | None = None, chan: _ChannelReader | None = None) -> None:
+        super().__init__(sock, label)
+        self.ws = ws
+        self.chan = chan or _ChannelReader(port)
+        self.early = early or []
+
+    @property
+    def error(self) -> str:
+        return self.chan.error
+
+    async def _up(self, loop: asyncio.AbstractEventLoop) -> None:
         buf = bytearray(FRAME_MAX + 1)
         buf[0] = CHANNEL_DATA
         view = memoryview(buf)
@@ -262,7 +299,7 @@ class _Relay:
             await self.ws.send(view[: n + 1])
             self.sent += n
 
-    async def _ws_to_local(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def _down(self, loop: asyncio.AbstractEventLoop) -> None:
         for data in self.early:
             await loop.sock_sendall(self.sock, data)
             self.received += len(data)
@@ -279,26 +316,54 @@ class _Relay:
         except ConnectionClosed:
             pass
 
-    async def _close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
+    async def _close_remote(self) -> None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.ws.close(), 3)
 
 
+class _SpdyRelay(_Relay):
+    """Over an SPDY connection (see `spdy.py`)."""
+
+    def __init__(self, sock: socket.socket, stream: SpdyStream, label: str, early: list[bytes] | None = None) -> None:
+        super().__init__(sock, label)
+        self.stream = stream
+        self.early = early or []
+
+    @property
+    def error(self) -> str:
+        return self.stream.error
+
+    async def _up(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.sent = await self.stream.pump_up(self.sock)
+
+    async def _down(self, loop: asyncio.AbstractEventLoop) -> None:
+        for data in self.early:
+            await loop.sock_sendall(self.sock, data)
+        await self.stream.pump_down(self.sock, self._activity.set)
+
+    async def _close_remote(self) -> None:
+        await self.stream.aclose()
+
+
 class PortForward:
     """Listens on 127.0.0.1:<ephemeral> and forwards each accepted TCP
-    connection over its own WebSocket to pod:port."""
+    connection over its own SPDY connection (or WebSocket) to pod:port.
+
+    ``protocol``: "spdy", "websocket", or "auto" (SPDY, falling back to
+    WebSocket for good when the server or a proxy refuses the upgrade);
+    default: the ``daemon.portforward_protocol`` setting.
+    """
 
     #: how long `start` waits for the kubelet to report a failed dial
     probe_wait = 0.5
 
-    def __init__(self, target: KubeTarget, namespace: str, pod: str, port: int) -> None:
+    def __init__(self, target: KubeTarget, namespace: str, pod: str, port: int,
+                 protocol: str | None = None) -> None:
         self.target = target
         self.namespace = namespace
         self.pod = pod
         self.port = port
+        self.protocol = protocol or config.get().daemon.portforward_protocol
         self.local_port = 0
         self.last_error: str = ""
         self.connections = 0
@@ -314,10 +379,45 @@ class PortForward:
     async def probe(self) -> None:
         """Open one stream and wait briefly for the kubelet's dial result.
 
-        A refused pod port is only reported on the error channel right after
-        the WebSocket opens; a successful dial is silent.  So: wait for both
-        preambles, then `probe_wait` for an error or a close.
+        A refused pod port is only reported on the error channel/stream
+        right after the stream opens; a successful dial is silent.  So: wait
+        for the stream to be set up, then `probe_wait` for an error or a close.
+        This also settles the protocol when it is "auto".
         """
+        if self.protocol in ("auto", "spdy"):
+            try:
+                await self._probe_spdy()
+                self.protocol = "spdy"
+                return
+            except SpdyUnsupported as exc:
+                if self.protocol == "spdy":
+                    raise ClusterError(f"cannot port-forward to pod {self.label} over SPDY", str(exc),
+                                       "set daemon.portforward_protocol to websocket or auto") from None
+                log.info("port-forward %s: SPDY refused (%s); using WebSocket", self.label, exc)
+                self.protocol = "websocket"
+        await self._probe_ws()
+
+    async def _probe_spdy(self) -> None:
+        stream, _ = await spdy_open_stream(self.target, self.namespace, self.pod, self.port,
+                                           portforward_path(self.namespace, self.pod))
+        try:
+            # a failed dial: the data stream ends, then the reason comes on the error stream
+            with contextlib.suppress(TimeoutError, SpdyError, OSError):
+                async with asyncio.timeout(self.probe_wait * (4 if stream.remote_fin else 1)):
+                    while not stream.error_done and await stream.next_event():
+                        pass
+        finally:
+            await stream.aclose()
+        self._raise_dial_error(stream.error)
+
+    def _raise_dial_error(self, error: str) -> None:
+        if error.strip():
+            self.last_error = error.strip()
+            raise ClusterError(f"cannot port-forward to pod {self.label}", self.last_error,
+                               "is the process in the pod listening on that port? "
+                               f"(`kubectl -n {self.namespace} logs {self.pod}`)")
+
+    async def _probe_ws(self) -> None:
         ws = await _open_ws(self.target, self.namespace, self.pod, self.port)
         chan = _ChannelReader(self.port)
         try:
@@ -336,11 +436,7 @@ class PortForward:
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ws.close(), 2)
-        if chan.error:
-            self.last_error = chan.error.strip()
-            raise ClusterError(f"cannot port-forward to pod {self.label}", self.last_error,
-                               "is the process in the pod listening on that port? "
-                               f"(`kubectl -n {self.namespace} logs {self.pod}`)")
+        self._raise_dial_error(chan.error)
 
     async def start(self) -> int:
         """Check that pod:port is reachable, then listen; returns the local port."""
@@ -380,9 +476,16 @@ class PortForward:
     async def _serve(self, conn: socket.socket) -> None:
         conn.setblocking(False)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        relay: _Relay
         try:
-            ws = await _open_ws(self.target, self.namespace, self.pod, self.port)
-        except ClusterError as exc:
+            if self.protocol == "spdy":
+                stream, early = await spdy_open_stream(self.target, self.namespace, self.pod, self.port,
+                                                       portforward_path(self.namespace, self.pod))
+                relay = _SpdyRelay(conn, stream, self.label, early)
+            else:
+                ws = await _open_ws(self.target, self.namespace, self.pod, self.port)
+                relay = _WsRelay(conn, ws, self.port, self.label)
+        except (ClusterError, SpdyUnsupported) as exc:
             self.last_error = str(exc)
             log.warning("port-forward %s: %s", self.label, exc)
             conn.close()
@@ -390,10 +493,9 @@ class PortForward:
         except BaseException:
             conn.close()
             raise
-        relay = _Relay(conn, ws, self.port, self.label)
         await relay.run()
-        if relay.chan.error:
-            self.last_error = relay.chan.error.strip()
+        if relay.error:
+            self.last_error = relay.error.strip()
 
     async def aclose(self) -> None:
         """Stop listening and tear down every forwarded connection."""
@@ -444,7 +546,7 @@ async def open_stream(target: KubeTarget, namespace: str, pod: str,
         raise
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
-    relay = _Relay(ours, ws, port, f"{namespace}/{pod}:{port}", early=early, chan=chan)
+    relay = _WsRelay(ours, ws, port, f"{namespace}/{pod}:{port}", early=early, chan=chan)
     task = asyncio.create_task(relay.run())
     _background.add(task)
     task.add_done_callback(_background.discard)

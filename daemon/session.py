@@ -30,7 +30,7 @@ from .tun import Flow, Tun
 from .dns import ClusterResolver
 from .portforward import PortForward
 from tpnb.cluster.aio import first, oserror_text
-from tpnb.cluster.forward import GrpcFrameChannel, TunnelError, bridge
+from tpnb.cluster.forward import BULK_GRPC_OPTIONS, GrpcFrameChannel, TunnelError, bridge
 
 log = logging.getLogger("tpnb.daemon.session")
 netlog = logging.getLogger("tpnb.daemon.outbound")
@@ -38,8 +38,7 @@ netlog = logging.getLogger("tpnb.daemon.outbound")
 ProgressFn = Callable[[str, str, float], None]
 
 GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
-    ("grpc.max_send_message_length", 8 * 1024 * 1024),
+    *BULK_GRPC_OPTIONS,
     ("grpc.keepalive_time_ms", 10000),
     ("grpc.keepalive_timeout_ms", 5000),
     ("grpc.http2.max_pings_without_data", 0),

@@ -1005,11 +1005,13 @@ async def test_cluster_reachable_and_subnets(in_cluster: KubeTarget | None) -> N
 
 
 @pytest.mark.cluster
-async def test_cluster_portforward_echoserver(echo_pod: tuple[KubeTarget, str] | None) -> None:
+@pytest.mark.parametrize("protocol", ["spdy", "websocket"])
+async def test_cluster_portforward_echoserver(echo_pod: tuple[KubeTarget, str] | None, protocol: str) -> None:
     if echo_pod is None:
         return
     t, ns = echo_pod
-    async with PortForward(t, ns, "echo", 8080) as pf:
+    async with PortForward(t, ns, "echo", 8080, protocol) as pf:
+        assert pf.protocol == protocol
         body = await _http_get(pf.local_port, "/kube-side?x=1")
         assert "CLIENT VALUES:" in body and "real path=/kube-side?x=1" in body
         # several connections at once, each its own WebSocket
@@ -1023,15 +1025,16 @@ async def test_cluster_portforward_echoserver(echo_pod: tuple[KubeTarget, str] |
 
 
 @pytest.mark.cluster
-async def test_cluster_portforward_errors(echo_pod: tuple[KubeTarget, str] | None) -> None:
+@pytest.mark.parametrize("protocol", ["spdy", "websocket"])
+async def test_cluster_portforward_errors(echo_pod: tuple[KubeTarget, str] | None, protocol: str) -> None:
     if echo_pod is None:
         return
     t, ns = echo_pod
     with pytest.raises(ClusterError) as ei:
-        await PortForward(t, ns, "echo", 9999).start()
+        await PortForward(t, ns, "echo", 9999, protocol).start()
     assert "refused" in ei.value.why, str(ei.value)
     with pytest.raises(ClusterError) as ei:
-        await PortForward(t, ns, "no-such-pod", 8080).start()
+        await PortForward(t, ns, "no-such-pod", 8080, protocol).start()
     assert "not found" in str(ei.value)
 
 

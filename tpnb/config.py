@@ -72,6 +72,9 @@ class DaemonConfig:
     #: TCP stack, ~2x faster), "tun" (user-space TCP in the TUN engine), or
     #: "auto" (kernel when `nft` works, else tun)
     tcp_engine: str = "auto"
+    #: the port-forward to the traffic-manager: "spdy" (cheapest for the
+    #: kubelet and runtime), "websocket", or "auto" (SPDY, else WebSocket)
+    portforward_protocol: str = "auto"
     heartbeat_seconds: float = 3.0
     connect_timeout: float = 30.0
 
@@ -180,6 +183,7 @@ def _coerce(current: Any, raw: Any, where: str) -> Any:
 #: keys whose value must be one of a few words
 CHOICES: dict[str, tuple[str, ...]] = {
     "daemon.tcp_engine": ("auto", "kernel", "tun"),
+    "daemon.portforward_protocol": ("auto", "spdy", "websocket"),
 }
 
 
