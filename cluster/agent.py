@@ -49,6 +49,7 @@ from tpnb.version import API_VERSION, __version__  # noqa: E402
 
 from .forward import (  # noqa: E402
     BULK_GRPC_OPTIONS,
+    STREAM_LIMIT,
     GrpcFrameChannel,
     TunnelError,
     bridge,
@@ -331,7 +332,7 @@ class Agent:
                       peer: tuple[Any, ...]) -> None:
         try:
             ar, aw = await asyncio.wait_for(
-                asyncio.open_connection("127.0.0.1", self.s.app_port), APP_CONNECT_TIMEOUT)
+                asyncio.open_connection("127.0.0.1", self.s.app_port, limit=STREAM_LIMIT), APP_CONNECT_TIMEOUT)
         except (OSError, asyncio.TimeoutError) as exc:
             log.warning("cannot connect to the app on 127.0.0.1:%d: %s", self.s.app_port, exc)
             writer.transport.abort()
@@ -511,7 +512,7 @@ class Agent:
     async def start(self) -> None:
         """Open the listener (the workload's traffic) first, then the RPC port (readiness)."""
         self.server = await asyncio.start_server(self._handle, "0.0.0.0", self.s.agent_port,
-                                                 reuse_address=True, backlog=512)
+                                                 reuse_address=True, backlog=512, limit=STREAM_LIMIT)
         log.info("listening on 0.0.0.0:%d, app at 127.0.0.1:%d", self.s.agent_port, self.s.app_port)
         if self.s.grpc_port:
             self.grpc_server = grpc.aio.server()

@@ -16,7 +16,6 @@ import asyncio
 import ipaddress
 import logging
 import os
-import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from tpnb.proto import pb, rpc
 from tpnb.version import API_VERSION, __version__
 
 from .aio import both, first, oserror_text
-from .forward import BULK_GRPC_OPTIONS, FrameChannel, GrpcFrameChannel, bridge
+from .forward import BULK_GRPC_OPTIONS, FrameChannel, GrpcFrameChannel, SocketStream, bridge
 
 log = logging.getLogger("tpnb.manager")
 
@@ -246,17 +245,14 @@ class Manager(rpc.ManagerServicer):
             await self._outbound_udp(host, port, chan)
             return
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), DIAL_TIMEOUT)
-        except (OSError, asyncio.TimeoutError) as exc:
-            msg = "timed out" if isinstance(exc, asyncio.TimeoutError) else oserror_text(exc)
+            conn = await SocketStream.connect(host, port, DIAL_TIMEOUT)
+        except (OSError, TimeoutError) as exc:
+            msg = "timed out" if isinstance(exc, TimeoutError) else oserror_text(exc)
             log.debug("dial %s:%d failed: %s", host, port, msg)
             await chan.send(pb.TunnelFrame(error=f"dial {host}:{port}: {msg}"))
             return
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         await chan.send(pb.TunnelFrame(opened=pb.Empty()))
-        await bridge(reader, writer, chan)
+        await bridge(conn, conn, chan)  # type: ignore[arg-type]
 
     async def _outbound_udp(self, host: str, port: int, chan: FrameChannel) -> None:
         loop = asyncio.get_running_loop()

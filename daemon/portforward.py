@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import ssl
 import struct
@@ -358,13 +359,18 @@ class PortForward:
     probe_wait = 0.5
 
     def __init__(self, target: KubeTarget, namespace: str, pod: str, port: int,
-                 protocol: str | None = None) -> None:
+                 protocol: str | None = None, unix: bool = False) -> None:
         self.target = target
         self.namespace = namespace
         self.pod = pod
         self.port = port
         self.protocol = protocol or config.get().daemon.portforward_protocol
+        #: listen on an abstract Unix socket instead of 127.0.0.1 (cheaper per
+        #: byte; the daemon's own gRPC channel uses it)
+        self.unix = unix
         self.local_port = 0
+        #: what to connect to: "127.0.0.1:<port>" or "unix-abstract:<name>" (gRPC target syntax)
+        self.address = ""
         self.last_error: str = ""
         self.connections = 0
         self._listener: socket.socket | None = None
@@ -443,15 +449,22 @@ class PortForward:
         if self._closed:
             raise RuntimeError("PortForward was closed")
         await self.probe()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
+        if self.unix:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            name = f"tpnb-pf-{os.getpid()}-{id(self):x}"
+            sock.bind("\0" + name)
+            self.address = f"unix-abstract:{name}"
+        else:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", 0))
+            self.local_port = sock.getsockname()[1]
+            self.address = f"127.0.0.1:{self.local_port}"
         sock.listen(64)
         sock.setblocking(False)
         self._listener = sock
-        self.local_port = sock.getsockname()[1]
         self._accept_task = asyncio.create_task(self._accept_loop(), name=f"portforward-accept {self.label}")
-        log.info("port-forward 127.0.0.1:%d -> %s", self.local_port, self.label)
+        log.info("port-forward %s -> %s (%s)", self.address, self.label, self.protocol)
         return self.local_port
 
     async def _accept_loop(self) -> None:
@@ -475,7 +488,8 @@ class PortForward:
 
     async def _serve(self, conn: socket.socket) -> None:
         conn.setblocking(False)
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if conn.family != socket.AF_UNIX:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         relay: _Relay
         try:
             if self.protocol == "spdy":

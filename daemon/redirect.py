@@ -29,6 +29,7 @@ import struct
 from collections.abc import Awaitable, Callable
 from typing import Literal
 
+from tpnb.cluster.forward import SocketStream
 from tpnb.errors import PrerequisiteError
 
 log = logging.getLogger(__name__)
@@ -44,15 +45,14 @@ class SocketFlow:
 
     ``src`` is the local client, ``dst`` the cluster address it dialled
     (from ``SO_ORIGINAL_DST``).  The tunnel pumps use `reader`/`writer`
-    directly: they are ordinary asyncio streams over a kernel socket.
+    directly: both are the same `SocketStream` over the kernel socket.
     """
 
     protocol: Literal["tcp"] = "tcp"
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 src: tuple[str, int], dst: tuple[str, int]) -> None:
-        self.reader = reader
-        self.writer = writer
+    def __init__(self, stream: SocketStream, src: tuple[str, int], dst: tuple[str, int]) -> None:
+        self.reader = stream
+        self.writer = stream
         self.src = src
         self.dst = dst
         self._closed = False
@@ -77,19 +77,13 @@ class SocketFlow:
 
     def refuse(self) -> None:
         """End the connection with a reset (the dial on the cluster side failed)."""
-        if self._closed:
-            return
-        sock = self.writer.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.close()
+        if not self._closed:
+            self._closed = True
+            self.writer.abort()
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        with contextlib.suppress(Exception):
+        if not self._closed:
+            self._closed = True
             self.writer.close()
 
 
@@ -172,7 +166,8 @@ class KernelTcp:
         self.on_tcp = on_tcp
         self.port = 0
         self.cidrs: list[str] = []
-        self._server: asyncio.Server | None = None
+        self._listener: socket.socket | None = None
+        self._accept_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._installed = False
 
@@ -180,8 +175,13 @@ class KernelTcp:
         why = nft_available()
         if why:
             raise PrerequisiteError("kernel TCP path unavailable", why, "or set daemon.tcp_engine to tun")
-        self._server = await asyncio.start_server(self._accepted, "127.0.0.1", 0, backlog=512)
-        self.port = self._server.sockets[0].getsockname()[1]
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(512)
+        sock.setblocking(False)
+        self._listener = sock
+        self.port = sock.getsockname()[1]
+        self._accept_task = asyncio.create_task(self._accept_loop(), name="kernel-tcp accept")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -212,36 +212,47 @@ class KernelTcp:
         if self._installed:
             await delete_table(self.table)
             self._installed = False
-        if self._server is not None:
-            self._server.close()
-            self._server = None
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._accept_task
+            self._accept_task = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         tasks = [t for t in self._tasks if not t.done()]
         for t in tasks:
             t.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=2.0)
 
-    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock: socket.socket = writer.get_extra_info("socket")
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._listener is not None
+        while True:
+            try:
+                conn, peer = await loop.sock_accept(self._listener)
+            except OSError as exc:
+                log.warning("kernel TCP: accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            task = asyncio.create_task(self._accepted(conn, (peer[0], peer[1])))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _accepted(self, sock: socket.socket, src: tuple[str, int]) -> None:
         try:
             dst = original_dst(sock)
-            peer = writer.get_extra_info("peername")
-            src = (peer[0], peer[1])
         except OSError as exc:
             log.warning("redirected connection without an original destination dropped: %s", exc)
-            writer.close()
+            sock.close()
             return
         if not any(ipaddress.ip_address(dst[0]) in ipaddress.ip_network(c) for c in self.cidrs):
             # a direct connection to the listener, not a redirected one
             log.warning("connection from %s:%d to the redirect port itself refused", *src)
-            writer.close()
+            sock.close()
             return
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        flow = SocketFlow(reader, writer, src, dst)
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
+        flow = SocketFlow(SocketStream(sock), src, dst)
         try:
             await self.on_tcp(flow)
         except asyncio.CancelledError:
@@ -251,5 +262,3 @@ class KernelTcp:
             log.exception("tcp flow %s:%d -> %s:%d: handler failed", *src, *dst)
         finally:
             flow.close()
-            if task is not None:
-                self._tasks.discard(task)

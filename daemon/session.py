@@ -30,7 +30,7 @@ from .tun import Flow, Tun
 from .dns import ClusterResolver
 from .portforward import PortForward
 from tpnb.cluster.aio import first, oserror_text
-from tpnb.cluster.forward import BULK_GRPC_OPTIONS, GrpcFrameChannel, TunnelError, bridge
+from tpnb.cluster.forward import BULK_GRPC_OPTIONS, STREAM_LIMIT, GrpcFrameChannel, TunnelError, bridge
 
 log = logging.getLogger("tpnb.daemon.session")
 netlog = logging.getLogger("tpnb.daemon.outbound")
@@ -167,9 +167,9 @@ class Session:
     async def _open_link(self) -> None:
         assert self.target is not None
         pod = await manager_install.find_manager_pod(self.target)
-        fwd = PortForward(self.target, self.cfg.manager.namespace, pod, self.cfg.manager.grpc_port)
-        port = await fwd.start()
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS)
+        fwd = PortForward(self.target, self.cfg.manager.namespace, pod, self.cfg.manager.grpc_port, unix=True)
+        await fwd.start()
+        channel = grpc.aio.insecure_channel(fwd.address, options=GRPC_OPTIONS)
         stub = rpc.ManagerStub(channel)
         try:
             ver = await stub.Version(pb.Empty(), timeout=10)
@@ -184,7 +184,7 @@ class Session:
         if ver.api != API_VERSION:
             log.warning("manager speaks api %d, we speak %d", ver.api, API_VERSION)
         self.link = ManagerLink(pod=pod, forward=fwd, channel=channel, stub=stub, version=ver.version)
-        log.info("linked to traffic-manager %s (pod %s) via 127.0.0.1:%d", ver.version, pod, port)
+        log.info("linked to traffic-manager %s (pod %s) via %s", ver.version, pod, fwd.address)
 
     async def _arrive(self) -> None:
         assert self.link is not None and self.target is not None
@@ -373,7 +373,7 @@ class Session:
             await chan.send(pb.TunnelFrame(open=open_))
             try:
                 reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(req.target_host or "127.0.0.1", req.port), 5)
+                    asyncio.open_connection(req.target_host or "127.0.0.1", req.port, limit=STREAM_LIMIT), 5)
             except (OSError, asyncio.TimeoutError) as exc:
                 why = "timed out" if isinstance(exc, asyncio.TimeoutError) else oserror_text(exc)
                 log.warning("intercept %s: cannot reach %s:%d: %s", req.intercept_id, req.target_host, req.port, why)

@@ -39,7 +39,7 @@ def status_text(st: Status) -> str:
         f"  Service subnets  : {', '.join(st.service_subnets) or '-'}",
         f"  Also proxy       : {', '.join(st.also_proxy) or '-'}",
         f"  DNS              : {st.dns_ip} (via {st.tun_name})",
-        f"  TCP engine       : " + ("kernel (nftables redirect)" if st.tcp_engine == "kernel"
+        "  TCP engine       : " + ("kernel (nftables redirect)" if st.tcp_engine == "kernel"
                                     else f"TUN ({st.tcp_engine_note})" if st.tcp_engine_note else "TUN"),
         f"  Traffic manager  : {st.manager_version} in namespace {st.manager_namespace}",
     ]
