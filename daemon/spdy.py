@@ -98,8 +98,130 @@ def _http_error(status: int, reason: str, body: bytes, where: str, namespace: st
                         f"check the pod's state: `kubectl -n {namespace} describe pod <pod>`")
 
 
-async def _upgrade(t: KubeTarget, path: str, where: str, namespace: str,
-                   timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+class _Conn(asyncio.BufferedProtocol):
+    """The TLS connection to the API server, decrypted straight into one buffer.
+
+    asyncio's SSL transport hands a `BufferedProtocol` its plaintext with
+    ``SSLObject.read(n, buffer)``: no per-record bytes objects, no stream
+    buffer to copy through.  During setup the coroutines below read from the
+    buffer; for the relay, `sink` is called after every read and consumes
+    frames in place (see `SpdyStream.pump_down`).
+    """
+
+    #: buffer size; a frame larger than what is free gets a larger buffer
+    SIZE = 2 * 1024 * 1024
+    #: least free room offered to the transport per read
+    ROOM = 256 * 1024
+
+    def __init__(self) -> None:
+        self.buf = bytearray(self.SIZE)
+        self.mv = memoryview(self.buf)
+        self.start = 0
+        self.end = 0
+        self.transport: asyncio.Transport | None = None
+        self.eof = False
+        #: bytes a partly received frame needs from `start` (0: no special need)
+        self.need = 0
+        self.sink: Callable[[], None] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+
+    # ---------------------------------------------------------- protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.start == self.end:
+            self.start = self.end = 0
+        room = max(self.ROOM, self.need - (self.end - self.start))
+        if len(self.buf) - self.end < room:
+            self._compact(self.end - self.start + room)
+        return self.mv[self.end:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.end += nbytes
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof = True
+        self._can_write.set()
+        self._wake()
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
+
+    # ---------------------------------------------------------- helpers
+    def _compact(self, need: int) -> None:
+        """Move the unread bytes to the front; a new, larger buffer when `need` does not fit."""
+        rest = bytes(self.mv[self.start:self.end])
+        if need > len(self.buf):
+            self.buf = bytearray(max(need, 2 * len(self.buf)))
+            self.mv = memoryview(self.buf)
+        self.buf[: len(rest)] = rest
+        self.start, self.end = 0, len(rest)
+        self.need = 0
+
+    def _wake(self) -> None:
+        if self.sink is not None:
+            self.sink()
+        w, self._waiter = self._waiter, None
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def _more(self) -> None:
+        if self.eof:
+            raise asyncio.IncompleteReadError(bytes(self.mv[self.start:self.end]), None)
+        self._waiter = asyncio.get_running_loop().create_future()
+        await self._waiter
+
+    @property
+    def available(self) -> int:
+        return self.end - self.start
+
+    async def readexactly(self, n: int) -> bytes:
+        while self.available < n:
+            self.need = n
+            await self._more()
+        data = bytes(self.mv[self.start:self.start + n])
+        self.start += n
+        return data
+
+    async def readuntil(self, sep: bytes, limit: int = 64 * 1024) -> bytes:
+        while (i := self.buf.find(sep, self.start, self.end)) < 0:
+            if self.available > limit:
+                raise asyncio.LimitOverrunError("response head too long", self.available)
+            await self._more()
+        data = bytes(self.mv[self.start:i + len(sep)])
+        self.start = i + len(sep)
+        return data
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("the connection to the API server closed")
+        await self._can_write.wait()
+
+    def get_extra_info(self, name: str) -> object:
+        return self.transport.get_extra_info(name) if self.transport is not None else None
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+async def _upgrade(t: KubeTarget, path: str, where: str, namespace: str, timeout: float) -> _Conn:
     """TLS to the API server and the HTTP/1.1 SPDY upgrade; raises ClusterError / SpdyUnsupported."""
     if t.proxy:
         raise SpdyUnsupported("a proxy-url is configured (only the WebSocket path tunnels through proxies)")
@@ -113,11 +235,13 @@ async def _upgrade(t: KubeTarget, path: str, where: str, namespace: str,
     import anyio
 
     headers = await anyio.to_thread.run_sync(t.auth_headers)
+    conn = _Conn()
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(host, port, limit=1 << 20, **kw)
+            await asyncio.get_running_loop().create_connection(lambda: conn, host, port, **kw)  # type: ignore[arg-type]
     except (OSError, TimeoutError, ssl.SSLError) as exc:
         raise connect_error(exc, t.server, timeout) from None
+    reader = writer = conn
     sock = writer.get_extra_info("socket")
     if sock is not None:
         with contextlib.suppress(OSError):
@@ -134,7 +258,7 @@ async def _upgrade(t: KubeTarget, path: str, where: str, namespace: str,
             parts = status_line.split(" ", 2)
             status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
             if status == 101:
-                return reader, writer
+                return conn
             hdrs = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in hdr_lines if h)}
             body = b""
             n = int(hdrs.get("content-length", "0") or 0)
@@ -157,9 +281,10 @@ class SpdyError(Exception):
 class SpdyStream:
     """One forwarded TCP connection: an error stream and a data stream on their own SPDY connection."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int) -> None:
-        self.reader = reader
-        self.writer = writer
+    def __init__(self, conn: _Conn, port: int) -> None:
+        self.conn = conn
+        self.reader = conn
+        self.writer = conn
         self.port = port
         self._zc = zlib.compressobj()
         self.error = ""
@@ -263,35 +388,70 @@ class SpdyStream:
     async def pump_down(self, sock: socket.socket, on_data: Callable[[], None] | None = None) -> None:
         """Server -> local socket until the data stream ends; half-closes the socket.
 
-        Reads whatever has arrived (up to 1 MiB), walks the frames in it and
-        sends all their data in one call: the runtime writes 32 KiB frames,
-        and a read, two awaits and a send per frame cost more than the bytes.
+        Runs as callbacks of the connection: after each read every complete
+        frame is consumed in place, and the data of all of them goes to the
+        socket in one ``sendmsg``.  When the socket is full, reading from the
+        API server pauses until it drains (that is the backpressure).
         """
         loop = asyncio.get_running_loop()
-        tail = bytearray()
-        while True:
-            chunk = await self.reader.read(READ_MAX)
-            if not chunk:
-                if tail:
-                    raise SpdyError("connection ended inside a frame")
+        conn = self.conn
+        done: asyncio.Future[None] = loop.create_future()
+        pending = b""
+        ending = False  # the stream is over; finish once `pending` is out
+
+        def end_stream() -> None:
+            if self.remote_fin:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_WR)
+            finish()
+
+        def finish(exc: BaseException | None = None) -> None:
+            conn.sink = None
+            with contextlib.suppress(Exception):
+                loop.remove_writer(sock)
+            if not done.done():
+                if exc is None:
+                    done.set_result(None)
+                else:
+                    done.set_exception(exc)
+
+        def flush() -> None:
+            nonlocal pending
+            try:
+                n = sock.send(pending)
+            except BlockingIOError:
                 return
-            if tail:
-                tail += chunk
-                data: bytes | bytearray = tail
-            else:
-                data = chunk
-            mv = memoryview(data)
-            pos, end, out, done = 0, len(data), [], False
+            except OSError as exc:
+                finish(exc)
+                return
+            pending = pending[n:]
+            if not pending:
+                loop.remove_writer(sock)
+                if ending:
+                    end_stream()
+                    return
+                if conn.transport is not None:
+                    conn.transport.resume_reading()
+                feed()
+
+        def feed() -> None:
+            nonlocal pending, ending
+            if pending or done.done():
+                return
+            mv, pos, end = conn.mv, conn.start, conn.end
+            out: list[memoryview] = []
+            ended = False
             while end - pos >= 8:
                 word, flags, lhi, llo = _HDR.unpack_from(mv, pos)
                 length = (lhi << 16) | llo
                 if end - pos - 8 < length:
+                    conn.need = length + 8  # the next read makes room for all of it
                     break
                 payload = mv[pos + 8: pos + 8 + length]
                 pos += 8 + length
                 if word & 0x80000000:
                     if not self._control(word & 0xFFFF, flags, bytes(payload)):
-                        done = True
+                        ended = True
                         break
                     continue
                 sid = word & 0x7FFFFFFF
@@ -299,22 +459,42 @@ class SpdyStream:
                     if length:
                         out.append(payload)
                     if flags & FLAG_FIN:
-                        self.remote_fin = done = True
+                        self.remote_fin = ended = True
                         break
                 elif sid == ERROR_STREAM and length:
                     self.error += bytes(payload).decode("utf-8", "replace")
-                    done = True
+                    ended = True
                     break
+            conn.start = pos
             if out:
-                await loop.sock_sendall(sock, out[0] if len(out) == 1 else b"".join(out))
+                total = sum(len(v) for v in out)
+                try:
+                    sent = sock.sendmsg(out)
+                except BlockingIOError:
+                    sent = 0
+                except OSError as exc:
+                    finish(exc)
+                    return
                 if on_data is not None:
                     on_data()
-            if done:
-                if self.remote_fin:
-                    with contextlib.suppress(OSError):
-                        sock.shutdown(socket.SHUT_WR)
-                return
-            tail = bytearray(mv[pos:])
+                if sent < total:
+                    pending = b"".join(out)[sent:]
+                    ending = ended
+                    if conn.transport is not None:
+                        conn.transport.pause_reading()
+                    loop.add_writer(sock, flush)
+                    return
+            if ended:
+                end_stream()
+            elif conn.eof:
+                finish(SpdyError("connection ended inside a frame") if conn.available else None)
+
+        conn.sink = feed
+        feed()
+        try:
+            await done
+        finally:
+            finish()
 
     async def pump_up(self, sock: socket.socket) -> int:
         """Local socket -> data frames until local EOF, then FIN; returns bytes sent."""
@@ -341,9 +521,8 @@ class SpdyStream:
             self.writer.write(data_header(DATA_STREAM, FLAG_FIN, 0))
 
     async def aclose(self) -> None:
-        with contextlib.suppress(Exception):
-            self.writer.close()
-            await asyncio.wait_for(self.writer.wait_closed(), 2)
+        self.conn.sink = None
+        self.conn.close()
 
 
 async def open_stream(t: KubeTarget, namespace: str, pod: str, port: int, path: str) -> tuple[SpdyStream, list[bytes]]:
@@ -355,8 +534,7 @@ async def open_stream(t: KubeTarget, namespace: str, pod: str, port: int, path: 
     """
     where = f"pod {namespace}/{pod} port {port}"
     timeout = config.get().timeouts.api
-    reader, writer = await _upgrade(t, path, where, namespace, timeout)
-    st = SpdyStream(reader, writer, port)
+    st = SpdyStream(await _upgrade(t, path, where, namespace, timeout), port)
     try:
         early = await st.open(timeout)
     except (TimeoutError, SpdyError, OSError) as exc:
