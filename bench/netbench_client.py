@@ -90,10 +90,18 @@ def pct(xs: list[float], p: float) -> float:
 
 
 def main() -> None:
+    """host port [size] [mode]: mode "all" (default), "bulk" (one transfer each way), "latency"."""
     host, port = sys.argv[1], int(sys.argv[2])
     size = int(sys.argv[3]) if len(sys.argv) > 3 else 64 * 1024 * 1024
-    down = statistics.median(bulk_down(host, port, size) for _ in range(3))
-    up = statistics.median(bulk_up(host, port, size) for _ in range(3))
+    mode = sys.argv[4] if len(sys.argv) > 4 else "all"
+    if mode == "bulk":
+        print(json.dumps({"down_MBps": round(bulk_down(host, port, size), 1),
+                          "up_MBps": round(bulk_up(host, port, size), 1)}))
+        return
+    down = up = 0.0
+    if mode == "all":
+        down = statistics.median(bulk_down(host, port, size) for _ in range(3))
+        up = statistics.median(bulk_up(host, port, size) for _ in range(3))
     small = small_requests(host, port, 1000)
     conns = new_connections(host, port, 200)
     print(json.dumps({"down_MBps": round(down, 1), "up_MBps": round(up, 1),

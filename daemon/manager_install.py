@@ -26,7 +26,7 @@ from typing import Any
 from kubernetes.client import ApiException
 
 from tpnb import config
-from tpnb.errors import ClusterError
+from tpnb.errors import ClusterError, TpnbError
 
 from .kube import KubeTarget, api_error, path_quote, request, status_message
 
@@ -284,8 +284,15 @@ def _image_missing_error(image: str, reason: str, message: str) -> ClusterError:
     )
 
 
-async def _pod_problem(t: KubeTarget, namespace: str, pods: list[dict[str, Any]], image: str) -> ClusterError | None:
-    """A fatal problem of the new manager pod, or None while it may still come up."""
+async def _pod_problem(t: KubeTarget, namespace: str, pods: list[dict[str, Any]], image: str,
+                       retried: set[str] | None = None) -> ClusterError | None:
+    """A fatal problem of the new manager pod, or None while it may still come up.
+
+    A pod stuck in image-pull back-off may predate the image's arrival (the
+    image was loaded after the Deployment was updated; the kubelet then waits
+    up to minutes before it tries again): such a pod is deleted once, so its
+    replacement pulls at once, and only a replacement failing too is fatal.
+    """
     for pod in pods:
         if (pod.get("metadata") or {}).get("deletionTimestamp") or _pod_image(pod) != image:
             continue
@@ -295,6 +302,14 @@ async def _pod_problem(t: KubeTarget, namespace: str, pods: list[dict[str, Any]]
             reason = waiting.get("reason") or ""
             msg = waiting.get("message") or ""
             if reason in _IMAGE_REASONS and reason != "ErrImagePull":
+                if retried is not None and image not in retried:
+                    retried.add(image)
+                    log.info("manager pod %s: %s; deleting it once in case the image arrived since", name, reason)
+                    try:
+                        await request(t, "DELETE", f"/api/v1/namespaces/{namespace}/pods/{name}")
+                    except TpnbError as exc:
+                        log.info("could not delete %s: %s", name, exc)
+                    return None
                 return _image_missing_error(image, reason, msg)
             if reason == "CrashLoopBackOff":
                 logs = await _last_logs(t, namespace, name)
@@ -405,6 +420,7 @@ async def _wait_rollout(t: KubeTarget, ns: str, dep_path: str, image: str, deadl
                         progress: Progress, step: str) -> str:
     last_note = ""
     started = time.monotonic()
+    retried: set[str] = set()
     while True:
         dep = await _get(t, dep_path, "deployments.apps", ns)
         pods = await _manager_pods(t, ns)
@@ -413,7 +429,7 @@ async def _wait_rollout(t: KubeTarget, ns: str, dep_path: str, image: str, deadl
             if ready:
                 ready.sort(key=lambda p: (p.get("metadata") or {}).get("creationTimestamp", ""), reverse=True)
                 return str(ready[0]["metadata"]["name"])
-        problem = await _pod_problem(t, ns, pods, image)
+        problem = await _pod_problem(t, ns, pods, image, retried)
         if problem is not None:
             raise problem
         note = _describe_pending([p for p in pods if _pod_image(p) == image], dep)

@@ -30,7 +30,7 @@ from .tun import Flow, Tun
 from .dns import ClusterResolver
 from .portforward import PortForward
 from tpnb.cluster.aio import first, oserror_text
-from tpnb.cluster.forward import BULK_GRPC_OPTIONS, STREAM_LIMIT, GrpcFrameChannel, TunnelError, bridge
+from tpnb.cluster.forward import BULK_GRPC_OPTIONS, CLIENT_CHUNK, STREAM_LIMIT, GrpcFrameChannel, TunnelError, bridge
 
 log = logging.getLogger("tpnb.daemon.session")
 netlog = logging.getLogger("tpnb.daemon.outbound")
@@ -331,7 +331,7 @@ class Session:
             return
         try:
             if isinstance(flow, SocketFlow):
-                await bridge(flow.reader, flow.writer, chan)
+                await bridge(flow.reader, flow.writer, chan, chunk=CLIENT_CHUNK)  # type: ignore[arg-type]
             else:
                 await bridge(flow, FlowWriter(flow), chan)  # type: ignore[arg-type]
         finally:

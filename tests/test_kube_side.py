@@ -816,10 +816,17 @@ class FakeAPI:
         if method == "DELETE":
             if path not in self.store:
                 raise ApiException(status=404, reason="Not Found", body='{"message": "not found"}')
-            if self.store[path]["kind"] == "Namespace":
-                self.store[path]["metadata"]["deletionTimestamp"] = "now"
+            obj = self.store[path]
+            if obj.get("kind") == "Namespace":
+                obj["metadata"]["deletionTimestamp"] = "now"
             else:
                 del self.store[path]
+            if "/pods/" in path:  # the ReplicaSet makes a new one
+                ns = obj["metadata"]["namespace"]
+                dep = next((o for o in self.store.values()
+                            if o.get("kind") == "Deployment" and o["metadata"].get("namespace") == ns), None)
+                if dep is not None:
+                    self._make_pod(dep)
             return {}
         raise AssertionError(f"unexpected {method} {path}")
 
@@ -879,6 +886,8 @@ async def test_ensure_manager_image_missing_then_uninstall(fake_api: FakeAPI) ->
         await manager_install.ensure_manager(FAKE_T, IMG, None)
     msg = str(ei.value)
     assert f"image {IMG} is not in the cluster (ErrImageNeverPull)" in msg
+    # the first pod in back-off was replaced once (the image may have been loaded since it started)
+    assert sum(1 for m, p in fake_api.calls if m == "DELETE" and "/pods/" in p) == 1
     assert "tpnb devcluster up" in msg and "kind load image-archive" in msg
     with pytest.raises(ClusterError, match="no ready traffic-manager pod"):
         await manager_install.find_manager_pod(FAKE_T)
