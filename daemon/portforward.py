@@ -490,6 +490,10 @@ class PortForward:
         conn.setblocking(False)
         if conn.family != socket.AF_UNIX:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        else:
+            # room for a few MB in flight towards the local reader: fewer stalls of the relay
+            with contextlib.suppress(OSError):
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
         relay: _Relay
         try:
             if self.protocol == "spdy":
