@@ -1,6 +1,7 @@
 """Shared plumbing of the benchmark scripts: run commands, set up a laptop, print tables."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +54,52 @@ def fresh_namespace(lap: Callable[..., str], kubectl: Callable[..., str], ns: st
     kubectl("-n", ns, "create", "configmap", "netbench",
             f"--from-file=server.py={REPO / 'bench' / 'netbench_server.py'}",
             f"--from-file=client.py={REPO / 'bench' / 'netbench_client.py'}")
+
+
+# ------------------------------------------------------------------ CPU accounting
+_HZ = os.sysconf("SC_CLK_TCK")
+#: processes worth naming in a CPU table; anything else is summed as "other"
+_NAMED = ("kube-apiserver", "kubelet", "containerd", "kubectl", "etcd", "kube-proxy", "coredns")
+
+
+def _label(pid: str, comm: str) -> str:
+    if comm.startswith("python"):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            return "other"
+        if "tpnb.daemon" in cmd:
+            return "tpnb daemon"
+        if "tpnb.cluster" in cmd and "manager" in cmd:
+            return "traffic-manager"
+        if "server.py" in cmd:
+            return "netbench server"
+        return "other"
+    return comm if comm in _NAMED else "other"
+
+
+def proc_cpu() -> dict[str, tuple[str, float]]:
+    """CPU seconds (user + system) so far of every process on the machine, by pid."""
+    out: dict[str, tuple[str, float]] = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1: stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[pid] = (_label(pid, comm), (int(fields[11]) + int(fields[12])) / _HZ)
+    return out
+
+
+def cpu_delta(before: dict[str, tuple[str, float]], after: dict[str, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds spent between two `proc_cpu` snapshots, by process label (short-lived
+    processes that came and went in between are not seen)."""
+    total: dict[str, float] = {}
+    for pid, (label, sec) in after.items():
+        spent = sec - before[pid][1] if pid in before else sec
+        if spent > 0:
+            total[label] = total.get(label, 0.0) + spent
+    return total

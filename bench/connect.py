@@ -1,6 +1,6 @@
 """Benchmark `tpnb connect` on the dev cluster (issue 3).  Not a test: it prints numbers.
 
-    sudo .venv/bin/python bench/connect.py [--size-mb 64] [--rounds 5]
+    sudo .venv/bin/python bench/connect.py [--size-mb 64] [--rounds 7] [--warmup 1]
 
 One run measures, against the same pod:
   * bulk throughput (down/up), 1,000 small request/response round trips on
@@ -9,10 +9,11 @@ One run measures, against the same pod:
         port-forward -> traffic-manager),
       - `kubectl port-forward` to the pod,
       - directly from the node namespace (no tunnel at all: the ceiling);
-    the two tunnels' bulk transfers alternate, round by round (who goes
-    first alternates too), so a noisy moment of the machine hits both; each
-    figure is the median of the rounds, and the ratio is the median of the
-    per-round ratios;
+    after an uncounted warm-up round, the two tunnels' bulk transfers
+    alternate, round by round (who goes first alternates too), so a noisy
+    moment of the machine hits both; each figure is the median of the
+    rounds, and the ratio is the median of the per-round ratios; the CPU
+    every process spent per GB moved is summed over the rounds;
   * `tpnb connect` wall time with the manager installed (daemon running /
     daemon stopped) and with a fresh install after `uninstall --everything`.
 All traffic stays inside the dev cluster's namespaces on this machine.
@@ -25,7 +26,7 @@ import statistics
 import subprocess
 import time
 
-from common import REPO, fresh_namespace, laptop, print_table, sh  # noqa: E402  (bench/common.py)
+from common import REPO, cpu_delta, fresh_namespace, laptop, print_table, proc_cpu, sh  # noqa: E402  (bench/common.py)
 
 from tpnb import config as tpnb_config  # noqa: E402
 
@@ -36,7 +37,8 @@ LAPTOP = "bench"
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-mb", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=1, help="uncounted rounds first (windows grow, caches fill)")
     args = ap.parse_args()
     size = args.size_mb * 1024 * 1024
 
@@ -62,7 +64,8 @@ def main() -> None:
     client = str(REPO / "bench" / "netbench_client.py")
     results: dict[str, dict[str, float]] = {}
 
-    print(f"bulk {args.size_mb} MiB each way, {args.rounds} alternating rounds; 1000 small requests, "
+    print(f"bulk {args.size_mb} MiB each way, {args.warmup} warm-up + {args.rounds} alternating rounds; "
+          f"1000 small requests, "
           f"200 new connections; pod {pod_ip}", flush=True)
     results["direct (node namespace)"] = json.loads(
         sh(dc.node_exec_cmd(["python3", client, pod_ip, "7070", str(size)])))
@@ -76,10 +79,16 @@ def main() -> None:
         lap(["tpnb", "connect", "--namespace", NS], timeout=300)
         paths = {"kubectl port-forward": ["127.0.0.1", "17070"], "tpnb connect": [f"netbench.{NS}", "7070"]}
         rounds: dict[str, list[dict[str, float]]] = {k: [] for k in paths}
+        cpu: dict[str, dict[str, float]] = {k: {} for k in paths}
+        for label in list(paths) * args.warmup:
+            lap(["python3", client, *paths[label], str(size), "bulk"])
         for r in range(args.rounds):
             order = list(paths) if r % 2 == 0 else list(reversed(paths))
             for label in order:
+                before = proc_cpu()
                 out = lap(["python3", client, *paths[label], str(size), "bulk"])
+                for proc, sec in cpu_delta(before, proc_cpu()).items():
+                    cpu[label][proc] = cpu[label].get(proc, 0.0) + sec
                 rounds[label].append(json.loads(out.strip().splitlines()[-1]))
         for label, hp in paths.items():
             lat = json.loads(lap(["python3", client, *hp, str(size), "latency"]).strip().splitlines()[-1])
@@ -113,6 +122,14 @@ def main() -> None:
         print(f"  {label:22s} " + "  ".join(f"{x['down_MBps']:.0f}/{x['up_MBps']:.0f}" for x in rs))
     print(f"\ntpnb/port-forward throughput ratio (median of the rounds' ratios): "
           f"down {ratios['down_MBps']:.2f}x, up {ratios['up_MBps']:.2f}x")
+    # both tunnels are CPU-bound here: what each process spends per GB moved decides the race
+    gb = 2 * size * args.rounds / 1e9
+    procs = sorted({p for c in cpu.values() for p in c if p != "other"}, key=lambda p: -max(c.get(p, 0) for c in cpu.values()))
+    print("\nCPU core-seconds per GB moved during the bulk rounds (the client itself not counted):")
+    print("| process | " + " | ".join(paths) + " |\n|---|" + "---|" * len(paths))
+    for p in procs + ["other"]:
+        print(f"| {p} | " + " | ".join(f"{cpu[k].get(p, 0.0) / gb:.2f}" for k in paths) + " |")
+    print("| total | " + " | ".join(f"{sum(cpu[k].values()) / gb:.2f}" for k in paths) + " |")
     print("\n| tpnb connect | seconds |\n|---|---|")
     for k, v in times.items():
         print(f"| {k} | {v:.2f} |")

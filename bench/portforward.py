@@ -1,4 +1,4 @@
-"""Throughput of tpnb's WebSocket port-forward vs `kubectl port-forward`.
+"""Throughput of tpnb's port-forward (SPDY and WebSocket) vs `kubectl port-forward`.
 
 Both forward to the same echoserver pod; each round POSTs N MiB and reads the
 N MiB echo back (the echoserver buffers the body, so the two directions run
@@ -92,12 +92,14 @@ async def main() -> None:
         else:
             raise SystemExit("echo pod did not become ready")
 
-        pf = PortForward(t, ns, "echo", 8080)
-        port = await pf.start()
-        try:
-            ours = await measure(port, size, args.rounds)
-        finally:
-            await pf.aclose()
+        ours: dict[str, list[float]] = {}
+        for protocol in ("spdy", "websocket"):
+            pf = PortForward(t, ns, "echo", 8080, protocol)
+            port = await pf.start()
+            try:
+                ours[protocol] = await measure(port, size, args.rounds)
+            finally:
+                await pf.aclose()
 
         kubectl = kubectl_binary()
         cmd = [kubectl, "--kubeconfig", args.kubeconfig, "-n", ns, "port-forward", "pod/echo", ":8080"]
@@ -124,7 +126,8 @@ async def main() -> None:
                    f"({', '.join(f'{x:.0f}' for x in xs)})"
 
         print(f"{args.rounds} rounds of POST {args.size} MiB + echo back, counting both directions")
-        print(f"tpnb PortForward (websockets):    {fmt(ours)}")
+        for protocol, xs in ours.items():
+            print(f"tpnb PortForward ({protocol}):{' ' * (10 - len(protocol))}{fmt(xs)}")
         print(f"kubectl port-forward ({kv.strip()}): {fmt(theirs)}")
     finally:
         await request(t, "DELETE", f"/api/v1/namespaces/{path_quote(ns)}")
