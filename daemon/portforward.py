@@ -49,8 +49,8 @@ from websockets.exceptions import (
 from tpnb import config
 from tpnb.errors import ClusterError
 
-from .kube import KubeTarget, connect_error, path_quote, rbac_error, status_message
-from .spdy import SpdyError, SpdyStream, SpdyUnsupported
+from .kube import KubeTarget, connect_error, path_quote
+from .spdy import SpdyError, SpdyStream, SpdyUnsupported, http_error
 from .spdy import open_stream as spdy_open_stream
 
 log = logging.getLogger(__name__)
@@ -135,23 +135,8 @@ class _ChannelReader:
 def _handshake_error(exc: Exception, t: KubeTarget, namespace: str, pod: str, port: int) -> ClusterError:
     where = f"pod {namespace}/{pod} port {port}"
     if isinstance(exc, InvalidStatus):
-        status = exc.response.status_code
-        body = exc.response.body or b""
-        msg = status_message(body) or exc.response.reason_phrase
-        if status == 403:
-            from kubernetes.client import ApiException
-
-            # a WebSocket upgrade is a GET; 1.30+ also checks "create" on pods/portforward
-            return rbac_error(ApiException(status=403, reason="Forbidden", body=body.decode("utf-8", "replace")),
-                              "create", "pods/portforward", namespace)
-        if status == 401:
-            return ClusterError(f"cannot port-forward to {where}: the API server rejected your credentials",
-                                msg, "log in again / refresh the kubeconfig")
-        if status == 404:
-            return ClusterError(f"cannot port-forward to {where}: not found", msg,
-                                "the pod is gone (restarted?); look it up again")
-        return ClusterError(f"cannot port-forward to {where} (HTTP {status})", msg,
-                            f"check the pod's state: `kubectl -n {namespace} describe pod {pod}`")
+        return http_error(exc.response.status_code, exc.response.reason_phrase, exc.response.body or b"",
+                          namespace, pod, port)
     if isinstance(exc, (InvalidHandshake, InvalidURI)):
         return ClusterError(f"cannot port-forward to {where}", f"WebSocket handshake failed: {exc}",
                             "the API server or a proxy in front of it does not pass WebSocket upgrades")

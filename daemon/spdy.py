@@ -81,11 +81,14 @@ class SpdyUnsupported(Exception):
     """The server (or a proxy in front of it) does not take an SPDY upgrade."""
 
 
-def _http_error(status: int, reason: str, body: bytes, where: str, namespace: str) -> ClusterError:
+def http_error(status: int, reason: str, body: bytes, namespace: str, pod: str, port: int) -> ClusterError:
+    """What a refused port-forward upgrade (either protocol) means for the user."""
+    where = f"pod {namespace}/{pod} port {port}"
     msg = status_message(body) or reason
     if status == 403:
         from kubernetes.client import ApiException
 
+        # 1.30+ checks "create" on pods/portforward for the WebSocket GET too
         return rbac_error(ApiException(status=403, reason="Forbidden", body=body.decode("utf-8", "replace")),
                           "create", "pods/portforward", namespace)
     if status == 401:
@@ -95,7 +98,7 @@ def _http_error(status: int, reason: str, body: bytes, where: str, namespace: st
         return ClusterError(f"cannot port-forward to {where}: not found", msg,
                             "the pod is gone (restarted?); look it up again")
     return ClusterError(f"cannot port-forward to {where} (HTTP {status})", msg,
-                        f"check the pod's state: `kubectl -n {namespace} describe pod <pod>`")
+                        f"check the pod's state: `kubectl -n {namespace} describe pod {pod}`")
 
 
 class _Conn(asyncio.BufferedProtocol):
@@ -221,7 +224,7 @@ class _Conn(asyncio.BufferedProtocol):
             self.transport.close()
 
 
-async def _upgrade(t: KubeTarget, path: str, where: str, namespace: str, timeout: float) -> _Conn:
+async def _upgrade(t: KubeTarget, path: str, namespace: str, pod: str, port_: int, timeout: float) -> _Conn:
     """TLS to the API server and the HTTP/1.1 SPDY upgrade; raises ClusterError / SpdyUnsupported."""
     if t.proxy:
         raise SpdyUnsupported("a proxy-url is configured (only the WebSocket path tunnels through proxies)")
@@ -266,12 +269,12 @@ async def _upgrade(t: KubeTarget, path: str, where: str, namespace: str, timeout
                 body = await reader.readexactly(n)
     except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
         writer.close()
-        raise ClusterError(f"cannot port-forward to {where}", f"the SPDY upgrade failed: {exc!r}",
+        raise ClusterError(f"cannot port-forward to pod {namespace}/{pod} port {port_}", f"the SPDY upgrade failed: {exc!r}",
                            "check that the API server is reachable") from None
     writer.close()
     if status in (400, 405, 426, 501, 505) or status == 0:  # e.g. a WebSocket-only proxy
         raise SpdyUnsupported(f"HTTP {status} {parts[2] if len(parts) > 2 else ''}".strip())
-    raise _http_error(status, parts[2] if len(parts) > 2 else "", body, where, namespace)
+    raise http_error(status, parts[2] if len(parts) > 2 else "", body, namespace, pod, port_)
 
 
 class SpdyError(Exception):
@@ -534,7 +537,7 @@ async def open_stream(t: KubeTarget, namespace: str, pod: str, port: int, path: 
     """
     where = f"pod {namespace}/{pod} port {port}"
     timeout = config.get().timeouts.api
-    st = SpdyStream(await _upgrade(t, path, where, namespace, timeout), port)
+    st = SpdyStream(await _upgrade(t, path, namespace, pod, port, timeout), port)
     try:
         early = await st.open(timeout)
     except (TimeoutError, SpdyError, OSError) as exc:

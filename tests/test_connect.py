@@ -66,6 +66,23 @@ def _curl(lap: LaptopRunner, url: str, timeout: float = 10) -> subprocess.Comple
     return lap.run(["curl", "-sS", "--max-time", str(timeout), url], check=False, timeout=timeout + 10)
 
 
+def _assert_echo_byte_exact(lap: LaptopRunner, mib: int) -> None:
+    """POST `mib` MiB of random bytes to hello and find them intact in the echo."""
+    script = r"""
+import os, socket
+payload = os.urandom(%d * 1024 * 1024)
+s = socket.create_connection(("hello.%s", 80), timeout=20)
+s.sendall(b"POST /up HTTP/1.0\r\nHost: hello\r\nContent-Length: %%d\r\n\r\n" %% len(payload) + payload)
+buf = b""
+while chunk := s.recv(1 << 20):
+    buf += chunk
+assert payload in buf, len(buf)
+print("ok")
+""" % (mib, NS)
+    r = lap.run(["python3", "-c", script], timeout=120, check=False)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
 def test_seed_walkthrough_outbound(lap: LaptopRunner) -> None:
     before = _routes_and_resolv(lap)
     ip = lap.kubectl("-n", NS, "get", "svc", "hello", "-o", "jsonpath={.spec.clusterIP}").stdout
@@ -136,19 +153,7 @@ print("ok")
 
 def test_bulk_transfer_is_byte_exact(lap: LaptopRunner) -> None:
     lap.run(["tpnb", "connect", "--namespace", NS], timeout=120)
-    script = r"""
-import hashlib, os, socket
-payload = os.urandom(8 * 1024 * 1024)
-s = socket.create_connection(("hello.%s", 80), timeout=20)
-s.sendall(b"POST /up HTTP/1.0\r\nHost: hello\r\nContent-Length: %%d\r\n\r\n" %% len(payload) + payload)
-buf = b""
-while chunk := s.recv(1 << 20):
-    buf += chunk
-assert payload in buf, len(buf)
-print("ok")
-""" % NS
-    r = lap.run(["python3", "-c", script], timeout=120, check=False)
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+    _assert_echo_byte_exact(lap, 8)
 
 
 def test_also_proxy_reaches_a_server_only_the_cluster_reaches(lap: LaptopRunner, devcluster: Any) -> None:
@@ -217,19 +222,7 @@ def test_tun_tcp_engine_still_carries_everything(lap: LaptopRunner) -> None:
         assert "table ip tpnb0" not in lap.run(["nft", "list", "ruleset"]).stdout
         r = _curl(lap, f"hello.{NS}")
         assert r.returncode == 0 and "CLIENT VALUES:" in r.stdout, r.stderr
-        script = r"""
-import os, socket
-payload = os.urandom(2 * 1024 * 1024)
-s = socket.create_connection(("hello.%s", 80), timeout=20)
-s.sendall(b"POST /up HTTP/1.0\r\nHost: hello\r\nContent-Length: %%d\r\n\r\n" %% len(payload) + payload)
-buf = b""
-while chunk := s.recv(1 << 20):
-    buf += chunk
-assert payload in buf, len(buf)
-print("ok")
-""" % NS
-        r = lap.run(["python3", "-c", script], timeout=120, check=False)
-        assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+        _assert_echo_byte_exact(lap, 2)
     finally:
         lap.run(["tpnb", "quit", "--daemon"], check=False)
     assert _routes_and_resolv(lap) == before
