@@ -92,6 +92,9 @@ def pct(xs: list[float], p: float) -> float:
 def main() -> None:
     """host port [size] [mode]: mode "all" (default), "bulk" (one transfer each way), "latency"."""
     host, port = sys.argv[1], int(sys.argv[2])
+    # resolve a name once: a tunnel to 127.0.0.1 has no lookups, so timing them per
+    # connection would compare DNS, not the tunnels
+    host = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
     size = int(sys.argv[3]) if len(sys.argv) > 3 else 64 * 1024 * 1024
     mode = sys.argv[4] if len(sys.argv) > 4 else "all"
     if mode == "bulk":

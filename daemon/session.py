@@ -48,6 +48,33 @@ GRPC_OPTIONS = [
 ]
 
 
+class _DialWatch:
+    """A tunnel whose first frame down is the manager's dial result: an "error"
+    there is reported to `on_refused` (and still passed on, ending the bridge)."""
+
+    def __init__(self, chan: GrpcFrameChannel, on_refused: Callable[[str], None]) -> None:
+        self.chan = chan
+        self.on_refused = on_refused
+        self.first = True
+
+    async def recv(self) -> pb.TunnelFrame | None:
+        frame = await self.chan.recv()
+        if self.first:
+            self.first = False
+            if frame is not None and frame.WhichOneof("kind") == "error":
+                self.on_refused(frame.error)
+        return frame
+
+    async def send(self, frame: pb.TunnelFrame) -> None:
+        await self.chan.send(frame)
+
+    async def done_sending(self) -> None:
+        await self.chan.done_sending()
+
+    def cancel(self) -> None:
+        self.chan.cancel()
+
+
 class _FlowTransport:
     def __init__(self, flow: Flow) -> None:
         self.flow = flow
@@ -326,14 +353,48 @@ class Session:
         return chan
 
     async def _on_tcp(self, flow: Flow | SocketFlow) -> None:
+        if isinstance(flow, SocketFlow):
+            await self._on_kernel_tcp(flow)
+            return
         chan = await self._flow_tunnel(flow, pb.TunnelOpen.TCP)
         if chan is None:
             return
         try:
-            if isinstance(flow, SocketFlow):
-                await bridge(flow.reader, flow.writer, chan, chunk=CLIENT_CHUNK)  # type: ignore[arg-type]
-            else:
-                await bridge(flow, FlowWriter(flow), chan)  # type: ignore[arg-type]
+            await bridge(flow, FlowWriter(flow), chan)  # type: ignore[arg-type]
+        finally:
+            flow.close()
+
+    async def _on_kernel_tcp(self, flow: SocketFlow) -> None:
+        """A redirected connection: the client's first bytes follow the open frame at once.
+
+        No round trip waiting for the manager's "opened": its dial result
+        arrives as the first frame down the tunnel, and an "error" there ends
+        the connection with a reset, as a closed port in the cluster would.
+        Saves one round trip through the API server per new connection.
+        """
+        link = self.link
+        if link is None:
+            netlog.info("tcp %s:%d -> %s:%d refused: not linked to the traffic-manager", *flow.src, *flow.dst)
+            flow.refuse()
+            return
+        dst_ip, dst_port = flow.dst
+        open_ = pb.TunnelOpen(session_id=self.session_id, protocol=pb.TunnelOpen.TCP,
+                              dst_ip=ipaddress.ip_address(dst_ip).packed, dst_port=dst_port,
+                              src_ip=ipaddress.ip_address(flow.src[0]).packed, src_port=flow.src[1])
+        chan = GrpcFrameChannel(link.stub.Tunnel())
+
+        def refused(why: str) -> None:
+            netlog.info("tcp %s:%d -> %s:%d refused: %s", *flow.src, dst_ip, dst_port, why)
+            flow.refuse()
+
+        try:
+            await chan.send(pb.TunnelFrame(open=open_))
+        except TunnelError as exc:
+            refused(str(exc))
+            return
+        try:
+            await bridge(flow.reader, flow.writer, _DialWatch(chan, refused),  # type: ignore[arg-type]
+                         chunk=CLIENT_CHUNK)
         finally:
             flow.close()
 
