@@ -592,12 +592,16 @@ SCRIPT = textwrap.dedent(r'''
         out["routes_after"] = sorted(str(x.dst) for x in await routes.list_routes())
 
     async def crash():
+        from tpnb.daemon.redirect import KernelTcp
         sf = StateFile()
         rc = ResolvConf()
         sf.record_tun("tpnbt1")
         async with Tun("tpnbt1", on_tcp, on_udp):
             sf.record_routes(["10.99.0.0/16"])
             await routes.add_routes("tpnbt1", ["10.99.0.0/16"])
+            sf.record_nft_table("tpnbt1")
+            kt = await KernelTcp("tpnbt1", on_tcp).__aenter__()
+            await kt.redirect(["10.99.0.0/16"])
             sf.record_resolv(rc)
             rc.install(DNS_IP, ["default.svc.cluster.local"] + rc.original_search())
             print("READY", flush=True)
@@ -673,12 +677,33 @@ SCRIPT = textwrap.dedent(r'''
                 rc.restore()
                 up.close()
 
+    async def kernel():
+        """TCP to a routed subnet, redirected by nftables to the daemon's socket."""
+        from tpnb.daemon.redirect import KernelTcp
+        async with Tun("tpnbt4", on_tcp, on_udp) as tun:
+            await routes.add_routes("tpnbt4", ["10.99.0.0/16"])
+            async with KernelTcp("tpnbt4", on_tcp) as kt:
+                await kt.redirect(["10.99.0.0/16"])
+                out["ruleset"] = os.popen("nft list ruleset").read()
+                r, w = await asyncio.open_connection("10.99.1.2", 8080)
+                w.write(b"hello kernel")
+                w.write_eof()
+                out["echo"] = (await asyncio.wait_for(r.read(), 5)).decode()
+                w.close()
+                # a direct connection to the redirect port is not a cluster flow
+                r, w = await asyncio.open_connection("127.0.0.1", kt.port)
+                out["direct"] = (await asyncio.wait_for(r.read(), 5)).decode()
+                w.close()
+                await asyncio.sleep(0.2)
+                out["active"] = kt.active_flows
+            out["ruleset_after"] = os.popen("nft list ruleset").read()
+
     async def fail_inside():
         async with Tun("tpnbt3", on_tcp, on_udp):
             raise RuntimeError("boom inside the block")
 
     asyncio.run({"flows": flows, "crash": crash, "recover": do_recover, "stale": stale,
-                 "e2e": e2e, "raise": fail_inside}[mode]())
+                 "e2e": e2e, "raise": fail_inside, "kernel": kernel}[mode]())
     print("RESULT " + json.dumps(out), flush=True)
 ''')
 
@@ -743,6 +768,7 @@ def test_crash_then_recover(netns: str, tmp_path: Path, wipe_run: bool) -> None:
         assert resolv.read_bytes().startswith(MARKER.encode())
         assert "tpnbt1" in sh("ip", "-n", netns, "link").stdout
         assert "10.99.0.0/16" in sh("ip", "-n", netns, "route").stdout
+        assert "table ip tpnbt1" in sh("ip", "netns", "exec", netns, "nft", "list", "ruleset").stdout
         proc.send_signal(signal.SIGKILL)  # ip netns exec execs python: this is the daemon
         proc.wait(10)
     finally:
@@ -758,6 +784,22 @@ def test_crash_then_recover(netns: str, tmp_path: Path, wipe_run: bool) -> None:
     assert resolv.read_bytes() == original
     assert "tpnb" not in sh("ip", "-n", netns, "link").stdout
     assert "10.99." not in sh("ip", "-n", netns, "route").stdout
+    assert "tpnb" not in sh("ip", "netns", "exec", netns, "nft", "list", "ruleset").stdout
+
+
+@pytest.mark.netns
+@needs_root
+def test_kernel_tcp_redirect(netns: str, tmp_path: Path) -> None:
+    """The kernel-TCP path: the handler gets the original destination; the rules go with the block."""
+    script = tmp_path / "net_script.py"
+    script.write_text(SCRIPT)
+    out = run_in(netns, script, "kernel")
+    assert "table ip tpnbt4" in out["ruleset"] and "redirect to" in out["ruleset"]
+    assert out["echo"] == "HELLO KERNEL"
+    assert out["tcp"][0][1] == ["10.99.1.2", 8080]  # SO_ORIGINAL_DST
+    assert len(out["tcp"]) == 1, "the direct connection to the redirect port reached the handler"
+    assert out["direct"] == "" and out["active"] == 0
+    assert "tpnbt4" not in out["ruleset_after"]
 
 
 @pytest.mark.netns
