@@ -27,7 +27,7 @@ from tpnb.proto import pb, rpc
 from tpnb.version import API_VERSION, __version__
 
 from .aio import both, first, oserror_text
-from .forward import BULK_GRPC_OPTIONS, FrameChannel, GrpcFrameChannel, SocketStream, bridge
+from .forward import BULK_GRPC_OPTIONS, FastTunnelRegistration, FrameChannel, GrpcFrameChannel, SocketStream, bridge
 
 log = logging.getLogger("tpnb.manager")
 
@@ -520,7 +520,8 @@ async def serve(port: int) -> None:
         ("grpc.keepalive_permit_without_calls", 1),
     ])
     mgr = Manager(session_ttl=float(os.environ.get("TPNB_SESSION_TTL", "15")))
-    rpc.add_ManagerServicer_to_server(mgr, server)
+    # data frames of every tunnel skip protobuf's payload copies (forward.decode_frame)
+    rpc.add_ManagerServicer_to_server(mgr, FastTunnelRegistration(server))
     server.add_insecure_port(f"0.0.0.0:{port}")
     await server.start()
     log.info("traffic-manager %s listening on :%d (dns %s, domain %s)", mgr.image_version, port,

@@ -30,12 +30,25 @@ from .tun import Flow, Tun
 from .dns import ClusterResolver
 from .portforward import PortForward
 from tpnb.cluster.aio import first, oserror_text
-from tpnb.cluster.forward import BULK_GRPC_OPTIONS, CLIENT_CHUNK, STREAM_LIMIT, GrpcFrameChannel, TunnelError, bridge
+from tpnb.cluster.forward import (
+    BULK_GRPC_OPTIONS,
+    CLIENT_CHUNK,
+    STREAM_LIMIT,
+    FastGrpcFrameChannel,
+    GrpcFrameChannel,
+    TunnelError,
+    bridge,
+    decode_frame,
+    encode_frame,
+)
 
 log = logging.getLogger("tpnb.daemon.session")
 netlog = logging.getLogger("tpnb.daemon.outbound")
 
 ProgressFn = Callable[[str, str, float], None]
+
+#: the Manager service's Tunnel method (see tpnb.proto)
+TUNNEL_METHOD = "/tpnb.v1.Manager/Tunnel"
 
 GRPC_OPTIONS = [
     *BULK_GRPC_OPTIONS,
@@ -52,7 +65,7 @@ class _DialWatch:
     """A tunnel whose first frame down is the manager's dial result: an "error"
     there is reported to `on_refused` (and still passed on, ending the bridge)."""
 
-    def __init__(self, chan: GrpcFrameChannel, on_refused: Callable[[str], None]) -> None:
+    def __init__(self, chan: FastGrpcFrameChannel, on_refused: Callable[[str], None]) -> None:
         self.chan = chan
         self.on_refused = on_refused
         self.first = True
@@ -67,6 +80,9 @@ class _DialWatch:
 
     async def send(self, frame: pb.TunnelFrame) -> None:
         await self.chan.send(frame)
+
+    async def send_data(self, data: bytes) -> None:
+        await self.chan.send_data(data)
 
     async def done_sending(self) -> None:
         await self.chan.done_sending()
@@ -119,6 +135,11 @@ class ManagerLink:
     channel: grpc.aio.Channel
     stub: rpc.ManagerStub
     version: str
+
+    def fast_tunnel(self) -> grpc.aio.StreamStreamCall:
+        """A Tunnel call whose data frames skip protobuf (`forward.encode_frame`/`decode_frame`)."""
+        return self.channel.stream_stream(TUNNEL_METHOD, request_serializer=encode_frame,
+                                          response_deserializer=decode_frame)()
 
     async def aclose(self) -> None:
         try:
@@ -381,7 +402,7 @@ class Session:
         open_ = pb.TunnelOpen(session_id=self.session_id, protocol=pb.TunnelOpen.TCP,
                               dst_ip=ipaddress.ip_address(dst_ip).packed, dst_port=dst_port,
                               src_ip=ipaddress.ip_address(flow.src[0]).packed, src_port=flow.src[1])
-        chan = GrpcFrameChannel(link.stub.Tunnel())
+        chan = FastGrpcFrameChannel(link.fast_tunnel())
 
         def refused(why: str) -> None:
             netlog.info("tcp %s:%d -> %s:%d refused: %s", *flow.src, dst_ip, dst_port, why)

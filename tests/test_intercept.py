@@ -67,6 +67,14 @@ def _wait_active(lap: LaptopRunner, name: str, timeout: float = 180) -> None:
     raise AssertionError(f"intercept {name} never became ACTIVE:\n{st}")
 
 
+def _wait_listening(lap: LaptopRunner, port: int, timeout: float = 30) -> None:
+    """The intercept is ACTIVE before its command starts: wait until the command serves."""
+    r = lap.run(["bash", "-c", f"for i in $(seq {int(timeout * 10)}); do "
+                               f"(echo > /dev/tcp/127.0.0.1/{port}) 2>/dev/null && exit 0; sleep 0.1; done; exit 1"],
+                check=False, timeout=timeout + 10)
+    assert r.returncode == 0, f"nothing listens on 127.0.0.1:{port} in laptop {lap.name}"
+
+
 def test_intercept_with_a_command_like_the_seed(laps: tuple[LaptopRunner, LaptopRunner], tmp_path: Path) -> None:
     a, _ = laps
     www = tmp_path / "www"
@@ -83,6 +91,7 @@ def test_intercept_with_a_command_like_the_seed(laps: tuple[LaptopRunner, Laptop
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_active(a, "hello")
+        _wait_listening(a, 9000)
         r = a.run(["curl", "-sS", "--max-time", "10", "hello"], check=False)   # short name: namespace mapped
         assert "Directory listing for /" in r.stdout and "file1.txt" in r.stdout, r.stderr
         r = a.run(["curl", "-sS", "--max-time", "10", f"hello.{NS}/file2.txt"], check=False)
