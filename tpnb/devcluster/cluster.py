@@ -28,6 +28,7 @@ from typing import Any, Iterator
 
 from .. import config as tpnb_config
 from ..config import DevClusterConfig
+from ..daemon.resolvconf import process_alive, start_ticks
 from ..errors import DevClusterError, PrerequisiteError
 from . import binaries, manifests, netns
 from .manifests import COMPONENTS, NODE_NAME, Addresses, Layout
@@ -71,21 +72,9 @@ def _images_module() -> Any:
 
 
 # ------------------------------------------------------------------ processes
-def _proc_stat(pid: int) -> tuple[str, str] | None:
-    """(state, start time) of a live process, None if gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    rest = raw[raw.rfind(")") + 2:].split()
-    return rest[0], rest[19]
-
-
-def _alive(pid: int, start: str | None = None) -> bool:
-    st = _proc_stat(pid)
-    if st is None or st[0] in ("Z", "X"):
-        return False
-    return start is None or st[1] == start
+def _alive(pid: int, start: int | str | None = None) -> bool:
+    """The recorded process still runs (pidfiles of older versions hold the start time as text)."""
+    return process_alive(pid, int(start) if start not in (None, "") else None)
 
 
 def _ancestors() -> set[int]:
@@ -288,10 +277,9 @@ class DevCluster:
                                     stderr=subprocess.STDOUT, env=self._env(), start_new_session=True,
                                     close_fds=True)
         self._children.append(proc)
-        st = _proc_stat(proc.pid)
         self.layout.pid_dir.mkdir(parents=True, exist_ok=True)
         self.layout.pidfile(component).write_text(json.dumps(
-            {"pid": proc.pid, "start": st[1] if st else None, "argv": argv}))
+            {"pid": proc.pid, "start": start_ticks(proc.pid), "argv": argv}))
         return proc.pid
 
     def _stop(self, component: str, timeout: float = 10.0) -> None:
@@ -861,7 +849,8 @@ class DevCluster:
 
 def _signal_and_wait(pids: list[int], timeout: float, sig: int = signal.SIGTERM) -> None:
     """Send `sig`, wait up to `timeout`, then SIGKILL whatever is left."""
-    starts = {p: (_proc_stat(p) or ("", ""))[1] for p in pids}
+    starts = {p: start_ticks(p) for p in pids}
+    pids = [p for p in pids if starts[p] is not None]  # gone already (and the pid may be reused)
     for p in pids:
         try:
             os.kill(p, sig)
