@@ -708,6 +708,13 @@ SCRIPT = textwrap.dedent(r'''
 ''')
 
 
+def _script(tmp_path: Path) -> Path:
+    """SCRIPT as a file (it runs inside a namespace with `ip netns exec`)."""
+    path = tmp_path / "net_script.py"
+    path.write_text(SCRIPT)
+    return path
+
+
 def run_in(ns: str, script: Path, mode: str, timeout: float = 120) -> dict:
     p = sh("ip", "netns", "exec", ns, PY, str(script), mode, check=False, timeout=timeout)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -718,8 +725,7 @@ def run_in(ns: str, script: Path, mode: str, timeout: float = 120) -> dict:
 @pytest.mark.netns
 @needs_root
 def test_tun_flows_routes_dns(netns: str, tmp_path: Path) -> None:
-    script = tmp_path / "net_script.py"
-    script.write_text(SCRIPT)
+    script = _script(tmp_path)
     # a LAN route that a cluster CIDR must not steal
     # (a veth pair with both ends inside the test namespace: no way out)
     sh("ip", "-n", netns, "link", "add", "lan0", "type", "veth", "peer", "name", "lan1")
@@ -755,8 +761,7 @@ def test_crash_then_recover(netns: str, tmp_path: Path, wipe_run: bool) -> None:
     ``state-wiped`` also deletes /run/tpnb/<netns> (as a reboot would):
     resolv.conf must still come back, from the copy embedded in it.
     """
-    script = tmp_path / "net_script.py"
-    script.write_text(SCRIPT)
+    script = _script(tmp_path)
     resolv = Path("/etc/netns") / netns / "resolv.conf"
     original = resolv.read_bytes()
     proc = subprocess.Popen(["ip", "netns", "exec", netns, PY, str(script), "crash"],
@@ -791,8 +796,7 @@ def test_crash_then_recover(netns: str, tmp_path: Path, wipe_run: bool) -> None:
 @needs_root
 def test_kernel_tcp_redirect(netns: str, tmp_path: Path) -> None:
     """The kernel-TCP path: the handler gets the original destination; the rules go with the block."""
-    script = tmp_path / "net_script.py"
-    script.write_text(SCRIPT)
+    script = _script(tmp_path)
     out = run_in(netns, script, "kernel")
     assert "table ip tpnbt4" in out["ruleset"] and "redirect to" in out["ruleset"]
     assert out["echo"] == "HELLO KERNEL"
@@ -805,8 +809,7 @@ def test_kernel_tcp_redirect(netns: str, tmp_path: Path) -> None:
 @pytest.mark.netns
 @needs_root
 def test_cleanup_stale_persistent_tun(netns: str, tmp_path: Path) -> None:
-    script = tmp_path / "net_script.py"
-    script.write_text(SCRIPT)
+    script = _script(tmp_path)
     out = run_in(netns, script, "stale")
     assert out["before"] == ["tpnbstale0"]
     assert out["removed"] == ["tpnbstale0"]
@@ -818,8 +821,7 @@ def test_cleanup_stale_persistent_tun(netns: str, tmp_path: Path) -> None:
 @needs_root
 def test_system_resolver_end_to_end(netns: str, tmp_path: Path) -> None:
     """getaddrinfo() in the namespace resolves cluster names through the TUN's DNS IP."""
-    script = tmp_path / "net_script.py"
-    script.write_text(SCRIPT)
+    script = _script(tmp_path)
     resolv = Path("/etc/netns") / netns / "resolv.conf"
     original = b"nameserver 127.0.0.53\nsearch example.test\n"
     resolv.write_bytes(original)
@@ -836,8 +838,7 @@ def test_system_resolver_end_to_end(netns: str, tmp_path: Path) -> None:
 @needs_root
 def test_exception_inside_tun_block_is_clean(netns: str, tmp_path: Path) -> None:
     """An exception escaping `async with Tun` must be a traceback, not a segfault."""
-    script = tmp_path / "net_script.py"
-    script.write_text(SCRIPT)
+    script = _script(tmp_path)
     for _ in range(3):
         p = sh("ip", "netns", "exec", netns, PY, str(script), "raise", check=False, timeout=60)
         assert p.returncode == 1, (p.returncode, p.stderr[-2000:])
