@@ -16,7 +16,7 @@ from typing import Sequence
 
 from . import render
 from .api import Intercept, Session
-from .errors import ConfigError, TpnbError
+from .errors import ConfigError, TpnbError, run_reporting
 from .proto import pb
 
 
@@ -337,13 +337,7 @@ def _mount_volumes(s: Session, ic: Intercept, mount: str) -> Path | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        return run(sys.argv[1:] if argv is None else argv)
-    except TpnbError as err:
-        print(str(err), file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return run_reporting(lambda: run(sys.argv[1:] if argv is None else argv))
     except BrokenPipeError:  # `tpnb ... | head`
         try:
             sys.stdout = open(os.devnull, "w")

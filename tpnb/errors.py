@@ -6,6 +6,9 @@ Every failure a user can cause or fix is one of these: a short `what` line, a
 """
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 
 class TpnbError(Exception):
     """Base of all user-facing errors."""
@@ -70,3 +73,16 @@ class DevClusterError(TpnbError):
     """The built-in dev cluster failed to build, boot or stop."""
 
     exit_code = 7
+
+
+def run_reporting(body: Callable[[], int]) -> int:
+    """Run a command-line command; a user-facing error or ^C becomes its message on
+    stderr and an exit status, never a traceback."""
+    try:
+        return body()
+    except TpnbError as err:
+        print(str(err), file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 
-from ..errors import ConfigError, TpnbError
+from ..errors import ConfigError, run_reporting
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,14 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(args_in)
     except SystemExit as exc:  # --help or a usage error: argparse has printed it
         return int(exc.code or 0) if isinstance(exc.code, int) else ConfigError.exit_code
-    try:
-        return _run(args)
-    except TpnbError as err:
-        print(str(err), file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_reporting(lambda: _run(args))
 
 
 def _export_image(output: str) -> int:
