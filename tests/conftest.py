@@ -130,6 +130,17 @@ class LaptopRunner:
                 input: str | None = None) -> subprocess.CompletedProcess[str]:
         return self.run(["kubectl", *args], timeout=timeout, check=check, input=input)
 
+    def fresh_namespace(self, ns: str, timeout: float = 180) -> None:
+        """No tpnb session in this laptop, and namespace `ns` new (deleted first if it exists)."""
+        self.run(["tpnb", "quit", "--daemon"], check=False)
+        self.kubectl("delete", "ns", ns, "--ignore-not-found", "--wait=true", timeout=timeout)
+        self.kubectl("create", "ns", ns)
+
+    def drop_namespace(self, ns: str) -> None:
+        """End this laptop's session and start deleting `ns` (fixture teardown)."""
+        self.run(["tpnb", "quit", "--daemon"], check=False)
+        self.kubectl("delete", "ns", ns, "--ignore-not-found", "--wait=false", check=False)
+
 
 @pytest.fixture(scope="session")
 def laptop(devcluster: Any) -> LaptopRunner:

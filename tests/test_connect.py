@@ -25,9 +25,7 @@ ECHO = "tpnb.local/echoserver:1.4"
 @pytest.fixture(scope="module")
 def lap(devcluster: Any) -> Iterator[LaptopRunner]:
     lap = LaptopRunner(devcluster, "conn")
-    lap.run(["tpnb", "quit", "--daemon"], check=False)
-    lap.kubectl("delete", "ns", NS, "--ignore-not-found", "--wait=true", timeout=120)
-    lap.kubectl("create", "ns", NS)
+    lap.fresh_namespace(NS, timeout=120)
     lap.kubectl("-n", NS, "create", "deploy", "hello", f"--image={ECHO}")
     lap.kubectl("-n", NS, "expose", "deploy", "hello", "--port", "80", "--target-port", "8080")
     # a non-HTTP TCP service and a UDP service, from the echoserver image's extra binaries
@@ -35,8 +33,7 @@ def lap(devcluster: Any) -> Iterator[LaptopRunner]:
     for d in ("hello", "udpecho"):
         lap.kubectl("-n", NS, "rollout", "status", f"deploy/{d}", "--timeout=120s", timeout=150)
     yield lap
-    lap.run(["tpnb", "quit", "--daemon"], check=False)
-    lap.kubectl("delete", "ns", NS, "--ignore-not-found", "--wait=false", check=False)
+    lap.drop_namespace(NS)
 
 
 def _udp_tcp_objects() -> dict[str, Any]:

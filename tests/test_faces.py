@@ -46,16 +46,13 @@ OPS = [
 @pytest.fixture(scope="module")
 def lap(devcluster: Any) -> Iterator[LaptopRunner]:
     lap = LaptopRunner(devcluster, "faces")
-    lap.run(["tpnb", "quit", "--daemon"], check=False)
-    lap.kubectl("delete", "ns", NS, "--ignore-not-found", "--wait=true", timeout=180)
-    lap.kubectl("create", "ns", NS)
+    lap.fresh_namespace(NS)
     lap.kubectl("-n", NS, "create", "deploy", "hello", "--image=tpnb.local/echoserver:1.4")
     lap.kubectl("-n", NS, "expose", "deploy", "hello", "--port", "80", "--target-port", "8080")
     lap.kubectl("-n", NS, "rollout", "status", "deploy/hello", "--timeout=120s", timeout=150)
     lap.run(["tpnb", "connect", "--namespace", NS], timeout=120)
     yield lap
-    lap.run(["tpnb", "quit", "--daemon"], check=False)
-    lap.kubectl("delete", "ns", NS, "--wait=false", check=False)
+    lap.drop_namespace(NS)
 
 
 def _normalise(text: str) -> str:

@@ -254,14 +254,11 @@ def vol(devcluster: Any) -> Iterator[Any]:
     from tpnb.imageref import default_image
 
     lap = LaptopRunner(devcluster, LAPTOP)
-    lap.run(["tpnb", "quit", "--daemon"], check=False)
-    lap.kubectl("delete", "ns", NS, "--ignore-not-found", "--wait=true", timeout=180)
-    lap.kubectl("create", "ns", NS)
+    lap.fresh_namespace(NS)
     lap.kubectl("-n", NS, "apply", "-f", "-", input=json.dumps(_manifest(default_image())))
     lap.kubectl("-n", NS, "rollout", "status", "deploy/hello", "--timeout=120s", timeout=150)
     yield lap
-    lap.run(["tpnb", "quit", "--daemon"], check=False)
-    lap.kubectl("delete", "ns", NS, "--ignore-not-found", "--wait=false", check=False)
+    lap.drop_namespace(NS)
     host = Path("/proc/self/mountinfo").read_text()
     assert "tpnb-hello-" not in host and "/tpvol/" not in host, "a volume mount leaked to the host"
 
