@@ -119,7 +119,7 @@ class GrpcFrameChannel:
             return None
         return msg
 
-    async def send(self, frame: pb.TunnelFrame) -> None:
+    async def send(self, frame: pb.TunnelFrame | bytes) -> None:
         import grpc
 
         try:
@@ -151,15 +151,7 @@ class FastGrpcFrameChannel(GrpcFrameChannel):
     data payloads are written pre-encoded and read as views."""
 
     async def send_data(self, data: bytes) -> None:
-        import grpc
-
-        try:
-            await self.stream.write(encode_data(data))
-        except grpc.aio.AioRpcError as exc:
-            raise TunnelError(f"tunnel RPC failed: {exc.code().name}: {exc.details()}",
-                              exc.code().name) from None
-        except asyncio.InvalidStateError:
-            raise TunnelError("tunnel RPC already finished") from None
+        await self.send(encode_data(data))  # pre-encoded: the call's serializer passes bytes through
 
 
 class MemoryFrameChannel:

@@ -36,55 +36,34 @@ log = logging.getLogger(__name__)
 
 #: <linux/netfilter_ipv4.h>
 SO_ORIGINAL_DST = 80
-#: read size of the shared pumps
-READ_CHUNK = 256 * 1024
 
 
-class SocketFlow:
-    """One redirected TCP connection, with the `tun.Flow` surface plus streams.
+class SocketFlow(SocketStream):
+    """One redirected TCP connection: a `SocketStream` with the `tun.Flow` surface.
 
     ``src`` is the local client, ``dst`` the cluster address it dialled
-    (from ``SO_ORIGINAL_DST``).  The tunnel pumps use `reader`/`writer`
-    directly: both are the same `SocketStream` over the kernel socket.
+    (from ``SO_ORIGINAL_DST``).  The tunnel pumps take it as both their
+    reader and writer.
     """
 
     protocol: Literal["tcp"] = "tcp"
 
-    def __init__(self, stream: SocketStream, src: tuple[str, int], dst: tuple[str, int]) -> None:
-        self.reader = stream
-        self.writer = stream
+    def __init__(self, sock: socket.socket, src: tuple[str, int], dst: tuple[str, int]) -> None:
+        super().__init__(sock)
         self.src = src
         self.dst = dst
-        self._closed = False
 
-    async def read(self, n: int = READ_CHUNK) -> bytes:
-        if self._closed:
-            return b""
-        return await self.reader.read(n)
+    @property
+    def reader(self) -> SocketFlow:
+        return self
 
-    def write(self, data: bytes) -> None:
-        if not self._closed and data:
-            self.writer.write(data)
-
-    async def drain(self) -> None:
-        if not self._closed:
-            await self.writer.drain()
-
-    def write_eof(self) -> None:
-        if not self._closed and self.writer.can_write_eof():
-            with contextlib.suppress(OSError):
-                self.writer.write_eof()
+    @property
+    def writer(self) -> SocketFlow:
+        return self
 
     def refuse(self) -> None:
         """End the connection with a reset (the dial on the cluster side failed)."""
-        if not self._closed:
-            self._closed = True
-            self.writer.abort()
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self.writer.close()
+        self.abort()
 
 
 FlowHandler = Callable[[SocketFlow], Awaitable[None]]
@@ -137,7 +116,7 @@ async def delete_table(table: str) -> bool:
     return rc == 0
 
 
-async def cleanup_stale(prefix: str = "tpnb", keep: str | None = None) -> list[str]:
+async def cleanup_stale(prefix: str = "tpnb") -> list[str]:
     """Delete leftover ``ip <prefix>*`` tables (a daemon killed without its record)."""
     if shutil.which("nft") is None:
         return []
@@ -147,7 +126,7 @@ async def cleanup_stale(prefix: str = "tpnb", keep: str | None = None) -> list[s
     gone = []
     for line in out.splitlines():
         parts = line.split()
-        if len(parts) == 3 and parts[:2] == ["table", "ip"] and parts[2].startswith(prefix) and parts[2] != keep:
+        if len(parts) == 3 and parts[:2] == ["table", "ip"] and parts[2].startswith(prefix):
             if await delete_table(parts[2]):
                 gone.append(f"nft table ip {parts[2]}")
     return gone
@@ -166,6 +145,7 @@ class KernelTcp:
         self.on_tcp = on_tcp
         self.port = 0
         self.cidrs: list[str] = []
+        self._nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         self._listener: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -189,10 +169,10 @@ class KernelTcp:
 
     async def redirect(self, cidrs: list[str]) -> None:
         """Send new TCP connections to ``cidrs`` (IPv4 only; others stay on the TUN) here."""
-        v4 = [str(ipaddress.ip_network(c, strict=False)) for c in cidrs
-              if ipaddress.ip_network(c, strict=False).version == 4]
-        if not v4:
+        nets = [n for n in (ipaddress.ip_network(c, strict=False) for c in cidrs) if n.version == 4]
+        if not nets:
             return
+        v4 = [str(n) for n in nets]
         self._installed = True  # intent first: aclose() deletes even a half-made table
         rc, out = await _nft("-f", "-", stdin=ruleset(self.table, v4, self.port))
         if rc != 0:
@@ -202,6 +182,7 @@ class KernelTcp:
                                     "check that the kernel has nf_tables/nft_redirect, "
                                     "or set daemon.tcp_engine to tun")
         self.cidrs = v4
+        self._nets = nets
         log.info("kernel TCP: %s redirected to 127.0.0.1:%d (nft table ip %s)", ", ".join(v4), self.port, self.table)
 
     @property
@@ -247,12 +228,12 @@ class KernelTcp:
             log.warning("redirected connection without an original destination dropped: %s", exc)
             sock.close()
             return
-        if not any(ipaddress.ip_address(dst[0]) in ipaddress.ip_network(c) for c in self.cidrs):
+        if not any(ipaddress.ip_address(dst[0]) in n for n in self._nets):
             # a direct connection to the listener, not a redirected one
             log.warning("connection from %s:%d to the redirect port itself refused", *src)
             sock.close()
             return
-        flow = SocketFlow(SocketStream(sock), src, dst)
+        flow = SocketFlow(sock, src, dst)
         try:
             await self.on_tcp(flow)
         except asyncio.CancelledError:

@@ -20,7 +20,7 @@ from tpnb.errors import NotConnected, TpnbError
 from tpnb.proto import pb, rpc
 from tpnb.version import API_VERSION, __version__
 
-from . import errors_wire, intercepts, logs, netstate, routes
+from . import errors_wire, intercepts, logs, netstate
 from .session import Session
 
 log = logging.getLogger("tpnb.daemon.server")
@@ -222,9 +222,7 @@ async def serve() -> None:
     # A predecessor killed mid-session left its TUN, routes or resolv.conf: undo
     # that now, so `uninstall` (or anything else) after a crash starts clean too.
     try:
-        cleaned = await netstate.recover() + await routes.cleanup_stale()
-        if cleaned:
-            log.warning("cleaned up after a previous daemon: %s", ", ".join(map(str, cleaned)))
+        await netstate.recover()  # logs what it undid
     except TpnbError as err:
         log.error("cannot clean up after a previous daemon: %s", err)
     try:

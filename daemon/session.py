@@ -266,8 +266,7 @@ class Session:
     async def _network_up(self) -> None:
         """TUN, routes and DNS; each change is recorded in netstate before it is made."""
         cfg = self.cfg.daemon
-        await netstate.recover()
-        await routes.cleanup_stale()
+        await netstate.recover()  # also removes stale tpnb* devices and nft tables without a record
         state = netstate.StateFile()
         self.resolv = resolvconf.system_dns(cfg.tun_name)
         fallback: list[str] = []
@@ -358,19 +357,25 @@ class Session:
             return None, first.error
         return chan, ""
 
-    async def _flow_tunnel(self, flow: Flow | SocketFlow, protocol: int) -> GrpcFrameChannel | None:
+    def _tunnel_open(self, flow: Flow | SocketFlow, protocol: int) -> pb.TunnelOpen:
+        return pb.TunnelOpen(session_id=self.session_id, protocol=protocol,
+                             dst_ip=ipaddress.ip_address(flow.dst[0]).packed, dst_port=flow.dst[1],
+                             src_ip=ipaddress.ip_address(flow.src[0]).packed, src_port=flow.src[1])
+
+    @staticmethod
+    def _refuse(flow: Flow | SocketFlow, why: str) -> None:
+        """Log a refused flow and end it: a reset where the kernel holds the connection."""
+        netlog.info("%s %s:%d -> %s:%d refused: %s", flow.protocol, *flow.src, *flow.dst, why)
+        if isinstance(flow, SocketFlow):
+            flow.refuse()  # the client sees a reset, as from a closed port
+        else:
+            flow.close()
+
+    async def _flow_tunnel(self, flow: Flow, protocol: int) -> GrpcFrameChannel | None:
         """Open the manager-side dial for a TUN flow; None (flow closed) when refused."""
-        dst_ip, dst_port = flow.dst
-        open_ = pb.TunnelOpen(session_id=self.session_id, protocol=protocol,
-                              dst_ip=ipaddress.ip_address(dst_ip).packed, dst_port=dst_port,
-                              src_ip=ipaddress.ip_address(flow.src[0]).packed, src_port=flow.src[1])
-        chan, err = await self._open_tunnel(open_)
+        chan, err = await self._open_tunnel(self._tunnel_open(flow, protocol))
         if chan is None:
-            netlog.info("%s %s:%d -> %s:%d refused: %s", flow.protocol, *flow.src, dst_ip, dst_port, err)
-            if isinstance(flow, SocketFlow):
-                flow.refuse()  # the client sees a reset, as from a closed port
-            else:
-                flow.close()
+            self._refuse(flow, err)
         return chan
 
     async def _on_tcp(self, flow: Flow | SocketFlow) -> None:
@@ -395,27 +400,17 @@ class Session:
         """
         link = self.link
         if link is None:
-            netlog.info("tcp %s:%d -> %s:%d refused: not linked to the traffic-manager", *flow.src, *flow.dst)
-            flow.refuse()
+            self._refuse(flow, "not linked to the traffic-manager")
             return
-        dst_ip, dst_port = flow.dst
-        open_ = pb.TunnelOpen(session_id=self.session_id, protocol=pb.TunnelOpen.TCP,
-                              dst_ip=ipaddress.ip_address(dst_ip).packed, dst_port=dst_port,
-                              src_ip=ipaddress.ip_address(flow.src[0]).packed, src_port=flow.src[1])
         chan = FastGrpcFrameChannel(link.fast_tunnel())
-
-        def refused(why: str) -> None:
-            netlog.info("tcp %s:%d -> %s:%d refused: %s", *flow.src, dst_ip, dst_port, why)
-            flow.refuse()
-
         try:
-            await chan.send(pb.TunnelFrame(open=open_))
+            await chan.send(pb.TunnelFrame(open=self._tunnel_open(flow, pb.TunnelOpen.TCP)))
         except TunnelError as exc:
-            refused(str(exc))
+            self._refuse(flow, str(exc))
             return
         try:
-            await bridge(flow.reader, flow.writer, _DialWatch(chan, refused),  # type: ignore[arg-type]
-                         chunk=CLIENT_CHUNK)
+            await bridge(flow.reader, flow.writer,  # type: ignore[arg-type]
+                         _DialWatch(chan, lambda why: self._refuse(flow, why)), chunk=CLIENT_CHUNK)
         finally:
             flow.close()
 

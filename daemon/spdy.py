@@ -51,8 +51,6 @@ FLAG_FIN = 0x01
 PROTOCOL = "portforward.k8s.io"
 #: largest data frame we send (spdystream reads each into its own buffer)
 FRAME_MAX = 256 * 1024
-#: most bytes taken from the connection at once on the way down
-READ_MAX = 1024 * 1024
 _HDR = struct.Struct("!IBBH")  # first word, flags, length high byte, length low 16 bits
 ERROR_STREAM, DATA_STREAM = 1, 3
 
@@ -244,8 +242,7 @@ async def _upgrade(t: KubeTarget, path: str, namespace: str, pod: str, port_: in
             await asyncio.get_running_loop().create_connection(lambda: conn, host, port, **kw)  # type: ignore[arg-type]
     except (OSError, TimeoutError, ssl.SSLError) as exc:
         raise connect_error(exc, t.server, timeout) from None
-    reader = writer = conn
-    sock = writer.get_extra_info("socket")
+    sock = conn.get_extra_info("socket")
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -253,10 +250,10 @@ async def _upgrade(t: KubeTarget, path: str, namespace: str, pod: str, port_: in
              "Upgrade: SPDY/3.1", f"X-Stream-Protocol-Version: {PROTOCOL}", "User-Agent: tpnb",
              "Content-Length: 0"]
     lines += [f"{k}: {v}" for k, v in headers.items()]
-    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    conn.write(("\r\n".join(lines) + "\r\n\r\n").encode())
     try:
         async with asyncio.timeout(timeout):
-            head = await reader.readuntil(b"\r\n\r\n")
+            head = await conn.readuntil(b"\r\n\r\n")
             status_line, *hdr_lines = head.decode("latin-1").split("\r\n")
             parts = status_line.split(" ", 2)
             status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
@@ -266,12 +263,12 @@ async def _upgrade(t: KubeTarget, path: str, namespace: str, pod: str, port_: in
             body = b""
             n = int(hdrs.get("content-length", "0") or 0)
             if 0 < n <= 1 << 20:
-                body = await reader.readexactly(n)
+                body = await conn.readexactly(n)
     except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
-        writer.close()
+        conn.close()
         raise ClusterError(f"cannot port-forward to pod {namespace}/{pod} port {port_}", f"the SPDY upgrade failed: {exc!r}",
                            "check that the API server is reachable") from None
-    writer.close()
+    conn.close()
     if status in (400, 405, 426, 501, 505) or status == 0:  # e.g. a WebSocket-only proxy
         raise SpdyUnsupported(f"HTTP {status} {parts[2] if len(parts) > 2 else ''}".strip())
     raise http_error(status, parts[2] if len(parts) > 2 else "", body, namespace, pod, port_)
@@ -286,8 +283,6 @@ class SpdyStream:
 
     def __init__(self, conn: _Conn, port: int) -> None:
         self.conn = conn
-        self.reader = conn
-        self.writer = conn
         self.port = port
         self._zc = zlib.compressobj()
         self.error = ""
@@ -306,7 +301,7 @@ class SpdyStream:
     async def _read_frame(self) -> tuple[bool, int, int, bytes] | None:
         """(is_control, type or stream id, flags, payload); None at a clean EOF."""
         try:
-            head = await self.reader.readexactly(8)
+            head = await self.conn.readexactly(8)
         except asyncio.IncompleteReadError as exc:
             if not exc.partial:
                 return None
@@ -314,7 +309,7 @@ class SpdyStream:
         word, flags, lhi, llo = _HDR.unpack(head)
         length = (lhi << 16) | llo
         try:
-            payload = await self.reader.readexactly(length) if length else b""
+            payload = await self.conn.readexactly(length) if length else b""
         except asyncio.IncompleteReadError:
             raise SpdyError("connection ended inside a frame") from None
         if word & 0x80000000:
@@ -324,7 +319,7 @@ class SpdyStream:
     def _control(self, ftype: int, flags: int, payload: bytes) -> bool:
         """Handle a control frame; False when the data stream is over."""
         if ftype == PING:
-            self.writer.write(control_frame(PING, 0, payload[:4]))
+            self.conn.write(control_frame(PING, 0, payload[:4]))
         elif ftype == RST_STREAM:
             sid = struct.unpack("!I", payload[:4])[0] & 0x7FFFFFFF if len(payload) >= 4 else 0
             if sid == DATA_STREAM:
@@ -346,9 +341,9 @@ class SpdyStream:
         A failed dial shows up as text on the error stream (and the data
         stream ending); it is left in `error`.
         """
-        self.writer.write(self._syn_stream(ERROR_STREAM, "error", fin=True))
-        self.writer.write(self._syn_stream(DATA_STREAM, "data", fin=False))
-        await self.writer.drain()
+        self.conn.write(self._syn_stream(ERROR_STREAM, "error", fin=True))
+        self.conn.write(self._syn_stream(DATA_STREAM, "data", fin=False))
+        await self.conn.drain()
         early: list[bytes] = []
         async with asyncio.timeout(timeout):
             while True:
@@ -510,18 +505,18 @@ class SpdyStream:
             n = await loop.sock_recv_into(sock, into)
             if n == 0:
                 self.send_fin()
-                await self.writer.drain()
+                await self.conn.drain()
                 return sent
             view[:8] = data_header(DATA_STREAM, 0, n)
             # the SSL transport may keep a reference until it is encrypted: hand it a copy
-            self.writer.write(bytes(view[: n + 8]))
+            self.conn.write(bytes(view[: n + 8]))
             sent += n
-            await self.writer.drain()
+            await self.conn.drain()
 
     def send_fin(self) -> None:
         if not self._sent_fin:
             self._sent_fin = True
-            self.writer.write(data_header(DATA_STREAM, FLAG_FIN, 0))
+            self.conn.write(data_header(DATA_STREAM, FLAG_FIN, 0))
 
     async def aclose(self) -> None:
         self.conn.sink = None
