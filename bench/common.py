@@ -24,7 +24,7 @@ def sh(argv: list[str], timeout: float = 900, check: bool = True, input: str | N
 
 def laptop(name: str) -> tuple[Any, Callable[..., str], Callable[..., str]]:
     """The running dev cluster, plus `lap(argv)` and `kubectl(*args)` run inside laptop `name`."""
-    from tpnb.devcluster.cluster import DevCluster
+    from tpnb_devcluster.cluster import DevCluster
 
     dc = DevCluster()
     dc.up()
@@ -70,6 +70,8 @@ def _label(pid: str, comm: str) -> str:
             return "other"
         if "tpnb.daemon" in cmd:
             return "tpnb daemon"
+        if "tpnb.connector" in cmd:
+            return "tpnb connector"
         if "tpnb.cluster" in cmd and "manager" in cmd:
             return "traffic-manager"
         if "server.py" in cmd:

@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tpnb.daemon.kube import load_target, path_quote, request
-from tpnb.daemon.portforward import PortForward
+from tpnb.connector.kube import load_target, path_quote, request
+from tpnb.connector.portforward import PortForward
 
 ECHO_IMAGE = "tpnb.local/echoserver:1.4"
 

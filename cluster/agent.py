@@ -47,7 +47,7 @@ import grpc  # noqa: E402
 from tpnb.proto import pb, rpc  # noqa: E402
 from tpnb.version import API_VERSION, __version__  # noqa: E402
 
-from .forward import (  # noqa: E402
+from tpnb.common.forward import (  # noqa: E402
     BULK_GRPC_OPTIONS,
     STREAM_LIMIT,
     GrpcFrameChannel,

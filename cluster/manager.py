@@ -26,8 +26,8 @@ import grpc
 from tpnb.proto import pb, rpc
 from tpnb.version import API_VERSION, __version__
 
-from .aio import both, first, oserror_text
-from .forward import BULK_GRPC_OPTIONS, FastTunnelRegistration, FrameChannel, GrpcFrameChannel, SocketStream, bridge
+from tpnb.common.aio import both, first, oserror_text
+from tpnb.common.forward import BULK_GRPC_OPTIONS, FastTunnelRegistration, FrameChannel, GrpcFrameChannel, SocketStream, bridge
 
 log = logging.getLogger("tpnb.manager")
 

@@ -1,7 +1,8 @@
-"""`python -m tpnb.daemon`: the privileged per-machine daemon.
+"""`python -m tpnb.daemon`: the root daemon (system-wide outbound networking only).
 
-Started by `tpnb connect` (through sudo when the user is not root); logs go to
-~/.cache/tpnb/logs/{daemon,connector}.log of the user who started it.
+Started by `tpnb connect` (through sudo when the user is not root) when
+system-wide outbound is wanted; logs go to ~/.cache/tpnb/logs/daemon.log of
+the user who started it.  It holds no Kubernetes credentials.
 """
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ def main() -> int:
     except TpnbError as err:
         print(str(err), file=sys.stderr)
         return err.exit_code
-    from . import logs, server
+    from tpnb.common import logs
 
-    logs.setup(cfg.log_dir, os.environ.get("TPNB_LOG_LEVEL", cfg.logs.level))
+    from . import server
+
+    logs.setup(cfg.log_dir, "daemon.log", os.environ.get("TPNB_LOG_LEVEL", cfg.logs.level))
     asyncio.run(server.serve())
     return 0
 

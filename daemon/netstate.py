@@ -22,7 +22,7 @@ from typing import Any
 
 from . import redirect, routes
 from .resolvconf import ResolvConf, ResolvedLink, default_state_dir, write_atomic
-from .resolvconf import process_alive, start_ticks as _start_ticks
+from tpnb.common.liveness import process_alive, start_ticks as _start_ticks
 
 log = logging.getLogger(__name__)
 

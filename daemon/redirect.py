@@ -29,7 +29,7 @@ import struct
 from collections.abc import Awaitable, Callable
 from typing import Literal
 
-from tpnb.cluster.forward import SocketStream
+from tpnb.common.forward import SocketStream
 from tpnb.errors import PrerequisiteError
 
 log = logging.getLogger(__name__)

@@ -22,6 +22,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from tpnb.common.liveness import process_alive, start_ticks
 from tpnb.config import netns_id
 from tpnb.errors import DaemonError, PrerequisiteError
 
@@ -296,30 +297,6 @@ class ResolvConf:
         write_in_place(path, original)
         log.warning("restored %s from the copy a dead tpnb daemon left inside it", path)
         return True
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    """/proc/<pid>/stat after the command name (fields 3.. overall), or None if gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # the command may contain spaces and parentheses: split after the last ")"
-    return stat[stat.rindex(")") + 2 :].split()
-
-
-def start_ticks(pid: int) -> int | None:
-    """Process start time (clock ticks since boot): tells a live pid from a reused one."""
-    fields = _stat_fields(pid)
-    return int(fields[19]) if fields else None  # field 22 overall
-
-
-def process_alive(pid: int, start: int | None = None) -> bool:
-    """The same process still runs: a reused pid (other start time) or a zombie counts as gone."""
-    fields = _stat_fields(pid)
-    if fields is None or fields[0] in ("Z", "X"):
-        return False
-    return start is None or int(fields[19]) == start
 
 
 # ---------------------------------------------------------------- systemd-resolved

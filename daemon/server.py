@@ -1,8 +1,10 @@
-"""The daemon's gRPC service on a Unix socket: what every front end talks to.
+"""The root daemon's gRPC service on a Unix socket; its one client is the connector.
 
-One daemon per network namespace ("machine"); it holds at most one session.
-Long operations stream `Progress` events so the CLI can draw a progress line
-and the notebook a widget, from the same data.
+One root daemon per network namespace ("machine"), holding at most one
+network.  It is started through sudo only when system-wide outbound is
+wanted; it reads no kubeconfig and runs no credential plugin: all it knows of
+the cluster is what the connector's `NetworkUp` says.  The socket belongs to
+the user who started it (mode 0600), so only that user's connector reaches it.
 """
 from __future__ import annotations
 
@@ -11,189 +13,93 @@ import logging
 import os
 import signal
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
 
 from tpnb import config as tpnb_config
-from tpnb.errors import NotConnected, TpnbError
+from tpnb.common import errors_wire, logs
+from tpnb.errors import TpnbError
 from tpnb.proto import pb, rpc
 from tpnb.version import API_VERSION, __version__
 
-from . import errors_wire, intercepts, logs, netstate
-from .session import Session
+from . import netstate
+from .network import Network
 
 log = logging.getLogger("tpnb.daemon.server")
 
 
-class _Stream:
-    """Runs an operation as a task and turns its progress callbacks into events."""
-
-    def __init__(self, make_event: Callable[[pb.Progress], object]) -> None:
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.make_event = make_event
-
-    def progress(self, step: str, message: str, fraction: float = -1.0) -> None:
-        self.queue.put_nowait(self.make_event(pb.Progress(step=step, message=message, fraction=fraction)))
-
-    async def run(self, op: Awaitable[object], done: Callable[[object], object],
-                  context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
-        task = asyncio.ensure_future(op)
-        getter: asyncio.Task | None = None
-        try:
-            while True:
-                getter = asyncio.ensure_future(self.queue.get())
-                finished, _ = await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
-                if getter in finished:
-                    yield getter.result()
-                    continue
-                getter.cancel()
-                while not self.queue.empty():
-                    yield self.queue.get_nowait()
-                break
-            try:
-                result = task.result()
-            except TpnbError as err:
-                code, details = errors_wire.encode(err)
-                await context.abort(code, details)
-                return
-            yield done(result)
-        finally:
-            if getter is not None:
-                getter.cancel()
-
-
-class DaemonService(rpc.DaemonServicer):
+class RootDaemonService(rpc.RootDaemonServicer):
     def __init__(self, stop: asyncio.Event) -> None:
-        self.session: Session | None = None
+        self.network: Network | None = None
         self.stop = stop
         self.lock = asyncio.Lock()
-        self.status_changed = asyncio.Event()
 
     async def _abort(self, context: grpc.aio.ServicerContext, err: TpnbError) -> None:
         code, details = errors_wire.encode(err)
         await context.abort(code, details)
 
-    def _require(self) -> Session:
-        if self.session is None:
-            raise NotConnected("not connected", "there is no session with a cluster",
-                               "run `tpnb connect` (or `%tp connect` in a notebook) first")
-        return self.session
-
     async def Version(self, request, context):  # noqa: N802
-        out = pb.VersionList(versions=[pb.VersionInfo(name="daemon", version=__version__, api=API_VERSION)])
-        if self.session is not None and self.session.link is not None:
-            out.versions.append(pb.VersionInfo(name="traffic-manager", version=self.session.link.version,
-                                               api=API_VERSION))
-        return out
+        return pb.VersionList(versions=[pb.VersionInfo(name="root-daemon", version=__version__, api=API_VERSION)])
 
-    async def Connect(self, request, context):  # noqa: N802
-        stream = _Stream(lambda p: pb.ConnectEvent(progress=p))
+    def _same_network(self, req: pb.NetworkRequest) -> bool:
+        cur = self.network
+        return (cur is not None and cur.tun is not None and list(cur.request.subnets) == list(req.subnets)
+                and cur.request.connector_pid == req.connector_pid
+                and cur.request.cluster_domain == req.cluster_domain)
 
-        async def op() -> pb.ConnectionStatus:
-            async with self.lock:
-                if self.session is not None:
-                    same = (self.session.request.kubeconfig == request.kubeconfig
-                            and self.session.request.context == request.context)
-                    if same:
-                        stream.progress("connected", "Already connected", 1.0)
-                        return self.session.status()
-                    raise NotConnected("already connected to another cluster context",
-                                       f"the session uses {self.session.status().context}",
-                                       "run `tpnb quit` first")
-                sess = Session(request)
-                try:
-                    await sess.start(stream.progress)
-                except BaseException:
-                    await sess.close()
-                    raise
-                self.session = sess
-                asyncio.ensure_future(self._relay_changes(sess))
-                return sess.status()
-
-        async for ev in stream.run(op(), lambda st: pb.ConnectEvent(done=st), context):
-            yield ev
-
-    async def _relay_changes(self, sess: Session) -> None:
-        while self.session is sess:
-            await sess.changed.wait()
-            sess.changed.clear()
-            self.status_changed.set()
-
-    async def Status(self, request, context):  # noqa: N802
-        if self.session is None:
-            return pb.ConnectionStatus(connected=False, daemon_version=__version__)
-        return self.session.status()
-
-    async def WatchStatus(self, request, context):  # noqa: N802
-        while True:
-            self.status_changed.clear()
-            yield await self.Status(request, context)
-            try:
-                await asyncio.wait_for(self.status_changed.wait(), 15)
-            except asyncio.TimeoutError:
-                pass
-
-    async def _disconnect(self) -> None:
-        sess, self.session = self.session, None
-        if sess is not None:
-            await sess.close()
-        self.status_changed.set()
-
-    async def Quit(self, request, context):  # noqa: N802
+    async def NetworkUp(self, request, context):  # noqa: N802
         async with self.lock:
-            await self._disconnect()
-        if request.stop_daemon:
-            self.stop.set()
+            if self._same_network(request):
+                assert self.network is not None
+                self.network.update(request)
+                return self.network.status()
+            await self._down()
+            net = Network(request)
+            net.on_connector_gone = lambda: self._down_if(net)  # type: ignore[method-assign]
+            try:
+                await net.start()
+            except TpnbError as err:
+                await net.close()
+                await self._abort(context, err)
+                return pb.NetworkStatus()
+            except BaseException:
+                await net.close()
+                raise
+            self.network = net
+            log.info("network up for connector %d, session %s", request.connector_pid, request.session_id)
+            return net.status()
+
+    async def _down_if(self, net: Network) -> None:
+        async with self.lock:
+            if self.network is net:
+                await self._down()
+
+    async def _down(self) -> None:
+        net, self.network = self.network, None
+        if net is not None:
+            await net.close()
+
+    async def GetNetwork(self, request, context):  # noqa: N802
+        if self.network is None:
+            return pb.NetworkStatus(up=False, version=__version__)
+        return self.network.status()
+
+    async def NetworkDown(self, request, context):  # noqa: N802
+        async with self.lock:
+            await self._down()
         return pb.Empty()
-
-    async def List(self, request, context):  # noqa: N802
-        try:
-            sess = self._require()
-            ns = request.namespace or (sess.mapped[0] if sess.mapped else "default")
-            return await intercepts.list_workloads(sess, ns)
-        except TpnbError as err:
-            await self._abort(context, err)
-
-    async def Intercept(self, request, context):  # noqa: N802
-        stream = _Stream(lambda p: pb.InterceptEvent(progress=p))
-
-        async def op() -> pb.InterceptInfo:
-            return await intercepts.intercept(self._require(), request, stream.progress)
-
-        async for ev in stream.run(op(), lambda ic: pb.InterceptEvent(done=ic), context):
-            yield ev
-
-    async def Leave(self, request, context):  # noqa: N802
-        try:
-            await self._require().remove_intercept(request.name)
-        except TpnbError as err:
-            await self._abort(context, err)
-        return pb.Empty()
-
-    async def Uninstall(self, request, context):  # noqa: N802
-        stream = _Stream(lambda p: pb.UninstallEvent(progress=p))
-
-        async def op() -> str:
-            msg = await intercepts.uninstall(self.session, request, stream.progress)
-            if request.what == pb.UninstallRequest.EVERYTHING:
-                async with self.lock:
-                    await self._disconnect()
-            return msg
-
-        async for ev in stream.run(op(), lambda msg: pb.UninstallEvent(done=msg), context):
-            yield ev
 
     async def SetLogLevel(self, request, context):  # noqa: N802
         try:
             logs.set_level(request.level)
         except TpnbError as err:
             await self._abort(context, err)
-        if self.session is not None and self.session.link is not None:
-            try:
-                await self.session.link.stub.SetLogLevel(request, timeout=5)
-            except grpc.aio.AioRpcError as exc:
-                log.info("manager log level not changed: %s", exc.details())
+        return pb.Empty()
+
+    async def Quit(self, request, context):  # noqa: N802
+        async with self.lock:
+            await self._down()
+        self.stop.set()
         return pb.Empty()
 
 
@@ -203,10 +109,16 @@ async def serve() -> None:
     sock.parent.mkdir(parents=True, exist_ok=True)
     if sock.exists():
         sock.unlink()
+    # A predecessor killed mid-session left its TUN, routes or resolv.conf: undo
+    # that before answering anyone, so the first NetworkUp starts clean.
+    try:
+        await netstate.recover()  # logs what it undid
+    except TpnbError as err:
+        log.error("cannot clean up after a previous daemon: %s", err)
     stop = asyncio.Event()
-    svc = DaemonService(stop)
+    svc = RootDaemonService(stop)
     server = grpc.aio.server()
-    rpc.add_DaemonServicer_to_server(svc, server)
+    rpc.add_RootDaemonServicer_to_server(svc, server)
     server.add_insecure_port(f"unix://{sock}")
     await server.start()
     owner = os.environ.get("TPNB_OWNER_UID")
@@ -218,19 +130,13 @@ async def serve() -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
-    log.info("tpnb daemon %s listening on %s (pid %d)", __version__, sock, os.getpid())
-    # A predecessor killed mid-session left its TUN, routes or resolv.conf: undo
-    # that now, so `uninstall` (or anything else) after a crash starts clean too.
-    try:
-        await netstate.recover()  # logs what it undid
-    except TpnbError as err:
-        log.error("cannot clean up after a previous daemon: %s", err)
+    log.info("tpnb root daemon %s listening on %s (pid %d)", __version__, sock, os.getpid())
     try:
         await stop.wait()
     finally:
-        log.info("daemon stopping")
+        log.info("root daemon stopping")
         try:
-            await svc._disconnect()
+            await svc._down()
         finally:
             await server.stop(1)
             for p in (sock, pidfile):
@@ -238,4 +144,4 @@ async def serve() -> None:
                     Path(p).unlink()
                 except FileNotFoundError:
                     pass
-        log.info("daemon stopped")
+        log.info("root daemon stopped")

@@ -24,14 +24,14 @@ from typing import Any
 import pytest
 from conftest import rerun_in_laptop
 
-from tpnb import config
 from tpnb.errors import InterceptError
 from tpnb.imageref import default_image
+from tpnb_devcluster import config as devcluster_config
 
 pytestmark = pytest.mark.cluster
 
 REPO = Path(__file__).resolve().parent.parent
-STATE = Path(config.get().devcluster.state_dir)
+STATE = Path(devcluster_config.get().state_dir)
 KUBECONFIG = STATE / "kubeconfig"
 ECHO_IMAGE = "tpnb.local/echoserver:1.4"
 
@@ -47,7 +47,7 @@ class Cluster:
     """kubectl and the injector's API client, in one test namespace."""
 
     def __init__(self) -> None:
-        from tpnb.daemon import kube
+        from tpnb.connector import kube
 
         self.kubectl_bin = _kubectl_bin()
         self.target = kube.load_target(str(KUBECONFIG), None)
@@ -193,7 +193,7 @@ def run(coro: Any) -> Any:
 
 async def _inject(cl: Cluster, name: str, service: str | None = None, port: str | None = None,
                   image: str | None = None) -> list[str]:
-    from tpnb.daemon import agent_injector as inj
+    from tpnb.connector import agent_injector as inj
 
     lines: list[str] = []
     wl = await inj.find_workload(cl.api, cl.ns, name)
@@ -204,7 +204,7 @@ async def _inject(cl: Cluster, name: str, service: str | None = None, port: str 
 
 
 async def _remove(cl: Cluster, name: str) -> list[str]:
-    from tpnb.daemon import agent_injector as inj
+    from tpnb.connector import agent_injector as inj
 
     lines: list[str] = []
     await inj.remove_agent(cl.api, cl.ns, name, lambda s, m, f: lines.append(m))
@@ -295,7 +295,7 @@ def test_inject_named_target_port(cl: Cluster | None) -> None:
 def test_errors_are_clear_and_change_nothing(cl: Cluster | None) -> None:
     if cl is None:
         return
-    from tpnb.daemon import agent_injector as inj
+    from tpnb.connector import agent_injector as inj
 
     cl.apply(*_echo_objects("lonely", service=False))
     cl.apply(*_echo_objects("multi", extra_ports="9090"))

@@ -17,7 +17,7 @@ import pytest
 
 from tpnb import config
 from tpnb.cluster import agent as agent_mod
-from tpnb.cluster.forward import (
+from tpnb.common.forward import (
     CHUNK,
     GrpcFrameChannel,
     MemoryFrameChannel,
@@ -26,7 +26,7 @@ from tpnb.cluster.forward import (
     pump_stream_to_tunnel,
     splice,
 )
-from tpnb.daemon import agent_injector as inj
+from tpnb.connector import agent_injector as inj
 from tpnb.errors import InterceptError
 from tpnb.proto import pb, rpc
 

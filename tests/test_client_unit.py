@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from tpnb import cli, config, errors
-from tpnb.daemon import errors_wire
+from tpnb.common import errors_wire
 
 pytestmark = pytest.mark.unit
 

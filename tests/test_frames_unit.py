@@ -7,7 +7,7 @@ import os
 import grpc
 import pytest
 
-from tpnb.cluster.forward import DataView, FastTunnelRegistration, decode_frame, encode_data, encode_frame
+from tpnb.common.forward import DataView, FastTunnelRegistration, decode_frame, encode_data, encode_frame
 from tpnb.proto import pb
 
 pytestmark = pytest.mark.unit

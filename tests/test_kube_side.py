@@ -35,9 +35,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from tpnb.daemon import kube, manager_install, portforward
-from tpnb.daemon.kube import KubeTarget, check_reachable, load_target
-from tpnb.daemon.portforward import PortForward, decode_frame, encode_frame, open_stream
+from tpnb.connector import kube, manager_install, portforward
+from tpnb.connector.kube import KubeTarget, check_reachable, load_target
+from tpnb.connector.portforward import PortForward, decode_frame, encode_frame, open_stream
 
 from tpnb.errors import ClusterError, PermissionDenied
 
@@ -556,7 +556,7 @@ async def test_portforward_error_channel_closes_local(fake_cluster: tuple[FakeKu
     try:
         fk.ports[8080] = 1  # the pod stopped listening
         r, w = await asyncio.open_connection("127.0.0.1", port)
-        with caplog.at_level(logging.WARNING, logger="tpnb.daemon.portforward"):
+        with caplog.at_level(logging.WARNING, logger="tpnb.connector.portforward"):
             assert await asyncio.wait_for(r.read(), 10) == b""  # closed by us
             await asyncio.sleep(0.1)
         w.close()
@@ -672,7 +672,7 @@ def _have_netns() -> bool:
 
 _PROBE = textwrap.dedent("""
     import asyncio, json, sys, time
-    from tpnb.daemon.kube import load_target, check_reachable
+    from tpnb.connector.kube import load_target, check_reachable
     from tpnb.errors import ClusterError
     t = load_target(sys.argv[1], None)
     t0 = time.monotonic()
@@ -1004,9 +1004,9 @@ async def test_cluster_reachable_and_subnets(in_cluster: KubeTarget | None) -> N
     t = in_cluster
     if t is None:
         return
-    from tpnb import config
+    from tpnb_devcluster import config
 
-    dc = config.get().devcluster
+    dc = config.get()
     assert (await check_reachable(t, 10)).startswith("v1.")
     pods, services = await kube.cluster_subnets(t)
     assert pods == [dc.node_pod_cidr]

@@ -11,7 +11,7 @@ import asyncio
 import grpc
 import pytest
 
-from tpnb.cluster.forward import GrpcFrameChannel
+from tpnb.common.forward import GrpcFrameChannel
 from tpnb.cluster.manager import Manager
 from tpnb.proto import pb, rpc
 

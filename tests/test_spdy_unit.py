@@ -15,7 +15,7 @@ import zlib
 
 import pytest
 
-from tpnb.daemon import spdy
+from tpnb.connector import spdy
 
 # async tests run on asyncio through anyio's pytest plugin
 pytestmark = [pytest.mark.unit, pytest.mark.anyio]

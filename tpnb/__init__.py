@@ -1,9 +1,11 @@
 """tpnb: Telepresence-style local development for Kubernetes, driven from Jupyter.
 
-Import root for all three processes' code:
-  tpnb.*           the client side (API, CLI, magics, widgets) - folder tpnb/
-  tpnb.daemon      the privileged per-machine daemon            - folder daemon/
-  tpnb.cluster     traffic-manager and traffic-agent (in pods)  - folder cluster/
+Import root for every process's code:
+  tpnb.*           the faces (API, CLI, magics, widgets)         - folder tpnb/
+  tpnb.connector   the user-level connector (Kubernetes side)    - folder connector/
+  tpnb.daemon      the root daemon (system-wide outbound only)   - folder daemon/
+  tpnb.cluster     traffic-manager and traffic-agent (in pods)   - folder cluster/
+  tpnb.common      code all of them share                        - folder common/
 This module stays import-light: the cluster image imports it too.
 """
 from __future__ import annotations

@@ -82,6 +82,10 @@ class Status:
     #: how TCP to the cluster is carried: "kernel" (nftables redirect) or "tun"
     tcp_engine: str = ""
     tcp_engine_note: str = ""
+    #: system-wide outbound (the root daemon's TUN, routes, DNS) is up; when not, why
+    outbound: bool = False
+    outbound_note: str = ""
+    root_daemon_version: str = ""
 
     @classmethod
     def from_pb(cls, st: pb.ConnectionStatus, daemon_running: bool = True) -> "Status":
@@ -92,7 +96,8 @@ class Status:
             tun_name=st.tun_name, manager_version=st.manager_version, manager_namespace=st.manager_namespace,
             session_id=st.session_id, daemon_version=st.daemon_version, daemon_running=daemon_running,
             intercepts=[Intercept.from_pb(i) for i in st.intercepts], error=st.error,
-            tcp_engine=st.tcp_engine, tcp_engine_note=st.tcp_engine_note)
+            tcp_engine=st.tcp_engine, tcp_engine_note=st.tcp_engine_note, outbound=st.outbound,
+            outbound_note=st.outbound_note, root_daemon_version=st.root_daemon_version)
 
 
 @dataclass
@@ -146,7 +151,8 @@ class Session:
             default = os.path.expanduser("~/.kube/config")
             if os.path.exists(default):
                 req.kubeconfig = default
-        self.client.ensure_daemon(say)
+        self.client.ensure_connector(say)
+        req.daemon_socket, req.outbound_note = self.client.ensure_root_daemon()
         done = self.client.stream(self.client.stub().Connect, req, progress)
         st = Status.from_pb(done)  # type: ignore[arg-type]
         self._clean_mounts(st.intercepts)
@@ -161,6 +167,8 @@ class Session:
         """End the session (and stop the daemon too with stop_daemon). False if nothing ran."""
         self._clean_mounts([])  # no intercept outlives the session: nor do its volume mounts
         if not self.client.running():
+            if stop_daemon:  # a root daemon whose connector was killed
+                self.client.stop_root_daemon()
             return False
         self.client.call(self.client.stub().Quit, pb.QuitRequest(stop_daemon=stop_daemon), timeout=60)
         if stop_daemon:
@@ -289,6 +297,6 @@ class Session:
         what = (pb.UninstallRequest.AGENT if agent else
                 pb.UninstallRequest.ALL_AGENTS if all_agents else pb.UninstallRequest.EVERYTHING)
         conn = pb.ConnectRequest(kubeconfig=os.environ.get("KUBECONFIG", ""), user=_user())
-        self.client.ensure_daemon()
+        self.client.ensure_connector()
         req = pb.UninstallRequest(what=what, name=agent or "", namespace=namespace or "", connection=conn)
         return str(self.client.stream(self.client.stub().Uninstall, req, progress))

@@ -208,9 +208,19 @@ def quit_session(s: Session, stop_daemon: bool) -> None:
 
 
 def run(argv: Sequence[str]) -> int:
-    if argv and argv[0] == "devcluster":
-        from .devcluster.cli import main as devcluster_main
+    if argv and argv[0] == "devcluster":  # a separate distribution, tpnb-devcluster (devcluster/)
+        try:
+            from tpnb_devcluster.cli import main as devcluster_main
+        except ModuleNotFoundError as exc:
+            if exc.name != "tpnb_devcluster":
+                raise
+            from .errors import PrerequisiteError
 
+            raise PrerequisiteError("tpnb devcluster: the dev cluster is not installed",
+                                    "it is its own package, tpnb-devcluster (the devcluster/ folder of "
+                                    "the tpnb repository), not part of tpnb",
+                                    "install it: pip install ./devcluster (from the tpnb checkout; "
+                                    "scripts/install-deps does it)") from None
         return devcluster_main(list(argv[1:]))
     own, cmd = split_cmd(argv)
     args = build_parser().parse_args(own)
@@ -232,7 +242,8 @@ def run(argv: Sequence[str]) -> int:
             for k, v in values.items():
                 src = cfg.sources.get(f"{sect}.{k}", "default")
                 print(f"  {k}: {v!r}" + ("" if src == "default" else f"   # from {src}"))
-        print(f"# derived: socket={cfg.socket_path} logs={cfg.log_dir} manager_image={cfg.manager_image}")
+        print(f"# derived: connector_socket={cfg.connector_socket} daemon_socket={cfg.socket_path} "
+              f"logs={cfg.log_dir} manager_image={cfg.manager_image}")
         print(f"# file: {tpnb_config.config_file()}")
         return 0
     if args.cmd == "connect":

@@ -1,13 +1,20 @@
-"""Talking to the daemon: start it when needed, call it, turn its errors back into ours.
+"""Talking to the connector: start it (and the root daemon) when needed, call it, map its errors.
 
-This is the only place the user side touches gRPC.  Calls are synchronous on
+This is the only place the faces touch gRPC.  Calls are synchronous on
 purpose: a CLI blocks anyway, and a notebook cell runs them off the kernel's
 event loop (see tpnb.api), so nothing here needs a running loop.
+
+Two processes are started from here, never one from the other:
+- the connector (`python -m tpnb.connector`) as the invoking user, always;
+- the root daemon (`python -m tpnb.daemon`) as root, through `sudo -n` when
+  the user is not root, only when system-wide outbound is wanted.  Its
+  environment carries no KUBECONFIG: it never needs one.
 """
 from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -25,21 +32,77 @@ T = TypeVar("T")
 
 
 def _wire_error(exc: grpc.RpcError) -> TpnbError:
-    from tpnb.daemon.errors_wire import decode
+    from tpnb.common.errors_wire import decode
 
     return decode(exc.code(), exc.details())
 
 
+def _answers(sock: Path, call: Callable[[grpc.Channel], object]) -> bool:
+    if not sock.exists():
+        return False
+    with grpc.insecure_channel(f"unix://{sock}") as ch:
+        try:
+            call(ch)
+            return True
+        except grpc.RpcError:
+            return False
+
+
+def _spawn(argv: list[str], env: dict[str, str], startup_log: Path, ready: Callable[[], bool],
+           what: str, log_name: str) -> None:
+    with open(startup_log, "ab") as out:
+        subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                         start_new_session=True, env=env, close_fds=True)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if ready():
+            return
+        time.sleep(0.1)
+    tail = ""
+    try:
+        tail = startup_log.read_text()[-800:].strip()
+    except OSError:
+        pass
+    raise DaemonError(f"the tpnb {what} did not start", tail or "no output", f"see {startup_log.parent}/{log_name}")
+
+
+def private_dir(path: Path) -> None:
+    """Create `path` (and its parent) for this user only; refuse one that someone else owns."""
+    for d in (path.parent, path):
+        d.mkdir(mode=0o700, exist_ok=True)
+        st = d.lstat()
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            raise PrerequisiteError(f"{d} is not a directory of this user",
+                                    "the connector's socket must be in a directory only you can enter",
+                                    f"remove {d}, or set connector.socket in ~/.config/tpnb/config.yaml")
+        if st.st_mode & 0o077:
+            os.chmod(d, 0o700)
+
+
+def outbound_unavailable() -> str:
+    """Why the root daemon cannot be started here ("" when it can)."""
+    if os.geteuid() == 0:
+        return ""
+    sudo = shutil.which("sudo")
+    if sudo is None:
+        return "system-wide outbound needs the root daemon, and sudo is not installed"
+    if subprocess.run([sudo, "-n", "true"], capture_output=True).returncode != 0:
+        return "system-wide outbound needs the root daemon, and sudo asks for a password (run `sudo -v` first)"
+    return ""
+
+
 class DaemonClient:
+    """The faces' handle on the connector (and, to start or stop it, the root daemon)."""
+
     def __init__(self, cfg: tpnb_config.Config | None = None) -> None:
         self.cfg = cfg or tpnb_config.get()
         self._channel: grpc.Channel | None = None
-        self._stub: rpc.DaemonStub | None = None
+        self._stub: rpc.ConnectorStub | None = None
 
     # ---------------------------------------------------------------- lifecycle
     @property
     def socket(self) -> Path:
-        return self.cfg.socket_path
+        return self.cfg.connector_socket
 
     def running(self) -> bool:
         if not self.socket.exists():
@@ -50,10 +113,13 @@ class DaemonClient:
         except grpc.RpcError:
             return False
 
-    def stub(self) -> rpc.DaemonStub:
+    def root_daemon_running(self) -> bool:
+        return _answers(self.cfg.socket_path, lambda ch: rpc.RootDaemonStub(ch).Version(pb.Empty(), timeout=2))
+
+    def stub(self) -> rpc.ConnectorStub:
         if self._stub is None:
             self._channel = grpc.insecure_channel(f"unix://{self.socket}")
-            self._stub = rpc.DaemonStub(self._channel)
+            self._stub = rpc.ConnectorStub(self._channel)
         return self._stub
 
     def close(self) -> None:
@@ -62,49 +128,64 @@ class DaemonClient:
         self._channel = None
         self._stub = None
 
-    def ensure_daemon(self, say: Callable[[str], None] | None = None) -> None:
-        """Start the root daemon unless it runs; through sudo when we are not root."""
-        if self.running():
-            return
-        self.close()
-        if say:
-            say(f"Launching tpnb daemon v{_version()}")
+    def _env(self) -> dict[str, str]:
         log_dir = self.cfg.log_dir
         log_dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         env["TPNB_OWNER_UID"] = str(os.getuid())
         env["TPNB_LOGS_DIR"] = str(log_dir)
+        return env
+
+    def ensure_connector(self, say: Callable[[str], None] | None = None) -> None:
+        """Start the connector as this user unless it runs."""
+        if self.running():
+            return
+        self.close()
+        if say:
+            say(f"Launching tpnb daemon v{_version()}")
+        private_dir(self.socket.parent)
+        env = self._env()
+        _spawn([sys.executable, "-m", "tpnb.connector"], env, self.cfg.log_dir / "connector-startup.log",
+               self.running, "connector", "connector.log")
+
+    def ensure_root_daemon(self) -> tuple[str, str]:
+        """Start the root daemon unless it runs: (its socket, "") or ("", why there is none).
+
+        `connector.outbound`: "never" does not try; "always" raises when it
+        cannot start; "auto" reports why and goes on without it.
+        """
+        mode = self.cfg.connector.outbound
+        sock = self.cfg.socket_path
+        if mode == "never":
+            return "", "system-wide outbound is off (connector.outbound is never)"
+        if self.root_daemon_running():
+            return str(sock), ""
+        why = outbound_unavailable()
+        if why:
+            if mode == "always":
+                raise PrerequisiteError("the tpnb root daemon cannot start", why,
+                                        "run `sudo -v` first, run tpnb as root, or set connector.outbound to auto")
+            return "", why
+        env = self._env()
+        # no KUBECONFIG, no HOME of the user's credentials: the root daemon never needs them
+        env.pop("KUBECONFIG", None)
         argv = [sys.executable, "-m", "tpnb.daemon"]
         if os.geteuid() != 0:
-            sudo = shutil.which("sudo")
-            if sudo is None:
-                raise PrerequisiteError(
-                    "the tpnb daemon needs root, and sudo is not installed",
-                    "it creates a TUN device, routes and DNS settings",
-                    "install sudo, or start it as root: `sudo python -m tpnb.daemon`")
-            check = subprocess.run([sudo, "-n", "true"], capture_output=True)
-            if check.returncode != 0:
-                raise PrerequisiteError(
-                    "the tpnb daemon needs root, and sudo asks for a password",
-                    "tpnb cannot answer a password prompt here",
-                    "run `sudo -v` in a terminal first, then retry")
-            argv = [sudo, "-n", "--preserve-env=TPNB_OWNER_UID,TPNB_LOGS_DIR,KUBECONFIG,HOME", *argv]
-        startup_log = log_dir / "daemon-startup.log"
-        with open(startup_log, "ab") as out:
-            subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                             start_new_session=True, env=env, close_fds=True)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self.running():
-                return
-            time.sleep(0.1)
-        tail = ""
-        try:
-            tail = startup_log.read_text()[-800:].strip()
-        except OSError:
-            pass
-        raise DaemonError("the tpnb daemon did not start", tail or "no output",
-                          f"see {log_dir}/daemon.log")
+            keep = ["TPNB_OWNER_UID", "TPNB_LOGS_DIR", "TPNB_CONFIG"]
+            keep += [k for k in env if k.startswith("TPNB_DAEMON_") or k.startswith("TPNB_LOGS_")]
+            argv = [shutil.which("sudo") or "sudo", "-n", f"--preserve-env={','.join(dict.fromkeys(keep))}", *argv]
+        _spawn(argv, env, self.cfg.log_dir / "daemon-startup.log", self.root_daemon_running,
+               "root daemon", "daemon.log")
+        return str(sock), ""
+
+    def stop_root_daemon(self) -> None:
+        """Stop a root daemon that outlived its connector (kill -9 of the connector, then `quit --daemon`)."""
+        if self.root_daemon_running():
+            with grpc.insecure_channel(f"unix://{self.cfg.socket_path}") as ch:
+                try:
+                    rpc.RootDaemonStub(ch).Quit(pb.Empty(), timeout=30)
+                except grpc.RpcError:
+                    pass
 
     # ---------------------------------------------------------------- calls
     def call(self, fn: Callable[..., T], request: object, timeout: float | None = 30) -> T:
@@ -126,11 +207,11 @@ class DaemonClient:
                     return getattr(ev, result_field)
         except grpc.RpcError as exc:
             raise _wire_error(exc) from None
-        raise DaemonError("the daemon ended the operation without a result",
+        raise DaemonError("the connector ended the operation without a result",
                           hint="see ~/.cache/tpnb/logs/connector.log")
 
     def not_running_error(self) -> DaemonError:
-        return DaemonError("the tpnb daemon is not running", f"no daemon answers on {self.socket}",
+        return DaemonError("the tpnb daemon is not running", f"no connector answers on {self.socket}",
                            "run `tpnb connect` to start it")
 
 

@@ -62,7 +62,18 @@ class AgentConfig:
 
 
 @dataclass
+class ConnectorConfig:
+    #: empty: $XDG_RUNTIME_DIR/tpnb/<netns inode>/connector.sock (else /tmp/tpnb-<uid>/...)
+    socket: str = ""
+    #: system-wide outbound (the root daemon: TUN, routes, DNS): "auto" (when
+    #: running as root or sudo needs no password), "always" (fail without it), "never"
+    outbound: str = "auto"
+
+
+@dataclass
 class DaemonConfig:
+    """The root daemon (and, for compatibility, the manager link's settings the connector reads)."""
+
     #: empty: /run/tpnb/<netns inode>/daemon.sock
     socket: str = ""
     tun_name: str = "tpnb0"
@@ -95,28 +106,13 @@ class LogConfig:
 
 
 @dataclass
-class DevClusterConfig:
-    state_dir: str = "/var/lib/tpnb/devcluster"
-    run_dir: str = "/run/tpnb-devcluster"
-    node_netns: str = "tpnb-node"
-    #: the link between node and laptops; the API server listens on its first address
-    lan_cidr: str = "10.250.0.0/24"
-    pod_cidr: str = "10.42.0.0/16"
-    node_pod_cidr: str = "10.42.0.0/24"
-    service_cidr: str = "10.43.0.0/16"
-    dns_service_ip: str = "10.43.0.10"
-    api_port: int = 6443
-    k8s_version: str = "v1.32.13"
-
-
-@dataclass
 class Config:
     manager: ManagerConfig = field(default_factory=ManagerConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
     logs: LogConfig = field(default_factory=LogConfig)
-    devcluster: DevClusterConfig = field(default_factory=DevClusterConfig)
     #: where each value came from: "default", the config file path, or the env var
     sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -126,6 +122,18 @@ class Config:
         if self.daemon.socket:
             return Path(self.daemon.socket)
         return Path("/run/tpnb") / netns_id() / "daemon.sock"
+
+    @property
+    def connector_socket(self) -> Path:
+        """The user's connector: in a directory only that user can enter."""
+        if self.connector.socket:
+            return Path(self.connector.socket)
+        runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+        if runtime and os.path.isdir(runtime) and os.access(runtime, os.W_OK):
+            base = Path(runtime) / "tpnb"
+        else:
+            base = Path("/tmp") / f"tpnb-{os.getuid()}"
+        return base / netns_id() / "connector.sock"
 
     @property
     def manager_image(self) -> str:
@@ -180,9 +188,13 @@ def _coerce(current: Any, raw: Any, where: str) -> Any:
         ) from None
 
 
+#: sections of the same file that other packages read (tpnb_devcluster.config)
+OTHER_SECTIONS = ("devcluster",)
+
 #: keys whose value must be one of a few words
 CHOICES: dict[str, tuple[str, ...]] = {
     "daemon.tcp_engine": ("auto", "kernel", "tun"),
+    "connector.outbound": ("auto", "always", "never"),
     "daemon.portforward_protocol": ("auto", "spdy", "websocket"),
 }
 
@@ -216,6 +228,8 @@ def load() -> Config:
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of sections", hint="see `tpnb config view`")
         for sect, values in data.items():
+            if sect in OTHER_SECTIONS:
+                continue
             if not hasattr(cfg, sect) or sect == "sources" or not isinstance(values, dict):
                 raise ConfigError(f"unknown config section {sect!r} in {path}",
                                   hint=f"known sections: {', '.join(cfg.as_dict())}")

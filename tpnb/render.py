@@ -38,9 +38,7 @@ def status_text(st: Status) -> str:
         f"  Pod subnets      : {', '.join(st.pod_subnets) or '-'}",
         f"  Service subnets  : {', '.join(st.service_subnets) or '-'}",
         f"  Also proxy       : {', '.join(st.also_proxy) or '-'}",
-        f"  DNS              : {st.dns_ip} (via {st.tun_name})",
-        "  TCP engine       : " + ("kernel (nftables redirect)" if st.tcp_engine == "kernel"
-                                    else f"TUN ({st.tcp_engine_note})" if st.tcp_engine_note else "TUN"),
+        *(outbound_lines(st)),
         f"  Traffic manager  : {st.manager_version} in namespace {st.manager_namespace}",
     ]
     if st.error:
@@ -50,6 +48,18 @@ def status_text(st: Status) -> str:
         for ic in st.intercepts:
             lines.append(f"    {ic.name}: {ic.namespace}/{ic.workload} -> {ic.target_host}:{ic.local_port} ({ic.state})")
     return "\n".join(lines)
+
+
+def outbound_lines(st: Status) -> list[str]:
+    """System-wide outbound: the root daemon's DNS and TCP engine, or why there is none."""
+    if not st.outbound:
+        return [f"  Outbound         : not system-wide ({st.outbound_note or 'no root daemon'}); "
+                "intercepts, env and volumes work"]
+    return [
+        f"  DNS              : {st.dns_ip} (via {st.tun_name})",
+        "  TCP engine       : " + ("kernel (nftables redirect)" if st.tcp_engine == "kernel"
+                                    else f"TUN ({st.tcp_engine_note})" if st.tcp_engine_note else "TUN"),
+    ]
 
 
 def workloads_text(ws: list[Workload]) -> str:

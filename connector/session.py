@@ -1,10 +1,13 @@
-"""One connected session: the daemon's whole state while `connect`ed.
+"""One connected session: the connector's whole state while `connect`ed.
 
-Why one object: everything here lives and dies together.  The TUN, routes and
-resolv.conf are only correct while the manager link is up; intercepts only
-mean something while the session's heartbeats reach the manager.  `close()`
-undoes all of it in reverse order, and `netstate` records each change before
-it is made so a killed daemon's leftovers are undone by the next start.
+The connector runs as the invoking user with the user's kubeconfig (and its
+exec credential plugins).  It owns the manager link (one port-forward through
+the API server, gRPC multiplexed over it), the session's heartbeats, the
+intercepts and their dials back to local ports, and the namespace list.
+System-wide outbound (TUN, routes, DNS) is the root daemon's: when one runs,
+the session hands it the address of its relay to the manager, the session id
+and the subnets, and keeps it up to date (`_push_network`).  Without a root
+daemon everything but system-wide outbound works.
 """
 from __future__ import annotations
 
@@ -24,102 +27,17 @@ from tpnb.errors import ClusterError, InterceptError, NotConnected, Prerequisite
 from tpnb.proto import pb, rpc
 from tpnb.version import API_VERSION, __version__
 
-from . import kube, manager_install, netstate, resolvconf, routes
-from .redirect import KernelTcp, SocketFlow, nft_available
-from .tun import Flow, Tun
-from .dns import ClusterResolver
-from .portforward import PortForward
-from tpnb.cluster.aio import first, oserror_text
-from tpnb.cluster.forward import (
-    BULK_GRPC_OPTIONS,
-    CLIENT_CHUNK,
-    STREAM_LIMIT,
-    FastGrpcFrameChannel,
-    GrpcFrameChannel,
-    TunnelError,
-    bridge,
-    decode_frame,
-    encode_frame,
-)
+from tpnb.common.aio import oserror_text
+from tpnb.common.forward import MANAGER_CHANNEL_OPTIONS, STREAM_LIMIT, GrpcFrameChannel, TunnelError, bridge
+from tpnb.common.liveness import process_alive, start_ticks
 
-log = logging.getLogger("tpnb.daemon.session")
-netlog = logging.getLogger("tpnb.daemon.outbound")
+from . import kube, manager_install
+from .portforward import PortForward
+from .rootd import RootDaemonLink
+
+log = logging.getLogger("tpnb.connector.session")
 
 ProgressFn = Callable[[str, str, float], None]
-
-#: the Manager service's Tunnel method (see tpnb.proto)
-TUNNEL_METHOD = "/tpnb.v1.Manager/Tunnel"
-
-GRPC_OPTIONS = [
-    *BULK_GRPC_OPTIONS,
-    ("grpc.keepalive_time_ms", 10000),
-    ("grpc.keepalive_timeout_ms", 5000),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.keepalive_permit_without_calls", 1),
-    # one HTTP/2 connection carries every flow: let it use large windows
-    ("grpc.http2.bdp_probe", 1),
-]
-
-
-class _DialWatch:
-    """A tunnel whose first frame down is the manager's dial result: an "error"
-    there is reported to `on_refused` (and still passed on, ending the bridge)."""
-
-    def __init__(self, chan: FastGrpcFrameChannel, on_refused: Callable[[str], None]) -> None:
-        self.chan = chan
-        self.on_refused = on_refused
-        self.first = True
-
-    async def recv(self) -> pb.TunnelFrame | None:
-        frame = await self.chan.recv()
-        if self.first:
-            self.first = False
-            if frame is not None and frame.WhichOneof("kind") == "error":
-                self.on_refused(frame.error)
-        return frame
-
-    async def send(self, frame: pb.TunnelFrame) -> None:
-        await self.chan.send(frame)
-
-    async def send_data(self, data: bytes) -> None:
-        await self.chan.send_data(data)
-
-    async def done_sending(self) -> None:
-        await self.chan.done_sending()
-
-    def cancel(self) -> None:
-        self.chan.cancel()
-
-
-class _FlowTransport:
-    def __init__(self, flow: Flow) -> None:
-        self.flow = flow
-
-    def abort(self) -> None:
-        self.flow.close()
-
-
-class FlowWriter:
-    """A TUN flow with the StreamWriter surface the shared pumps use."""
-
-    def __init__(self, flow: Flow) -> None:
-        self.flow = flow
-        self.transport = _FlowTransport(flow)
-
-    def write(self, data: bytes) -> None:
-        self.flow.write(data)
-
-    async def drain(self) -> None:
-        await self.flow.drain()
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def write_eof(self) -> None:
-        self.flow.write_eof()
-
-    def close(self) -> None:
-        self.flow.close()
 
 
 def _cidr(net: pb.IPNet) -> str:
@@ -135,11 +53,6 @@ class ManagerLink:
     channel: grpc.aio.Channel
     stub: rpc.ManagerStub
     version: str
-
-    def fast_tunnel(self) -> grpc.aio.StreamStreamCall:
-        """A Tunnel call whose data frames skip protobuf (`forward.encode_frame`/`decode_frame`)."""
-        return self.channel.stream_stream(TUNNEL_METHOD, request_serializer=encode_frame,
-                                          response_deserializer=decode_frame)()
 
     async def aclose(self) -> None:
         try:
@@ -159,14 +72,10 @@ class Session:
     cluster: pb.ClusterInfo | None = None
     pod_subnets: list[str] = field(default_factory=list)
     service_subnets: list[str] = field(default_factory=list)
-    routed: list[str] = field(default_factory=list)
-    tun: Tun | None = None
-    #: the kernel-TCP path for TCP to the cluster (None: TCP goes through the TUN)
-    kernel_tcp: KernelTcp | None = None
-    #: why the kernel-TCP path is off, when it is
-    tcp_engine_note: str = ""
-    resolver: ClusterResolver | None = None
-    resolv: resolvconf.ResolvConf | resolvconf.ResolvedLink | None = None
+    #: the root daemon, when system-wide outbound is wanted and one runs
+    rootd: RootDaemonLink | None = None
+    #: why there is no system-wide outbound, when there is none
+    outbound_note: str = ""
     namespaces: set[str] = field(default_factory=set)
     mapped: list[str] = field(default_factory=list)
     intercepts: dict[str, pb.InterceptInfo] = field(default_factory=dict)
@@ -197,17 +106,17 @@ class Session:
             await manager_install.ensure_manager(self.target, self.cfg.manager_image, progress)
         await self._open_link()
         await self._arrive()
-        progress("network", "Setting up the network (TUN, routes, DNS)...", 0.85)
         try:  # known before the first lookup, so "svc.ns" names resolve at once
             self.namespaces = await anyio.to_thread.run_sync(_list_namespaces, self.target)
         except Exception as exc:  # noqa: BLE001 - the refresh loop retries
             log.info("cannot list namespaces yet: %s", exc)
-        await self._network_up()
+        await self.attach_root_daemon(req.daemon_socket, req.outbound_note, progress)
         self._tasks = [
             asyncio.ensure_future(self._heartbeat_loop()),
             asyncio.ensure_future(self._dials_loop()),
             asyncio.ensure_future(self._namespaces_loop()),
             asyncio.ensure_future(self._watch_intercepts_loop()),
+            asyncio.ensure_future(self._root_daemon_loop()),
         ]
         self.changed.set()
         progress("connected", f"Connected to context {self.target.context} ({self.target.server})", 1.0)
@@ -217,7 +126,7 @@ class Session:
         pod = await manager_install.find_manager_pod(self.target)
         fwd = PortForward(self.target, self.cfg.manager.namespace, pod, self.cfg.manager.grpc_port, unix=True)
         await fwd.start()
-        channel = grpc.aio.insecure_channel(fwd.address, options=GRPC_OPTIONS)
+        channel = grpc.aio.insecure_channel(fwd.address, options=MANAGER_CHANNEL_OPTIONS)
         stub = rpc.ManagerStub(channel)
         try:
             ver = await stub.Version(pb.Empty(), timeout=10)
@@ -263,181 +172,60 @@ class Session:
                 log.error("could not restore intercept %s: %s", name, exc.details())
                 del self.intercepts[name]
 
-    async def _network_up(self) -> None:
-        """TUN, routes and DNS; each change is recorded in netstate before it is made."""
-        cfg = self.cfg.daemon
-        await netstate.recover()  # also removes stale tpnb* devices and nft tables without a record
-        state = netstate.StateFile()
-        self.resolv = resolvconf.system_dns(cfg.tun_name)
-        fallback: list[str] = []
-        search: list[str] = []
-        if isinstance(self.resolv, resolvconf.ResolvConf):
-            fallback = [s for s in self.resolv.original_nameservers() if s != cfg.dns_ip]
-            search = self.resolv.original_search()
+    # ================================================================ the root daemon
+    async def attach_root_daemon(self, socket_path: str, note: str, progress: ProgressFn | None = None) -> None:
+        """Hand system-wide outbound to the root daemon at `socket_path` (none: say why in `note`).
+
+        Called at connect and again by a later `connect` (the daemon may have
+        been restarted meanwhile); a failure of a daemon that runs fails the
+        connect, as a network that cannot come up did before the split.
+        """
+        if not socket_path:
+            if self.rootd is not None:
+                await self.rootd.aclose()
+                self.rootd = None
+            self.outbound_note = note or "no root daemon"
+            self.changed.set()
+            return
+        if progress:
+            progress("network", "Setting up the network (TUN, routes, DNS)...", 0.85)
+        if self.rootd is None or self.rootd.socket_path != socket_path:
+            if self.rootd is not None:
+                await self.rootd.aclose()
+            self.rootd = RootDaemonLink(socket_path)
+        await self.rootd.network_up(self.network_request())
+        self.outbound_note = ""
+        self.changed.set()
+
+    def network_request(self) -> pb.NetworkRequest:
         subnets = list(dict.fromkeys(self.pod_subnets + self.service_subnets + list(self.request.also_proxy)))
-        self.resolver = ClusterResolver(
-            lookup=self._dns_lookup,
+        pid = os.getpid()
+        return pb.NetworkRequest(
+            manager_address=self.link.forward.address if self.link else "",
+            session_id=self.session_id, subnets=subnets,
             cluster_domain=(self.cluster.cluster_domain if self.cluster else "") or "cluster.local",
-            namespaces=lambda: self.namespaces | set(self.mapped),
-            mapped_namespaces=list(self.mapped),
-            fallback=fallback,
-            search=search,
-            subnets=subnets,
-        )
-        state.record_tun(cfg.tun_name)
-        self.tun = Tun(cfg.tun_name, self._on_tcp, self._on_udp, dns_ip=cfg.dns_ip,
-                       dns_handler=self.resolver.handle)
-        await self.tun.__aenter__()
-        wanted = subnets + [f"{cfg.dns_ip}/32"]
-        state.record_routes(wanted)
-        self.routed = await routes.add_routes(self.tun.name, wanted)
-        await self._kernel_tcp_up(state, [r for r in self.routed if r != f"{cfg.dns_ip}/32"])
-        domains = self.resolver.search_domains()
-        if isinstance(self.resolv, resolvconf.ResolvConf):
-            state.record_resolv(self.resolv)
-        else:
-            state.record_resolved(self.tun.name)
-            domains = [self.resolver.cluster_domain] + sorted(self.namespaces)
-        await asyncio.to_thread(self.resolv.install, cfg.dns_ip, domains)
-        log.info("network up: %s routes %s, resolver %s, search %s", self.tun.name, self.routed,
-                 cfg.dns_ip, domains)
+            mapped_namespaces=list(self.mapped), namespaces=sorted(self.namespaces),
+            connector_pid=pid, connector_start=start_ticks(pid) or 0)
 
-    async def _kernel_tcp_up(self, state: netstate.StateFile, cidrs: list[str]) -> None:
-        """Move TCP to the cluster onto the kernel's TCP stack when allowed and possible.
-
-        `daemon.tcp_engine`: "kernel" requires it, "auto" falls back to the TUN
-        (with the reason in the log and `tpnb status`), "tun" never tries.
-        """
-        engine = self.cfg.daemon.tcp_engine
-        if engine == "tun":
-            self.tcp_engine_note = "daemon.tcp_engine is tun"
-            return
-        why = nft_available()
-        if why is None:
-            kt = KernelTcp(self.cfg.daemon.tun_name, self._on_tcp)
-            state.record_nft_table(kt.table)
-            try:
-                await kt.__aenter__()
-                await kt.redirect(cidrs)
-            except TpnbError as exc:
-                await kt.aclose()
-                why = f"{exc.what}: {exc.why}" if exc.why else exc.what
-            else:
-                self.kernel_tcp = kt
-                self.tcp_engine_note = ""
-                return
-        if engine == "kernel":
-            raise PrerequisiteError("daemon.tcp_engine is kernel, but the kernel TCP path is unavailable", why,
-                                    "install nftables, or set daemon.tcp_engine to auto")
-        self.tcp_engine_note = why
-        log.warning("TCP goes through the TUN engine (slower): %s", why)
-
-    # ================================================================ flows
-    async def _dns_lookup(self, query: bytes) -> bytes:
-        link = self.link
-        if link is None:
-            raise ConnectionError("not linked to the traffic-manager")
-        reply = await link.stub.LookupDNS(pb.DNSRequest(session_id=self.session_id, query=bytes(query)), timeout=4)
-        return reply.reply
-
-    async def _open_tunnel(self, open_: pb.TunnelOpen) -> tuple[GrpcFrameChannel | None, str]:
-        link = self.link
-        if link is None:
-            return None, "not linked to the traffic-manager"
-        chan = GrpcFrameChannel(link.stub.Tunnel())
-        try:
-            await chan.send(pb.TunnelFrame(open=open_))
-            first = await chan.recv()
-        except TunnelError as exc:
-            return None, str(exc)
-        if first is None:
-            return None, "tunnel closed"
-        if first.WhichOneof("kind") == "error":
-            chan.cancel()
-            return None, first.error
-        return chan, ""
-
-    def _tunnel_open(self, flow: Flow | SocketFlow, protocol: int) -> pb.TunnelOpen:
-        return pb.TunnelOpen(session_id=self.session_id, protocol=protocol,
-                             dst_ip=ipaddress.ip_address(flow.dst[0]).packed, dst_port=flow.dst[1],
-                             src_ip=ipaddress.ip_address(flow.src[0]).packed, src_port=flow.src[1])
-
-    @staticmethod
-    def _refuse(flow: Flow | SocketFlow, why: str) -> None:
-        """Log a refused flow and end it: a reset where the kernel holds the connection."""
-        netlog.info("%s %s:%d -> %s:%d refused: %s", flow.protocol, *flow.src, *flow.dst, why)
-        if isinstance(flow, SocketFlow):
-            flow.refuse()  # the client sees a reset, as from a closed port
-        else:
-            flow.close()
-
-    async def _flow_tunnel(self, flow: Flow, protocol: int) -> GrpcFrameChannel | None:
-        """Open the manager-side dial for a TUN flow; None (flow closed) when refused."""
-        chan, err = await self._open_tunnel(self._tunnel_open(flow, protocol))
-        if chan is None:
-            self._refuse(flow, err)
-        return chan
-
-    async def _on_tcp(self, flow: Flow | SocketFlow) -> None:
-        if isinstance(flow, SocketFlow):
-            await self._on_kernel_tcp(flow)
-            return
-        chan = await self._flow_tunnel(flow, pb.TunnelOpen.TCP)
-        if chan is None:
+    async def _push_network(self) -> None:
+        """Tell the root daemon what changed (relinked manager, namespaces); it updates in place."""
+        if self.rootd is None or self.link is None:
             return
         try:
-            await bridge(flow, FlowWriter(flow), chan)  # type: ignore[arg-type]
-        finally:
-            flow.close()
+            await self.rootd.network_up(self.network_request())
+        except TpnbError as exc:
+            log.warning("root daemon not updated: %s", exc)
 
-    async def _on_kernel_tcp(self, flow: SocketFlow) -> None:
-        """A redirected connection: the client's first bytes follow the open frame at once.
-
-        No round trip waiting for the manager's "opened": its dial result
-        arrives as the first frame down the tunnel, and an "error" there ends
-        the connection with a reset, as a closed port in the cluster would.
-        Saves one round trip through the API server per new connection.
-        """
-        link = self.link
-        if link is None:
-            self._refuse(flow, "not linked to the traffic-manager")
-            return
-        chan = FastGrpcFrameChannel(link.fast_tunnel())
-        try:
-            await chan.send(pb.TunnelFrame(open=self._tunnel_open(flow, pb.TunnelOpen.TCP)))
-        except TunnelError as exc:
-            self._refuse(flow, str(exc))
-            return
-        try:
-            await bridge(flow.reader, flow.writer,  # type: ignore[arg-type]
-                         _DialWatch(chan, lambda why: self._refuse(flow, why)), chunk=CLIENT_CHUNK)
-        finally:
-            flow.close()
-
-    async def _on_udp(self, flow: Flow) -> None:
-        chan = await self._flow_tunnel(flow, pb.TunnelOpen.UDP)
-        if chan is None:
-            return
-
-        async def up() -> None:
-            while True:
-                data = await flow.read(65536)
-                if not data:
-                    return
-                await chan.send(pb.TunnelFrame(data=data))
-
-        async def down() -> None:
-            while True:
-                frame = await chan.recv()
-                if frame is None or frame.WhichOneof("kind") != "data":
-                    return
-                flow.write(frame.data)
-
-        try:
-            await first(up(), down())
-        finally:
-            chan.cancel()
-            flow.close()
+    async def _root_daemon_loop(self) -> None:
+        """Notice a root daemon that died (kill -9): status says so; the next `connect` restarts it."""
+        while not self._closing:
+            await asyncio.sleep(2.0)
+            if self.rootd is not None and not await self.rootd.alive():
+                log.warning("the root daemon is gone; system-wide outbound is down until `tpnb connect`")
+                await self.rootd.aclose()
+                self.rootd = None
+                self.outbound_note = "the root daemon stopped; run `tpnb connect` to restart it"
+                self.changed.set()
 
     async def _answer_dial(self, req: pb.DialRequest) -> None:
         """The manager asks us to connect an intercepted connection to a local port."""
@@ -499,6 +287,7 @@ class Session:
                 try:
                     await self._open_link()
                     await self._arrive()
+                    await self._push_network()  # the daemon's tunnels follow the new link and session
                     log.info("reconnected: session %s", self.session_id)
                     self.last_error = ""
                     self.changed.set()
@@ -541,25 +330,30 @@ class Session:
     async def _namespaces_loop(self) -> None:
         """Keep the namespace list fresh so `svc.ns` names resolve."""
         while not self._closing:
+            await asyncio.sleep(20)
             try:
-                self.namespaces = await anyio.to_thread.run_sync(_list_namespaces, self.target)
+                namespaces = await anyio.to_thread.run_sync(_list_namespaces, self.target)
             except Exception as exc:  # noqa: BLE001 - resolution degrades, never breaks
                 log.debug("cannot list namespaces: %s", exc)
-            await asyncio.sleep(20)
+                continue
+            if namespaces != self.namespaces:
+                self.namespaces = namespaces
+                await self._push_network()
 
     # ================================================================ intercepts
-    def map_namespace(self, ns: str) -> None:
+    async def map_namespace(self, ns: str) -> None:
+        """Short names resolve in `ns` too (the namespace of an intercept)."""
         if ns not in self.mapped:
             self.mapped.append(ns)
-            if self.resolver is not None:
-                self.resolver.set_mapped_namespaces(list(self.mapped))
+            await self._push_network()
 
-    def unmap_unused(self) -> None:
+    async def unmap_unused(self) -> None:
         keep = [self.mapped[0]] + [m for m in self.request.mapped_namespaces if m]
         keep += [ic.spec.namespace for ic in self.intercepts.values()]
-        self.mapped = list(dict.fromkeys(m for m in self.mapped if m in keep))
-        if self.resolver is not None:
-            self.resolver.set_mapped_namespaces(list(self.mapped))
+        mapped = list(dict.fromkeys(m for m in self.mapped if m in keep))
+        if mapped != self.mapped:
+            self.mapped = mapped
+            await self._push_network()
 
     async def create_intercept(self, spec: pb.InterceptSpec) -> pb.InterceptInfo:
         link = self.require_link()
@@ -571,13 +365,13 @@ class Session:
             raise InterceptError(f"cannot intercept {spec.namespace}/{spec.workload}", exc.details() or "",
                                  hint=_intercept_hint(exc)) from None
         self.intercepts[spec.name] = self.remote.get(ic.id, ic)
-        self.map_namespace(spec.namespace)
+        await self.map_namespace(spec.namespace)
         self.changed.set()
         return ic
 
     def tie_to_owner(self, name: str, pid: int) -> None:
         """End intercept `name` once process `pid` is gone (a killed kernel included)."""
-        start = resolvconf.start_ticks(pid)
+        start = start_ticks(pid)
         if start is None:
             log.warning("intercept %s: owner process %d is already gone", name, pid)
             start = -1
@@ -587,7 +381,7 @@ class Session:
     async def _owner_loop(self, name: str, owner: tuple[int, int]) -> None:
         pid, start = owner
         while self.owners.get(name) == owner and not self._closing:
-            if not resolvconf.process_alive(pid, start):
+            if not process_alive(pid, start):
                 log.info("intercept %s: its owner process %d is gone; leaving", name, pid)
                 try:
                     await self.remove_intercept(name)
@@ -609,7 +403,7 @@ class Session:
                 raise InterceptError(f"cannot leave {name}", exc.details() or "") from None
         self.intercepts.pop(name, None)
         self.owners.pop(name, None)
-        self.unmap_unused()
+        await self.unmap_unused()
         self.changed.set()
 
     def require_link(self) -> ManagerLink:
@@ -619,7 +413,7 @@ class Session:
         return self.link
 
     # ================================================================ status / close
-    def status(self) -> pb.ConnectionStatus:
+    async def status(self) -> pb.ConnectionStatus:
         st = pb.ConnectionStatus(
             connected=self.link is not None or bool(self.last_error),
             namespace=self.mapped[0] if self.mapped else "",
@@ -627,17 +421,25 @@ class Session:
             pod_subnets=self.pod_subnets,
             service_subnets=self.service_subnets,
             also_proxy=list(self.request.also_proxy),
-            dns_ip=self.cfg.daemon.dns_ip,
-            tun_name=self.tun.name if self.tun else "",
-            tcp_engine=("kernel" if self.kernel_tcp else "tun") if self.tun else "",
-            tcp_engine_note=self.tcp_engine_note,
             manager_version=self.link.version if self.link else "",
             manager_namespace=self.cfg.manager.namespace,
             session_id=self.session_id,
             daemon_version=__version__,
             intercepts=list(self.intercepts.values()),
             error=self.last_error,
+            outbound_note=self.outbound_note,
         )
+        if self.rootd is not None:
+            net = await self.rootd.network()
+            if net is None:
+                st.outbound_note = "the root daemon does not answer; run `tpnb connect` to restart it"
+            else:
+                st.outbound = net.up
+                st.root_daemon_version = net.version
+                st.dns_ip, st.tun_name = net.dns_ip, net.tun_name
+                st.tcp_engine, st.tcp_engine_note = net.tcp_engine, net.tcp_engine_note
+                if not net.up:
+                    st.outbound_note = "the root daemon has no network up; run `tpnb connect`"
         if self.target is not None:
             st.context = self.target.context
             st.server = self.target.server
@@ -655,24 +457,10 @@ class Session:
             except grpc.aio.AioRpcError as exc:
                 log.info("depart: %s", exc.code().name)
         steps: list[tuple[str, Callable[[], Awaitable[None]]]] = []
-        if self.resolv is not None:
-            resolv = self.resolv
-
-            async def _restore() -> None:
-                await asyncio.to_thread(resolv.restore)
-            steps.append(("resolv.conf", _restore))
-        if self.kernel_tcp is not None:
-            steps.append(("nft redirect", self.kernel_tcp.aclose))
-        if self.tun is not None:
-            tun, routed = self.tun, list(self.routed)
-
-            async def _routes() -> None:
-                await routes.remove_routes(tun.name, routed)
-            steps.append(("routes", _routes))
-
-            async def _tun() -> None:
-                await tun.__aexit__(None, None, None)
-            steps.append(("tun", _tun))
+        if self.rootd is not None:
+            rootd = self.rootd
+            steps.append(("root daemon network", rootd.network_down))
+            steps.append(("root daemon link", rootd.aclose))
         if self.link is not None:
             steps.append(("manager link", self.link.aclose))
         for what, step in steps:
@@ -680,13 +468,8 @@ class Session:
                 await step()
             except Exception as exc:  # noqa: BLE001 - keep undoing the rest
                 log.error("cleanup of %s failed: %s", what, exc)
-        try:
-            await netstate.recover()
-        except Exception as exc:  # noqa: BLE001
-            log.error("netstate recovery failed: %s", exc)
         self.link = None
-        self.tun = None
-        self.kernel_tcp = None
+        self.rootd = None
         self.changed.set()
         log.info("session %s closed", self.session_id)
 

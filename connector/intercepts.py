@@ -20,7 +20,7 @@ from tpnb.proto import pb
 from . import agent_injector, kube, manager_install
 from .session import Session
 
-log = logging.getLogger("tpnb.daemon.intercepts")
+log = logging.getLogger("tpnb.connector.intercepts")
 
 ProgressFn = Callable[[str, str, float], None]
 

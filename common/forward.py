@@ -600,3 +600,18 @@ async def bridge(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     if ok:
         await finish_channel(chan, linger)
     return up.bytes, down.bytes
+
+
+#: the Manager service's Tunnel method (see tpnb.proto); called with the wire-level codec above
+TUNNEL_METHOD = "/tpnb.v1.Manager/Tunnel"
+
+#: options of every client channel to the traffic-manager (connector and root daemon alike)
+MANAGER_CHANNEL_OPTIONS = [
+    *BULK_GRPC_OPTIONS,
+    ("grpc.keepalive_time_ms", 10000),
+    ("grpc.keepalive_timeout_ms", 5000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+    # one HTTP/2 connection carries every flow: let it use large windows
+    ("grpc.http2.bdp_probe", 1),
+]

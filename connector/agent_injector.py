@@ -52,7 +52,7 @@ import anyio
 from tpnb import config
 from tpnb.errors import ClusterError, InterceptError, PermissionDenied
 
-log = logging.getLogger("tpnb.daemon.agent_injector")
+log = logging.getLogger("tpnb.connector.agent_injector")
 
 AGENT_CONTAINER = "traffic-agent"
 ANN_INJECTED = "tpnb.io/agent-injected"
