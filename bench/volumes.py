@@ -23,8 +23,8 @@ from pathlib import Path
 
 from common import sh  # noqa: E402  (bench/common.py)
 
-from tpnb.devcluster.cluster import DevCluster  # noqa: E402
 from tpnb.imageref import default_image  # noqa: E402
+from tpnb_devcluster.cluster import DevCluster  # noqa: E402
 
 NS = "benchvol"
 LAPTOP = "benchvol"

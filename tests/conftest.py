@@ -72,7 +72,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _progress_to_terminal() -> Any:
     """Progress lines straight to the real stderr: a cold boot builds
     Kubernetes for many minutes, and a silent test run looks hung."""
-    from tpnb.devcluster.progress import Printer
+    from tpnb_devcluster.progress import Printer
 
     return Printer(stream=sys.__stderr__, tick_every=30)
 
@@ -82,7 +82,7 @@ def devcluster() -> Iterator[Any]:
     """The running dev cluster (booted once per session, left running)."""
     if os.geteuid() != 0:
         pytest.skip("the dev cluster needs root")
-    from tpnb.devcluster.cluster import DevCluster
+    from tpnb_devcluster.cluster import DevCluster
 
     dc = DevCluster()
     if not os.environ.get("TPNB_LAPTOP"):  # inside a laptop: the outer run booted it

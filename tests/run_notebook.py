@@ -88,7 +88,7 @@ def dev_cluster() -> Any:
     if not kubeconfig.exists():
         raise RuntimeError(f"the dev cluster is not set up: {kubeconfig} is missing "
                            "(run `tpnb devcluster up` as root)")
-    from tpnb.devcluster.cluster import DevCluster
+    from tpnb_devcluster.cluster import DevCluster
 
     dc = DevCluster()
     st = dc.status()

@@ -22,12 +22,12 @@ from typing import Any
 import pytest
 import yaml
 
-from tpnb.config import DevClusterConfig
-from tpnb.devcluster import binaries, manifests, netns
-from tpnb.devcluster.manifests import Addresses, Layout
-from tpnb.devcluster.pki import Pki, PkiPlan, cert_sans, load_cert
-from tpnb.devcluster.progress import Printer
 from tpnb.errors import ConfigError, PrerequisiteError
+from tpnb_devcluster import binaries, manifests, netns
+from tpnb_devcluster.config import DevClusterConfig
+from tpnb_devcluster.manifests import Addresses, Layout
+from tpnb_devcluster.pki import Pki, PkiPlan, cert_sans, load_cert
+from tpnb_devcluster.progress import Printer
 
 ECHO_IMAGE = "tpnb.local/echoserver:1.4"
 
@@ -228,12 +228,10 @@ def test_progress_lines_in_logs() -> None:
 
 @pytest.mark.unit
 def test_cli_errors_are_short(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    from tpnb.devcluster import cli
-
-    from tpnb import config
+    from tpnb_devcluster import cli, config
 
     assert cli.main(["kubeconfig"]) == 0
-    assert capsys.readouterr().out.strip() == str(Path(config.get().devcluster.state_dir) / "kubeconfig")
+    assert capsys.readouterr().out.strip() == str(Path(config.get().state_dir) / "kubeconfig")
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert cli.main(["up"]) == PrerequisiteError.exit_code
     err = capsys.readouterr().err
@@ -243,7 +241,7 @@ def test_cli_errors_are_short(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Ca
 
 @pytest.mark.unit
 def test_missing_prerequisite_names_the_apt_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tpnb.devcluster import cluster
+    from tpnb_devcluster import cluster
 
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     monkeypatch.setitem(cluster.PREREQ_COMMANDS, "tpnb-no-such-command", "tpnb-fake-package")
@@ -259,7 +257,7 @@ def test_up_refuses_a_foreign_node_namespace(tmp_path: Path) -> None:
     before anything is built, stopped or changed."""
     if os.geteuid() != 0:
         pytest.skip("needs root")
-    from tpnb.devcluster.cluster import DevCluster
+    from tpnb_devcluster.cluster import DevCluster
     from tpnb.errors import DevClusterError
 
     name = "tpnb-pftest"

@@ -27,8 +27,8 @@ from typing import Iterator
 
 import pytest
 
-from tpnb.devcluster import images, oci, rootfs
 from tpnb.errors import DevClusterError
+from tpnb_devcluster import images, oci, rootfs
 
 REPO = Path(__file__).resolve().parent.parent
 

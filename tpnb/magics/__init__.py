@@ -30,7 +30,7 @@ __all__ = ["TpMagics", "load_ipython_extension", "unload_ipython_extension", "tp
 def tp(line: str, cell: str | None = None, shell: Any = None) -> Any:
     """Run one %tp / %%tp invocation; returns its value (or None after printing an error)."""
     try:
-        if line.strip().split(" ", 1)[0] == "devcluster":  # its own parser lives in tpnb.devcluster
+        if line.strip().split(" ", 1)[0] == "devcluster":  # parsed by tpnb_devcluster; cli.run says if it is missing
             from ..cli import run
 
             run(shlex.split(line))

@@ -7,7 +7,7 @@ one, so every step prints a line saying what it does, how far the whole
 operation is, and how long it has run.
 
 The callable signature `progress(step, message, fraction)` is the contract
-shared with `tpnb.devcluster.images.build_all`.
+shared with `tpnb_devcluster.images.build_all`.
 """
 from __future__ import annotations
 

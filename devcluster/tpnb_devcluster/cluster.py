@@ -26,11 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .. import config as tpnb_config
-from ..config import DevClusterConfig
-from ..daemon.resolvconf import process_alive, start_ticks
-from ..errors import DevClusterError, PrerequisiteError
+from tpnb import config as tpnb_config
+from tpnb.daemon.resolvconf import process_alive, start_ticks
+from tpnb.errors import DevClusterError, PrerequisiteError
+
 from . import binaries, manifests, netns
+from . import config as devcluster_config
+from .config import DevClusterConfig
 from .manifests import COMPONENTS, NODE_NAME, Addresses, Layout
 from .pki import Pki, PkiPlan
 from .progress import ProgressFn, silent
@@ -65,7 +67,7 @@ def _images_module() -> Any:
         from . import images  # type: ignore[attr-defined]
     except ImportError as exc:
         raise DevClusterError(
-            "the dev cluster's image builder (tpnb.devcluster.images) is not available",
+            "the dev cluster's image builder (tpnb_devcluster.images) is not available",
             str(exc), "update tpnb; the images module builds pause, CoreDNS and the tpnb image",
         ) from None
     return images
@@ -148,7 +150,7 @@ class DevCluster:
     """The Python API of the dev cluster (used by the CLI and by tests)."""
 
     def __init__(self, cfg: DevClusterConfig | None = None) -> None:
-        self.cfg = cfg or tpnb_config.get().devcluster
+        self.cfg = cfg or devcluster_config.get()
         self.layout = Layout.from_config(self.cfg)
         self.addrs = Addresses.from_config(self.cfg)
         self._children: list[subprocess.Popen[bytes]] = []

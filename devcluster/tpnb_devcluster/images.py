@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .. import config
-from ..errors import DevClusterError, PrerequisiteError
-from . import rootfs
+from tpnb.errors import DevClusterError, PrerequisiteError
+
+from . import config, rootfs
 from .oci import Layer, LayerWriter, image_config, write_docker_archive
 
 COREDNS_VERSION = "1.12.1"  # keep in step with go/coredns/go.mod
@@ -71,7 +71,7 @@ def _silent(step: str, message: str, fraction: float) -> None:
 
 
 def images_dir() -> Path:
-    return Path(config.get().devcluster.state_dir) / "images"
+    return Path(config.get().state_dir) / "images"
 
 
 def cache_dir() -> Path:
@@ -108,7 +108,7 @@ def build_tpnb_image(progress: Progress | None = None) -> BuiltImage:
     """The traffic-manager/agent image, tagged `tpnb.imageref.default_image()`."""
     p = progress or _silent
     import tpnb.proto  # noqa: F401  (regenerates stale stubs before they are hashed)
-    from ..imageref import default_image, image_sources
+    from tpnb.imageref import default_image, image_sources
 
     tag = default_image()
     step = "image tpnb"

@@ -17,7 +17,7 @@ import subprocess
 from pathlib import Path
 from typing import Callable
 
-from ..errors import DevClusterError, PrerequisiteError
+from tpnb.errors import DevClusterError, PrerequisiteError
 from .oci import Layer, LayerWriter
 
 SUITE = "bookworm"

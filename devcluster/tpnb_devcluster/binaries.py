@@ -17,7 +17,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from ..errors import DevClusterError, PrerequisiteError
+from tpnb.errors import DevClusterError, PrerequisiteError
 from .progress import ProgressFn, run_ticking
 
 GO_MODULE_DIR = Path(__file__).resolve().parent / "go" / "k8s"

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ..errors import DevClusterError
+from tpnb.errors import DevClusterError
 
 _CHUNK = 1 << 20
 #: paths whose contents never belong in a layer (kernel and runtime filesystems)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import DevClusterConfig
+from .config import DevClusterConfig
 
 NODE_NAME = "tpnb-node"
 CLUSTER_DOMAIN = "cluster.local"

@@ -1,7 +1,7 @@
-"""`tpnb devcluster up|status|kubeconfig|laptop|down`.
+"""`tpnb devcluster up|status|kubeconfig|laptop|image|config|down`.
 
 `main(argv)` is what `tpnb devcluster ...` dispatches to (argv without the
-leading "devcluster"); `python -m tpnb.devcluster.cli ...` runs it directly.
+leading "devcluster"); `python -m tpnb_devcluster.cli ...` runs it directly.
 Every user-facing failure is a TpnbError: it is printed as its short
 what/why/fix text and turned into the error's exit status, never a traceback.
 """
@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 
-from ..errors import ConfigError, run_reporting
+from tpnb.errors import ConfigError, run_reporting
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
                                     "docker-archive to FILE, for `kind load image-archive FILE`, "
                                     "`k3d image import FILE`, `minikube image load FILE` or `docker load -i FILE`.")
     ip.add_argument("--output", "-o", required=True, metavar="FILE")
+    sub.add_parser("config", help="show the dev cluster's settings (the `devcluster` section of tpnb's "
+                                  "config file) and where each came from")
     dp = sub.add_parser("down", help="stop everything and remove all traces (keeps build caches)")
     dp.add_argument("--purge", action="store_true",
                     help="also delete the state dir (binaries, images, certificates)")
@@ -77,10 +79,27 @@ def _export_image(output: str) -> int:
     return 0
 
 
+def _show_config() -> int:
+    """Like `tpnb config view`, for the section tpnb itself no longer carries."""
+    from tpnb.config import config_file
+
+    from . import config
+
+    cfg = config.get()
+    print(f"{config.SECTION}:")
+    for k, v in cfg.as_dict().items():
+        src = cfg.sources.get(f"{config.SECTION}.{k}", "default")
+        print(f"  {k}: {v!r}" + ("" if src == "default" else f"   # from {src}"))
+    print(f"# file: {config_file()}")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from .cluster import DevCluster
     from .progress import Printer
 
+    if args.cmd == "config":
+        return _show_config()
     cluster = DevCluster()
     if args.cmd == "kubeconfig":
         print(cluster.kubeconfig_path)

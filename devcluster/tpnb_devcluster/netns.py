@@ -22,8 +22,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import DevClusterConfig
-from ..errors import DevClusterError, PrerequisiteError
+from tpnb.errors import DevClusterError, PrerequisiteError
+
+from .config import DevClusterConfig
 from .manifests import LAN_BRIDGE, Addresses, Layout, laptop_ip
 
 #: the node's address on lan0 (locally administered, so it clashes with no real NIC)
@@ -249,7 +250,7 @@ def laptop_netns(name: str) -> str:
 
 
 def check_laptop_name(cfg: DevClusterConfig, name: str) -> None:
-    from ..errors import ConfigError
+    from tpnb.errors import ConfigError
 
     if not _NAME_RE.match(name) or laptop_netns(name) == cfg.node_netns:
         raise ConfigError(
