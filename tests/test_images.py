@@ -247,6 +247,23 @@ def test_dockerfile_matches_the_builtin_recipe() -> None:
 
 
 @pytest.mark.unit
+def test_image_sources_follow_the_folders() -> None:
+    """Every .py of the packages the cluster processes import is in the image, and no client module."""
+    from tpnb import imageref
+
+    rels = {rel for rel, _ in imageref.image_sources()}
+    for name in imageref.IMAGE_PACKAGES:
+        folder = imageref.package_dir(name)
+        if folder is None:
+            continue
+        for p in folder.rglob("*.py"):
+            if "__pycache__" not in p.parts:
+                assert f"{name.replace('.', '/')}/{p.relative_to(folder).as_posix()}" in rels
+    assert "tpnb/proto/tpnb.proto" in rels and "tpnb/cluster/manager.py" in rels
+    assert not {"tpnb/api.py", "tpnb/cli.py"} & rels and not any("devcluster" in r for r in rels)
+
+
+@pytest.mark.unit
 def test_coredns_directives_cover_every_imported_plugin() -> None:
     main = (images.COREDNS_MODULE / "main.go").read_text()
     imported = re.findall(r'_ "github.com/coredns/coredns/plugin/(\w+)"', main)

@@ -8,6 +8,7 @@ manager running other code is recognised as "different version" and upgraded.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 from pathlib import Path
 
 from .version import __version__
@@ -16,20 +17,40 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 IMAGE_REPO = "tpnb.local/tpnb"
 
 
+#: tpnb's own top-level modules the cluster processes import (the rest of tpnb/ is the client's)
+LIGHT_MODULES = ("__init__.py", "version.py", "errors.py", "config.py", "imageref.py")
+#: packages whose whole folder goes into the image, with the file suffixes taken from it;
+#: one that does not exist (yet) is left out
+IMAGE_PACKAGES: dict[str, tuple[str, ...]] = {
+    "tpnb.proto": (".py", ".proto", ".pyi"),
+    "tpnb.cluster": (".py",),
+    "tpnb.common": (".py",),
+}
+
+
+def package_dir(name: str) -> Path | None:
+    """Where package `name` lives (its folder may be mapped, e.g. cluster/ for tpnb.cluster); None if absent."""
+    spec = importlib.util.find_spec(name)  # locates it without running its __init__
+    if spec is None:
+        return None
+    if spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations))).resolve()
+    return Path(str(spec.origin)).resolve().parent
+
+
 def image_sources() -> list[tuple[str, Path]]:
     """(path inside /opt/tpnb, source file) for every file of the app layer."""
     pkg = Path(__file__).resolve().parent
-    out: list[tuple[str, Path]] = []
-    for name in ("__init__.py", "version.py", "errors.py", "config.py", "imageref.py"):
-        out.append((f"tpnb/{name}", pkg / name))
-    for p in sorted((pkg / "proto").iterdir()):
-        if p.suffix in (".py", ".proto", ".pyi") and p.is_file():
-            out.append((f"tpnb/proto/{p.name}", p))
-    import tpnb.cluster as cluster_pkg
-
-    cdir = Path(cluster_pkg.__file__).resolve().parent
-    for p in sorted(cdir.rglob("*.py")):
-        out.append((f"tpnb/cluster/{p.relative_to(cdir)}", p))
+    out: list[tuple[str, Path]] = [(f"tpnb/{name}", pkg / name) for name in LIGHT_MODULES]
+    for name, suffixes in IMAGE_PACKAGES.items():
+        folder = package_dir(name)
+        if folder is None:
+            continue
+        prefix = name.replace(".", "/")
+        for p in sorted(folder.rglob("*")):
+            rel = p.relative_to(folder)
+            if p.suffix in suffixes and p.is_file() and "__pycache__" not in rel.parts:
+                out.append((f"{prefix}/{rel.as_posix()}", p))
     return out
 
 
