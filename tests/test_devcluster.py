@@ -227,6 +227,31 @@ def test_progress_lines_in_logs() -> None:
 
 
 @pytest.mark.unit
+def test_config_section_from_file_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The `devcluster` section of tpnb's config file and TPNB_DEVCLUSTER_* work as before the split."""
+    from tpnb import config as tpnb_config
+    from tpnb_devcluster import config
+
+    f = tmp_path / "config.yaml"
+    f.write_text("devcluster:\n  api_port: '7443'\nlogs:\n  level: debug\n")
+    monkeypatch.setenv("TPNB_CONFIG", str(f))
+    monkeypatch.setenv("TPNB_DEVCLUSTER_NODE_NETNS", "tpnb-x")
+    cfg = config.load()
+    assert (cfg.api_port, cfg.node_netns, cfg.pod_cidr) == (7443, "tpnb-x", DevClusterConfig().pod_cidr)
+    assert cfg.sources["devcluster.api_port"] == str(f)
+    assert cfg.sources["devcluster.node_netns"] == "TPNB_DEVCLUSTER_NODE_NETNS"
+    assert cfg.sources["devcluster.pod_cidr"] == "default"
+    assert tpnb_config.load().logs.level == "debug"  # tpnb reads the same file and leaves the section alone
+    f.write_text("devcluster:\n  nope: 1\n")
+    with pytest.raises(ConfigError, match="unknown key devcluster.nope"):
+        config.load()
+    monkeypatch.setenv("TPNB_DEVCLUSTER_API_PORT", "many")
+    f.write_text("")
+    with pytest.raises(ConfigError, match="TPNB_DEVCLUSTER_API_PORT"):
+        config.load()
+
+
+@pytest.mark.unit
 def test_cli_errors_are_short(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     from tpnb_devcluster import cli, config
 
