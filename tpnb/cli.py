@@ -254,6 +254,8 @@ def run(argv: Sequence[str]) -> int:
         prog.end()
         if prog.last != f"Connected to context {st.context} ({st.server})":
             print(f"Connected to context {st.context} ({st.server})")
+        if not st.outbound:
+            print(render.outbound_notice(st))
         if cmd:
             try:
                 return _run_cmd(cmd)
@@ -296,7 +298,7 @@ def _intercept(s: Session, args: argparse.Namespace, cmd: list[str]) -> int:
     if not s.status().connected:
         st = s.connect(namespace=args.namespace, progress=prog, say=lambda m: print(m, flush=True))
         prog.end()
-        print(f"Connected to context {st.context} ({st.server})")
+        print(render.connected_text(st))
         connected_here = True
     try:
         ic = s.intercept(args.name, port, namespace=args.namespace, service=args.service,

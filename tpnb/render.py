@@ -50,6 +50,21 @@ def status_text(st: Status) -> str:
     return "\n".join(lines)
 
 
+def connected_text(st: Status) -> str:
+    """What every face says once connected; a second line when there is no system-wide outbound."""
+    line = f"Connected to context {st.context} ({st.server})"
+    if st.outbound:
+        return line
+    return line + "\n" + outbound_notice(st)
+
+
+def outbound_notice(st: Status) -> str:
+    why = st.outbound_note or "no root daemon"
+    why = why[0].upper() + why[1:]
+    return (f"{why}. Meanwhile intercepts, env and volumes work; cluster names resolve only through them "
+            "(or in a process of your own with cluster DNS).")
+
+
 def outbound_lines(st: Status) -> list[str]:
     """System-wide outbound: the root daemon's DNS and TCP engine, or why there is none."""
     if not st.outbound:

@@ -22,7 +22,7 @@ from .progress import make_progress
 
 
 def _connected_line(st: Any) -> str:
-    return f"Connected to context {st.context} ({st.server})"
+    return render.connected_text(st)
 
 
 def run_streaming(cmd: list[str], env: dict[str, str] | None = None) -> int:
