@@ -153,11 +153,12 @@ async def list_workloads(session: Session, namespace: str) -> pb.WorkloadList:
         if held:
             ic = held[0]
             w.intercept.CopyFrom(ic)
-            w.state = "intercepted by me" if ic.session_id == session.session_id else f"intercepted by {ic.client_name}"
+            w.holder = ic.client_name
+            w.state = pb.INTERCEPTED_BY_ME if ic.session_id == session.session_id else pb.INTERCEPTED_BY_OTHER
         elif w.agent_installed:
-            w.state = "agent installed"
+            w.state = pb.AGENT_INSTALLED
         else:
-            w.state = "free"
+            w.state = pb.FREE
     return out
 
 

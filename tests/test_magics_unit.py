@@ -38,7 +38,7 @@ class FakeSession:
     fail_intercept: Exception | None = None
 
     def status(self) -> Status:
-        return Status(connected=self.connected, context="dev", server="https://10.0.0.1:6443",
+        return Status(connected=self.connected, context="dev", server="https://10.0.0.1:6443", outbound=True,
                       namespace="default", mapped_namespaces=["default"], daemon_version="0.1.0",
                       intercepts=list(self.intercepts.values()))
 
@@ -63,10 +63,10 @@ class FakeSession:
         out = []
         for name in ("hello", "other"):
             ic = self.intercepts.get(name)
-            state = "intercepted by me" if ic else ("intercepted by bob@far" if name == "other" else "free")
+            state = "intercepted_by_me" if ic else ("intercepted_by_other" if name == "other" else "free")
             out.append(Workload(name=name, namespace="default", kind="Deployment",
                                 services=[f"{name}:80->8080"], state=state, agent_installed=bool(ic),
-                                intercept=ic))
+                                intercept=ic, holder="bob@far" if name == "other" else ""))
         return out
 
     def _require(self) -> None:

@@ -106,9 +106,17 @@ class Workload:
     namespace: str
     kind: str
     services: list[str]
+    #: "free", "agent_installed", "intercepted_by_me" or "intercepted_by_other" (see `holder`)
     state: str
     agent_installed: bool
     intercept: Intercept | None
+    holder: str = ""
+
+    @property
+    def state_text(self) -> str:
+        """The state as `tpnb list` words it."""
+        return {"free": "free", "agent_installed": "agent installed", "intercepted_by_me": "intercepted by me",
+                "intercepted_by_other": f"intercepted by {self.holder}"}.get(self.state, self.state)
 
 
 def _user() -> str:
@@ -196,7 +204,8 @@ class Session:
         self._require_daemon()
         lst = self.client.call(self.client.stub().List, pb.ListRequest(namespace=namespace or ""), timeout=60)
         return [Workload(name=w.name, namespace=w.namespace, kind=w.kind, services=list(w.services),
-                         state=w.state, agent_installed=w.agent_installed,
+                         state=pb.WorkloadState.Name(w.state).lower(), holder=w.holder,
+                         agent_installed=w.agent_installed,
                          intercept=Intercept.from_pb(w.intercept) if w.HasField("intercept") else None)
                 for w in lst.workloads]
 

@@ -1,9 +1,34 @@
-"""Text shapes shared by the CLI and the magics, so both print the same thing."""
+"""Text shapes shared by the CLI and the magics, so both print the same thing;
+and `as_json`, the one JSON rendering of every result (`-o json`)."""
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from os import PathLike
+from typing import Any
 
 from .api import Intercept, Status, Workload
+
+
+def to_data(obj: Any) -> Any:
+    """An api result as plain JSON-able data: dataclasses (Status, Workload, Intercept,
+    nested or in lists and dicts) through `dataclasses.asdict`, so every field is
+    included, new ones too; paths as strings."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
+    if isinstance(obj, dict):
+        return {str(k): to_data(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_data(v) for v in obj]
+    if isinstance(obj, PathLike):
+        return os.fspath(obj)
+    return obj
+
+
+def as_json(obj: Any) -> str:
+    """The JSON document `-o json` prints for `obj` (one document, no trailing newline)."""
+    return json.dumps(to_data(obj), indent=2, default=str)
 
 
 def intercept_block(ic: Intercept, mount_root: str | PathLike[str] | None = None) -> str:
@@ -84,7 +109,7 @@ def workloads_text(ws: list[Workload]) -> str:
     out = []
     for w in ws:
         svcs = ", ".join(w.services) or "no service"
-        out.append(f"{w.name:<{width}} : {w.state} ({w.kind}; {svcs})")
+        out.append(f"{w.name:<{width}} : {w.state_text} ({w.kind}; {svcs})")
     return "\n".join(out)
 
 

@@ -39,13 +39,8 @@ LOG_ROWS = 15
 
 
 def _classify(wl: Workload) -> str:
-    """'free', 'mine' or 'other' from the daemon's state text."""
-    st = (wl.state or "").lower()
-    if st.startswith("intercepted by me"):
-        return "mine"
-    if st.startswith("intercepted"):
-        return "other"
-    return "free"
+    """'free', 'mine' or 'other', from the connector's state enum."""
+    return {"intercepted_by_me": "mine", "intercepted_by_other": "other"}.get(wl.state, "free")
 
 
 _STATE_COLORS = {"free": "#2e7d32", "mine": "#1565c0", "other": "#c62828"}
@@ -75,7 +70,7 @@ class _Row:
     def update(self, wl: Workload) -> None:
         kind = _classify(wl)
         self.services.value = ", ".join(wl.services) or "no service"
-        label = {"free": "free", "mine": "intercepted by me"}.get(kind, wl.state)
+        label = wl.state_text
         self.state.value = f"<span style='color:{_STATE_COLORS[kind]}'>{html.escape(label)}</span>"
         self._quiet = True
         try:
