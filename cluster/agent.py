@@ -4,7 +4,7 @@
 daemon/agent_injector.py adds to a workload.  The Service's target port now
 points at AGENT_PORT; every connection accepted there goes either
 
-  * to the traffic-manager (`Manager.Tunnel`, dial_id "intercept:<id>") when
+  * to the traffic-manager (`Manager.Tunnel`, kind AGENT_INTERCEPTED) when
     the manager's current instructions hold an ACTIVE intercept for us -- the
     manager hands it to the intercepting client; or
   * to the app on 127.0.0.1:APP_PORT (same pod, same network namespace).
@@ -348,7 +348,8 @@ class Agent:
         frame = pb.TunnelFrame(open=pb.TunnelOpen(
             session_id=self.agent_id or "",
             protocol=pb.TunnelOpen.TCP,
-            dial_id=f"intercept:{ic.id}",
+            kind=pb.TunnelOpen.AGENT_INTERCEPTED,
+            intercept_id=ic.id,
             src_ip=_ip_bytes(str(peer[0])),
             src_port=int(peer[1]) if len(peer) > 1 else 0,
             dst_ip=_ip_bytes(self.s.pod_ip),

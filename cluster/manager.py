@@ -228,9 +228,9 @@ class Manager(rpc.ManagerServicer):
         if first is None or first.WhichOneof("kind") != "open":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first tunnel frame must be `open`")
         op = first.open
-        if op.dial_id.startswith("intercept:"):
+        if op.kind == pb.TunnelOpen.AGENT_INTERCEPTED:
             await self._agent_tunnel(op, chan)
-        elif op.dial_id:
+        elif op.kind == pb.TunnelOpen.DIAL_ANSWER:
             await self._client_answer(op, chan)
         else:
             await self._outbound(op, chan)
@@ -288,7 +288,7 @@ class Manager(rpc.ManagerServicer):
 
     async def _agent_tunnel(self, op: pb.TunnelOpen, chan: FrameChannel) -> None:
         """An agent got a connection for an intercepted workload: fetch the client."""
-        iid = op.dial_id.split(":", 1)[1]
+        iid = op.intercept_id
         ic = self.intercepts.get(iid)
         client = self.clients.get(ic.session_id) if ic else None
         if ic is None or client is None:

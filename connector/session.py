@@ -229,7 +229,8 @@ class Session:
 
     async def _answer_dial(self, req: pb.DialRequest) -> None:
         """The manager asks us to connect an intercepted connection to a local port."""
-        open_ = pb.TunnelOpen(session_id=self.session_id, dial_id=req.dial_id, protocol=pb.TunnelOpen.TCP)
+        open_ = pb.TunnelOpen(session_id=self.session_id, kind=pb.TunnelOpen.DIAL_ANSWER, dial_id=req.dial_id,
+                              protocol=pb.TunnelOpen.TCP)
         link = self.link
         if link is None:
             return

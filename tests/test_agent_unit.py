@@ -383,7 +383,7 @@ def test_agent_forwards_routes_intercepts_and_survives_manager_restarts(monkeypa
             big = os.urandom(2_000_000)
             assert await _ask(settings.agent_port, big) == b"laptop:" + big
             op = fake.opens[-1]
-            assert op.dial_id == "intercept:ic1" and op.session_id == ag.agent_id
+            assert op.kind == pb.TunnelOpen.AGENT_INTERCEPTED and op.intercept_id == "ic1" and op.session_id == ag.agent_id
             assert op.src_ip == socket.inet_aton("127.0.0.1") and op.src_port > 0
 
             fake.refuse = True  # the laptop side fails: the client sees the connection fail

@@ -124,7 +124,7 @@ async def _intercept() -> None:
         async def answer() -> None:
             async for req in stub.WatchDials(alice):
                 t = GrpcFrameChannel(stub.Tunnel())
-                await t.send(pb.TunnelFrame(open=pb.TunnelOpen(session_id=alice.session_id, dial_id=req.dial_id)))
+                await t.send(pb.TunnelFrame(open=pb.TunnelOpen(session_id=alice.session_id, kind=pb.TunnelOpen.DIAL_ANSWER, dial_id=req.dial_id)))
                 r, w = await asyncio.open_connection(req.target_host, req.port)
                 await t.send(pb.TunnelFrame(opened=pb.Empty()))
                 while True:
@@ -138,7 +138,7 @@ async def _intercept() -> None:
 
         answering = asyncio.ensure_future(answer())
         at = GrpcFrameChannel(stub.Tunnel())
-        await at.send(pb.TunnelFrame(open=pb.TunnelOpen(session_id=agent.agent_id, dial_id=f"intercept:{ic.id}",
+        await at.send(pb.TunnelFrame(open=pb.TunnelOpen(session_id=agent.agent_id, kind=pb.TunnelOpen.AGENT_INTERCEPTED, intercept_id=ic.id,
                                                         src_ip=_ip("10.42.0.9"), src_port=4444)))
         opened = await asyncio.wait_for(at.recv(), 5)
         assert opened.WhichOneof("kind") == "opened"
