@@ -2,10 +2,20 @@
 
 Output follows the shapes of Telepresence 2's walkthrough; errors print as
 "what / why / fix" lines and a non-zero exit status, never a traceback.
+
+`-o json` (every subcommand, like Telepresence's `--output json`): stdout is
+exactly one JSON document, `tpnb.render.as_json` of the api's result (status,
+connect: Status; list: [Workload]; intercept: {"intercept": Intercept,
+"mount_point": local volume root or null}; version: {name: version}; quit,
+leave, loglevel, uninstall, config view: a small object); progress and other
+text lines go to stderr.  With `-- CMD` the document is printed before CMD
+starts and CMD's own output follows it.  An error prints {"error": {"what",
+"why", "fix"}} on stdout and its usual text on stderr, with the usual exit status.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -23,8 +33,8 @@ from .proto import pb
 class Progress:
     """One progress line per step; a rewritten line on a terminal."""
 
-    def __init__(self, stream=sys.stdout) -> None:  # noqa: ANN001
-        self.stream = stream
+    def __init__(self, stream=None) -> None:  # noqa: ANN001
+        self.stream = stream or sys.stdout  # looked up now: -o json sends it to stderr
         self.tty = stream.isatty()
         self.last = ""
 
@@ -80,29 +90,54 @@ class ArgumentParser(argparse.ArgumentParser):
         raise ConfigError(f"{self.prog}: {message}", hint=usage)
 
 
+OUTPUTS = ("text", "json")
+
+
+def _output_parent() -> argparse.ArgumentParser:
+    """`-o/--output`, on every subcommand (a parent parser), as in `tpnb status -o json`."""
+    o = argparse.ArgumentParser(add_help=False)
+    o.add_argument("-o", "--output", choices=OUTPUTS, default="text",
+                   help="text (default) or json: one JSON document on stdout, progress on stderr")
+    return o
+
+
+def wants_json(argv: Sequence[str]) -> bool:
+    """Whether `argv` asks for -o json, read the way argparse reads it (also when
+    the rest of the line is invalid: that error is then reported as JSON too)."""
+    own, _ = split_cmd(argv)
+    if not own or own[0] == "devcluster":
+        return False
+    try:
+        known, _ = _output_parent().parse_known_args(own)
+    except (ConfigError, SystemExit):
+        return False
+    return known.output == "json"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="tpnb", description="Telepresence-style local development for Kubernetes")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+    out = [_output_parent()]  # -o/--output on every subcommand but devcluster (parsed by its own CLI)
 
-    sub.add_parser("version", help="show client, daemon and traffic-manager versions")
+    sub.add_parser("version", parents=out, help="show client, daemon and traffic-manager versions")
 
-    c = sub.add_parser("connect", help="connect this machine to the cluster [-- CMD ARGS]")
+    c = sub.add_parser("connect", parents=out, help="connect this machine to the cluster [-- CMD ARGS]")
     c.add_argument("--namespace", "-n", help="namespace whose short names resolve (default: the context's)")
     c.add_argument("--mapped-namespaces", default="", help="more namespaces for short names, comma separated")
     c.add_argument("--also-proxy", action="append", default=[], metavar="CIDR",
                    help="also route this subnet through the cluster (repeatable)")
     c.add_argument("--context", help="kubeconfig context")
 
-    sub.add_parser("status", help="show the connection and intercepts")
+    sub.add_parser("status", parents=out, help="show the connection and intercepts")
 
-    q = sub.add_parser("quit", help="end the session (and with --daemon, stop the daemon)")
+    q = sub.add_parser("quit", parents=out, help="end the session (and with --daemon, stop the daemon)")
     q.add_argument("--daemon", "-r", "-s", action="store_true", help="stop the daemon too")
     q.add_argument("-u", action="store_true", help=argparse.SUPPRESS)  # seed compatibility: no-op
 
-    ls = sub.add_parser("list", help="list interceptable workloads")
+    ls = sub.add_parser("list", parents=out, help="list interceptable workloads")
     ls.add_argument("--namespace", "-n")
 
-    i = sub.add_parser("intercept", help="route a workload's traffic to this machine [-- CMD ARGS]")
+    i = sub.add_parser("intercept", parents=out, help="route a workload's traffic to this machine [-- CMD ARGS]")
     i.add_argument("name")
     i.add_argument("--port", "-p", required=True, help="LOCAL[:SERVICE_PORT_NAME_OR_NUMBER]")
     i.add_argument("--namespace", "-n")
@@ -114,20 +149,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mount the pod's volumes on DIR (empty or new; default: a fresh temp dir), "
                         "or not at all with --mount=false; CMD gets it as $TPNB_ROOT")
 
-    lv = sub.add_parser("leave", help="end an intercept")
+    lv = sub.add_parser("leave", parents=out, help="end an intercept")
     lv.add_argument("name")
 
-    u = sub.add_parser("uninstall", help="remove agents and/or the traffic-manager from the cluster")
+    u = sub.add_parser("uninstall", parents=out, help="remove agents and/or the traffic-manager from the cluster")
     g = u.add_mutually_exclusive_group(required=True)
     g.add_argument("--agent", "-d", metavar="NAME")
     g.add_argument("--all-agents", "-a", action="store_true")
     g.add_argument("--everything", "-e", action="store_true")
     u.add_argument("--namespace", "-n")
 
-    cf = sub.add_parser("config", help="show configuration")
+    cf = sub.add_parser("config", parents=out, help="show configuration")
     cf.add_argument("action", choices=["view"])
 
-    ll = sub.add_parser("loglevel", help="set the daemon's and manager's log level")
+    ll = sub.add_parser("loglevel", parents=out, help="set the daemon's and manager's log level")
     ll.add_argument("level", choices=["debug", "info", "warning", "error"])
 
     sub.add_parser("devcluster", help="the built-in dev cluster (up, status, kubeconfig, laptop, down)",
@@ -193,18 +228,62 @@ def _run_cmd(cmd: list[str], env: dict[str, str] | None = None) -> int:
         signal.signal(signal.SIGINT, old)
 
 
-def quit_session(s: Session, stop_daemon: bool) -> None:
-    """`quit` for the CLI and `%tp quit`: same steps, same words."""
+def quit_session(s: Session, stop_daemon: bool) -> dict[str, bool]:
+    """`quit` for the CLI and `%tp quit`: same steps, same words; returns what it did (-o json)."""
     st = s.status()
     if not st.daemon_running:
         print("tpnb daemon had already quit")
-        return
+        return {"daemon_was_running": False, "was_connected": False, "daemon_stopped": False}
     if st.connected:
         print("Disconnecting...", end="", flush=True)
     s.quit(stop_daemon=stop_daemon)
     print("done" if st.connected else "tpnb was not connected")
     if stop_daemon:
         print("tpnb daemon quitting...done")
+    return {"daemon_was_running": True, "was_connected": st.connected, "daemon_stopped": stop_daemon}
+
+
+class Output:
+    """A command's result: its text (-o text), or one JSON document on the real stdout (-o json)."""
+
+    def __init__(self, fmt: str = "text", stream=None) -> None:  # noqa: ANN001
+        self.json = fmt == "json"
+        self.stream = stream or sys.stdout
+        self.emitted = False
+
+    def result(self, obj: object, text: str | None = None) -> None:
+        """Print `text` (nothing when None), or with -o json `render.as_json(obj)`."""
+        if self.json:
+            print(render.as_json(obj), file=self.stream, flush=True)
+            self.emitted = True
+        elif text is not None:
+            print(text, file=self.stream, flush=True)
+
+
+def config_data(cfg) -> dict[str, object]:  # noqa: ANN001 - a tpnb.config.Config
+    """`tpnb config view` as data: every setting, where overrides came from, derived paths."""
+    from . import config as tpnb_config
+
+    return {"settings": cfg.as_dict(),
+            "sources": {k: v for k, v in cfg.sources.items() if v != "default"},
+            "derived": {"connector_socket": cfg.connector_socket, "daemon_socket": cfg.socket_path,
+                        "logs": cfg.log_dir, "manager_image": cfg.manager_image},
+            "file": tpnb_config.config_file()}
+
+
+def config_text(cfg) -> str:  # noqa: ANN001 - a tpnb.config.Config
+    from . import config as tpnb_config
+
+    lines = []
+    for sect, values in cfg.as_dict().items():
+        lines.append(f"{sect}:")
+        for k, v in values.items():
+            src = cfg.sources.get(f"{sect}.{k}", "default")
+            lines.append(f"  {k}: {v!r}" + ("" if src == "default" else f"   # from {src}"))
+    lines.append(f"# derived: connector_socket={cfg.connector_socket} daemon_socket={cfg.socket_path} "
+                 f"logs={cfg.log_dir} manager_image={cfg.manager_image}")
+    lines.append(f"# file: {tpnb_config.config_file()}")
+    return "\n".join(lines)
 
 
 def run(argv: Sequence[str]) -> int:
@@ -224,38 +303,46 @@ def run(argv: Sequence[str]) -> int:
         return devcluster_main(list(argv[1:]))
     own, cmd = split_cmd(argv)
     args = build_parser().parse_args(own)
-    s = Session()
-    out = sys.stdout
-
     if args.cmd is None:
         build_parser().print_help()
         return 2
+    out = Output(getattr(args, "output", "text"))  # bound to the real stdout
+    if not out.json:
+        return _run(args, cmd, out)
+    with contextlib.redirect_stdout(sys.stderr):  # -o json: every text line to stderr
+        try:
+            return _run(args, cmd, out)
+        except (TpnbError, KeyboardInterrupt) as exc:
+            if not out.emitted:
+                raise  # main() reports it, as JSON on stdout too
+            # the document is out already (a `-- CMD` ran): stdout keeps exactly one
+            print(str(exc) if isinstance(exc, TpnbError) else "interrupted", file=sys.stderr)
+            return exc.exit_code if isinstance(exc, TpnbError) else 130
+
+
+def _run(args: argparse.Namespace, cmd: list[str], out: Output) -> int:
+    s = Session()
     if args.cmd == "version":
-        print(render.versions_text(s.version()))
+        v = s.version()
+        out.result(v, render.versions_text(v))
         return 0
     if args.cmd == "config":
         from . import config as tpnb_config
 
         cfg = tpnb_config.get()
-        for sect, values in cfg.as_dict().items():
-            print(f"{sect}:")
-            for k, v in values.items():
-                src = cfg.sources.get(f"{sect}.{k}", "default")
-                print(f"  {k}: {v!r}" + ("" if src == "default" else f"   # from {src}"))
-        print(f"# derived: connector_socket={cfg.connector_socket} daemon_socket={cfg.socket_path} "
-              f"logs={cfg.log_dir} manager_image={cfg.manager_image}")
-        print(f"# file: {tpnb_config.config_file()}")
+        out.result(config_data(cfg), config_text(cfg))
         return 0
     if args.cmd == "connect":
         prog = Progress()
         mapped = [m.strip() for m in args.mapped_namespaces.split(",") if m.strip()]
         st = s.connect(namespace=args.namespace, mapped_namespaces=mapped, also_proxy=args.also_proxy,
-                       context=args.context, progress=prog, say=lambda m: print(m, file=out, flush=True))
+                       context=args.context, progress=prog, say=lambda m: print(m, flush=True))
         prog.end()
         if prog.last != f"Connected to context {st.context} ({st.server})":
             print(f"Connected to context {st.context} ({st.server})")
         if not st.outbound:
             print(render.outbound_notice(st))
+        out.result(st)  # -o json only: the text is the lines above
         if cmd:
             try:
                 return _run_cmd(cmd)
@@ -265,33 +352,38 @@ def run(argv: Sequence[str]) -> int:
                 print("done")
         return 0
     if args.cmd == "status":
-        print(render.status_text(s.status()))
+        st = s.status()
+        out.result(st, render.status_text(st))
         return 0
     if args.cmd == "quit":
-        quit_session(s, args.daemon)
+        out.result(quit_session(s, args.daemon))
         return 0
     if args.cmd == "list":
-        print(render.workloads_text(s.list(args.namespace)))
+        ws = s.list(args.namespace)
+        out.result(ws, render.workloads_text(ws))
         return 0
     if args.cmd == "leave":
         s.leave(args.name)  # unmounts its volumes too (tpnb/mounts.py)
+        out.result({"left": args.name})
         return 0
     if args.cmd == "loglevel":
         s.set_log_level(args.level)
+        out.result({"log_level": args.level})
         return 0
     if args.cmd == "uninstall":
         prog = Progress()
         msg = s.uninstall(agent=args.agent, all_agents=args.all_agents, everything=args.everything,
                           namespace=args.namespace, progress=prog)
         prog.end()
-        print(msg)
+        out.result({"message": msg}, msg)
         return 0
     if args.cmd == "intercept":
-        return _intercept(s, args, cmd)
+        return _intercept(s, args, cmd, out)
     raise ConfigError(f"unknown command {args.cmd!r}")
 
 
-def _intercept(s: Session, args: argparse.Namespace, cmd: list[str]) -> int:
+def _intercept(s: Session, args: argparse.Namespace, cmd: list[str], out: Output | None = None) -> int:
+    out = out or Output()
     port, svc_port = parse_port(args.port)
     prog = Progress()
     connected_here = False
@@ -306,7 +398,9 @@ def _intercept(s: Session, args: argparse.Namespace, cmd: list[str]) -> int:
                          skip_port_check=bool(cmd), owner_pid=os.getpid() if cmd else None)
         prog.end()
         root = _mount_volumes(s, ic, args.mount)
-        print(render.intercept_block(ic, mount_root=root), flush=True)
+        # -o json: "mount_point" is the local root of the pod's volumes (ic.mount_point: the agent's side)
+        out.result({"intercept": ic, "mount_point": None if root is None else str(root)},
+                   render.intercept_block(ic, mount_root=root))
         try:
             write_env_files(ic.environment, args.env_file, args.env_json)
         except TpnbError as err:  # the intercept itself works: say so, and go on
@@ -350,7 +444,8 @@ def _mount_volumes(s: Session, ic: Intercept, mount: str) -> Path | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        return run_reporting(lambda: run(sys.argv[1:] if argv is None else argv))
+        argv = sys.argv[1:] if argv is None else argv
+        return run_reporting(lambda: run(argv), json_errors=wants_json(argv))
     except BrokenPipeError:  # `tpnb ... | head`
         try:
             sys.stdout = open(os.devnull, "w")

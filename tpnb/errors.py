@@ -6,6 +6,7 @@ Every failure a user can cause or fix is one of these: a short `what` line, a
 """
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 
@@ -29,6 +30,10 @@ class TpnbError(Exception):
         if self.hint:
             parts.append(f"  fix: {self.hint}")
         return "\n".join(parts)
+
+    def as_dict(self) -> dict[str, str]:
+        """The same three parts as data (`-o json`): what, why, fix."""
+        return {"what": self.what, "why": self.why, "fix": self.hint}
 
 
 class ConfigError(TpnbError):
@@ -75,14 +80,15 @@ class DevClusterError(TpnbError):
     exit_code = 7
 
 
-def run_reporting(body: Callable[[], int]) -> int:
+def run_reporting(body: Callable[[], int], json_errors: bool = False) -> int:
     """Run a command-line command; a user-facing error or ^C becomes its message on
-    stderr and an exit status, never a traceback."""
+    stderr and an exit status, never a traceback.  With `json_errors` (`-o json`)
+    stdout also gets `{"error": {"what": ..., "why": ..., "fix": ...}}`."""
     try:
         return body()
-    except TpnbError as err:
+    except (TpnbError, KeyboardInterrupt) as exc:
+        err = exc if isinstance(exc, TpnbError) else TpnbError("interrupted")
+        if json_errors:
+            print(json.dumps({"error": err.as_dict()}, indent=2), flush=True)
         print(str(err), file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return err.exit_code if isinstance(exc, TpnbError) else 130

@@ -3,17 +3,24 @@
 Each function mirrors the branch of `tpnb.cli.run` with the same name (same
 calls, same text), swapping the terminal progress line for a notebook progress
 bar and returning values where a notebook user wants data (env, requests).
+
+`-o json` (the CLI's option, same parser): the command returns the data of the
+CLI's JSON document as Python data (`json.loads(render.as_json(result))`, a
+dict or list) instead of printing its text result; progress and messages
+still show.  With `-- CMD` the value comes once CMD has ended.  (`%%tp
+intercept` serves a cell and keeps printing its text.)
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 from typing import Any
 
 from .. import inkernel, render
-from ..cli import command_env, parse_port, quit_session, write_env_files
+from ..cli import command_env, config_data, config_text, parse_port, quit_session, write_env_files
 from ..errors import ConfigError, TpnbError
 from . import lifecycle
 from .output import EnvTable, RequestTable
@@ -49,15 +56,29 @@ def run_streaming(cmd: list[str], env: dict[str, str] | None = None) -> int:
         return 130
 
 
+def _json(args: argparse.Namespace) -> bool:
+    return getattr(args, "output", "text") == "json"
+
+
+def _result(args: argparse.Namespace, obj: Any, text: str | None = None) -> Any:
+    """Print the text result, or with -o json return the CLI's JSON document as Python data."""
+    if _json(args):
+        return json.loads(render.as_json(obj))
+    if text is not None:
+        print(text)
+    return None
+
+
 def do_help(args: argparse.Namespace, cmd: list[str]) -> None:
     build_magic_parser().print_help()
 
 
-def do_version(args: argparse.Namespace, cmd: list[str]) -> None:
-    print(render.versions_text(lifecycle.session().version()))
+def do_version(args: argparse.Namespace, cmd: list[str]) -> Any:
+    v = lifecycle.session().version()
+    return _result(args, v, render.versions_text(v))
 
 
-def do_connect(args: argparse.Namespace, cmd: list[str]) -> None:
+def do_connect(args: argparse.Namespace, cmd: list[str]) -> Any:
     s = lifecycle.session()
     prog = make_progress("connect")
     mapped = [m.strip() for m in args.mapped_namespaces.split(",") if m.strip()]
@@ -79,10 +100,12 @@ def do_connect(args: argparse.Namespace, cmd: list[str]) -> None:
             s.quit()
             _forget_all()
             print("done")
+    return _result(args, st)
 
 
-def do_status(args: argparse.Namespace, cmd: list[str]) -> None:
-    print(render.status_text(lifecycle.session().status()))
+def do_status(args: argparse.Namespace, cmd: list[str]) -> Any:
+    st = lifecycle.session().status()
+    return _result(args, st, render.status_text(st))
 
 
 def _forget_all() -> None:
@@ -90,35 +113,40 @@ def _forget_all() -> None:
         lifecycle.ended(name)
 
 
-def do_quit(args: argparse.Namespace, cmd: list[str]) -> None:
+def do_quit(args: argparse.Namespace, cmd: list[str]) -> Any:
     try:
-        quit_session(lifecycle.session(), args.daemon)
+        done = quit_session(lifecycle.session(), args.daemon)
     finally:
         _forget_all()  # the session's intercepts ended with it
+    return _result(args, done)
 
 
-def do_list(args: argparse.Namespace, cmd: list[str]) -> None:
-    print(render.workloads_text(lifecycle.session().list(args.namespace)))
+def do_list(args: argparse.Namespace, cmd: list[str]) -> Any:
+    ws = lifecycle.session().list(args.namespace)
+    return _result(args, ws, render.workloads_text(ws))
 
 
-def do_leave(args: argparse.Namespace, cmd: list[str]) -> None:
+def do_leave(args: argparse.Namespace, cmd: list[str]) -> Any:
     try:
         lifecycle.session().leave(args.name)
     finally:
         lifecycle.ended(args.name)
+    return _result(args, {"left": args.name})
 
 
-def do_loglevel(args: argparse.Namespace, cmd: list[str]) -> None:
+def do_loglevel(args: argparse.Namespace, cmd: list[str]) -> Any:
     lifecycle.session().set_log_level(args.level)
+    return _result(args, {"log_level": args.level})
 
 
-def do_config(args: argparse.Namespace, cmd: list[str]) -> None:
-    from ..cli import run
+def do_config(args: argparse.Namespace, cmd: list[str]) -> Any:
+    from .. import config as tpnb_config
 
-    run(["config", args.action])
+    cfg = tpnb_config.get()
+    return _result(args, config_data(cfg), config_text(cfg))
 
 
-def do_uninstall(args: argparse.Namespace, cmd: list[str]) -> None:
+def do_uninstall(args: argparse.Namespace, cmd: list[str]) -> Any:
     prog = make_progress("uninstall")
     ok = False
     try:
@@ -127,7 +155,7 @@ def do_uninstall(args: argparse.Namespace, cmd: list[str]) -> None:
         ok = True
     finally:
         prog.end(ok)
-    print(msg)
+    return _result(args, {"message": msg}, msg)
 
 
 def ensure_connected(namespace: str | None) -> None:
@@ -145,8 +173,10 @@ def ensure_connected(namespace: str | None) -> None:
     print(_connected_line(st))
 
 
-def create_intercept(args: argparse.Namespace, port: int, svc_port: str, skip_port_check: bool = False) -> Any:
-    """Create the intercept with a progress bar, print the CLI's block, remember it as this kernel's."""
+def create_intercept(args: argparse.Namespace, port: int, svc_port: str, skip_port_check: bool = False,
+                     show: bool = True) -> Any:
+    """Create the intercept with a progress bar, print the CLI's block (unless not `show`),
+    remember it as this kernel's."""
     prog = make_progress(f"intercept {args.name}")
     ok = False
     try:
@@ -158,7 +188,8 @@ def create_intercept(args: argparse.Namespace, port: int, svc_port: str, skip_po
         prog.end(ok)
     lifecycle.own(ic.name, port)
     inkernel.attach(ic.name, port)
-    print(render.intercept_block(ic), flush=True)
+    if show:
+        print(render.intercept_block(ic), flush=True)
     try:
         write_env_files(ic.environment, args.env_file, args.env_json)
     except TpnbError as err:  # like the CLI: the intercept itself works, say so and go on
@@ -166,13 +197,14 @@ def create_intercept(args: argparse.Namespace, port: int, svc_port: str, skip_po
     return ic
 
 
-def do_intercept(args: argparse.Namespace, cmd: list[str]) -> None:
+def do_intercept(args: argparse.Namespace, cmd: list[str]) -> Any:
     """`%tp intercept NAME --port N [-- CMD]`: route NAME to whatever listens on N (or to CMD)."""
     port, svc_port = parse_port(args.port)
     ensure_connected(args.namespace)
-    ic = create_intercept(args, port, svc_port, skip_port_check=bool(cmd))
+    ic = create_intercept(args, port, svc_port, skip_port_check=bool(cmd), show=not _json(args))
+    data = {"intercept": ic, "mount_point": None}  # the CLI's shape; the magic mounts no volumes
     if not cmd:
-        return
+        return _result(args, data)
     try:
         code = run_streaming(cmd, env=command_env(ic.environment))
         if code:
@@ -183,6 +215,7 @@ def do_intercept(args: argparse.Namespace, cmd: list[str]) -> None:
         except TpnbError as err:
             print(str(err), file=sys.stderr)
         lifecycle.ended(ic.name)
+    return _result(args, data)
 
 
 def do_env(args: argparse.Namespace, cmd: list[str]) -> EnvTable:
