@@ -344,7 +344,7 @@ class PortForward:
     probe_wait = 0.5
 
     def __init__(self, target: KubeTarget, namespace: str, pod: str, port: int,
-                 protocol: str | None = None, unix: bool = False) -> None:
+                 protocol: str | None = None, unix: bool = False, unix_path: str | None = None) -> None:
         self.target = target
         self.namespace = namespace
         self.pod = pod
@@ -353,6 +353,9 @@ class PortForward:
         #: listen on an abstract Unix socket instead of 127.0.0.1 (cheaper per
         #: byte; the daemon's own gRPC channel uses it)
         self.unix = unix
+        #: listen on this Unix socket path instead (mode 0600, in a directory only the
+        #: user enters): the connector's relay, reached by it and the root daemon alone
+        self.unix_path = unix_path
         self.local_port = 0
         #: what to connect to: "127.0.0.1:<port>" or "unix-abstract:<name>" (gRPC target syntax)
         self.address = ""
@@ -434,7 +437,17 @@ class PortForward:
         if self._closed:
             raise RuntimeError("PortForward was closed")
         await self.probe()
-        if self.unix:
+        if self.unix_path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.unix_path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            old_umask = os.umask(0o177)
+            try:
+                sock.bind(self.unix_path)
+            finally:
+                os.umask(old_umask)
+            self.address = f"unix:{self.unix_path}"
+        elif self.unix:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             name = f"tpnb-pf-{os.getpid()}-{id(self):x}"
             sock.bind("\0" + name)
@@ -510,6 +523,9 @@ class PortForward:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
+            if self.unix_path:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.unix_path)
         tasks = list(self._relays)
         for task in tasks:
             task.cancel()

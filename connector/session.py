@@ -89,6 +89,7 @@ class Session:
     _tasks: list[asyncio.Task] = field(default_factory=list)
     _reconnect_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _closing: bool = False
+    _relays: int = 0
 
     # ================================================================ connect
     async def start(self, progress: ProgressFn) -> None:
@@ -124,7 +125,11 @@ class Session:
     async def _open_link(self) -> None:
         assert self.target is not None
         pod = await manager_install.find_manager_pod(self.target)
-        fwd = PortForward(self.target, self.cfg.manager.namespace, pod, self.cfg.manager.grpc_port, unix=True)
+        # the relay listens next to the connector's own socket: only this user (and root) can reach it
+        self._relays += 1
+        relay = self.cfg.connector_socket.parent / f"manager-{os.getpid()}-{self._relays}.sock"
+        fwd = PortForward(self.target, self.cfg.manager.namespace, pod, self.cfg.manager.grpc_port,
+                          unix_path=str(relay))
         await fwd.start()
         channel = grpc.aio.insecure_channel(fwd.address, options=MANAGER_CHANNEL_OPTIONS)
         stub = rpc.ManagerStub(channel)
