@@ -35,7 +35,7 @@ class Progress:
 
     def __init__(self, stream=None) -> None:  # noqa: ANN001
         self.stream = stream or sys.stdout  # looked up now: -o json sends it to stderr
-        self.tty = stream.isatty()
+        self.tty = self.stream.isatty()
         self.last = ""
 
     def __call__(self, p: pb.Progress) -> None:
