@@ -194,8 +194,8 @@ def test_cli_intercept_json_then_the_command(fake: FakeSession, capfd: pytest.Ca
                    "echo", "from-the-command"])
     assert rc == 0
     out = capfd.readouterr().out
-    doc, rest = json.JSONDecoder().raw_decode(out)
-    assert doc["intercept"]["name"] == "hello" and rest.strip() == "from-the-command"
+    doc, end = json.JSONDecoder().raw_decode(out)  # the document first, then the command's output
+    assert doc["intercept"]["name"] == "hello" and out[end:].strip() == "from-the-command"
 
 
 def test_cli_error_json_keeps_exit_code(fake: FakeSession, capsys: pytest.CaptureFixture[str]) -> None:
