@@ -427,3 +427,46 @@ def test_panel_shows_errors_and_not_connected(fake) -> None:
         assert "Connected" in p.status_html.value
     finally:
         p.close()
+
+
+class _PushStream:
+    """What `Session.watch_status()` gives: an iterator that a test pushes into, cancellable."""
+
+    def __init__(self) -> None:
+        import queue
+
+        self.q: Any = queue.Queue()
+        self.cancelled = False
+
+    def __iter__(self) -> Any:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            yield item
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.q.put(None)
+
+
+def test_panel_follows_the_push_stream_without_polling(fake) -> None:
+    from tpnb.widgets import Panel
+
+    stream = _PushStream()
+    fake.watch_status = lambda: stream  # the connector's WatchStatus, as the api gives it
+    p = Panel(poll_interval=3600)  # a poll would never come in this test's time: only pushes redraw
+    try:
+        assert _wait(lambda: p.following)
+        rows = {k[1]: r for k, r in p._rows.items()}
+        assert rows["hello"].toggle.description == "Intercept"
+        polls = p.polls
+        fake.intercepts["hello"] = fake.intercept("hello", 9123)  # changed elsewhere (the CLI) ...
+        time.sleep(1.0)
+        assert p.polls == polls  # ... and nothing asks until the connector pushes
+        stream.q.put(fake.status())
+        assert _wait(lambda: {k[1]: r for k, r in p._rows.items()}["hello"].toggle.description == "Leave")
+        assert p.pushes == 1 and p.polls == polls + 1
+    finally:
+        p.close()
+    assert stream.cancelled and not p.polling

@@ -27,6 +27,7 @@ from .proto import pb
 from .version import __version__
 
 if TYPE_CHECKING:
+    from .client import Watch
     from .remotefs import RemoteFS
 
 ProgressFn = Callable[[pb.Progress], None]
@@ -170,6 +171,14 @@ class Session:
         if not self.client.running():
             return Status(connected=False, daemon_running=False)
         return Status.from_pb(self.client.call(self.client.stub().Status, pb.Empty()))
+
+    def watch_status(self) -> "Watch[Status]":
+        """Every change of the connection and its intercepts, as it happens (and every 15 s regardless).
+
+        Iterate it on a thread of your own; `cancel()` ends it.
+        """
+        self._require_daemon()
+        return self.client.watch(self.client.stub().WatchStatus, pb.Empty(), Status.from_pb)  # type: ignore[arg-type]
 
     def quit(self, stop_daemon: bool = False) -> bool:
         """End the session (and stop the daemon too with stop_daemon). False if nothing ran."""

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 import grpc
 
@@ -210,9 +210,35 @@ class DaemonClient:
         raise DaemonError("the connector ended the operation without a result",
                           hint="see ~/.cache/tpnb/logs/connector.log")
 
+    def watch(self, fn: Callable[..., Iterator], request: object, convert: Callable[[object], T]) -> "Watch[T]":
+        """A server stream as a cancellable iterator of converted messages."""
+        return Watch(fn(request), convert)
+
     def not_running_error(self) -> DaemonError:
         return DaemonError("the tpnb daemon is not running", f"no connector answers on {self.socket}",
                            "run `tpnb connect` to start it")
+
+
+class Watch(Generic[T]):
+    """Iterate a push stream; `cancel()` (from any thread) ends the iteration quietly."""
+
+    def __init__(self, call: Any, convert: Callable[[object], T]) -> None:
+        self._call = call
+        self._convert = convert
+        self._cancelled = False
+
+    def __iter__(self) -> Iterator[T]:
+        try:
+            for msg in self._call:
+                yield self._convert(msg)
+        except grpc.RpcError as exc:
+            if self._cancelled or exc.code() == grpc.StatusCode.CANCELLED:
+                return
+            raise _wire_error(exc) from None
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._call.cancel()
 
 
 def _version() -> str:

@@ -6,10 +6,12 @@ by someone else) each with a port field and an Intercept toggle; live request
 log and counters of the in-kernel servers; the environment of a chosen
 intercept; a progress bar while a long step runs.
 
-Why it polls: intercepts change outside the panel (the CLI, another kernel,
-another user), and the daemon has no push channel for the client side yet, so
-a daemon thread calls `Session().status()` + `list()` every `poll_interval`
-seconds (the request log, which is local, is checked every 0.5 s).  Polling
+Why it follows a push stream: intercepts change outside the panel (the CLI,
+another kernel, another user).  A thread follows the connector's status stream
+(`Session.watch_status`, which pushes every change at once and repeats the
+state every 15 s) and redraws on each message; only while no connector runs
+(nothing to follow yet) does it fall back to asking every `poll_interval`
+seconds.  The request log, which is local, is checked every 0.5 s.  Everything
 stops for good when the panel is closed (its Close button, `panel.close()`, or
 the root widget closed) and pauses while no frontend view shows the panel.
 
@@ -110,6 +112,13 @@ class Panel:
         self.polls = 0
         self.last_status: Status | None = None
         self._thread: threading.Thread | None = None
+        self._watcher: threading.Thread | None = None
+        self._watch: Any = None
+        #: set by the push stream: redraw now
+        self._pushed = threading.Event()
+        #: the push stream is being followed (else: poll every poll_interval)
+        self.following = False
+        self.pushes = 0
 
         self.status_html = w.HTML("<i>checking…</i>")
         self.connect_btn = w.Button(description="Connect", icon="plug", layout=w.Layout(width="110px"))
@@ -167,6 +176,9 @@ class Panel:
             self._stop.clear()
             self._thread = threading.Thread(target=self._poll_loop, name="tpnb-panel", daemon=True)
             self._thread.start()
+        if self._watcher is None or not self._watcher.is_alive():
+            self._watcher = threading.Thread(target=self._watch_loop, name="tpnb-panel-watch", daemon=True)
+            self._watcher.start()
 
     @property
     def polling(self) -> bool:
@@ -175,9 +187,13 @@ class Panel:
     def close(self) -> None:
         """Stop polling and close every widget of the panel."""
         self._stop.set()
+        watch = self._watch
+        if watch is not None:
+            watch.cancel()
         self._close_tree(self.widget)
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5)
+        for t in (self._thread, self._watcher):
+            if t is not None and t is not threading.current_thread():
+                t.join(timeout=5)
 
     @staticmethod
     def _close_tree(widget: Any) -> None:
@@ -194,10 +210,37 @@ class Panel:
             self._seen_view = True
         return bool(self._seen_view and views == 0)
 
+    def _watch_loop(self) -> None:
+        """Follow the connector's status stream; each message asks for a redraw."""
+        while not self._closed():
+            try:
+                watch = lifecycle.session().watch_status()
+            except (TpnbError, AttributeError):  # no connector yet (or a session without a stream)
+                self.following = False
+                self._stop.wait(self.poll_interval)
+                continue
+            self._watch = watch
+            self.following = True
+            try:
+                for _st in watch:
+                    if self._closed():
+                        return
+                    self.pushes += 1
+                    self._pushed.set()
+            except Exception:  # noqa: BLE001 - connector gone: fall back to polling until it is back
+                pass
+            finally:
+                self.following = False
+                self._watch = None
+            self._pushed.set()  # the stream ended: show what the connector's absence means
+            self._stop.wait(0.5)
+
     def _poll_loop(self) -> None:
         next_poll = time.monotonic() + self.poll_interval
         while not self._closed():
-            if time.monotonic() >= next_poll and not self._paused():
+            due = self._pushed.is_set() or (not self.following and time.monotonic() >= next_poll)
+            if due and not self._paused():
+                self._pushed.clear()
                 self.refresh()
                 next_poll = time.monotonic() + self.poll_interval
             try:
