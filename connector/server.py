@@ -205,6 +205,14 @@ class ConnectorService(rpc.ConnectorServicer):
         async for ev in stream.run(op(), lambda msg: pb.UninstallEvent(done=msg), context):
             yield ev
 
+    async def ForwardToCluster(self, request, context):  # noqa: N802
+        try:
+            port = await self._require().local_forward(request.ip, request.port)
+        except TpnbError as err:
+            await self._abort(context, err)
+            return pb.ForwardReply()
+        return pb.ForwardReply(local_port=port)
+
     async def SetLogLevel(self, request, context):  # noqa: N802
         try:
             logs.set_level(request.level)

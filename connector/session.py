@@ -90,6 +90,7 @@ class Session:
     _reconnect_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _closing: bool = False
     _relays: int = 0
+    _forwards: dict[tuple[str, int], asyncio.Server] = field(default_factory=dict)
 
     # ================================================================ connect
     async def start(self, progress: ProgressFn) -> None:
@@ -255,6 +256,43 @@ class Session:
             await bridge(reader, writer, chan)  # finishes the channel so the manager reads our last frames
         except TunnelError as exc:
             log.debug("dial %s ended: %s", req.dial_id, exc)
+        finally:
+            chan.cancel()
+
+    # ================================================================ loopback forwards
+    async def local_forward(self, ip: str, port: int) -> int:
+        """A 127.0.0.1 port whose connections are tunnelled to ip:port in the cluster (kept until close)."""
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            raise InterceptError(f"cannot forward to {ip!r}", "it is not an IP address") from None
+        key = (ip, int(port))
+        if key not in self._forwards:
+            server = await asyncio.start_server(lambda r, w: self._forward_conn(key, r, w), "127.0.0.1", 0,
+                                                limit=STREAM_LIMIT)
+            self._forwards[key] = server
+            log.info("127.0.0.1:%d forwards to %s:%d in the cluster", server.sockets[0].getsockname()[1], *key)
+        return self._forwards[key].sockets[0].getsockname()[1]
+
+    async def _forward_conn(self, dst: tuple[str, int], reader: asyncio.StreamReader,
+                            writer: asyncio.StreamWriter) -> None:
+        link = self.link
+        if link is None:
+            writer.close()
+            return
+        open_ = pb.TunnelOpen(session_id=self.session_id, kind=pb.TunnelOpen.OUTBOUND, protocol=pb.TunnelOpen.TCP,
+                              dst_ip=ipaddress.ip_address(dst[0]).packed, dst_port=dst[1])
+        chan = GrpcFrameChannel(link.stub.Tunnel())
+        try:
+            await chan.send(pb.TunnelFrame(open=open_))
+            first = await chan.recv()
+            if first is None or first.WhichOneof("kind") == "error":
+                log.info("forward to %s:%d refused: %s", *dst, first.error if first is not None else "closed")
+                writer.close()
+                return
+            await bridge(reader, writer, chan)
+        except TunnelError as exc:
+            log.debug("forward to %s:%d ended: %s", *dst, exc)
         finally:
             chan.cancel()
 
@@ -467,6 +505,9 @@ class Session:
             rootd = self.rootd
             steps.append(("root daemon network", rootd.network_down))
             steps.append(("root daemon link", rootd.aclose))
+        for server in self._forwards.values():
+            server.close()
+        self._forwards.clear()
         if self.link is not None:
             steps.append(("manager link", self.link.aclose))
         for what, step in steps:

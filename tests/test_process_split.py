@@ -228,5 +228,15 @@ def test_without_root_or_sudo_everything_but_outbound_works(users: tuple[UserLap
     assert "Intercept name: hello" in out, out + err
     assert "Traceback" not in out + err
     _wait(lambda: "hello: " not in u.run(["tpnb", "status"]).stdout, 10, "the intercept to end with its command")
+
+    # env and files of the intercepted pod, with no route to pod IPs: files through the connector's forward
+    u.run(["tpnb", "intercept", "hello", "--port", "9557", "--mount=false"])
+    code = ("from tpnb.api import Session; s = Session(); env = s.env('hello'); "
+            "print(env['KUBERNETES_SERVICE_HOST'], env['HOSTNAME'].startswith('hello-')); "
+            "print(s.files('hello').read_text('/var/run/secrets/kubernetes.io/serviceaccount/namespace'))")
+    r = u.run(["python3", "-c", code])
+    lines = r.stdout.split()
+    assert lines[1] == "True" and lines[2] == NS, r.stdout + r.stderr
+    u.run(["tpnb", "leave", "hello"])
     u.run(["tpnb", "quit", "--daemon"])
     assert u.tpnb_processes() == {"connector": [], "daemon": []}

@@ -267,7 +267,16 @@ class Session:
         from . import mounts
 
         ic = intercept or self.get_intercept(name)
-        return mounts.mount(ic, root, self.cfg)
+        return mounts.mount(ic, root, self.cfg, via=self._file_service(ic))
+
+    def _file_service(self, ic: Intercept) -> tuple[str, int] | None:
+        """Where the agent's file service is reached: None (its pod IP, routed by the root
+        daemon) or, without system-wide outbound, a loopback forward of the connector."""
+        if not ic.pod_ips or self.status().outbound:
+            return None
+        reply = self.client.call(self.client.stub().ForwardToCluster,
+                                 pb.ForwardRequest(ip=ic.pod_ips[0], port=self.cfg.agent.sftp_port))
+        return "127.0.0.1", reply.local_port
 
     def unmount(self, name: str) -> None:
         """Unmount intercept `name`'s volumes if this process's mount namespace has them mounted."""
@@ -289,8 +298,9 @@ class Session:
         if not ic.pod_ips:
             raise InterceptError(f"cannot read the files of {name}", "the intercept has no pod address yet",
                                  "retry once it is ACTIVE")
+        host, port = self._file_service(ic) or (ic.pod_ips[0], self.cfg.agent.sftp_port)
         try:
-            return RemoteFS(ic.pod_ips[0], self.cfg.agent.sftp_port, self.cfg.agent.mount_prefix)
+            return RemoteFS(host, port, self.cfg.agent.mount_prefix)
         except OSError as exc:
             raise InterceptError(f"cannot reach the file service of {name} at {ic.pod_ips[0]}:"
                                  f"{self.cfg.agent.sftp_port}", exc.strerror or str(exc),

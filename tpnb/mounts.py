@@ -243,7 +243,7 @@ def sshfs_argv(pod_ip: str, root: Path, port: int, prefix: str) -> list[str]:
 
 
 def mount(intercept: _HasPods, root: str | os.PathLike[str] | None = None,
-          cfg: tpnb_config.Config | None = None) -> Path:
+          cfg: tpnb_config.Config | None = None, via: tuple[str, int] | None = None) -> Path:
     """Mount the intercepted pod's volumes on `root` (default: a fresh temp dir); returns the mount point.
 
     Paths below it are the app's: `<root>/etc/config/app.yaml` is the app's
@@ -257,7 +257,9 @@ def mount(intercept: _HasPods, root: str | os.PathLike[str] | None = None,
     cleanup_stale()
     made = root is None or str(root) == "" or not Path(root).exists()
     target = prepare_root(root, intercept.name)
-    argv = sshfs_argv(intercept.pod_ips[0], target, cfg.agent.sftp_port, cfg.agent.mount_prefix)
+    # `via`: a loopback forward of the connector (no root daemon routes pod IPs here)
+    host, port = via or (intercept.pod_ips[0], cfg.agent.sftp_port)
+    argv = sshfs_argv(host, target, port, cfg.agent.mount_prefix)
     try:
         res = subprocess.run(argv, capture_output=True, text=True, timeout=MOUNT_TIMEOUT,
                              stdin=subprocess.DEVNULL)
