@@ -195,10 +195,10 @@ class Session:
             return
         if progress:
             progress("network", "Setting up the network (TUN, routes, DNS)...", 0.85)
-        if self.rootd is None or self.rootd.socket_path != socket_path:
-            if self.rootd is not None:
-                await self.rootd.aclose()
-            self.rootd = RootDaemonLink(socket_path)
+        # always a fresh channel: a restarted daemon must not meet the old one's reconnect back-off
+        if self.rootd is not None:
+            await self.rootd.aclose()
+        self.rootd = RootDaemonLink(socket_path)
         await self.rootd.network_up(self.network_request())
         self.outbound_note = ""
         self.changed.set()

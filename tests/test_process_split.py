@@ -147,7 +147,21 @@ def test_only_the_network_daemon_runs_as_root_and_it_holds_no_credentials(
     r = u.run(["tpnb", "connect", "--namespace", NS])
     assert "Connected to context" in r.stdout
     assert "CLIENT VALUES:" in _curl(u, f"hello.{NS}").stdout  # system-wide outbound, as the user
-    u.run(["tpnb", "intercept", "hello", "--port", "9555", "--mount=false"])
+    proc = subprocess.Popen(u.cmd(["tpnb", "intercept", "hello", "--port", "9555", "--mount=false", "--",
+                                   "python3", "-m", "http.server", "9555", "--bind", "127.0.0.1"]),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait(lambda: "(ACTIVE)" in u.run(["tpnb", "status"]).stdout, 120, "the intercept to be ACTIVE")
+        _check_processes(u)
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(60)
+    u.run(["tpnb", "quit", "--daemon"])
+    _wait(lambda: u.tpnb_processes() == {"connector": [], "daemon": []}, 10, "connector and daemon to exit")
+
+
+def _check_processes(u: UserLaptop) -> None:
+    """What `ps` shows during a connected session with an intercept."""
     procs = u.tpnb_processes()
     assert len(procs["connector"]) == 1 and len(procs["daemon"]) == 1, procs
     conn, daemon = procs["connector"][0], procs["daemon"][0]
@@ -159,9 +173,6 @@ def test_only_the_network_daemon_runs_as_root_and_it_holds_no_credentials(
     assert daemon["children"] == []    # no exec credential plugin, no kubectl
     st = u.run(["tpnb", "status"]).stdout
     assert "TCP engine" in st and "hello: " in st
-    u.run(["tpnb", "leave", "hello"])
-    u.run(["tpnb", "quit", "--daemon"])
-    assert u.tpnb_processes() == {"connector": [], "daemon": []}
 
 
 def test_kill9_of_either_process_then_connect_recovers(users: tuple[UserLaptop, UserLaptop]) -> None:
@@ -211,7 +222,10 @@ def test_without_root_or_sudo_everything_but_outbound_works(users: tuple[UserLap
               "class H(h.BaseHTTPRequestHandler):\n"
               "    def do_GET(self):\n"
               "        self.send_response(200); self.end_headers(); self.wfile.write(b'from the rootless laptop')\n"
-              "h.HTTPServer(('127.0.0.1', 9556), H).serve_forever()\n")
+              "try:\n"
+              "    h.HTTPServer(('127.0.0.1', 9556), H).serve_forever()\n"
+              "except KeyboardInterrupt:\n"
+              "    pass\n")
     proc = subprocess.Popen(u.cmd(["tpnb", "intercept", "hello", "--port", "9556", "--mount=false", "--",
                                    "python3", "-c", script]), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -226,17 +240,15 @@ def test_without_root_or_sudo_everything_but_outbound_works(users: tuple[UserLap
         os.killpg(proc.pid, signal.SIGINT)  # <ctrl>-C
         out, err = proc.communicate(timeout=60)
     assert "Intercept name: hello" in out, out + err
-    assert "Traceback" not in out + err
+    assert "Traceback" not in out + err, out + err
     _wait(lambda: "hello: " not in u.run(["tpnb", "status"]).stdout, 10, "the intercept to end with its command")
 
     # env and files of the intercepted pod, with no route to pod IPs: files through the connector's forward
-    u.run(["tpnb", "intercept", "hello", "--port", "9557", "--mount=false"])
     code = ("from tpnb.api import Session; s = Session(); env = s.env('hello'); "
             "print(env['KUBERNETES_SERVICE_HOST'], env['HOSTNAME'].startswith('hello-')); "
             "print(s.files('hello').read_text('/var/run/secrets/kubernetes.io/serviceaccount/namespace'))")
-    r = u.run(["python3", "-c", code])
+    r = u.run(["tpnb", "intercept", "hello", "--port", "9557", "--mount=false", "--", "python3", "-c", code])
     lines = r.stdout.split()
-    assert lines[1] == "True" and lines[2] == NS, r.stdout + r.stderr
-    u.run(["tpnb", "leave", "hello"])
+    assert lines[-2:] == ["True", NS], r.stdout + r.stderr
     u.run(["tpnb", "quit", "--daemon"])
-    assert u.tpnb_processes() == {"connector": [], "daemon": []}
+    _wait(lambda: u.tpnb_processes() == {"connector": [], "daemon": []}, 10, "connector and daemon to exit")
