@@ -6,27 +6,15 @@ Logs go to ~/.cache/tpnb/logs/connector.log.
 """
 from __future__ import annotations
 
-import asyncio
-import os
 import sys
-
-from tpnb import config as tpnb_config
-from tpnb.errors import TpnbError
 
 
 def main() -> int:
-    try:
-        cfg = tpnb_config.get()
-    except TpnbError as err:
-        print(str(err), file=sys.stderr)
-        return err.exit_code
-    from tpnb.common import logs
+    from tpnb.common.serve import main as serve_main
 
-    from . import server
+    from .server import serve
 
-    logs.setup(cfg.log_dir, "connector.log", os.environ.get("TPNB_LOG_LEVEL", cfg.logs.level))
-    asyncio.run(server.serve())
-    return 0
+    return serve_main("connector.log", serve)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
-from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -21,6 +18,7 @@ from tpnb.proto import pb, rpc
 from tpnb.version import API_VERSION, __version__
 
 from tpnb.common import errors_wire, logs
+from tpnb.common.serve import serve_unix
 
 from . import intercepts
 from .session import Session
@@ -229,35 +227,9 @@ class ConnectorService(rpc.ConnectorServicer):
 
 
 async def serve() -> None:
-    cfg = tpnb_config.get()
-    sock = cfg.connector_socket
+    sock = tpnb_config.get().connector_socket
     sock.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if sock.exists():
-        sock.unlink()
     stop = asyncio.Event()
     svc = ConnectorService(stop)
-    server = grpc.aio.server()
-    rpc.add_ConnectorServicer_to_server(svc, server)
-    server.add_insecure_port(f"unix://{sock}")
-    await server.start()
-    os.chmod(sock, 0o600)
-    pidfile = sock.parent / "connector.pid"
-    pidfile.write_text(str(os.getpid()))
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        loop.add_signal_handler(sig, stop.set)
-    log.info("tpnb connector %s listening on %s (pid %d, uid %d)", __version__, sock, os.getpid(), os.getuid())
-    try:
-        await stop.wait()
-    finally:
-        log.info("connector stopping")
-        try:
-            await svc._disconnect()
-        finally:
-            await server.stop(1)
-            for p in (sock, pidfile):
-                try:
-                    Path(p).unlink()
-                except FileNotFoundError:
-                    pass
-        log.info("connector stopped")
+    await serve_unix(sock, lambda server: rpc.add_ConnectorServicer_to_server(svc, server), stop,
+                     svc._disconnect, "connector")

@@ -23,7 +23,7 @@ import anyio
 import grpc
 
 from tpnb import config as tpnb_config
-from tpnb.errors import ClusterError, InterceptError, NotConnected, PrerequisiteError, TpnbError
+from tpnb.errors import ClusterError, InterceptError, NotConnected, TpnbError
 from tpnb.proto import pb, rpc
 from tpnb.version import API_VERSION, __version__
 

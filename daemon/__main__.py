@@ -6,30 +6,19 @@ the user who started it.  It holds no Kubernetes credentials.
 """
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
-
-from tpnb import config as tpnb_config
-from tpnb.errors import TpnbError
 
 
 def main() -> int:
     if os.geteuid() != 0:
         print("tpnb daemon must run as root (it creates a TUN device and routes)", file=sys.stderr)
         return 3
-    try:
-        cfg = tpnb_config.get()
-    except TpnbError as err:
-        print(str(err), file=sys.stderr)
-        return err.exit_code
-    from tpnb.common import logs
+    from tpnb.common.serve import main as serve_main
 
-    from . import server
+    from .server import serve
 
-    logs.setup(cfg.log_dir, "daemon.log", os.environ.get("TPNB_LOG_LEVEL", cfg.logs.level))
-    asyncio.run(server.serve())
-    return 0
+    return serve_main("daemon.log", serve)
 
 
 if __name__ == "__main__":

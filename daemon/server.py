@@ -11,13 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
-from pathlib import Path
 
 import grpc
 
 from tpnb import config as tpnb_config
 from tpnb.common import errors_wire, logs
+from tpnb.common.serve import serve_unix
 from tpnb.errors import TpnbError
 from tpnb.proto import pb, rpc
 from tpnb.version import API_VERSION, __version__
@@ -104,44 +103,16 @@ class RootDaemonService(rpc.RootDaemonServicer):
 
 
 async def serve() -> None:
-    cfg = tpnb_config.get()
-    sock = cfg.socket_path
+    sock = tpnb_config.get().socket_path
     sock.parent.mkdir(parents=True, exist_ok=True)
-    if sock.exists():
-        sock.unlink()
     # A predecessor killed mid-session left its TUN, routes or resolv.conf: undo
     # that before answering anyone, so the first NetworkUp starts clean.
     try:
         await netstate.recover()  # logs what it undid
     except TpnbError as err:
         log.error("cannot clean up after a previous daemon: %s", err)
+    owner = os.environ.get("TPNB_OWNER_UID", "")
     stop = asyncio.Event()
     svc = RootDaemonService(stop)
-    server = grpc.aio.server()
-    rpc.add_RootDaemonServicer_to_server(svc, server)
-    server.add_insecure_port(f"unix://{sock}")
-    await server.start()
-    owner = os.environ.get("TPNB_OWNER_UID")
-    if owner and owner.isdigit():
-        os.chown(sock, int(owner), -1)
-    os.chmod(sock, 0o600)
-    pidfile = sock.parent / "daemon.pid"
-    pidfile.write_text(str(os.getpid()))
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        loop.add_signal_handler(sig, stop.set)
-    log.info("tpnb root daemon %s listening on %s (pid %d)", __version__, sock, os.getpid())
-    try:
-        await stop.wait()
-    finally:
-        log.info("root daemon stopping")
-        try:
-            await svc._down()
-        finally:
-            await server.stop(1)
-            for p in (sock, pidfile):
-                try:
-                    Path(p).unlink()
-                except FileNotFoundError:
-                    pass
-        log.info("root daemon stopped")
+    await serve_unix(sock, lambda server: rpc.add_RootDaemonServicer_to_server(svc, server), stop,
+                     svc._down, "root daemon", int(owner) if owner.isdigit() else None)
