@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from pathlib import Path
 
 import grpc
 
 from tpnb import config as tpnb_config
 from tpnb.common import errors_wire, logs
+from tpnb.common.liveness import process_alive
 from tpnb.common.serve import serve_unix
 from tpnb.errors import TpnbError
 from tpnb.proto import pb, rpc
@@ -102,9 +104,29 @@ class RootDaemonService(rpc.RootDaemonServicer):
         return pb.Empty()
 
 
+def _running_daemon(sock: Path) -> int:
+    """The pid of a live root daemon recorded next to `sock`, else 0."""
+    try:
+        pid = int(sock.with_name(sock.stem + ".pid").read_text().strip())
+    except (OSError, ValueError):
+        return 0
+    if pid == os.getpid() or not process_alive(pid) or not sock.exists():
+        return 0
+    try:  # a pid reused by an unrelated process after a crash is no daemon
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return 0
+    return pid if b"tpnb.daemon" in argv else 0
+
+
 async def serve() -> None:
     sock = tpnb_config.get().socket_path
     sock.parent.mkdir(parents=True, exist_ok=True)
+    other = _running_daemon(sock)
+    if other:  # e.g. another user's: never take its socket away from it
+        log.error("a tpnb root daemon already runs in this network namespace (pid %d); not starting", other)
+        raise SystemExit(f"a tpnb root daemon already runs in this network namespace (pid {other}, "
+                         f"socket {sock}); one per machine: `tpnb quit --daemon` as its user stops it")
     # A predecessor killed mid-session left its TUN, routes or resolv.conf: undo
     # that before answering anyone, so the first NetworkUp starts clean.
     try:

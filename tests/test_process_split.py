@@ -140,10 +140,18 @@ def _wait(pred: Any, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def _no_sessions(users: tuple[UserLaptop, UserLaptop]) -> None:
+    """Neither user has a connector or daemon in the laptop (what a failed test before may have left)."""
+    for u in users:
+        u.run(["tpnb", "quit", "--daemon"], check=False)
+    _wait(lambda: all(u.tpnb_processes() == {"connector": [], "daemon": []} for u in users), 10,
+          "the laptop to have no tpnb process")
+
+
 def test_only_the_network_daemon_runs_as_root_and_it_holds_no_credentials(
         users: tuple[UserLaptop, UserLaptop]) -> None:
     u, _ = users
-    u.run(["tpnb", "quit", "--daemon"], check=False)
+    _no_sessions(users)
     r = u.run(["tpnb", "connect", "--namespace", NS])
     assert "Connected to context" in r.stdout
     assert "CLIENT VALUES:" in _curl(u, f"hello.{NS}").stdout  # system-wide outbound, as the user
@@ -177,16 +185,16 @@ def _check_processes(u: UserLaptop) -> None:
 
 def test_kill9_of_either_process_then_connect_recovers(users: tuple[UserLaptop, UserLaptop]) -> None:
     u, _ = users
-    u.run(["tpnb", "quit", "--daemon"], check=False)
+    _no_sessions(users)
     resolv_before = u.run(["cat", "/etc/resolv.conf"]).stdout
     u.run(["tpnb", "connect", "--namespace", NS])
     assert _curl(u, f"hello.{NS}").returncode == 0
 
     # the connector dies: the root daemon notices and takes the network down by itself
     os.kill(u.tpnb_processes()["connector"][0]["pid"], 9)
-    _wait(lambda: u.run(["cat", "/etc/resolv.conf"]).stdout == resolv_before, 15,
-          "the root daemon to restore resolv.conf after its connector died")
-    assert "tpnb0" not in u.run(["ip", "-o", "link"]).stdout
+    _wait(lambda: (u.run(["cat", "/etc/resolv.conf"]).stdout == resolv_before
+                   and "tpnb0" not in u.run(["ip", "-o", "link"]).stdout), 15,
+          "the root daemon to restore resolv.conf and remove its TUN after its connector died")
     r = u.run(["tpnb", "connect", "--namespace", NS])
     assert "Connected to context" in r.stdout
     assert _curl(u, f"hello.{NS}").returncode == 0
@@ -205,7 +213,7 @@ def test_kill9_of_either_process_then_connect_recovers(users: tuple[UserLaptop, 
 
 def test_without_root_or_sudo_everything_but_outbound_works(users: tuple[UserLaptop, UserLaptop]) -> None:
     _, u = users
-    u.run(["tpnb", "quit", "--daemon"], check=False)
+    _no_sessions(users)
     resolv_before = u.run(["cat", "/etc/resolv.conf"]).stdout
     r = u.run(["tpnb", "connect", "--namespace", NS])
     assert "Connected to context" in r.stdout
