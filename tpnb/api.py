@@ -160,8 +160,7 @@ class Session:
             default = os.path.expanduser("~/.kube/config")
             if os.path.exists(default):
                 req.kubeconfig = default
-        self.client.ensure_connector(say)
-        req.daemon_socket, req.outbound_note = self.client.ensure_root_daemon()
+        req.daemon_socket, req.outbound_note = self.client.ensure_processes(say)
         done = self.client.stream(self.client.stub().Connect, req, progress)
         st = Status.from_pb(done)  # type: ignore[arg-type]
         self._clean_mounts(st.intercepts)

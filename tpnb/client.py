@@ -48,22 +48,29 @@ def _answers(sock: Path, call: Callable[[grpc.Channel], object]) -> bool:
             return False
 
 
-def _spawn(argv: list[str], env: dict[str, str], startup_log: Path, ready: Callable[[], bool],
-           what: str, log_name: str) -> None:
-    with open(startup_log, "ab") as out:
-        subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                         start_new_session=True, env=env, close_fds=True)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if ready():
-            return
-        time.sleep(0.1)
-    tail = ""
-    try:
-        tail = startup_log.read_text()[-800:].strip()
-    except OSError:
-        pass
-    raise DaemonError(f"the tpnb {what} did not start", tail or "no output", f"see {startup_log.parent}/{log_name}")
+class _Launch:
+    """A process started in the background, and how to tell it is ready."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], startup_log: Path, ready: Callable[[], bool],
+                 what: str, log_name: str) -> None:
+        self.startup_log, self.ready, self.what, self.log_name = startup_log, ready, what, log_name
+        with open(startup_log, "ab") as out:
+            subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                             start_new_session=True, env=env, close_fds=True)
+
+    def wait(self, timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.ready():
+                return
+            time.sleep(0.05)
+        tail = ""
+        try:
+            tail = self.startup_log.read_text()[-800:].strip()
+        except OSError:
+            pass
+        raise DaemonError(f"the tpnb {self.what} did not start", tail or "no output",
+                          f"see {self.startup_log.parent}/{self.log_name}")
 
 
 def private_dir(path: Path) -> None:
@@ -138,15 +145,34 @@ class DaemonClient:
 
     def ensure_connector(self, say: Callable[[str], None] | None = None) -> None:
         """Start the connector as this user unless it runs."""
+        launch = self._launch_connector(say)
+        if launch is not None:
+            launch.wait()
+
+    def _launch_connector(self, say: Callable[[str], None] | None) -> _Launch | None:
         if self.running():
-            return
+            return None
         self.close()
         if say:
             say(f"Launching tpnb daemon v{_version()}")
         private_dir(self.socket.parent)
-        env = self._env()
-        _spawn([sys.executable, "-m", "tpnb.connector"], env, self.cfg.log_dir / "connector-startup.log",
-               self.running, "connector", "connector.log")
+        # a fresh channel per probe: a cached one would sit in gRPC's reconnect back-off after
+        # the first probe found no socket, and answer up to a second late
+        ready = lambda: _answers(self.socket, lambda ch: rpc.ConnectorStub(ch).Version(pb.Empty(), timeout=2))  # noqa: E731
+        return _Launch([sys.executable, "-m", "tpnb.connector"], self._env(),
+                       self.cfg.log_dir / "connector-startup.log", ready, "connector", "connector.log")
+
+    def ensure_processes(self, say: Callable[[str], None] | None = None) -> tuple[str, str]:
+        """Connector and (when wanted and possible) root daemon, started side by side.
+
+        Returns what `ensure_root_daemon` does: (daemon socket, "") or ("", why none).
+        """
+        conn = self._launch_connector(say)
+        sock, why, root = self._launch_root_daemon()
+        for launch in (conn, root):
+            if launch is not None:
+                launch.wait()
+        return sock, why
 
     def ensure_root_daemon(self) -> tuple[str, str]:
         """Start the root daemon unless it runs: (its socket, "") or ("", why there is none).
@@ -154,18 +180,24 @@ class DaemonClient:
         `connector.outbound`: "never" does not try; "always" raises when it
         cannot start; "auto" reports why and goes on without it.
         """
+        sock, why, launch = self._launch_root_daemon()
+        if launch is not None:
+            launch.wait()
+        return sock, why
+
+    def _launch_root_daemon(self) -> tuple[str, str, _Launch | None]:
         mode = self.cfg.connector.outbound
         sock = self.cfg.socket_path
         if mode == "never":
-            return "", "system-wide outbound is off (connector.outbound is never)"
+            return "", "system-wide outbound is off (connector.outbound is never)", None
         if self.root_daemon_running():
-            return str(sock), ""
+            return str(sock), "", None
         why = outbound_unavailable()
         if why:
             if mode == "always":
                 raise PrerequisiteError("the tpnb root daemon cannot start", why,
                                         "run `sudo -v` first, run tpnb as root, or set connector.outbound to auto")
-            return "", why
+            return "", why, None
         env = self._env()
         # no KUBECONFIG, no HOME of the user's credentials: the root daemon never needs them
         env.pop("KUBECONFIG", None)
@@ -174,9 +206,8 @@ class DaemonClient:
             keep = ["TPNB_OWNER_UID", "TPNB_LOGS_DIR", "TPNB_CONFIG"]
             keep += [k for k in env if k.startswith("TPNB_DAEMON_") or k.startswith("TPNB_LOGS_")]
             argv = [shutil.which("sudo") or "sudo", "-n", f"--preserve-env={','.join(dict.fromkeys(keep))}", *argv]
-        _spawn(argv, env, self.cfg.log_dir / "daemon-startup.log", self.root_daemon_running,
-               "root daemon", "daemon.log")
-        return str(sock), ""
+        return str(sock), "", _Launch(argv, env, self.cfg.log_dir / "daemon-startup.log", self.root_daemon_running,
+                                      "root daemon", "daemon.log")
 
     def stop_root_daemon(self) -> None:
         """Stop a root daemon that outlived its connector (kill -9 of the connector, then `quit --daemon`)."""
