@@ -140,7 +140,7 @@ def _check_cidrs(cidrs: list[str]) -> list[str]:
 
 
 class Session:
-    """A handle on this machine's tpnb daemon and its (at most one) session."""
+    """A handle on this machine's tpnb connector (and through it the root daemon) and its one session."""
 
     def __init__(self, cfg: tpnb_config.Config | None = None) -> None:
         self.cfg = cfg or tpnb_config.get()
