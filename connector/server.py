@@ -7,7 +7,10 @@ progress line and the notebook a widget, from the same data.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -18,6 +21,7 @@ from tpnb.proto import pb, rpc
 from tpnb.version import API_VERSION, __version__
 
 from tpnb.common import errors_wire, logs
+from tpnb.common.liveness import process_alive
 from tpnb.common.serve import serve_unix
 
 from . import intercepts
@@ -226,9 +230,20 @@ class ConnectorService(rpc.ConnectorServicer):
         return pb.Empty()
 
 
+def _remove_stale_relays(directory: Path) -> None:
+    """Relay sockets (`manager-<pid>-<n>.sock`) of connectors that died without cleaning up (kill -9)."""
+    for path in directory.glob("manager-*.sock"):
+        pid = path.name.split("-")[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                path.unlink()
+                log.info("removed the relay socket %s of a dead connector", path.name)
+
+
 async def serve() -> None:
     sock = tpnb_config.get().connector_socket
     sock.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _remove_stale_relays(sock.parent)
     stop = asyncio.Event()
     svc = ConnectorService(stop)
     await serve_unix(sock, lambda server: rpc.add_ConnectorServicer_to_server(svc, server), stop,

@@ -260,3 +260,33 @@ def test_without_root_or_sudo_everything_but_outbound_works(users: tuple[UserLap
     assert lines[-2:] == ["True", NS], r.stdout + r.stderr
     u.run(["tpnb", "quit", "--daemon"])
     _wait(lambda: u.tpnb_processes() == {"connector": [], "daemon": []}, 10, "connector and daemon to exit")
+
+
+def test_another_user_reaches_neither_the_connector_nor_the_root_daemon(
+        users: tuple[UserLaptop, UserLaptop]) -> None:
+    """A second local user attacks the first one's sockets for real; the first one's own calls still work."""
+    owner, other = users
+    _no_sessions(users)
+    owner.run(["tpnb", "connect", "--namespace", NS])
+    try:
+        uid = owner.pw.pw_uid
+        probe = ("import glob, socket, sys\n"
+                 "for path in sys.argv[1:]:\n"
+                 "    s = socket.socket(socket.AF_UNIX)\n"
+                 "    try:\n"
+                 "        s.connect(path); print(path, 'CONNECTED')\n"
+                 "    except OSError as e:\n"
+                 "        print(path, type(e).__name__)\n")
+        netns = os.stat(f"/run/netns/{owner.netns}").st_ino
+        targets = [f"/run/tpnb/{netns}/daemon.sock", f"/tmp/tpnb-{uid}/{netns}/connector.sock"]
+        targets += sorted(str(p) for p in Path(f"/tmp/tpnb-{uid}/{netns}").glob("manager-*.sock"))
+        assert len(targets) == 3 and all(os.path.exists(t) for t in targets), targets
+        out = other.run(["python3", "-c", probe, *targets]).stdout.splitlines()
+        assert out == [f"{t} PermissionError" for t in targets], out
+        # the other user's own connect works beside it, without taking the owner's daemon over
+        r = other.run(["tpnb", "connect", "--namespace", NS])
+        assert "Connected to context" in r.stdout and "System-wide outbound" in r.stdout
+        assert "CLIENT VALUES:" in _curl(owner, f"hello.{NS}").stdout  # the owner's outbound still works
+        assert "TCP engine" in owner.run(["tpnb", "status"]).stdout
+    finally:
+        _no_sessions(users)
