@@ -165,24 +165,15 @@ class DaemonClient:
     def ensure_processes(self, say: Callable[[str], None] | None = None) -> tuple[str, str]:
         """Connector and (when wanted and possible) root daemon, started side by side.
 
-        Returns what `ensure_root_daemon` does: (daemon socket, "") or ("", why none).
+        Returns (the root daemon's socket, "") or ("", why there is none).
+        `connector.outbound`: "never" does not try; "always" raises when the
+        daemon cannot start; "auto" reports why and goes on without it.
         """
         conn = self._launch_connector(say)
         sock, why, root = self._launch_root_daemon()
         for launch in (conn, root):
             if launch is not None:
                 launch.wait()
-        return sock, why
-
-    def ensure_root_daemon(self) -> tuple[str, str]:
-        """Start the root daemon unless it runs: (its socket, "") or ("", why there is none).
-
-        `connector.outbound`: "never" does not try; "always" raises when it
-        cannot start; "auto" reports why and goes on without it.
-        """
-        sock, why, launch = self._launch_root_daemon()
-        if launch is not None:
-            launch.wait()
         return sock, why
 
     def _launch_root_daemon(self) -> tuple[str, str, _Launch | None]:
