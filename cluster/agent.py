@@ -1,13 +1,19 @@
 """The traffic-agent: a sidecar that sits between a Service and its app.
 
 `python3 -m tpnb.cluster agent` in the `traffic-agent` container that
-daemon/agent_injector.py adds to a workload.  The Service's target port now
+connector/agent_injector.py adds to a workload.  The Service's target port now
 points at AGENT_PORT; every connection accepted there goes either
 
-  * to the traffic-manager (`Manager.Tunnel`, kind AGENT_INTERCEPTED) when
+  * to the traffic-manager (`AgentHub.Tunnel`, kind AGENT_INTERCEPTED) when
     the manager's current instructions hold an ACTIVE intercept for us -- the
     manager hands it to the intercepting client; or
   * to the app on 127.0.0.1:APP_PORT (same pod, same network namespace).
+
+The agent arrives with its pod's projected ServiceAccount token (audience
+tpnb-traffic-manager; cluster/agent_auth.py checks it).  Nothing but the
+traffic port listens on the pod network: the file service (cluster/sftp.py) is
+on the pod's loopback, and the manager asks us (WatchAgentDials) to connect it
+to a tunnel for the session that holds the intercept.
 
 The workload must never break because of us: when the manager is unreachable,
 restarting, or has never been installed, the agent forgets its instructions
@@ -45,7 +51,7 @@ os.environ.setdefault("GRPC_DNS_RESOLVER", "native")
 import grpc  # noqa: E402
 
 from tpnb.proto import pb, rpc  # noqa: E402
-from tpnb.version import API_VERSION, __version__  # noqa: E402
+from tpnb.version import __version__  # noqa: E402
 
 from tpnb.common.forward import (  # noqa: E402
     BULK_GRPC_OPTIONS,
@@ -87,9 +93,14 @@ class AgentSettings:
     app_container: str
     app_port: int
     agent_port: int = 9900
-    grpc_port: int = 9901
+    sftp_port: int = 9902
+    #: the readiness probe's port: accepts and closes, serves nothing (a probe of the
+    #: traffic port would be forwarded to the laptop while intercepted)
+    health_port: int = 9901
     manager_host: str = "traffic-manager.tpnb"
-    manager_port: int = 8081
+    manager_port: int = 8082
+    #: the projected ServiceAccount token (audience tpnb-traffic-manager) that proves who we are
+    token_file: str = "/var/run/secrets/tpnb/token"
     mount_prefix: str = "/tpnb/volumes"
     mounts: list[str] = field(default_factory=list)
 
@@ -111,9 +122,11 @@ class AgentSettings:
             app_container=e.get("TPNB_CONTAINER", ""),
             app_port=int(e["APP_PORT"]),
             agent_port=int(e.get("AGENT_PORT") or 9900),
-            grpc_port=int(e.get("AGENT_GRPC_PORT") or 0),
+            sftp_port=int(e.get("AGENT_SFTP_PORT") or 9902),
+            health_port=int(e.get("AGENT_HEALTH_PORT") or e.get("AGENT_GRPC_PORT") or 0),
             manager_host=e.get("MANAGER_HOST") or "traffic-manager.tpnb",
-            manager_port=int(e.get("MANAGER_PORT") or 8081),
+            manager_port=int(e.get("MANAGER_PORT") or 8082),
+            token_file=e.get("TPNB_AGENT_TOKEN_FILE") or "/var/run/secrets/tpnb/token",
             mount_prefix=e.get("TPNB_MOUNT_PREFIX") or "/tpnb/volumes",
             mounts=[str(m) for m in mounts] if isinstance(mounts, list) else [],
         )
@@ -269,11 +282,6 @@ def _ip_bytes(ip: str) -> bytes:
     return b""
 
 
-class AgentServicer(rpc.AgentServicer):
-    async def Version(self, request: pb.Empty, context: Any) -> pb.VersionInfo:
-        return pb.VersionInfo(name="traffic-agent", version=__version__, api=API_VERSION)
-
-
 class Agent:
     """Listener, manager session and per-connection routing."""
 
@@ -282,9 +290,9 @@ class Agent:
         self.agent_id: str | None = None
         self.intercepts: list[pb.InterceptInfo] = []
         self.channel: grpc.aio.Channel | None = None
-        self.stub: rpc.ManagerStub | None = None
+        self.stub: rpc.AgentHubStub | None = None
         self.server: asyncio.AbstractServer | None = None
-        self.grpc_server: Any = None
+        self.health: asyncio.AbstractServer | None = None
         self._conns: set[asyncio.Task[Any]] = set()
         self._old_channels: set[Any] = set()
         self._stopping = asyncio.Event()
@@ -413,7 +421,9 @@ class Agent:
                 used = False
             try:
                 info = await asyncio.to_thread(self.agent_info)
-                sess = await self.stub.ArriveAsAgent(info, timeout=10)
+                token = await asyncio.to_thread(self._token)
+                sess = await self.stub.ArriveAsAgent(info, timeout=20,
+                                                     metadata=(("authorization", f"Bearer {token}"),))
                 self.agent_id = sess.agent_id
                 used = True
                 failures = 0
@@ -459,7 +469,7 @@ class Agent:
             ("grpc.max_reconnect_backoff_ms", 5000),
             ("grpc.dns_min_time_between_resolutions_ms", 1000),
         ])
-        self.stub = rpc.ManagerStub(self.channel)
+        self.stub = rpc.AgentHubStub(self.channel)
         if old is not None and not linger:
             asyncio.ensure_future(old.close())
         elif old is not None:
@@ -472,19 +482,19 @@ class Agent:
             loop.call_later(OLD_CHANNEL_LINGER, close_old)
 
     async def _run_session(self, sess: pb.AgentSession) -> None:
-        remain = asyncio.ensure_future(self._remain_loop(sess))
-        watch = asyncio.ensure_future(self._watch_loop(sess))
+        loops = [asyncio.ensure_future(self._remain_loop(sess)), asyncio.ensure_future(self._watch_loop(sess)),
+                 asyncio.ensure_future(self._dials_loop(sess))]
         try:
-            done, _ = await asyncio.wait({remain, watch}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_COMPLETED)
             for t in done:
                 exc = t.exception()
                 if exc is not None:
                     raise exc
             raise _SessionLost("instruction stream ended")
         finally:
-            for t in (remain, watch):
+            for t in loops:
                 t.cancel()
-            await asyncio.gather(remain, watch, return_exceptions=True)
+            await asyncio.gather(*loops, return_exceptions=True)
 
     async def _remain_loop(self, sess: pb.AgentSession) -> None:
         assert self.stub is not None
@@ -509,25 +519,64 @@ class Agent:
         except grpc.aio.AioRpcError as exc:
             raise _SessionLost(f"WatchAgentInstructions: {exc.code().name}: {exc.details()}") from None
 
+    def _token(self) -> str:
+        """The projected token, read afresh for each arrival (the kubelet rotates it)."""
+        try:
+            return Path(self.s.token_file).read_text().strip()
+        except OSError as exc:
+            log.warning("no agent token at %s (%s): the traffic-manager will refuse us", self.s.token_file,
+                        exc.strerror or exc)
+            return ""
+
+    async def _dials_loop(self, sess: pb.AgentSession) -> None:
+        """The manager asks us to connect its tunnel to our file service (for the intercept's holder)."""
+        assert self.stub is not None
+        try:
+            async for req in self.stub.WatchAgentDials(sess):
+                if req.purpose == pb.DialRequest.FILES:
+                    task = asyncio.ensure_future(self._answer_files(req))
+                    self._conns.add(task)
+                    task.add_done_callback(self._conns.discard)
+        except grpc.aio.AioRpcError as exc:
+            raise _SessionLost(f"WatchAgentDials: {exc.code().name}: {exc.details()}") from None
+
+    async def _answer_files(self, req: pb.DialRequest) -> None:
+        stub = self.stub
+        if stub is None or not self.agent_id:
+            return
+        chan = GrpcFrameChannel(stub.Tunnel())
+        try:
+            await chan.send(pb.TunnelFrame(open=pb.TunnelOpen(
+                session_id=self.agent_id, kind=pb.TunnelOpen.DIAL_ANSWER, dial_id=req.dial_id)))
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection("127.0.0.1", self.s.sftp_port, limit=STREAM_LIMIT), APP_CONNECT_TIMEOUT)
+            except (OSError, asyncio.TimeoutError) as exc:
+                await chan.send(pb.TunnelFrame(error=f"the agent's file service is down: {exc}"))
+                await chan.done_sending()
+                return
+            await chan.send(pb.TunnelFrame(opened=pb.Empty()))
+            await bridge(reader, writer, chan)
+        except TunnelError as exc:
+            log.debug("file tunnel %s ended: %s", req.dial_id[:8], exc)
+        finally:
+            cancel_channel(chan)
+
     # ---------------------------------------------------------- lifecycle
     async def start(self) -> None:
-        """Open the listener (the workload's traffic) first, then the RPC port (readiness)."""
+        """Open the listener (the workload's traffic) first, then the health port (readiness)."""
         self.server = await asyncio.start_server(self._handle, "0.0.0.0", self.s.agent_port,
                                                  reuse_address=True, backlog=512, limit=STREAM_LIMIT)
         log.info("listening on 0.0.0.0:%d, app at 127.0.0.1:%d", self.s.agent_port, self.s.app_port)
-        if self.s.grpc_port:
-            self.grpc_server = grpc.aio.server()
-            rpc.add_AgentServicer_to_server(AgentServicer(), self.grpc_server)
-            self.grpc_server.add_insecure_port(f"0.0.0.0:{self.s.grpc_port}")
-            await self.grpc_server.start()
-            log.info("agent RPC on 0.0.0.0:%d", self.s.grpc_port)
+        if self.s.health_port:
+            self.health = await asyncio.start_server(_close_at_once, "0.0.0.0", self.s.health_port,
+                                                     reuse_address=True)
         self.ready.set()
 
     async def run(self) -> None:
         await self.start()
-        from .sftp import serve as serve_files  # the app's volumes for laptops (cluster/sftp.py)
-        _files = asyncio.ensure_future(serve_files(int(os.environ.get("AGENT_SFTP_PORT") or 9902),
-                                                  self.s.mount_prefix))  # cancelled by asyncio.run's end
+        from .sftp import serve as serve_files  # the app's volumes for the holder (cluster/sftp.py)
+        _files = asyncio.ensure_future(serve_files(self.s.sftp_port, self.s.mount_prefix))  # cancelled by asyncio.run's end
         session = asyncio.ensure_future(self.session_loop())
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -543,6 +592,8 @@ class Agent:
     async def stop(self, session: asyncio.Future[Any] | None = None) -> None:
         if self.server is not None:
             self.server.close()
+        if self.health is not None:
+            self.health.close()
         if session is not None:
             session.cancel()
             await asyncio.gather(session, return_exceptions=True)
@@ -551,12 +602,14 @@ class Agent:
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        if self.grpc_server is not None:
-            await self.grpc_server.stop(1)
         for ch in [self.channel, *self._old_channels]:
             if ch is not None:
                 with contextlib.suppress(Exception):
                     await ch.close()
+
+
+async def _close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.close()
 
 
 def setup_logging(level: str | None = None) -> None:

@@ -1,13 +1,20 @@
 """The traffic-manager: the cluster end of every tpnb session.
 
 It runs in a pod (the project's image, `python3 -m tpnb.cluster manager`) and
-is reached by each client's daemon through one port-forward.  It:
+serves two APIs: the client API (`Manager`) on the pod's loopback only, so the
+one way in is a port-forward that the API server authorizes (`pods/portforward`
+in the manager's namespace), and the agent API (`AgentHub`) on the pod
+network, where each agent proves which workload it serves
+(cluster/agent_auth.py).  It:
   * keeps a session per client (heartbeats, expiry ends the session's intercepts),
+    and shows each session only its own intercepts in full (others': workload and holder),
   * dials in-cluster destinations for the client's outbound TCP/UDP flows,
   * answers DNS by forwarding raw queries to the cluster's resolver,
   * brokers intercepts: agents report in, clients claim workloads, and each
     connection an agent receives for an intercepted workload is joined to a
-    tunnel the owning client opens back on request (DialRequest).
+    tunnel the owning client opens back on request (DialRequest);
+  * brokers the agents' file services (on their pods' loopback) to the session
+    holding the intercept, the same way in the other direction.
 Plain asyncio (the image carries no anyio); Python 3.11 compatible.
 """
 from __future__ import annotations
@@ -16,8 +23,8 @@ import asyncio
 import ipaddress
 import logging
 import os
+import secrets
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -28,6 +35,8 @@ from tpnb.version import API_VERSION, __version__
 
 from tpnb.common.aio import both, first, oserror_text
 from tpnb.common.forward import BULK_GRPC_OPTIONS, FastTunnelRegistration, FrameChannel, GrpcFrameChannel, SocketStream, bridge
+
+from .agent_auth import AgentRefused, AgentVerifier, KubeAgentVerifier, managed_namespaces
 
 log = logging.getLogger("tpnb.manager")
 
@@ -53,14 +62,31 @@ class ClientSession:
 
 
 @dataclass
+class PendingDial:
+    #: the session or agent id that must answer
+    answerer: str
+    future: asyncio.Future
+
+
+@dataclass
 class AgentSession:
     id: str
+    #: as verified (cluster/agent_auth.py): namespace, pod and pod IP come from the API server
     info: pb.AgentInfo
     last_seen: float = field(default_factory=time.monotonic)
+    #: requests to connect to this agent's file service (purpose FILES)
+    dials: asyncio.Queue = field(default_factory=asyncio.Queue)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     #: intercept ids this agent has been sent: only then is an intercept ACTIVE,
     #: so a client never sees ACTIVE while its first request still reaches the app
     delivered: set[str] = field(default_factory=set)
+
+
+def holder_name(info: pb.ClientInfo) -> str:
+    """How others see who holds an intercept: "user@host", with the Kubernetes user when it differs."""
+    if info.kube_user and info.kube_user != info.name.split("@", 1)[0]:
+        return f"{info.name} ({info.kube_user})"
+    return info.name
 
 
 def read_resolv_conf(path: str = "/etc/resolv.conf") -> tuple[list[str], list[str]]:
@@ -98,12 +124,20 @@ class _UDPRelay(asyncio.DatagramProtocol):
 
 
 class Manager(rpc.ManagerServicer):
-    def __init__(self, session_ttl: float = 15.0) -> None:
+    """Sessions, intercepts and dials; the client-facing API (pod loopback only).
+
+    Session, intercept, agent and dial ids are random capabilities: whoever
+    holds one may act for it, so none is ever sent to anyone but its owner.
+    """
+
+    def __init__(self, session_ttl: float = 15.0, namespaces: frozenset[str] = frozenset()) -> None:
         self.session_ttl = session_ttl
+        #: namespaces this manager serves (empty: all)
+        self.namespaces = namespaces
         self.clients: dict[str, ClientSession] = {}
         self.agents: dict[str, AgentSession] = {}
         self.intercepts: dict[str, pb.InterceptInfo] = {}
-        self.pending_dials: dict[str, asyncio.Future] = {}
+        self.pending_dials: dict[str, PendingDial] = {}
         self.watchers: set[asyncio.Event] = set()
         self.dns_servers, self.search = read_resolv_conf()
         self.cluster_domain = self._cluster_domain()
@@ -123,14 +157,12 @@ class Manager(rpc.ManagerServicer):
         for agent in self.agents.values():
             agent.changed.set()
 
-    def _client(self, session_id: str) -> ClientSession:
-        s = self.clients.get(session_id)
+    async def _session(self, context: grpc.aio.ServicerContext, session_id: str) -> ClientSession:
+        """The live session `session_id`, or the call ends with NOT_FOUND."""
+        s = self.clients.get(session_id) if session_id else None
         if s is None:
-            raise KeyError(session_id)
-        return s
-
-    async def _abort_unknown(self, context: grpc.aio.ServicerContext, session_id: str) -> None:
-        await context.abort(grpc.StatusCode.NOT_FOUND, f"session {session_id!r} is not known (expired?)")
+            await context.abort(grpc.StatusCode.NOT_FOUND, "session is not known (expired?); reconnect")
+        return s  # type: ignore[return-value]
 
     def _agent_for(self, name: str, namespace: str) -> list[AgentSession]:
         return [a for a in self.agents.values() if a.info.name == name and a.info.namespace == namespace]
@@ -154,6 +186,18 @@ class Manager(rpc.ManagerServicer):
                 ic.mount_point = first.mount_point
                 ic.agent_port = first.agent_port
 
+    def view(self, ic: pb.InterceptInfo, session_id: str) -> pb.InterceptInfo:
+        """`ic` as session `session_id` may see it: its own in full, another's as workload + holder."""
+        if ic.session_id == session_id:
+            out = pb.InterceptInfo()
+            out.CopyFrom(ic)
+            out.mine = True
+            return out
+        spec = pb.InterceptSpec(name=ic.spec.name, namespace=ic.spec.namespace, workload=ic.spec.workload,
+                                workload_kind=ic.spec.workload_kind, service=ic.spec.service,
+                                service_port=ic.spec.service_port)
+        return pb.InterceptInfo(spec=spec, client_name=ic.client_name, state=ic.state)
+
     async def expire_loop(self) -> None:
         """End sessions (and their intercepts) whose heartbeats stopped."""
         while True:
@@ -161,14 +205,19 @@ class Manager(rpc.ManagerServicer):
             now = time.monotonic()
             for sid, s in list(self.clients.items()):
                 if now - s.last_seen > self.session_ttl:
-                    log.info("session %s (%s) expired", sid, s.info.name)
+                    log.info("session of %s expired", s.info.name)
                     self._end_session(sid)
             for aid, a in list(self.agents.items()):
                 if now - a.last_seen > self.session_ttl:
-                    log.info("agent %s (%s/%s) expired", aid, a.info.namespace, a.info.pod_name)
-                    del self.agents[aid]
-                    self._refresh_states()
-                    self._notify()
+                    log.info("agent %s/%s expired", a.info.namespace, a.info.pod_name)
+                    self.drop_agent(aid)
+
+    def drop_agent(self, aid: str) -> None:
+        a = self.agents.pop(aid, None)
+        if a is not None:
+            a.dials.put_nowait(None)
+            self._refresh_states()
+            self._notify()
 
     def _end_session(self, sid: str) -> None:
         s = self.clients.pop(sid, None)
@@ -184,25 +233,25 @@ class Manager(rpc.ManagerServicer):
         return pb.VersionInfo(name="traffic-manager", version=self.image_version, api=API_VERSION)
 
     async def ArriveAsClient(self, request, context):  # noqa: N802
-        sid = uuid.uuid4().hex[:16]
+        sid = secrets.token_hex(16)
         self.clients[sid] = ClientSession(id=sid, info=request)
-        log.info("client %s arrived as session %s", request.name, sid)
+        log.info("client %s arrived", request.name)
         return pb.SessionInfo(session_id=sid)
 
     async def Remain(self, request, context):  # noqa: N802
-        s = self.clients.get(request.session_id)
-        if s is None:
-            await self._abort_unknown(context, request.session_id)
+        s = await self._session(context, request.session_id)
         s.last_seen = time.monotonic()
         return pb.Empty()
 
     async def Depart(self, request, context):  # noqa: N802
-        if request.session_id in self.clients:
-            log.info("session %s departed", request.session_id)
+        s = self.clients.get(request.session_id)
+        if s is not None:
+            log.info("%s departed", s.info.name)
             self._end_session(request.session_id)
         return pb.Empty()
 
     async def GetClusterInfo(self, request, context):  # noqa: N802
+        await self._session(context, request.session_id)
         info = pb.ClusterInfo(
             cluster_domain=self.cluster_domain,
             manager_version=self.image_version,
@@ -216,6 +265,7 @@ class Manager(rpc.ManagerServicer):
 
     # ---------------------------------------------------------------- DNS
     async def LookupDNS(self, request, context):  # noqa: N802
+        await self._session(context, request.session_id)
         if not self.dns_servers:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the manager pod has no nameserver")
         reply = await dns_query(request.query, self.dns_servers[0])
@@ -228,18 +278,21 @@ class Manager(rpc.ManagerServicer):
         if first is None or first.WhichOneof("kind") != "open":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first tunnel frame must be `open`")
         op = first.open
-        if op.kind == pb.TunnelOpen.AGENT_INTERCEPTED:
-            await self._agent_tunnel(op, chan)
-        elif op.kind == pb.TunnelOpen.DIAL_ANSWER:
-            await self._client_answer(op, chan)
-        else:
-            await self._outbound(op, chan)
-
-    async def _outbound(self, op: pb.TunnelOpen, chan: FrameChannel) -> None:
-        """A client flow: dial the destination from inside the cluster."""
         if op.session_id not in self.clients:
             await chan.send(pb.TunnelFrame(error="session expired; reconnect"))
             return
+        if op.kind == pb.TunnelOpen.DIAL_ANSWER:
+            await self.answer_dial(op, chan)
+        elif op.kind == pb.TunnelOpen.AGENT_FILES:
+            await self._files(op, chan)
+        elif op.kind == pb.TunnelOpen.OUTBOUND:
+            await self._outbound(op, chan)
+        else:
+            await chan.send(pb.TunnelFrame(error=f"tunnel kind {pb.TunnelOpen.Kind.Name(op.kind)} "
+                                                 "is for agents (the agent port)"))
+
+    async def _outbound(self, op: pb.TunnelOpen, chan: FrameChannel) -> None:
+        """A client flow: dial the destination from inside the cluster."""
         host, port = _ip_str(op.dst_ip), op.dst_port
         if op.protocol == pb.TunnelOpen.UDP:
             await self._outbound_udp(host, port, chan)
@@ -286,27 +339,24 @@ class Manager(rpc.ManagerServicer):
         finally:
             transport.close()
 
-    async def _agent_tunnel(self, op: pb.TunnelOpen, chan: FrameChannel) -> None:
-        """An agent got a connection for an intercepted workload: fetch the client."""
-        iid = op.intercept_id
-        ic = self.intercepts.get(iid)
-        client = self.clients.get(ic.session_id) if ic else None
-        if ic is None or client is None:
-            await chan.send(pb.TunnelFrame(error="no such intercept (it ended)"))
-            return
-        dial_id = uuid.uuid4().hex
+    async def broker(self, chan: FrameChannel, dials: asyncio.Queue, request: pb.DialRequest,
+                     answerer: str, who: str) -> None:
+        """Ask a peer (through its `dials` stream) to open a tunnel back, then join it to `chan`.
+
+        Only the tunnel whose opener is `answerer` (its session or agent id)
+        and names the fresh dial id is accepted as the answer.
+        """
+        request.dial_id = secrets.token_hex(16)
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
-        self.pending_dials[dial_id] = fut
-        client.dials.put_nowait(pb.DialRequest(
-            dial_id=dial_id, intercept_id=iid, target_host=ic.spec.target_host or "127.0.0.1",
-            port=ic.spec.local_port, peer_ip=op.src_ip, peer_port=op.src_port))
+        self.pending_dials[request.dial_id] = PendingDial(answerer=answerer, future=fut)
+        dials.put_nowait(request)
         try:
             peer: FrameChannel = await asyncio.wait_for(fut, CLIENT_ANSWER_TIMEOUT)
         except asyncio.TimeoutError:
-            await chan.send(pb.TunnelFrame(error="the intercepting client did not answer"))
+            await chan.send(pb.TunnelFrame(error=f"the {who} did not answer"))
             return
         finally:
-            self.pending_dials.pop(dial_id, None)
+            self.pending_dials.pop(request.dial_id, None)
         done: asyncio.Future = peer.done  # type: ignore[attr-defined]
         try:
             await both(_relay(chan, peer), _relay(peer, chan))
@@ -314,62 +364,97 @@ class Manager(rpc.ManagerServicer):
             if not done.done():
                 done.set_result(None)
 
-    async def _client_answer(self, op: pb.TunnelOpen, chan: FrameChannel) -> None:
-        """A client's tunnel answering a DialRequest: hand it to the waiting agent tunnel."""
-        fut = self.pending_dials.get(op.dial_id)
-        if fut is None or fut.done():
+    async def answer_dial(self, op: pb.TunnelOpen, chan: FrameChannel) -> None:
+        """A tunnel answering a DialRequest: hand it to the waiting side (only from the one asked)."""
+        pending = self.pending_dials.get(op.dial_id)
+        if pending is None or pending.future.done() or pending.answerer != op.session_id:
             await chan.send(pb.TunnelFrame(error="unknown or expired dial id"))
             return
         chan.done = asyncio.get_running_loop().create_future()  # type: ignore[attr-defined]
-        fut.set_result(chan)
+        pending.future.set_result(chan)
         await chan.done  # type: ignore[attr-defined]  # the RPC lives until the relay ends
+
+    async def _files(self, op: pb.TunnelOpen, chan: FrameChannel) -> None:
+        """A client reaches the file service of an agent serving one of its own intercepts."""
+        ic = self.intercepts.get(op.intercept_id)
+        if ic is None or ic.session_id != op.session_id:
+            await chan.send(pb.TunnelFrame(error="no such intercept in this session"))
+            return
+        agents = self._agent_for(ic.spec.workload, ic.spec.namespace)
+        want = _ip_str(op.dst_ip) if op.dst_ip else ""
+        agent = next((a for a in agents if a.info.pod_ip == want), agents[0] if agents and not want else None)
+        if agent is None:
+            await chan.send(pb.TunnelFrame(error="no traffic-agent of that intercept at that address"))
+            return
+        await self.broker(chan, agent.dials, pb.DialRequest(purpose=pb.DialRequest.FILES, intercept_id=ic.id),
+                          agent.id, "traffic-agent")
+
+    async def agent_tunnel(self, agent: AgentSession, op: pb.TunnelOpen, chan: FrameChannel) -> None:
+        """An agent got a connection for an intercepted workload: fetch the client."""
+        ic = self.intercepts.get(op.intercept_id)
+        client = self.clients.get(ic.session_id) if ic else None
+        if (ic is None or client is None or ic.spec.workload != agent.info.name
+                or ic.spec.namespace != agent.info.namespace):
+            await chan.send(pb.TunnelFrame(error="no such intercept (it ended)"))
+            return
+        await self.broker(chan, client.dials, pb.DialRequest(
+            purpose=pb.DialRequest.INTERCEPTED, intercept_id=ic.id,
+            target_host=ic.spec.target_host or "127.0.0.1", port=ic.spec.local_port,
+            peer_ip=op.src_ip, peer_port=op.src_port), client.id, "intercepting client")
 
     # ---------------------------------------------------------------- intercepts
     async def CreateIntercept(self, request, context):  # noqa: N802
         sid = request.session.session_id
-        client = self.clients.get(sid)
-        if client is None:
-            await self._abort_unknown(context, sid)
+        client = await self._session(context, sid)
         spec = request.spec
+        if self.namespaces and spec.namespace not in self.namespaces:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"this traffic-manager serves namespaces {', '.join(sorted(self.namespaces))} "
+                                f"only, not {spec.namespace}")
         for ic in self.intercepts.values():
             if ic.spec.workload == spec.workload and ic.spec.namespace == spec.namespace:
                 if ic.session_id == sid:
                     ic.spec.CopyFrom(spec)
                     self._refresh_states()
                     self._notify()
-                    return ic
+                    return self.view(ic, sid)
                 await context.abort(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"{spec.namespace}/{spec.workload} is already intercepted by {ic.client_name} "
                     f"(intercept {ic.spec.name!r})")
             if ic.spec.name == spec.name and ic.session_id == sid:
                 await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"an intercept named {spec.name!r} exists")
-        ic = pb.InterceptInfo(spec=spec, id=uuid.uuid4().hex[:12], session_id=sid, client_name=client.info.name)
+        ic = pb.InterceptInfo(spec=spec, id=secrets.token_hex(8), session_id=sid, client_name=holder_name(client.info))
         self.intercepts[ic.id] = ic
         self._refresh_states()
         self._notify()
         log.info("intercept %s: %s/%s -> %s:%d for %s", ic.id, spec.namespace, spec.workload,
                  spec.target_host, spec.local_port, client.info.name)
-        return ic
+        return self.view(ic, sid)
 
     async def RemoveIntercept(self, request, context):  # noqa: N802
+        await self._session(context, request.session_id)
         for iid, ic in list(self.intercepts.items()):
             if ic.session_id == request.session_id and ic.spec.name == request.name:
                 del self.intercepts[iid]
                 self._notify()
                 log.info("intercept %s removed", iid)
                 return pb.Empty()
+        other = next((ic for ic in self.intercepts.values() if ic.spec.name == request.name), None)
+        if other is not None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"intercept {request.name!r} is held by {other.client_name}, not this session")
         await context.abort(grpc.StatusCode.NOT_FOUND, f"no intercept named {request.name!r} in this session")
 
     def _snapshot(self, session_id: str) -> pb.InterceptList:
-        items = [ic for ic in self.intercepts.values() if not session_id or ic.session_id == session_id]
-        return pb.InterceptList(intercepts=items)
+        return pb.InterceptList(intercepts=[self.view(ic, session_id) for ic in self.intercepts.values()])
 
     async def WatchIntercepts(self, request, context) -> AsyncIterator[pb.InterceptList]:  # noqa: N802
+        await self._session(context, request.session_id)
         ev = asyncio.Event()
         self.watchers.add(ev)
         try:
-            while True:
+            while request.session_id in self.clients:
                 yield self._snapshot(request.session_id)
                 await ev.wait()
                 ev.clear()
@@ -377,59 +462,12 @@ class Manager(rpc.ManagerServicer):
             self.watchers.discard(ev)
 
     async def WatchDials(self, request, context) -> AsyncIterator[pb.DialRequest]:  # noqa: N802
-        client = self.clients.get(request.session_id)
-        if client is None:
-            await self._abort_unknown(context, request.session_id)
+        client = await self._session(context, request.session_id)
         while True:
             req = await client.dials.get()
             if req is None:
                 return
             yield req
-
-    # ---------------------------------------------------------------- agents
-    async def ArriveAsAgent(self, request, context):  # noqa: N802
-        aid = uuid.uuid4().hex[:16]
-        # A restarted agent pod replaces its predecessor's record at once.
-        for old, a in list(self.agents.items()):
-            if a.info.pod_name == request.pod_name and a.info.namespace == request.namespace:
-                del self.agents[old]
-        self.agents[aid] = AgentSession(id=aid, info=request)
-        log.info("agent %s/%s (pod %s) arrived", request.namespace, request.name, request.pod_name)
-        self._refresh_states()
-        self._notify()
-        return pb.AgentSession(agent_id=aid)
-
-    async def AgentRemain(self, request, context):  # noqa: N802
-        a = self.agents.get(request.agent_id)
-        if a is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, "agent session unknown (manager restarted?)")
-        a.last_seen = time.monotonic()
-        return pb.Empty()
-
-    async def WatchAgentInstructions(self, request, context) -> AsyncIterator[pb.AgentInstruction]:  # noqa: N802
-        a = self.agents.get(request.agent_id)
-        if a is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, "agent session unknown (manager restarted?)")
-        while request.agent_id in self.agents:
-            a.changed.clear()
-            mine = []
-            for ic in self.intercepts.values():
-                if ic.spec.workload == a.info.name and ic.spec.namespace == a.info.namespace:
-                    serve = pb.InterceptInfo()
-                    serve.CopyFrom(ic)
-                    serve.state = pb.InterceptInfo.ACTIVE  # to the agent: "serve this"
-                    mine.append(serve)
-            yield pb.AgentInstruction(intercepts=mine)
-            sent = {ic.id for ic in mine}
-            if sent != a.delivered:
-                a.delivered = sent
-                self._refresh_states()
-                for ev in list(self.watchers):
-                    ev.set()
-            try:
-                await asyncio.wait_for(a.changed.wait(), 30.0)
-            except asyncio.TimeoutError:
-                pass
 
     async def SetLogLevel(self, request, context):  # noqa: N802
         level = getattr(logging, request.level.upper(), None)
@@ -437,6 +475,96 @@ class Manager(rpc.ManagerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown log level {request.level!r}")
         logging.getLogger().setLevel(level)
         return pb.Empty()
+
+
+class AgentHub(rpc.AgentHubServicer):
+    """The agent-facing API (pod network): only verified agents, each for its own workload."""
+
+    def __init__(self, manager: Manager, verifier: AgentVerifier) -> None:
+        self.m = manager
+        self.verifier = verifier
+
+    async def _agent(self, context: grpc.aio.ServicerContext, agent_id: str) -> AgentSession:
+        a = self.m.agents.get(agent_id) if agent_id else None
+        if a is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "agent session unknown (manager restarted?)")
+        return a  # type: ignore[return-value]
+
+    async def Version(self, request, context):  # noqa: N802
+        return pb.VersionInfo(name="traffic-manager", version=self.m.image_version, api=API_VERSION)
+
+    async def ArriveAsAgent(self, request, context):  # noqa: N802
+        meta = dict(context.invocation_metadata() or ())
+        auth = str(meta.get("authorization", ""))
+        token = auth[len("Bearer "):] if auth.startswith("Bearer ") else ""
+        try:
+            info = await self.verifier.verify(token, request)
+        except AgentRefused as exc:
+            peer = context.peer()
+            log.warning("refused an agent for %s/%s from %s: %s", request.namespace, request.name, peer, exc)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"not accepted as a traffic-agent: {exc}")
+        aid = secrets.token_hex(16)
+        # A restarted agent pod replaces its predecessor's record at once.
+        for old, a in list(self.m.agents.items()):
+            if a.info.pod_name == info.pod_name and a.info.namespace == info.namespace:
+                self.m.agents.pop(old).dials.put_nowait(None)
+        self.m.agents[aid] = AgentSession(id=aid, info=info)
+        log.info("agent %s/%s (pod %s) arrived", info.namespace, info.name, info.pod_name)
+        self.m._refresh_states()
+        self.m._notify()
+        return pb.AgentSession(agent_id=aid)
+
+    async def AgentRemain(self, request, context):  # noqa: N802
+        a = await self._agent(context, request.agent_id)
+        a.last_seen = time.monotonic()
+        return pb.Empty()
+
+    async def WatchAgentInstructions(self, request, context) -> AsyncIterator[pb.AgentInstruction]:  # noqa: N802
+        a = await self._agent(context, request.agent_id)
+        while request.agent_id in self.m.agents:
+            a.changed.clear()
+            mine = []
+            for ic in self.m.intercepts.values():
+                if ic.spec.workload == a.info.name and ic.spec.namespace == a.info.namespace:
+                    # to the agent: "serve this" -- no session id, no environment
+                    mine.append(pb.InterceptInfo(id=ic.id, spec=ic.spec, state=pb.InterceptInfo.ACTIVE))
+            yield pb.AgentInstruction(intercepts=mine)
+            sent = {ic.id for ic in mine}
+            if sent != a.delivered:
+                a.delivered = sent
+                self.m._refresh_states()
+                for ev in list(self.m.watchers):
+                    ev.set()
+            try:
+                await asyncio.wait_for(a.changed.wait(), 30.0)
+            except asyncio.TimeoutError:
+                pass
+
+    async def WatchAgentDials(self, request, context) -> AsyncIterator[pb.DialRequest]:  # noqa: N802
+        a = await self._agent(context, request.agent_id)
+        while True:
+            req = await a.dials.get()
+            if req is None:
+                return
+            yield req
+
+    async def Tunnel(self, request_iterator, context):  # noqa: N802
+        chan = GrpcFrameChannel(context)
+        first = await chan.recv()
+        if first is None or first.WhichOneof("kind") != "open":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first tunnel frame must be `open`")
+        op = first.open
+        agent = self.m.agents.get(op.session_id) if op.session_id else None
+        if agent is None:
+            await chan.send(pb.TunnelFrame(error="agent session unknown; arrive again"))
+            return
+        if op.kind == pb.TunnelOpen.AGENT_INTERCEPTED:
+            await self.m.agent_tunnel(agent, op, chan)
+        elif op.kind == pb.TunnelOpen.DIAL_ANSWER:
+            await self.m.answer_dial(op, chan)
+        else:
+            await chan.send(pb.TunnelFrame(error=f"tunnel kind {pb.TunnelOpen.Kind.Name(op.kind)} "
+                                                 "is not for agents"))
 
 
 async def _relay(src: FrameChannel, dst: FrameChannel) -> None:
@@ -512,29 +640,42 @@ def pod_subnets() -> list[str]:
     return sorted(cidrs)
 
 
-async def serve(port: int) -> None:
-    server = grpc.aio.server(options=[
-        *BULK_GRPC_OPTIONS,
-        ("grpc.keepalive_time_ms", 20000),
-        ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.keepalive_permit_without_calls", 1),
-    ])
-    mgr = Manager(session_ttl=float(os.environ.get("TPNB_SESSION_TTL", "15")))
+SERVER_OPTIONS = [
+    *BULK_GRPC_OPTIONS,
+    ("grpc.keepalive_time_ms", 20000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+async def serve(client_port: int, agent_port: int, verifier: AgentVerifier | None = None,
+                client_host: str = "127.0.0.1") -> None:
+    """The client API on the pod's loopback (a port-forward is the only way in, and the API
+    server authorizes it), the agent API on the pod network for the agents' tunnels."""
+    mgr = Manager(session_ttl=float(os.environ.get("TPNB_SESSION_TTL", "15")), namespaces=managed_namespaces())
+    hub = AgentHub(mgr, verifier or KubeAgentVerifier())
+    clients = grpc.aio.server(options=SERVER_OPTIONS)
+    agents = grpc.aio.server(options=SERVER_OPTIONS)
     # data frames of every tunnel skip protobuf's payload copies (forward.decode_frame)
-    rpc.add_ManagerServicer_to_server(mgr, FastTunnelRegistration(server))
-    server.add_insecure_port(f"0.0.0.0:{port}")
-    await server.start()
-    log.info("traffic-manager %s listening on :%d (dns %s, domain %s)", mgr.image_version, port,
-             mgr.dns_servers, mgr.cluster_domain)
+    rpc.add_ManagerServicer_to_server(mgr, FastTunnelRegistration(clients))
+    rpc.add_AgentHubServicer_to_server(hub, FastTunnelRegistration(agents))
+    clients.add_insecure_port(f"{client_host}:{client_port}")
+    agents.add_insecure_port(f"0.0.0.0:{agent_port}")
+    await clients.start()
+    await agents.start()
+    scope = ", ".join(sorted(mgr.namespaces)) or "all namespaces"
+    log.info("traffic-manager %s: clients on %s:%d, agents on :%d (%s; dns %s, domain %s)", mgr.image_version,
+             client_host, client_port, agent_port, scope, mgr.dns_servers, mgr.cluster_domain)
     expire = asyncio.ensure_future(mgr.expire_loop())
     try:
-        await server.wait_for_termination()
+        await clients.wait_for_termination()
     finally:
         expire.cancel()
-        await server.stop(2)
+        await asyncio.gather(clients.stop(2), agents.stop(2))
 
 
 def main() -> None:
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(int(os.environ.get("TPNB_MANAGER_GRPC_PORT", "8081"))))
+    asyncio.run(serve(int(os.environ.get("TPNB_MANAGER_GRPC_PORT", "8081")),
+                      int(os.environ.get("TPNB_MANAGER_AGENT_PORT", "8082"))))

@@ -93,7 +93,11 @@ async def _session(conn: socket.socket, peer: str, root: str, sem: asyncio.Semap
 
 
 async def serve(port: int, root: str) -> None:
-    """Accept SFTP clients on 0.0.0.0:`port` until cancelled.
+    """Accept SFTP clients on the pod's loopback, 127.0.0.1:`port`, until cancelled.
+
+    Loopback only: other pods must not reach the app's files.  The one client
+    is the agent itself, joining a tunnel that the manager brokers for the
+    session holding the intercept (agent.Agent._answer_files).
 
     Never raises for a missing sftp-server or an unusable port: the agent's
     first job is the workload's traffic, so the file service only logs.
@@ -107,7 +111,7 @@ async def serve(port: int, root: str) -> None:
     lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        lsock.bind(("0.0.0.0", port))
+        lsock.bind(("127.0.0.1", port))
         lsock.listen(64)
     except OSError as exc:
         lsock.close()
@@ -117,7 +121,7 @@ async def serve(port: int, root: str) -> None:
     loop = asyncio.get_running_loop()
     sem = asyncio.Semaphore(MAX_SESSIONS)
     tasks: set[asyncio.Task[None]] = set()
-    log.info("volumes of the app served over SFTP on 0.0.0.0:%d (root %s)", port, root)
+    log.info("volumes of the app served over SFTP on 127.0.0.1:%d (root %s)", port, root)
     try:
         while True:
             conn, addr = await loop.sock_accept(lsock)

@@ -127,24 +127,17 @@ async def _wait_service_on_agent(api: object, namespace: str, service: str, agen
         await anyio.sleep(1.5)
 
 
-async def all_intercepts(session: Session | None) -> list[pb.InterceptInfo]:
-    """Every intercept the manager knows (all sessions), for `list`."""
+def all_intercepts(session: Session | None) -> list[pb.InterceptInfo]:
+    """Every intercept the manager shows this session: its own in full, others' as workload + holder."""
     if session is None or session.link is None:
         return []
-    call = session.link.stub.WatchIntercepts(pb.SessionInfo(session_id=""))
-    try:
-        first = await asyncio.wait_for(call.read(), 5)
-        return list(first.intercepts) if first is not grpc.aio.EOF else []
-    except (asyncio.TimeoutError, grpc.aio.AioRpcError):
-        return []
-    finally:
-        call.cancel()
+    return [*session.remote.values(), *session.others]
 
 
 async def list_workloads(session: Session, namespace: str) -> pb.WorkloadList:
     assert session.target is not None
     items = await anyio.to_thread.run_sync(agent_injector.list_workloads, session.target.api, namespace)
-    ics = await all_intercepts(session)
+    ics = all_intercepts(session)
     out = pb.WorkloadList()
     for it in items:
         w = out.workloads.add(name=it["name"], namespace=it.get("namespace", namespace), kind=it["kind"],
@@ -154,7 +147,7 @@ async def list_workloads(session: Session, namespace: str) -> pb.WorkloadList:
             ic = held[0]
             w.intercept.CopyFrom(ic)
             w.holder = ic.client_name
-            w.state = pb.INTERCEPTED_BY_ME if ic.session_id == session.session_id else pb.INTERCEPTED_BY_OTHER
+            w.state = pb.INTERCEPTED_BY_ME if ic.mine else pb.INTERCEPTED_BY_OTHER
         elif w.agent_installed:
             w.state = pb.AGENT_INSTALLED
         else:

@@ -40,7 +40,7 @@ import yaml
 from kubernetes.client import ApiClient, ApiException, Configuration
 
 from tpnb import config
-from tpnb.errors import ClusterError, PermissionDenied
+from tpnb.errors import ClusterError, PermissionDenied, TpnbError
 
 log = logging.getLogger(__name__)
 
@@ -557,6 +557,18 @@ async def request(
         except ValueError:
             return None
     raise ApiException(status=status, reason="", body=data.decode("utf-8", "replace"))
+
+
+async def whoami(t: KubeTarget) -> str:
+    """The Kubernetes user name the API server sees for these credentials ("" if it will not say)."""
+    body = {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}
+    try:
+        got = await request(t, "POST", "/apis/authentication.k8s.io/v1/selfsubjectreviews", body=body,
+                            timeout=min(config.get().timeouts.api, 10))
+    except (ApiException, TpnbError) as exc:
+        log.debug("SelfSubjectReview failed: %s", exc)
+        return ""
+    return str((((got or {}).get("status") or {}).get("userInfo") or {}).get("username") or "")
 
 
 def _unwrap_urllib3(exc: BaseException | None) -> BaseException:

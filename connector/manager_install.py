@@ -9,8 +9,9 @@ hash of the rendered manifests stored on the Deployment: equal -> reuse it
 untouched (no restart of other users' sessions), different -> apply and wait
 for the rollout.
 
-The manager only reads cluster state (the daemon injects agents with the
-user's own rights), so its ClusterRole is get/list/watch only.
+The manager only reads cluster state (the connector injects agents with the
+user's own rights), so its ClusterRole is get/list/watch, plus creating
+TokenReviews to check the agents' tokens.
 """
 from __future__ import annotations
 
@@ -86,10 +87,16 @@ def rbac_name(namespace: str) -> str:
 
 
 def manifests(image: str, namespace: str | None = None, grpc_port: int | None = None) -> list[dict[str, Any]]:
-    """Every object of a manager install, in apply order (namespace first)."""
+    """Every object of a manager install, in apply order (namespace first).
+
+    The client port (`grpc_port`) is served on the pod's loopback only and is
+    neither a containerPort nor in the Service: clients reach it through a
+    port-forward.  The Service carries the agents' port.
+    """
     cfg = config.get()
     namespace = namespace or cfg.manager.namespace
     grpc_port = grpc_port or cfg.manager.grpc_port
+    agent_port = cfg.manager.agent_port
     version = _label_value(image_tag(image))
     labels = {**MANAGED_BY, **SELECTOR, "app.kubernetes.io/part-of": "tpnb"}
     rbac = rbac_name(namespace)
@@ -106,6 +113,8 @@ def manifests(image: str, namespace: str | None = None, grpc_port: int | None = 
              {"apiGroups": [""], "resources": ["nodes", "namespaces", "services", "pods", "endpoints"], "verbs": read},
              {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": read},
              {"apiGroups": ["apps"], "resources": ["deployments", "replicasets", "statefulsets"], "verbs": read},
+             # agents prove who they are with a projected ServiceAccount token (cluster/agent_auth.py)
+             {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
          ]},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
          "metadata": meta(rbac, None),
@@ -115,7 +124,7 @@ def manifests(image: str, namespace: str | None = None, grpc_port: int | None = 
         # agent starting while the manager restarts is not handed a cached NXDOMAIN.
         {"apiVersion": "v1", "kind": "Service", "metadata": meta(NAME),
          "spec": {"selector": dict(SELECTOR),
-                  "ports": [{"name": "grpc", "port": grpc_port, "targetPort": grpc_port, "protocol": "TCP"}]}},
+                  "ports": [{"name": "agents", "port": agent_port, "targetPort": agent_port, "protocol": "TCP"}]}},
         {"apiVersion": "apps/v1", "kind": "Deployment",
          "metadata": {**meta(NAME), "labels": {**labels, "app.kubernetes.io/version": version}},
          "spec": {
@@ -142,10 +151,11 @@ def manifests(image: str, namespace: str | None = None, grpc_port: int | None = 
                              {"name": "TPNB_MANAGER_NAMESPACE",
                               "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
                              {"name": "TPNB_MANAGER_GRPC_PORT", "value": str(grpc_port)},
+                             {"name": "TPNB_MANAGER_AGENT_PORT", "value": str(agent_port)},
                              {"name": "TPNB_MANAGER_SESSION_TTL", "value": str(cfg.manager.session_ttl)},
                          ],
-                         "ports": [{"name": "grpc", "containerPort": grpc_port, "protocol": "TCP"}],
-                         "readinessProbe": {"tcpSocket": {"port": grpc_port},
+                         "ports": [{"name": "agents", "containerPort": agent_port, "protocol": "TCP"}],
+                         "readinessProbe": {"tcpSocket": {"port": agent_port},
                                             "periodSeconds": 2, "failureThreshold": 3},
                          "resources": {"requests": {"cpu": "20m", "memory": "64Mi"},
                                        "limits": {"memory": "256Mi"}},

@@ -209,7 +209,7 @@ class ConnectorService(rpc.ConnectorServicer):
 
     async def ForwardToCluster(self, request, context):  # noqa: N802
         try:
-            port = await self._require().local_forward(request.ip, request.port)
+            port = await self._require().local_forward(request.ip, request.port, request.intercept_id)
         except TpnbError as err:
             await self._abort(context, err)
             return pb.ForwardReply()

@@ -90,7 +90,11 @@ class Session:
     _reconnect_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _closing: bool = False
     _relays: int = 0
-    _forwards: dict[tuple[str, int], asyncio.Server] = field(default_factory=dict)
+    _forwards: dict[tuple[str, int, str], asyncio.Server] = field(default_factory=dict)
+    #: other sessions' intercepts as the manager shows them (workload, holder, state)
+    others: list[pb.InterceptInfo] = field(default_factory=list)
+    #: who the API server says we are (shown to others as the holder of our intercepts)
+    kube_user: str = ""
 
     # ================================================================ connect
     async def start(self, progress: ProgressFn) -> None:
@@ -152,8 +156,10 @@ class Session:
     async def _arrive(self) -> None:
         assert self.link is not None and self.target is not None
         stub = self.link.stub
+        if not self.kube_user:
+            self.kube_user = await kube.whoami(self.target)
         info = pb.ClientInfo(name=self.request.user or _whoami(), install_id=tpnb_config.netns_id(),
-                             version=__version__, kube_context=self.target.context)
+                             version=__version__, kube_context=self.target.context, kube_user=self.kube_user)
         sess = await stub.ArriveAsClient(info, timeout=10)
         self.session_id = sess.session_id
         self.cluster = await stub.GetClusterInfo(sess, timeout=15)
@@ -260,39 +266,46 @@ class Session:
             chan.cancel()
 
     # ================================================================ loopback forwards
-    async def local_forward(self, ip: str, port: int) -> int:
-        """A 127.0.0.1 port whose connections are tunnelled to ip:port in the cluster (kept until close)."""
+    async def local_forward(self, ip: str, port: int, intercept_id: str = "") -> int:
+        """A 127.0.0.1 port whose connections are tunnelled to ip:port in the cluster, or (with
+        `intercept_id`) to the file service of the agent at `ip` serving that intercept of ours.
+        Kept until close."""
         try:
             ipaddress.ip_address(ip)
         except ValueError:
             raise InterceptError(f"cannot forward to {ip!r}", "it is not an IP address") from None
-        key = (ip, int(port))
+        if intercept_id and not any(ic.id == intercept_id for ic in self.intercepts.values()):
+            raise InterceptError("cannot reach those files", "that intercept is not one of this session's",
+                                 "`tpnb list` shows your intercepts")
+        key = (ip, int(port), intercept_id)
         if key not in self._forwards:
             server = await asyncio.start_server(lambda r, w: self._forward_conn(key, r, w), "127.0.0.1", 0,
                                                 limit=STREAM_LIMIT)
             self._forwards[key] = server
-            log.info("127.0.0.1:%d forwards to %s:%d in the cluster", server.sockets[0].getsockname()[1], *key)
+            log.info("127.0.0.1:%d forwards to %s:%d in the cluster%s", server.sockets[0].getsockname()[1], ip, port,
+                 " (the intercept's files)" if intercept_id else "")
         return self._forwards[key].sockets[0].getsockname()[1]
 
-    async def _forward_conn(self, dst: tuple[str, int], reader: asyncio.StreamReader,
+    async def _forward_conn(self, dst: tuple[str, int, str], reader: asyncio.StreamReader,
                             writer: asyncio.StreamWriter) -> None:
         link = self.link
         if link is None:
             writer.close()
             return
-        open_ = pb.TunnelOpen(session_id=self.session_id, kind=pb.TunnelOpen.OUTBOUND, protocol=pb.TunnelOpen.TCP,
-                              dst_ip=ipaddress.ip_address(dst[0]).packed, dst_port=dst[1])
+        kind = pb.TunnelOpen.AGENT_FILES if dst[2] else pb.TunnelOpen.OUTBOUND
+        open_ = pb.TunnelOpen(session_id=self.session_id, kind=kind, protocol=pb.TunnelOpen.TCP,
+                              dst_ip=ipaddress.ip_address(dst[0]).packed, dst_port=dst[1], intercept_id=dst[2])
         chan = GrpcFrameChannel(link.stub.Tunnel())
         try:
             await chan.send(pb.TunnelFrame(open=open_))
             first = await chan.recv()
             if first is None or first.WhichOneof("kind") == "error":
-                log.info("forward to %s:%d refused: %s", *dst, first.error if first is not None else "closed")
+                log.info("forward to %s:%d refused: %s", dst[0], dst[1], first.error if first is not None else "closed")
                 writer.close()
                 return
             await bridge(reader, writer, chan)
         except TunnelError as exc:
-            log.debug("forward to %s:%d ended: %s", *dst, exc)
+            log.debug("forward to %s:%d ended: %s", dst[0], dst[1], exc)
         finally:
             chan.cancel()
 
@@ -365,7 +378,9 @@ class Session:
         return self._follow("WatchIntercepts", lambda stub: stub.WatchIntercepts, self._on_intercepts)
 
     def _on_intercepts(self, lst: pb.InterceptList) -> None:
-        self.remote = {ic.id: ic for ic in lst.intercepts}
+        # only our own intercepts carry ids (others' are workload + holder only)
+        self.remote = {ic.id: ic for ic in lst.intercepts if ic.mine}
+        self.others = [ic for ic in lst.intercepts if not ic.mine]
         for name, mine in list(self.intercepts.items()):
             if mine.id in self.remote:
                 self.intercepts[name] = self.remote[mine.id]

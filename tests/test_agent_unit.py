@@ -266,18 +266,22 @@ def test_splice_large_and_half_close_and_cancel() -> None:
 
 # ====================================================================== the agent
 
-class FakeManager(rpc.ManagerServicer):
-    """Just enough of the traffic-manager for the agent: sessions, instructions, tunnels."""
+class FakeManager(rpc.AgentHubServicer):
+    """Just enough of the traffic-manager's agent API for the agent: sessions, instructions, tunnels."""
 
     def __init__(self, laptop_port: int) -> None:
         self.laptop_port = laptop_port
         self.arrivals: list[pb.AgentInfo] = []
+        self.tokens: list[str] = []
+        self.dials: asyncio.Queue[pb.DialRequest] = asyncio.Queue()
+        self.answers: asyncio.Queue[bytes] = asyncio.Queue()
         self.sessions: set[str] = set()
         self.instructions: asyncio.Queue[pb.AgentInstruction] = asyncio.Queue()
         self.opens: list[pb.TunnelOpen] = []
         self.refuse = False
 
     async def ArriveAsAgent(self, request: pb.AgentInfo, context: Any) -> pb.AgentSession:
+        self.tokens.append(dict(context.invocation_metadata()).get("authorization", ""))
         self.arrivals.append(request)
         sid = f"agent-{len(self.arrivals)}"
         self.sessions.add(sid)
@@ -294,11 +298,22 @@ class FakeManager(rpc.ManagerServicer):
         while True:
             yield await self.instructions.get()
 
+    async def WatchAgentDials(self, request: pb.AgentSession, context: Any) -> Any:
+        while True:
+            yield await self.dials.get()
+
     async def Tunnel(self, request_iterator: Any, context: Any) -> None:
         chan = GrpcFrameChannel(context)
         first = await chan.recv()
         assert first is not None and first.WhichOneof("kind") == "open"
         self.opens.append(first.open)
+        if first.open.kind == pb.TunnelOpen.DIAL_ANSWER:  # the agent joined its file service
+            opened = await chan.recv()
+            assert opened is not None and opened.WhichOneof("kind") == "opened"
+            await chan.send(pb.TunnelFrame(data=b"ls"))
+            reply = await chan.recv()
+            await self.answers.put(reply.data if reply is not None else b"")
+            return
         if self.refuse:
             await chan.send(error_frame("client port not listening"))
             return
@@ -334,7 +349,7 @@ def _tag(tag: bytes) -> Any:
 async def _start_manager(fake: FakeManager, port: int) -> Any:
     import grpc
     server = grpc.aio.server()
-    rpc.add_ManagerServicer_to_server(fake, server)
+    rpc.add_AgentHubServicer_to_server(fake, server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     return server
@@ -349,18 +364,27 @@ async def _until(pred: Any, timeout: float = 10) -> None:
         await asyncio.sleep(0.05)
 
 
-def test_agent_forwards_routes_intercepts_and_survives_manager_restarts(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_agent_forwards_routes_intercepts_and_survives_manager_restarts(monkeypatch: pytest.MonkeyPatch,
+                                                                       tmp_path: Any) -> None:
     monkeypatch.setattr(agent_mod, "app_environment", lambda s, proc=None: {"GREETING": "hi"})
     monkeypatch.setattr(agent_mod, "REMAIN_INTERVAL", 0.3)
+    token = tmp_path / "token"
+    token.write_text("projected-token\n")
 
     async def main() -> None:
         app, app_port = await _server(_tag(b"app:"))
         laptop, laptop_port = await _server(_tag(b"laptop:"))
+        async def answer_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"files:" + await reader.read(100))
+            await writer.drain()
+            writer.close()
+        files, files_port = await _server(answer_once)   # the loopback file service
         mgr_port = _free_port()
         settings = agent_mod.AgentSettings(
             name="hello", namespace="default", pod_name="hello-1", pod_ip="10.42.0.9",
-            app_container="echoserver", app_port=app_port, agent_port=_free_port(), grpc_port=_free_port(),
-            manager_host="127.0.0.1", manager_port=mgr_port, mounts=["/data"])
+            app_container="echoserver", app_port=app_port, agent_port=_free_port(), health_port=_free_port(),
+            sftp_port=files_port, manager_host="127.0.0.1", manager_port=mgr_port, mounts=["/data"],
+            token_file=str(token))
         ag = agent_mod.Agent(settings)
         await ag.start()
         session = asyncio.ensure_future(ag.session_loop())
@@ -374,6 +398,11 @@ def test_agent_forwards_routes_intercepts_and_survives_manager_restarts(monkeypa
             info = fake.arrivals[-1]
             assert (info.name, info.pod_ip, info.app_container) == ("hello", "10.42.0.9", "echoserver")
             assert dict(info.environment) == {"GREETING": "hi"} and info.mount_point == "/tpnb/volumes"
+            assert fake.tokens[-1] == "Bearer projected-token"   # the agent proves who it is
+            # the manager asks for the file service: the agent joins its loopback listener to a tunnel
+            await fake.dials.put(pb.DialRequest(purpose=pb.DialRequest.FILES, dial_id="d1"))
+            assert await asyncio.wait_for(fake.answers.get(), 10) == b"files:ls"
+            assert fake.opens[-1].kind == pb.TunnelOpen.DIAL_ANSWER and fake.opens[-1].dial_id == "d1"
             assert await _ask(settings.agent_port, b"two") == b"app:two"
 
             ic = pb.InterceptInfo(id="ic1", state=pb.InterceptInfo.ACTIVE,
@@ -415,11 +444,10 @@ def test_agent_forwards_routes_intercepts_and_survives_manager_restarts(monkeypa
             fake2.sessions.clear()
             await _until(lambda: len(fake2.arrivals) > n, 10)
 
-            # the agent's own RPC answers (readiness probe port)
-            import grpc
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{settings.grpc_port}") as ch:
-                v = await rpc.AgentStub(ch).Version(pb.Empty(), timeout=5)
-                assert v.name == "traffic-agent"
+            # the health port (readiness probe) accepts and closes: it serves nothing
+            r, w = await asyncio.open_connection("127.0.0.1", settings.health_port)
+            assert await asyncio.wait_for(r.read(), 5) == b""
+            w.close()
             await server.stop(0)
         finally:
             session.cancel()
@@ -427,6 +455,7 @@ def test_agent_forwards_routes_intercepts_and_survives_manager_restarts(monkeypa
             await ag.stop()
             app.close()
             laptop.close()
+            files.close()
     asyncio.run(asyncio.wait_for(main(), 90))
 
 
@@ -536,7 +565,7 @@ def test_numeric_target_port_inject_and_restore() -> None:
     env = _env(agent)
     assert env["TPNB_CONTAINER"] == "echoserver" and env["AGENT_NAME"] == "hello"
     assert env["APP_PORT"] == "8080" and env["AGENT_PORT"] == "9900"
-    assert env["MANAGER_HOST"] == "traffic-manager.tpnb" and env["MANAGER_PORT"] == "8081"
+    assert env["MANAGER_HOST"] == "traffic-manager.tpnb" and env["MANAGER_PORT"] == "8082"  # the agents' API
     assert env["AGENT_POD_IP"] == {"fieldRef": {"apiVersion": "v1", "fieldPath": "status.podIP"}}
     assert env["AGENT_NAMESPACE"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert json.loads(env["TPNB_MOUNTS"]) == ["/data", "/etc/app"]

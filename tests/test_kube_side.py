@@ -623,13 +623,16 @@ def test_manager_manifests() -> None:
     granted = {(g, r) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
     assert granted == {("", "nodes"), ("", "namespaces"), ("", "services"), ("", "pods"), ("", "endpoints"),
                        ("discovery.k8s.io", "endpointslices"), ("apps", "deployments"), ("apps", "replicasets"),
-                       ("apps", "statefulsets")}
-    assert all(rule["verbs"] == ["get", "list", "watch"] for rule in role["rules"])  # read only
+                       ("apps", "statefulsets"), ("authentication.k8s.io", "tokenreviews")}
+    for rule in role["rules"]:  # read only, plus checking the agents' tokens
+        want = ["create"] if rule["resources"] == ["tokenreviews"] else ["get", "list", "watch"]
+        assert rule["verbs"] == want, rule
     crb = objs[3]
     assert crb["subjects"] == [{"kind": "ServiceAccount", "name": "traffic-manager", "namespace": "tpnb"}]
     svc = objs[4]["spec"]
-    # a real ClusterIP: the name resolves even while the manager pod restarts
-    assert "clusterIP" not in svc and svc["ports"][0]["port"] == 8081 and svc["ports"][0]["name"] == "grpc"
+    # a real ClusterIP: the name resolves even while the manager pod restarts; it carries only the
+    # agents' port (the client port is on the pod's loopback, for port-forwards)
+    assert "clusterIP" not in svc and [(p["port"], p["name"]) for p in svc["ports"]] == [(8082, "agents")]
     dep = objs[5]
     assert dep["metadata"]["name"] == "traffic-manager" and dep["spec"]["replicas"] == 1
     pod = dep["spec"]["template"]["spec"]
@@ -639,7 +642,9 @@ def test_manager_manifests() -> None:
     env = {e["name"]: e for e in c["env"]}
     assert env["MANAGER_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert env["TPNB_MANAGER_GRPC_PORT"]["value"] == "8081"
-    assert c["readinessProbe"]["tcpSocket"]["port"] == 8081
+    assert env["TPNB_MANAGER_AGENT_PORT"]["value"] == "8082"
+    assert [p["containerPort"] for p in c["ports"]] == [8082]
+    assert c["readinessProbe"]["tcpSocket"]["port"] == 8082
     assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
     assert dep["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": "traffic-manager"}
     # the hash changes with the image and is stable otherwise

@@ -1,8 +1,12 @@
-"""The traffic-manager's brokering, run in-process on loopback.
+"""The traffic-manager's brokering and session rules, run in-process on loopback.
 
 Real gRPC, real TCP sockets on 127.0.0.1: an outbound flow through the
-manager's dialer, and an intercepted connection joined from an "agent"
-tunnel to a "client" that answers the manager's DialRequest.
+manager's dialer, an intercepted connection joined from an "agent" tunnel to a
+"client" that answers the manager's DialRequest, the agent's file service
+brokered to the intercept's holder only, and what one session may see and do
+of another's.  Agents are verified by a plain stand-in for the TokenReview
+check (its real counterpart runs against the dev cluster in
+tests/test_shared_cluster.py); the rules around it are the manager's own.
 """
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ import grpc
 import pytest
 
 from tpnb.common.forward import GrpcFrameChannel
-from tpnb.cluster.manager import Manager
+from tpnb.cluster.agent_auth import AgentRefused
+from tpnb.cluster.manager import AgentHub, Manager
 from tpnb.proto import pb, rpc
 
 pytestmark = pytest.mark.unit
@@ -29,14 +34,30 @@ async def _echo_server() -> tuple[asyncio.base_events.Server, int]:
     return srv, srv.sockets[0].getsockname()[1]
 
 
+class _Tokens:
+    """Accepts token "agent-of-<workload>" for that workload only (what TokenReview + pod checks decide)."""
+
+    async def verify(self, token: str, claimed: pb.AgentInfo) -> pb.AgentInfo:
+        if token != f"agent-of-{claimed.name}":
+            raise AgentRefused("the API server rejected the token")
+        return claimed
+
+
+def _bearer(token: str) -> tuple[tuple[str, str]]:
+    return (("authorization", f"Bearer {token}"),)
+
+
 async def _manager(ttl: float = 15.0) -> tuple[grpc.aio.Server, Manager, rpc.ManagerStub, grpc.aio.Channel]:
     server = grpc.aio.server()
     mgr = Manager(session_ttl=ttl)
     rpc.add_ManagerServicer_to_server(mgr, server)
+    rpc.add_AgentHubServicer_to_server(AgentHub(mgr, _Tokens()), server)  # one server here; two ports in the pod
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     chan = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    return server, mgr, rpc.ManagerStub(chan), chan
+    stub = rpc.ManagerStub(chan)
+    stub.hub = rpc.AgentHubStub(chan)  # type: ignore[attr-defined]
+    return server, mgr, stub, chan
 
 
 def _ip(s: str) -> bytes:
@@ -93,8 +114,17 @@ async def _intercept() -> None:
     try:
         alice = await stub.ArriveAsClient(pb.ClientInfo(name="alice@laptop"))
         bob = await stub.ArriveAsClient(pb.ClientInfo(name="bob@laptop2"))
-        agent = await stub.ArriveAsAgent(pb.AgentInfo(name="hello", namespace="default", pod_name="hello-1",
-                                                      pod_ip="10.42.0.5", environment={"A": "1"}))
+        hub = stub.hub
+        info = pb.AgentInfo(name="hello", namespace="default", pod_name="hello-1", pod_ip="10.42.0.5",
+                            environment={"A": "1"})
+        # no token, or another workload's: refused
+        for md in ((), _bearer("agent-of-other")):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await hub.ArriveAsAgent(info, metadata=md)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        agent = await hub.ArriveAsAgent(info, metadata=_bearer("agent-of-hello"))
+        other = await hub.ArriveAsAgent(pb.AgentInfo(name="other", namespace="default", pod_name="other-1",
+                                                     pod_ip="10.42.0.6"), metadata=_bearer("agent-of-other"))
         spec = pb.InterceptSpec(name="hello", namespace="default", workload="hello", local_port=lport,
                                 target_host="127.0.0.1")
         ic = await stub.CreateIntercept(pb.CreateInterceptRequest(session=alice, spec=spec))
@@ -109,10 +139,12 @@ async def _intercept() -> None:
         assert "alice@laptop" in exc.value.details()
 
         # the agent learns about the intercept, and only then is it ACTIVE for alice
-        instr = stub.WatchAgentInstructions(agent)
+        instr = hub.WatchAgentInstructions(agent)
         first = await instr.read()
         assert [i.id for i in first.intercepts] == [ic.id]
         assert first.intercepts[0].state == pb.InterceptInfo.ACTIVE
+        # agents are told what to serve, never whose session it is or its environment
+        assert first.intercepts[0].session_id == "" and not first.intercepts[0].environment
         watch = stub.WatchIntercepts(alice)
         while True:
             lst = await asyncio.wait_for(watch.read(), 5)
@@ -136,8 +168,21 @@ async def _intercept() -> None:
                 w.close()
                 return
 
+        # the agent of another workload cannot feed connections into alice's intercept
+        bad = GrpcFrameChannel(hub.Tunnel())
+        await bad.send(pb.TunnelFrame(open=pb.TunnelOpen(session_id=other.agent_id,
+                                                         kind=pb.TunnelOpen.AGENT_INTERCEPTED, intercept_id=ic.id)))
+        assert (await asyncio.wait_for(bad.recv(), 5)).WhichOneof("kind") == "error"
+        bad.cancel()
+        # nor can a client, on the client API
+        bad = GrpcFrameChannel(stub.Tunnel())
+        await bad.send(pb.TunnelFrame(open=pb.TunnelOpen(session_id=bob.session_id,
+                                                         kind=pb.TunnelOpen.AGENT_INTERCEPTED, intercept_id=ic.id)))
+        assert (await asyncio.wait_for(bad.recv(), 5)).WhichOneof("kind") == "error"
+        bad.cancel()
+
         answering = asyncio.ensure_future(answer())
-        at = GrpcFrameChannel(stub.Tunnel())
+        at = GrpcFrameChannel(hub.Tunnel())
         await at.send(pb.TunnelFrame(open=pb.TunnelOpen(session_id=agent.agent_id, kind=pb.TunnelOpen.AGENT_INTERCEPTED, intercept_id=ic.id,
                                                         src_ip=_ip("10.42.0.9"), src_port=4444)))
         opened = await asyncio.wait_for(at.recv(), 5)
@@ -184,3 +229,85 @@ async def _expiry() -> None:
 
 def test_silent_session_expires_with_its_intercepts() -> None:
     asyncio.run(_expiry())
+
+
+async def _visibility_and_files() -> None:
+    """What bob's session gets of alice's intercept, and the file service only alice reaches."""
+    server, mgr, stub, chan = await _manager()
+    files, fport = await _echo_server()   # stands in for the agent's loopback sftp-server
+    try:
+        hub = stub.hub
+        alice = await stub.ArriveAsClient(pb.ClientInfo(name="alice@laptop"))
+        bob = await stub.ArriveAsClient(pb.ClientInfo(name="bob@laptop2"))
+        agent = await hub.ArriveAsAgent(pb.AgentInfo(name="hello", namespace="default", pod_name="hello-1",
+                                                     pod_ip="10.42.0.5", environment={"SECRET": "s3"}),
+                                        metadata=_bearer("agent-of-hello"))
+        spec = pb.InterceptSpec(name="hello", namespace="default", workload="hello", local_port=9000,
+                                target_host="127.0.0.1")
+        ic = await stub.CreateIntercept(pb.CreateInterceptRequest(session=alice, spec=spec))
+        assert ic.mine and ic.environment["SECRET"] == "s3"
+
+        # bob sees the workload and its holder, nothing of alice's session
+        seen = (await asyncio.wait_for(stub.WatchIntercepts(bob).read(), 5)).intercepts
+        assert [(i.spec.workload, i.client_name, i.mine) for i in seen] == [("hello", "alice@laptop", False)]
+        assert not seen[0].environment and not seen[0].session_id and not seen[0].id and not seen[0].pod_ips
+        # alice sees hers in full
+        own = (await asyncio.wait_for(stub.WatchIntercepts(alice).read(), 5)).intercepts
+        assert own[0].mine and own[0].environment["SECRET"] == "s3" and own[0].id == ic.id
+        # no session at all: nothing
+        with pytest.raises(grpc.aio.AioRpcError) as none:
+            await asyncio.wait_for(stub.WatchIntercepts(pb.SessionInfo(session_id="")).read(), 5)
+        assert none.value.code() == grpc.StatusCode.NOT_FOUND
+
+        # bob cannot remove it; the refusal names the holder
+        with pytest.raises(grpc.aio.AioRpcError) as held:
+            await stub.RemoveIntercept(pb.RemoveInterceptRequest(session_id=bob.session_id, name="hello"))
+        assert held.value.code() == grpc.StatusCode.PERMISSION_DENIED and "alice@laptop" in held.value.details()
+
+        # the agent answers file dials by connecting its (loopback) file service
+        async def serve_files() -> None:
+            async for req in hub.WatchAgentDials(agent):
+                assert req.purpose == pb.DialRequest.FILES and req.intercept_id == ic.id
+                # bob cannot take the answer side of alice's file dial
+                steal = GrpcFrameChannel(stub.Tunnel())
+                await steal.send(pb.TunnelFrame(open=pb.TunnelOpen(session_id=bob.session_id,
+                                                                   kind=pb.TunnelOpen.DIAL_ANSWER,
+                                                                   dial_id=req.dial_id)))
+                assert (await asyncio.wait_for(steal.recv(), 5)).WhichOneof("kind") == "error"
+                steal.cancel()
+                t = GrpcFrameChannel(hub.Tunnel())
+                await t.send(pb.TunnelFrame(open=pb.TunnelOpen(session_id=agent.agent_id,
+                                                               kind=pb.TunnelOpen.DIAL_ANSWER, dial_id=req.dial_id)))
+                r, w = await asyncio.open_connection("127.0.0.1", fport)
+                await t.send(pb.TunnelFrame(opened=pb.Empty()))
+                f = await t.recv()
+                w.write(f.data)
+                await t.send(pb.TunnelFrame(data=await r.read(65536)))
+                w.close()
+
+        serving = asyncio.ensure_future(serve_files())
+        ft = GrpcFrameChannel(stub.Tunnel())
+        await ft.send(pb.TunnelFrame(open=pb.TunnelOpen(session_id=alice.session_id, kind=pb.TunnelOpen.AGENT_FILES,
+                                                        intercept_id=ic.id, dst_ip=_ip("10.42.0.5"))))
+        assert (await asyncio.wait_for(ft.recv(), 5)).WhichOneof("kind") == "opened"
+        await ft.send(pb.TunnelFrame(data=b"ls"))
+        assert (await asyncio.wait_for(ft.recv(), 5)).data == b"echo:ls"
+        ft.cancel()
+
+        # bob asking for alice's files (he may even guess the id): refused before any agent is asked
+        for iid in (ic.id, ""):
+            bt = GrpcFrameChannel(stub.Tunnel())
+            await bt.send(pb.TunnelFrame(open=pb.TunnelOpen(session_id=bob.session_id,
+                                                            kind=pb.TunnelOpen.AGENT_FILES, intercept_id=iid)))
+            reply = await asyncio.wait_for(bt.recv(), 5)
+            assert reply.WhichOneof("kind") == "error" and "session" in reply.error
+            bt.cancel()
+        serving.cancel()
+    finally:
+        files.close()
+        await chan.close()
+        await server.stop(0)
+
+
+def test_sessions_see_only_their_own_and_files_go_to_the_holder() -> None:
+    asyncio.run(_visibility_and_files())

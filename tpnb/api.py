@@ -268,13 +268,15 @@ class Session:
         ic = intercept or self.get_intercept(name)
         return mounts.mount(ic, root, self.cfg, via=self._file_service(ic))
 
-    def _file_service(self, ic: Intercept) -> tuple[str, int] | None:
-        """Where the agent's file service is reached: None (its pod IP, routed by the root
-        daemon) or, without system-wide outbound, a loopback forward of the connector."""
-        if not ic.pod_ips or self.status().outbound:
-            return None
+    def _file_service(self, ic: Intercept) -> tuple[str, int]:
+        """Where the agent's file service is reached: a loopback port of the connector that the
+        manager joins to the agent of this intercept (only the session holding it may)."""
+        if not ic.pod_ips:
+            raise InterceptError(f"cannot reach the files of {ic.name}", "the intercept has no pod address yet",
+                                 "retry once it is ACTIVE")
         reply = self.client.call(self.client.stub().ForwardToCluster,
-                                 pb.ForwardRequest(ip=ic.pod_ips[0], port=self.cfg.agent.sftp_port))
+                                 pb.ForwardRequest(ip=ic.pod_ips[0], port=self.cfg.agent.sftp_port,
+                                                   intercept_id=ic.id))
         return "127.0.0.1", reply.local_port
 
     def unmount(self, name: str) -> None:
@@ -294,15 +296,12 @@ class Session:
         from .remotefs import RemoteFS
 
         ic = self.get_intercept(name)
-        if not ic.pod_ips:
-            raise InterceptError(f"cannot read the files of {name}", "the intercept has no pod address yet",
-                                 "retry once it is ACTIVE")
-        host, port = self._file_service(ic) or (ic.pod_ips[0], self.cfg.agent.sftp_port)
+        host, port = self._file_service(ic)
         try:
             return RemoteFS(host, port, self.cfg.agent.mount_prefix)
         except OSError as exc:
-            raise InterceptError(f"cannot reach the file service of {name} at {ic.pod_ips[0]}:"
-                                 f"{self.cfg.agent.sftp_port}", exc.strerror or str(exc),
+            raise InterceptError(f"cannot reach the file service of {name} (pod {ic.pod_ips[0]})",
+                                 exc.strerror or str(exc),
                                  f"check `kubectl -n {ic.namespace} logs deploy/{ic.workload} -c traffic-agent`"
                                  ) from None
 

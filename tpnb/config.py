@@ -46,7 +46,10 @@ class ManagerConfig:
     namespace: str = "tpnb"
     #: empty: tpnb.local/tpnb:<version>-<source hash> (see tpnb/imageref.py)
     image: str = ""
+    #: the client API: on the manager pod's loopback only, reached through a port-forward
     grpc_port: int = 8081
+    #: the agents' API: on the pod network (the traffic-manager Service), token-authenticated
+    agent_port: int = 8082
     #: seconds without a heartbeat before a client session (and its intercepts) expires
     session_ttl: int = 15
 

@@ -1,9 +1,10 @@
 """The intercepted pod's volumes on the laptop, through sshfs.
 
-The traffic-agent serves the app container's volumes with sftp-server on
-`agent.sftp_port` (cluster/sftp.py).  Once connected, pod IPs are routed
-through tpnb's TUN, so sshfs talks SFTP straight to `<pod ip>:9902`
-(`-o directport`): no ssh, no keys, no extra port-forward.
+The traffic-agent serves the app container's volumes with sftp-server on its
+pod's loopback (cluster/sftp.py); the traffic-manager joins it to a tunnel of
+the session holding the intercept, which the connector offers on a 127.0.0.1
+port (ForwardToCluster with the intercept's id).  sshfs talks SFTP straight to
+that port (`-o directport`): no ssh, no keys.
 
 Mounts outlive the process that made them (sshfs runs in the background, so
 `tpnb intercept NAME` without `-- CMD` leaves the volumes mounted until
@@ -243,7 +244,7 @@ def sshfs_argv(pod_ip: str, root: Path, port: int, prefix: str) -> list[str]:
 
 
 def mount(intercept: _HasPods, root: str | os.PathLike[str] | None = None,
-          cfg: tpnb_config.Config | None = None, via: tuple[str, int] | None = None) -> Path:
+          cfg: tpnb_config.Config | None = None, *, via: tuple[str, int]) -> Path:
     """Mount the intercepted pod's volumes on `root` (default: a fresh temp dir); returns the mount point.
 
     Paths below it are the app's: `<root>/etc/config/app.yaml` is the app's
@@ -257,8 +258,8 @@ def mount(intercept: _HasPods, root: str | os.PathLike[str] | None = None,
     cleanup_stale()
     made = root is None or str(root) == "" or not Path(root).exists()
     target = prepare_root(root, intercept.name)
-    # `via`: a loopback forward of the connector (no root daemon routes pod IPs here)
-    host, port = via or (intercept.pod_ips[0], cfg.agent.sftp_port)
+    # `via`: the connector's loopback forward to this intercept's file service
+    host, port = via
     argv = sshfs_argv(host, target, port, cfg.agent.mount_prefix)
     try:
         res = subprocess.run(argv, capture_output=True, text=True, timeout=MOUNT_TIMEOUT,

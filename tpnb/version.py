@@ -3,4 +3,4 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 #: protocol generation (see tpnb/proto/tpnb.proto)
-API_VERSION = 1
+API_VERSION = 2
