@@ -16,6 +16,12 @@ What injection changes, and where the undo information lives:
 * every volumeMount of the app container is mounted into the agent under
   `agent.mount_prefix` + original path (same readOnly/subPath), listed in
   `TPNB_MOUNTS`.
+* the pod gets the volume `tpnb-agent-token`: a projected ServiceAccount
+  token (audience `tpnb-traffic-manager`, 1 h, rotated by the kubelet),
+  mounted read-only into the agent only at /var/run/secrets/tpnb, its file
+  named by `TPNB_AGENT_TOKEN_FILE`; the agent presents it to the manager,
+  which verifies it with a TokenReview.  Removed again by `restore_workload`
+  (volumes of these reserved names are ours).
 * Service with a numeric targetPort: that port of the Service is pointed at
   the agent port; the original is kept in the Service annotation
   `tpnb.io/original-target-port` (JSON: service-port key -> original).
@@ -60,6 +66,13 @@ ANN_SVC_ORIG = "tpnb.io/original-target-port"
 APP_ENV_PREFIX = "TPNB_APP_ENV_"
 AGENT_PORT_NAME = "tpnb-agent"
 AGENT_RPC_PORT_NAME = "tpnb-agent-rpc"
+#: the agent's projected ServiceAccount token for the traffic-manager (TokenReview)
+TOKEN_VOLUME = "tpnb-agent-token"
+TOKEN_AUDIENCE = "tpnb-traffic-manager"
+TOKEN_DIR = "/var/run/secrets/tpnb"
+TOKEN_ENV = "TPNB_AGENT_TOKEN_FILE"
+#: pod volumes the injector adds (and removes again): names no app may use
+AGENT_VOLUMES = (TOKEN_VOLUME,)
 #: uid the agent uses when the pod demands non-root and tells us no uid
 NONROOT_UID = 65532
 KINDS: list[tuple[str, str]] = [
@@ -370,6 +383,12 @@ def restore_workload(obj: dict[str, Any]) -> dict[str, Any]:
     info = info or {}
     spec = _pod_spec(out)
     spec["containers"] = [c for c in spec.get("containers") or [] if c.get("name") != AGENT_CONTAINER]
+    if "volumes" in spec:
+        vols = [v for v in spec.get("volumes") or [] if v.get("name") not in AGENT_VOLUMES]
+        if vols:
+            spec["volumes"] = vols
+        else:
+            spec.pop("volumes")
     renamed: dict[str, str] = info.get("renamedPorts") or {}
     if renamed:
         back = {new: old for old, new in renamed.items()}
@@ -576,6 +595,7 @@ def agent_container(wl: Workload, app: dict[str, Any], pod_spec: dict[str, Any],
         {"name": "TPNB_MOUNT_PREFIX", "value": prefix},
         {"name": "TPNB_MOUNTS", "value": json.dumps(paths)},
         {"name": "LOG_LEVEL", "value": cfg.logs.level or "info"},
+        {"name": TOKEN_ENV, "value": f"{TOKEN_DIR}/token"},
     ] + env_copies
     c: dict[str, Any] = {
         "name": AGENT_CONTAINER,
@@ -594,8 +614,8 @@ def agent_container(wl: Workload, app: dict[str, Any], pod_spec: dict[str, Any],
     }
     if env_from:
         c["envFrom"] = env_from
-    if mounts:
-        c["volumeMounts"] = mounts
+    mounts.append({"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True})
+    c["volumeMounts"] = mounts
     sc = _agent_security_context(app, pod_spec)
     if sc:
         c["securityContext"] = sc
@@ -616,6 +636,13 @@ def _agent_security_context(app: dict[str, Any], pod_spec: dict[str, Any]) -> di
         out["runAsUser"] = NONROOT_UID
         out.setdefault("runAsGroup", NONROOT_UID)
     return out
+
+
+def agent_volumes() -> list[dict[str, Any]]:
+    """The pod volumes the agent needs: its token for the traffic-manager (audience-bound,
+    rotated by the kubelet, verified by the manager with a TokenReview)."""
+    return [{"name": TOKEN_VOLUME, "projected": {"sources": [{"serviceAccountToken": {
+        "audience": TOKEN_AUDIENCE, "expirationSeconds": 3600, "path": "token"}}]}}]
 
 
 def _spec_hash(data: Any) -> str:
@@ -654,8 +681,14 @@ def inject_workload(obj: dict[str, Any], wl: Workload, target: ServiceTarget, im
         renamed[target.target_port] = new
         _rename_port_refs(app, renamed)
         port_name = target.target_port
+    taken_vols = {v.get("name") for v in spec.get("volumes") or []} & set(AGENT_VOLUMES)
+    if taken_vols:
+        raise InterceptError(f"{ref} already has a volume named {sorted(taken_vols)[0]}",
+                             "the traffic-agent adds a volume of that name", "rename that volume")
     agent = agent_container(wl, app, spec, target, image, port_name, cfg)
     spec["containers"] = containers + [agent]
+    volumes = agent_volumes()
+    spec["volumes"] = list(spec.get("volumes") or []) + volumes
     info = {
         "version": 1,
         "image": image,
@@ -667,7 +700,7 @@ def inject_workload(obj: dict[str, Any], wl: Workload, target: ServiceTarget, im
         "renamedPorts": renamed,
         "shareProcessNamespace": spec.get("shareProcessNamespace"),
     }
-    info["hash"] = _spec_hash({"info": info, "agent": agent})
+    info["hash"] = _spec_hash({"info": info, "agent": agent, "volumes": volumes})
     spec["shareProcessNamespace"] = True
     _set_annotation(out, ANN_INJECTED, json.dumps(info, sort_keys=True, separators=(",", ":")))
     return out

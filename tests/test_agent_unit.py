@@ -546,7 +546,13 @@ def test_numeric_target_port_inject_and_restore() -> None:
                                 {"prefix": "TPNB_APP_ENV_S_", "secretRef": {"name": "sec"}}]
     assert agent["volumeMounts"] == [
         {"name": "data", "mountPath": "/tpnb/volumes/data", "readOnly": True},
-        {"name": "cfg", "mountPath": "/tpnb/volumes/etc/app", "subPath": "app"}]
+        {"name": "cfg", "mountPath": "/tpnb/volumes/etc/app", "subPath": "app"},
+        {"name": "tpnb-agent-token", "mountPath": "/var/run/secrets/tpnb", "readOnly": True}]
+    # the agent's credentials for the manager: an audience-bound projected token, in the agent only
+    assert pod["volumes"] == [{"name": "tpnb-agent-token", "projected": {"sources": [{"serviceAccountToken": {
+        "audience": "tpnb-traffic-manager", "expirationSeconds": 3600, "path": "token"}}]}}]
+    assert env["TPNB_AGENT_TOKEN_FILE"] == "/var/run/secrets/tpnb/token"
+    assert not any(m["name"] == "tpnb-agent-token" for m in pod["containers"][0].get("volumeMounts") or [])
     assert agent["readinessProbe"]["tcpSocket"]["port"] == 9901
     ann = json.loads(new["metadata"]["annotations"][inj.ANN_INJECTED])
     assert ann["containerPort"] == 8080 and ann["service"] == "hello" and ann["shareProcessNamespace"] is None
@@ -613,6 +619,23 @@ def test_named_target_port_renames_and_restores() -> None:
     # re-resolution on the injected object still finds the app's port
     assert inj.resolve_target(_wl(new), [svc], "hello", "web") == t
     assert len(inj.orig_port_name("averylongname")) <= 15
+
+
+def test_agent_token_volume_beside_the_apps_volumes_and_restored() -> None:
+    cfg = config.Config()
+    dep = _deployment(container={"name": "app", "image": "x",
+                                 "volumeMounts": [{"name": "cfg", "mountPath": "/etc/app"}]})
+    dep["spec"]["template"]["spec"]["volumes"] = [{"name": "cfg", "configMap": {"name": "c"}}]
+    t = inj.resolve_target(_wl(dep), [_service()], None, None)
+    new = inj.inject_workload(dep, _wl(dep), t, "img", cfg)
+    assert [v["name"] for v in new["spec"]["template"]["spec"]["volumes"]] == ["cfg", "tpnb-agent-token"]
+    assert inj.restore_workload(new) == dep
+    assert _apply_patch(new, inj.json_patch(new, dep)) == dep
+    # a volume of the reserved name is refused, not overwritten
+    dep["spec"]["template"]["spec"]["volumes"].append({"name": "tpnb-agent-token", "emptyDir": {}})
+    with pytest.raises(InterceptError) as ei:
+        inj.inject_workload(dep, _wl(dep), t, "img", cfg)
+    assert "tpnb-agent-token" in ei.value.what
 
 
 def test_resolve_errors_are_clear() -> None:
