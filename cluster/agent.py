@@ -45,7 +45,7 @@ os.environ.setdefault("GRPC_DNS_RESOLVER", "native")
 import grpc  # noqa: E402
 
 from tpnb.proto import pb, rpc  # noqa: E402
-from tpnb.version import API_VERSION, __version__  # noqa: E402
+from tpnb.version import __version__  # noqa: E402
 
 from tpnb.common.forward import (  # noqa: E402
     BULK_GRPC_OPTIONS,
@@ -87,7 +87,6 @@ class AgentSettings:
     app_container: str
     app_port: int
     agent_port: int = 9900
-    grpc_port: int = 9901
     manager_host: str = "traffic-manager.tpnb"
     manager_port: int = 8081
     mount_prefix: str = "/tpnb/volumes"
@@ -111,7 +110,6 @@ class AgentSettings:
             app_container=e.get("TPNB_CONTAINER", ""),
             app_port=int(e["APP_PORT"]),
             agent_port=int(e.get("AGENT_PORT") or 9900),
-            grpc_port=int(e.get("AGENT_GRPC_PORT") or 0),
             manager_host=e.get("MANAGER_HOST") or "traffic-manager.tpnb",
             manager_port=int(e.get("MANAGER_PORT") or 8081),
             mount_prefix=e.get("TPNB_MOUNT_PREFIX") or "/tpnb/volumes",
@@ -269,11 +267,6 @@ def _ip_bytes(ip: str) -> bytes:
     return b""
 
 
-class AgentServicer(rpc.AgentServicer):
-    async def Version(self, request: pb.Empty, context: Any) -> pb.VersionInfo:
-        return pb.VersionInfo(name="traffic-agent", version=__version__, api=API_VERSION)
-
-
 class Agent:
     """Listener, manager session and per-connection routing."""
 
@@ -284,7 +277,6 @@ class Agent:
         self.channel: grpc.aio.Channel | None = None
         self.stub: rpc.ManagerStub | None = None
         self.server: asyncio.AbstractServer | None = None
-        self.grpc_server: Any = None
         self._conns: set[asyncio.Task[Any]] = set()
         self._old_channels: set[Any] = set()
         self._stopping = asyncio.Event()
@@ -511,16 +503,14 @@ class Agent:
 
     # ---------------------------------------------------------- lifecycle
     async def start(self) -> None:
-        """Open the listener (the workload's traffic) first, then the RPC port (readiness)."""
+        """Open the listener (the workload's traffic; also the readiness probe's port).
+
+        The agent serves no control port: nothing but the traffic port (and the
+        file service, cluster/sftp.py) listens, so other pods reach no agent RPC.
+        """
         self.server = await asyncio.start_server(self._handle, "0.0.0.0", self.s.agent_port,
                                                  reuse_address=True, backlog=512, limit=STREAM_LIMIT)
         log.info("listening on 0.0.0.0:%d, app at 127.0.0.1:%d", self.s.agent_port, self.s.app_port)
-        if self.s.grpc_port:
-            self.grpc_server = grpc.aio.server()
-            rpc.add_AgentServicer_to_server(AgentServicer(), self.grpc_server)
-            self.grpc_server.add_insecure_port(f"0.0.0.0:{self.s.grpc_port}")
-            await self.grpc_server.start()
-            log.info("agent RPC on 0.0.0.0:%d", self.s.grpc_port)
         self.ready.set()
 
     async def run(self) -> None:
@@ -551,8 +541,6 @@ class Agent:
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        if self.grpc_server is not None:
-            await self.grpc_server.stop(1)
         for ch in [self.channel, *self._old_channels]:
             if ch is not None:
                 with contextlib.suppress(Exception):

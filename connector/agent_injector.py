@@ -65,7 +65,6 @@ ANN_INJECTED = "tpnb.io/agent-injected"
 ANN_SVC_ORIG = "tpnb.io/original-target-port"
 APP_ENV_PREFIX = "TPNB_APP_ENV_"
 AGENT_PORT_NAME = "tpnb-agent"
-AGENT_RPC_PORT_NAME = "tpnb-agent-rpc"
 #: the agent's projected ServiceAccount token for the traffic-manager (TokenReview)
 TOKEN_VOLUME = "tpnb-agent-token"
 TOKEN_AUDIENCE = "tpnb-traffic-manager"
@@ -588,7 +587,6 @@ def agent_container(wl: Workload, app: dict[str, Any], pod_spec: dict[str, Any],
         _field_env("AGENT_POD_IP", "status.podIP"),
         {"name": "APP_PORT", "value": str(target.container_port)},
         {"name": "AGENT_PORT", "value": str(a.port)},
-        {"name": "AGENT_GRPC_PORT", "value": str(a.grpc_port)},
         {"name": "AGENT_SFTP_PORT", "value": str(a.sftp_port)},
         {"name": "MANAGER_HOST", "value": f"traffic-manager.{cfg.manager.namespace}"},
         {"name": "MANAGER_PORT", "value": str(cfg.manager.grpc_port)},
@@ -602,14 +600,11 @@ def agent_container(wl: Workload, app: dict[str, Any], pod_spec: dict[str, Any],
         "image": image,
         "imagePullPolicy": "IfNotPresent",
         "args": ["agent"],
-        "ports": [
-            {"name": port_name, "containerPort": a.port, "protocol": "TCP"},
-            {"name": AGENT_RPC_PORT_NAME, "containerPort": a.grpc_port, "protocol": "TCP"},
-        ],
+        # the traffic port only: the agent has no control port (nothing else for other pods to reach)
+        "ports": [{"name": port_name, "containerPort": a.port, "protocol": "TCP"}],
         "env": env,
-        # Probe the agent's RPC port, not the traffic port: a probe connection to
-        # the traffic port would be forwarded (to the laptop, while intercepted).
-        "readinessProbe": {"tcpSocket": {"port": a.grpc_port}, "periodSeconds": 2,
+        # A TCP connect to the traffic port: the kubelet closes it without sending a byte.
+        "readinessProbe": {"tcpSocket": {"port": a.port}, "periodSeconds": 2,
                            "timeoutSeconds": 1, "successThreshold": 1, "failureThreshold": 3},
     }
     if env_from:
@@ -665,11 +660,11 @@ def inject_workload(obj: dict[str, Any], wl: Workload, target: ServiceTarget, im
         raise InterceptError(f"{ref} has no container {target.container}")
     for c in containers:
         for p in c.get("ports") or []:
-            if int(p.get("containerPort", -1)) in (cfg.agent.port, cfg.agent.grpc_port):
+            if int(p.get("containerPort", -1)) == cfg.agent.port:
                 raise InterceptError(
                     f"container {c['name']} of {ref} already uses port {p['containerPort']}",
                     "the traffic-agent shares the pod's network and needs that port",
-                    "set agent.port / agent.grpc_port in ~/.config/tpnb/config.yaml to free ports")
+                    "set agent.port in ~/.config/tpnb/config.yaml to a free port")
     renamed: dict[str, str] = {}
     port_name = AGENT_PORT_NAME
     if isinstance(target.target_port, str) and not target.target_port.isdigit():

@@ -359,7 +359,7 @@ def test_agent_forwards_routes_intercepts_and_survives_manager_restarts(monkeypa
         mgr_port = _free_port()
         settings = agent_mod.AgentSettings(
             name="hello", namespace="default", pod_name="hello-1", pod_ip="10.42.0.9",
-            app_container="echoserver", app_port=app_port, agent_port=_free_port(), grpc_port=_free_port(),
+            app_container="echoserver", app_port=app_port, agent_port=_free_port(),
             manager_host="127.0.0.1", manager_port=mgr_port, mounts=["/data"])
         ag = agent_mod.Agent(settings)
         await ag.start()
@@ -415,11 +415,10 @@ def test_agent_forwards_routes_intercepts_and_survives_manager_restarts(monkeypa
             fake2.sessions.clear()
             await _until(lambda: len(fake2.arrivals) > n, 10)
 
-            # the agent's own RPC answers (readiness probe port)
-            import grpc
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{settings.grpc_port}") as ch:
-                v = await rpc.AgentStub(ch).Version(pb.Empty(), timeout=5)
-                assert v.name == "traffic-agent"
+            # the readiness probe's connection (connect, close without a byte) harms nothing
+            r, w = await asyncio.open_connection("127.0.0.1", settings.agent_port)
+            w.close()
+            assert await _ask(settings.agent_port, b"five") == b"app:five"
             await server.stop(0)
         finally:
             session.cancel()
@@ -553,7 +552,8 @@ def test_numeric_target_port_inject_and_restore() -> None:
         "audience": "tpnb-traffic-manager", "expirationSeconds": 3600, "path": "token"}}]}}]
     assert env["TPNB_AGENT_TOKEN_FILE"] == "/var/run/secrets/tpnb/token"
     assert not any(m["name"] == "tpnb-agent-token" for m in pod["containers"][0].get("volumeMounts") or [])
-    assert agent["readinessProbe"]["tcpSocket"]["port"] == 9901
+    assert agent["readinessProbe"]["tcpSocket"]["port"] == 9900
+    assert [p["containerPort"] for p in agent["ports"]] == [9900]  # no control port
     ann = json.loads(new["metadata"]["annotations"][inj.ANN_INJECTED])
     assert ann["containerPort"] == 8080 and ann["service"] == "hello" and ann["shareProcessNamespace"] is None
 

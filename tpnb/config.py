@@ -56,6 +56,7 @@ class AgentConfig:
     #: empty: same image as the manager
     image: str = ""
     port: int = 9900
+    #: unused: the agent serves no control port any more (kept so config files naming it stay valid)
     grpc_port: int = 9901
     sftp_port: int = 9902
     mount_prefix: str = "/tpnb/volumes"
