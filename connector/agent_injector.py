@@ -15,7 +15,10 @@ What injection changes, and where the undo information lives:
   renaming and rewriting `$(VAR)` references).
 * every volumeMount of the app container is mounted into the agent under
   `agent.mount_prefix` + original path (same readOnly/subPath), listed in
-  `TPNB_MOUNTS`.
+  `TPNB_MOUNTS`; `mount_prefix` itself is an emptyDir (`tpnb-agent-volumes`)
+  so that an agent of any uid can link the ServiceAccount volume in.
+* the agent's securityContext satisfies Pod Security `restricted` beside a
+  non-root app and takes the app's uid (see `_agent_security_context`).
 * the pod gets the volume `tpnb-agent-token`: a projected ServiceAccount
   token (audience `tpnb-traffic-manager`, 1 h, rotated by the kubelet),
   mounted read-only into the agent only at /var/run/secrets/tpnb, its file
@@ -70,8 +73,11 @@ TOKEN_VOLUME = "tpnb-agent-token"
 TOKEN_AUDIENCE = "tpnb-traffic-manager"
 TOKEN_DIR = "/var/run/secrets/tpnb"
 TOKEN_ENV = "TPNB_AGENT_TOKEN_FILE"
+#: an emptyDir at agent.mount_prefix, under which the app's volumes are mounted: a
+#: directory the agent may write whatever its uid (it links the ServiceAccount volume in)
+ROOT_VOLUME = "tpnb-agent-volumes"
 #: pod volumes the injector adds (and removes again): names no app may use
-AGENT_VOLUMES = (TOKEN_VOLUME,)
+AGENT_VOLUMES = (TOKEN_VOLUME, ROOT_VOLUME)
 #: uid the agent uses when the pod demands non-root and tells us no uid
 NONROOT_UID = 65532
 KINDS: list[tuple[str, str]] = [
@@ -569,7 +575,7 @@ def agent_container(wl: Workload, app: dict[str, Any], pod_spec: dict[str, Any],
     """The traffic-agent container for `app` (see the module docstring)."""
     a = cfg.agent
     prefix = a.mount_prefix.rstrip("/")
-    mounts: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = [{"name": ROOT_VOLUME, "mountPath": prefix}]
     paths: list[str] = []
     for m in app.get("volumeMounts") or []:
         nm: dict[str, Any] = {"name": m["name"], "mountPath": prefix + "/" + m["mountPath"].lstrip("/")}
@@ -618,26 +624,44 @@ def agent_container(wl: Workload, app: dict[str, Any], pod_spec: dict[str, Any],
 
 
 def _agent_security_context(app: dict[str, Any], pod_spec: dict[str, Any]) -> dict[str, Any]:
-    """Run as the app's uid/gid when the app container sets one (so the agent may
-    read the app's /proc/<pid>/environ), and never as root in a non-root pod."""
+    """The agent's securityContext: Pod Security `restricted` whenever the app is non-root.
+
+    Always: no privilege escalation, seccomp RuntimeDefault.  The uid is the
+    app's effective one (container runAsUser, else the pod's), because only
+    the same uid may read the app's /proc/<pid>/environ; then also non-root
+    and every capability dropped.  A pod that demands non-root without naming
+    a uid (the image's USER decides) gets NONROOT_UID, and the env comes from
+    the injector's copies.  An app that may run as root (no uid, no
+    runAsNonRoot: only possible where Pod Security is not `restricted`) keeps
+    a root agent with the runtime's default capabilities, as before: a root
+    process's environ is readable only by root holding at least its
+    capabilities.
+    """
     csc = app.get("securityContext") or {}
     psc = pod_spec.get("securityContext") or {}
-    out: dict[str, Any] = {}
-    for k in ("runAsUser", "runAsGroup"):
-        if k in csc:
-            out[k] = csc[k]
-    non_root = csc.get("runAsNonRoot", psc.get("runAsNonRoot", False))
-    if non_root and "runAsUser" not in out and "runAsUser" not in psc:
-        out["runAsUser"] = NONROOT_UID
-        out.setdefault("runAsGroup", NONROOT_UID)
+    uid = csc.get("runAsUser", psc.get("runAsUser"))
+    gid = csc.get("runAsGroup", psc.get("runAsGroup"))
+    non_root = bool(csc.get("runAsNonRoot", psc.get("runAsNonRoot", False)))
+    out: dict[str, Any] = {"allowPrivilegeEscalation": False, "seccompProfile": {"type": "RuntimeDefault"}}
+    if uid is None and non_root:
+        uid, gid = NONROOT_UID, NONROOT_UID if gid is None else gid
+    if uid is not None:
+        out["runAsUser"] = int(uid)
+    if gid is not None:
+        out["runAsGroup"] = int(gid)
+    if uid is not None and int(uid) != 0:
+        out["runAsNonRoot"] = True
+        out["capabilities"] = {"drop": ["ALL"]}
     return out
 
 
 def agent_volumes() -> list[dict[str, Any]]:
     """The pod volumes the agent needs: its token for the traffic-manager (audience-bound,
-    rotated by the kubelet, verified by the manager with a TokenReview)."""
+    rotated by the kubelet, verified by the manager with a TokenReview), and the
+    writable root of the volume tree it serves."""
     return [{"name": TOKEN_VOLUME, "projected": {"sources": [{"serviceAccountToken": {
-        "audience": TOKEN_AUDIENCE, "expirationSeconds": 3600, "path": "token"}}]}}]
+        "audience": TOKEN_AUDIENCE, "expirationSeconds": 3600, "path": "token"}}]}},
+            {"name": ROOT_VOLUME, "emptyDir": {}}]
 
 
 def _spec_hash(data: Any) -> str:
