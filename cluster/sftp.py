@@ -28,10 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import logging
 import os
+import pwd
 import socket
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("tpnb.agent.sftp")
 
@@ -40,6 +43,10 @@ SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 #: concurrent clients: each is one sftp-server process (a few MB of memory)
 MAX_SESSIONS = 32
+#: Debian's libnss-wrapper (in the image): a passwd entry for a uid the image does not know
+NSS_WRAPPER_GLOB = "/usr/lib/*/libnss_wrapper.so"
+#: the name the agent's uid gets when the image's /etc/passwd has no entry for it
+AGENT_USER = "tpnb-agent"
 
 
 def link_service_account(root: str, sa_dir: str = SA_DIR) -> str | None:
@@ -68,13 +75,91 @@ def server_argv(root: str) -> list[str]:
     return [SFTP_SERVER, "-e", "-l", "ERROR", "-d", root]
 
 
+def passwd_with(uid: int, gid: int, home: str, passwd: str, group: str) -> tuple[str, str]:
+    """/etc/passwd and /etc/group texts that also name `uid` and `gid` (added when missing)."""
+    def has(text: str, field: int, ident: int) -> bool:
+        for line in text.splitlines():
+            parts = line.split(":")
+            if len(parts) > field and parts[field] == str(ident):
+                return True
+        return False
+
+    def ends(text: str) -> str:
+        return text if not text or text.endswith("\n") else text + "\n"
+
+    if not has(passwd, 2, uid):
+        passwd = ends(passwd) + f"{AGENT_USER}:x:{uid}:{gid}:tpnb traffic-agent:{home}:/usr/sbin/nologin\n"
+    if not has(group, 2, gid):
+        group = ends(group) + f"{AGENT_USER}:x:{gid}:\n"
+    return passwd, group
+
+
+class _Spawn:
+    """How sftp-server is started: env and inherited fds (computed once per agent).
+
+    sftp-server exits at once ("No user found for uid N", the client sees
+    "Connection reset by peer") when its uid has no passwd entry -- the case
+    whenever the agent runs as the app's uid, which images rarely list.
+    Without root nothing can add one to /etc/passwd, so sftp-server then runs
+    under nss_wrapper (LD_PRELOAD), reading passwd and group from in-memory
+    files (memfd, inherited; no writable directory needed) that are the
+    image's plus one line for our uid/gid.
+    """
+
+    def __init__(self, home: str) -> None:
+        self.env: dict[str, str] | None = None
+        self.fds: tuple[int, ...] = ()
+        uid, gid = os.getuid(), os.getgid()
+        try:
+            pwd.getpwuid(uid)
+            return
+        except KeyError:
+            pass
+        lib = sorted(glob.glob(NSS_WRAPPER_GLOB))
+        if not lib:
+            log.warning("uid %d has no passwd entry and %s is missing: sftp-server will refuse to run "
+                        "(volumes cannot be mounted)", uid, NSS_WRAPPER_GLOB)
+            return
+        texts = []
+        for f in ("/etc/passwd", "/etc/group"):
+            try:
+                texts.append(Path(f).read_text())
+            except OSError:
+                texts.append("")
+        passwd, group = passwd_with(uid, gid, home, texts[0], texts[1])
+        fds = []
+        for name, text in (("passwd", passwd), ("group", group)):
+            fd = os.memfd_create(f"tpnb-{name}")  # close-on-exec; the child gets it via pass_fds
+            os.write(fd, text.encode())
+            fds.append(fd)
+        self.fds = tuple(fds)
+        self.env = dict(os.environ, LD_PRELOAD=lib[0], NSS_WRAPPER_PASSWD=f"/proc/self/fd/{fds[0]}",
+                        NSS_WRAPPER_GROUP=f"/proc/self/fd/{fds[1]}")
+        log.info("uid %d has no passwd entry in the image: sftp-server runs with nss_wrapper", uid)
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"env": self.env, "pass_fds": self.fds} if self.env is not None else {}
+
+
+_spawn: _Spawn | None = None
+
+
+def spawn_kwargs(root: str) -> dict[str, Any]:
+    """Extra arguments for starting sftp-server (see `_Spawn`)."""
+    global _spawn
+    if _spawn is None:
+        _spawn = _Spawn(root)
+    return _spawn.kwargs()
+
+
 async def _session(conn: socket.socket, peer: str, root: str, sem: asyncio.Semaphore) -> None:
     try:
         async with sem:
             conn.setblocking(True)
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    *server_argv(root), stdin=conn.fileno(), stdout=conn.fileno(), close_fds=True)
+                    *server_argv(root), stdin=conn.fileno(), stdout=conn.fileno(), close_fds=True,
+                    **spawn_kwargs(root))
             except OSError as exc:
                 log.warning("cannot start %s for %s: %s", SFTP_SERVER, peer, exc)
                 return

@@ -15,7 +15,16 @@ What injection changes, and where the undo information lives:
   renaming and rewriting `$(VAR)` references).
 * every volumeMount of the app container is mounted into the agent under
   `agent.mount_prefix` + original path (same readOnly/subPath), listed in
-  `TPNB_MOUNTS`.
+  `TPNB_MOUNTS`; `mount_prefix` itself is an emptyDir (`tpnb-agent-volumes`)
+  so that an agent of any uid can link the ServiceAccount volume in.
+* the agent's securityContext satisfies Pod Security `restricted` beside a
+  non-root app and takes the app's uid (see `_agent_security_context`).
+* the pod gets the volume `tpnb-agent-token`: a projected ServiceAccount
+  token (audience `tpnb-traffic-manager`, 1 h, rotated by the kubelet),
+  mounted read-only into the agent only at /var/run/secrets/tpnb, its file
+  named by `TPNB_AGENT_TOKEN_FILE`; the agent presents it to the manager,
+  which verifies it with a TokenReview.  Removed again by `restore_workload`
+  (volumes of these reserved names are ours).
 * Service with a numeric targetPort: that port of the Service is pointed at
   the agent port; the original is kept in the Service annotation
   `tpnb.io/original-target-port` (JSON: service-port key -> original).
@@ -59,7 +68,16 @@ ANN_INJECTED = "tpnb.io/agent-injected"
 ANN_SVC_ORIG = "tpnb.io/original-target-port"
 APP_ENV_PREFIX = "TPNB_APP_ENV_"
 AGENT_PORT_NAME = "tpnb-agent"
-AGENT_RPC_PORT_NAME = "tpnb-agent-rpc"
+#: the agent's projected ServiceAccount token for the traffic-manager (TokenReview)
+TOKEN_VOLUME = "tpnb-agent-token"
+TOKEN_AUDIENCE = "tpnb-traffic-manager"
+TOKEN_DIR = "/var/run/secrets/tpnb"
+TOKEN_ENV = "TPNB_AGENT_TOKEN_FILE"
+#: an emptyDir at agent.mount_prefix, under which the app's volumes are mounted: a
+#: directory the agent may write whatever its uid (it links the ServiceAccount volume in)
+ROOT_VOLUME = "tpnb-agent-volumes"
+#: pod volumes the injector adds (and removes again): names no app may use
+AGENT_VOLUMES = (TOKEN_VOLUME, ROOT_VOLUME)
 #: uid the agent uses when the pod demands non-root and tells us no uid
 NONROOT_UID = 65532
 KINDS: list[tuple[str, str]] = [
@@ -370,6 +388,12 @@ def restore_workload(obj: dict[str, Any]) -> dict[str, Any]:
     info = info or {}
     spec = _pod_spec(out)
     spec["containers"] = [c for c in spec.get("containers") or [] if c.get("name") != AGENT_CONTAINER]
+    if "volumes" in spec:
+        vols = [v for v in spec.get("volumes") or [] if v.get("name") not in AGENT_VOLUMES]
+        if vols:
+            spec["volumes"] = vols
+        else:
+            spec.pop("volumes")
     renamed: dict[str, str] = info.get("renamedPorts") or {}
     if renamed:
         back = {new: old for old, new in renamed.items()}
@@ -551,7 +575,7 @@ def agent_container(wl: Workload, app: dict[str, Any], pod_spec: dict[str, Any],
     """The traffic-agent container for `app` (see the module docstring)."""
     a = cfg.agent
     prefix = a.mount_prefix.rstrip("/")
-    mounts: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = [{"name": ROOT_VOLUME, "mountPath": prefix}]
     paths: list[str] = []
     for m in app.get("volumeMounts") or []:
         nm: dict[str, Any] = {"name": m["name"], "mountPath": prefix + "/" + m["mountPath"].lstrip("/")}
@@ -569,33 +593,32 @@ def agent_container(wl: Workload, app: dict[str, Any], pod_spec: dict[str, Any],
         _field_env("AGENT_POD_IP", "status.podIP"),
         {"name": "APP_PORT", "value": str(target.container_port)},
         {"name": "AGENT_PORT", "value": str(a.port)},
-        {"name": "AGENT_GRPC_PORT", "value": str(a.grpc_port)},
         {"name": "AGENT_SFTP_PORT", "value": str(a.sftp_port)},
+        {"name": "AGENT_HEALTH_PORT", "value": str(a.health_port)},
         {"name": "MANAGER_HOST", "value": f"traffic-manager.{cfg.manager.namespace}"},
         {"name": "MANAGER_PORT", "value": str(cfg.manager.agent_port)},
         {"name": "TPNB_MOUNT_PREFIX", "value": prefix},
         {"name": "TPNB_MOUNTS", "value": json.dumps(paths)},
         {"name": "LOG_LEVEL", "value": cfg.logs.level or "info"},
+        {"name": TOKEN_ENV, "value": f"{TOKEN_DIR}/token"},
     ] + env_copies
     c: dict[str, Any] = {
         "name": AGENT_CONTAINER,
         "image": image,
         "imagePullPolicy": "IfNotPresent",
         "args": ["agent"],
-        "ports": [
-            {"name": port_name, "containerPort": a.port, "protocol": "TCP"},
-            {"name": AGENT_RPC_PORT_NAME, "containerPort": a.grpc_port, "protocol": "TCP"},
-        ],
+        # the traffic port only: the agent has no control port (nothing else for other pods to reach)
+        "ports": [{"name": port_name, "containerPort": a.port, "protocol": "TCP"}],
         "env": env,
-        # Probe the agent's RPC port, not the traffic port: a probe connection to
-        # the traffic port would be forwarded (to the laptop, while intercepted).
-        "readinessProbe": {"tcpSocket": {"port": a.grpc_port}, "periodSeconds": 2,
+        # Probe the health port (accepts and closes, serves nothing), not the traffic
+        # port: a probe of that would be forwarded to the laptop while intercepted.
+        "readinessProbe": {"tcpSocket": {"port": a.health_port}, "periodSeconds": 2,
                            "timeoutSeconds": 1, "successThreshold": 1, "failureThreshold": 3},
     }
     if env_from:
         c["envFrom"] = env_from
-    if mounts:
-        c["volumeMounts"] = mounts
+    mounts.append({"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True})
+    c["volumeMounts"] = mounts
     sc = _agent_security_context(app, pod_spec)
     if sc:
         c["securityContext"] = sc
@@ -603,19 +626,44 @@ def agent_container(wl: Workload, app: dict[str, Any], pod_spec: dict[str, Any],
 
 
 def _agent_security_context(app: dict[str, Any], pod_spec: dict[str, Any]) -> dict[str, Any]:
-    """Run as the app's uid/gid when the app container sets one (so the agent may
-    read the app's /proc/<pid>/environ), and never as root in a non-root pod."""
+    """The agent's securityContext: Pod Security `restricted` whenever the app is non-root.
+
+    Always: no privilege escalation, seccomp RuntimeDefault.  The uid is the
+    app's effective one (container runAsUser, else the pod's), because only
+    the same uid may read the app's /proc/<pid>/environ; then also non-root
+    and every capability dropped.  A pod that demands non-root without naming
+    a uid (the image's USER decides) gets NONROOT_UID, and the env comes from
+    the injector's copies.  An app that may run as root (no uid, no
+    runAsNonRoot: only possible where Pod Security is not `restricted`) keeps
+    a root agent with the runtime's default capabilities, as before: a root
+    process's environ is readable only by root holding at least its
+    capabilities.
+    """
     csc = app.get("securityContext") or {}
     psc = pod_spec.get("securityContext") or {}
-    out: dict[str, Any] = {}
-    for k in ("runAsUser", "runAsGroup"):
-        if k in csc:
-            out[k] = csc[k]
-    non_root = csc.get("runAsNonRoot", psc.get("runAsNonRoot", False))
-    if non_root and "runAsUser" not in out and "runAsUser" not in psc:
-        out["runAsUser"] = NONROOT_UID
-        out.setdefault("runAsGroup", NONROOT_UID)
+    uid = csc.get("runAsUser", psc.get("runAsUser"))
+    gid = csc.get("runAsGroup", psc.get("runAsGroup"))
+    non_root = bool(csc.get("runAsNonRoot", psc.get("runAsNonRoot", False)))
+    out: dict[str, Any] = {"allowPrivilegeEscalation": False, "seccompProfile": {"type": "RuntimeDefault"}}
+    if uid is None and non_root:
+        uid, gid = NONROOT_UID, NONROOT_UID if gid is None else gid
+    if uid is not None:
+        out["runAsUser"] = int(uid)
+    if gid is not None:
+        out["runAsGroup"] = int(gid)
+    if uid is not None and int(uid) != 0:
+        out["runAsNonRoot"] = True
+        out["capabilities"] = {"drop": ["ALL"]}
     return out
+
+
+def agent_volumes() -> list[dict[str, Any]]:
+    """The pod volumes the agent needs: its token for the traffic-manager (audience-bound,
+    rotated by the kubelet, verified by the manager with a TokenReview), and the
+    writable root of the volume tree it serves."""
+    return [{"name": TOKEN_VOLUME, "projected": {"sources": [{"serviceAccountToken": {
+        "audience": TOKEN_AUDIENCE, "expirationSeconds": 3600, "path": "token"}}]}},
+            {"name": ROOT_VOLUME, "emptyDir": {}}]
 
 
 def _spec_hash(data: Any) -> str:
@@ -638,11 +686,12 @@ def inject_workload(obj: dict[str, Any], wl: Workload, target: ServiceTarget, im
         raise InterceptError(f"{ref} has no container {target.container}")
     for c in containers:
         for p in c.get("ports") or []:
-            if int(p.get("containerPort", -1)) in (cfg.agent.port, cfg.agent.grpc_port):
+            if int(p.get("containerPort", -1)) in (cfg.agent.port, cfg.agent.health_port, cfg.agent.sftp_port):
                 raise InterceptError(
                     f"container {c['name']} of {ref} already uses port {p['containerPort']}",
                     "the traffic-agent shares the pod's network and needs that port",
-                    "set agent.port / agent.grpc_port in ~/.config/tpnb/config.yaml to free ports")
+                    "set agent.port / agent.health_port / agent.sftp_port in ~/.config/tpnb/config.yaml "
+                    "to free ports")
     renamed: dict[str, str] = {}
     port_name = AGENT_PORT_NAME
     if isinstance(target.target_port, str) and not target.target_port.isdigit():
@@ -654,8 +703,14 @@ def inject_workload(obj: dict[str, Any], wl: Workload, target: ServiceTarget, im
         renamed[target.target_port] = new
         _rename_port_refs(app, renamed)
         port_name = target.target_port
+    taken_vols = {v.get("name") for v in spec.get("volumes") or []} & set(AGENT_VOLUMES)
+    if taken_vols:
+        raise InterceptError(f"{ref} already has a volume named {sorted(taken_vols)[0]}",
+                             "the traffic-agent adds a volume of that name", "rename that volume")
     agent = agent_container(wl, app, spec, target, image, port_name, cfg)
     spec["containers"] = containers + [agent]
+    volumes = agent_volumes()
+    spec["volumes"] = list(spec.get("volumes") or []) + volumes
     info = {
         "version": 1,
         "image": image,
@@ -667,7 +722,7 @@ def inject_workload(obj: dict[str, Any], wl: Workload, target: ServiceTarget, im
         "renamedPorts": renamed,
         "shareProcessNamespace": spec.get("shareProcessNamespace"),
     }
-    info["hash"] = _spec_hash({"info": info, "agent": agent})
+    info["hash"] = _spec_hash({"info": info, "agent": agent, "volumes": volumes})
     spec["shareProcessNamespace"] = True
     _set_annotation(out, ANN_INJECTED, json.dumps(info, sort_keys=True, separators=(",", ":")))
     return out

@@ -574,9 +574,19 @@ def test_numeric_target_port_inject_and_restore() -> None:
     assert agent["envFrom"] == [{"configMapRef": {"name": "cm"}, "prefix": "TPNB_APP_ENV_"},
                                 {"prefix": "TPNB_APP_ENV_S_", "secretRef": {"name": "sec"}}]
     assert agent["volumeMounts"] == [
+        {"name": "tpnb-agent-volumes", "mountPath": "/tpnb/volumes"},
         {"name": "data", "mountPath": "/tpnb/volumes/data", "readOnly": True},
-        {"name": "cfg", "mountPath": "/tpnb/volumes/etc/app", "subPath": "app"}]
-    assert agent["readinessProbe"]["tcpSocket"]["port"] == 9901
+        {"name": "cfg", "mountPath": "/tpnb/volumes/etc/app", "subPath": "app"},
+        {"name": "tpnb-agent-token", "mountPath": "/var/run/secrets/tpnb", "readOnly": True}]
+    # the agent's credentials for the manager: an audience-bound projected token, in the agent only
+    assert pod["volumes"] == [{"name": "tpnb-agent-token", "projected": {"sources": [{"serviceAccountToken": {
+        "audience": "tpnb-traffic-manager", "expirationSeconds": 3600, "path": "token"}}]}},
+        {"name": "tpnb-agent-volumes", "emptyDir": {}}]
+    assert env["TPNB_AGENT_TOKEN_FILE"] == "/var/run/secrets/tpnb/token"
+    assert not any(m["name"] == "tpnb-agent-token" for m in pod["containers"][0].get("volumeMounts") or [])
+    # probed on the health port (serves nothing), never on the traffic port that may be intercepted
+    assert agent["readinessProbe"]["tcpSocket"]["port"] == 9901 and env["AGENT_HEALTH_PORT"] == "9901"
+    assert [p["containerPort"] for p in agent["ports"]] == [9900]  # no control port
     ann = json.loads(new["metadata"]["annotations"][inj.ANN_INJECTED])
     assert ann["containerPort"] == 8080 and ann["service"] == "hello" and ann["shareProcessNamespace"] is None
 
@@ -644,6 +654,24 @@ def test_named_target_port_renames_and_restores() -> None:
     assert len(inj.orig_port_name("averylongname")) <= 15
 
 
+def test_agent_token_volume_beside_the_apps_volumes_and_restored() -> None:
+    cfg = config.Config()
+    dep = _deployment(container={"name": "app", "image": "x",
+                                 "volumeMounts": [{"name": "cfg", "mountPath": "/etc/app"}]})
+    dep["spec"]["template"]["spec"]["volumes"] = [{"name": "cfg", "configMap": {"name": "c"}}]
+    t = inj.resolve_target(_wl(dep), [_service()], None, None)
+    new = inj.inject_workload(dep, _wl(dep), t, "img", cfg)
+    assert [v["name"] for v in new["spec"]["template"]["spec"]["volumes"]] == ["cfg", "tpnb-agent-token",
+                                                                                   "tpnb-agent-volumes"]
+    assert inj.restore_workload(new) == dep
+    assert _apply_patch(new, inj.json_patch(new, dep)) == dep
+    # a volume of the reserved name is refused, not overwritten
+    dep["spec"]["template"]["spec"]["volumes"].append({"name": "tpnb-agent-token", "emptyDir": {}})
+    with pytest.raises(InterceptError) as ei:
+        inj.inject_workload(dep, _wl(dep), t, "img", cfg)
+    assert "tpnb-agent-token" in ei.value.what
+
+
 def test_resolve_errors_are_clear() -> None:
     dep = _deployment()
     wl = _wl(dep)
@@ -675,12 +703,32 @@ def test_security_context_follows_app() -> None:
     dep = _deployment(container=c)
     t = inj.resolve_target(_wl(dep), [_service()], None, None)
     agent = inj.inject_workload(dep, _wl(dep), t, "img", cfg)["spec"]["template"]["spec"]["containers"][-1]
-    assert agent["securityContext"] == {"runAsUser": 1000, "runAsGroup": 2000}
-    dep = _deployment()
-    dep["spec"]["template"]["spec"]["securityContext"] = {"runAsNonRoot": True}
-    t = inj.resolve_target(_wl(dep), [_service()], None, None)
-    agent = inj.inject_workload(dep, _wl(dep), t, "img", cfg)["spec"]["template"]["spec"]["containers"][-1]
-    assert agent["securityContext"]["runAsUser"] == inj.NONROOT_UID
+    restricted = {"allowPrivilegeEscalation": False, "seccompProfile": {"type": "RuntimeDefault"},
+                  "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}}
+    assert agent["securityContext"] == {"runAsUser": 1000, "runAsGroup": 2000, **restricted}
+
+    def agent_sc(pod_sc: dict[str, Any] | None, app_sc: dict[str, Any] | None = None) -> dict[str, Any]:
+        c = {"name": "app", "image": "x", **({"securityContext": app_sc} if app_sc else {})}
+        dep = _deployment(container=c)
+        if pod_sc is not None:
+            dep["spec"]["template"]["spec"]["securityContext"] = pod_sc
+        t = inj.resolve_target(_wl(dep), [_service()], None, None)
+        return dict(inj.inject_workload(dep, _wl(dep), t, "img", cfg)["spec"]["template"]["spec"]
+                    ["containers"][-1]["securityContext"])
+
+    # the pod's uid (a restricted namespace's usual shape): the agent takes it
+    assert agent_sc({"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001}) == {
+        "runAsUser": 10001, **restricted}
+    # the container's uid wins over the pod's
+    assert agent_sc({"runAsUser": 10001, "runAsGroup": 3}, {"runAsUser": 20002})["runAsUser"] == 20002
+    # non-root demanded, uid left to the image: a fixed non-root uid
+    assert agent_sc({"runAsNonRoot": True}) == {"runAsUser": inj.NONROOT_UID, "runAsGroup": inj.NONROOT_UID,
+                                                **restricted}
+    assert agent_sc(None, {"runAsNonRoot": True})["runAsUser"] == inj.NONROOT_UID
+    # an app that may run as root: a root agent with the runtime's capabilities, as before, but hardened
+    assert agent_sc(None) == {"allowPrivilegeEscalation": False, "seccompProfile": {"type": "RuntimeDefault"}}
+    assert agent_sc({"runAsUser": 0}) == {"allowPrivilegeEscalation": False,
+                                          "seccompProfile": {"type": "RuntimeDefault"}, "runAsUser": 0}
 
 
 def _pod(name: str, tspec: dict[str, Any], ready: bool, **status: Any) -> dict[str, Any]:

@@ -59,7 +59,9 @@ class AgentConfig:
     #: empty: same image as the manager
     image: str = ""
     port: int = 9900
-    grpc_port: int = 9901
+    #: the readiness probe's port: accepts connections and closes them, serves nothing
+    health_port: int = 9901
+    #: the file service, on the pod's loopback only (brokered to the intercept's holder)
     sftp_port: int = 9902
     mount_prefix: str = "/tpnb/volumes"
 

@@ -277,8 +277,11 @@ def _deps_layer(root: Path, reqs: Path, key: str, progress: Progress, step: str)
     tar = cache / f"deps-{key}.tar"
     if tar.exists():
         return Layer.from_cached(tar)
-    for old in cache.glob("deps-*"):
+    # other recipes' layers stay (worktrees share the cache), the newest few of them
+    others = sorted(cache.glob("deps-*.tar"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in others[rootfs.KEEP_OTHER:]:
         old.unlink()
+        Path(f"{old}.digest").unlink(missing_ok=True)
     target = root / APP_DIR / "deps"  # inside the rootfs, so its python3 can compile it
     shutil.rmtree(root / APP_DIR, ignore_errors=True)
     try:

@@ -23,8 +23,13 @@ from .oci import Layer, LayerWriter
 SUITE = "bookworm"
 VARIANT = "minbase"
 #: what the cluster processes need beyond minbase (python3 runs them, sftp-server
-#: serves volume mounts, ip/ps help debugging and the agent's network setup)
-PACKAGES = ("python3", "ca-certificates", "openssh-sftp-server", "iproute2", "procps")
+#: serves volume mounts, nss_wrapper gives sftp-server a passwd entry when the
+#: agent runs as an app's uid the image does not list, ip/ps help debugging and
+#: the agent's network setup)
+PACKAGES = ("python3", "ca-certificates", "openssh-sftp-server", "libnss-wrapper", "iproute2", "procps")
+#: completed bases of other recipes kept beside the current one: worktrees of
+#: different recipes share the cache and would otherwise re-bootstrap in turns
+KEEP_OTHER = 2
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 #: bump when the trimming or post-processing below changes
 RECIPE_VERSION = 1
@@ -98,9 +103,7 @@ def ensure_rootfs(cache_dir: Path, progress: Progress, step: str) -> tuple[Path,
     cache_dir.mkdir(parents=True, exist_ok=True)
     work = cache_dir / f"rootfs-{key}.work"
     bootstrapped = cache_dir / f"rootfs-{key}.bootstrapped"
-    for old in cache_dir.glob("rootfs-*"):
-        if old not in (work, bootstrapped) or not bootstrapped.exists():
-            _remove(old)  # an older recipe's, or a half-finished bootstrap
+    _prune(cache_dir, key, keep=(work, bootstrapped) if bootstrapped.exists() else ())
     if not bootstrapped.exists():
         try:
             _debootstrap(work, progress, step)
@@ -121,6 +124,19 @@ def ensure_rootfs(cache_dir: Path, progress: Progress, step: str) -> tuple[Path,
     layer = Layer.from_cached(tar)
     done.write_text(layer.digest + "\n")
     return root, layer
+
+
+def _prune(cache_dir: Path, key: str, keep: tuple[Path, ...]) -> None:
+    """Remove this key's half-finished leftovers (but `keep`), other recipes'
+    half-finished ones, and all but the KEEP_OTHER newest completed other bases."""
+    done_other = sorted((p for p in cache_dir.glob("rootfs-*.done") if p.name != f"rootfs-{key}.done"),
+                        key=lambda p: p.stat().st_mtime, reverse=True)
+    keep_keys = {p.name[len("rootfs-"):-len(".done")] for p in done_other[:KEEP_OTHER]}
+    for old in cache_dir.glob("rootfs-*"):
+        k = old.name[len("rootfs-"):].split(".", 1)[0]
+        if old in keep or (k in keep_keys and not old.name.endswith((".work", ".bootstrapped"))):
+            continue
+        _remove(old)
 
 
 def chroot_python(root: Path, args: list[str], what: str = "python3 failed inside the image rootfs",
