@@ -1,4 +1,4 @@
-"""`tpnb devcluster up|status|kubeconfig|laptop|image|config|down`.
+"""`tpnb devcluster up|status|kubeconfig|user|helm-path|laptop|image|config|down`.
 
 `main(argv)` is what `tpnb devcluster ...` dispatches to (argv without the
 leading "devcluster"); `python -m tpnb_devcluster.cli ...` runs it directly.
@@ -35,6 +35,16 @@ def _parser() -> argparse.ArgumentParser:
     lp.add_argument("--remove", action="store_true", help="delete this laptop namespace instead")
     lp.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
                     help="command to run (default: $SHELL)")
+    up_ = sub.add_parser("user", help="print the path of a kubeconfig for another Kubernetes user (made if needed)",
+                         description="Writes a kubeconfig whose user is a client certificate with CN=NAME and "
+                                     "O=each GROUP, signed by the dev cluster's CA (same server as "
+                                     "`tpnb devcluster kubeconfig`), and prints its path.  The user may do "
+                                     "nothing until RBAC grants it something, e.g. "
+                                     "`kubectl create rolebinding ... --user NAME`.")
+    up_.add_argument("name", metavar="NAME", help="the user name (certificate CN)")
+    up_.add_argument("--group", "-g", action="append", default=[], metavar="G",
+                     help="a group (certificate O); repeat for several")
+    sub.add_parser("helm-path", help="print the path of the helm CLI built from source (built if needed)")
     ip = sub.add_parser("image", help="build the project image as an archive for another cluster",
                         description="Builds the traffic-manager/agent image (no Docker needed) and copies the "
                                     "docker-archive to FILE, for `kind load image-archive FILE`, "
@@ -100,6 +110,21 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.cmd == "config":
         return _show_config()
+    if args.cmd == "user":
+        from .users import user_kubeconfig
+
+        print(user_kubeconfig(args.name, args.group))
+        return 0
+    if args.cmd == "helm-path":
+        from . import helm
+
+        printer = Printer()
+        try:
+            path = helm.ensure(printer)
+        finally:
+            printer.done()
+        print(path)
+        return 0
     cluster = DevCluster()
     if args.cmd == "kubeconfig":
         print(cluster.kubeconfig_path)
