@@ -30,7 +30,7 @@ from tpnb import config as tpnb_config
 from tpnb.daemon.resolvconf import process_alive, start_ticks
 from tpnb.errors import DevClusterError, PrerequisiteError
 
-from . import binaries, manifests, netns
+from . import binaries, helm, manifests, netns
 from . import config as devcluster_config
 from .config import DevClusterConfig
 from .manifests import COMPONENTS, NODE_NAME, Addresses, Layout
@@ -182,12 +182,13 @@ class DevCluster:
         """argv that runs `argv` in laptop `name` (created if missing).
 
         The laptop sees the API server at the kubeconfig's address, has
-        kubectl and tpnb on PATH, and logs to its own directory so two
+        kubectl, helm (once built by `up`) and tpnb on PATH, and logs to its own directory so two
         laptops' daemons never share log files.
         """
         self.ensure_laptop(name)
         venv_bin = str(Path(sys.executable).parent)
-        path = ":".join([str(self.bin_dir), venv_bin, os.environ.get("PATH", SAFE_PATH)])
+        path = ":".join([str(self.bin_dir), str(helm.helm_dir(self.layout.state)), venv_bin,
+                         os.environ.get("PATH", SAFE_PATH)])
         logs = tpnb_config._home() / ".cache" / "tpnb" / "logs" / name
         return ["ip", "netns", "exec", netns.laptop_netns(name), "env",
                 f"KUBECONFIG={self.kubeconfig_path}", f"PATH={path}", f"TPNB_LOGS_DIR={logs}",
@@ -394,6 +395,7 @@ class DevCluster:
             # images up to date (the project image follows the source), make
             # sure CoreDNS is there, and wait for readiness.
             self._restore_kernel_sysctls()
+            helm.ensure(progress, frac=(0.3, 0.35), state_dir=self.layout.state)
             built = self._build_images(progress)
             self._import_images(built, progress, (0.6, 0.8))
             self._refresh_coredns(built, progress)
@@ -410,7 +412,8 @@ class DevCluster:
             progress("cleanup", "stopping what an earlier, unfinished up left behind", 0.03)
             self._teardown(progress, purge=False)
 
-        binaries.ensure(self.layout.state, progress, frac=(0.05, 0.35))
+        binaries.ensure(self.layout.state, progress, frac=(0.05, 0.3))
+        helm.ensure(progress, frac=(0.3, 0.35), state_dir=self.layout.state)
         built = self._build_images(progress)
 
         progress("config", "certificates, kubeconfigs and component configs", 0.56)
