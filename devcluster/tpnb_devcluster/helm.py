@@ -41,9 +41,21 @@ def min_go(module_dir: Path = HELM_MODULE_DIR) -> tuple[int, int]:
     return (int(m.group(1)), int(m.group(2))) if m else (1, 24)
 
 
-def ldflags(version: str) -> str:
-    """Strip symbols and stamp the version (`helm version` says v3.22 otherwise)."""
-    return f"-s -w -X helm.sh/helm/v3/internal/version.version={version}"
+def client_go_version(module_dir: Path = HELM_MODULE_DIR) -> tuple[int, int]:
+    """(major, minor) of the Kubernetes API helm is built against (client-go v0.37 -> 1.37)."""
+    m = re.search(r"^\s*k8s\.io/client-go\s+v0\.(\d+)\.", (module_dir / "go.mod").read_text(), re.M)
+    return (1, int(m.group(1))) if m else (1, 20)
+
+
+def ldflags(version: str, module_dir: Path = HELM_MODULE_DIR) -> str:
+    """Strip symbols and stamp what helm's Makefile stamps: its version (`helm
+    version` says v3.22 otherwise) and the Kubernetes version `helm template`
+    assumes without a cluster (else 1.20, older than the chart's kubeVersion)."""
+    major, minor = client_go_version(module_dir)
+    flags = ["-s", "-w", f"-X helm.sh/helm/v3/internal/version.version={version}"]
+    for pkg in ("helm.sh/helm/v3/pkg/lint/rules", "helm.sh/helm/v3/pkg/chartutil"):
+        flags += [f"-X {pkg}.k8sVersionMajor={major}", f"-X {pkg}.k8sVersionMinor={minor}"]
+    return " ".join(flags)
 
 
 def pin_hash(module_dir: Path = HELM_MODULE_DIR) -> str:
