@@ -63,6 +63,7 @@ async def intercept(session: Session, req: pb.InterceptRequest, progress: Progre
     spec.workload_kind = wl.kind
     spec.service = target.service
     progress("workload", f"Using {wl.kind.lower()} {wl.name}", 0.1)
+    await manager_install.preflight_intercept(session.target, spec.namespace, wl.kind, wl.name, target.service)
     first_time = not agent_injector.has_agent(wl.obj)
     await agent_injector.inject_agent(api, wl, target, cfg.agent_image, progress)
     await agent_injector.wait_rollout(api, wl, cfg.timeouts.rollout, progress)

@@ -618,7 +618,7 @@ def _collapse(cidrs: list[str]) -> list[str]:
     return out
 
 
-async def cluster_subnets(t: KubeTarget) -> tuple[list[str], list[str]]:
+async def cluster_subnets(t: KubeTarget, namespaces: list[str] | tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
     """(pod CIDRs, service CIDRs) the laptop must route into the cluster.
 
     Why it is this complicated: Kubernetes publishes neither range on an object
@@ -635,13 +635,16 @@ async def cluster_subnets(t: KubeTarget) -> tuple[list[str], list[str]]:
       IPs is X" -- dryRun=All, so nothing is created, and only the API server
       sees the address (nothing is sent to it).  (3) Else assume the /16 around
       the `kubernetes` Service's IP, which is the first address of the range.
+
+    `namespaces` (the session's) are where a namespace-scoped user may list
+    pods and probe; a read such a user may not make only narrows the answer.
     """
-    pods = await _pod_cidrs(t)
-    services = await _service_cidrs(t)
+    pods = await _pod_cidrs(t, namespaces)
+    services = await _service_cidrs(t, namespaces)
     return pods, services
 
 
-async def _pod_cidrs(t: KubeTarget) -> list[str]:
+async def _pod_cidrs(t: KubeTarget, namespaces: list[str] | tuple[str, ...] = ()) -> list[str]:
     cidrs: list[str] = []
     try:
         nodes = await request(t, "GET", "/api/v1/nodes")
@@ -659,7 +662,15 @@ async def _pod_cidrs(t: KubeTarget) -> list[str]:
     except ApiException as exc:
         if exc.status != 403:
             raise api_error(exc, "list pods", "list", "pods", None, t.server) from None
-        pods = await request(t, "GET", f"/api/v1/namespaces/{path_quote(t.namespace)}/pods")
+        pods = {"items": []}
+        for ns in dict.fromkeys([*namespaces, t.namespace]):
+            try:
+                got = await request(t, "GET", f"/api/v1/namespaces/{path_quote(ns)}/pods")
+            except ApiException as exc2:
+                if exc2.status != 403:
+                    raise api_error(exc2, "list pods", "list", "pods", ns, t.server) from None
+                continue
+            pods["items"] += got.get("items", [])
     for p in pods.get("items", []):
         if (p.get("spec") or {}).get("hostNetwork"):
             continue
@@ -669,7 +680,7 @@ async def _pod_cidrs(t: KubeTarget) -> list[str]:
     return _collapse(cidrs)
 
 
-async def _service_cidrs(t: KubeTarget) -> list[str]:
+async def _service_cidrs(t: KubeTarget, namespaces: list[str] | tuple[str, ...] = ()) -> list[str]:
     for version in ("v1", "v1beta1"):
         try:
             res = await request(t, "GET", f"/apis/networking.k8s.io/{version}/servicecidrs")
@@ -682,7 +693,7 @@ async def _service_cidrs(t: KubeTarget) -> list[str]:
             log.info("service subnets from the ServiceCIDR API (%s): %s", version, cidrs)
             return _collapse(cidrs)
 
-    probe_ns = [config.get().manager.namespace, t.namespace, "default"]
+    probe_ns = [config.get().manager.namespace, *namespaces, t.namespace, "default"]
     for ns in dict.fromkeys(probe_ns):
         svc = {
             "apiVersion": "v1",
@@ -714,6 +725,9 @@ async def _service_cidrs(t: KubeTarget) -> list[str]:
         log.warning("service subnet unknown; assuming %s around the kubernetes Service IP %s", guess, ip)
         return [guess]
     except ApiException as exc:
+        if exc.status == 403:  # a namespace-scoped user: no subnet to route, services by name still work
+            log.info("service subnet unknown: may not read the kubernetes Service (%s)", status_message(exc.body))
+            return []
         raise api_error(exc, "find the service subnet", "get", "services", "default", t.server) from None
     except (KeyError, TypeError, ValueError):
         raise ClusterError("cannot determine the cluster's service subnet",

@@ -9,6 +9,14 @@ hash of the rendered manifests stored on the Deployment: equal -> reuse it
 untouched (no restart of other users' sessions), different -> apply and wait
 for the rollout.
 
+A manager a cluster admin installed with Helm (label
+app.kubernetes.io/managed-by=Helm), or one the user has no rights to change,
+is never applied over: connect uses it when its API version matches, and
+otherwise says who can upgrade it and how (`helm upgrade ...`).  Reads that a
+namespace-scoped developer may not make (the Namespace, the Deployment) are
+optional: a 403 there means "use what runs", not a failure.
+`manager.install: never` makes connect only ever use an installed manager.
+
 The manager only reads cluster state (the connector injects agents with the
 user's own rights), so its ClusterRole is get/list/watch, plus creating
 TokenReviews to check the agents' tokens.
@@ -27,7 +35,7 @@ from typing import Any
 from kubernetes.client import ApiException
 
 from tpnb import config
-from tpnb.errors import ClusterError, TpnbError
+from tpnb.errors import ClusterError, PermissionDenied, TpnbError
 
 from .kube import KubeTarget, api_error, path_quote, request, status_message
 
@@ -42,6 +50,10 @@ NAME = "traffic-manager"
 RBAC_NAME = "tpnb-traffic-manager"
 HASH_ANNOTATION = "tpnb.io/manifest-hash"
 FIELD_MANAGER = "tpnb"
+#: the managed-by label value of objects a Helm release owns
+HELM = "Helm"
+#: where the chart lives in the tpnb repository (for messages)
+CHART = "charts/traffic-manager"
 
 #: container states that will not fix themselves within a rollout
 _FATAL_WAITING = {
@@ -58,6 +70,12 @@ class ManagerHandle:
     #: the image tag (tpnb version + source hash)
     version: str
     image: str = ""
+    #: "tpnb" (self-installed), "Helm" (an admin's release), or "" (unknown / unreadable)
+    managed_by: str = "tpnb"
+
+
+#: a read the user may not make (403): the object may well exist
+FORBIDDEN: Any = object()
 
 
 def image_tag(image: str) -> str:
@@ -204,6 +222,80 @@ async def _get(t: KubeTarget, path: str, resource: str, ns: str | None) -> dict[
         if exc.status == 404:
             return None
         raise api_error(exc, f"get {resource}", "get", resource, ns, t.server) from None
+
+
+async def _get_optional(t: KubeTarget, path: str, resource: str, ns: str | None) -> Any:
+    """Like _get, but a 403 returns FORBIDDEN (a namespace-scoped developer may
+    not read the manager's Namespace, or even its Deployment)."""
+    try:
+        return await request(t, "GET", path)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        if exc.status == 403:
+            log.info("may not get %s %s: %s", resource, path, status_message(exc.body))
+            return FORBIDDEN
+        raise api_error(exc, f"get {resource}", "get", resource, ns, t.server) from None
+
+
+def managed_by(obj: dict[str, Any] | None) -> str:
+    return str((((obj or {}).get("metadata") or {}).get("labels") or {}).get("app.kubernetes.io/managed-by", ""))
+
+
+def helm_release(obj: dict[str, Any] | None) -> str:
+    meta = (obj or {}).get("metadata") or {}
+    return str((meta.get("annotations") or {}).get("meta.helm.sh/release-name")
+               or (meta.get("labels") or {}).get("app.kubernetes.io/instance") or "traffic-manager")
+
+
+def helm_upgrade_hint(namespace: str, release: str, image: str) -> str:
+    return (f"ask your cluster admin to upgrade it: `helm upgrade {release} {CHART} -n {namespace} "
+            f"--reuse-values --set image.tag={image_tag(image)}` (README: Helm install)")
+
+
+def helm_install_hint(namespace: str, image: str) -> str:
+    return (f"ask a cluster admin to install it: `helm install traffic-manager {CHART} -n {namespace} "
+            f"--create-namespace --set image.tag={image_tag(image)}` (README: Helm install)")
+
+
+async def can_i(t: KubeTarget, verb: str, resource: str, namespace: str | None = None,
+                name: str | None = None) -> bool | None:
+    """SelfSubjectAccessReview (every authenticated user may ask); None when it cannot be asked.
+
+    `resource` is "plural" or "plural.group", or "plural/subresource[.group]".
+    """
+    plural, _, group = resource.partition(".")
+    plural, _, sub = plural.partition("/")
+    attrs: dict[str, Any] = {"verb": verb, "group": group, "resource": plural}
+    if sub:
+        attrs["subresource"] = sub
+    if namespace:
+        attrs["namespace"] = namespace
+    if name:
+        attrs["name"] = name
+    body = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+            "spec": {"resourceAttributes": attrs}}
+    try:
+        res = await request(t, "POST", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", body=body)
+    except (ApiException, ClusterError) as exc:
+        log.info("cannot ask whether we may %s %s: %s", verb, resource, exc)
+        return None
+    return bool(((res or {}).get("status") or {}).get("allowed"))
+
+
+async def _missing_rights(t: KubeTarget, objs: list[dict[str, Any]], present: set[str]) -> list[str]:
+    """What the user may not do of what applying `objs` needs ("create clusterroles.rbac..." ...)."""
+    missing = []
+    for obj in objs:
+        _, resource, ns = object_path(obj)
+        # server-side apply patches an existing object and creates a missing one
+        verbs = ["patch"] if obj["kind"] in present else ["create", "patch"]
+        for verb in verbs:
+            if await can_i(t, verb, resource, ns, obj["metadata"]["name"]) is False:
+                where = f" in namespace {ns}" if ns else " (cluster-wide)"
+                missing.append(f"{verb} {resource}{where}")
+                break
+    return missing
 
 
 async def _apply(t: KubeTarget, obj: dict[str, Any]) -> None:
@@ -365,6 +457,10 @@ async def ensure_manager(t: KubeTarget, image: str, progress: Progress | None = 
     absent -> install; other image or other manifests -> apply and wait for
     the rollout; same -> reuse.  Failures are reported with the reason the
     pod gives (image missing, crash loop with its last log lines, timeout).
+
+    Never applied over: a Helm-installed manager, one the user may not read
+    or change, or any when manager.install is "never" -- those are used as
+    they run (`use_installed`); the API version check happens on the link.
     """
     progress = progress or _noop
     cfg = config.get()
@@ -375,17 +471,32 @@ async def ensure_manager(t: KubeTarget, image: str, progress: Progress | None = 
     ns_path, _, _ = object_path(objs[0])
     deadline = time.monotonic() + cfg.timeouts.rollout
 
-    nsobj = await _get(t, ns_path, "namespaces", None)
-    if nsobj and (nsobj.get("metadata") or {}).get("deletionTimestamp"):
+    nsobj = await _get_optional(t, ns_path, "namespaces", None)
+    if isinstance(nsobj, dict) and (nsobj.get("metadata") or {}).get("deletionTimestamp"):
         progress("install", f"namespace {ns} is still being deleted; waiting", 0.02)
-        while nsobj is not None:
+        while isinstance(nsobj, dict):
             if time.monotonic() > deadline:
                 raise ClusterError(f"namespace {ns} is stuck terminating",
                                    _ns_conditions(nsobj), f"see `kubectl get ns {ns} -o yaml`")
             await asyncio.sleep(1)
-            nsobj = await _get(t, ns_path, "namespaces", None)
+            nsobj = await _get_optional(t, ns_path, "namespaces", None)
 
-    dep = await _get(t, dep_path, "deployments.apps", ns) if nsobj else None
+    dep = await _get_optional(t, dep_path, "deployments.apps", ns) if nsobj is not None else None
+    if dep is FORBIDDEN:
+        progress("reuse", f"you may not read the traffic-manager Deployment in {ns}; using the running manager", 0.3)
+        return await use_installed(t, ns, None, progress, deadline)
+    if dep and managed_by(dep) == HELM:
+        progress("reuse", f"traffic-manager installed by a cluster admin (Helm release {helm_release(dep)}) "
+                 f"in {ns}; using it", 0.3)
+        return await use_installed(t, ns, dep, progress, deadline)
+    if cfg.manager.install == "never":
+        if dep:
+            progress("reuse", f"manager.install is never: using the traffic-manager in {ns} as it is", 0.3)
+            return await use_installed(t, ns, dep, progress, deadline)
+        raise ClusterError(f"no traffic-manager in namespace {ns}",
+                           "manager.install is \"never\", so connect does not install one",
+                           helm_install_hint(ns, image) + "; or set manager.install: auto to let connect "
+                           "install it with your rights")
     current_image = ""
     if dep:
         containers = (((dep.get("spec") or {}).get("template") or {}).get("spec") or {}).get("containers") or []
@@ -396,6 +507,20 @@ async def ensure_manager(t: KubeTarget, image: str, progress: Progress | None = 
         step = "reuse"
         progress(step, f"traffic-manager {image_tag(image)} already installed in {ns}", 0.5)
     else:
+        present = {"Deployment"} if dep else set()
+        if nsobj is not None:
+            present.add("Namespace")
+        missing = await _missing_rights(t, objs, present)
+        if missing and dep:
+            progress("reuse", f"you may not upgrade the traffic-manager in {ns} ({missing[0]}); "
+                     "using it as it is", 0.3)
+            return await use_installed(t, ns, dep, progress, deadline)
+        if missing:
+            raise PermissionDenied(
+                f"no traffic-manager in namespace {ns}, and you may not install one",
+                "installing it needs rights you lack: " + "; ".join(missing[:4])
+                + (" ..." if len(missing) > 4 else ""),
+                helm_install_hint(ns, image))
         if not dep:
             step = "install"
             progress(step, f"installing traffic-manager {image_tag(image)} in namespace {ns}", 0.05)
@@ -412,6 +537,53 @@ async def ensure_manager(t: KubeTarget, image: str, progress: Progress | None = 
     pod = await _wait_rollout(t, ns, dep_path, image, deadline, progress, step)
     progress("ready", f"traffic-manager {image_tag(image)} ready ({ns}/{pod})", 1.0)
     return ManagerHandle(namespace=ns, pod=pod, version=image_tag(image), image=image)
+
+
+async def use_installed(t: KubeTarget, ns: str, dep: dict[str, Any] | None, progress: Progress,
+                        deadline: float) -> ManagerHandle:
+    """Wait for a Ready pod of the manager someone else installed (never change it)."""
+    who = managed_by(dep) if dep else ""
+    last = ""
+    while True:
+        pods = await _manager_pods(t, ns)
+        ready = [p for p in pods if _pod_ready(p)]
+        if ready:
+            ready.sort(key=lambda p: (p.get("metadata") or {}).get("creationTimestamp", ""), reverse=True)
+            img = _pod_image(ready[0])
+            name = str(ready[0]["metadata"]["name"])
+            progress("ready", f"traffic-manager {image_tag(img)} ready ({ns}/{name})", 1.0)
+            return ManagerHandle(namespace=ns, pod=name, version=image_tag(img), image=img, managed_by=who)
+        note = _describe_pending(pods, dep)
+        if note != last:
+            progress("wait", note, 0.5)
+            last = note
+        if time.monotonic() > deadline:
+            fix = (f"ask your cluster admin (Helm release {helm_release(dep)}): "
+                   f"`kubectl -n {ns} describe pods -l app.kubernetes.io/name=traffic-manager`") if who == HELM \
+                else f"see `kubectl -n {ns} describe pods -l app.kubernetes.io/name=traffic-manager`"
+            raise ClusterError(f"no ready traffic-manager in namespace {ns}", note, fix)
+        await asyncio.sleep(1.0)
+
+
+async def incompatible_error(t: KubeTarget, api: int, version: str, image: str) -> ClusterError:
+    """What to say when the manager speaks another API generation than this tpnb."""
+    ns = config.get().manager.namespace
+    dep = await _get_optional(t, f"/apis/apps/v1/namespaces/{path_quote(ns)}/deployments/{NAME}",
+                              "deployments.apps", ns)
+    dep = dep if isinstance(dep, dict) else None
+    from tpnb.version import API_VERSION
+
+    why = (f"the traffic-manager in {ns} is {version or 'of unknown version'} and speaks API {api}; "
+           f"this tpnb speaks API {API_VERSION}")
+    if managed_by(dep) == HELM:
+        fix = helm_upgrade_hint(ns, helm_release(dep), image)
+    elif dep is None or config.get().manager.install == "never":
+        fix = ("ask whoever installed it to upgrade it to " + image_tag(image)
+               + ", or use the tpnb release that matches it")
+    else:
+        fix = ("run `tpnb connect` as someone allowed to upgrade it (manager.install: auto), "
+               "or use the tpnb release that matches it")
+    return ClusterError(f"the traffic-manager in {ns} is not compatible with this tpnb", why, fix)
 
 
 def _rollout_complete(dep: dict[str, Any]) -> bool:
@@ -525,3 +697,54 @@ async def uninstall_manager(t: KubeTarget, progress: Progress | None = None) -> 
                                    hint=f"`kubectl -n {ns} get pods`")
             await asyncio.sleep(1)
     progress("uninstall", "traffic-manager removed", 1.0)
+
+
+# ------------------------------------------------------------------ intercept preflight
+_KIND_RESOURCE = {"Deployment": "deployments.apps", "StatefulSet": "statefulsets.apps",
+                  "ReplicaSet": "replicasets.apps"}
+
+
+async def managed_namespaces(t: KubeTarget) -> frozenset[str] | None:
+    """The namespaces the installed manager serves (its TPNB_MANAGER_NAMESPACES);
+    empty: all; None: unknown (its Deployment cannot be read)."""
+    ns = config.get().manager.namespace
+    dep = await _get_optional(t, f"/apis/apps/v1/namespaces/{path_quote(ns)}/deployments/{NAME}",
+                              "deployments.apps", ns)
+    if not isinstance(dep, dict):
+        return None
+    containers = (((dep.get("spec") or {}).get("template") or {}).get("spec") or {}).get("containers") or []
+    for c in containers:
+        if c.get("name") == "manager":
+            for e in c.get("env") or []:
+                if e.get("name") == "TPNB_MANAGER_NAMESPACES":
+                    return frozenset(n.strip() for n in str(e.get("value") or "").split(",") if n.strip())
+    return frozenset()
+
+
+async def preflight_intercept(t: KubeTarget, namespace: str, kind: str, name: str, service: str) -> None:
+    """Refuse an intercept before anything is changed: without the rights
+    injecting the agent needs (patch the workload and its Service), or outside
+    the namespaces the manager serves.  A check that cannot be made is skipped (the
+    API server still refuses what is not allowed)."""
+    from tpnb.errors import InterceptError
+
+    needs = [("patch", _KIND_RESOURCE.get(kind, f"{kind.lower()}s.apps"), name)]
+    if service:
+        needs.append(("patch", "services", service))
+    for verb, resource, obj_name in needs:
+        if await can_i(t, verb, resource, namespace, obj_name) is False:
+            raise PermissionDenied(
+                f"you may not {verb} {resource} in namespace {namespace}",
+                f"intercepting {kind.lower()} {name} injects the traffic-agent: it patches the {kind}"
+                + (f" and Service {service}" if service else "") + "; nothing was changed",
+                f"ask a cluster admin for RBAC permission to {verb} {resource} in namespace {namespace} "
+                f"(check with `kubectl auth can-i {verb} {resource} -n {namespace}`), or intercept where you may")
+    scope = await managed_namespaces(t)
+    if scope and namespace not in scope:
+        mns = config.get().manager.namespace
+        raise InterceptError(
+            f"the traffic-manager serves namespaces {', '.join(sorted(scope))} only, not {namespace}",
+            f"it was installed namespace-scoped (Helm value managedNamespaces) in {mns}",
+            f"intercept in {' or '.join(sorted(scope))}, or ask your cluster admin to add {namespace}: "
+            f"`helm upgrade traffic-manager {CHART} -n {mns} --reuse-values "
+            f"--set 'managedNamespaces={{{','.join(sorted(scope | {namespace}))}}}'`")

@@ -149,7 +149,9 @@ class Session:
                 f"check `kubectl -n {self.cfg.manager.namespace} logs deploy/traffic-manager`",
             ) from None
         if ver.api != API_VERSION:
-            log.warning("manager speaks api %d, we speak %d", ver.api, API_VERSION)
+            await channel.close()
+            await fwd.aclose()
+            raise await manager_install.incompatible_error(self.target, ver.api, ver.version, self.cfg.manager_image)
         self.link = ManagerLink(pod=pod, forward=fwd, channel=channel, stub=stub, version=ver.version)
         log.info("linked to traffic-manager %s (pod %s) via %s", ver.version, pod, fwd.address)
 
@@ -165,7 +167,7 @@ class Session:
         self.cluster = await stub.GetClusterInfo(sess, timeout=15)
         pods = [_cidr(n) for n in self.cluster.pod_subnets]
         try:
-            kpods, ksvcs = await kube.cluster_subnets(self.target)
+            kpods, ksvcs = await kube.cluster_subnets(self.target, self.mapped)
         except TpnbError as exc:
             log.warning("cannot read cluster subnets with the user's credentials: %s", exc)
             kpods, ksvcs = [], []

@@ -787,6 +787,9 @@ class FakeAPI:
         from kubernetes.client import ApiException
 
         self.calls.append((method, path))
+        if method == "POST" and path.endswith("/selfsubjectaccessreviews"):  # `kubectl auth can-i`
+            res = body["spec"]["resourceAttributes"]["resource"]
+            return {"status": {"allowed": res not in self.forbid}}
         for f in self.forbid:
             if f in path and method != "GET":
                 raise ApiException(status=403, reason="Forbidden", body=json.dumps({
@@ -924,7 +927,11 @@ async def test_ensure_manager_rbac_denied(fake_api: FakeAPI) -> None:
     fake_api.forbid.add("clusterroles")
     with pytest.raises(PermissionDenied) as ei:
         await manager_install.ensure_manager(FAKE_T, IMG, None)
-    assert ei.value.what == "user 'carol' may not create clusterroles.rbac.authorization.k8s.io cluster-wide"
+    # asked before anything is applied: nothing half-installed, and the admin's way named
+    assert ei.value.what == "no traffic-manager in namespace tpnb, and you may not install one"
+    assert "create clusterroles.rbac.authorization.k8s.io (cluster-wide)" in ei.value.why
+    assert "helm install traffic-manager charts/traffic-manager -n tpnb" in ei.value.hint
+    assert not [c for c in fake_api.calls if c[0] == "PATCH"]
 
 
 # ================================================================ dev cluster

@@ -52,6 +52,10 @@ class ManagerConfig:
     agent_port: int = 8082
     #: seconds without a heartbeat before a client session (and its intercepts) expires
     session_ttl: int = 15
+    #: "auto": connect installs or upgrades a manager it installed itself (never
+    #: one a cluster admin installed with Helm, nor without the rights to);
+    #: "never": only use the manager that is there
+    install: str = "auto"
 
 
 @dataclass
@@ -200,6 +204,7 @@ OTHER_SECTIONS = ("devcluster",)
 CHOICES: dict[str, tuple[str, ...]] = {
     "daemon.tcp_engine": ("auto", "kernel", "tun"),
     "connector.outbound": ("auto", "always", "never"),
+    "manager.install": ("auto", "never"),
     "daemon.portforward_protocol": ("auto", "spdy", "websocket"),
 }
 
