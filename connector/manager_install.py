@@ -545,7 +545,18 @@ async def use_installed(t: KubeTarget, ns: str, dep: dict[str, Any] | None, prog
     who = managed_by(dep) if dep else ""
     last = ""
     while True:
-        pods = await _manager_pods(t, ns)
+        try:
+            pods = await _manager_pods(t, ns)
+        except PermissionDenied as exc:
+            if dep is not None:
+                raise
+            # nothing in ns is readable: whether a manager is there at all is unknown
+            raise PermissionDenied(
+                f"cannot find a traffic-manager in namespace {ns}: {exc.what}",
+                exc.why,
+                f"if a cluster admin installed it there, ask for get/list on pods and create on pods/portforward "
+                f"in {ns} (README: RBAC); if none is installed, {helm_install_hint(ns, config.get().manager_image)}",
+            ) from None
         ready = [p for p in pods if _pod_ready(p)]
         if ready:
             ready.sort(key=lambda p: (p.get("metadata") or {}).get("creationTimestamp", ""), reverse=True)
