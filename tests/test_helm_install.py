@@ -309,6 +309,15 @@ def test_no_rights_in_the_manager_namespace_says_ask_the_admin(helm_env: Env) ->
     assert "ask for get/list on pods and create on pods/portforward in tphelm-nowhere" in r.stderr
     assert "helm install traffic-manager charts/traffic-manager -n tphelm-nowhere" in r.stderr
     assert "Traceback" not in r.stderr
+    # an admin with manager.install: never is not offered an install either, and none happens
+    adm = LaptopRunner(e.admin.cluster, "helmadm")
+    adm.run(["tpnb", "quit", "--daemon"], check=False)   # a fresh connector reads the settings below
+    r = adm.run(["env", "TPNB_MANAGER_NAMESPACE=tphelm-nowhere", "TPNB_MANAGER_INSTALL=never",
+                 "tpnb", "connect"], check=False, timeout=120)
+    adm.run(["tpnb", "quit", "--daemon"], check=False)
+    assert r.returncode != 0
+    assert "no traffic-manager in namespace tphelm-nowhere" in r.stderr, r.stderr
+    assert 'manager.install is "never"' in r.stderr and "helm install traffic-manager" in r.stderr
     assert e.admin.kubectl("get", "ns", "tphelm-nowhere", check=False).returncode != 0
 
 
