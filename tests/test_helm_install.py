@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -294,6 +295,26 @@ def test_developer_is_refused_outside_team_a_and_nothing_changes(helm_env: Env, 
     assert took < 10, f"refused only after {took:.1f} s"
     assert _snapshot(e.admin, ns) == before
     assert "traffic-agent" not in e.admin.kubectl("-n", ns, "get", "pods", "-o", "yaml").stdout
+
+
+@pytest.mark.cluster
+def test_a_manager_of_another_api_version_is_refused_with_the_helm_upgrade(helm_env: Env) -> None:
+    """What connect raises when the Version RPC answers another API generation
+    (a real Helm release read with the developer's credentials)."""
+    e = helm_env
+    code = (
+        "import asyncio\n"
+        "from tpnb.connector import kube, manager_install\n"
+        "from tpnb.version import API_VERSION\n"
+        "t = kube.load_target()\n"
+        "err = asyncio.run(manager_install.incompatible_error(t, API_VERSION + 1, '9.9.9-old', "
+        "'tpnb.local/tpnb:0.1.0-new'))\n"
+        "print(err.what); print(err.why); print(err.hint)\n")
+    out = e.dev.run(e.as_dev([sys.executable, "-c", code])).stdout
+    assert f"the traffic-manager in {MNS} is not compatible with this tpnb" in out
+    assert "is 9.9.9-old and speaks API" in out
+    assert (f"ask your cluster admin to upgrade it: `helm upgrade {RELEASE} charts/traffic-manager -n {MNS} "
+            "--reuse-values --set image.tag=0.1.0-new`") in out, out
 
 
 @pytest.mark.cluster
