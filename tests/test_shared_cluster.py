@@ -238,3 +238,85 @@ def test_a_pod_of_another_team_reaches_nothing_the_laptop_reaches_everything(lab
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         lap.run(["tpnb", "leave", "hello"], check=False)
+
+
+# ---------------------------------------------------------------- two developers, two Kubernetes users
+
+def _as(kubeconfig: Path) -> list[str]:
+    return ["env", f"KUBECONFIG={kubeconfig}"]
+
+
+@pytest.fixture(scope="module")
+def devs(lab: LaptopRunner) -> Iterator[tuple[LaptopRunner, Path, LaptopRunner, Path]]:
+    """alice and bob: client certificates of the dev cluster's CA, with `edit` rights; own laptops."""
+    from tpnb_devcluster.users import user_kubeconfig
+
+    binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+               "metadata": {"name": "tpsec-devs"},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
+               "subjects": [{"kind": "User", "name": "alice", "apiGroup": "rbac.authorization.k8s.io"},
+                            {"kind": "User", "name": "bob", "apiGroup": "rbac.authorization.k8s.io"}]}
+    lab.kubectl("apply", "-f", "-", input=json.dumps(binding))
+    alice, bob = LaptopRunner(lab.cluster, "seca"), LaptopRunner(lab.cluster, "secb")
+    # the manager is current (installed by the admin laptop); the developers only use it
+    lab.run(["tpnb", "connect", "--namespace", NS], timeout=180)
+    lab.run(["tpnb", "quit", "--daemon"])
+    yield alice, user_kubeconfig("alice"), bob, user_kubeconfig("bob")
+    for lap in (alice, bob):
+        lap.run(["tpnb", "quit", "--daemon"], check=False)
+    lab.kubectl("delete", "clusterrolebinding", "tpsec-devs", "--ignore-not-found", check=False)
+
+
+def test_two_kubernetes_users_see_and_touch_only_their_own(devs: tuple[LaptopRunner, Path, LaptopRunner, Path],
+                                                          tmp_path: Path) -> None:
+    alice, akc, bob, bkc = devs
+    servers = []
+    try:
+        for lap, port, body in ((alice, 9201, "from alice"), (bob, 9202, "from bob")):
+            code = ("import http.server as h\nclass H(h.BaseHTTPRequestHandler):\n def do_GET(s):\n"
+                    f"  s.send_response(200);s.end_headers();s.wfile.write(b'{body}')\n"
+                    f"h.HTTPServer(('127.0.0.1',{port}),H).serve_forever()")
+            servers.append(subprocess.Popen(lap.cmd(["python3", "-c", code]), start_new_session=True,
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        alice.run([*_as(akc), "tpnb", "connect", "--namespace", NS], timeout=180)
+        bob.run([*_as(bkc), "tpnb", "connect", "--namespace", NS], timeout=180)
+        alice.run([*_as(akc), "tpnb", "intercept", "hello", "--port", "9201", "--mount=false"], timeout=240)
+        mine = json.loads(alice.run(["tpnb", "status", "-o", "json"]).stdout)["intercepts"]
+        assert mine[0]["environment"]["DB_PASSWORD"] == SECRET
+
+        # bob sees that hello is taken, and by whom -- nothing of alice's environment
+        listing = bob.run(["tpnb", "list", "--namespace", NS, "-o", "json"]).stdout
+        assert SECRET not in listing
+        hello = next(w for w in json.loads(listing) if w["name"] == "hello")
+        assert hello["state"] == "intercepted_by_other" and "(alice)" in hello["holder"], hello
+        assert not (hello.get("intercept") or {}).get("environment"), hello
+        text = bob.run(["tpnb", "list", "--namespace", NS]).stdout
+        assert "intercepted by" in text and "(alice)" in text, text
+        assert json.loads(bob.run(["tpnb", "status", "-o", "json"]).stdout)["intercepts"] == []
+
+        # bob cannot take it (the refusal names alice), nor leave it, nor read its files
+        r = bob.run([*_as(bkc), "tpnb", "intercept", "hello", "--port", "9202", "--mount=false"], check=False,
+                    timeout=240)
+        assert r.returncode != 0 and "(alice)" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        r = bob.run(["tpnb", "leave", "hello"], check=False)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+        r = bob.run(["python3", "-c", "import tpnb.api as a;a.Session().files('hello')"], check=False)
+        assert r.returncode != 0 and SECRET not in r.stdout + r.stderr
+        # ...and the cluster's requests for hello reach alice only
+        got = bob.run(["curl", "-sS", "--max-time", "10", f"http://hello.{NS}/"]).stdout
+        assert got == "from alice", got
+        # alice's intercept is untouched by all of that
+        st = json.loads(alice.run(["tpnb", "status", "-o", "json"]).stdout)
+        assert [(i["name"], i["state"]) for i in st["intercepts"]] == [("hello", "ACTIVE")]
+        alice.run(["tpnb", "leave", "hello"])
+        # now it is free: bob may take it
+        bob.run([*_as(bkc), "tpnb", "intercept", "hello", "--port", "9202", "--mount=false"], timeout=240)
+        deadline = time.monotonic() + 30
+        while (got := alice.run(["curl", "-sS", "--max-time", "10", f"http://hello.{NS}/"],
+                                check=False).stdout) != "from bob":
+            assert time.monotonic() < deadline, got
+            time.sleep(1)
+        bob.run(["tpnb", "leave", "hello"])
+    finally:
+        for s in servers:
+            os.killpg(s.pid, signal.SIGTERM)
