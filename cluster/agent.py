@@ -53,6 +53,7 @@ import grpc  # noqa: E402
 from tpnb.proto import pb, rpc  # noqa: E402
 from tpnb.version import __version__  # noqa: E402
 
+from .sftpjail import FilteringWriter, Jail  # noqa: E402
 from tpnb.common.forward import (  # noqa: E402
     BULK_GRPC_OPTIONS,
     STREAM_LIMIT,
@@ -540,6 +541,11 @@ class Agent:
         except grpc.aio.AioRpcError as exc:
             raise _SessionLost(f"WatchAgentDials: {exc.code().name}: {exc.details()}") from None
 
+    def _jail(self) -> Jail:
+        from .sftp import SA_DIR
+
+        return Jail(self.s.mount_prefix, also=[SA_DIR] if os.path.isdir(SA_DIR) else [])
+
     async def _answer_files(self, req: pb.DialRequest) -> None:
         stub = self.stub
         if stub is None or not self.agent_id:
@@ -556,8 +562,9 @@ class Agent:
                 await chan.done_sending()
                 return
             await chan.send(pb.TunnelFrame(opened=pb.Empty()))
-            await bridge(reader, writer, chan)
-        except TunnelError as exc:
+            # requests pass through the jail: nothing outside the app's volumes is served
+            await bridge(reader, FilteringWriter(writer, self._jail()), chan)  # type: ignore[arg-type]
+        except (TunnelError, ValueError) as exc:
             log.debug("file tunnel %s ended: %s", req.dial_id[:8], exc)
         finally:
             cancel_channel(chan)

@@ -10,7 +10,8 @@ forged agent would need -- tries every door tpnb opens in the cluster:
   arbitrary address, intercept create/remove, log level), agent API
   (arrival without, with a wrong-audience and with a right-audience token of
   its own pod; forged tunnels), the agent's control port and its file
-  service (read the ServiceAccount token, list `/`).
+  service (read the ServiceAccount token, list `/`).  The holder itself, with
+  raw SFTP, reads its volumes and nothing outside them (cluster/sftpjail.py).
 
 Every door must be shut; the same things done from the laptop work, so the
 test fails if the checks are broken in either direction.
@@ -213,6 +214,16 @@ def test_a_pod_of_another_team_reaches_nothing_the_laptop_reaches_everything(lab
                          "print(len(s.files('hello').read_text("
                          "'/var/run/secrets/kubernetes.io/serviceaccount/token')))"], timeout=60)
         assert int(token.stdout.strip()) > 100, token.stdout + token.stderr
+        # even the holder, speaking raw SFTP with absolute paths, gets nothing outside the volumes
+        jail = lap.run(["python3", "-c",
+                        "import tpnb.api as a, tpnb.remotefs as r;s=a.Session();ic=s.get_intercept('hello');"
+                        "h,p=s._file_service(ic);f=r.RemoteFS(h,p,prefix='');"
+                        "print(f.read_text('/tpnb/volumes/etc/db/pw'))\n"
+                        "for x in ('/etc/passwd','/proc/self/environ','/tpnb/volumes/../../etc/hostname'):\n"
+                        "  try: f.read_bytes(x); print('GOT', x)\n"
+                        "  except FileNotFoundError: print('none', x)"], timeout=60)
+        assert SECRET in jail.stdout and "GOT" not in jail.stdout and jail.stdout.count("none") == 3, \
+            jail.stdout + jail.stderr
 
         # --- the attacker, from a plain pod in another namespace
         mgr_ip = _pod_ip(lap, "tpnb", "app.kubernetes.io/name=traffic-manager")
