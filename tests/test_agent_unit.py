@@ -266,6 +266,10 @@ def test_splice_large_and_half_close_and_cancel() -> None:
 
 # ====================================================================== the agent
 
+#: an SFTP v3 INIT request, as a client's first bytes
+SFTP_INIT = bytes.fromhex("000000050100000003")
+
+
 class FakeManager(rpc.AgentHubServicer):
     """Just enough of the traffic-manager's agent API for the agent: sessions, instructions, tunnels."""
 
@@ -310,7 +314,7 @@ class FakeManager(rpc.AgentHubServicer):
         if first.open.kind == pb.TunnelOpen.DIAL_ANSWER:  # the agent joined its file service
             opened = await chan.recv()
             assert opened is not None and opened.WhichOneof("kind") == "opened"
-            await chan.send(pb.TunnelFrame(data=b"ls"))
+            await chan.send(pb.TunnelFrame(data=SFTP_INIT))  # passes the agent's SFTP jail unchanged
             reply = await chan.recv()
             await self.answers.put(reply.data if reply is not None else b"")
             return
@@ -401,7 +405,7 @@ def test_agent_forwards_routes_intercepts_and_survives_manager_restarts(monkeypa
             assert fake.tokens[-1] == "Bearer projected-token"   # the agent proves who it is
             # the manager asks for the file service: the agent joins its loopback listener to a tunnel
             await fake.dials.put(pb.DialRequest(purpose=pb.DialRequest.FILES, dial_id="d1"))
-            assert await asyncio.wait_for(fake.answers.get(), 10) == b"files:ls"
+            assert await asyncio.wait_for(fake.answers.get(), 10) == b"files:" + SFTP_INIT
             assert fake.opens[-1].kind == pb.TunnelOpen.DIAL_ANSWER and fake.opens[-1].dial_id == "d1"
             assert await _ask(settings.agent_port, b"two") == b"app:two"
 
