@@ -345,3 +345,35 @@ def test_admission_refusal_is_reported_fast_and_the_workload_restored(lap: Any, 
     assert "restored" in text, text
     assert _spec(lap, NSQ, kind, name) == pre
     _rolled_out(lap, NSQ)  # and the app's pods run again
+
+
+@pytest.mark.cluster
+def test_a_stall_that_is_no_refusal_still_times_out_naming_the_pending_pods(lap: Any) -> None:
+    """A new pod that cannot be scheduled (its hostPort is held by the old pod on
+    the only node) is not an admission refusal: the rollout timeout (8 s here)
+    reports the pending pod and why; the workload is restored."""
+    ns = "tppsss"
+    _namespace(lap, ns, {})
+    dep = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "stuck"}, "spec": {
+        "selector": {"matchLabels": {"app": "stuck"}},
+        "template": {"metadata": {"labels": {"app": "stuck"}}, "spec": {"containers": [{
+            "name": "app", "image": "tpnb.local/echoserver:1.4", "imagePullPolicy": "IfNotPresent",
+            "ports": [{"containerPort": 8080, "hostPort": 18080}]}]}}}}
+    svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "stuck"},
+           "spec": {"selector": {"app": "stuck"}, "ports": [{"port": 80, "targetPort": 8080}]}}
+    lap.kubectl("-n", ns, "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
+                                                               "items": [dep, svc]}))
+    lap.kubectl("-n", ns, "rollout", "status", "deploy/stuck", "--timeout=120s", timeout=150)
+    pre = _spec(lap, ns, "Deployment", "stuck")
+    try:
+        lap.run(["env", "TPNB_TIMEOUTS_ROLLOUT=8", "tpnb", "connect", "--namespace", ns], timeout=120)
+        r = lap.run(["tpnb", "intercept", "stuck", "-n", ns, "--port", "9000", "--mount=false", "--", "true"],
+                    check=False, timeout=240)
+        text = r.stdout + r.stderr
+        assert r.returncode != 0 and "Traceback" not in text, text
+        assert "did not finish within 8s" in text and "cannot be scheduled" in text, text
+        assert "describe the pending pods" in text and "refuses" not in text, text
+        assert _spec(lap, ns, "Deployment", "stuck") == pre
+    finally:
+        lap.run(["tpnb", "quit", "--daemon"], check=False)
+        lap.kubectl("delete", "ns", ns, "--ignore-not-found", "--wait=false", check=False)
