@@ -1123,6 +1123,98 @@ def _events_sync(api: Any, namespace: str, pod: str) -> list[str]:
     return [f"{e.get('reason')}: {e.get('message', '').strip()}" for e in evs[-3:]]
 
 
+#: words of an API server refusal (admission plugins, webhooks, validation) in a
+#: FailedCreate message; other create failures (timeouts, conflicts) may pass
+_REFUSED = re.compile(r"forbidden|denied|is invalid|violates|exceeded quota|must specify", re.I)
+
+
+def _ts(value: Any) -> str:
+    """A Kubernetes timestamp cut to seconds ("2025-01-02T03:04:05"): comparable as text."""
+    return str(value or "")[:19]
+
+
+def changed_at(obj: dict[str, Any]) -> str:
+    """When the object's spec was last written, by the API server's clock (managedFields)."""
+    times = [_ts(f.get("time")) for f in obj.get("metadata", {}).get("managedFields") or []
+             if f.get("operation") in ("Update", "Apply")]
+    return max(times, default="")
+
+
+def _event_time(e: dict[str, Any]) -> str:
+    return _ts((e.get("series") or {}).get("lastObservedTime") or e.get("lastTimestamp")
+               or e.get("eventTime") or e.get("metadata", {}).get("creationTimestamp"))
+
+
+def _failed_create_events_sync(api: Any, namespace: str, kind: str, name: str, since: str) -> list[str]:
+    try:
+        doc = _request_sync(api, "GET", _core_path(namespace, "events"), query={
+            "fieldSelector": f"involvedObject.kind={kind},involvedObject.name={name},reason=FailedCreate"})
+    except (_ApiError, ClusterError):
+        return []
+    evs = [e for e in doc.get("items") or [] if e.get("type") == "Warning" and _event_time(e) >= since]
+    evs.sort(key=_event_time)
+    return [str(e.get("message", "")).strip() for e in evs]
+
+
+def _current_replicasets_sync(api: Any, dep: dict[str, Any], selector: str) -> list[dict[str, Any]]:
+    """The Deployment's ReplicaSet(s) of its current revision."""
+    md = dep["metadata"]
+    rev = _annotations(dep).get("deployment.kubernetes.io/revision")
+    try:
+        doc = _request_sync(api, "GET", _apps_path(md["namespace"], "replicasets"),
+                            query={"labelSelector": selector or None})
+    except (_ApiError, ClusterError):
+        return []
+    out = []
+    for rs in doc.get("items") or []:
+        if not any(o.get("uid") == md.get("uid") for o in rs["metadata"].get("ownerReferences") or []):
+            continue
+        if rev is not None and _annotations(rs).get("deployment.kubernetes.io/revision") != rev:
+            continue
+        out.append(rs)
+    return out
+
+
+def admission_refusal_sync(api: Any, wl: Workload, obj: dict[str, Any], selector: str, since: str) -> str | None:
+    """Why the API server refuses to create the workload's current pods, if it does.
+
+    Admission (Pod Security, a ResourceQuota, a webhook) refuses pods, not
+    the template, so the patch succeeds and the controller fails to create
+    them: a ReplicaSet says so in its ReplicaFailure condition, a StatefulSet
+    only in FailedCreate events (those since `since`, the patch's time).
+    """
+    owners: list[dict[str, Any]] = []
+    if wl.kind == "Deployment":
+        owners = _current_replicasets_sync(api, obj, selector)
+    elif wl.kind == "ReplicaSet":
+        owners = [obj]
+    for rs in owners:
+        for cond in rs.get("status", {}).get("conditions") or []:
+            if (cond.get("type") == "ReplicaFailure" and cond.get("status") == "True"
+                    and _REFUSED.search(cond.get("message") or "")):
+                return str(cond["message"]).strip()
+    names = [(o["metadata"]["name"], "ReplicaSet") for o in owners]
+    if wl.kind == "StatefulSet":
+        names = [(wl.name, "StatefulSet")]
+    for name, kind in names:
+        msgs = [m for m in _failed_create_events_sync(api, wl.namespace, kind, name, since) if _REFUSED.search(m)]
+        if msgs:
+            return msgs[-1]
+    return None
+
+
+def _refusal_hint(why: str, namespace: str) -> str:
+    if "PodSecurity" in why:
+        return (f"namespace {namespace} enforces a Pod Security level the pods do not meet; the traffic-agent "
+                "meets `restricted` beside an app that runs as non-root (runAsNonRoot / runAsUser), so check "
+                f"the app's own securityContext (kubectl get ns {namespace} --show-labels)")
+    if "quota" in why:
+        return (f"a ResourceQuota of namespace {namespace} refuses the pods (kubectl -n {namespace} describe "
+                "resourcequota); the traffic-agent sets no resources, so a quota that demands requests/limits "
+                "needs a LimitRange with defaults")
+    return f"kubectl -n {namespace} get events --field-selector reason=FailedCreate"
+
+
 async def wait_rollout(api: Any, wl: Workload, timeout: float, progress: Progress) -> None:
     """Wait until every pod of `wl` runs the current template and is ready.
 
@@ -1136,6 +1228,7 @@ async def wait_rollout(api: Any, wl: Workload, timeout: float, progress: Progres
     last = ""
     deleted: set[str] = set()
     selector = _selector_string(wl.obj)
+    since = changed_at(wl.obj)
     while True:
         obj = await _get(api, wl.kind, wl.namespace, wl.name)
         if obj is None:
@@ -1144,6 +1237,11 @@ async def wait_rollout(api: Any, wl: Workload, timeout: float, progress: Progres
         selector = _selector_string(obj) or selector
         pods = await _run(_pods_sync, api, wl.namespace, selector)
         st = rollout_state(wl.kind, obj, pods)
+        if not st.done:
+            refused = await _run(admission_refusal_sync, api, wl, obj, selector, since)
+            if refused:
+                raise InterceptError(f"the cluster refuses to create the pods of {wl.kind} {wl.name}",
+                                     refused, _refusal_hint(refused, wl.namespace))
         if st.failure:
             why = st.failure
             if st.failed_pod and st.failed_container:
