@@ -37,7 +37,7 @@ from kubernetes.client import ApiException
 from tpnb import config
 from tpnb.errors import ClusterError, PermissionDenied, TpnbError
 
-from .kube import KubeTarget, api_error, path_quote, request, status_message
+from .kube import KubeTarget, api_error, path_quote, request, status_message, whoami
 
 log = logging.getLogger(__name__)
 
@@ -744,8 +744,9 @@ async def preflight_intercept(t: KubeTarget, namespace: str, kind: str, name: st
         needs.append(("patch", "services", service))
     for verb, resource, obj_name in needs:
         if await can_i(t, verb, resource, namespace, obj_name) is False:
+            who = await whoami(t)
             raise PermissionDenied(
-                f"you may not {verb} {resource} in namespace {namespace}",
+                f"you{f' ({who})' if who else ''} may not {verb} {resource} in namespace {namespace}",
                 f"intercepting {kind.lower()} {name} injects the traffic-agent: it patches the {kind}"
                 + (f" and Service {service}" if service else "") + "; nothing was changed",
                 f"ask a cluster admin for RBAC permission to {verb} {resource} in namespace {namespace} "

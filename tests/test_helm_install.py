@@ -271,7 +271,7 @@ def test_developer_intercepts_in_team_a(helm_env: Env, tmp_path: Path) -> None:
 @pytest.mark.cluster
 @pytest.mark.parametrize("ns, what", [
     # read-only there (view): the missing verb is patch
-    (TEAM_B, f"you may not patch deployments.apps in namespace {TEAM_B}"),
+    (TEAM_B, f"you ({DEV}) may not patch deployments.apps in namespace {TEAM_B}"),
     # full rights there, but the admin's manager serves team-a only
     (TEAM_C, f"the traffic-manager serves namespaces {TEAM_A} only, not {TEAM_C}"),
 ])
