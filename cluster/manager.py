@@ -273,11 +273,7 @@ class Manager(rpc.ManagerServicer):
 
     # ---------------------------------------------------------------- tunnels
     async def Tunnel(self, request_iterator, context):  # noqa: N802
-        chan = GrpcFrameChannel(context)
-        first = await chan.recv()
-        if first is None or first.WhichOneof("kind") != "open":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first tunnel frame must be `open`")
-        op = first.open
+        chan, op = await _opened(context)
         if op.session_id not in self.clients:
             await chan.send(pb.TunnelFrame(error="session expired; reconnect"))
             return
@@ -463,10 +459,7 @@ class Manager(rpc.ManagerServicer):
 
     async def WatchDials(self, request, context) -> AsyncIterator[pb.DialRequest]:  # noqa: N802
         client = await self._session(context, request.session_id)
-        while True:
-            req = await client.dials.get()
-            if req is None:
-                return
+        async for req in _until_none(client.dials):
             yield req
 
     async def SetLogLevel(self, request, context):  # noqa: N802
@@ -542,18 +535,11 @@ class AgentHub(rpc.AgentHubServicer):
 
     async def WatchAgentDials(self, request, context) -> AsyncIterator[pb.DialRequest]:  # noqa: N802
         a = await self._agent(context, request.agent_id)
-        while True:
-            req = await a.dials.get()
-            if req is None:
-                return
+        async for req in _until_none(a.dials):
             yield req
 
     async def Tunnel(self, request_iterator, context):  # noqa: N802
-        chan = GrpcFrameChannel(context)
-        first = await chan.recv()
-        if first is None or first.WhichOneof("kind") != "open":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first tunnel frame must be `open`")
-        op = first.open
+        chan, op = await _opened(context)
         agent = self.m.agents.get(op.session_id) if op.session_id else None
         if agent is None:
             await chan.send(pb.TunnelFrame(error="agent session unknown; arrive again"))
@@ -565,6 +551,21 @@ class AgentHub(rpc.AgentHubServicer):
         else:
             await chan.send(pb.TunnelFrame(error=f"tunnel kind {pb.TunnelOpen.Kind.Name(op.kind)} "
                                                  "is not for agents"))
+
+
+async def _opened(context: grpc.aio.ServicerContext) -> tuple[GrpcFrameChannel, pb.TunnelOpen]:
+    """A Tunnel RPC's channel and its `open` frame (anything else first ends the call)."""
+    chan = GrpcFrameChannel(context)
+    first = await chan.recv()
+    if first is None or first.WhichOneof("kind") != "open":
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first tunnel frame must be `open`")
+    return chan, first.open  # type: ignore[union-attr]
+
+
+async def _until_none(queue: asyncio.Queue) -> AsyncIterator:
+    """The items of `queue` until a None (its owner ended)."""
+    while (item := await queue.get()) is not None:
+        yield item
 
 
 async def _relay(src: FrameChannel, dst: FrameChannel) -> None:
