@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Awaitable
+from typing import Awaitable, Callable, Sequence
 
 log = logging.getLogger("tpnb.flow")
 
@@ -34,6 +34,20 @@ async def first(*coros: Awaitable[None]) -> None:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def undo(steps: Sequence[tuple[str, Callable[[], Awaitable[None]]]], logger: logging.Logger) -> None:
+    """Run each (what, step) in order; a failing step is logged and the rest still run.
+
+    The shape of every close() that takes down what a start() built: one
+    broken piece (a route already gone, a dead channel) must never leave the
+    others in place.
+    """
+    for what, step in steps:
+        try:
+            await step()
+        except Exception as exc:  # noqa: BLE001 - keep undoing the rest
+            logger.error("cleanup of %s failed: %s", what, exc)
 
 
 def oserror_text(exc: OSError) -> str:

@@ -27,7 +27,7 @@ from tpnb.errors import ClusterError, InterceptError, NotConnected, TpnbError
 from tpnb.proto import pb, rpc
 from tpnb.version import API_VERSION, __version__
 
-from tpnb.common.aio import oserror_text
+from tpnb.common.aio import oserror_text, undo
 from tpnb.common.forward import MANAGER_CHANNEL_OPTIONS, STREAM_LIMIT, GrpcFrameChannel, TunnelError, bridge
 from tpnb.common.liveness import process_alive, start_ticks
 
@@ -527,11 +527,7 @@ class Session:
         self._forwards.clear()
         if self.link is not None:
             steps.append(("manager link", self.link.aclose))
-        for what, step in steps:
-            try:
-                await step()
-            except Exception as exc:  # noqa: BLE001 - keep undoing the rest
-                log.error("cleanup of %s failed: %s", what, exc)
+        await undo(steps, log)
         self.link = None
         self.rootd = None
         self.changed.set()

@@ -20,7 +20,7 @@ from typing import Awaitable, Callable
 import grpc
 
 from tpnb import config as tpnb_config
-from tpnb.common.aio import first
+from tpnb.common.aio import first, undo
 from tpnb.common.forward import (
     CLIENT_CHUNK,
     MANAGER_CHANNEL_OPTIONS,
@@ -127,6 +127,8 @@ class ManagerTunnels:
 class Network:
     request: pb.NetworkRequest
     cfg: tpnb_config.Config = field(default_factory=tpnb_config.get)
+    #: what to do when the connector dies (the server's: take this network down); default: close()
+    on_connector_gone: Callable[[], Awaitable[None]] | None = None
 
     link: ManagerTunnels | None = None
     session_id: str = ""
@@ -175,11 +177,8 @@ class Network:
             await asyncio.sleep(1.0)
             if not process_alive(pid, start):
                 log.warning("connector %d is gone; taking the network down", pid)
-                await self.on_connector_gone()
+                await (self.on_connector_gone or self.close)()
                 return
-
-    async def on_connector_gone(self) -> None:  # replaced by the server
-        await self.close()
 
     def status(self) -> pb.NetworkStatus:
         return pb.NetworkStatus(
@@ -392,11 +391,7 @@ class Network:
             steps.append(("tun", _tun))
         if self.link is not None:
             steps.append(("manager tunnels", self.link.aclose))
-        for what, step in steps:
-            try:
-                await step()
-            except Exception as exc:  # noqa: BLE001 - keep undoing the rest
-                log.error("cleanup of %s failed: %s", what, exc)
+        await undo(steps, log)
         try:
             await netstate.recover()
         except Exception as exc:  # noqa: BLE001

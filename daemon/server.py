@@ -55,8 +55,7 @@ class RootDaemonService(rpc.RootDaemonServicer):
                 self.network.update(request)
                 return self.network.status()
             await self._down()
-            net = Network(request)
-            net.on_connector_gone = lambda: self._down_if(net)  # type: ignore[method-assign]
+            net = Network(request, on_connector_gone=lambda: self._down_if(net))
             try:
                 await net.start()
             except TpnbError as err:
