@@ -70,18 +70,19 @@ def test_magics_in_a_real_kernel(tmp_path: Path) -> None:
         _code("env = %tp env hello\nprint(sorted(env))", "env"),
         _code("import tpnb\nprint([(r['path'], r['status'], r['app_version']) for r in tpnb.requests_log('hello')])",
               "log"),
-        _code("%tp intercept hello", "bad"),
         _code("p = tpnb.panel()\np", "panel"),
         _code("print(p.polling, sorted(r[1] for r in p._rows)); p.close(); print(p.polling)", "panel-close"),
         _code("%tp leave hello", "leave"),
         _code(f"from tpnb import inkernel\nprint('server gone:', inkernel.get_server({port}) is None)", "gone"),
         _code("%tp intercept keepme --port 1", "keepme"),  # never left by the notebook: kernel exit must
+        _code("%tp intercept hello", "bad"),  # fails: Run All stops here, showing the error's lines only
+        _code("print('ran after the failing cell')", "after-bad"),
     ]
     src, dst = tmp_path / "kernel.ipynb", tmp_path / "kernel.out.ipynb"
     nbformat.write(nb, src)
     code = rn.execute(src, dst, timeout=120)
     out = nbformat.read(dst, as_version=4)
-    assert code == 0, rn.errors_of(out)
+    assert code == 1, rn.errors_of(out)  # stopped at "bad", and only there
 
     v1 = rn.text_of(rn.tagged(out, "v1"))
     assert "Connected to context dev" in v1
@@ -95,15 +96,50 @@ def test_magics_in_a_real_kernel(tmp_path: Path) -> None:
     assert rn.text_of(rn.tagged(out, "calls")).strip() == f"[('connect', None), ('intercept', 'hello', {port})]"
     assert "KUBERNETES_SERVICE_HOST" in rn.text_of(rn.tagged(out, "env"))
     assert rn.text_of(rn.tagged(out, "log")).strip() == "[('/', 200, 1), ('/', 200, 2)]"
-    bad = rn.text_of(rn.tagged(out, "bad"), streams=("stderr",))
-    assert "the following arguments are required: --port/-p" in bad and "Traceback" not in bad
-    assert not [o for c in out.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    errors = [(c.metadata.get("tags", [""])[0], o) for c in out.cells for o in c.get("outputs", [])
+              if o.get("output_type") == "error"]
+    assert [tag for tag, _ in errors] == ["bad"], rn.errors_of(out)
+    err = errors[0][1]
+    assert err["ename"] == "ConfigError"
+    assert err["traceback"][0] == "%tp intercept: the following arguments are required: --port/-p"
+    assert err["traceback"][1].startswith("  fix: usage: %tp intercept") and len(err["traceback"]) == 2
+    after = rn.tagged(out, "after-bad")
+    assert not after.get("outputs") and after.get("execution_count") is None
     panel_out = rn.tagged(out, "panel").outputs
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in panel_out)
     assert rn.text_of(rn.tagged(out, "panel-close")).split() == ["True", "['hello',", "'other']", "False"]
     assert rn.text_of(rn.tagged(out, "gone")).strip() == "server gone: True"
     # nbclient shut the kernel down gracefully: its atexit hook left what the notebook had not
     assert left_file.read_text().split() == ["hello", "keepme"]
+
+
+@pytest.mark.unit
+def test_run_all_stops_at_a_cell_whose_port_is_taken(tmp_path: Path) -> None:
+    """Run All: the `%%tp intercept` cell on a busy port fails with the three readable lines; nothing after runs."""
+    tests_dir = Path(__file__).resolve().parent
+    with socket.socket() as other:  # another program holds the port
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                               "language": "python"}})
+        nb.cells = [
+            _code(f"import sys; sys.path.insert(0, {str(tests_dir)!r})\n"
+                  "from test_magics_unit import FakeSession\nfrom tpnb.magics import lifecycle\n"
+                  "fake = FakeSession()\nlifecycle.set_session_factory(lambda: fake)\n%load_ext tpnb", "fake"),
+            _code(APP.format(port=port, v="v1"), "taken"),
+            _code("env = %tp env hello\nprint(env['HOSTNAME'])", "next"),
+        ]
+        src, dst = tmp_path / "taken.ipynb", tmp_path / "taken.out.ipynb"
+        nbformat.write(nb, src)
+        code = rn.execute(src, dst, timeout=120)
+    out = nbformat.read(dst, as_version=4)
+    assert code == 1
+    errs = [o for o in rn.tagged(out, "taken").outputs if o.get("output_type") == "error"]
+    assert len(errs) == 1 and errs[0]["traceback"] == [
+        f"127.0.0.1:{port} is already in use", "  why: another program (or another kernel) listens on that port",
+        "  fix: choose another --port, or stop the other server"]
+    assert rn.tagged(out, "next").get("execution_count") is None and not rn.tagged(out, "next").get("outputs")
 
 
 # ------------------------------------------------------------------ against the dev cluster
