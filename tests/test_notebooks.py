@@ -203,3 +203,42 @@ def test_killed_kernel_leaves_nothing_hijacked(laptop_with_hello) -> None:
                                          "http://hello.default; tpnb quit >/dev/null"]),
                          capture_output=True, text=True, timeout=200)
     assert "CLIENT VALUES:" in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(1200)
+def test_frameworks_notebook_fastapi_and_flask_in_the_laptop(laptop_with_hello) -> None:
+    """notebooks/frameworks.ipynb: FastAPI (JSON, SSE, websocket echo) and Flask served in the kernel,
+    called from another laptop process and from a pod, re-run under load with zero failed requests."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    dst = ARTIFACTS / "frameworks.out.ipynb"
+    argv = rn.laptop_argv([sys.executable, str(Path(rn.__file__)), str(rn.REPO / "notebooks" / "frameworks.ipynb"),
+                           str(dst), "--timeout", "300"])
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=1100, cwd=rn.REPO)
+    assert dst.exists(), f"nothing executed:\n{res.stdout}\n{res.stderr}"
+    nb = nbformat.read(dst, as_version=4)
+    problems = rn.errors_of(nb)
+    assert res.returncode == 0, "\n".join(["cell problems (see test-artifacts/frameworks.out.ipynb):", *problems,
+                                           "runner stderr (tail):", res.stderr[-1500:]])
+    assert "serving `app` (ASGI)" in rn.text_of(rn.tagged(nb, "fastapi-v1"))
+    for tag in ("fastapi-laptop", "fastapi-pod"):
+        text = rn.text_of(rn.tagged(nb, tag))
+        assert "json:   {'hello': 'caller', 'version': 'v1'}" in text, (tag, text, problems)
+        assert "stream: ['v1 event 0', 'v1 event 1', 'v1 event 2']" in text, (tag, text)
+        assert "ws:     ['v1 echo: one', 'v1 echo: two']" in text, (tag, text)
+    assert "swapped in the new `app` (app v2)" in rn.text_of(rn.tagged(nb, "fastapi-v2"))
+    for tag in ("fastapi-load-stop", "flask-load-stop"):
+        text = rn.text_of(rn.tagged(nb, tag))
+        for who in ("laptop", "pod"):
+            m = re.search(rf"{who}: (\d+) answered, (\d+) failed, versions (\S+)", text)
+            assert m, (tag, text)
+            assert int(m.group(1)) > 20 and m.group(2) == "0" and m.group(3) == "v1,v2", (tag, text)
+    log = rn.text_of(rn.tagged(nb, "fastapi-log"))
+    m = re.search(r"(\d+) requests; (\d+) websocket sessions; versions \[1, 2\]", log)
+    assert m and int(m.group(2)) >= 1, log
+    assert "serving `app` (WSGI)" in rn.text_of(rn.tagged(nb, "flask-v1"))
+    flask = rn.text_of(rn.tagged(nb, "flask-calls"))
+    assert flask.count("json:   {'hello': 'caller', 'version': 'v1'}") == 2, flask  # laptop and pod
+    assert flask.count("stream: ['v1 event 0', 'v1 event 1', 'v1 event 2']") == 2, flask
+    assert "Disconnecting...done" in rn.text_of(rn.tagged(nb, "quit"))
+    assert not any("Traceback" in p for p in problems), problems
