@@ -279,16 +279,20 @@ def test_cell_serves_in_kernel_and_rerun_swaps_without_reintercepting(ip, fake, 
 
     import tpnb
 
-    log = tpnb.requests_log("hello")
-    assert [(r["method"], r["path"], r["status"], r["app_version"]) for r in log] == [
-        ("GET", "/", 200, 1), ("GET", "/x", 200, 2)]
-    assert ip.run_line_magic("tp", "requests hello") == log
+    log = tpnb.requests_log("hello")  # a DataFrame (pandas is installed here)
+    assert list(zip(log.method, log.path, log.status, log.app_version)) == [("GET", "/", 200, 1), ("GET", "/x", 200, 2)]
+    assert ip.run_line_magic("tp", "requests hello").equals(log)
+    assert ip.run_line_magic("tp", "requests hello --tail 1").path.tolist() == ["/x"]
+    assert ("host", f"127.0.0.1:{port}") in log.iloc[0].request_headers
+    assert log.iloc[1].response_body == b"hello from the notebook v2"
+    assert tpnb.replay(log.iloc[0], to="kernel").text == "hello from the notebook v2"  # now served by v2
+    assert len(inkernel.requests_log("hello")) == 3  # the replay is a request too
 
     ip.run_line_magic("tp", "leave hello")
     assert inkernel.get_server(port) is None  # leave stops the cell's server
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    assert len(tpnb.requests_log("hello")) == 2  # the log outlives the server
+    assert len(tpnb.requests_log("hello")) == 3  # the log outlives the server
 
 
 def test_cell_with_custom_app_name_and_asgi(ip, fake, capsys) -> None:

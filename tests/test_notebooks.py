@@ -68,7 +68,7 @@ def test_magics_in_a_real_kernel(tmp_path: Path) -> None:
         _code(CURL.format(port=port), "curl2"),
         _code("print([c for c in fake.calls if c[0] in ('connect', 'intercept')])", "calls"),
         _code("env = %tp env hello\nprint(sorted(env))", "env"),
-        _code("import tpnb\nprint([(r['path'], r['status'], r['app_version']) for r in tpnb.requests_log('hello')])",
+        _code("import tpnb\ndf = tpnb.requests_log('hello')\nprint(list(zip(df.path, df.status, df.app_version)))",
               "log"),
         _code("p = tpnb.panel()\np", "panel"),
         _code("print(p.polling, sorted(r[1] for r in p._rows)); p.close(); print(p.polling)", "panel-close"),
@@ -181,7 +181,8 @@ def test_quickstart_notebook_in_the_laptop(laptop_with_hello) -> None:
     assert m and int(m.group(1)) > 0 and m.group(2) == "0", swap
     keys = rn.text_of(rn.tagged(nb, "env-keys"))
     assert "HOSTNAME" in keys and "KUBERNETES_SERVICE_HOST" in keys, keys
-    assert "requests served in this kernel" in rn.text_of(rn.tagged(nb, "records"))
+    records = rn.text_of(rn.tagged(nb, "records"))
+    assert "requests served in this kernel" in records and "replayed to the kernel: hello from the notebook v2" in records
     after = rn.text_of(rn.tagged(nb, "echo-after"))
     assert "CLIENT VALUES" in after and "hello from the notebook" not in after, after
     assert "Disconnecting...done" in rn.text_of(rn.tagged(nb, "quit"))
@@ -236,6 +237,9 @@ def test_frameworks_notebook_fastapi_and_flask_in_the_laptop(laptop_with_hello) 
     log = rn.text_of(rn.tagged(nb, "fastapi-log"))
     m = re.search(r"(\d+) requests; (\d+) websocket sessions; versions \[1, 2\]", log)
     assert m and int(m.group(2)) >= 1, log
+    replay = rn.text_of(rn.tagged(nb, "fastapi-replay"))
+    assert "replayed: 200 {'hello': 'caller', 'version': 'v2'}" in replay, replay
+    assert "GET /json name=caller -> b'{\"hello\":\"caller\",\"version\":\"v1\"}'" in replay, replay
     assert "serving `app` (WSGI)" in rn.text_of(rn.tagged(nb, "flask-v1"))
     flask = rn.text_of(rn.tagged(nb, "flask-calls"))
     assert flask.count("json:   {'hello': 'caller', 'version': 'v1'}") == 2, flask  # laptop and pod

@@ -653,3 +653,101 @@ def requests_log(name: str | int) -> list[dict]:
     with _lock:
         srv = _servers.get(name) if isinstance(name, int) else _logs_by_name.get(name)
     return srv.records() if srv is not None else []
+
+
+# ------------------------------------------------------------------ requests as data, and replay
+#: columns of a requests table, in order (other fields follow)
+COLUMNS = ("time", "type", "method", "path", "query", "status", "duration_ms", "bytes", "app_version", "client",
+           "error", "request_headers", "request_body", "response_headers", "response_body")
+#: headers not re-sent by `replay` (connection-level, or recomputed for the new body)
+_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "upgrade", "te", "trailer",
+        "proxy-connection", "expect"}
+
+
+def requests_table(name: str | int) -> Any:
+    """`requests_log(name)` as a pandas DataFrame (one row per request) when pandas is installed, else the
+    plain records.  What `%tp requests NAME` and `tpnb.requests_log(NAME)` give."""
+    records = requests_log(name)
+    try:
+        import pandas as pd
+    except ImportError:
+        return records
+    df = pd.DataFrame.from_records(records)
+    if df.empty:
+        return pd.DataFrame(columns=list(COLUMNS))
+    df["time"] = pd.to_datetime(df["time"])
+    return df[[c for c in COLUMNS if c in df.columns] + [c for c in df.columns if c not in COLUMNS]]
+
+
+@dataclass
+class Replayed:
+    """The response to a replayed request."""
+
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    url: str
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        import json
+
+        return json.loads(self.body)
+
+    def __repr__(self) -> str:
+        return f"<Replayed {self.status} {self.reason} from {self.url}: {len(self.body)} bytes>"
+
+
+def replay(record: Any, to: str = "kernel", timeout: float = 30.0) -> Replayed:
+    """Send a recorded request again (same method, path, query, headers and body) and return the response.
+
+    `record`: a record (dict) of `requests_log`, or a row of its DataFrame.  `to`: "kernel" (the
+    in-kernel app on the record's port, i.e. the current version of the cell) or a base URL such as
+    "http://hello.default" (with `%tp connect`, the cluster's Service).
+    """
+    import http.client
+
+    rec = dict(record) if not hasattr(record, "to_dict") else record.to_dict()
+    if rec.get("type", "http") != "http":
+        raise ConfigError("only HTTP requests can be replayed", f"this record is a {rec.get('type')} session")
+    body = rec.get("request_body") or b""
+    if rec.get("request_bytes", len(body)) > len(body):
+        raise ConfigError("the recorded request body was cut short",
+                          f"{rec['request_bytes']} bytes were sent; records keep the first {BODY_KEEP}",
+                          "replay requests with smaller bodies, or raise tpnb.inkernel.BODY_KEEP before serving")
+    if to == "kernel":
+        host, port, scheme = "127.0.0.1", int(rec["port"]), "http"
+    else:
+        u = urllib.parse.urlsplit(to)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ConfigError(f"cannot replay to {to!r}", hint='use to="kernel" or a base URL like "http://hello.default"')
+        host, port, scheme = u.hostname, u.port or (443 if u.scheme == "https" else 80), u.scheme
+    target = urllib.parse.quote(rec["path"]) + (f"?{urllib.parse.quote(rec['query'], safe='=&')}"
+                                                if rec.get("query") else "")
+    conn_cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+    conn = conn_cls(host, port, timeout=timeout)
+    try:
+        conn.putrequest(rec["method"], target, skip_host=True, skip_accept_encoding=True)
+        have_host = False
+        for k, v in rec.get("request_headers") or []:
+            if k.lower() in _HOP:
+                continue
+            have_host = have_host or k.lower() == "host"
+            conn.putheader(k, v)
+        if not have_host:
+            conn.putheader("Host", host)
+        if body or rec["method"] in ("POST", "PUT", "PATCH"):
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body or None)
+        r = conn.getresponse()
+        return Replayed(status=r.status, reason=r.reason, headers=list(r.getheaders()), body=r.read(),
+                        url=f"{scheme}://{host}:{port}{target}")
+    except OSError as exc:
+        raise ConfigError(f"cannot replay to {scheme}://{host}:{port}", str(exc),
+                          "is the app served (or `%tp connect` done for a cluster URL)?") from None
+    finally:
+        conn.close()

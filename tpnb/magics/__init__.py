@@ -79,7 +79,9 @@ def _expose_top_level() -> None:
     from .. import inkernel
 
     if not hasattr(tpnb, "requests_log"):
-        tpnb.requests_log = inkernel.requests_log  # type: ignore[attr-defined]
+        tpnb.requests_log = inkernel.requests_table  # type: ignore[attr-defined]
+    if not hasattr(tpnb, "replay"):
+        tpnb.replay = inkernel.replay  # type: ignore[attr-defined]
     if not hasattr(tpnb, "panel"):
         def panel(*a: Any, **kw: Any) -> Any:
             from ..widgets import panel as _panel
