@@ -456,3 +456,16 @@ def test_fastapi_swap_under_load_with_streaming_and_websockets(port) -> None:
     assert not failures, failures[:5]
     assert all(n > 3 for n in counts.values()), counts
     assert {r["app_version"] for r in inkernel.requests_log("fa-swap")} >= {1, 7}
+
+
+def test_connections_have_nodelay(port) -> None:
+    """Responses go out as several writes (head, body parts): without TCP_NODELAY each small
+    response would wait for the client's delayed ACK (~40 ms on Linux)."""
+    srv = inkernel.serve(asgi_app("n"), port)
+    with requests.Session() as s:
+        assert s.get(f"http://127.0.0.1:{port}/").ok
+        conns = list(srv._uv.server_state.connections)
+        assert conns
+        for c in conns:
+            sock = c.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
