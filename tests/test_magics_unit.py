@@ -163,34 +163,42 @@ def test_cell_magic_accepts_app_option() -> None:
     assert isinstance(args, argparse.Namespace) and args.app == "myapp"
 
 
-# ------------------------------------------------------------------ errors: readable, no traceback
+# ------------------------------------------------------------------ errors: raised (the cell fails), shown readable
+def failing(ip: Any, capsys: Any, source: str) -> str:
+    """Run `source` as a cell the way a notebook does; it must fail with a TpnbError shown as its lines only."""
+    from tpnb.errors import TpnbError
+
+    result = ip.run_cell(source)
+    assert not result.success, "the cell should fail (so Run All stops)"
+    assert isinstance(result.error_in_exec, TpnbError), repr(result.error_in_exec)
+    cap = capsys.readouterr()
+    text = cap.out + cap.err
+    assert "Traceback" not in text and "tpnb/" not in text and 'File "' not in text, text
+    assert str(result.error_in_exec) in text
+    return text
+
+
 def test_bad_argument_is_readable_without_traceback(ip, capsys) -> None:
-    assert ip.run_line_magic("tp", "intercept hello") is None
-    err = capsys.readouterr().err
+    err = failing(ip, capsys, "%tp intercept hello")
     assert "%tp intercept: the following arguments are required: --port/-p" in err
     assert "fix: usage: %tp intercept" in err
-    assert "Traceback" not in err
 
 
 def test_bad_port_uses_the_cli_words(ip, fake, capsys) -> None:
-    assert ip.run_line_magic("tp", "intercept hello --port nine") is None
-    err = capsys.readouterr().err
-    assert "invalid --port 'nine'" in err and "fix:" in err and "Traceback" not in err
+    err = failing(ip, capsys, "%tp intercept hello --port nine")
+    assert "invalid --port 'nine'" in err and "fix:" in err
 
 
 def test_unknown_command_and_bad_quotes(ip, capsys) -> None:
-    ip.run_line_magic("tp", "frobnicate")
-    ip.run_line_magic("tp", "leave 'hello")
-    err = capsys.readouterr().err
-    assert "invalid choice: 'frobnicate'" in err
+    assert "invalid choice: 'frobnicate'" in failing(ip, capsys, "%tp frobnicate")
+    err = failing(ip, capsys, "%tp leave 'hello")
     assert "cannot parse" in err and "check the quotes" in err
-    assert "Traceback" not in err
 
 
 def test_api_error_prints_what_why_fix(ip, fake, capsys) -> None:
     fake.connected = False
-    assert ip.run_line_magic("tp", "list") is None
-    err = capsys.readouterr().err
+    err = failing(ip, capsys, "x = %tp list\nreached = True")
+    assert "reached" not in ip.user_ns  # the rest of the cell (and of Run All) does not run
     assert err.splitlines() == ["not connected", "  why: the tpnb daemon is not running",
                                 "  fix: run `tpnb connect` (or `%tp connect`) first"]
 
@@ -202,8 +210,7 @@ def test_help_prints_and_returns_none(ip, capsys) -> None:
 
 
 def test_other_cell_magics_are_refused(ip, fake, capsys) -> None:
-    ip.run_cell_magic("tp", "status", "x = 1")
-    assert "only `%%tp intercept` takes a cell" in capsys.readouterr().err
+    assert "only `%%tp intercept` takes a cell" in failing(ip, capsys, "%%tp status\nx = 1")
 
 
 # ------------------------------------------------------------------ line commands mirror the CLI text
@@ -272,16 +279,20 @@ def test_cell_serves_in_kernel_and_rerun_swaps_without_reintercepting(ip, fake, 
 
     import tpnb
 
-    log = tpnb.requests_log("hello")
-    assert [(r["method"], r["path"], r["status"], r["app_version"]) for r in log] == [
-        ("GET", "/", 200, 1), ("GET", "/x", 200, 2)]
-    assert ip.run_line_magic("tp", "requests hello") == log
+    log = tpnb.requests_log("hello")  # a DataFrame (pandas is installed here)
+    assert list(zip(log.method, log.path, log.status, log.app_version)) == [("GET", "/", 200, 1), ("GET", "/x", 200, 2)]
+    assert ip.run_line_magic("tp", "requests hello").equals(log)
+    assert ip.run_line_magic("tp", "requests hello --tail 1").path.tolist() == ["/x"]
+    assert ("host", f"127.0.0.1:{port}") in log.iloc[0].request_headers
+    assert log.iloc[1].response_body == b"hello from the notebook v2"
+    assert tpnb.replay(log.iloc[0], to="kernel").text == "hello from the notebook v2"  # now served by v2
+    assert len(inkernel.requests_log("hello")) == 3  # the replay is a request too
 
     ip.run_line_magic("tp", "leave hello")
     assert inkernel.get_server(port) is None  # leave stops the cell's server
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    assert len(tpnb.requests_log("hello")) == 2  # the log outlives the server
+    assert len(tpnb.requests_log("hello")) == 3  # the log outlives the server
 
 
 def test_cell_with_custom_app_name_and_asgi(ip, fake, capsys) -> None:
@@ -299,17 +310,17 @@ async def web(scope, receive, send):
 
 def test_cell_that_fails_serves_nothing(ip, fake, capsys) -> None:
     port = free_port()
-    ip.run_cell_magic("tp", f"intercept hello --port {port}", "app = 1/0")
-    captured = capsys.readouterr()
-    assert "the cell raised" in captured.err
+    result = ip.run_cell(f"%%tp intercept hello --port {port}\napp = 1/0")
+    assert not result.success and "the cell raised" in str(result.error_in_exec)
+    text = "".join(capsys.readouterr())
+    assert "ZeroDivisionError" in text  # the cell's own traceback is shown, then tpnb's lines
     assert inkernel.get_server(port) is None and not fake.intercepts
 
 
 def test_cell_without_app_and_nothing_listening(ip, fake, capsys) -> None:
     ip.user_ns.pop("nothing_here", None)
-    ip.run_cell_magic("tp", f"intercept hello --port {free_port()} --app nothing_here", "x = 1")
-    err = capsys.readouterr().err
-    assert "the cell defined no `nothing_here` and nothing listens" in err and "Traceback" not in err
+    err = failing(ip, capsys, f"%%tp intercept hello --port {free_port()} --app nothing_here\nx = 1")
+    assert "the cell defined no `nothing_here` and nothing listens" in err
 
 
 def test_cell_that_starts_its_own_server_is_just_intercepted(ip, fake, capsys) -> None:
@@ -329,16 +340,15 @@ def test_cell_that_starts_its_own_server_is_just_intercepted(ip, fake, capsys) -
 def test_failed_intercept_stops_the_fresh_server(ip, fake, capsys) -> None:
     port = free_port()
     fake.fail_intercept = InterceptError("cannot intercept hello", "agent refused", "try again")
-    ip.run_cell_magic("tp", f"intercept hello --port {port}", WSGI_CELL.format(v="v1"))
-    err = capsys.readouterr().err
-    assert "cannot intercept hello" in err and "Traceback" not in err
+    err = failing(ip, capsys, f"%%tp intercept hello --port {port}\n" + WSGI_CELL.format(v="v1"))
+    assert "cannot intercept hello" in err
     assert inkernel.get_server(port) is None
 
 
 def test_existing_intercept_on_another_port_is_an_error(ip, fake, capsys) -> None:
     fake.intercepts["hello"] = _ic("hello", 1234)
-    ip.run_cell_magic("tp", f"intercept hello --port {free_port()}", WSGI_CELL.format(v="v1"))
-    assert "hello is already intercepted to port 1234" in capsys.readouterr().err
+    err = failing(ip, capsys, f"%%tp intercept hello --port {free_port()}\n" + WSGI_CELL.format(v="v1"))
+    assert "hello is already intercepted to port 1234" in err
 
 
 def test_not_connected_cell_connects_first(ip, fake, capsys) -> None:
@@ -354,6 +364,18 @@ def test_cleanup_leaves_owned_intercepts_and_stops_servers(ip, fake, capsys) -> 
     ip.run_cell_magic("tp", f"intercept hello --port {port}", WSGI_CELL.format(v="v1"))
     lifecycle.cleanup()
     assert ("leave", "hello") in fake.calls and inkernel.get_server(port) is None
+
+
+def test_cell_on_a_taken_port_fails_with_the_readable_error(ip, fake, capsys) -> None:
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        err = failing(ip, capsys, f"%%tp intercept hello --port {port}\n" + WSGI_CELL.format(v="v1"))
+    assert err.splitlines() == [f"127.0.0.1:{port} is already in use",
+                                "  why: another program (or another kernel) listens on that port",
+                                "  fix: choose another --port, or stop the other server"]
+    assert not fake.intercepts
 
 
 def test_serve_line_magic(ip, fake, capsys) -> None:

@@ -68,20 +68,21 @@ def test_magics_in_a_real_kernel(tmp_path: Path) -> None:
         _code(CURL.format(port=port), "curl2"),
         _code("print([c for c in fake.calls if c[0] in ('connect', 'intercept')])", "calls"),
         _code("env = %tp env hello\nprint(sorted(env))", "env"),
-        _code("import tpnb\nprint([(r['path'], r['status'], r['app_version']) for r in tpnb.requests_log('hello')])",
+        _code("import tpnb\ndf = tpnb.requests_log('hello')\nprint(list(zip(df.path, df.status, df.app_version)))",
               "log"),
-        _code("%tp intercept hello", "bad"),
         _code("p = tpnb.panel()\np", "panel"),
         _code("print(p.polling, sorted(r[1] for r in p._rows)); p.close(); print(p.polling)", "panel-close"),
         _code("%tp leave hello", "leave"),
         _code(f"from tpnb import inkernel\nprint('server gone:', inkernel.get_server({port}) is None)", "gone"),
         _code("%tp intercept keepme --port 1", "keepme"),  # never left by the notebook: kernel exit must
+        _code("%tp intercept hello", "bad"),  # fails: Run All stops here, showing the error's lines only
+        _code("print('ran after the failing cell')", "after-bad"),
     ]
     src, dst = tmp_path / "kernel.ipynb", tmp_path / "kernel.out.ipynb"
     nbformat.write(nb, src)
     code = rn.execute(src, dst, timeout=120)
     out = nbformat.read(dst, as_version=4)
-    assert code == 0, rn.errors_of(out)
+    assert code == 1, rn.errors_of(out)  # stopped at "bad", and only there
 
     v1 = rn.text_of(rn.tagged(out, "v1"))
     assert "Connected to context dev" in v1
@@ -95,15 +96,50 @@ def test_magics_in_a_real_kernel(tmp_path: Path) -> None:
     assert rn.text_of(rn.tagged(out, "calls")).strip() == f"[('connect', None), ('intercept', 'hello', {port})]"
     assert "KUBERNETES_SERVICE_HOST" in rn.text_of(rn.tagged(out, "env"))
     assert rn.text_of(rn.tagged(out, "log")).strip() == "[('/', 200, 1), ('/', 200, 2)]"
-    bad = rn.text_of(rn.tagged(out, "bad"), streams=("stderr",))
-    assert "the following arguments are required: --port/-p" in bad and "Traceback" not in bad
-    assert not [o for c in out.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    errors = [(c.metadata.get("tags", [""])[0], o) for c in out.cells for o in c.get("outputs", [])
+              if o.get("output_type") == "error"]
+    assert [tag for tag, _ in errors] == ["bad"], rn.errors_of(out)
+    err = errors[0][1]
+    assert err["ename"] == "ConfigError"
+    assert err["traceback"][0] == "%tp intercept: the following arguments are required: --port/-p"
+    assert err["traceback"][1].startswith("  fix: usage: %tp intercept") and len(err["traceback"]) == 2
+    after = rn.tagged(out, "after-bad")
+    assert not after.get("outputs") and after.get("execution_count") is None
     panel_out = rn.tagged(out, "panel").outputs
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in panel_out)
     assert rn.text_of(rn.tagged(out, "panel-close")).split() == ["True", "['hello',", "'other']", "False"]
     assert rn.text_of(rn.tagged(out, "gone")).strip() == "server gone: True"
     # nbclient shut the kernel down gracefully: its atexit hook left what the notebook had not
     assert left_file.read_text().split() == ["hello", "keepme"]
+
+
+@pytest.mark.unit
+def test_run_all_stops_at_a_cell_whose_port_is_taken(tmp_path: Path) -> None:
+    """Run All: the `%%tp intercept` cell on a busy port fails with the three readable lines; nothing after runs."""
+    tests_dir = Path(__file__).resolve().parent
+    with socket.socket() as other:  # another program holds the port
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                               "language": "python"}})
+        nb.cells = [
+            _code(f"import sys; sys.path.insert(0, {str(tests_dir)!r})\n"
+                  "from test_magics_unit import FakeSession\nfrom tpnb.magics import lifecycle\n"
+                  "fake = FakeSession()\nlifecycle.set_session_factory(lambda: fake)\n%load_ext tpnb", "fake"),
+            _code(APP.format(port=port, v="v1"), "taken"),
+            _code("env = %tp env hello\nprint(env['HOSTNAME'])", "next"),
+        ]
+        src, dst = tmp_path / "taken.ipynb", tmp_path / "taken.out.ipynb"
+        nbformat.write(nb, src)
+        code = rn.execute(src, dst, timeout=120)
+    out = nbformat.read(dst, as_version=4)
+    assert code == 1
+    errs = [o for o in rn.tagged(out, "taken").outputs if o.get("output_type") == "error"]
+    assert len(errs) == 1 and errs[0]["traceback"] == [
+        f"127.0.0.1:{port} is already in use", "  why: another program (or another kernel) listens on that port",
+        "  fix: choose another --port, or stop the other server"]
+    assert rn.tagged(out, "next").get("execution_count") is None and not rn.tagged(out, "next").get("outputs")
 
 
 # ------------------------------------------------------------------ against the dev cluster
@@ -145,7 +181,8 @@ def test_quickstart_notebook_in_the_laptop(laptop_with_hello) -> None:
     assert m and int(m.group(1)) > 0 and m.group(2) == "0", swap
     keys = rn.text_of(rn.tagged(nb, "env-keys"))
     assert "HOSTNAME" in keys and "KUBERNETES_SERVICE_HOST" in keys, keys
-    assert "requests served in this kernel" in rn.text_of(rn.tagged(nb, "records"))
+    records = rn.text_of(rn.tagged(nb, "records"))
+    assert "requests served in this kernel" in records and "replayed to the kernel: hello from the notebook v2" in records
     after = rn.text_of(rn.tagged(nb, "echo-after"))
     assert "CLIENT VALUES" in after and "hello from the notebook" not in after, after
     assert "Disconnecting...done" in rn.text_of(rn.tagged(nb, "quit"))
@@ -167,3 +204,45 @@ def test_killed_kernel_leaves_nothing_hijacked(laptop_with_hello) -> None:
                                          "http://hello.default; tpnb quit >/dev/null"]),
                          capture_output=True, text=True, timeout=200)
     assert "CLIENT VALUES:" in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(1200)
+def test_frameworks_notebook_fastapi_and_flask_in_the_laptop(laptop_with_hello) -> None:
+    """notebooks/frameworks.ipynb: FastAPI (JSON, SSE, websocket echo) and Flask served in the kernel,
+    called from another laptop process and from a pod, re-run under load with zero failed requests."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    dst = ARTIFACTS / "frameworks.out.ipynb"
+    argv = rn.laptop_argv([sys.executable, str(Path(rn.__file__)), str(rn.REPO / "notebooks" / "frameworks.ipynb"),
+                           str(dst), "--timeout", "300"])
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=1100, cwd=rn.REPO)
+    assert dst.exists(), f"nothing executed:\n{res.stdout}\n{res.stderr}"
+    nb = nbformat.read(dst, as_version=4)
+    problems = rn.errors_of(nb)
+    assert res.returncode == 0, "\n".join(["cell problems (see test-artifacts/frameworks.out.ipynb):", *problems,
+                                           "runner stderr (tail):", res.stderr[-1500:]])
+    assert "serving `app` (ASGI)" in rn.text_of(rn.tagged(nb, "fastapi-v1"))
+    for tag in ("fastapi-laptop", "fastapi-pod"):
+        text = rn.text_of(rn.tagged(nb, tag))
+        assert "json:   {'hello': 'caller', 'version': 'v1'}" in text, (tag, text, problems)
+        assert "stream: ['v1 event 0', 'v1 event 1', 'v1 event 2']" in text, (tag, text)
+        assert "ws:     ['v1 echo: one', 'v1 echo: two']" in text, (tag, text)
+    assert "swapped in the new `app` (app v2)" in rn.text_of(rn.tagged(nb, "fastapi-v2"))
+    for tag in ("fastapi-load-stop", "flask-load-stop"):
+        text = rn.text_of(rn.tagged(nb, tag))
+        for who in ("laptop", "pod"):
+            m = re.search(rf"{who}: (\d+) answered, (\d+) failed, versions (\S+)", text)
+            assert m, (tag, text)
+            assert int(m.group(1)) > 20 and m.group(2) == "0" and m.group(3) == "v1,v2", (tag, text)
+    log = rn.text_of(rn.tagged(nb, "fastapi-log"))
+    m = re.search(r"(\d+) requests; (\d+) websocket sessions; versions \[1, 2\]", log)
+    assert m and int(m.group(2)) >= 1, log
+    replay = rn.text_of(rn.tagged(nb, "fastapi-replay"))
+    assert "replayed: 200 {'hello': 'caller', 'version': 'v2'}" in replay, replay
+    assert "GET /json name=caller -> b'{\"hello\":\"caller\",\"version\":\"v1\"}'" in replay, replay
+    assert "serving `app` (WSGI)" in rn.text_of(rn.tagged(nb, "flask-v1"))
+    flask = rn.text_of(rn.tagged(nb, "flask-calls"))
+    assert flask.count("json:   {'hello': 'caller', 'version': 'v1'}") == 2, flask  # laptop and pod
+    assert flask.count("stream: ['v1 event 0', 'v1 event 1', 'v1 event 2']") == 2, flask
+    assert "Disconnecting...done" in rn.text_of(rn.tagged(nb, "quit"))
+    assert not any("Traceback" in p for p in problems), problems

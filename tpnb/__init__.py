@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from .version import __version__
 
-__all__ = ["__version__", "load_ipython_extension", "unload_ipython_extension", "panel", "requests_log"]
+__all__ = ["__version__", "load_ipython_extension", "unload_ipython_extension", "panel", "requests_log", "replay"]
 
 
 def __getattr__(name: str):  # noqa: ANN202 - lazy, so the cluster image never imports widgets
@@ -21,10 +21,14 @@ def __getattr__(name: str):  # noqa: ANN202 - lazy, so the cluster image never i
         from .widgets import panel
 
         return panel
-    if name == "requests_log":
-        from .inkernel import requests_log
+    if name == "requests_log":  # a pandas DataFrame when pandas is installed, else plain records
+        from .inkernel import requests_table
 
-        return requests_log
+        return requests_table
+    if name == "replay":
+        from .inkernel import replay
+
+        return replay
     raise AttributeError(f"module 'tpnb' has no attribute {name!r}")
 
 

@@ -21,8 +21,9 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from . import render
 from .api import Intercept, Session
@@ -211,21 +212,145 @@ def command_env(pod_env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in pod_env.items() if k not in LOCAL_ONLY_ENV}
 
 
-def _run_cmd(cmd: list[str], env: dict[str, str] | None = None) -> int:
-    """Run the user's command in the foreground; Ctrl-C goes to it, then we clean up."""
+#: the signals `-- CMD` receives from tpnb when tpnb gets them (and then tpnb cleans up)
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+#: seconds CMD has to exit after a forwarded signal before it is killed
+KILL_AFTER = 5.0
+_PR_SET_PDEATHSIG = 1
+
+
+def _foreground_tty() -> int | None:
+    """The controlling terminal's fd when tpnb is its foreground job (so ^C would reach us), else None."""
+    for fd in (0, 1, 2):
+        try:
+            if os.isatty(fd) and os.tcgetpgrp(fd) == os.getpgrp():
+                return fd
+        except OSError:
+            continue
+    return None
+
+
+def _give_terminal(fd: int | None, pgrp: int) -> None:
+    if fd is None:
+        return
+    old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # a background group may set the foreground like this
+    try:
+        os.tcsetpgrp(fd, pgrp)
+    except OSError:
+        pass
+    finally:
+        signal.signal(signal.SIGTTOU, old)
+
+
+def _child_setup(parent: int, tty: int | None) -> None:
+    """In CMD's process before exec: its own process group (the terminal's foreground job, like a
+    shell does it, so ^C goes to CMD alone and tpnb forwards only what was sent to tpnb), death with
+    tpnb (even by `kill -9`), and signals unblocked."""
+    os.setpgid(0, 0)
+    _give_terminal(tty, os.getpid())
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except Exception:  # noqa: BLE001 - not Linux: the forwarding below still covers signals tpnb gets
+        pass
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    if os.getppid() != parent:  # tpnb died before prctl took effect
+        os._exit(1)
+
+
+def _run_cmd(cmd: list[str], env: dict[str, str] | None = None,
+             lost: "Callable[[], str | None] | None" = None) -> int:
+    """Run the user's command in the foreground until it exits; returns its status (128+N for signal N).
+
+    CMD runs as its own job (process group; the terminal's foreground when tpnb had it), so the
+    terminal's ^C reaches CMD once, and SIGINT, SIGTERM and SIGHUP sent to tpnb are forwarded to it;
+    after a forwarded signal CMD has KILL_AFTER seconds before SIGKILL.  CMD dies with tpnb even when
+    tpnb is killed (PR_SET_PDEATHSIG).  `lost()`, polled while CMD runs, names a reason to end CMD
+    (the intercept or the connector went away).
+    """
     full_env = dict(os.environ)
     if env:
         full_env.update(env)
+    sigs = set(FORWARDED_SIGNALS) | {signal.SIGCHLD}
+    tty = _foreground_tty()
+    signal.pthread_sigmask(signal.SIG_BLOCK, sigs)  # taken with sigtimedwait below, in order, none lost
     try:
-        proc = subprocess.Popen(cmd, env=full_env)
-    except OSError as exc:
-        raise ConfigError(f"cannot run {cmd[0]!r}", exc.strerror or str(exc),
-                          "check the command after `--`") from None
-    old = signal.signal(signal.SIGINT, lambda *_: None)  # the child gets Ctrl-C from the terminal
-    try:
-        return proc.wait()
+        try:
+            me = os.getpid()
+            proc = subprocess.Popen(cmd, env=full_env, preexec_fn=lambda: _child_setup(me, tty))
+        except OSError as exc:
+            raise ConfigError(f"cannot run {cmd[0]!r}", exc.strerror or str(exc),
+                              "check the command after `--`") from None
+        with contextlib.suppress(OSError):
+            os.setpgid(proc.pid, proc.pid)  # as shells do: no race with the first forwarded signal
+        kill_at: float | None = None
+        next_check = 0.0
+        while True:
+            rc = proc.poll()
+            if rc is not None:
+                return 128 - rc if rc < 0 else rc
+            info = signal.sigtimedwait(sigs, 0.2)
+            now = time.monotonic()
+            if info is not None and info.si_signo != signal.SIGCHLD:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(info.si_signo)
+                kill_at = kill_at or now + KILL_AFTER
+            if lost is not None and kill_at is None and now >= next_check:
+                next_check = now + 0.5
+                why = lost()
+                if why:
+                    print(f"tpnb: {why}; stopping the command", file=sys.stderr, flush=True)
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.terminate()
+                    kill_at = now + KILL_AFTER
+            if kill_at is not None and now >= kill_at:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                kill_at = now + 3600
     finally:
-        signal.signal(signal.SIGINT, old)
+        _give_terminal(tty, os.getpgrp())
+        # signals still pending are taken now, so none is acted upon later in the middle of the clean-up
+        while signal.sigtimedwait(sigs, 0) is not None:
+            pass
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, sigs)
+
+
+def _watch_intercept(s: Session, name: str) -> "tuple[Callable[[], str | None], Callable[[], None]]":
+    """Follow the connector's status stream on a thread; returns (reason it was lost or None, stop)."""
+    import threading
+
+    state: dict[str, object] = {"why": None, "stopped": False, "watch": None}
+
+    def run() -> None:
+        try:
+            w = s.watch_status()
+            state["watch"] = w
+            if state["stopped"]:
+                w.cancel()
+            for st in w:
+                if not any(ic.name == name for ic in st.intercepts):
+                    state["why"] = (f"the intercept {name} ended" if st.connected
+                                    else f"the session ended, and with it the intercept {name}")
+                    return
+            if not state["stopped"]:
+                state["why"] = "the tpnb connector closed its status stream"
+        except TpnbError as err:
+            if not state["stopped"]:
+                state["why"] = f"lost the connection to the tpnb connector ({err.what})"
+        except Exception as exc:  # noqa: BLE001 - any break of the stream is a lost connection
+            if not state["stopped"]:
+                state["why"] = f"lost the connection to the tpnb connector ({exc})"
+
+    def stop() -> None:
+        state["stopped"] = True
+        w = state["watch"]
+        if w is not None:
+            with contextlib.suppress(Exception):
+                w.cancel()  # type: ignore[attr-defined]
+
+    threading.Thread(target=run, name="tpnb-watch", daemon=True).start()
+    return (lambda: None if state["stopped"] else state["why"]), stop  # type: ignore[return-value]
 
 
 def quit_session(s: Session, stop_daemon: bool) -> dict[str, bool]:
@@ -410,9 +535,14 @@ def _intercept(s: Session, args: argparse.Namespace, cmd: list[str], out: Output
         env = command_env(ic.environment)
         if root is not None:
             env["TPNB_ROOT"] = str(root)
+        lost, stop_watch = _watch_intercept(s, ic.name)
         try:
-            return _run_cmd(cmd, env=env)
+            return _run_cmd(cmd, env=env, lost=lost)
         finally:
+            why = lost()
+            stop_watch()
+            if why:
+                print(f"tpnb: ending the intercept {ic.name}: {why}", file=sys.stderr, flush=True)
             try:
                 if root is not None:
                     s.unmount(ic.name)

@@ -35,6 +35,11 @@ class TpnbError(Exception):
         """The same three parts as data (`-o json`): what, why, fix."""
         return {"what": self.what, "why": self.why, "fix": self.hint}
 
+    def _render_traceback_(self) -> list[str]:
+        """IPython shows a raised tpnb error as these lines only (what / why / fix), no traceback:
+        a failing `%tp` line stops "Run All" at its cell and says why in the words of the CLI."""
+        return str(self).splitlines()
+
 
 class ConfigError(TpnbError):
     """Bad configuration or bad command-line input."""
@@ -72,6 +77,15 @@ class InterceptError(TpnbError):
     """An intercept could not be created, or was refused."""
 
     exit_code = 6
+
+
+class Interrupted(TpnbError):
+    """The user interrupted (Ctrl-C, the notebook's stop button)."""
+
+    exit_code = 130
+
+    def __init__(self, what: str = "interrupted", why: str = "", hint: str = "") -> None:
+        super().__init__(what, why, hint)
 
 
 class DevClusterError(TpnbError):

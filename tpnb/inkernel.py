@@ -1,45 +1,58 @@
-"""Serve a notebook's WSGI or ASGI app from inside the Jupyter kernel.
+"""Serve a notebook's WSGI or ASGI app from inside the Jupyter kernel, on uvicorn.
 
 `%%tp intercept hello --port 9000` runs the cell, finds its `app`, and serves
 it here on 127.0.0.1:9000; the intercept then routes the cluster's traffic to
 that port.  Design decisions, and why:
 
+* **uvicorn does the HTTP** (with httptools' parser; websockets through the
+  `websockets` package; `h11` when httptools is missing): keep-alive,
+  pipelining, `Expect: 100-continue`, chunked and large bodies streamed to the
+  app, streaming responses and SSE, websockets.  It is what FastAPI/Starlette
+  apps are developed against, so an app behaves here as it will in
+  production.  uvicorn has no HTTP/2 (hypercorn has, but is slower and less
+  used; the intercept's agent speaks HTTP/1.1 to us anyway).  **WSGI apps**
+  (Flask, Django's WSGIHandler, plain functions) run through `a2wsgi`'s
+  WSGIMiddleware (a maintained WSGI-to-ASGI adapter with a thread pool per
+  app version, so a blocking view never stalls the loop).
 * **One background thread with its own asyncio loop** serves every in-kernel
-  port.  The kernel's own loop is busy while a cell runs (a cell may sleep,
-  train a model, or block on input for minutes), so serving on it would stall
-  the cluster's requests; a thread with a private loop keeps answering.  We
-  never call `asyncio.run` or nest loops in the kernel.
-* **One server per port.**  Re-running the cell swaps the app: the server
-  keeps its listening socket and connections and replaces one reference
-  (`self._ref = new`, atomic under the GIL, done on the loop thread).  Each
-  request reads the reference once when it starts, so an in-flight request
-  finishes on the app it started with and the next one sees the new app.
-* **WSGI apps run on a thread pool** (they block); **ASGI apps run on the
-  loop** (they are coroutines).  ASGI is detected the way servers do it:
-  `inspect.iscoroutinefunction(app)` or of `app.__call__` (Starlette,
-  FastAPI, Django's ASGIHandler); anything else callable is WSGI (Flask,
-  Django's WSGIHandler, plain functions).  The ASGI lifespan protocol is run
-  when the app supports it (and ignored, as the spec says, when it raises).
-* **HTTP/1.1 on asyncio streams**, written here (stdlib only): keep-alive,
-  pipelining in order, `Expect: 100-continue`, Content-Length and chunked
-  request bodies; responses carry Content-Length (ASGI streaming responses
-  without one are sent chunked).  Enough for curl, requests and browsers; not
-  a production server (no TLS, no HTTP/2, no websockets).
-* **Every request is logged** (time, method, path, status, duration_ms, ...)
-  in a bounded deque; `requests_log(name)` returns plain dicts so
-  `pandas.DataFrame(records)` works.  Logs outlive the server so a notebook can
-  still inspect them after `%tp leave`.
+  port (each port is one `uvicorn.Server` task on it).  The kernel's own loop
+  is busy while a cell runs (a cell may sleep, train a model, or block on
+  input for minutes), so serving on it would stall the cluster's requests.
+  uvicorn installs signal handlers only on the main thread, so it leaves the
+  kernel's alone, and we pass `log_config=None` so it does not touch the
+  kernel's logging.
+* **One server per port; re-running the cell swaps the app.**  uvicorn serves
+  one fixed ASGI callable: ours (`InKernelServer._asgi`), which reads the
+  current app reference once per request or websocket session and calls it.
+  Publishing a new version is one assignment on the loop thread, so an
+  in-flight request finishes on the app it started with, the next one sees
+  the new app, and no connection is closed: zero failed requests.  The ASGI
+  lifespan protocol is run by us per app version (uvicorn's is off): the new
+  version starts up before it is swapped in, the old one shuts down once its
+  in-flight requests are done.  Apps that raise in lifespan have none (spec).
+* ASGI is detected the way servers do it: `inspect.iscoroutinefunction(app)`
+  or of `app.__call__` (Starlette, FastAPI, Django's ASGIHandler); anything
+  else callable is WSGI.
+* **Every request is recorded** (time, method, path, status, duration, bytes,
+  app version, client, request/response headers, the first `BODY_KEEP`
+  bytes of both bodies) and every websocket session (status 101, its
+  duration and message counts) in a bounded deque, just before the response's
+  last bytes are handed to uvicorn: a client that got its answer finds its
+  request in the log.  Logs outlive the server so a notebook can still
+  inspect them after `%tp leave`.
+* **A gRPC servicer** (`serve_grpc`) runs on a `grpc.aio` server in the same
+  loop thread; its handlers are looked up per call through one generic
+  handler, so re-running the cell swaps the servicer the same way.
 """
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import datetime as _dt
-import email.utils
 import errno
 import inspect
-import io
 import itertools
+import logging
+import socket
 import sys
 import threading
 import time
@@ -47,26 +60,24 @@ import traceback
 import urllib.parse
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from .errors import ConfigError
 
 #: seconds an idle keep-alive connection stays open
 KEEPALIVE_TIMEOUT = 75.0
-#: largest request body we read into memory
-MAX_BODY = 64 * 1024 * 1024
 #: requests kept per server (older ones drop off)
 LOG_SIZE = 2000
+#: bytes of each request and response body kept in a record
+BODY_KEEP = 16 * 1024
 #: seconds `stop()` lets in-flight requests finish before closing their connections
 STOP_GRACE = 5.0
-SERVER_NAME = "tpnb-inkernel"
+#: threads of a WSGI app version's pool (a2wsgi)
+WSGI_WORKERS = 16
+#: largest websocket message (uvicorn's default is 16 MiB)
+WS_MAX_SIZE = 16 * 1024 * 1024
 
 Listener = Callable[[dict], None]
-
-_REASONS = {100: "Continue", 200: "OK", 201: "Created", 204: "No Content", 301: "Moved Permanently",
-            302: "Found", 304: "Not Modified", 400: "Bad Request", 404: "Not Found",
-            405: "Method Not Allowed", 413: "Content Too Large", 431: "Request Header Fields Too Large",
-            500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable"}
 
 
 def app_kind(app: object) -> str:
@@ -86,11 +97,10 @@ def app_kind(app: object) -> str:
 
 # ------------------------------------------------------------------ the loop thread
 class _LoopThread:
-    """The private event loop (and WSGI worker pool) shared by all in-kernel servers."""
+    """The private event loop shared by all in-kernel servers."""
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="tpnb-wsgi")
         ready = threading.Event()
         self.thread = threading.Thread(target=self._main, args=(ready,), name="tpnb-inkernel", daemon=True)
         self.thread.start()
@@ -120,14 +130,42 @@ def _the_loop() -> _LoopThread:
         return _loop
 
 
+class _StderrHandler(logging.Handler):
+    """uvicorn's warnings and errors as one line on the current stderr (the cell's, in a kernel)."""
+
+    #: messages that only say what `stop(grace)` asked for
+    QUIET = ("timeout graceful shutdown exceeded",)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if any(q in str(record.msg) for q in self.QUIET):
+            return
+        try:
+            print(f"tpnb in-kernel server: {record.getMessage()}", file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 - logging must never break serving
+            pass
+
+
+def _quiet_uvicorn() -> None:
+    """uvicorn's own loggers: no access log (we keep records), warnings+ as short lines, no propagation."""
+    lg = logging.getLogger("uvicorn.error")
+    if not any(isinstance(h, _StderrHandler) for h in lg.handlers):
+        lg.addHandler(_StderrHandler())
+    lg.setLevel(logging.WARNING)
+    lg.propagate = False
+    acc = logging.getLogger("uvicorn.access")
+    acc.propagate = False
+    acc.disabled = True
+
+
 # ------------------------------------------------------------------ app references
 @dataclass(eq=False)
 class _AppRef:
     """One version of the app.  Immutable once published; requests hold on to it."""
 
     app: Any
-    kind: str
+    kind: str  # "asgi" | "wsgi"
     version: int
+    asgi: Any = None  # what is called: the app, or a2wsgi's wrapper of it
     state: dict = field(default_factory=dict)  # ASGI lifespan state, copied into each scope
     inflight: int = 0
     lifespan_in: asyncio.Queue | None = None
@@ -164,132 +202,36 @@ async def _lifespan_startup(ref: _AppRef) -> None:
                           "fix the app's startup/lifespan handler and re-run the cell")
 
 
-async def _lifespan_shutdown(ref: _AppRef, wait_idle: float = 30.0) -> None:
-    """Shut an old app version down once its in-flight requests are done."""
-    if ref.lifespan_in is None or ref.lifespan_out is None:
-        return
+async def _retire(ref: _AppRef, wait_idle: float = 30.0) -> None:
+    """An old app version: once its in-flight requests are done, shut it down (lifespan / thread pool)."""
     deadline = time.monotonic() + wait_idle
     while ref.inflight and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-    await ref.lifespan_in.put({"type": "lifespan.shutdown"})
-    try:
-        await asyncio.wait_for(ref.lifespan_out.get(), 10)
-    except asyncio.TimeoutError:
-        pass
-    ref.lifespan_in = ref.lifespan_out = None
+    if ref.lifespan_in is not None and ref.lifespan_out is not None:
+        await ref.lifespan_in.put({"type": "lifespan.shutdown"})
+        try:
+            await asyncio.wait_for(ref.lifespan_out.get(), 10)
+        except asyncio.TimeoutError:
+            pass
+        ref.lifespan_in = ref.lifespan_out = None
+    pool = getattr(ref.asgi, "executor", None) if ref.kind == "wsgi" else None
+    if pool is not None:
+        pool.shutdown(wait=False)
 
 
-# ------------------------------------------------------------------ HTTP plumbing
-class _BadRequest(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+def _headers(raw: Any) -> list[tuple[str, str]]:
+    return [(bytes(k).decode("latin-1"), bytes(v).decode("latin-1")) for k, v in raw or []]
 
 
-@dataclass
-class _Request:
-    method: str
-    target: str
-    version: str  # "1.0" / "1.1"
-    headers: list[tuple[str, str]]  # as received (names in original case)
-    body: bytes = b""
-
-    def header(self, name: str) -> str | None:
-        name = name.lower()
-        for k, v in self.headers:
-            if k.lower() == name:
-                return v
-        return None
-
-    def split_target(self) -> tuple[str, str]:
-        """(raw path, raw query) of the request target."""
-        target = self.target
-        if target.startswith(("http://", "https://")):  # absolute-form (proxies)
-            parts = urllib.parse.urlsplit(target)
-            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        path, _, query = target.partition("?")
-        return path, query
-
-    def wants_keepalive(self) -> bool:
-        conn = (self.header("connection") or "").lower()
-        if self.version == "1.1":
-            return "close" not in conn
-        return "keep-alive" in conn
-
-
-def _parse_head(head: bytes) -> _Request:
-    lines = head.decode("latin-1").lstrip("\r\n").split("\r\n")
-    try:
-        method, target, proto = lines[0].split(" ")
-    except ValueError:
-        raise _BadRequest(400, f"bad request line {lines[0][:80]!r}") from None
-    if not proto.startswith("HTTP/1."):
-        raise _BadRequest(400 if not proto.startswith("HTTP/") else 505, f"unsupported protocol {proto!r}")
-    headers = []
-    for line in lines[1:]:
-        if not line:
-            continue
-        if line[0] in " \t" or ":" not in line:
-            raise _BadRequest(400, f"bad header line {line[:80]!r}")
-        k, _, v = line.partition(":")
-        headers.append((k.strip(), v.strip()))
-    return _Request(method=method.upper(), target=target, version=proto[5:], headers=headers)
-
-
-async def _read_body(req: _Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
-    te = (req.header("transfer-encoding") or "").lower()
-    cl = req.header("content-length")
-    chunked = "chunked" in te
-    if not chunked and cl is None:
-        return b""
-    if (req.header("expect") or "").lower() == "100-continue" and req.version == "1.1":
-        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        await writer.drain()
-    if chunked:
-        parts: list[bytes] = []
-        total = 0
-        while True:
-            line = await reader.readuntil(b"\r\n")
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise _BadRequest(400, "bad chunk size") from None
-            if size == 0:
-                while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers
-                    pass
-                return b"".join(parts)
-            total += size
-            if total > MAX_BODY:
-                raise _BadRequest(413, "request body too large")
-            parts.append(await reader.readexactly(size))
-            if await reader.readexactly(2) != b"\r\n":
-                raise _BadRequest(400, "bad chunk framing")
-    try:
-        n = int(cl or "0")
-    except ValueError:
-        raise _BadRequest(400, "bad Content-Length") from None
-    if n < 0 or n > MAX_BODY:
-        raise _BadRequest(413 if n > 0 else 400, "bad or too large Content-Length")
-    return await reader.readexactly(n) if n else b""
-
-
-def _head_bytes(version: str, status: int, reason: str, headers: list[tuple[str, str]]) -> bytes:
-    lines = [f"HTTP/{version} {status} {reason}"]
-    lines += [f"{k}: {v}" for k, v in headers]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-
-def _no_body_status(status: int) -> bool:
-    return status < 200 or status in (204, 304)
-
-
-def _status_reason(status: int) -> str:
-    return _REASONS.get(status, "Unknown")
+def _keep(buf: bytearray, data: bytes) -> None:
+    room = BODY_KEEP - len(buf)
+    if room > 0 and data:
+        buf += data[:room]
 
 
 # ------------------------------------------------------------------ the server
 class InKernelServer:
-    """One HTTP server on one 127.0.0.1 port, serving the current app version."""
+    """One uvicorn server on one 127.0.0.1 port, serving the current app version."""
 
     def __init__(self, port: int, host: str = "127.0.0.1") -> None:
         self.port = port
@@ -299,13 +241,16 @@ class InKernelServer:
         #: stop the server when its last intercept is left (true for `%%tp intercept` servers)
         self.stop_on_leave = False
         self.log: deque[dict] = deque(maxlen=LOG_SIZE)
-        self.counters: dict[str, int] = {"requests": 0, "2xx": 0, "3xx": 0, "4xx": 0, "5xx": 0, "errors": 0}
+        self.counters: dict[str, int] = {"requests": 0, "2xx": 0, "3xx": 0, "4xx": 0, "5xx": 0, "errors": 0,
+                                         "websockets": 0}
         self.total_ms = 0.0
         self.started = _dt.datetime.now()
+        #: websocket sessions open now
+        self.ws_open = 0
         self._ref: _AppRef | None = None
         self._versions = itertools.count(1)
-        self._server: asyncio.base_events.Server | None = None
-        self._conns: dict[asyncio.StreamWriter, bool] = {}  # writer -> busy with a request
+        self._uv: Any = None  # uvicorn.Server
+        self._task: asyncio.Task | None = None
         self._stopping = False
         self._listeners: list[Listener] = []
         self._lt = _the_loop()
@@ -313,7 +258,7 @@ class InKernelServer:
     # ---------------------------------------------------------------- control (any thread but the loop's)
     @property
     def running(self) -> bool:
-        return self._server is not None and not self._stopping
+        return self._task is not None and not self._task.done() and not self._stopping
 
     @property
     def app(self) -> Any:
@@ -327,8 +272,17 @@ class InKernelServer:
     def app_version(self) -> int:
         return self._ref.version if self._ref else 0
 
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
     def start(self) -> None:
-        self._lt.run(self._start())
+        sock = self._bind()
+        try:
+            self._lt.run(self._start(sock))
+        except BaseException:
+            sock.close()
+            raise
 
     def set_app(self, app: Any) -> int:
         """Publish a new app version (validates, runs ASGI startup, then swaps); returns its number."""
@@ -337,7 +291,7 @@ class InKernelServer:
 
     def stop(self, grace: float = STOP_GRACE) -> None:
         """Close the port now; let in-flight requests finish for up to `grace` seconds."""
-        if self._server is None:
+        if self._task is None:
             return
         self._lt.run(self._stop(grace), timeout=grace + 15)
 
@@ -352,347 +306,262 @@ class InKernelServer:
     def summary(self) -> dict:
         n = self.counters["requests"]
         return {"port": self.port, "names": sorted(self.names), "kind": self.kind, "app_version": self.app_version,
-                "running": self.running, **self.counters,
+                "running": self.running, **self.counters, "ws_open": self.ws_open,
                 "avg_ms": round(self.total_ms / n, 2) if n else 0.0}
 
     # ---------------------------------------------------------------- loop side
-    async def _start(self) -> None:
+    def _bind(self) -> socket.socket:
+        # proto IPPROTO_TCP (not 0): asyncio sets TCP_NODELAY only on sockets that say so, and without it
+        # a response written as head + body waits ~40 ms for the client's delayed ACK (Nagle)
+        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM,
+                             socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by accepted sockets
         try:
-            self._server = await asyncio.start_server(self._conn, self.host, self.port, reuse_address=True)
+            sock.bind((self.host, self.port))
+            sock.listen(1024)
         except OSError as exc:
+            sock.close()
             if exc.errno == errno.EADDRINUSE:
                 raise ConfigError(f"{self.host}:{self.port} is already in use",
                                   "another program (or another kernel) listens on that port",
                                   "choose another --port, or stop the other server") from None
             raise ConfigError(f"cannot listen on {self.host}:{self.port}", exc.strerror or str(exc)) from None
+        sock.setblocking(False)
+        return sock
+
+    async def _start(self, sock: socket.socket) -> None:
+        import uvicorn
+
+        _quiet_uvicorn()
+        config = uvicorn.Config(self._asgi, log_config=None, access_log=False, lifespan="off",
+                                proxy_headers=False, interface="asgi3", timeout_keep_alive=int(KEEPALIVE_TIMEOUT),
+                                timeout_graceful_shutdown=int(STOP_GRACE), ws_max_size=WS_MAX_SIZE,
+                                backlog=1024, log_level="warning")
+        self._uv = uvicorn.Server(config)
+        self._task = asyncio.get_running_loop().create_task(self._uv.serve(sockets=[sock]))
+        deadline = time.monotonic() + 20
+        while not self._uv.started and not self._task.done() and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        if not self._uv.started:
+            self._uv.should_exit = True
+            exc = self._task.exception() if self._task.done() else None
+            raise ConfigError(f"the in-kernel server on {self.host}:{self.port} did not start",
+                              str(exc) if exc else "uvicorn did not report that it started")
 
     async def _set_app(self, app: Any, kind: str) -> int:
         ref = _AppRef(app=app, kind=kind, version=next(self._versions))
         if kind == "asgi":
+            ref.asgi = app
             await _lifespan_startup(ref)
+        else:
+            from a2wsgi import WSGIMiddleware
+
+            ref.asgi = WSGIMiddleware(app, workers=WSGI_WORKERS)
         old, self._ref = self._ref, ref  # the swap: the next request sees `ref`
-        if old is not None and old.kind == "asgi":
-            asyncio.get_running_loop().create_task(_lifespan_shutdown(old))
+        if old is not None:
+            asyncio.get_running_loop().create_task(_retire(old))
         return ref.version
 
     async def _stop(self, grace: float) -> None:
         self._stopping = True
-        assert self._server is not None
-        self._server.close()  # the listening socket closes now
-        for w, busy in list(self._conns.items()):
-            if not busy:
-                w.close()
-        deadline = time.monotonic() + grace
-        while any(self._conns.values()) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        for w in list(self._conns):
-            w.close()
-        try:
-            await asyncio.wait_for(self._server.wait_closed(), 5)
-        except asyncio.TimeoutError:
-            pass
-        if self._ref is not None and self._ref.kind == "asgi":
-            await _lifespan_shutdown(self._ref, wait_idle=0)
-        self._server = None
-
-    async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._conns[writer] = False
-        peer = writer.get_extra_info("peername") or ("", 0)
-        try:
-            while not self._stopping:
-                try:
-                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), KEEPALIVE_TIMEOUT)
-                except asyncio.LimitOverrunError:
-                    await self._plain(writer, "1.1", 431, "request headers too large\n")
-                    return
-                except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
-                    return
-                self._conns[writer] = True
-                try:
-                    req = _parse_head(head)
-                    req.body = await _read_body(req, reader, writer)
-                except _BadRequest as bad:
-                    await self._plain(writer, "1.1", bad.status, f"{bad}\n")
-                    return
-                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-                    return
-                keep = await self._serve(req, writer, peer)
-                self._conns[writer] = False
-                if not keep:
-                    return
-        except Exception:  # noqa: BLE001 - one broken connection must not kill the server
-            traceback.print_exc(file=sys.__stderr__)
-        finally:
-            self._conns.pop(writer, None)
+        if self._uv is not None:
+            self._uv.config.timeout_graceful_shutdown = grace
+            self._uv.should_exit = True  # uvicorn closes the port on its next tick (0.1 s)
+        if self._task is not None:
             try:
-                writer.close()
-            except Exception:  # noqa: BLE001
-                pass
+                await asyncio.wait_for(asyncio.shield(self._task), grace + 5)
+            except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - stopping: it is gone either way
+                if self._uv is not None:
+                    self._uv.force_exit = True
+                self._task.cancel()
+        if self._ref is not None:
+            await _retire(self._ref, wait_idle=0)
 
-    async def _plain(self, writer: asyncio.StreamWriter, version: str, status: int, text: str) -> None:
-        body = text.encode()
-        headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))),
-                   ("Connection", "close")]
-        try:
-            writer.write(_head_bytes(version, status, _status_reason(status), headers) + body)
-            await writer.drain()
-        except ConnectionError:
-            pass
-
-    async def _serve(self, req: _Request, writer: asyncio.StreamWriter, peer: tuple) -> bool:
-        """Answer one request; True to keep the connection open.
-
-        The request is logged just before its last bytes are written, so a client that
-        got its answer always finds the request in the log.
-        """
+    # ---------------------------------------------------------------- the one ASGI app uvicorn serves
+    async def _asgi(self, scope: dict, receive: Callable, send: Callable) -> None:
+        kind = scope["type"]
+        if kind not in ("http", "websocket"):
+            return
+        ref = self._ref  # read once: this request (or websocket session) stays on this app version
+        rec = self._new_record(scope, ref)
         t0 = time.perf_counter()
-        when = _dt.datetime.now()
-        ref = self._ref  # read once: this request stays on this app version
-        keep = req.wants_keepalive() and not self._stopping
-        logged = False
-
-        def log(status: int, nbytes: int, error: str | None) -> None:
-            nonlocal logged
-            if not logged:
-                logged = True
-                self._record(when, req, status, (time.perf_counter() - t0) * 1000, nbytes, peer, ref, error)
-
         if ref is None:
-            log(503, 0, "no app")
-            await self._plain(writer, req.version, 503, "no app is being served on this port yet\n")
-            return False
+            if kind == "http":
+                body = b"no app is being served on this port yet\n"
+                await send({"type": "http.response.start", "status": 503,
+                            "headers": [(b"content-type", b"text/plain"), (b"content-length", b"%d" % len(body))]})
+                await send({"type": "http.response.body", "body": body})
+            else:
+                await send({"type": "websocket.close", "code": 1013})
+            self._finish(rec, t0, 503, "no app")
+            return
+        scope = dict(scope)
+        scope["state"] = dict(ref.state)
         ref.inflight += 1
         try:
-            if ref.kind == "wsgi":
-                status, nbytes, keep, error = await self._wsgi(ref, req, writer, peer, keep, log)
+            if kind == "http":
+                await self._http(ref, scope, receive, send, rec, t0)
             else:
-                status, nbytes, keep, error = await self._asgi(ref, req, writer, peer, keep, log)
+                await self._websocket(ref, scope, receive, send, rec, t0)
         finally:
             ref.inflight -= 1
-        log(status, nbytes, error)
-        return keep
 
-    def _record(self, when: _dt.datetime, req: _Request, status: int, ms: float, nbytes: int,
-                peer: tuple, ref: _AppRef | None, error: str | None) -> None:
-        path, query = req.split_target()
-        rec = {"time": when.isoformat(timespec="milliseconds"), "method": req.method,
-               "path": urllib.parse.unquote(path), "query": urllib.parse.unquote(query), "status": status,
-               "duration_ms": round(ms, 2), "bytes": nbytes, "client": f"{peer[0]}:{peer[1]}",
-               "port": self.port, "app_version": ref.version if ref else 0, "error": error}
+    async def _http(self, ref: _AppRef, scope: dict, receive: Callable, send: Callable, rec: dict,
+                    t0: float) -> None:
+        req_body, resp_body = bytearray(), bytearray()
+        st: dict[str, Any] = {"status": None, "bytes": 0, "req_bytes": 0, "done": False}
+
+        def finish(status: int, error: str | None) -> None:
+            if not st["done"]:
+                st["done"] = True
+                rec.update(request_body=bytes(req_body), request_bytes=st["req_bytes"],
+                           response_body=bytes(resp_body))
+                self._finish(rec, t0, status, error, st["bytes"])
+
+        async def rcv() -> dict:
+            msg = await receive()
+            if msg["type"] == "http.request":
+                data = msg.get("body", b"")
+                st["req_bytes"] += len(data)
+                _keep(req_body, data)
+            return msg
+
+        async def snd(msg: dict) -> None:
+            t = msg["type"]
+            if t == "http.response.start":
+                st["status"] = int(msg["status"])
+                rec["response_headers"] = _headers(msg.get("headers"))
+            elif t == "http.response.body":
+                data = msg.get("body", b"")
+                st["bytes"] += len(data)
+                _keep(resp_body, data)
+                if not msg.get("more_body", False):
+                    finish(st["status"] or 500, None)  # before the last bytes leave (module docstring)
+            try:
+                await send(msg)
+            except OSError:
+                finish(st["status"] or 500, "client disconnected")
+                raise
+
+        try:
+            await ref.asgi(scope, rcv, snd)
+        except Exception as exc:  # noqa: BLE001 - the user's app raised: 500, and show them why
+            error = self._report_app_error(scope, exc)
+            if st["status"] is None:
+                finish(500, error)
+                body = b"Internal Server Error\n"
+                await send({"type": "http.response.start", "status": 500,
+                            "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                                        (b"content-length", b"%d" % len(body)), (b"connection", b"close")]})
+                await send({"type": "http.response.body", "body": body})
+            elif st["done"]:  # answered (e.g. Starlette sent its 500, then re-raised)
+                self._mark_error(rec, error)
+            else:  # cut short: recorded as failed; uvicorn closes the connection
+                finish(st["status"], error)
+            return
+        finish(st["status"] or 500, None if st["status"] else "the app sent no response")
+
+    async def _websocket(self, ref: _AppRef, scope: dict, receive: Callable, send: Callable, rec: dict,
+                         t0: float) -> None:
+        st: dict[str, Any] = {"status": None, "in": 0, "out": 0, "in_bytes": 0, "out_bytes": 0, "code": None}
+        opened = False
+
+        async def rcv() -> dict:
+            msg = await receive()
+            if msg["type"] == "websocket.receive":
+                st["in"] += 1
+                st["in_bytes"] += len(msg.get("bytes") or b"") + len((msg.get("text") or "").encode())
+            elif msg["type"] == "websocket.disconnect":
+                st["code"] = msg.get("code")
+            return msg
+
+        async def snd(msg: dict) -> None:
+            nonlocal opened
+            t = msg["type"]
+            if t == "websocket.accept":
+                st["status"] = 101
+                rec["response_headers"] = _headers(msg.get("headers"))
+                opened = True
+                self.ws_open += 1
+            elif t == "websocket.send":
+                st["out"] += 1
+                st["out_bytes"] += len(msg.get("bytes") or b"") + len((msg.get("text") or "").encode())
+            elif t == "websocket.close":
+                if st["status"] is None:
+                    st["status"] = 403  # closed before accept: uvicorn answers 403
+                st["code"] = st["code"] or msg.get("code", 1000)
+            elif t == "websocket.http.response.start":
+                st["status"] = int(msg["status"])
+            await send(msg)
+
+        error = None
+        try:
+            await ref.asgi(scope, rcv, snd)
+        except Exception as exc:  # noqa: BLE001 - the user's app raised
+            error = self._report_app_error(scope, exc)
+        finally:
+            if opened:
+                self.ws_open -= 1
+            rec.update(messages_in=st["in"], messages_out=st["out"], request_bytes=st["in_bytes"],
+                       close_code=st["code"])
+            self._finish(rec, t0, st["status"] or (500 if error else 403), error, st["out_bytes"])
+
+    # ---------------------------------------------------------------- records
+    def _new_record(self, scope: dict, ref: _AppRef | None) -> dict:
+        client = scope.get("client") or ("", 0)
+        headers = _headers(scope.get("headers"))
+        return {"time": _dt.datetime.now().isoformat(timespec="milliseconds"),
+                "type": scope["type"], "method": scope.get("method", "GET"), "path": scope.get("path", ""),
+                "query": urllib.parse.unquote(bytes(scope.get("query_string", b"")).decode("latin-1")),
+                "status": 0, "duration_ms": 0.0, "bytes": 0, "client": f"{client[0]}:{client[1]}",
+                "port": self.port, "app_version": ref.version if ref else 0, "error": None,
+                "http_version": scope.get("http_version", "1.1"), "request_headers": headers,
+                "request_body": b"", "request_bytes": 0, "response_headers": [], "response_body": b""}
+
+    def _finish(self, rec: dict, t0: float, status: int, error: str | None, nbytes: int = 0) -> None:
+        ms = (time.perf_counter() - t0) * 1000
+        rec.update(status=status, duration_ms=round(ms, 2), bytes=nbytes, error=error)
         self.log.append(rec)
         self.counters["requests"] += 1
+        if rec["type"] == "websocket":
+            self.counters["websockets"] += 1
         self.counters[f"{min(max(status // 100, 2), 5)}xx"] += 1
         if error:
             self.counters["errors"] += 1
         self.total_ms += ms
+        self._notify(rec)
+
+    def _mark_error(self, rec: dict, error: str) -> None:
+        """A request already recorded as answered turned out to fail afterwards."""
+        if not rec.get("error"):
+            rec["error"] = error
+            self.counters["errors"] += 1
+
+    def _notify(self, rec: dict) -> None:
         for fn in list(self._listeners):
             try:
                 fn(rec)
             except Exception:  # noqa: BLE001 - a broken listener must not break serving
                 pass
 
-    def _report_app_error(self, req: _Request, exc: BaseException) -> str:
-        """Show the user's traceback (without our frames) on stderr; return its one-line summary."""
+    def _report_app_error(self, scope: dict, exc: BaseException) -> str:
+        """Show the user's traceback (without our or the adapters' frames) on stderr; return its summary."""
         te = traceback.TracebackException.from_exception(exc)
+        skip = (__file__, "/a2wsgi/", "concurrent/futures", "/asyncio/")
         te.stack = traceback.StackSummary.from_list(
-            [f for f in te.stack if f.filename != __file__ and "concurrent/futures" not in f.filename])
+            [f for f in te.stack if not any(s in f.filename for s in skip)])
         text = "".join(te.format()).rstrip()
         names = ",".join(sorted(self.names)) or f"port {self.port}"
-        print(f"tpnb [{names}]: the app raised while serving {req.method} {req.target}:\n{text}",
-              file=sys.stderr, flush=True)
+        what = f"{scope.get('method', 'WEBSOCKET') if scope['type'] == 'http' else 'WEBSOCKET'} {scope.get('path')}"
+        print(f"tpnb [{names}]: the app raised while serving {what}:\n{text}", file=sys.stderr, flush=True)
         return "".join(te.format_exception_only()).strip()
-
-    # ---------------------------------------------------------------- WSGI
-    def _environ(self, req: _Request, peer: tuple) -> dict:
-        path, query = req.split_target()
-        env: dict[str, Any] = {
-            "REQUEST_METHOD": req.method, "SCRIPT_NAME": "",
-            "PATH_INFO": urllib.parse.unquote(path, encoding="latin-1"), "QUERY_STRING": query,
-            "SERVER_NAME": self.host, "SERVER_PORT": str(self.port), "SERVER_PROTOCOL": f"HTTP/{req.version}",
-            "REMOTE_ADDR": str(peer[0]), "REMOTE_PORT": str(peer[1]), "SERVER_SOFTWARE": SERVER_NAME,
-            "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(req.body),
-            "wsgi.errors": sys.stderr, "wsgi.multithread": True, "wsgi.multiprocess": False,
-            "wsgi.run_once": False, "CONTENT_LENGTH": str(len(req.body)) if req.body else "",
-        }
-        for k, v in req.headers:
-            key = k.upper().replace("-", "_")
-            if key == "CONTENT_TYPE":
-                env["CONTENT_TYPE"] = v
-            elif key in ("CONTENT_LENGTH", "TRANSFER_ENCODING"):
-                continue  # the body is already de-chunked and counted
-            else:
-                hk = f"HTTP_{key}"
-                env[hk] = f"{env[hk]},{v}" if hk in env else v
-        return env
-
-    @staticmethod
-    def _call_wsgi(app: Any, environ: dict) -> tuple[str, list[tuple[str, str]], bytes]:
-        """Runs on a pool thread: call the app and collect its whole response."""
-        state: dict[str, Any] = {}
-        chunks: list[bytes] = []
-
-        def start_response(status: str, headers: list, exc_info: Any = None) -> Callable[[bytes], None]:
-            if exc_info and state.get("status") and chunks:
-                raise exc_info[1].with_traceback(exc_info[2])
-            state["status"], state["headers"] = status, list(headers)
-            return chunks.append
-
-        result: Iterable[bytes] = app(environ, start_response)
-        try:
-            for data in result:
-                if data:
-                    chunks.append(bytes(data))
-        finally:
-            close = getattr(result, "close", None)
-            if close is not None:
-                close()
-        if "status" not in state:
-            raise RuntimeError("the WSGI app returned without calling start_response()")
-        return state["status"], state["headers"], b"".join(chunks)
-
-    async def _wsgi(self, ref: _AppRef, req: _Request, writer: asyncio.StreamWriter, peer: tuple,
-                    keep: bool, log: Callable[[int, int, str | None], None]) -> tuple[int, int, bool, str | None]:
-        loop = asyncio.get_running_loop()
-        try:
-            status_line, headers, body = await loop.run_in_executor(
-                self._lt.pool, self._call_wsgi, ref.app, self._environ(req, peer))
-            status = int(status_line.split(" ", 1)[0])
-            reason = status_line.split(" ", 1)[1] if " " in status_line else _status_reason(status)
-        except Exception as exc:  # noqa: BLE001 - the user's app raised: 500, and show them why
-            error = self._report_app_error(req, exc)
-            log(500, 0, error)
-            await self._plain(writer, req.version, 500, "Internal Server Error\n")
-            return 500, 0, False, error
-        out = [(k, v) for k, v in headers if k.lower() not in ("content-length", "transfer-encoding", "connection")]
-        if not _no_body_status(status):
-            out.append(("Content-Length", str(len(body))))
-        else:
-            body = b""
-        out += self._std_headers(req, keep, out)
-        payload = b"" if req.method == "HEAD" else body
-        log(status, len(payload), None)
-        try:
-            writer.write(_head_bytes(req.version, status, reason, out) + payload)
-            await writer.drain()
-        except ConnectionError:
-            return status, 0, False, "client disconnected"
-        return status, len(payload), keep, None
-
-    @staticmethod
-    def _std_headers(req: _Request, keep: bool, have: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        names = {k.lower() for k, _ in have}
-        extra = []
-        if "date" not in names:
-            extra.append(("Date", email.utils.formatdate(usegmt=True)))
-        if "server" not in names:
-            extra.append(("Server", SERVER_NAME))
-        if not keep:
-            extra.append(("Connection", "close"))
-        elif req.version == "1.0":
-            extra.append(("Connection", "keep-alive"))
-        return extra
-
-    # ---------------------------------------------------------------- ASGI
-    def _scope(self, ref: _AppRef, req: _Request, peer: tuple) -> dict:
-        path, query = req.split_target()
-        return {
-            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": req.version,
-            "method": req.method, "scheme": "http", "path": urllib.parse.unquote(path),
-            "raw_path": path.encode("latin-1"), "query_string": query.encode("latin-1"), "root_path": "",
-            "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in req.headers],
-            "client": (str(peer[0]), int(peer[1])) if peer and len(peer) >= 2 else None,
-            "server": (self.host, self.port), "state": dict(ref.state),
-        }
-
-    async def _asgi(self, ref: _AppRef, req: _Request, writer: asyncio.StreamWriter, peer: tuple,
-                    keep: bool, log: Callable[[int, int, str | None], None]) -> tuple[int, int, bool, str | None]:
-        done = asyncio.Event()
-        st: dict[str, Any] = {"status": 500, "headers": [], "started": False, "mode": None, "bytes": 0,
-                              "body_given": False, "keep": keep}
-        is_head = req.method == "HEAD"
-
-        async def receive() -> dict:
-            if not st["body_given"]:
-                st["body_given"] = True
-                return {"type": "http.request", "body": req.body, "more_body": False}
-            await done.wait()
-            return {"type": "http.disconnect"}
-
-        def write_head(extra: list[tuple[str, str]]) -> None:
-            hdrs = [(k, v) for k, v in st["headers"] if k.lower() not in ("connection",)] + extra
-            hdrs += self._std_headers(req, st["keep"], hdrs)
-            writer.write(_head_bytes(req.version, st["status"], _status_reason(st["status"]), hdrs))
-
-        async def send(msg: dict) -> None:
-            t = msg["type"]
-            if t == "http.response.start":
-                if st["started"]:
-                    raise RuntimeError("http.response.start sent twice")
-                st["started"] = True
-                st["status"] = int(msg["status"])
-                st["headers"] = [(bytes(k).decode("latin-1"), bytes(v).decode("latin-1"))
-                                 for k, v in msg.get("headers", [])]
-                return
-            if t != "http.response.body" or done.is_set():
-                return
-            if not st["started"]:
-                raise RuntimeError("http.response.body before http.response.start")
-            data = bytes(msg.get("body", b""))
-            more = bool(msg.get("more_body", False))
-            if not is_head and data:
-                st["bytes"] += len(data)
-            if not more:  # log before the last bytes leave (see _serve)
-                log(st["status"], st["bytes"], None)
-            if st["mode"] is None:
-                names = {k.lower() for k, _ in st["headers"]}
-                if "content-length" in names or _no_body_status(st["status"]):
-                    st["mode"] = "length"
-                    write_head([])
-                elif not more:
-                    st["mode"] = "length"
-                    write_head([("Content-Length", str(len(data)))])
-                elif req.version == "1.1":
-                    st["mode"] = "chunked"
-                    write_head([("Transfer-Encoding", "chunked")])
-                else:  # HTTP/1.0 streaming: the end of the body is the end of the connection
-                    st["mode"], st["keep"] = "close", False
-                    write_head([])
-            if not is_head and data:
-                writer.write(b"%x\r\n%s\r\n" % (len(data), data) if st["mode"] == "chunked" else data)
-            if not more:
-                if st["mode"] == "chunked" and not is_head:
-                    writer.write(b"0\r\n\r\n")
-                done.set()
-            await writer.drain()
-
-        error = None
-        try:
-            await ref.app(self._scope(ref, req, peer), receive, send)
-        except Exception as exc:  # noqa: BLE001 - the user's app raised
-            error = self._report_app_error(req, exc)
-            if not st["started"] or st["mode"] is None:
-                done.set()
-                log(500, 0, error)
-                await self._plain(writer, req.version, 500, "Internal Server Error\n")
-                return 500, 0, False, error
-            st["keep"] = False  # the response is cut short: closing tells the client
-        if not done.is_set():
-            if not st["started"]:
-                done.set()
-                log(500, 0, "no response")
-                await self._plain(writer, req.version, 500, "the ASGI app sent no response\n")
-                return 500, 0, False, "no response"
-            try:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-            except ConnectionError:
-                st["keep"] = False
-        return st["status"], st["bytes"], st["keep"], error
 
 
 # ------------------------------------------------------------------ registry: one server per port
 _lock = threading.RLock()
-_servers: dict[int, InKernelServer] = {}
-_logs_by_name: dict[str, InKernelServer] = {}  # last server per intercept name (kept after stop)
+_servers: dict[int, Any] = {}
+_logs_by_name: dict[str, Any] = {}  # last server per intercept name (kept after stop)
 
 
 def serve(app: Any, port: int, name: str | None = None, host: str = "127.0.0.1",
@@ -701,6 +570,9 @@ def serve(app: Any, port: int, name: str | None = None, host: str = "127.0.0.1",
     app_kind(app)  # validate before touching the port
     with _lock:
         srv = _servers.get(port)
+        if srv is not None and srv.running and not isinstance(srv, InKernelServer):
+            raise ConfigError(f"port {port} serves a gRPC servicer in this kernel",
+                              hint=f"stop it first (`%tp serve --stop --port {port}`) or choose another port")
         fresh = srv is None or not srv.running
         if fresh:
             srv = InKernelServer(port, host)
@@ -719,25 +591,25 @@ def serve(app: Any, port: int, name: str | None = None, host: str = "127.0.0.1",
         return srv
 
 
-def get_server(port: int) -> InKernelServer | None:
+def get_server(port: int) -> Any:
     with _lock:
         srv = _servers.get(port)
         return srv if srv is not None and srv.running else None
 
 
-def servers() -> list[InKernelServer]:
+def servers() -> list[Any]:
     with _lock:
         return [s for s in _servers.values() if s.running]
 
 
-def server_for(name: str) -> InKernelServer | None:
+def server_for(name: str) -> Any:
     """The running server an intercept name is attached to, if any."""
     with _lock:
         srv = _logs_by_name.get(name)
         return srv if srv is not None and srv.running else None
 
 
-def attach(name: str, port: int) -> InKernelServer | None:
+def attach(name: str, port: int) -> Any:
     """Record that intercept `name` routes to `port`; returns that port's server if it is in-kernel."""
     with _lock:
         srv = get_server(port)
@@ -785,3 +657,101 @@ def requests_log(name: str | int) -> list[dict]:
     with _lock:
         srv = _servers.get(name) if isinstance(name, int) else _logs_by_name.get(name)
     return srv.records() if srv is not None else []
+
+
+# ------------------------------------------------------------------ requests as data, and replay
+#: columns of a requests table, in order (other fields follow)
+COLUMNS = ("time", "type", "method", "path", "query", "status", "duration_ms", "bytes", "app_version", "client",
+           "error", "request_headers", "request_body", "response_headers", "response_body")
+#: headers not re-sent by `replay` (connection-level, or recomputed for the new body)
+_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "upgrade", "te", "trailer",
+        "proxy-connection", "expect"}
+
+
+def requests_table(name: str | int) -> Any:
+    """`requests_log(name)` as a pandas DataFrame (one row per request) when pandas is installed, else the
+    plain records.  What `%tp requests NAME` and `tpnb.requests_log(NAME)` give."""
+    records = requests_log(name)
+    try:
+        import pandas as pd
+    except ImportError:
+        return records
+    df = pd.DataFrame.from_records(records)
+    if df.empty:
+        return pd.DataFrame(columns=list(COLUMNS))
+    df["time"] = pd.to_datetime(df["time"])
+    return df[[c for c in COLUMNS if c in df.columns] + [c for c in df.columns if c not in COLUMNS]]
+
+
+@dataclass
+class Replayed:
+    """The response to a replayed request."""
+
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    url: str
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        import json
+
+        return json.loads(self.body)
+
+    def __repr__(self) -> str:
+        return f"<Replayed {self.status} {self.reason} from {self.url}: {len(self.body)} bytes>"
+
+
+def replay(record: Any, to: str = "kernel", timeout: float = 30.0) -> Replayed:
+    """Send a recorded request again (same method, path, query, headers and body) and return the response.
+
+    `record`: a record (dict) of `requests_log`, or a row of its DataFrame.  `to`: "kernel" (the
+    in-kernel app on the record's port, i.e. the current version of the cell) or a base URL such as
+    "http://hello.default" (with `%tp connect`, the cluster's Service).
+    """
+    import http.client
+
+    rec = dict(record) if not hasattr(record, "to_dict") else record.to_dict()
+    if rec.get("type", "http") != "http":
+        raise ConfigError("only HTTP requests can be replayed", f"this record is a {rec.get('type')} session")
+    body = rec.get("request_body") or b""
+    if rec.get("request_bytes", len(body)) > len(body):
+        raise ConfigError("the recorded request body was cut short",
+                          f"{rec['request_bytes']} bytes were sent; records keep the first {BODY_KEEP}",
+                          "replay requests with smaller bodies, or raise tpnb.inkernel.BODY_KEEP before serving")
+    if to == "kernel":
+        host, port, scheme = "127.0.0.1", int(rec["port"]), "http"
+    else:
+        u = urllib.parse.urlsplit(to)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ConfigError(f"cannot replay to {to!r}", hint='use to="kernel" or a base URL like "http://hello.default"')
+        host, port, scheme = u.hostname, u.port or (443 if u.scheme == "https" else 80), u.scheme
+    target = urllib.parse.quote(rec["path"]) + (f"?{urllib.parse.quote(rec['query'], safe='=&')}"
+                                                if rec.get("query") else "")
+    conn_cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+    conn = conn_cls(host, port, timeout=timeout)
+    try:
+        conn.putrequest(rec["method"], target, skip_host=True, skip_accept_encoding=True)
+        have_host = False
+        for k, v in rec.get("request_headers") or []:
+            if k.lower() in _HOP:
+                continue
+            have_host = have_host or k.lower() == "host"
+            conn.putheader(k, v)
+        if not have_host:
+            conn.putheader("Host", host)
+        if body or rec["method"] in ("POST", "PUT", "PATCH"):
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body or None)
+        r = conn.getresponse()
+        return Replayed(status=r.status, reason=r.reason, headers=list(r.getheaders()), body=r.read(),
+                        url=f"{scheme}://{host}:{port}{target}")
+    except OSError as exc:
+        raise ConfigError(f"cannot replay to {scheme}://{host}:{port}", str(exc),
+                          "is the app served (or `%tp connect` done for a cluster URL)?") from None
+    finally:
+        conn.close()

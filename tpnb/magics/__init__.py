@@ -2,8 +2,10 @@
 
 The magics are a face of `tpnb.api` like the CLI: the same parser
 (`tpnb.cli.build_parser`, extended in `parser.py`), the same text
-(`tpnb.render`).  Errors print as what/why/fix lines on stderr and the magic
-returns None; a tpnb error never becomes a traceback in the kernel.
+(`tpnb.render`).  A failure raises a `TpnbError` whose `_render_traceback_`
+makes IPython show only its what/why/fix lines (no traceback of tpnb's
+internals), and because it is raised the cell fails, so "Run All" stops at the
+failing cell instead of carrying on with `None` (`env = %tp env hello`).
 
     commands.py   %tp <command>           (line magic)
     cell.py       %%tp intercept ...      (serve the cell's app in-kernel + intercept)
@@ -14,26 +16,26 @@ returns None; a tpnb error never becomes a traceback in the kernel.
 from __future__ import annotations
 
 import shlex
-import sys
 from typing import Any
 
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 
-from ..errors import ConfigError, TpnbError
+from ..errors import ConfigError, Interrupted, TpnbError
 from . import commands, lifecycle
-from .output import report_error
 from .parser import HelpShown, parse
 
 __all__ = ["TpMagics", "load_ipython_extension", "unload_ipython_extension", "tp"]
 
 
 def tp(line: str, cell: str | None = None, shell: Any = None) -> Any:
-    """Run one %tp / %%tp invocation; returns its value (or None after printing an error)."""
+    """Run one %tp / %%tp invocation; returns its value, or raises a TpnbError (shown as what/why/fix)."""
     try:
         if line.strip().split(" ", 1)[0] == "devcluster":  # parsed by tpnb_devcluster; cli.run says if it is missing
             from ..cli import run
 
-            run(shlex.split(line))
+            code = run(shlex.split(line))
+            if code:
+                raise TpnbError(f"%tp {line.strip()} exited with status {code}")
             return None
         args, cmd = parse(line)
         if cell is not None:
@@ -51,12 +53,11 @@ def tp(line: str, cell: str | None = None, shell: Any = None) -> Any:
         return commands.COMMANDS[args.cmd](args, cmd)
     except HelpShown:
         return None
-    except (TpnbError, KeyboardInterrupt) as err:
-        report_error(err)
-        return None
+    except KeyboardInterrupt:
+        raise Interrupted() from None
     except SystemExit as exc:  # a delegated CLI path (devcluster) exiting
         if exc.code not in (0, None):
-            print(f"exited with status {exc.code}", file=sys.stderr)
+            raise TpnbError(f"%tp {line.strip()} exited with status {exc.code}") from None
         return None
 
 
@@ -78,7 +79,9 @@ def _expose_top_level() -> None:
     from .. import inkernel
 
     if not hasattr(tpnb, "requests_log"):
-        tpnb.requests_log = inkernel.requests_log  # type: ignore[attr-defined]
+        tpnb.requests_log = inkernel.requests_table  # type: ignore[attr-defined]
+    if not hasattr(tpnb, "replay"):
+        tpnb.replay = inkernel.replay  # type: ignore[attr-defined]
     if not hasattr(tpnb, "panel"):
         def panel(*a: Any, **kw: Any) -> Any:
             from ..widgets import panel as _panel

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import socket
-import sys
 from typing import Any
 
 from .. import inkernel
@@ -39,10 +38,10 @@ def intercept_cell(shell: Any, args: argparse.Namespace, cmd: list[str], cell: s
     port, svc_port = parse_port(args.port)
 
     result = shell.run_cell(cell, store_history=False)  # user code: its own errors show as usual
-    if not result.success:
-        print("tpnb: the cell raised, so nothing new was served; the intercept (if any) is unchanged",
-              file=sys.stderr)
-        return
+    if not result.success:  # its traceback is shown above; failing here too stops "Run All"
+        raise InterceptError("the cell raised, so nothing new was served",
+                             "the traceback above is the cell's own error",
+                             "fix the cell and run it again (the intercept, if any, is unchanged)")
 
     app = shell.user_ns.get(args.app)
     fresh_server = False

@@ -229,11 +229,12 @@ def do_mounts(args: argparse.Namespace, cmd: list[str]) -> str:
     return mp
 
 
-def do_requests(args: argparse.Namespace, cmd: list[str]) -> RequestTable:
-    records = inkernel.requests_log(args.name)
-    if args.tail > 0:
-        records = records[-args.tail:]
-    return RequestTable(records)
+def do_requests(args: argparse.Namespace, cmd: list[str]) -> Any:
+    """A pandas DataFrame of the requests served in-kernel (plain records as a table without pandas)."""
+    table = inkernel.requests_table(args.name)
+    if isinstance(table, list):
+        return RequestTable(table[-args.tail:] if args.tail > 0 else table)
+    return table.tail(args.tail) if args.tail > 0 else table
 
 
 def do_panel(args: argparse.Namespace, cmd: list[str]) -> Any:

@@ -2,8 +2,10 @@
 
 Results are ordinary Python values (a dict, a list of dicts, a str) so code can
 use them (`env = %tp env hello`; `pd.DataFrame(%tp requests hello)`); they
-subclass dict/list only to add an HTML table for display.  Errors are the
-`TpnbError` text (what / why / fix) on stderr, never a traceback.
+subclass dict/list only to add an HTML table for display.  Errors are raised
+`TpnbError`s that IPython shows as their what / why / fix lines
+(`TpnbError._render_traceback_`), never a traceback; `report_error` prints the
+same lines where nothing can be raised (widgets' callbacks).
 """
 from __future__ import annotations
 

@@ -1,0 +1,172 @@
+"""In-kernel server vs the same app under standalone uvicorn, on the laptop (127.0.0.1 only).
+
+    .venv/bin/python bench/inkernel.py [--seconds 5] [--rounds 3] [--conns 16]
+
+A: a real Jupyter kernel (jupyter_client + ipykernel, idle between cells as a notebook is) runs
+   `tpnb.inkernel.serve(app, port)`: uvicorn on the kernel's background loop thread, behind tpnb's
+   swap/record layer.
+B: `python -m uvicorn bench.inkernel_app:APP` in its own process (same uvicorn, httptools, asyncio loop).
+Apps: `plain` (minimal ASGI: the server's own cost) and `fastapi` (a FastAPI JSON route).  The client is
+one asyncio process with `--conns` keep-alive connections sending small GETs as fast as answered; rounds
+alternate A and B.  Prints requests/s and p50/p99 latency (µs), medians over rounds, and the ratio A/B.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+APPS = {"plain": ("plain", "/"), "fastapi": ("fastapi_app", "/json")}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on {port}")
+
+
+class _Conn(asyncio.Protocol):
+    def __init__(self, req: bytes, lat: list[float], stop_at: float, done: asyncio.Future) -> None:
+        self.req, self.lat, self.stop_at, self.done = req, lat, stop_at, done
+        self.buf = b""
+        self.need = -1
+        self.t0 = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.tr = transport
+        self._send()
+
+    def _send(self) -> None:
+        self.buf, self.need = b"", -1
+        self.t0 = time.perf_counter()
+        self.tr.write(self.req)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if self.need < 0:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = self.buf[:end].lower()
+            i = head.find(b"content-length:")
+            n = int(head[i + 15:head.find(b"\r\n", i) if head.find(b"\r\n", i) > 0 else None]) if i >= 0 else 0
+            self.need = end + 4 + n
+        if len(self.buf) >= self.need:
+            now = time.perf_counter()
+            self.lat.append(now - self.t0)
+            if now >= self.stop_at:
+                self.tr.close()
+                if not self.done.done():
+                    self.done.set_result(None)
+                return
+            self._send()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+async def _load(port: int, path: str, seconds: float, conns: int) -> tuple[float, list[float]]:
+    loop = asyncio.get_running_loop()
+    req = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    lat: list[float] = []
+    start = time.perf_counter()
+    stop_at = start + seconds
+    dones = []
+    for _ in range(conns):
+        fut = loop.create_future()
+        await loop.create_connection(lambda f=fut: _Conn(req, lat, stop_at, f), "127.0.0.1", port)
+        dones.append(fut)
+    await asyncio.gather(*dones)
+    return len(lat) / (time.perf_counter() - start), lat
+
+
+def measure(port: int, path: str, seconds: float, conns: int) -> dict[str, float]:
+    asyncio.run(_load(port, path, 0.5, conns))  # warm-up
+    rps, lat = asyncio.run(_load(port, path, seconds, conns))
+    lat.sort()
+    return {"rps": rps, "p50": lat[len(lat) // 2] * 1e6, "p99": lat[int(len(lat) * 0.99)] * 1e6}
+
+
+class Kernel:
+    """A real ipykernel serving the app in-kernel."""
+
+    def __init__(self) -> None:
+        from jupyter_client.manager import start_new_kernel
+
+        self.km, self.kc = start_new_kernel(kernel_name="python3", cwd=str(REPO))
+
+    def run(self, code: str) -> None:
+        reply = self.kc.execute_interactive(code, timeout=60, output_hook=lambda msg: None)
+        if reply["content"]["status"] != "ok":
+            raise SystemExit(f"kernel: {reply['content'].get('evalue')}")
+
+    def close(self) -> None:
+        self.kc.stop_channels()
+        self.km.shutdown_kernel(now=False)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--conns", type=int, default=16)
+    args = ap.parse_args()
+    kernel = Kernel()
+    rows = []
+    try:
+        for name, (var, path) in APPS.items():
+            res: dict[str, list[dict[str, float]]] = {"kernel": [], "uvicorn": []}
+            kport = free_port()
+            kernel.run(f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r})\n"
+                       f"from tpnb import inkernel\nimport inkernel_app\n"
+                       f"inkernel.serve(inkernel_app.{var}, {kport})")
+            wait_port(kport)
+            uport = free_port()
+            uv = subprocess.Popen([sys.executable, "-m", "uvicorn", f"inkernel_app:{var}", "--port", str(uport),
+                                   "--log-level", "warning", "--no-access-log", "--lifespan", "off"],
+                                  cwd=REPO / "bench", env={**os.environ, "PYTHONPATH": str(REPO / "bench")})
+            try:
+                wait_port(uport)
+                for _ in range(args.rounds):
+                    res["kernel"].append(measure(kport, path, args.seconds, args.conns))
+                    res["uvicorn"].append(measure(uport, path, args.seconds, args.conns))
+            finally:
+                uv.terminate()
+                uv.wait(10)
+                kernel.run(f"inkernel.stop({kport}, grace=0)")
+            med = {who: {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50", "p99")}
+                   for who, rs in res.items()}
+            rounds = " ".join(f"{a['rps']:.0f}/{b['rps']:.0f}" for a, b in zip(res["kernel"], res["uvicorn"]))
+            rows.append((name, med, rounds))
+    finally:
+        kernel.close()
+    print(f"\n{args.conns} keep-alive connections, {args.seconds:.0f} s per round, {args.rounds} rounds (medians)")
+    print("| app | in-kernel req/s | uvicorn req/s | ratio | in-kernel p50 / p99 µs | uvicorn p50 / p99 µs | rounds (kernel/uvicorn req/s) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, med, rounds in rows:
+        k, u = med["kernel"], med["uvicorn"]
+        print(f"| {name} | {k['rps']:.0f} | {u['rps']:.0f} | {k['rps'] / u['rps']:.2f}x | {k['p50']:.0f} / {k['p99']:.0f} "
+              f"| {u['p50']:.0f} / {u['p99']:.0f} | {rounds} |")
+
+
+if __name__ == "__main__":
+    main()
