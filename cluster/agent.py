@@ -26,7 +26,11 @@ the injector).  If that process cannot be read (another uid and no
 CAP_SYS_PTRACE), the injector's fallback copies are used: the app's `env`
 entries and `envFrom` sources, renamed with the `TPNB_APP_ENV_` prefix.
 
-Runs inside the cluster image: Python 3.11, grpcio, protobuf and stdlib only.
+Personal intercepts (HTTP filters) are routed request by request by
+cluster/httproute.py: matching requests to the holder's tunnel, the rest to the
+app.  A global intercept takes whole connections, as before.
+
+Runs inside the cluster image: Python 3.11, grpcio, protobuf, h11 and stdlib only.
 """
 from __future__ import annotations
 
@@ -53,6 +57,7 @@ import grpc  # noqa: E402
 from tpnb.proto import pb, rpc  # noqa: E402
 from tpnb.version import __version__  # noqa: E402
 
+from . import httproute  # noqa: E402
 from .sftpjail import FilteringWriter, Jail  # noqa: E402
 from tpnb.common.forward import (  # noqa: E402
     BULK_GRPC_OPTIONS,
@@ -298,13 +303,27 @@ class Agent:
         self._old_channels: set[Any] = set()
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()
+        #: what the app's port speaks ("" until probed; see httproute.probe), reported to the manager
+        self.app_protocol = ""
+        self._probe: asyncio.Task[Any] | None = None
 
     # ---------------------------------------------------------- routing
     def active_intercept(self) -> pb.InterceptInfo | None:
+        """The ACTIVE global (unfiltered) intercept: it takes whole connections."""
         for ic in self.intercepts:
-            if ic.state == pb.InterceptInfo.ACTIVE:
+            if ic.state == pb.InterceptInfo.ACTIVE and not httproute.is_filtered(ic.spec):
                 return ic
         return None
+
+    def filtered_intercepts(self) -> list[tuple[httproute.Filter, pb.InterceptInfo]]:
+        out = []
+        for ic in self.intercepts:
+            if ic.state == pb.InterceptInfo.ACTIVE and httproute.is_filtered(ic.spec):
+                try:
+                    out.append((httproute.Filter.from_spec(ic.spec), ic))
+                except re.error:
+                    continue  # the manager checks them; never let a bad one break the app
+        return out
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -335,10 +354,52 @@ class Agent:
                 log.debug("intercepted %s:%s done (%d up, %d down)", peer[0], peer[1], up, down)
                 return
             # None: manager unreachable -> serve from the app
+        elif self.filtered_intercepts() and self.agent_id and self.stub is not None:
+            await self._route_http(reader, writer, peer)
+            return
         await self._to_app(reader, writer, peer)
 
+    async def _route_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          peer: tuple[Any, ...]) -> None:
+        """Personal intercepts: each request to the intercept whose filter it matches, else the app."""
+        def choose(req: Any) -> str:
+            for flt, ic in self.filtered_intercepts():  # re-read per request: a `leave` applies at once
+                if flt.matches(req.target, list(req.headers)):
+                    return ic.id
+            return ""
+
+        async def connect(key: Any) -> Any:
+            if not key:
+                try:
+                    return await httproute.StreamUpstream.connect("127.0.0.1", self.s.app_port,
+                                                                  APP_CONNECT_TIMEOUT)
+                except (OSError, asyncio.TimeoutError) as exc:
+                    log.warning("cannot connect to the app on 127.0.0.1:%d: %s", self.s.app_port, exc)
+                    return None
+            ic = next((i for i in self.intercepts if i.id == key), None)
+            if ic is None or self.stub is None:
+                return None
+            chan = await self._open_tunnel(ic, peer)
+            return httproute.TunnelUpstream(chan, pb) if chan not in (None, False) else None
+
+        router = httproute.HttpRouter(reader, writer, choose, connect)
+        try:
+            await router.run()
+        except httproute.NotHTTP as exc:  # not HTTP/1.1 (or h2c): the app gets it untouched
+            log.debug("%s:%s is not HTTP/1.1: to the app", peer[0], peer[1])
+            await self._to_app(reader, writer, peer, first=exc.raw)
+            return
+        except (ConnectionError, OSError, TunnelError) as exc:
+            log.debug("%s:%s: %s", peer[0], peer[1], exc)
+            writer.transport.abort()
+            return
+        log.debug("%s:%s done, requests: %s", peer[0], peer[1],
+                  {k or "app": n for k, n in router.routed.items()})
+        with contextlib.suppress(Exception):
+            writer.close()
+
     async def _to_app(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      peer: tuple[Any, ...]) -> None:
+                      peer: tuple[Any, ...], first: bytes = b"") -> None:
         try:
             ar, aw = await asyncio.wait_for(
                 asyncio.open_connection("127.0.0.1", self.s.app_port, limit=STREAM_LIMIT), APP_CONNECT_TIMEOUT)
@@ -346,6 +407,8 @@ class Agent:
             log.warning("cannot connect to the app on 127.0.0.1:%d: %s", self.s.app_port, exc)
             writer.transport.abort()
             return
+        if first:
+            aw.write(first)
         a2b, b2a = await splice(reader, writer, ar, aw)
         log.debug("%s:%s -> app done (%d up, %d down)", peer[0], peer[1], a2b, b2a)
 
@@ -499,12 +562,42 @@ class Agent:
 
     async def _remain_loop(self, sess: pb.AgentSession) -> None:
         assert self.stub is not None
+        if self.app_protocol:  # known from before a re-arrival: tell the manager at once
+            await self.remain_now()
         while True:
             await asyncio.sleep(REMAIN_INTERVAL)
             try:
-                await self.stub.AgentRemain(sess, timeout=REMAIN_INTERVAL)
+                await self.stub.AgentRemain(pb.AgentSession(agent_id=sess.agent_id, app_protocol=self.app_protocol),
+                                            timeout=REMAIN_INTERVAL)
             except grpc.aio.AioRpcError as exc:
                 raise _SessionLost(f"AgentRemain: {exc.code().name}: {exc.details()}") from None
+
+    async def remain_now(self) -> None:
+        if self.stub is None or not self.agent_id:
+            return
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await self.stub.AgentRemain(pb.AgentSession(agent_id=self.agent_id, app_protocol=self.app_protocol),
+                                        timeout=REMAIN_INTERVAL)
+
+    def _want_probe(self) -> None:
+        """A filtered intercept needs to know whether the app speaks HTTP: probe once, report it."""
+        if self.app_protocol or (self._probe is not None and not self._probe.done()):
+            return
+        if any(httproute.is_filtered(ic.spec) for ic in self.intercepts):
+            self._probe = asyncio.ensure_future(self._probe_app())
+
+    async def _probe_app(self) -> None:
+        for _ in range(600):  # the app may still be starting: up to ~10 min, then the next instruction retries
+            try:
+                self.app_protocol = await httproute.probe("127.0.0.1", self.s.app_port)
+                break
+            except (OSError, asyncio.TimeoutError) as exc:
+                log.debug("protocol probe of 127.0.0.1:%d: %s", self.s.app_port, exc)
+                await asyncio.sleep(1.0)
+        else:
+            return
+        log.info("the app on port %d speaks %s", self.s.app_port, self.app_protocol)
+        await self.remain_now()
 
     async def _watch_loop(self, sess: pb.AgentSession) -> None:
         assert self.stub is not None
@@ -513,6 +606,7 @@ class Agent:
                 new = list(instr.intercepts)
                 old_ids = {(i.id, i.state) for i in self.intercepts}
                 self.intercepts = new
+                self._want_probe()
                 if {(i.id, i.state) for i in new} != old_ids:
                     desc = ", ".join(f"{i.spec.name or i.id}={pb.InterceptInfo.State.Name(i.state)}"
                                      for i in new) or "none"

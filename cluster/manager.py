@@ -36,6 +36,7 @@ from tpnb.version import API_VERSION, __version__
 from tpnb.common.aio import both, first, oserror_text
 from tpnb.common.forward import BULK_GRPC_OPTIONS, FastTunnelRegistration, FrameChannel, GrpcFrameChannel, SocketStream, bridge
 
+from . import httproute
 from .agent_auth import AgentRefused, AgentVerifier, KubeAgentVerifier, managed_namespaces
 
 log = logging.getLogger("tpnb.manager")
@@ -80,6 +81,8 @@ class AgentSession:
     #: intercept ids this agent has been sent: only then is an intercept ACTIVE,
     #: so a client never sees ACTIVE while its first request still reaches the app
     delivered: set[str] = field(default_factory=set)
+    #: what the app's port speaks, as the agent probed it ("" unknown; httproute.probe)
+    app_protocol: str = ""
 
 
 def holder_name(info: pb.ClientInfo) -> str:
@@ -171,9 +174,19 @@ class Manager(rpc.ManagerServicer):
         for ic in self.intercepts.values():
             agents = self._agent_for(ic.spec.workload, ic.spec.namespace)
             del ic.pod_ips[:]
-            if agents and all(ic.id in a.delivered for a in agents):
+            not_http = [a for a in agents if a.app_protocol.startswith("tcp")] if httproute.is_filtered(ic.spec) else []
+            unprobed = [a for a in agents if not a.app_protocol] if httproute.is_filtered(ic.spec) else []
+            if not_http:
+                ic.state = pb.InterceptInfo.ERROR
+                why = not_http[0].app_protocol.split(":", 1)[-1].strip()
+                ic.message = (f"the port of {ic.spec.workload} that the traffic-agent serves does not speak HTTP "
+                              f"({why}); HTTP filters (--http-header, --http-path-*) need HTTP/1.1")
+            elif agents and all(ic.id in a.delivered for a in agents) and not unprobed:
                 ic.state = pb.InterceptInfo.ACTIVE
                 ic.message = ""
+            elif agents and unprobed and all(ic.id in a.delivered for a in agents):
+                ic.state = pb.InterceptInfo.WAITING
+                ic.message = "waiting for the traffic-agent to find out whether the app speaks HTTP"
             else:
                 ic.state = pb.InterceptInfo.WAITING
                 ic.message = ("waiting for the traffic-agent to take the intercept" if agents
@@ -196,7 +209,9 @@ class Manager(rpc.ManagerServicer):
         spec = pb.InterceptSpec(name=ic.spec.name, namespace=ic.spec.namespace, workload=ic.spec.workload,
                                 workload_kind=ic.spec.workload_kind, service=ic.spec.service,
                                 service_port=ic.spec.service_port)
-        return pb.InterceptInfo(spec=spec, client_name=ic.client_name, state=ic.state)
+        # another's filters stay private (an auto header is that session's own): only that it is personal
+        return pb.InterceptInfo(spec=spec, client_name=ic.client_name, state=ic.state,
+                                message="personal (HTTP filters)" if httproute.is_filtered(ic.spec) else "")
 
     async def expire_loop(self) -> None:
         """End sessions (and their intercepts) whose heartbeats stopped."""
@@ -407,6 +422,9 @@ class Manager(rpc.ManagerServicer):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 f"this traffic-manager serves namespaces {', '.join(sorted(self.namespaces))} "
                                 f"only, not {spec.namespace}")
+        bad = httproute.check(spec)
+        if bad:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad)
         for ic in self.intercepts.values():
             if ic.spec.workload == spec.workload and ic.spec.namespace == spec.namespace:
                 if ic.session_id == sid:
@@ -414,10 +432,11 @@ class Manager(rpc.ManagerServicer):
                     self._refresh_states()
                     self._notify()
                     return self.view(ic, sid)
-                await context.abort(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"{spec.namespace}/{spec.workload} is already intercepted by {ic.client_name} "
-                    f"(intercept {ic.spec.name!r})")
+                why = _conflict(ic, spec)
+                if why:
+                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                        f"{spec.namespace}/{spec.workload} is already intercepted by "
+                                        f"{ic.client_name} (intercept {ic.spec.name!r}, {why})")
             if ic.spec.name == spec.name and ic.session_id == sid:
                 await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"an intercept named {spec.name!r} exists")
         ic = pb.InterceptInfo(spec=spec, id=secrets.token_hex(8), session_id=sid, client_name=holder_name(client.info))
@@ -470,6 +489,22 @@ class Manager(rpc.ManagerServicer):
         return pb.Empty()
 
 
+def _conflict(held: pb.InterceptInfo, spec: pb.InterceptSpec) -> str:
+    """Why `spec` (another session's) cannot share the workload with `held`; '' if it can.
+
+    Personal (filtered) intercepts share a workload as long as their filters
+    differ; a global one takes every connection, so it shares with nothing.
+    """
+    if not httproute.is_filtered(held.spec):
+        return "all connections"
+    if not httproute.is_filtered(spec):
+        return ("a personal intercept with HTTP filters; an intercept of all connections would take its "
+                "requests: add --http-header or --http-path-* to intercept only yours")
+    if httproute.filter_key(held.spec) == httproute.filter_key(spec):
+        return "with the same HTTP filters: pick another header value or path"
+    return ""
+
+
 class AgentHub(rpc.AgentHubServicer):
     """The agent-facing API (pod network): only verified agents, each for its own workload."""
 
@@ -510,6 +545,12 @@ class AgentHub(rpc.AgentHubServicer):
     async def AgentRemain(self, request, context):  # noqa: N802
         a = await self._agent(context, request.agent_id)
         a.last_seen = time.monotonic()
+        if request.app_protocol and request.app_protocol != a.app_protocol:
+            a.app_protocol = request.app_protocol
+            log.info("agent %s/%s: the app speaks %s", a.info.namespace, a.info.pod_name, a.app_protocol)
+            self.m._refresh_states()
+            for ev in list(self.m.watchers):
+                ev.set()
         return pb.Empty()
 
     async def WatchAgentInstructions(self, request, context) -> AsyncIterator[pb.AgentInstruction]:  # noqa: N802

@@ -7,6 +7,8 @@ brokers; it has no write access to user objects.
 from __future__ import annotations
 
 import asyncio
+import getpass
+import hashlib
 import logging
 from typing import Callable
 
@@ -15,6 +17,7 @@ import grpc
 
 from tpnb import config as tpnb_config
 from tpnb.errors import InterceptError
+from tpnb.cluster import httproute
 from tpnb.proto import pb
 
 from . import agent_injector, kube, manager_install
@@ -23,6 +26,31 @@ from .session import Session
 log = logging.getLogger("tpnb.connector.intercepts")
 
 ProgressFn = Callable[[str, str, float], None]
+
+#: the header `--http-header=auto` adds (its value is unique to the session)
+AUTO_HEADER = "x-tpnb-intercept"
+
+
+def auto_header_value(session_id: str) -> str:
+    """user-<12 hex>: stable for the session, unique to it, and revealing nothing of its id."""
+    digest = hashlib.sha256(b"tpnb auto header\0" + session_id.encode()).hexdigest()[:12]
+    try:
+        user = "".join(c for c in getpass.getuser() if c.isalnum() or c in "-_.") or "user"
+    except Exception:  # noqa: BLE001 - no passwd entry
+        user = "user"
+    return f"{user}-{digest}"
+
+
+def resolve_filters(spec: pb.InterceptSpec, session_id: str) -> None:
+    """`--http-header=auto` (a HeaderMatch with no name) becomes this session's own header;
+    bad filters are refused before anything in the cluster changes."""
+    for h in spec.http_headers:
+        if not h.name:
+            h.name, h.value = AUTO_HEADER, auto_header_value(session_id)
+    bad = httproute.check(spec)
+    if bad:
+        raise InterceptError(f"invalid HTTP filter for {spec.name}", bad,
+                             "e.g. --http-header x-user=alice, --http-path-prefix /api")
 
 
 async def _port_listens(host: str, port: int) -> bool:
@@ -46,6 +74,7 @@ async def intercept(session: Session, req: pb.InterceptRequest, progress: Progre
     spec.target_host = spec.target_host or "127.0.0.1"
     if not 0 < spec.local_port < 65536:
         raise InterceptError(f"invalid local port {spec.local_port}", hint="use --port 1..65535")
+    resolve_filters(spec, session.session_id)
     if spec.name in session.intercepts:
         raise InterceptError(f"intercept {spec.name!r} already exists in this session",
                              hint=f"`tpnb leave {spec.name}` first")
@@ -74,6 +103,12 @@ async def intercept(session: Session, req: pb.InterceptRequest, progress: Progre
     progress("agent", "Waiting for the traffic-agent to report in...", 0.9)
     deadline = anyio.current_time() + cfg.timeouts.intercept
     while ic.state != pb.InterceptInfo.ACTIVE:
+        if ic.state == pb.InterceptInfo.ERROR:
+            await session.remove_intercept(spec.name)
+            raise InterceptError(f"cannot intercept {spec.namespace}/{spec.workload} with HTTP filters "
+                                 f"({httproute.describe(spec)})", ic.message,
+                                 f"intercept all of its connections instead: `tpnb intercept {spec.name} "
+                                 f"--port {spec.local_port}` without --http-* options")
         if anyio.current_time() > deadline:
             await session.remove_intercept(spec.name)
             raise InterceptError(f"the traffic-agent of {spec.workload} did not report in",

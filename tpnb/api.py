@@ -18,7 +18,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from . import config as tpnb_config
 from .client import DaemonClient
@@ -50,6 +50,15 @@ class Intercept:
     environment: dict[str, str]
     mount_point: str
     id: str
+    #: personal intercept filters (all empty: every connection); header names as given
+    http_headers: dict[str, str] = field(default_factory=dict)
+    http_path_prefix: str = ""
+    http_path_equal: str = ""
+    http_path_regex: str = ""
+
+    @property
+    def filtered(self) -> bool:
+        return bool(self.http_headers or self.http_path_prefix or self.http_path_equal or self.http_path_regex)
 
     @classmethod
     def from_pb(cls, ic: pb.InterceptInfo) -> "Intercept":
@@ -58,7 +67,10 @@ class Intercept:
             kind=ic.spec.workload_kind, service=ic.spec.service, service_port=ic.spec.service_port,
             local_port=ic.spec.local_port, target_host=ic.spec.target_host or "127.0.0.1",
             state=pb.InterceptInfo.State.Name(ic.state), message=ic.message, holder=ic.client_name,
-            pod_ips=list(ic.pod_ips), environment=dict(ic.environment), mount_point=ic.mount_point, id=ic.id)
+            pod_ips=list(ic.pod_ips), environment=dict(ic.environment), mount_point=ic.mount_point, id=ic.id,
+            http_headers={h.name: h.value for h in ic.spec.http_headers},
+            http_path_prefix=ic.spec.http_path_prefix, http_path_equal=ic.spec.http_path_equal,
+            http_path_regex=ic.spec.http_path_regex)
 
 
 @dataclass
@@ -220,8 +232,14 @@ class Session:
     def intercept(self, name: str, port: int, namespace: str | None = None, service: str | None = None,
                   service_port: str | None = None, workload: str | None = None,
                   progress: ProgressFn | None = None, skip_port_check: bool = False,
-                  owner_pid: int | None = None) -> Intercept:
+                  owner_pid: int | None = None, http_headers: Sequence[tuple[str, str]] = (),
+                  http_path_prefix: str = "", http_path_equal: str = "", http_path_regex: str = "") -> Intercept:
         """Route workload `name`'s traffic to 127.0.0.1:`port`.
+
+        With HTTP filters (a personal intercept) only matching requests come
+        here, the rest go on to the app: `http_headers` are (name, value) pairs
+        that must all be present (("", "") asks for a header unique to this
+        session, `--http-header=auto`); at most one of the path filters.
 
         With `owner_pid` (e.g. `os.getpid()` of a kernel) the daemon ends the
         intercept by itself once that process is gone, however it died.
@@ -230,7 +248,10 @@ class Session:
         self._clean_mounts(None if not self.client.running() else self.intercepts())
         spec = pb.InterceptSpec(name=name, workload=workload or name, namespace=namespace or "",
                                 service=service or "", service_port=str(service_port or ""),
-                                local_port=int(port), target_host="127.0.0.1")
+                                local_port=int(port), target_host="127.0.0.1",
+                                http_headers=[pb.HeaderMatch(name=k, value=v) for k, v in http_headers],
+                                http_path_prefix=http_path_prefix or "", http_path_equal=http_path_equal or "",
+                                http_path_regex=http_path_regex or "")
         done = self.client.stream(self.client.stub().Intercept,
                                   pb.InterceptRequest(spec=spec, skip_port_check=skip_port_check,
                                                       owner_pid=owner_pid or 0), progress)

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from . import render
 from .api import Intercept, Session
@@ -149,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--mount", default="true", metavar="DIR|false",
                    help="mount the pod's volumes on DIR (empty or new; default: a fresh temp dir), "
                         "or not at all with --mount=false; CMD gets it as $TPNB_ROOT")
+    add_filter_args(i)
 
     lv = sub.add_parser("leave", parents=out, help="end an intercept")
     lv.add_argument("name")
@@ -169,6 +170,40 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("devcluster", help="the built-in dev cluster (up, status, kubeconfig, laptop, down)",
                    add_help=False)
     return p
+
+
+def add_filter_args(p: argparse.ArgumentParser) -> None:
+    """The personal-intercept (HTTP filter) options of `intercept`."""
+    p.add_argument("--http-header", action="append", default=[], metavar="NAME=VALUE|auto",
+                   help="only HTTP requests with this header (repeatable: all must match); the rest go to "
+                        "the app. `auto`: a header unique to this session (printed with a curl line)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--http-path-prefix", default="", metavar="PREFIX", help="only requests whose path starts so")
+    g.add_argument("--http-path-equal", default="", metavar="PATH", help="only requests for exactly this path")
+    g.add_argument("--http-path-regex", default="", metavar="RE", help="only requests whose whole path matches")
+
+
+def parse_http_headers(values: Sequence[str]) -> list[tuple[str, str]]:
+    """["x-user=alice", "auto"] -> [("x-user", "alice"), ("", "")] (("", ""): the session's auto header)."""
+    out: list[tuple[str, str]] = []
+    for v in values:
+        if v == "auto":
+            out.append(("", ""))
+            continue
+        name, sep, value = v.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"--http-header {v!r}: expected NAME=VALUE or auto",
+                              hint="e.g. --http-header x-user=alice")
+        out.append((name.strip(), value))
+    return out
+
+
+def filter_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Session.intercept's filter arguments from parsed `intercept` options (CLI and %tp)."""
+    return {"http_headers": parse_http_headers(getattr(args, "http_header", None) or []),
+            "http_path_prefix": getattr(args, "http_path_prefix", "") or "",
+            "http_path_equal": getattr(args, "http_path_equal", "") or "",
+            "http_path_regex": getattr(args, "http_path_regex", "") or ""}
 
 
 def write_env_files(env: dict[str, str], env_file: str | None, env_json: str | None) -> None:
@@ -520,7 +555,8 @@ def _intercept(s: Session, args: argparse.Namespace, cmd: list[str], out: Output
     try:
         ic = s.intercept(args.name, port, namespace=args.namespace, service=args.service,
                          service_port=svc_port or None, workload=args.workload, progress=prog,
-                         skip_port_check=bool(cmd), owner_pid=os.getpid() if cmd else None)
+                         skip_port_check=bool(cmd), owner_pid=os.getpid() if cmd else None,
+                         **filter_kwargs(args))
         prog.end()
         root = _mount_volumes(s, ic, args.mount)
         # -o json: "mount_point" is the local root of the pod's volumes (ic.mount_point: the agent's side)

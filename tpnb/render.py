@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 from os import PathLike
 from typing import Any
 
@@ -31,6 +32,18 @@ def as_json(obj: Any) -> str:
     return json.dumps(to_data(obj), indent=2, default=str)
 
 
+def intercepting(ic: Intercept) -> str:
+    """'all connections', or which HTTP requests a personal intercept takes."""
+    parts = [f"header {k}: {v}" for k, v in ic.http_headers.items()]
+    if ic.http_path_prefix:
+        parts.append(f"path prefix {ic.http_path_prefix}")
+    if ic.http_path_equal:
+        parts.append(f"path {ic.http_path_equal}")
+    if ic.http_path_regex:
+        parts.append(f"path matching {ic.http_path_regex}")
+    return "HTTP requests with " + " and ".join(parts) + " (others: the app)" if parts else "all connections"
+
+
 def intercept_block(ic: Intercept, mount_root: str | PathLike[str] | None = None) -> str:
     kind = (ic.kind or "workload").lower()
     state = ic.state
@@ -42,8 +55,13 @@ def intercept_block(ic: Intercept, mount_root: str | PathLike[str] | None = None
         f"    Workload kind : {ic.kind}",
         f"    Destination   : {ic.target_host}:{ic.local_port}",
         f"    Service       : {ic.service}" + (f" port {ic.service_port}" if ic.service_port else ""),
-        "    Intercepting  : all connections",
+        f"    Intercepting  : {intercepting(ic)}",
     ]
+    if ic.http_headers:  # a ready request that this intercept takes (the auto header's value is only shown here)
+        hs = " ".join(f"-H {shlex.quote(f'{k}: {v}')}" for k, v in ic.http_headers.items())
+        path = ic.http_path_equal or ic.http_path_prefix or "/"
+        port = f":{ic.service_port}" if ic.service_port and ic.service_port.isdigit() else ""
+        lines.append(f"    Try           : curl {hs} http://{ic.service or ic.workload}.{ic.namespace}{port}{path}")
     if mount_root is not None:  # where the pod's volumes are mounted (tpnb/mounts.py)
         lines.insert(6, f"    Volume Mount Point: {mount_root}")
     return "\n".join(lines)

@@ -20,7 +20,7 @@ import sys
 from typing import Any
 
 from .. import inkernel, render
-from ..cli import command_env, config_data, config_text, parse_port, quit_session, write_env_files
+from ..cli import command_env, config_data, config_text, filter_kwargs, parse_port, quit_session, write_env_files
 from ..errors import ConfigError, TpnbError
 from . import lifecycle
 from .output import EnvTable, RequestTable
@@ -182,7 +182,8 @@ def create_intercept(args: argparse.Namespace, port: int, svc_port: str, skip_po
     try:
         ic = lifecycle.session().intercept(args.name, port, namespace=args.namespace, service=args.service,
                                            service_port=svc_port or None, workload=args.workload,
-                                           progress=prog, skip_port_check=skip_port_check, owner_pid=os.getpid())
+                                           progress=prog, skip_port_check=skip_port_check, owner_pid=os.getpid(),
+                                           **filter_kwargs(args))
         ok = True
     finally:
         prog.end(ok)

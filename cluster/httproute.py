@@ -1,0 +1,419 @@
+"""Personal intercepts: the traffic-agent's per-request HTTP routing.
+
+An intercept with filters (`--http-header K=V`, `--http-path-prefix|equal|regex`)
+takes only the requests that match them; every other request goes on to the app
+unchanged, on the same client connection when keep-alive mixes them.  HTTP/1.1
+is parsed with h11 on both sides (the client's connection as a server, each
+upstream -- the app, or one tunnel per intercept -- as a client), so framing
+(Content-Length, chunked, HEAD, Expect: 100-continue, Connection: close,
+protocol upgrades) is h11's, not ours.
+
+A connection whose first bytes are not an HTTP/1.1 request is spliced to the app
+untouched (the bytes read so far included): a filter never breaks a client.
+
+`probe()` tells whether the app's port speaks HTTP/1.1; the agent runs it when
+it is given a filtered intercept and reports the answer to the manager, which
+fails such an intercept on a port that does not (the connector shows why).
+
+Runs inside the cluster image: Python 3.11, h11 and the stdlib.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Hashable, Protocol
+
+import h11
+
+log = logging.getLogger("tpnb.agent.http")
+
+CHUNK = 256 * 1024
+#: how long the protocol probe waits for the app's answer
+PROBE_TIMEOUT = 3.0
+#: "http/1.1", or "tcp: <why>" (AgentSession.app_protocol)
+HTTP1 = "http/1.1"
+
+
+# ------------------------------------------------------------------ filters
+
+def is_filtered(spec: Any) -> bool:
+    """Whether an InterceptSpec is a personal (filtered) intercept."""
+    return bool(list(spec.http_headers) or spec.http_path_prefix or spec.http_path_equal or spec.http_path_regex)
+
+
+def filter_key(spec: Any) -> tuple[Any, ...]:
+    """Two specs with equal keys select exactly the same requests."""
+    return (tuple(sorted((h.name.lower(), h.value) for h in spec.http_headers)),
+            spec.http_path_prefix, spec.http_path_equal, spec.http_path_regex)
+
+
+def describe(spec: Any) -> str:
+    """'header x-a=1, path prefix /api' (for messages); 'all connections' when unfiltered."""
+    parts = [f"header {h.name}={h.value}" for h in spec.http_headers]
+    if spec.http_path_prefix:
+        parts.append(f"path prefix {spec.http_path_prefix}")
+    if spec.http_path_equal:
+        parts.append(f"path {spec.http_path_equal}")
+    if spec.http_path_regex:
+        parts.append(f"path matching {spec.http_path_regex}")
+    return ", ".join(parts) or "all connections"
+
+
+def check(spec: Any) -> str:
+    """'' if the spec's filters are usable, else what is wrong with them."""
+    paths = [p for p in (spec.http_path_prefix, spec.http_path_equal, spec.http_path_regex) if p]
+    if len(paths) > 1:
+        return "give one of --http-path-prefix, --http-path-equal, --http-path-regex"
+    for h in spec.http_headers:
+        if not h.name or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", h.name):
+            return f"invalid HTTP header name {h.name!r}"
+        if "\r" in h.value or "\n" in h.value:
+            return f"invalid value for header {h.name}"
+    for p in (spec.http_path_prefix, spec.http_path_equal):
+        if p and not p.startswith("/"):
+            return f"path {p!r} must start with /"
+    if spec.http_path_regex:
+        try:
+            re.compile(spec.http_path_regex)
+        except re.error as exc:
+            return f"invalid --http-path-regex {spec.http_path_regex!r}: {exc}"
+    return ""
+
+
+@dataclass(frozen=True)
+class Filter:
+    """The request matcher of one filtered intercept (every condition given must hold)."""
+
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    path_prefix: str = ""
+    path_equal: str = ""
+    path_regex: re.Pattern[str] | None = None
+
+    @classmethod
+    def from_spec(cls, spec: Any) -> Filter:
+        return cls(headers=tuple((h.name.lower().encode("latin-1"), h.value.encode("latin-1"))
+                                 for h in spec.http_headers),
+                   path_prefix=spec.http_path_prefix, path_equal=spec.http_path_equal,
+                   path_regex=re.compile(spec.http_path_regex) if spec.http_path_regex else None)
+
+    def matches(self, target: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
+        """`headers` as h11 gives them: names lowercased."""
+        for name, value in self.headers:
+            if not any(n == name and v == value for n, v in headers):
+                return False
+        if self.path_prefix or self.path_equal or self.path_regex is not None:
+            path = target.split(b"?", 1)[0].split(b"#", 1)[0].decode("latin-1")
+            if path.startswith(("http://", "https://")):  # absolute-form (a proxy request)
+                rest = path.split("://", 1)[1]
+                path = "/" + rest.split("/", 1)[1] if "/" in rest else "/"
+            if self.path_equal and path != self.path_equal:
+                return False
+            if self.path_prefix and not path.startswith(self.path_prefix):
+                return False
+            if self.path_regex is not None and not self.path_regex.fullmatch(path):
+                return False
+        return True
+
+
+# ------------------------------------------------------------------ upstreams
+
+class Upstream(Protocol):
+    async def send(self, data: bytes) -> None: ...
+    async def recv(self) -> bytes: ...          # b"" at the end
+    async def send_eof(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class StreamUpstream:
+    """A TCP connection (the app on the pod's loopback)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, host: str, port: int, timeout: float = 10.0) -> StreamUpstream:
+        r, w = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        return cls(r, w)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def recv(self) -> bytes:
+        return await self.reader.read(CHUNK)
+
+    async def send_eof(self) -> None:
+        if self.writer.can_write_eof():
+            with contextlib.suppress(OSError):
+                self.writer.write_eof()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+
+
+class TunnelUpstream:
+    """An opened AgentHub tunnel (pb.TunnelFrame stream) to the intercepting laptop."""
+
+    def __init__(self, chan: Any, pb: Any) -> None:
+        self.chan, self.pb = chan, pb
+        self._ended = False
+
+    async def send(self, data: bytes) -> None:
+        await self.chan.send(self.pb.TunnelFrame(data=data))
+
+    async def recv(self) -> bytes:
+        while not self._ended:
+            frame = await self.chan.recv()
+            if frame is None:
+                raise ConnectionResetError("the tunnel ended without end-of-stream")
+            kind = frame.WhichOneof("kind")
+            if kind == "data":
+                if frame.data:
+                    return bytes(frame.data)
+            elif kind == "eof":
+                self._ended = True
+            elif kind == "error":
+                raise ConnectionResetError(frame.error or "the laptop's side failed")
+        return b""
+
+    async def send_eof(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.chan.send(self.pb.TunnelFrame(eof=self.pb.Empty()))
+
+    def close(self) -> None:
+        fn = getattr(self.chan, "cancel", None)
+        if fn is not None:
+            with contextlib.suppress(Exception):
+                fn()
+
+
+# ------------------------------------------------------------------ the router
+
+class NotHTTP(Exception):
+    """The client's first bytes are not an HTTP/1.1 request (`raw`: all bytes read so far)."""
+
+    def __init__(self, raw: bytes) -> None:
+        super().__init__("not HTTP/1.1")
+        self.raw = raw
+
+
+Choose = Callable[[h11.Request], Hashable]
+Connect = Callable[[Hashable], Awaitable[Upstream | None]]
+
+
+async def _next(conn: h11.Connection, recv: Callable[[], Awaitable[bytes]],
+                record: bytearray | None = None) -> Any:
+    while True:
+        ev = conn.next_event()
+        if ev is not h11.NEED_DATA:
+            return ev
+        data = await recv()
+        if record is not None:
+            record += data
+        conn.receive_data(data)
+
+
+@dataclass
+class _Up:
+    stream: Upstream
+    conn: h11.Connection
+
+
+class HttpRouter:
+    """Serves one client connection: each request goes where `choose` says.
+
+    `choose(request)` returns a key (the app's or an intercept's); `connect(key)`
+    opens that upstream (None: it refused, and the client gets a 502).  One
+    upstream connection per key is kept for the client connection's lifetime
+    while both ends keep it alive.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 choose: Choose, connect: Connect, first: bytes = b"") -> None:
+        self.reader, self.writer = reader, writer
+        self.choose, self.connect = choose, connect
+        self.down = h11.Connection(h11.SERVER)
+        if first:
+            self.down.receive_data(first)
+        self.ups: dict[Hashable, _Up] = {}
+        self.routed: dict[Hashable, int] = {}
+
+    async def _recv_down(self) -> bytes:
+        return await self.reader.read(CHUNK)
+
+    async def _write_down(self, ev: Any) -> None:
+        data = self.down.send(ev)
+        if data:
+            self.writer.write(data)
+            await self.writer.drain()
+
+    async def run(self) -> None:
+        """Until the client (or an upstream's framing) ends the connection.  Raises NotHTTP
+        when the very first request does not parse (nothing was sent anywhere then)."""
+        raw = bytearray()
+        first = True
+        try:
+            while True:
+                try:
+                    ev = await _next(self.down, self._recv_down, raw if first else None)
+                except h11.RemoteProtocolError:
+                    if first:
+                        raise NotHTTP(bytes(raw)) from None
+                    with contextlib.suppress(Exception):
+                        await self._write_down(h11.Response(status_code=400, headers=[
+                            ("content-length", "0"), ("connection", "close")]))
+                    return
+                if isinstance(ev, h11.ConnectionClosed) or ev is h11.PAUSED:
+                    return
+                if not isinstance(ev, h11.Request):
+                    return
+                first = False
+                raw = bytearray()
+                if not await self._cycle(ev):
+                    return
+        finally:
+            for up in self.ups.values():
+                up.stream.close()
+            self.ups.clear()
+
+    async def _cycle(self, req: h11.Request) -> bool:
+        """One request/response; False when the client connection must end."""
+        key = self.choose(req)
+        up = self.ups.get(key)
+        if up is None:
+            stream = await self.connect(key)
+            if stream is None:
+                msg = b"tpnb: the intercepting laptop did not answer\n"
+                await self._write_down(h11.Response(status_code=502, headers=[
+                    ("content-type", "text/plain"), ("connection", "close"), ("content-length", str(len(msg)))]))
+                await self._write_down(h11.Data(data=msg))
+                await self._write_down(h11.EndOfMessage())
+                return False
+            up = self.ups[key] = _Up(stream, h11.Connection(h11.CLIENT))
+        self.routed[key] = self.routed.get(key, 0) + 1
+        await up.stream.send(up.conn.send(req))
+
+        async def body() -> None:
+            while True:
+                ev = await _next(self.down, self._recv_down)
+                if isinstance(ev, (h11.Data, h11.EndOfMessage)):
+                    data = up.conn.send(ev)
+                    if data:
+                        await up.stream.send(data)
+                    if isinstance(ev, h11.EndOfMessage):
+                        return
+                else:  # the client vanished mid-body
+                    raise ConnectionResetError("the client ended the connection inside a request")
+
+        async def response() -> bool:
+            """True when the protocol switched (101 / CONNECT)."""
+            while True:
+                ev = await _next(up.conn, up.stream.recv)
+                if isinstance(ev, h11.ConnectionClosed):
+                    raise ConnectionResetError("the upstream closed before its response ended")
+                if ev is h11.PAUSED:
+                    return True
+                await self._write_down(ev)
+                if isinstance(ev, h11.InformationalResponse) and ev.status_code == 101:
+                    return True
+                if isinstance(ev, h11.EndOfMessage):
+                    return False
+
+        tb, tr = asyncio.ensure_future(body()), asyncio.ensure_future(response())
+        try:
+            await asyncio.gather(tb, tr)
+        except BaseException:
+            tb.cancel()
+            tr.cancel()
+            await asyncio.gather(tb, tr, return_exceptions=True)
+            up.stream.close()
+            self.ups.pop(key, None)
+            raise
+        if tr.result():
+            await self._switched(up)
+            return False
+        if up.conn.our_state is h11.DONE and up.conn.their_state is h11.DONE:
+            up.conn.start_next_cycle()
+        else:
+            up.stream.close()
+            self.ups.pop(key, None)
+        if self.down.our_state is h11.DONE and self.down.their_state is h11.DONE:
+            self.down.start_next_cycle()
+            return True
+        return False
+
+    async def _switched(self, up: _Up) -> None:
+        """After a 101 (e.g. WebSocket) or a CONNECT: raw bytes both ways."""
+        down_rest, _ = self.down.trailing_data
+        up_rest, _ = up.conn.trailing_data
+        if up_rest:
+            self.writer.write(up_rest)
+        if down_rest:
+            await up.stream.send(down_rest)
+
+        async def c2u() -> None:
+            while data := await self.reader.read(CHUNK):
+                await up.stream.send(data)
+            await up.stream.send_eof()
+
+        async def u2c() -> None:
+            while data := await up.stream.recv():
+                self.writer.write(data)
+                await self.writer.drain()
+            if self.writer.can_write_eof():
+                with contextlib.suppress(OSError):
+                    self.writer.write_eof()
+
+        await asyncio.gather(c2u(), u2c())
+
+
+# ------------------------------------------------------------------ the protocol probe
+
+async def probe(host: str, port: int, timeout: float = PROBE_TIMEOUT) -> str:
+    """"http/1.1" if the app answers an HTTP/1.1 request (any status), else "tcp: <why>".
+
+    Sends `OPTIONS * HTTP/1.1` (no resource of the app is asked for).  Raises
+    OSError when nothing listens (the caller retries: the app may still be starting).
+    """
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    conn = h11.Connection(h11.CLIENT)
+    got = bytearray()
+    try:
+        writer.write(conn.send(h11.Request(method="OPTIONS", target="*", headers=[
+            ("host", f"{host}:{port}"), ("user-agent", "tpnb-traffic-agent (protocol probe)"),
+            ("connection", "close")])))
+        writer.write(conn.send(h11.EndOfMessage()))
+        await writer.drain()
+
+        async def recv() -> bytes:
+            data = await reader.read(4096)
+            if len(got) < 64:
+                got.extend(data[: 64 - len(got)])
+            return data
+
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    ev = await _next(conn, recv)
+                    if isinstance(ev, (h11.Response, h11.InformationalResponse)):
+                        if isinstance(ev, h11.Response):
+                            return HTTP1
+                        continue
+                    if isinstance(ev, h11.ConnectionClosed):
+                        return "tcp: it closed the connection without answering an HTTP/1.1 request"
+        except TimeoutError:
+            if got:
+                return f"tcp: it answered an HTTP/1.1 request with {bytes(got)!r}"
+            return f"tcp: it did not answer an HTTP/1.1 request within {timeout:.0f} s"
+        except h11.RemoteProtocolError:
+            h2 = len(got) >= 9 and got[3] == 0x04  # a SETTINGS frame first: HTTP/2 prior knowledge (gRPC)
+            why = " (HTTP/2 without upgrade, as gRPC speaks it, is not filtered yet)" if h2 else ""
+            return f"tcp: it answered an HTTP/1.1 request with {bytes(got[:32])!r}{why}"
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
