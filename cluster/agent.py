@@ -316,6 +316,10 @@ class Agent:
         return None
 
     def filtered_intercepts(self) -> list[tuple[httproute.Filter, pb.InterceptInfo]]:
+        """The ACTIVE personal intercepts, once the app is known to speak HTTP/1.1 (until then, and
+        for an app that does not, the app keeps its connections: the manager fails such intercepts)."""
+        if self.app_protocol != httproute.HTTP1:
+            return []
         out = []
         for ic in self.intercepts:
             if ic.state == pb.InterceptInfo.ACTIVE and httproute.is_filtered(ic.spec):

@@ -311,3 +311,62 @@ async def _visibility_and_files() -> None:
 
 def test_sessions_see_only_their_own_and_files_go_to_the_holder() -> None:
     asyncio.run(_visibility_and_files())
+
+
+async def _personal() -> None:
+    server, mgr, stub, chan = await _manager()
+    try:
+        alice = await stub.ArriveAsClient(pb.ClientInfo(name="alice@laptop"))
+        bob = await stub.ArriveAsClient(pb.ClientInfo(name="bob@laptop2"))
+        carol = await stub.ArriveAsClient(pb.ClientInfo(name="carol@laptop3"))
+        hub = stub.hub
+        agent = await hub.ArriveAsAgent(pb.AgentInfo(name="hello", namespace="default", pod_name="hello-1",
+                                                     pod_ip="10.42.0.5"), metadata=_bearer("agent-of-hello"))
+
+        def spec(name: str, header: str = "", **kw: str) -> pb.InterceptSpec:
+            hs = [pb.HeaderMatch(name="x-dev", value=header)] if header else []
+            return pb.InterceptSpec(name=name, namespace="default", workload="hello", local_port=9000,
+                                    http_headers=hs, **kw)
+
+        a = await stub.CreateIntercept(pb.CreateInterceptRequest(session=alice, spec=spec("hello", "alice")))
+        b = await stub.CreateIntercept(pb.CreateInterceptRequest(session=bob, spec=spec("hello", "bob")))
+        # the same filter, a global intercept, a bad regex: refused, naming the holder
+        for sp, want in ((spec("mine", "alice"), "same HTTP filters"), (spec("all"), "personal intercept"),
+                         (spec("rx", http_path_regex="("), "invalid --http-path-regex")):
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await stub.CreateIntercept(pb.CreateInterceptRequest(session=carol, spec=sp))
+            assert want in exc.value.details(), exc.value.details()
+            if want != "invalid --http-path-regex":
+                assert "alice@laptop" in exc.value.details()
+        # the agent is told both; both wait until it has probed the app's protocol
+        instr = hub.WatchAgentInstructions(agent)
+        got = await asyncio.wait_for(instr.read(), 5)
+        assert sorted(i.spec.http_headers[0].value for i in got.intercepts) == ["alice", "bob"]
+        await asyncio.sleep(0.1)
+        assert mgr.intercepts[a.id].state == pb.InterceptInfo.WAITING
+        assert "speaks HTTP" in mgr.intercepts[a.id].message
+        await hub.AgentRemain(pb.AgentSession(agent_id=agent.agent_id, app_protocol="http/1.1"))
+        assert mgr.intercepts[a.id].state == mgr.intercepts[b.id].state == pb.InterceptInfo.ACTIVE
+        # others see a personal intercept as such, but not its filter
+        lst = await asyncio.wait_for(stub.WatchIntercepts(carol).read(), 5)
+        assert all(not i.spec.http_headers and i.message == "personal (HTTP filters)" for i in lst.intercepts)
+        # a non-HTTP port fails every filtered intercept, saying why
+        await hub.AgentRemain(pb.AgentSession(agent_id=agent.agent_id, app_protocol="tcp: it answered with b'SSH'"))
+        ic = mgr.intercepts[a.id]
+        assert ic.state == pb.InterceptInfo.ERROR and "does not speak HTTP" in ic.message and "SSH" in ic.message
+        # when both leave, a global intercept is allowed again; then filtered ones conflict with it
+        await stub.Depart(alice)
+        await stub.Depart(bob)
+        await stub.CreateIntercept(pb.CreateInterceptRequest(session=carol, spec=spec("all")))
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await stub.CreateIntercept(pb.CreateInterceptRequest(
+                session=await stub.ArriveAsClient(pb.ClientInfo(name="dave@l4")), spec=spec("d", "dave")))
+        assert "carol@laptop3" in exc.value.details() and "all connections" in exc.value.details()
+        instr.cancel()
+    finally:
+        await chan.close()
+        await server.stop(0)
+
+
+def test_personal_intercepts_share_a_workload_and_conflict_with_a_global_one() -> None:
+    asyncio.run(_personal())
