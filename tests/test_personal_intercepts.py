@@ -169,8 +169,8 @@ def test_two_laptops_intercept_one_workload_by_header(team: dict[str, Any]) -> N
     r = c.run(["tpnb", "intercept", "hello", "-n", NS, "--port", "9100", "--mount=false", "--http-header",
                "x-dev=a", "--", "sleep", "5"], check=False, timeout=180)
     assert r.returncode != 0 and "same HTTP filters" in r.stderr, r.stderr
-    # nothing was disturbed
-    assert _curl(c, "-H", "x-dev: a", f"http://hello.{NS}/p") == "served by dev-a /p\n"
+    # nothing was disturbed (dev-c's failed `intercept -- CMD` connected and disconnected again)
+    assert _curl(a, "-H", "x-dev: a", f"http://hello.{NS}/p") == "served by dev-a /p\n"
 
     # dev-b leaves: its requests go to the app; dev-a's still reach dev-a
     _stop(pb_)
