@@ -36,7 +36,7 @@ from tpnb.version import API_VERSION, __version__
 from tpnb.common.aio import both, first, oserror_text
 from tpnb.common.forward import BULK_GRPC_OPTIONS, FastTunnelRegistration, FrameChannel, GrpcFrameChannel, SocketStream, bridge
 
-from . import httproute
+from tpnb.common import httpfilter
 from .agent_auth import AgentRefused, AgentVerifier, KubeAgentVerifier, managed_namespaces
 
 log = logging.getLogger("tpnb.manager")
@@ -174,8 +174,8 @@ class Manager(rpc.ManagerServicer):
         for ic in self.intercepts.values():
             agents = self._agent_for(ic.spec.workload, ic.spec.namespace)
             del ic.pod_ips[:]
-            not_http = [a for a in agents if a.app_protocol.startswith("tcp")] if httproute.is_filtered(ic.spec) else []
-            unprobed = [a for a in agents if not a.app_protocol] if httproute.is_filtered(ic.spec) else []
+            not_http = [a for a in agents if a.app_protocol.startswith("tcp")] if httpfilter.is_filtered(ic.spec) else []
+            unprobed = [a for a in agents if not a.app_protocol] if httpfilter.is_filtered(ic.spec) else []
             if not_http:
                 ic.state = pb.InterceptInfo.ERROR
                 why = not_http[0].app_protocol.split(":", 1)[-1].strip()
@@ -211,7 +211,7 @@ class Manager(rpc.ManagerServicer):
                                 service_port=ic.spec.service_port)
         # another's filters stay private (an auto header is that session's own): only that it is personal
         return pb.InterceptInfo(spec=spec, client_name=ic.client_name, state=ic.state,
-                                message="personal (HTTP filters)" if httproute.is_filtered(ic.spec) else "")
+                                message="personal (HTTP filters)" if httpfilter.is_filtered(ic.spec) else "")
 
     async def expire_loop(self) -> None:
         """End sessions (and their intercepts) whose heartbeats stopped."""
@@ -422,7 +422,7 @@ class Manager(rpc.ManagerServicer):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 f"this traffic-manager serves namespaces {', '.join(sorted(self.namespaces))} "
                                 f"only, not {spec.namespace}")
-        bad = httproute.check(spec)
+        bad = httpfilter.check(spec)
         if bad:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad)
         for ic in self.intercepts.values():
@@ -495,12 +495,12 @@ def _conflict(held: pb.InterceptInfo, spec: pb.InterceptSpec) -> str:
     Personal (filtered) intercepts share a workload as long as their filters
     differ; a global one takes every connection, so it shares with nothing.
     """
-    if not httproute.is_filtered(held.spec):
+    if not httpfilter.is_filtered(held.spec):
         return "all connections"
-    if not httproute.is_filtered(spec):
+    if not httpfilter.is_filtered(spec):
         return ("a personal intercept with HTTP filters; an intercept of all connections would take its "
                 "requests: add --http-header or --http-path-* to intercept only yours")
-    if httproute.filter_key(held.spec) == httproute.filter_key(spec):
+    if httpfilter.filter_key(held.spec) == httpfilter.filter_key(spec):
         return "with the same HTTP filters: pick another header value or path"
     return ""
 
@@ -694,7 +694,8 @@ async def serve(client_port: int, agent_port: int, verifier: AgentVerifier | Non
                 client_host: str = "127.0.0.1") -> None:
     """The client API on the pod's loopback (a port-forward is the only way in, and the API
     server authorizes it), the agent API on the pod network for the agents' tunnels."""
-    mgr = Manager(session_ttl=float(os.environ.get("TPNB_SESSION_TTL", "15")), namespaces=managed_namespaces())
+    ttl = os.environ.get("TPNB_MANAGER_SESSION_TTL") or os.environ.get("TPNB_SESSION_TTL") or "15"
+    mgr = Manager(session_ttl=float(ttl), namespaces=managed_namespaces())
     hub = AgentHub(mgr, verifier or KubeAgentVerifier())
     clients = grpc.aio.server(options=SERVER_OPTIONS)
     agents = grpc.aio.server(options=SERVER_OPTIONS)

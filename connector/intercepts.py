@@ -17,7 +17,7 @@ import grpc
 
 from tpnb import config as tpnb_config
 from tpnb.errors import InterceptError
-from tpnb.cluster import httproute
+from tpnb.common import httpfilter
 from tpnb.proto import pb
 
 from . import agent_injector, kube, manager_install
@@ -47,7 +47,7 @@ def resolve_filters(spec: pb.InterceptSpec, session_id: str) -> None:
     for h in spec.http_headers:
         if not h.name:
             h.name, h.value = AUTO_HEADER, auto_header_value(session_id)
-    bad = httproute.check(spec)
+    bad = httpfilter.check(spec)
     if bad:
         raise InterceptError(f"invalid HTTP filter for {spec.name}", bad,
                              "e.g. --http-header x-user=alice, --http-path-prefix /api")
@@ -106,7 +106,7 @@ async def intercept(session: Session, req: pb.InterceptRequest, progress: Progre
         if ic.state == pb.InterceptInfo.ERROR:
             await session.remove_intercept(spec.name)
             raise InterceptError(f"cannot intercept {spec.namespace}/{spec.workload} with HTTP filters "
-                                 f"({httproute.describe(spec)})", ic.message,
+                                 f"({httpfilter.describe(spec)})", ic.message,
                                  f"intercept all of its connections instead: `tpnb intercept {spec.name} "
                                  f"--port {spec.local_port}` without --http-* options")
         if anyio.current_time() > deadline:
