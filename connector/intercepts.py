@@ -94,7 +94,8 @@ async def intercept(session: Session, req: pb.InterceptRequest, progress: Progre
     progress("workload", f"Using {wl.kind.lower()} {wl.name}", 0.1)
     await manager_install.preflight_intercept(session.target, spec.namespace, wl.kind, wl.name, target.service)
     first_time = not agent_injector.has_agent(wl.obj)
-    await agent_injector.inject_agent(api, wl, target, cfg.agent_image, progress)
+    image = cfg.agent.image or session.manager_image or cfg.agent_image
+    await agent_injector.inject_agent(api, wl, target, image, progress)
     await agent_injector.wait_rollout(api, wl, cfg.timeouts.rollout, progress)
     await _wait_service_on_agent(api, spec.namespace, target.service, cfg.agent.port, first_time, progress)
     ic = await session.create_intercept(spec)

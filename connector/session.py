@@ -95,6 +95,9 @@ class Session:
     others: list[pb.InterceptInfo] = field(default_factory=list)
     #: who the API server says we are (shown to others as the holder of our intercepts)
     kube_user: str = ""
+    #: the image the manager runs (an admin's Helm release may run another tag than
+    #: ours): injected agents run the same one unless agent.image says otherwise
+    manager_image: str = ""
 
     # ================================================================ connect
     async def start(self, progress: ProgressFn) -> None:
@@ -109,7 +112,8 @@ class Session:
 
         progress("manager", "Connecting to traffic manager...", 0.1)
         if req.install_manager:
-            await manager_install.ensure_manager(self.target, self.cfg.manager_image, progress)
+            handle = await manager_install.ensure_manager(self.target, self.cfg.manager_image, progress)
+            self.manager_image = handle.image
         await self._open_link()
         await self._arrive()
         try:  # known before the first lookup, so "svc.ns" names resolve at once

@@ -31,6 +31,7 @@ MNS = "tphelm-system"          # the manager's namespace (TPNB_MANAGER_NAMESPACE
 TEAM_A, TEAM_B, TEAM_C = "team-a", "team-b", "team-c"
 RELEASE = "traffic-manager"
 DEV = "tphelm-dev"
+DEV_IMAGE = "tpnb.local/tpnb:0.1.0-another-build"
 ECHO = "tpnb.local/echoserver:1.4"
 #: extra `helm --set` arguments, e.g. for a manager image older than the chart
 EXTRA_SET = [a for a in os.environ.get("TPNB_TEST_HELM_SET", "").split() if a]
@@ -154,7 +155,10 @@ class Env:
         self.admin, self.dev, self.kubeconfig = admin, dev, kubeconfig
 
     def as_dev(self, argv: list[str]) -> list[str]:
-        return ["env", f"KUBECONFIG={self.kubeconfig}", f"TPNB_MANAGER_NAMESPACE={MNS}", "USER=dev", *argv]
+        # the developer's tpnb is another build than the admin's release (same API): the release's
+        # image is used as it runs, agents included, and this tag (never loaded) is never asked for
+        return ["env", f"KUBECONFIG={self.kubeconfig}", f"TPNB_MANAGER_NAMESPACE={MNS}",
+                f"TPNB_MANAGER_IMAGE={DEV_IMAGE}", "USER=dev", *argv]
 
     def tpnb(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.dev.run(self.as_dev(["tpnb", *args]), timeout=timeout, check=check)
@@ -258,6 +262,9 @@ def test_developer_intercepts_in_team_a(helm_env: Env, tmp_path: Path) -> None:
         assert "State         : ACTIVE" in r.stdout, r.stdout + r.stderr
         assert _from_cluster(e.admin, TEAM_A, f"http://hello.{TEAM_A}/who.txt").strip() == \
             "served by the developer's laptop"
+        pod = json.loads(e.admin.kubectl("-n", TEAM_A, "get", "deploy", "hello", "-o", "json").stdout)
+        images = {c["name"]: c["image"] for c in pod["spec"]["template"]["spec"]["containers"]}
+        assert images["traffic-agent"] == _image() != DEV_IMAGE   # the release's image, not the client's tag
         e.tpnb("leave", "hello")
         deadline = time.monotonic() + 20
         while "CLIENT VALUES" not in _from_cluster(e.admin, TEAM_A, f"http://hello.{TEAM_A}/"):
