@@ -26,7 +26,13 @@ out = {}
 for line in json.loads(sys.argv[1]):
     o, e = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
-        ip.run_line_magic("tp", line)
+        try:
+            ip.run_line_magic("tp", line)
+        except Exception as exc:  # a failing %tp raises (Run All stops); IPython shows these lines
+            render = getattr(exc, "_render_traceback_", None)
+            if render is None:
+                raise
+            print("\n".join(render()), file=sys.stderr)
     out[line] = [o.getvalue(), e.getvalue()]
 print("RESULT " + json.dumps(out))
 """
