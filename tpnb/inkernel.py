@@ -42,7 +42,12 @@ that port.  Design decisions, and why:
   inspect them after `%tp leave`.
 * **A gRPC servicer** (`serve_grpc`) runs on a `grpc.aio` server in the same
   loop thread; its handlers are looked up per call through one generic
-  handler, so re-running the cell swaps the servicer the same way.
+  handler, so re-running the cell swaps the servicer the same way.  Which
+  objects are servicers (`grpc_registrations`): an instance of a class derived
+  from a generated `FooServicer` (its module's `add_FooServicer_to_server` is
+  run against a stand-in server that keeps the handlers), a `(servicer,
+  add_fn)` pair, or a list of those.  This reuses the generated code exactly
+  as a normal server would, and needs no tpnb-specific decorator in the cell.
 """
 from __future__ import annotations
 
