@@ -118,6 +118,31 @@ def ensure_hello() -> None:
     dc.kubectl("rollout", "status", "deploy/hello", "-n", "default", "--timeout=120s", timeout=150)
 
 
+def ensure_greeter() -> None:
+    """A gRPC workload: deployment + service `greeter` (port 50051) in `default`, a grpcio server in the
+    project's image (notebooks/grpc_calls.py --serve) answering "hello NAME from the cluster"."""
+    import json
+
+    from tpnb.imageref import default_image
+
+    dc = dev_cluster()
+    script = (REPO / "notebooks" / "grpc_calls.py").read_text()
+    labels = {"app": "greeter"}
+    deploy = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "greeter", "namespace": "default"},
+              "spec": {"replicas": 1, "selector": {"matchLabels": labels}, "template": {
+                  "metadata": {"labels": labels}, "spec": {"containers": [{
+                      "name": "greeter", "image": default_image(), "imagePullPolicy": "IfNotPresent",
+                      "command": ["python3", "-u", "-c", script, "--serve", "50051"],
+                      "ports": [{"containerPort": 50051}]}]}}}}
+    svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "greeter", "namespace": "default"},
+           "spec": {"selector": labels, "ports": [{"name": "grpc", "port": 50051, "targetPort": 50051}]}}
+    if dc.kubectl("get", "deploy", "greeter", "-n", "default", check=False).returncode != 0:
+        dc.kubectl("apply", "-f", "-", input=json.dumps(deploy))
+    if dc.kubectl("get", "svc", "greeter", "-n", "default", check=False).returncode != 0:
+        dc.kubectl("apply", "-f", "-", input=json.dumps(svc))
+    dc.kubectl("rollout", "status", "deploy/greeter", "-n", "default", "--timeout=180s", timeout=200)
+
+
 def stop_laptop_daemon() -> None:
     """Best effort: end the laptop's session and daemon so the next test starts clean."""
     subprocess.run(laptop_argv([str(Path(sys.executable).parent / "tpnb"), "quit", "--daemon"]),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import socket
+from pathlib import Path
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -293,6 +294,44 @@ def test_cell_serves_in_kernel_and_rerun_swaps_without_reintercepting(ip, fake, 
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
     assert len(tpnb.requests_log("hello")) == 3  # the log outlives the server
+
+
+GRPC_CELL = '''
+import sys
+sys.path.insert(0, {nbdir!r})
+import greeter_grpc
+from google.protobuf.wrappers_pb2 import StringValue
+
+class Greeter(greeter_grpc.GreeterServicer):
+    def SayHello(self, request, context):
+        return StringValue(value=f"hello {{request.value}} from {v}")
+
+app = Greeter()
+'''
+
+
+def test_cell_with_a_grpc_servicer_serves_it_and_rerun_swaps(ip, fake, capsys) -> None:
+    import grpc
+    from google.protobuf.wrappers_pb2 import StringValue
+
+    nbdir = str(Path(__file__).resolve().parent.parent / "notebooks")
+    port = free_port()
+    ip.run_cell_magic("tp", f"intercept greeter --port {port}", GRPC_CELL.format(nbdir=nbdir, v="v1"))
+    out = capsys.readouterr().out
+    assert f"serving `app` (GRPC) from this kernel on 127.0.0.1:{port} (gRPC)" in out
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        say = ch.unary_unary("/greeter.Greeter/SayHello", request_serializer=StringValue.SerializeToString,
+                             response_deserializer=StringValue.FromString)
+        assert say(StringValue(value="ann"), timeout=10).value == "hello ann from v1"
+        ip.run_cell_magic("tp", f"intercept greeter --port {port}", GRPC_CELL.format(nbdir=nbdir, v="v2"))
+        out = capsys.readouterr().out
+        assert "swapped in the new `app` (app v2)" in out and "intercept greeter kept" in out
+        assert say(StringValue(value="bob"), timeout=10).value == "hello bob from v2"  # same channel
+    assert [c for c in fake.calls if c[0] == "intercept"] == [("intercept", "greeter", port)]
+    ip.run_line_magic("tp", "leave greeter")
+    assert inkernel.get_server(port) is None
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
 
 
 def test_cell_with_custom_app_name_and_asgi(ip, fake, capsys) -> None:

@@ -246,3 +246,42 @@ def test_frameworks_notebook_fastapi_and_flask_in_the_laptop(laptop_with_hello) 
     assert flask.count("stream: ['v1 event 0', 'v1 event 1', 'v1 event 2']") == 2, flask
     assert "Disconnecting...done" in rn.text_of(rn.tagged(nb, "quit"))
     assert not any("Traceback" in p for p in problems), problems
+
+
+@pytest.fixture()
+def laptop_with_greeter():
+    try:
+        rn.dev_cluster()
+        rn.ensure_greeter()
+    except Exception as exc:  # noqa: BLE001 - fail with the reason, never skip
+        pytest.fail(f"dev cluster not usable: {exc}")
+    yield
+    rn.stop_laptop_daemon()
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(1200)
+def test_grpc_notebook_servicer_intercepted_from_the_kernel(laptop_with_greeter) -> None:
+    """notebooks/grpc.ipynb: the cluster's grpcio Greeter intercepted by a servicer defined in a cell; a grpcio
+    client in a pod gets the kernel's answer; re-running the cell under load fails no call."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    dst = ARTIFACTS / "grpc.out.ipynb"
+    argv = rn.laptop_argv([sys.executable, str(Path(rn.__file__)), str(rn.REPO / "notebooks" / "grpc.ipynb"),
+                           str(dst), "--timeout", "300"])
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=1100, cwd=rn.REPO)
+    assert dst.exists(), f"nothing executed:\n{res.stdout}\n{res.stderr}"
+    nb = nbformat.read(dst, as_version=4)
+    problems = rn.errors_of(nb)
+    assert res.returncode == 0, "\n".join(["cell problems (see test-artifacts/grpc.out.ipynb):", *problems,
+                                           "runner stderr (tail):", res.stderr[-1500:]])
+    assert "pod gets: hello caller from the cluster" in rn.text_of(rn.tagged(nb, "before")), problems
+    assert "serving `app` (GRPC) from this kernel on 127.0.0.1:9200 (gRPC)" in rn.text_of(rn.tagged(nb, "grpc-v1"))
+    assert "pod gets: hello caller from the kernel v1" in rn.text_of(rn.tagged(nb, "grpc-pod")), problems
+    assert "swapped in the new `app` (app v2)" in rn.text_of(rn.tagged(nb, "grpc-v2"))
+    text = rn.text_of(rn.tagged(nb, "grpc-load-stop"))
+    m = re.search(r"pod: (\d+) answered, (\d+) failed, versions (\S+)", text)
+    assert m and int(m.group(1)) > 20 and m.group(2) == "0" and m.group(3) == "v1,v2", text
+    log = rn.text_of(rn.tagged(nb, "grpc-log"))
+    m = re.search(r"(\d+) calls; statuses \['OK'\] ; versions \[1, 2\]", log)
+    assert m and int(m.group(1)) > 20, log
+    assert "pod gets: hello caller from the cluster" in rn.text_of(rn.tagged(nb, "after")), problems

@@ -42,7 +42,12 @@ that port.  Design decisions, and why:
   inspect them after `%tp leave`.
 * **A gRPC servicer** (`serve_grpc`) runs on a `grpc.aio` server in the same
   loop thread; its handlers are looked up per call through one generic
-  handler, so re-running the cell swaps the servicer the same way.
+  handler, so re-running the cell swaps the servicer the same way.  Which
+  objects are servicers (`grpc_registrations`): an instance of a class derived
+  from a generated `FooServicer` (its module's `add_FooServicer_to_server` is
+  run against a stand-in server that keeps the handlers), a `(servicer,
+  add_fn)` pair, or a list of those.  This reuses the generated code exactly
+  as a normal server would, and needs no tpnb-specific decorator in the cell.
 """
 from __future__ import annotations
 
@@ -553,9 +558,316 @@ class InKernelServer:
             [f for f in te.stack if not any(s in f.filename for s in skip)])
         text = "".join(te.format()).rstrip()
         names = ",".join(sorted(self.names)) or f"port {self.port}"
-        what = f"{scope.get('method', 'WEBSOCKET') if scope['type'] == 'http' else 'WEBSOCKET'} {scope.get('path')}"
+        verb = {"http": scope.get("method", "GET"), "grpc": "gRPC"}.get(scope["type"], "WEBSOCKET")
+        what = f"{verb} {scope.get('path')}"
         print(f"tpnb [{names}]: the app raised while serving {what}:\n{text}", file=sys.stderr, flush=True)
         return "".join(te.format_exception_only()).strip()
+
+
+# ------------------------------------------------------------------ gRPC servicers
+#: gRPC status code -> the HTTP status class shown in records and counters (grpc-gateway's mapping)
+_GRPC_HTTP = {"OK": 200, "CANCELLED": 499, "UNKNOWN": 500, "INVALID_ARGUMENT": 400, "DEADLINE_EXCEEDED": 504,
+              "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "PERMISSION_DENIED": 403, "RESOURCE_EXHAUSTED": 429,
+              "FAILED_PRECONDITION": 400, "ABORTED": 409, "OUT_OF_RANGE": 400, "UNIMPLEMENTED": 501,
+              "INTERNAL": 500, "UNAVAILABLE": 503, "DATA_LOSS": 500, "UNAUTHENTICATED": 401}
+
+
+class _Capture:
+    """Stands in for a grpc server while a generated `add_XServicer_to_server(servicer, server)` runs:
+    keeps the method handlers it registers instead of serving them."""
+
+    def __init__(self) -> None:
+        self.methods: dict[str, Any] = {}  # "/pkg.Service/Method" -> grpc.RpcMethodHandler
+        self.generic: list[Any] = []  # GenericRpcHandlers (older stubs, or hand-written ones)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        for meth, h in handlers.items():
+            self.methods[f"/{service}/{meth}"] = h
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self.generic.extend(handlers)
+
+
+def grpc_registrations(app: Any) -> list[tuple[Any, Callable]]:
+    """The (servicer, add_fn) pairs a cell's `app` names, or [] when `app` is not a gRPC servicer.
+
+    The convention (README, In-kernel apps): `app` is an instance of a class derived from a generated
+    `FooServicer` (its `add_FooServicer_to_server` is looked up in that class's module), or a
+    `(servicer, add_fn)` pair, or a list of either for several services on one port.
+    """
+    items = app if isinstance(app, list) else [app]
+    out: list[tuple[Any, Callable]] = []
+    for it in items:
+        if isinstance(it, tuple) and len(it) == 2 and callable(it[1]) and not callable(it[0]):
+            out.append(it)
+            continue
+        if isinstance(it, type) or callable(it):
+            return []  # a class, or a web app: not a servicer instance
+        add = None
+        for base in type(it).__mro__:
+            if base.__name__.endswith("Servicer"):
+                mod = sys.modules.get(base.__module__)
+                add = getattr(mod, f"add_{base.__name__}_to_server", None) if mod else None
+                if add is not None:
+                    break
+        if add is None:
+            return []
+        out.append((it, add))
+    return out
+
+
+class _Ctx:
+    """The servicer's context, remembering the status it sets (`abort`, `set_code`, `set_details`) for the
+    record: grpc.aio's context does not report an aborted call's code afterwards."""
+
+    def __init__(self, ctx: Any) -> None:
+        self._tpnb_ctx = ctx
+        self.tpnb_code: Any = None
+        self.tpnb_details = ""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tpnb_ctx, name)
+
+    def set_code(self, code: Any) -> None:
+        self.tpnb_code = code
+        self._tpnb_ctx.set_code(code)
+
+    def set_details(self, details: str) -> None:
+        self.tpnb_details = details
+        self._tpnb_ctx.set_details(details)
+
+    def abort(self, code: Any, details: str = "", trailing_metadata: Any = ()) -> Any:
+        self.tpnb_code, self.tpnb_details = code, details
+        return self._tpnb_ctx.abort(code, details, trailing_metadata)
+
+
+class GrpcServer:
+    """One `grpc.aio` server on one 127.0.0.1 port, on the in-kernel loop thread, serving the current servicers.
+
+    The real server has a single generic handler that looks the method up in the current version's
+    handlers for each call (grpc asks the generic handlers per call), so a new version serves the next
+    call while calls in flight finish on the handler they started with; the HTTP/2 connections stay.
+    """
+
+    kind = "grpc"
+
+    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
+        self.port = port
+        self.host = host
+        self.names: set[str] = set()
+        self.stop_on_leave = False
+        self.log: deque[dict] = deque(maxlen=LOG_SIZE)
+        self.counters: dict[str, int] = {"requests": 0, "2xx": 0, "3xx": 0, "4xx": 0, "5xx": 0, "errors": 0,
+                                         "websockets": 0}
+        self.total_ms = 0.0
+        self.ws_open = 0
+        self.started = _dt.datetime.now()
+        self.app: Any = None
+        self.app_version = 0
+        self._versions = itertools.count(1)
+        self._current: _Capture | None = None
+        self._server: Any = None
+        self._pool: Any = None
+        self._stopping = False
+        self._listeners: list[Listener] = []
+        self._lt = _the_loop()
+
+    running = property(lambda self: self._server is not None and not self._stopping)
+    url = property(lambda self: f"{self.host}:{self.port}")
+    subscribe = InKernelServer.subscribe
+    records = InKernelServer.records
+    summary = InKernelServer.summary
+    _notify = InKernelServer._notify
+
+    def start(self) -> None:
+        self._lt.run(self._start())
+
+    def set_app(self, app: Any) -> int:
+        regs = grpc_registrations(app)
+        if not regs:
+            raise ConfigError(f"{app!r} is not a gRPC servicer",
+                              "a servicer is an instance of a class derived from a generated FooServicer",
+                              "assign `app = MyServicer()`, or `app = (servicer, add_FooServicer_to_server)`")
+        cap = _Capture()
+        for servicer, add in regs:
+            add(servicer, cap)
+        if not cap.methods and not cap.generic:
+            raise ConfigError("the servicer registered no methods", f"{regs[0][1]!r} added nothing")
+        version = next(self._versions)
+        wrapped = {k: self._wrap(k, h, version) for k, h in cap.methods.items()}
+        cap.methods = wrapped
+        cap.version = version  # type: ignore[attr-defined]
+
+        async def swap() -> None:  # one assignment on the loop thread
+            self._current, self.app, self.app_version = cap, app, version
+
+        self._lt.run(swap())
+        return version
+
+    def stop(self, grace: float = STOP_GRACE) -> None:
+        if self._server is None or self._stopping:
+            return
+        self._stopping = True
+        self._lt.run(self._server.stop(grace), timeout=grace + 15)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
+    # ---------------------------------------------------------------- loop side
+    async def _start(self) -> None:
+        import concurrent.futures
+
+        import grpc
+
+        outer = self
+
+        class _Dispatch(grpc.GenericRpcHandler):
+            def service(self, details: Any) -> Any:
+                cap = outer._current
+                if cap is None:
+                    return None
+                h = cap.methods.get(details.method)
+                if h is not None:
+                    return h
+                for g in cap.generic:
+                    h = g.service(details)
+                    if h is not None:
+                        return outer._wrap(details.method, h, cap.version)  # type: ignore[attr-defined]
+                return None
+
+        # sync servicer methods (`def SayHello(self, request, context)`) run on this pool, async ones on the loop
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=WSGI_WORKERS, thread_name_prefix="tpnb-grpc")
+        server = grpc.aio.server(migration_thread_pool=self._pool, handlers=[_Dispatch()],
+                                 options=[("grpc.so_reuseport", 0)])
+        try:
+            bound = server.add_insecure_port(f"{self.host}:{self.port}")
+        except RuntimeError:
+            bound = 0
+        if bound != self.port:
+            await server.stop(0)
+            self._pool.shutdown(wait=False)
+            raise ConfigError(f"{self.host}:{self.port} is already in use",
+                              "another program (or another kernel) listens on that port",
+                              "choose another --port, or stop the other server")
+        await server.start()
+        self._server = server
+
+    def _wrap(self, method: str, h: Any, version: int) -> Any:
+        """The same method handler, recording each call (method, gRPC status, duration, version, client)."""
+        import grpc
+
+        kind = ("stream" if h.request_streaming else "unary") + "_" + ("stream" if h.response_streaming else "unary")
+        fn = getattr(h, kind)
+        if fn is None:
+            return h
+        srv = self
+
+        def begin(context: Any) -> tuple[dict, float]:
+            context = getattr(context, "_tpnb_ctx", context)
+            rec = {"time": _dt.datetime.now().isoformat(timespec="milliseconds"), "type": "grpc",
+                   "method": "POST", "path": method, "query": "", "status": 0, "duration_ms": 0.0, "bytes": 0,
+                   "client": context.peer(), "port": srv.port, "app_version": version, "error": None,
+                   "http_version": "2", "request_headers": [tuple(m) for m in context.invocation_metadata() or ()],
+                   "request_body": b"", "request_bytes": 0, "response_headers": [], "response_body": b"",
+                   "grpc_status": "OK"}
+            return rec, time.perf_counter()
+
+        def end(rec: dict, t0: float, context: "_Ctx", exc: BaseException | None) -> None:
+            code = context.tpnb_code
+            name = getattr(code, "name", None) or ("UNKNOWN" if exc is not None else "OK")
+            if isinstance(exc, asyncio.CancelledError):
+                name = "CANCELLED"
+            rec["grpc_status"] = name
+            error = None
+            if name != "OK":
+                error = f"{name}: {context.tpnb_details}" if context.tpnb_details else name
+                if exc is not None and context.tpnb_code is None and not isinstance(exc, asyncio.CancelledError):
+                    error = self_report(exc)
+            if threading.current_thread() is srv._lt.thread:
+                InKernelServer._finish(srv, rec, t0, _GRPC_HTTP.get(name, 500), error)  # type: ignore[arg-type]
+            else:
+                srv._lt.loop.call_soon_threadsafe(InKernelServer._finish, srv, rec, t0, _GRPC_HTTP.get(name, 500),
+                                                  error)
+
+        def self_report(exc: BaseException) -> str:  # the servicer raised: show its traceback, like a web app's
+            return InKernelServer._report_app_error(srv, {"type": "grpc", "path": method}, exc)  # type: ignore[arg-type]
+
+        if inspect.isasyncgenfunction(fn):
+            async def call(req: Any, context: Any) -> Any:
+                context = _Ctx(context)
+                rec, t0 = begin(context)
+                exc = None
+                try:
+                    async for item in fn(req, context):
+                        yield item
+                except BaseException as e:
+                    exc = e
+                    raise
+                finally:
+                    end(rec, t0, context, exc)
+        elif inspect.iscoroutinefunction(fn):
+            async def call(req: Any, context: Any) -> Any:  # type: ignore[misc]
+                context = _Ctx(context)
+                rec, t0 = begin(context)
+                exc = None
+                try:
+                    return await fn(req, context)
+                except BaseException as e:
+                    exc = e
+                    raise
+                finally:
+                    end(rec, t0, context, exc)
+        elif h.response_streaming:
+            def call(req: Any, context: Any) -> Any:  # type: ignore[misc]
+                context = _Ctx(context)
+                rec, t0 = begin(context)
+                exc = None
+                try:
+                    yield from fn(req, context)
+                except BaseException as e:
+                    exc = e
+                    raise
+                finally:
+                    end(rec, t0, context, exc)
+        else:
+            def call(req: Any, context: Any) -> Any:  # type: ignore[misc]
+                context = _Ctx(context)
+                rec, t0 = begin(context)
+                exc = None
+                try:
+                    return fn(req, context)
+                except BaseException as e:
+                    exc = e
+                    raise
+                finally:
+                    end(rec, t0, context, exc)
+        make = getattr(grpc, f"{kind}_rpc_method_handler")
+        return make(call, request_deserializer=h.request_deserializer, response_serializer=h.response_serializer)
+
+
+def serve_grpc(app: Any, port: int, name: str | None = None, host: str = "127.0.0.1",
+               stop_on_leave: bool = False) -> GrpcServer:
+    """Serve the gRPC servicer(s) `app` (see `grpc_registrations`) on host:port; swap them if already served."""
+    with _lock:
+        srv = _servers.get(port)
+        if srv is not None and srv.running and not isinstance(srv, GrpcServer):
+            raise ConfigError(f"port {port} serves a web app in this kernel",
+                              hint="stop it first (`%tp leave NAME`) or choose another port")
+        fresh = srv is None or not srv.running
+        if fresh:
+            srv = GrpcServer(port, host)
+            srv.start()
+        assert srv is not None
+        try:
+            srv.set_app(app)
+        except BaseException:
+            if fresh:
+                srv.stop(grace=0)
+            raise
+        _servers[port] = srv
+        srv.stop_on_leave = srv.stop_on_leave or stop_on_leave
+        if name:
+            attach(name, port)
+        return srv
 
 
 # ------------------------------------------------------------------ registry: one server per port

@@ -1,5 +1,8 @@
 """`%%tp intercept NAME --port N [--app VAR]`: serve the cell's app from the kernel and intercept to it.
 
+`app` is a WSGI/ASGI app (served on uvicorn) or a gRPC servicer instance (served on grpc.aio; see
+`inkernel.grpc_registrations` for the convention).
+
 Re-running the cell is the edit loop: the cell runs again, the new app object
 is swapped into the running in-kernel server (same port, same connections),
 and the intercept is left alone, so the cluster sees the new code on its next
@@ -47,12 +50,14 @@ def intercept_cell(shell: Any, args: argparse.Namespace, cmd: list[str], cell: s
     fresh_server = False
     if app is not None:
         fresh_server = inkernel.get_server(port) is None
-        srv = inkernel.serve(app, port, stop_on_leave=True)
+        grpc_app = bool(inkernel.grpc_registrations(app))
+        srv = (inkernel.serve_grpc if grpc_app else inkernel.serve)(app, port, stop_on_leave=True)
+        where = f"127.0.0.1:{port} (gRPC)" if grpc_app else f"http://127.0.0.1:{port}"
         if fresh_server:
-            print(f"serving `{args.app}` ({srv.kind.upper()}) from this kernel on http://127.0.0.1:{port}")
+            print(f"serving `{args.app}` ({srv.kind.upper()}) from this kernel on {where}")
         else:
-            print(f"swapped in the new `{args.app}` (app v{srv.app_version}) on http://127.0.0.1:{port}; "
-                  f"in-flight requests finish on the old one")
+            print(f"swapped in the new `{args.app}` (app v{srv.app_version}) on {where}; "
+                  f"in-flight {'calls' if grpc_app else 'requests'} finish on the old one")
     elif not port_listens(port):
         raise InterceptError(
             f"the cell defined no `{args.app}` and nothing listens on 127.0.0.1:{port}",
