@@ -138,7 +138,8 @@ class DaemonClient:
     def _env(self) -> dict[str, str]:
         log_dir = self.cfg.log_dir
         log_dir.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
+        # not through its own proxy (a rootless kernel's environment has the variables pointing at it)
+        env = {k: v for k, v in os.environ.items() if "://tpnb:" not in v or not k.lower().endswith("_proxy")}
         env["TPNB_OWNER_UID"] = str(os.getuid())
         env["TPNB_LOGS_DIR"] = str(log_dir)
         return env

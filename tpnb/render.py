@@ -105,9 +105,9 @@ def outbound_notice(st: Status) -> str:
     why = st.outbound_note or "no root daemon"
     why = why[0].upper() + why[1:]
     if st.outbound_mode == "rootless":
-        return (f"{why}. Rootless outbound: Python code in a %tp kernel reaches the cluster as it is; other "
-                "processes through the connector's proxy (`tpnb connect --no-root -- CMD`, or "
-                "eval \"$(tpnb connect --no-root)\"). Intercepts, env and volumes work.")
+        return (f"{why}. Meanwhile intercepts, env and volumes work, and outbound is rootless: Python code in a "
+                "%tp kernel reaches the cluster as it is, other processes through the connector's proxy "
+                "(`tpnb connect --no-root -- CMD`, or eval \"$(tpnb connect --no-root)\").")
     return (f"{why}. Meanwhile intercepts, env and volumes work; cluster names resolve only through them "
             "(or in a process of your own with cluster DNS).")
 

@@ -75,16 +75,17 @@ _hooks: "_Hooks | None" = None
 _saved_env: dict[str, str | None] = {}
 
 
-def enable_in_process(client: "DaemonClient", st: "Status", set_env: bool = True) -> bool:
-    """Route this process's cluster names and addresses through the connector (and, with `set_env`,
-    put the proxy variables in os.environ for its subprocesses).  No-op with system-wide outbound."""
+def enable_in_process(session: Any, st: "Status", set_env: bool = True) -> bool:
+    """Route this process's cluster names and addresses through the connector of `session` (a
+    tpnb.api.Session) and, with `set_env`, put the proxy variables in os.environ for its
+    subprocesses.  No-op (and undone) with system-wide outbound."""
     global _hooks
-    if not st.proxy_socks_url:
+    if not getattr(st, "proxy_socks_url", ""):
         disable_in_process()
         return False
     with _lock:
         if _hooks is None:
-            _hooks = _Hooks(client)
+            _hooks = _Hooks(session.client)
             _hooks.install()
         _hooks.subnets = _networks(st.pod_subnets + st.service_subnets + st.also_proxy)
         _hooks.names.clear()

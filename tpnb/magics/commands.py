@@ -86,11 +86,11 @@ def do_connect(args: argparse.Namespace, cmd: list[str]) -> Any:
     try:
         st = s.connect(namespace=args.namespace, mapped_namespaces=mapped, also_proxy=args.also_proxy,
                        context=args.context, progress=prog, say=lambda m: print(m, flush=True),
-                       no_root=getattr(args, "no_root", False))
+                       **({"no_root": True} if getattr(args, "no_root", False) else {}))
         ok = True
     finally:
         prog.end(ok)
-    rootless.enable_in_process(s.client, st)  # rootless: this kernel's sockets and env (tpnb/rootless.py)
+    rootless.enable_in_process(s, st)  # rootless: this kernel's sockets and env (tpnb/rootless.py)
     print(_connected_line(st))
     if cmd:
         try:
@@ -174,7 +174,7 @@ def ensure_connected(namespace: str | None) -> None:
         ok = True
     finally:
         prog.end(ok)
-    rootless.enable_in_process(s.client, st)
+    rootless.enable_in_process(s, st)
     print(_connected_line(st))
 
 

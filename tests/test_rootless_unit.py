@@ -1,0 +1,166 @@
+"""The rootless proxy (connector/proxy.py) against real clients on loopback.
+
+A loopback HTTP server plays the cluster: the proxy's route sends "cluster"
+names and addresses to it, exactly where the connector would open a tunnel
+through the manager.  Clients are real: curl (SOCKS5 with remote DNS, HTTP
+forwarding, CONNECT), and Python's own http.client through CONNECT.
+"""
+from __future__ import annotations
+
+import asyncio
+import http.server
+import socket
+import subprocess
+import threading
+from typing import Iterator
+
+import pytest
+
+from tpnb import render, rootless
+from tpnb.api import Status
+from tpnb.connector.clusterdns import cluster_names
+from tpnb.connector.proxy import OutboundProxy, Refused, Route, _direct
+
+pytestmark = pytest.mark.unit
+
+CLUSTER_IP = "10.43.7.7"
+
+
+class _Hello(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802
+        body = f"cluster says hi to {self.path} host={self.headers.get('Host')}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a: object) -> None:
+        pass
+
+
+@pytest.fixture
+def proxy() -> Iterator[tuple[OutboundProxy, dict[str, int]]]:
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hello)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    backend = httpd.server_address[1]
+    seen: dict[str, int] = {}
+
+    async def tunnel(ip: str, port: int):
+        seen[f"{ip}:{port}"] = seen.get(f"{ip}:{port}", 0) + 1
+        if port != 80:
+            raise Refused(f"{ip}:{port}: connection refused", 5)
+        return await _direct("127.0.0.1", backend)
+
+    async def resolve(name: str):
+        if name in ("hello.default", "hello"):
+            return [CLUSTER_IP]
+        if name.endswith(".default"):
+            return []  # a cluster-looking name the cluster does not know
+        return None
+
+    loop = asyncio.new_event_loop()
+    p = OutboundProxy(Route(tunnel=tunnel, resolve=resolve, in_cluster=lambda ip: ip.startswith("10.43.")),
+                      token="s3cret")
+    loop.run_until_complete(p.start())
+    t = threading.Thread(target=loop.run_forever, daemon=True)
+    t.start()
+    yield p, seen
+    loop.call_soon_threadsafe(loop.stop)
+    t.join(5)
+    httpd.shutdown()
+
+
+def _curl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["curl", "-sS", "--max-time", "10", *args], capture_output=True, text=True, timeout=20)
+
+
+def test_socks5_with_remote_dns_reaches_a_cluster_name(proxy) -> None:
+    p, seen = proxy
+    r = _curl("-x", p.urls()["socks"], "http://hello.default/x")
+    assert r.returncode == 0, r.stderr
+    assert "cluster says hi to /x host=hello.default" in r.stdout
+    assert seen == {f"{CLUSTER_IP}:80": 1}
+
+
+def test_http_forwarding_and_connect(proxy) -> None:
+    p, seen = proxy
+    r = _curl("-x", p.urls()["http"], "http://hello.default/plain?q=1")
+    assert r.returncode == 0, r.stderr
+    assert "cluster says hi to /plain?q=1 host=hello.default" in r.stdout  # origin-form on the wire
+    r = _curl("-p", "-x", p.urls()["http"], f"http://{CLUSTER_IP}/tunnelled")
+    assert r.returncode == 0, r.stderr
+    assert "cluster says hi to /tunnelled" in r.stdout
+    assert seen == {f"{CLUSTER_IP}:80": 2}
+
+
+def test_the_token_is_required(proxy) -> None:
+    p, seen = proxy
+    port = p.port
+    r = _curl("-x", f"http://127.0.0.1:{port}", "-o", "/dev/null", "-w", "%{http_code}", "http://hello.default/")
+    assert r.stdout == "407"
+    r = _curl("-x", f"http://tpnb:wrong@127.0.0.1:{port}", "-o", "/dev/null", "-w", "%{http_code}",
+              "http://hello.default/")
+    assert r.stdout == "407"
+    r = _curl("-x", f"socks5h://127.0.0.1:{port}", "http://hello.default/")
+    assert r.returncode != 0
+    r = _curl("-x", f"socks5h://tpnb:wrong@127.0.0.1:{port}", "http://hello.default/")
+    assert r.returncode != 0
+    assert seen == {}  # nothing was ever tunnelled for them
+
+
+def test_unknown_cluster_names_and_refused_ports_fail_fast(proxy) -> None:
+    p, seen = proxy
+    r = _curl("-x", p.urls()["socks"], "http://nosuch.default/")
+    assert r.returncode == 97, (r.returncode, r.stderr)  # curl: "proxy handshake error" (SOCKS5 host unreachable)
+    r = _curl("-x", p.urls()["http"], "-o", "/dev/null", "-w", "%{http_code}", "http://hello.default:81/")
+    assert r.stdout == "502"
+    assert seen == {f"{CLUSTER_IP}:81": 1}
+
+
+def test_not_cluster_destinations_go_direct(proxy) -> None:
+    """A loopback listener stands for 'not the cluster' (no traffic leaves the machine)."""
+    p, seen = proxy
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    port = srv.getsockname()[1]
+
+    def answer() -> None:
+        c, _ = srv.accept()
+        c.recv(4096)
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\ndirect")
+        c.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    r = _curl("-x", p.urls()["socks"], f"http://127.0.0.1:{port}/")
+    srv.close()
+    assert r.stdout == "direct", r.stderr
+    assert seen == {}
+
+
+def test_cluster_name_rules() -> None:
+    ns = {"default", "tpnb"}
+    assert cluster_names("hello", "cluster.local", ns, ["default"]) == ["hello.default.svc.cluster.local"]
+    assert cluster_names("hello.default", "cluster.local", ns, []) == ["hello.default.svc.cluster.local"]
+    assert cluster_names("hello.default.svc", "cluster.local", ns, []) == ["hello.default.svc.cluster.local"]
+    assert cluster_names("x.y.svc.cluster.local.", "cluster.local", ns, []) == ["x.y.svc.cluster.local"]
+    assert cluster_names("example.com", "cluster.local", ns, ["default"]) is None
+    assert cluster_names("localhost", "cluster.local", ns, ["default"]) is None
+    assert cluster_names("10.0.0.1", "cluster.local", ns, ["default"]) is None
+
+
+def test_status_and_env_words() -> None:
+    st = Status(connected=True, context="dev", server="https://10.0.0.1:6443", outbound=False,
+                outbound_note="rootless mode (--no-root): no root daemon", outbound_mode="rootless",
+                proxy_socks_url="socks5h://tpnb:t@127.0.0.1:4000", proxy_http_url="http://tpnb:t@127.0.0.1:4000",
+                outbound_not_covered=rootless.NOT_COVERED)
+    env = rootless.proxy_env(st)
+    assert env["ALL_PROXY"] == env["all_proxy"] == "socks5h://tpnb:t@127.0.0.1:4000"
+    assert env["HTTPS_PROXY"] == env["http_proxy"] == "http://tpnb:t@127.0.0.1:4000"
+    assert "127.0.0.1" in env["NO_PROXY"].split(",")
+    text = render.status_text(st)
+    assert "Outbound         : not system-wide (rootless mode" in text
+    assert "SOCKS5 + HTTP proxy on 127.0.0.1:4000" in text
+    assert "Not covered      : native clients" in text
+    lines = rootless.export_lines(env).splitlines()
+    assert "export ALL_PROXY=socks5h://tpnb:t@127.0.0.1:4000" in lines
