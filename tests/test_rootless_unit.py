@@ -164,3 +164,73 @@ def test_status_and_env_words() -> None:
     assert "Not covered      : native clients" in text
     lines = rootless.export_lines(env).splitlines()
     assert "export ALL_PROXY=socks5h://tpnb:t@127.0.0.1:4000" in lines
+
+
+class _FakeConnector:
+    """Stands in for the connector's two RPCs the hooks use; the 'cluster' is a loopback server."""
+
+    def __init__(self, backend: int) -> None:
+        self.backend, self.forwards = backend, []
+
+    def stub(self) -> "_FakeConnector":
+        return self
+
+    def ResolveName(self, req, timeout=None):  # noqa: N802, ANN001
+        from tpnb.proto import pb
+
+        if req.name in ("hello", "hello.default"):
+            return pb.ResolveReply(cluster_name=True, ips=[CLUSTER_IP], subnets=["10.43.0.0/16"])
+        if req.name.endswith(".default"):
+            return pb.ResolveReply(cluster_name=True, subnets=["10.43.0.0/16"])
+        return pb.ResolveReply(cluster_name=False, subnets=["10.43.0.0/16"])
+
+    def ForwardToCluster(self, req, timeout=None):  # noqa: N802, ANN001
+        from tpnb.proto import pb
+
+        self.forwards.append((req.ip, req.port))
+        return pb.ForwardReply(local_port=self.backend)
+
+
+def test_in_process_hooks_route_python_clients(monkeypatch) -> None:
+    import os
+    import urllib.request
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hello)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    fake = _FakeConnector(httpd.server_address[1])
+
+    class _S:
+        client = fake
+
+    st = Status(connected=True, proxy_socks_url="socks5h://tpnb:t@127.0.0.1:1", proxy_http_url="http://tpnb:t@127.0.0.1:1",
+                pod_subnets=["10.43.0.0/16"])
+    orig = socket.getaddrinfo
+    for k in ("HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(k, raising=False)
+    try:
+        assert rootless.enable_in_process(_S(), st)
+        assert os.environ["http_proxy"] == "http://tpnb:t@127.0.0.1:1"
+        assert socket.gethostbyname("hello.default") == CLUSTER_IP
+        assert socket.getaddrinfo("hello", 80, 0, socket.SOCK_STREAM)[0][4] == (CLUSTER_IP, 80)
+        with pytest.raises(socket.gaierror):
+            socket.getaddrinfo("nosuch.default", 80)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        assert "cluster says hi to /u host=hello.default" in opener.open("http://hello.default/u", timeout=5).read().decode()
+
+        async def streams() -> bytes:
+            r, w = await asyncio.open_connection("hello", 80)
+            w.write(b"GET /a HTTP/1.0\r\nHost: hello\r\n\r\n")
+            data = await r.read()
+            w.close()
+            return data
+
+        assert b"cluster says hi to /a" in asyncio.run(streams())
+        t = socket.create_connection((CLUSTER_IP, 80), timeout=5)
+        t.sendall(b"GET /raw HTTP/1.0\r\n\r\n")
+        assert b"cluster says hi to /raw" in t.makefile("rb").read()
+        t.close()
+        assert set(fake.forwards) == {(CLUSTER_IP, 80)}  # one forward per destination, reused
+    finally:
+        rootless.disable_in_process()
+        httpd.shutdown()
+    assert socket.getaddrinfo is orig and "http_proxy" not in os.environ

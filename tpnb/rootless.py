@@ -10,7 +10,8 @@ answers cluster names.  Two paths replace it, both through the connector:
   prints it for `eval`, `%tp connect` puts it in the kernel's `os.environ`
   so a cell's `!curl` inherits it.
 * **Python code in this process** (a kernel), with no configuration:
-  `enable_in_process(client, status)` replaces `socket.getaddrinfo` and
+  `enable_in_process(session, status)` replaces `socket.getaddrinfo` (and
+  `gethostbyname[_ex]`) and
   `socket.socket.connect`/`connect_ex` with versions that ask the connector
   for cluster names (`ResolveName`, the cluster's DNS through the manager)
   and turn a connection to a cluster address into one to a loopback port of
@@ -135,6 +136,8 @@ class _Hooks:
         #: (ip, port) -> the connector's loopback port tunnelled there
         self.forwards: dict[tuple[str, int], int] = {}
         self.orig_getaddrinfo = socket.getaddrinfo
+        self.orig_gethostbyname = socket.gethostbyname
+        self.orig_gethostbyname_ex = socket.gethostbyname_ex
         self.orig_connect = socket.socket.connect
         self.orig_connect_ex = socket.socket.connect_ex
 
@@ -160,12 +163,32 @@ class _Hooks:
         def connect_ex(sock: socket.socket, address: Any) -> int:
             return hooks.orig_connect_ex(sock, hooks.map_address(sock, address))
 
+        def gethostbyname(host: str) -> str:
+            ips = hooks.cluster_ips(host)
+            if ips is None:
+                return hooks.orig_gethostbyname(host)
+            if not ips:
+                raise socket.gaierror(socket.EAI_NONAME, f"{host}: the cluster has no such name")
+            return ips[0]
+
+        def gethostbyname_ex(host: str) -> tuple[str, list[str], list[str]]:
+            ips = hooks.cluster_ips(host)
+            if ips is None:
+                return hooks.orig_gethostbyname_ex(host)
+            if not ips:
+                raise socket.gaierror(socket.EAI_NONAME, f"{host}: the cluster has no such name")
+            return host, [], list(ips)
+
+        socket.gethostbyname = gethostbyname  # type: ignore[assignment]
+        socket.gethostbyname_ex = gethostbyname_ex  # type: ignore[assignment]
         socket.getaddrinfo = getaddrinfo  # type: ignore[assignment]
         socket.socket.connect = connect  # type: ignore[method-assign]
         socket.socket.connect_ex = connect_ex  # type: ignore[method-assign]
 
     def uninstall(self) -> None:
         socket.getaddrinfo = self.orig_getaddrinfo  # type: ignore[assignment]
+        socket.gethostbyname = self.orig_gethostbyname  # type: ignore[assignment]
+        socket.gethostbyname_ex = self.orig_gethostbyname_ex  # type: ignore[assignment]
         socket.socket.connect = self.orig_connect  # type: ignore[method-assign]
         socket.socket.connect_ex = self.orig_connect_ex  # type: ignore[method-assign]
 
