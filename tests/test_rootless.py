@@ -5,8 +5,8 @@ namespace of the dev cluster, as tests/test_process_split.py's users do.  A
 notebook shaped like notebooks/quickstart.ipynb runs in a real kernel
 (nbclient) as that user: `%tp connect --no-root`, `requests.get` of a Service
 name, urllib, asyncio streams and a raw socket to a raw TCP port (the kernel's
-own sockets through the connector), `curl` in a subprocess (the proxy
-variables the kernel got), `%%tp intercept` answered from the kernel for a
+own sockets through the connector), `curl` in a subprocess and a grpcio
+client to a gRPC server in a pod (the proxy variables the kernel got), `%%tp intercept` answered from the kernel for a
 pod's request, env and files of the pod, leave, quit.  Then the CLI:
 `tpnb connect --no-root -- curl` and `eval "$(tpnb connect --no-root)"`.
 Throughout, no tpnb process runs as root and the laptop's routes,
@@ -132,6 +132,13 @@ import subprocess
 print('CURL', subprocess.run(['curl', '-sS', '--max-time', '20', 'http://hello.{NS}/curl'],
                              capture_output=True, text=True, timeout=30).stdout)
 """),
+    # grpcio's C-core makes its own sockets (no hooks) but honours http(s)_proxy: a CONNECT through the proxy
+    ("grpc", """
+import grpc
+from tpnb.proto import pb, rpc
+with grpc.insecure_channel('traffic-manager.tpnb:8082') as ch:
+    print('GRPC', rpc.AgentHubStub(ch).Version(pb.Empty(), timeout=30).version)
+"""),
     ("intercept", f"""%%tp intercept hello --namespace {NS} --port 9000
 def app(environ, start_response):
     body = b"hello from the rootless kernel\\n"
@@ -188,6 +195,7 @@ def test_a_user_without_root_runs_the_quickstart_rootless(user: UserLaptop) -> N
     assert "ASYNC HTTP/1.0 200" in text("asyncio") and "real path=/async" in text("asyncio"), text("asyncio")
     assert "real path=/raw" in text("socket"), text("socket")
     assert "CURL CLIENT VALUES" in text("curl") and "real path=/curl" in text("curl"), text("curl")
+    assert "GRPC 0." in text("grpc"), text("grpc")
     assert "POD hello from the rootless kernel" in text("pod"), text("pod")
     assert "ENV 10." in text("env") and "True" in text("env") and f"FILE {NS}" in text("env"), text("env")
     st = text("status")
