@@ -579,7 +579,7 @@ def _intercept(s: Session, args: argparse.Namespace, cmd: list[str], out: Output
             print(f"warning: {err}", file=sys.stderr)
         if not cmd:
             return 0
-        env = command_env(ic.environment)
+        env = {**s.status().proxy_env, **command_env(ic.environment)}  # rootless: CMD reaches the cluster too
         if root is not None:
             env["TPNB_ROOT"] = str(root)
         lost, stop_watch = _watch_intercept(s, ic.name)
