@@ -61,7 +61,7 @@ def _is_ip(s: str) -> bool:
 
 class ClusterNames:
     """`resolve(name)`: the cluster's IPv4 addresses for `name`, [] when the cluster has none,
-    None when `name` is no cluster name at all."""
+    None when `name` is no cluster name at all; LookupError when the cluster's DNS does not answer."""
 
     def __init__(self, lookup: Lookup, domain: Callable[[], str], namespaces: Callable[[], set[str]],
                  mapped: Callable[[], list[str]], timeout: float = 4.0) -> None:
@@ -76,10 +76,17 @@ class ClusterNames:
         names = cluster_names(name, self.domain(), self.namespaces(), self.mapped())
         if names is None:
             return None
+        failed: Exception | None = None
         for fq in names:
-            ips = await self._ask(fq)
+            try:
+                ips = await self._ask(fq)
+            except Exception as exc:  # noqa: BLE001 - try the next name; report if none answers
+                failed = exc
+                continue
             if ips:
                 return ips
+        if failed is not None:
+            raise LookupError(f"cluster DNS lookup of {name} failed: {failed}")
         return []
 
     async def _ask(self, fq: str) -> list[str]:
@@ -90,11 +97,11 @@ class ClusterNames:
         q = DNSRecord.question(fq, "A")
         q.header.id = random.randrange(1, 0xFFFF)
         try:
-            raw = await asyncio.wait_for(self.lookup(q.pack()), self.timeout)
+            raw = await asyncio.wait_for(self.lookup(bytes(q.pack())), self.timeout)
             reply = DNSRecord.parse(raw)
-        except Exception as exc:  # noqa: BLE001 - a failed lookup is "no address", never a crash
-            log.warning("cluster DNS lookup of %s failed: %s", fq, exc)
-            return []
+        except Exception as exc:
+            log.warning("cluster DNS lookup of %s failed: %s", fq, exc or type(exc).__name__)
+            raise
         ips = [str(rr.rdata) for rr in reply.rr if rr.rtype == QTYPE.A]
         ttl = min([float(rr.ttl) for rr in reply.rr] + [MAX_TTL]) if ips else NEGATIVE_TTL
         if ips or reply.header.rcode == _NXDOMAIN:

@@ -130,7 +130,10 @@ class OutboundProxy:
             ipaddress.ip_address(host)
             ips: list[str] | None = [host] if self.route.in_cluster(host) else None
         except ValueError:
-            ips = await self.route.resolve(host)
+            try:
+                ips = await self.route.resolve(host)
+            except LookupError as exc:
+                raise Refused(str(exc), 4) from None
             if ips is not None and not ips:
                 raise Refused(f"{host}: the cluster has no such name", 4)
         if ips:

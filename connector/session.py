@@ -314,7 +314,10 @@ class Session:
         return False
 
     async def resolve_name(self, name: str) -> pb.ResolveReply:
-        ips = await self.cluster_names().resolve(name)
+        try:
+            ips = await self.cluster_names().resolve(name)
+        except LookupError as exc:
+            raise ClusterError(f"cannot resolve {name}", str(exc), "`tpnb status` shows the connection") from None
         return pb.ResolveReply(cluster_name=ips is not None, ips=ips or [], subnets=self.tunnelled_subnets())
 
     async def start_proxy(self) -> None:

@@ -234,3 +234,37 @@ def test_in_process_hooks_route_python_clients(monkeypatch) -> None:
         rootless.disable_in_process()
         httpd.shutdown()
     assert socket.getaddrinfo is orig and "http_proxy" not in os.environ
+
+
+def test_cluster_names_ask_the_cluster_with_a_real_dns_message() -> None:
+    """The lookup gets exactly what goes into Manager.LookupDNS (a protobuf bytes field)."""
+    from dnslib import RR, A, DNSRecord
+
+    from tpnb.connector.clusterdns import ClusterNames
+    from tpnb.proto import pb
+
+    asked: list[str] = []
+
+    async def lookup(query: bytes) -> bytes:
+        msg = pb.DNSRequest(session_id="s", query=query)  # raises for anything but bytes
+        q = DNSRecord.parse(msg.query)
+        name = str(q.q.qname).rstrip(".")
+        asked.append(name)
+        reply = q.reply()
+        if name == "hello.default.svc.cluster.local":
+            reply.add_answer(RR(q.q.qname, rdata=A("10.43.0.10"), ttl=5))
+        else:
+            reply.header.rcode = 3
+        return bytes(reply.pack())
+
+    names = ClusterNames(lookup, lambda: "cluster.local", lambda: {"default"}, lambda: ["tpnb", "default"])
+    assert asyncio.run(names.resolve("hello")) == ["10.43.0.10"]
+    assert asked == ["hello.tpnb.svc.cluster.local", "hello.default.svc.cluster.local"]
+    assert asyncio.run(names.resolve("nosuch.default")) == []
+    assert asyncio.run(names.resolve("example.com")) is None
+
+    async def broken(query: bytes) -> bytes:
+        raise ConnectionError("link down")
+
+    with pytest.raises(LookupError, match="link down"):
+        asyncio.run(ClusterNames(broken, lambda: "cluster.local", lambda: set(), lambda: ["d"]).resolve("x"))
