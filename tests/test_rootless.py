@@ -79,20 +79,16 @@ def _wait(pred: Any, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+#: the kernel pauses here while the test (as root) looks at the laptop's processes
 PROCS = """
-import os
-seen = []
-for pid in filter(str.isdigit, os.listdir('/proc')):
-    try:
-        argv = open(f'/proc/{pid}/cmdline', 'rb').read().split(b'\\0')
-        st = open(f'/proc/{pid}/status').read()
-    except OSError:
-        continue
-    for role in (b'tpnb.connector', b'tpnb.daemon'):
-        if role in argv:
-            uid = int(next(l for l in st.splitlines() if l.startswith('Uid:')).split()[1])
-            seen.append((role.decode(), uid))
-print('TPNB_PROCS', sorted(seen))
+import os, time
+home = os.path.expanduser('~')
+open(os.path.join(home, 'procs.ready'), 'w').close()
+for _ in range(600):
+    if os.path.exists(os.path.join(home, 'procs.checked')):
+        break
+    time.sleep(0.1)
+print('PROCS CHECKED')
 """
 
 CELLS = [
@@ -179,8 +175,22 @@ def test_a_user_without_root_runs_the_quickstart_rootless(user: UserLaptop) -> N
     import os
 
     os.chown(src, u.pw.pw_uid, u.pw.pw_gid)
-    r = u.run([str(Path(REPO) / ".venv/bin/python"), str(REPO / "tests/run_notebook.py"), str(src), str(dst),
-               "--timeout", "180"], check=False, timeout=600)
+    ready, checked = home / "procs.ready", home / "procs.checked"
+    ready.unlink(missing_ok=True)
+    checked.unlink(missing_ok=True)
+    proc = subprocess.Popen(u.cmd([str(Path(REPO) / ".venv/bin/python"), str(REPO / "tests/run_notebook.py"),
+                                   str(src), str(dst), "--timeout", "180"]),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs: dict[str, list[dict[str, Any]]] = {}
+    try:
+        _wait(lambda: ready.exists() or proc.poll() is not None, 400, "the notebook to reach its process check")
+        procs = u.tpnb_processes()  # while the kernel is connected and intercepting
+        checked.touch()
+        stdout, stderr = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    r = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     out = nbformat.read(dst, as_version=4)
 
     def text(tag: str) -> str:
@@ -201,8 +211,9 @@ def test_a_user_without_root_runs_the_quickstart_rootless(user: UserLaptop) -> N
     st = text("status")
     assert "Outbound         : not system-wide (rootless mode" in st, st
     assert "Rootless outbound: SOCKS5 + HTTP proxy on 127.0.0.1:" in st and "Not covered      : native" in st, st
-    procs = text("procs")
-    assert f"TPNB_PROCS [('tpnb.connector', {u.pw.pw_uid})]" in procs, procs  # no root daemon, nothing as root
+    assert "PROCS CHECKED" in text("procs")
+    # the kernel's connector, as the user; no root daemon, nothing of tpnb as root
+    assert procs["daemon"] == [] and [p["uid"] for p in procs["connector"]] == [u.pw.pw_uid], procs
     assert "AFTER CLIENT VALUES" in text("leave"), text("leave")  # the app answers again
     assert _machine(u) == before  # routes, resolv.conf, nftables: untouched
     _wait(lambda: u.tpnb_processes() == {"connector": [], "daemon": []}, 10, "the connector to exit")
