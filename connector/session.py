@@ -252,9 +252,12 @@ class Session:
         """Notice a root daemon that died (kill -9): status says so; the next `connect` restarts it."""
         while not self._closing:
             await asyncio.sleep(2.0)
-            if self.rootd is not None and not await self.rootd.alive():
+            rootd = self.rootd
+            if rootd is not None and not await rootd.alive():
+                await rootd.aclose()
+                if self.rootd is not rootd:  # a `connect` attached a new daemon meanwhile: that one stays
+                    continue
                 log.warning("the root daemon is gone; system-wide outbound is down until `tpnb connect`")
-                await self.rootd.aclose()
                 self.rootd = None
                 self.outbound_note = "the root daemon stopped; run `tpnb connect` to restart it"
                 self.changed.set()
