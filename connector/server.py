@@ -215,6 +215,13 @@ class ConnectorService(rpc.ConnectorServicer):
             return pb.ForwardReply()
         return pb.ForwardReply(local_port=port)
 
+    async def ResolveName(self, request, context):  # noqa: N802
+        try:
+            return await self._require().resolve_name(request.name)
+        except TpnbError as err:
+            await self._abort(context, err)
+            return pb.ResolveReply()
+
     async def SetLogLevel(self, request, context):  # noqa: N802
         try:
             logs.set_level(request.level)

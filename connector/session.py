@@ -28,11 +28,14 @@ from tpnb.proto import pb, rpc
 from tpnb.version import API_VERSION, __version__
 
 from tpnb.common.aio import oserror_text, undo
-from tpnb.common.forward import MANAGER_CHANNEL_OPTIONS, STREAM_LIMIT, GrpcFrameChannel, TunnelError, bridge
+from tpnb.common.forward import (MANAGER_CHANNEL_OPTIONS, STREAM_LIMIT, GrpcFrameChannel, TunnelError, bridge,
+                                 data_frame)
 from tpnb.common.liveness import process_alive, start_ticks
 
 from . import kube, manager_install
+from .clusterdns import ClusterNames
 from .portforward import PortForward
+from .proxy import OutboundProxy, Pipe, Refused, Route
 from .rootd import RootDaemonLink
 
 log = logging.getLogger("tpnb.connector.session")
@@ -98,6 +101,9 @@ class Session:
     #: the image the manager runs (an admin's Helm release may run another tag than
     #: ours): injected agents run the same one unless agent.image says otherwise
     manager_image: str = ""
+    #: rootless outbound: the SOCKS5 + HTTP proxy on loopback (only while there is no root daemon)
+    proxy: OutboundProxy | None = None
+    names: ClusterNames | None = None
 
     # ================================================================ connect
     async def start(self, progress: ProgressFn) -> None:
@@ -199,10 +205,15 @@ class Session:
         connect, as a network that cannot come up did before the split.
         """
         if not socket_path:
-            if self.rootd is not None:
+            if self.rootd is not None:  # rootless asked for while a root daemon serves: take its network down
+                try:
+                    await self.rootd.network_down()
+                except TpnbError as exc:
+                    log.warning("root daemon network not taken down: %s", exc)
                 await self.rootd.aclose()
                 self.rootd = None
             self.outbound_note = note or "no root daemon"
+            await self.start_proxy()
             self.changed.set()
             return
         if progress:
@@ -213,6 +224,9 @@ class Session:
         self.rootd = RootDaemonLink(socket_path)
         await self.rootd.network_up(self.network_request())
         self.outbound_note = ""
+        if self.proxy is not None:  # system-wide outbound covers every process now
+            await self.proxy.aclose()
+            self.proxy = None
         self.changed.set()
 
     def network_request(self) -> pb.NetworkRequest:
@@ -238,9 +252,12 @@ class Session:
         """Notice a root daemon that died (kill -9): status says so; the next `connect` restarts it."""
         while not self._closing:
             await asyncio.sleep(2.0)
-            if self.rootd is not None and not await self.rootd.alive():
+            rootd = self.rootd
+            if rootd is not None and not await rootd.alive():
+                await rootd.aclose()
+                if self.rootd is not rootd:  # a `connect` attached a new daemon meanwhile: that one stays
+                    continue
                 log.warning("the root daemon is gone; system-wide outbound is down until `tpnb connect`")
-                await self.rootd.aclose()
                 self.rootd = None
                 self.outbound_note = "the root daemon stopped; run `tpnb connect` to restart it"
                 self.changed.set()
@@ -270,6 +287,81 @@ class Session:
             log.debug("dial %s ended: %s", req.dial_id, exc)
         finally:
             chan.cancel()
+
+    # ================================================================ rootless outbound
+    def cluster_names(self) -> ClusterNames:
+        if self.names is None:
+            self.names = ClusterNames(
+                self._lookup_dns,
+                lambda: (self.cluster.cluster_domain if self.cluster else "") or "cluster.local",
+                lambda: set(self.namespaces), lambda: list(self.mapped))
+        return self.names
+
+    async def _lookup_dns(self, query: bytes) -> bytes:
+        link = self.require_link()
+        reply = await link.stub.LookupDNS(pb.DNSRequest(session_id=self.session_id, query=query), timeout=5)
+        return reply.reply
+
+    def tunnelled_subnets(self) -> list[str]:
+        return list(dict.fromkeys(self.pod_subnets + self.service_subnets + list(self.request.also_proxy)))
+
+    def in_cluster(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        for cidr in self.tunnelled_subnets():
+            net = ipaddress.ip_network(cidr, strict=False)
+            if addr.version == net.version and addr in net:
+                return True
+        return False
+
+    async def resolve_name(self, name: str) -> pb.ResolveReply:
+        try:
+            ips = await self.cluster_names().resolve(name)
+        except LookupError as exc:
+            raise ClusterError(f"cannot resolve {name}", str(exc), "`tpnb status` shows the connection") from None
+        return pb.ResolveReply(cluster_name=ips is not None, ips=ips or [], subnets=self.tunnelled_subnets())
+
+    async def start_proxy(self) -> None:
+        """The rootless outbound path for other processes (connector/proxy.py); idempotent."""
+        if self.proxy is not None:
+            return
+        proxy = OutboundProxy(Route(tunnel=self._outbound_pipe, resolve=self.cluster_names().resolve,
+                                    in_cluster=self.in_cluster), token=os.urandom(16).hex())
+        await proxy.start()
+        self.proxy = proxy
+
+    async def _outbound_pipe(self, ip: str, port: int) -> Pipe:
+        """An OUTBOUND tunnel to ip:port, opened (the manager has dialled) before it is returned."""
+        link = self.link
+        if link is None:
+            raise Refused("the traffic-manager link is down", 1)
+        open_ = pb.TunnelOpen(session_id=self.session_id, kind=pb.TunnelOpen.OUTBOUND, protocol=pb.TunnelOpen.TCP,
+                              dst_ip=ipaddress.ip_address(ip).packed, dst_port=port)
+        chan = GrpcFrameChannel(link.stub.Tunnel())
+        try:
+            await chan.send(pb.TunnelFrame(open=open_))
+            first = await asyncio.wait_for(chan.recv(), 15)
+        except (TunnelError, asyncio.TimeoutError) as exc:
+            chan.cancel()
+            raise Refused(f"{ip}:{port}: {exc or 'timed out'}", 4) from None
+        if first is None or first.WhichOneof("kind") == "error":
+            chan.cancel()
+            why = first.error if first is not None else "the tunnel closed"
+            raise Refused(f"{ip}:{port}: {why}", 5 if "refused" in why.lower() else 4)
+
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes) -> None:
+            try:
+                if head:
+                    await chan.send(data_frame(head))
+                await bridge(reader, writer, chan)
+            except TunnelError as exc:
+                log.debug("proxied connection to %s:%d ended: %s", ip, port, exc)
+            finally:
+                chan.cancel()
+
+        return pipe
 
     # ================================================================ loopback forwards
     async def local_forward(self, ip: str, port: int, intercept_id: str = "") -> int:
@@ -493,7 +585,11 @@ class Session:
             intercepts=list(self.intercepts.values()),
             error=self.last_error,
             outbound_note=self.outbound_note,
+            cluster_domain=(self.cluster.cluster_domain if self.cluster else "") or "cluster.local",
         )
+        if self.proxy is not None:
+            urls = self.proxy.urls()
+            st.proxy_socks_url, st.proxy_http_url = urls["socks"], urls["http"]
         if self.rootd is not None:
             net = await self.rootd.network()
             if net is None:
@@ -526,6 +622,8 @@ class Session:
             rootd = self.rootd
             steps.append(("root daemon network", rootd.network_down))
             steps.append(("root daemon link", rootd.aclose))
+        if self.proxy is not None:
+            steps.append(("proxy", self.proxy.aclose))
         for server in self._forwards.values():
             server.close()
         self._forwards.clear()

@@ -99,10 +99,20 @@ class Status:
     outbound: bool = False
     outbound_note: str = ""
     root_daemon_version: str = ""
+    #: "system-wide" (the root daemon), "rootless" (the connector's proxy and in-kernel sockets), or ""
+    outbound_mode: str = ""
+    #: rootless: the connector's SOCKS5 and HTTP proxy (with the session's token)
+    proxy_socks_url: str = ""
+    proxy_http_url: str = ""
+    #: rootless: the variables a process needs to use them (tpnb.rootless.proxy_env)
+    proxy_env: dict[str, str] = field(default_factory=dict)
+    #: rootless: what reaches the cluster, and what does not
+    outbound_covers: list[str] = field(default_factory=list)
+    outbound_not_covered: str = ""
 
     @classmethod
     def from_pb(cls, st: pb.ConnectionStatus, daemon_running: bool = True) -> "Status":
-        return cls(
+        out = cls(
             connected=st.connected, context=st.context, server=st.server, namespace=st.namespace,
             mapped_namespaces=list(st.mapped_namespaces), pod_subnets=list(st.pod_subnets),
             service_subnets=list(st.service_subnets), also_proxy=list(st.also_proxy), dns_ip=st.dns_ip,
@@ -111,6 +121,18 @@ class Status:
             intercepts=[Intercept.from_pb(i) for i in st.intercepts], error=st.error,
             tcp_engine=st.tcp_engine, tcp_engine_note=st.tcp_engine_note, outbound=st.outbound,
             outbound_note=st.outbound_note, root_daemon_version=st.root_daemon_version)
+        out.proxy_socks_url, out.proxy_http_url = st.proxy_socks_url, st.proxy_http_url
+        if st.outbound:
+            out.outbound_mode = "system-wide"
+            out.outbound_covers = ["every process of this machine (TUN, routes, DNS)"]
+        elif st.proxy_socks_url and st.connected:
+            from . import rootless
+
+            out.outbound_mode = "rootless"
+            out.proxy_env = rootless.proxy_env(out)
+            out.outbound_covers = list(rootless.COVERS)
+            out.outbound_not_covered = rootless.NOT_COVERED
+        return out
 
 
 @dataclass
@@ -162,7 +184,8 @@ class Session:
     def connect(self, namespace: str | None = None, mapped_namespaces: list[str] | tuple[str, ...] = (),
                 also_proxy: list[str] | tuple[str, ...] = (), kubeconfig: str | None = None,
                 context: str | None = None, progress: ProgressFn | None = None,
-                say: Callable[[str], None] | None = None) -> Status:
+                say: Callable[[str], None] | None = None, no_root: bool = False) -> Status:
+        """Connect; `no_root`: never start the root daemon (rootless outbound: tpnb.rootless)."""
         req = pb.ConnectRequest(
             kubeconfig=kubeconfig if kubeconfig is not None else os.environ.get("KUBECONFIG", ""),
             context=context or "", namespace=namespace or "",
@@ -172,7 +195,7 @@ class Session:
             default = os.path.expanduser("~/.kube/config")
             if os.path.exists(default):
                 req.kubeconfig = default
-        req.daemon_socket, req.outbound_note = self.client.ensure_processes(say)
+        req.daemon_socket, req.outbound_note = self.client.ensure_processes(say, no_root=no_root)
         done = self.client.stream(self.client.stub().Connect, req, progress)
         st = Status.from_pb(done)  # type: ignore[arg-type]
         self._clean_mounts(st.intercepts)

@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--also-proxy", action="append", default=[], metavar="CIDR",
                    help="also route this subnet through the cluster (repeatable)")
     c.add_argument("--context", help="kubeconfig context")
+    c.add_argument("--no-root", action="store_true",
+                   help="never start the root daemon: outbound through the connector's SOCKS5/HTTP proxy "
+                        "(exported to CMD, or printed as export lines for eval) and in-kernel sockets")
 
     sub.add_parser("status", parents=out, help="show the connection and intercepts")
 
@@ -493,19 +496,27 @@ def _run(args: argparse.Namespace, cmd: list[str], out: Output) -> int:
         out.result(config_data(cfg), config_text(cfg))
         return 0
     if args.cmd == "connect":
-        prog = Progress()
-        mapped = [m.strip() for m in args.mapped_namespaces.split(",") if m.strip()]
-        st = s.connect(namespace=args.namespace, mapped_namespaces=mapped, also_proxy=args.also_proxy,
-                       context=args.context, progress=prog, say=lambda m: print(m, flush=True))
-        prog.end()
-        if prog.last != f"Connected to context {st.context} ({st.server})":
-            print(f"Connected to context {st.context} ({st.server})")
-        if not st.outbound:
-            print(render.outbound_notice(st))
+        # `eval "$(tpnb connect --no-root)"`: stdout is only the export lines, everything else stderr
+        for_eval = args.no_root and not cmd and not out.json
+        with contextlib.redirect_stdout(sys.stderr) if for_eval else contextlib.nullcontext():
+            prog = Progress()
+            mapped = [m.strip() for m in args.mapped_namespaces.split(",") if m.strip()]
+            st = s.connect(namespace=args.namespace, mapped_namespaces=mapped, also_proxy=args.also_proxy,
+                           context=args.context, progress=prog, say=lambda m: print(m, flush=True),
+                           no_root=args.no_root)
+            prog.end()
+            if prog.last != f"Connected to context {st.context} ({st.server})":
+                print(f"Connected to context {st.context} ({st.server})")
+            if not st.outbound:
+                print(render.outbound_notice(st))
+        if for_eval:
+            from . import rootless
+
+            print(rootless.export_lines(st.proxy_env), flush=True)
         out.result(st)  # -o json only: the text is the lines above
         if cmd:
             try:
-                return _run_cmd(cmd)
+                return _run_cmd(cmd, env=st.proxy_env)
             finally:
                 print("Disconnecting...", end="", flush=True)
                 s.quit()
@@ -568,7 +579,7 @@ def _intercept(s: Session, args: argparse.Namespace, cmd: list[str], out: Output
             print(f"warning: {err}", file=sys.stderr)
         if not cmd:
             return 0
-        env = command_env(ic.environment)
+        env = {**s.status().proxy_env, **command_env(ic.environment)}  # rootless: CMD reaches the cluster too
         if root is not None:
             env["TPNB_ROOT"] = str(root)
         lost, stop_watch = _watch_intercept(s, ic.name)

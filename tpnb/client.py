@@ -138,7 +138,8 @@ class DaemonClient:
     def _env(self) -> dict[str, str]:
         log_dir = self.cfg.log_dir
         log_dir.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
+        # not through its own proxy (a rootless kernel's environment has the variables pointing at it)
+        env = {k: v for k, v in os.environ.items() if "://tpnb:" not in v or not k.lower().endswith("_proxy")}
         env["TPNB_OWNER_UID"] = str(os.getuid())
         env["TPNB_LOGS_DIR"] = str(log_dir)
         return env
@@ -162,7 +163,8 @@ class DaemonClient:
         return _Launch([sys.executable, "-m", "tpnb.connector"], self._env(),
                        self.cfg.log_dir / "connector-startup.log", ready, "connector", "connector.log")
 
-    def ensure_processes(self, say: Callable[[str], None] | None = None) -> tuple[str, str]:
+    def ensure_processes(self, say: Callable[[str], None] | None = None,
+                         no_root: bool = False) -> tuple[str, str]:
         """Connector and (when wanted and possible) root daemon, started side by side.
 
         Returns (the root daemon's socket, "") or ("", why there is none).
@@ -170,7 +172,10 @@ class DaemonClient:
         daemon cannot start; "auto" reports why and goes on without it.
         """
         conn = self._launch_connector(say)
-        sock, why, root = self._launch_root_daemon()
+        if no_root:
+            sock, why, root = "", "rootless mode (--no-root): no root daemon", None
+        else:
+            sock, why, root = self._launch_root_daemon()
         for launch in (conn, root):
             if launch is not None:
                 launch.wait()

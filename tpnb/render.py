@@ -104,6 +104,10 @@ def connected_text(st: Status) -> str:
 def outbound_notice(st: Status) -> str:
     why = st.outbound_note or "no root daemon"
     why = why[0].upper() + why[1:]
+    if st.outbound_mode == "rootless":
+        return (f"{why}. Meanwhile intercepts, env and volumes work, and outbound is rootless: Python code in a "
+                "%tp kernel reaches the cluster as it is, other processes through the connector's proxy "
+                "(`tpnb connect --no-root -- CMD`, or eval \"$(tpnb connect --no-root)\").")
     return (f"{why}. Meanwhile intercepts, env and volumes work; cluster names resolve only through them "
             "(or in a process of your own with cluster DNS).")
 
@@ -111,8 +115,16 @@ def outbound_notice(st: Status) -> str:
 def outbound_lines(st: Status) -> list[str]:
     """System-wide outbound: the root daemon's DNS and TCP engine, or why there is none."""
     if not st.outbound:
-        return [f"  Outbound         : not system-wide ({st.outbound_note or 'no root daemon'}); "
-                "intercepts, env and volumes work"]
+        lines = [f"  Outbound         : not system-wide ({st.outbound_note or 'no root daemon'}); "
+                 "intercepts, env and volumes work"]
+        if st.outbound_mode == "rootless":
+            port = st.proxy_http_url.rsplit(":", 1)[-1]
+            lines += [f"  Rootless outbound: SOCKS5 + HTTP proxy on 127.0.0.1:{port}, for processes given the proxy "
+                      "variables (`tpnb connect --no-root -- CMD`, or eval \"$(tpnb connect --no-root)\")",
+                      "                     and Python code in kernels connected with %tp (requests, httpx, urllib, "
+                      "asyncio, socket)",
+                      f"  Not covered      : {st.outbound_not_covered}"]
+        return lines
     return [
         f"  DNS              : {st.dns_ip} (via {st.tun_name})",
         "  TCP engine       : " + ("kernel (nftables redirect)" if st.tcp_engine == "kernel"

@@ -19,7 +19,7 @@ import subprocess
 import sys
 from typing import Any
 
-from .. import inkernel, render
+from .. import inkernel, render, rootless
 from ..cli import command_env, config_data, config_text, filter_kwargs, parse_port, quit_session, write_env_files
 from ..errors import ConfigError, TpnbError
 from . import lifecycle
@@ -85,10 +85,12 @@ def do_connect(args: argparse.Namespace, cmd: list[str]) -> Any:
     ok = False
     try:
         st = s.connect(namespace=args.namespace, mapped_namespaces=mapped, also_proxy=args.also_proxy,
-                       context=args.context, progress=prog, say=lambda m: print(m, flush=True))
+                       context=args.context, progress=prog, say=lambda m: print(m, flush=True),
+                       **({"no_root": True} if getattr(args, "no_root", False) else {}))
         ok = True
     finally:
         prog.end(ok)
+    rootless.enable_in_process(s, st)  # rootless: this kernel's sockets and env (tpnb/rootless.py)
     print(_connected_line(st))
     if cmd:
         try:
@@ -99,6 +101,7 @@ def do_connect(args: argparse.Namespace, cmd: list[str]) -> Any:
             print("Disconnecting...", end="", flush=True)
             s.quit()
             _forget_all()
+            rootless.disable_in_process()
             print("done")
     return _result(args, st)
 
@@ -118,6 +121,7 @@ def do_quit(args: argparse.Namespace, cmd: list[str]) -> Any:
         done = quit_session(lifecycle.session(), args.daemon)
     finally:
         _forget_all()  # the session's intercepts ended with it
+        rootless.disable_in_process()
     return _result(args, done)
 
 
@@ -170,6 +174,7 @@ def ensure_connected(namespace: str | None) -> None:
         ok = True
     finally:
         prog.end(ok)
+    rootless.enable_in_process(s, st)
     print(_connected_line(st))
 
 
