@@ -57,12 +57,17 @@ def ldflags(version: str) -> str:
     return " ".join(flags)
 
 
-def pin_hash(module_dir: Path = GO_MODULE_DIR) -> str:
+def module_hash(module_dir: Path, flags: str) -> str:
+    """Key of a Go module's build output: its go.mod, go.sum and the link flags."""
     h = hashlib.sha256()
     for name in ("go.mod", "go.sum"):
         h.update(name.encode() + b"\0" + (module_dir / name).read_bytes() + b"\0")
-    h.update(ldflags(k8s_version(module_dir)).encode())
+    h.update(flags.encode())
     return h.hexdigest()[:16]
+
+
+def pin_hash(module_dir: Path = GO_MODULE_DIR) -> str:
+    return module_hash(module_dir, ldflags(k8s_version(module_dir)))
 
 
 def bin_dir(state_dir: Path, module_dir: Path = GO_MODULE_DIR) -> Path:

@@ -9,7 +9,6 @@ a hash of that go.mod and go.sum: <state>/helm/<hash>/helm.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import re
 import shutil
@@ -19,7 +18,7 @@ from pathlib import Path
 
 from tpnb.errors import DevClusterError, PrerequisiteError
 
-from . import config as devcluster_config
+from . import binaries, config as devcluster_config
 from .manifests import Layout
 from .progress import ProgressFn, run_ticking, silent
 
@@ -59,11 +58,7 @@ def ldflags(version: str, module_dir: Path = HELM_MODULE_DIR) -> str:
 
 
 def pin_hash(module_dir: Path = HELM_MODULE_DIR) -> str:
-    h = hashlib.sha256()
-    for name in ("go.mod", "go.sum"):
-        h.update(name.encode() + b"\0" + (module_dir / name).read_bytes() + b"\0")
-    h.update(ldflags(helm_version(module_dir)).encode())
-    return h.hexdigest()[:16]
+    return binaries.module_hash(module_dir, ldflags(helm_version(module_dir)))
 
 
 def helm_dir(state_dir: Path | None = None) -> Path:
