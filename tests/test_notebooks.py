@@ -143,30 +143,43 @@ def test_run_all_stops_at_a_cell_whose_port_is_taken(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ against the dev cluster
-@pytest.fixture()
-def laptop_with_hello():
+def _laptop_with(ensure_app):
+    """The dev cluster with the app a notebook calls; the laptop's daemon stopped afterwards."""
     try:
         rn.dev_cluster()
-        rn.ensure_hello()
+        ensure_app()
     except Exception as exc:  # noqa: BLE001 - fail with the reason, never skip
         pytest.fail(f"dev cluster not usable: {exc}")
     yield
     rn.stop_laptop_daemon()
 
 
-@pytest.mark.cluster
-@pytest.mark.timeout(1200)
-def test_quickstart_notebook_in_the_laptop(laptop_with_hello) -> None:
+def _run_in_laptop(name: str) -> tuple[nbformat.NotebookNode, list[str]]:
+    """Execute notebooks/NAME.ipynb in the laptop namespace; the executed copy stays in test-artifacts/.
+
+    Fails with every cell's problem and the runner's stderr when the notebook did not run to its end."""
     ARTIFACTS.mkdir(exist_ok=True)
-    dst = ARTIFACTS / "quickstart.out.ipynb"
-    argv = rn.laptop_argv([sys.executable, str(Path(rn.__file__)), str(rn.REPO / "notebooks" / "quickstart.ipynb"),
+    dst = ARTIFACTS / f"{name}.out.ipynb"
+    argv = rn.laptop_argv([sys.executable, str(Path(rn.__file__)), str(rn.REPO / "notebooks" / f"{name}.ipynb"),
                            str(dst), "--timeout", "300"])
     res = subprocess.run(argv, capture_output=True, text=True, timeout=1100, cwd=rn.REPO)
     assert dst.exists(), f"nothing executed:\n{res.stdout}\n{res.stderr}"
     nb = nbformat.read(dst, as_version=4)
     problems = rn.errors_of(nb)
-    assert res.returncode == 0, "\n".join(["cell problems (see test-artifacts/quickstart.out.ipynb):", *problems,
+    assert res.returncode == 0, "\n".join([f"cell problems (see test-artifacts/{name}.out.ipynb):", *problems,
                                            "runner stderr (tail):", res.stderr[-1500:]])
+    return nb, problems
+
+
+@pytest.fixture()
+def laptop_with_hello():
+    yield from _laptop_with(rn.ensure_hello)
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(1200)
+def test_quickstart_notebook_in_the_laptop(laptop_with_hello) -> None:
+    nb, problems = _run_in_laptop("quickstart")
 
     assert "Connected to context" in rn.text_of(rn.tagged(nb, "connect")), problems
     echo = rn.text_of(rn.tagged(nb, "echo-before"))
@@ -211,16 +224,7 @@ def test_killed_kernel_leaves_nothing_hijacked(laptop_with_hello) -> None:
 def test_frameworks_notebook_fastapi_and_flask_in_the_laptop(laptop_with_hello) -> None:
     """notebooks/frameworks.ipynb: FastAPI (JSON, SSE, websocket echo) and Flask served in the kernel,
     called from another laptop process and from a pod, re-run under load with zero failed requests."""
-    ARTIFACTS.mkdir(exist_ok=True)
-    dst = ARTIFACTS / "frameworks.out.ipynb"
-    argv = rn.laptop_argv([sys.executable, str(Path(rn.__file__)), str(rn.REPO / "notebooks" / "frameworks.ipynb"),
-                           str(dst), "--timeout", "300"])
-    res = subprocess.run(argv, capture_output=True, text=True, timeout=1100, cwd=rn.REPO)
-    assert dst.exists(), f"nothing executed:\n{res.stdout}\n{res.stderr}"
-    nb = nbformat.read(dst, as_version=4)
-    problems = rn.errors_of(nb)
-    assert res.returncode == 0, "\n".join(["cell problems (see test-artifacts/frameworks.out.ipynb):", *problems,
-                                           "runner stderr (tail):", res.stderr[-1500:]])
+    nb, problems = _run_in_laptop("frameworks")
     assert "serving `app` (ASGI)" in rn.text_of(rn.tagged(nb, "fastapi-v1"))
     for tag in ("fastapi-laptop", "fastapi-pod"):
         text = rn.text_of(rn.tagged(nb, tag))
@@ -250,13 +254,7 @@ def test_frameworks_notebook_fastapi_and_flask_in_the_laptop(laptop_with_hello) 
 
 @pytest.fixture()
 def laptop_with_greeter():
-    try:
-        rn.dev_cluster()
-        rn.ensure_greeter()
-    except Exception as exc:  # noqa: BLE001 - fail with the reason, never skip
-        pytest.fail(f"dev cluster not usable: {exc}")
-    yield
-    rn.stop_laptop_daemon()
+    yield from _laptop_with(rn.ensure_greeter)
 
 
 @pytest.mark.cluster
@@ -264,16 +262,7 @@ def laptop_with_greeter():
 def test_grpc_notebook_servicer_intercepted_from_the_kernel(laptop_with_greeter) -> None:
     """notebooks/grpc.ipynb: the cluster's grpcio Greeter intercepted by a servicer defined in a cell; a grpcio
     client in a pod gets the kernel's answer; re-running the cell under load fails no call."""
-    ARTIFACTS.mkdir(exist_ok=True)
-    dst = ARTIFACTS / "grpc.out.ipynb"
-    argv = rn.laptop_argv([sys.executable, str(Path(rn.__file__)), str(rn.REPO / "notebooks" / "grpc.ipynb"),
-                           str(dst), "--timeout", "300"])
-    res = subprocess.run(argv, capture_output=True, text=True, timeout=1100, cwd=rn.REPO)
-    assert dst.exists(), f"nothing executed:\n{res.stdout}\n{res.stderr}"
-    nb = nbformat.read(dst, as_version=4)
-    problems = rn.errors_of(nb)
-    assert res.returncode == 0, "\n".join(["cell problems (see test-artifacts/grpc.out.ipynb):", *problems,
-                                           "runner stderr (tail):", res.stderr[-1500:]])
+    nb, problems = _run_in_laptop("grpc")
     assert "pod gets: hello caller from the cluster" in rn.text_of(rn.tagged(nb, "before")), problems
     assert "serving `app` (GRPC) from this kernel on 127.0.0.1:9200 (gRPC)" in rn.text_of(rn.tagged(nb, "grpc-v1"))
     assert "pod gets: hello caller from the kernel v1" in rn.text_of(rn.tagged(nb, "grpc-pod")), problems
