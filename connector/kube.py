@@ -50,6 +50,7 @@ __all__ = [
     "check_reachable",
     "cluster_subnets",
     "connect_error",
+    "load_in_cluster_target",
     "load_target",
     "rbac_error",
     "request",
@@ -268,6 +269,11 @@ def load_target(kubeconfig: str | None = None, context: str | None = None) -> Ku
             f"run `{user['exec'].get('command', 'the plugin')}` yourself to see what it needs (login?)",
         )
 
+    return _target(cfg, name, server, str(ctx.get("namespace") or "default"), origin)
+
+
+def _target(cfg: Configuration, name: str, server: str, namespace: str, origin: str) -> KubeTarget:
+    """The `KubeTarget` of a loaded client configuration (kubeconfig or in-cluster)."""
     cfg.host = server
     # One quick attempt per call: callers bound calls with timeouts.api and
     # report; urllib3's default 3 retries would triple an unreachable timeout.
@@ -286,7 +292,7 @@ def load_target(kubeconfig: str | None = None, context: str | None = None) -> Ku
     return KubeTarget(
         context=name,
         server=server,
-        namespace=str(ctx.get("namespace") or "default"),
+        namespace=namespace,
         ssl_context=ssl_ctx,
         headers=headers,
         api=api,
@@ -295,6 +301,38 @@ def load_target(kubeconfig: str | None = None, context: str | None = None) -> Ku
         kubeconfig=origin,
         _configuration=cfg,
     )
+
+
+IN_CLUSTER_CONTEXT = "in-cluster"
+
+
+def load_in_cluster_target() -> KubeTarget:
+    """The pod's own ServiceAccount as a `KubeTarget` (in-cluster mode with no kubeconfig mounted).
+
+    The kubernetes client's in-cluster loader reads the token, CA and API
+    server address exactly as client-go does, and re-reads the projected token
+    before it expires (the kubelet rotates it), which `auth_headers` picks up
+    through the configuration's refresh hook.  The namespace is the pod's own.
+    """
+    from kubernetes.config.config_exception import ConfigException
+    from kubernetes.config.incluster_config import InClusterConfigLoader
+
+    from tpnb.common import incluster
+
+    sa = incluster.sa_dir()
+    cfg = Configuration()
+    try:
+        InClusterConfigLoader(token_filename=str(sa / "token"), cert_filename=str(sa / "ca.crt")).load_and_set(cfg)
+    except ConfigException as exc:
+        raise ClusterError(
+            "cannot use this pod's ServiceAccount",
+            str(exc),
+            "run in a pod with a mounted ServiceAccount token (automountServiceAccountToken: true), "
+            "mount a kubeconfig and set KUBECONFIG, or connect without --in-cluster",
+        ) from None
+    server = str(cfg.host).rstrip("/")
+    namespace = incluster.pod_namespace() or "default"
+    return _target(cfg, IN_CLUSTER_CONTEXT, server, namespace, f"the ServiceAccount at {sa}")
 
 
 def _ssl_context(cfg: Configuration, context: str, origin: str) -> ssl.SSLContext:

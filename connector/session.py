@@ -108,9 +108,13 @@ class Session:
     # ================================================================ connect
     async def start(self, progress: ProgressFn) -> None:
         req = self.request
-        progress("kubeconfig", "Reading kubeconfig...", 0.02)
-        self.target = await anyio.to_thread.run_sync(
-            kube.load_target, req.kubeconfig or None, req.context or None)
+        if req.in_cluster and not req.kubeconfig:  # in a pod: its ServiceAccount (incluster.py)
+            progress("kubeconfig", "Using this pod's ServiceAccount...", 0.02)
+            self.target = await anyio.to_thread.run_sync(kube.load_in_cluster_target)
+        else:
+            progress("kubeconfig", "Reading kubeconfig...", 0.02)
+            self.target = await anyio.to_thread.run_sync(
+                kube.load_target, req.kubeconfig or None, req.context or None)
         ns = req.namespace or self.target.namespace or "default"
         self.mapped = [ns] + [m for m in req.mapped_namespaces if m and m != ns]
         progress("api", f"Contacting the API server {self.target.server}...", 0.05)
@@ -213,7 +217,8 @@ class Session:
                 await self.rootd.aclose()
                 self.rootd = None
             self.outbound_note = note or "no root daemon"
-            await self.start_proxy()
+            if not self.request.in_cluster:  # in a pod, every process reaches the cluster as it is
+                await self.start_proxy()
             self.changed.set()
             return
         if progress:
@@ -587,6 +592,11 @@ class Session:
             outbound_note=self.outbound_note,
             cluster_domain=(self.cluster.cluster_domain if self.cluster else "") or "cluster.local",
         )
+        if self.request.in_cluster:
+            from .incluster import credentials_text, pod_ip
+
+            st.in_cluster, st.in_cluster_note = True, self.request.in_cluster_note
+            st.credentials, st.pod_ip = credentials_text(self.target, self.kube_user), pod_ip()
         if self.proxy is not None:
             urls = self.proxy.urls()
             st.proxy_socks_url, st.proxy_http_url = urls["socks"], urls["http"]

@@ -109,6 +109,11 @@ class Status:
     #: rootless: what reaches the cluster, and what does not
     outbound_covers: list[str] = field(default_factory=list)
     outbound_not_covered: str = ""
+    #: in-cluster mode: this client runs in a pod of the cluster (why; whose rights; the pod's IP)
+    in_cluster: bool = False
+    in_cluster_note: str = ""
+    credentials: str = ""
+    pod_ip: str = ""
 
     @classmethod
     def from_pb(cls, st: pb.ConnectionStatus, daemon_running: bool = True) -> "Status":
@@ -122,7 +127,13 @@ class Status:
             tcp_engine=st.tcp_engine, tcp_engine_note=st.tcp_engine_note, outbound=st.outbound,
             outbound_note=st.outbound_note, root_daemon_version=st.root_daemon_version)
         out.proxy_socks_url, out.proxy_http_url = st.proxy_socks_url, st.proxy_http_url
-        if st.outbound:
+        out.in_cluster, out.in_cluster_note = st.in_cluster, st.in_cluster_note
+        out.credentials, out.pod_ip = st.credentials, st.pod_ip
+        if st.in_cluster and st.connected:
+            out.outbound_mode = "in-cluster"
+            out.outbound_covers = list(IN_CLUSTER_COVERS)
+            out.outbound_not_covered = IN_CLUSTER_NOT_COVERED
+        elif st.outbound:
             out.outbound_mode = "system-wide"
             out.outbound_covers = ["every process of this machine (TUN, routes, DNS)"]
         elif st.proxy_socks_url and st.connected:
@@ -133,6 +144,15 @@ class Status:
             out.outbound_covers = list(rootless.COVERS)
             out.outbound_not_covered = rootless.NOT_COVERED
         return out
+
+
+#: in-cluster mode: what this pod's processes reach, and what tpnb then leaves out
+IN_CLUSTER_COVERS = ("every process of this pod, through the pod's own network and cluster DNS (no tunnel, "
+                     "no root daemon, no proxy)",
+                     "intercepts, env and volumes (FUSE-less reader) with this pod's ServiceAccount's rights; "
+                     "intercepted connections reach this pod's loopback through the session's tunnel")
+IN_CLUSTER_NOT_COVERED = ("names of other clusters and --also-proxy subnets (the pod's network decides), "
+                          "sshfs mounts where the pod has no /dev/fuse")
 
 
 @dataclass
@@ -184,8 +204,14 @@ class Session:
     def connect(self, namespace: str | None = None, mapped_namespaces: list[str] | tuple[str, ...] = (),
                 also_proxy: list[str] | tuple[str, ...] = (), kubeconfig: str | None = None,
                 context: str | None = None, progress: ProgressFn | None = None,
-                say: Callable[[str], None] | None = None, no_root: bool = False) -> Status:
-        """Connect; `no_root`: never start the root daemon (rootless outbound: tpnb.rootless)."""
+                say: Callable[[str], None] | None = None, no_root: bool = False,
+                in_cluster: bool | None = None) -> Status:
+        """Connect; `no_root`: never start the root daemon (rootless outbound: tpnb.rootless);
+        `in_cluster`: this runs in a pod of the cluster (default: connector.in_cluster, which
+        detects it from the pod's environment; tpnb.common.incluster)."""
+        from .common import incluster
+
+        mode = incluster.decide(self.cfg.connector.in_cluster, in_cluster)
         req = pb.ConnectRequest(
             kubeconfig=kubeconfig if kubeconfig is not None else os.environ.get("KUBECONFIG", ""),
             context=context or "", namespace=namespace or "",
@@ -193,9 +219,14 @@ class Session:
             user=_user(), home=os.environ.get("HOME", ""), install_manager=True)
         if not req.kubeconfig:
             default = os.path.expanduser("~/.kube/config")
-            if os.path.exists(default):
+            if os.path.exists(default):  # in a pod too: a mounted kubeconfig wins over the ServiceAccount
                 req.kubeconfig = default
-        req.daemon_socket, req.outbound_note = self.client.ensure_processes(say, no_root=no_root)
+        if mode.in_cluster:  # no root daemon, no proxy: the pod's network is already the cluster's
+            self.client.ensure_processes(say, no_root=True)
+            req.in_cluster, req.in_cluster_note = True, mode.why
+            req.daemon_socket, req.outbound_note = "", f"in-cluster mode, {mode.why}"
+        else:
+            req.daemon_socket, req.outbound_note = self.client.ensure_processes(say, no_root=no_root)
         done = self.client.stream(self.client.stub().Connect, req, progress)
         st = Status.from_pb(done)  # type: ignore[arg-type]
         self._clean_mounts(st.intercepts)

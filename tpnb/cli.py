@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-root", action="store_true",
                    help="never start the root daemon: outbound through the connector's SOCKS5/HTTP proxy "
                         "(exported to CMD, or printed as export lines for eval) and in-kernel sockets")
+    c.add_argument("--in-cluster", action="store_true", default=None,
+                   help="this runs in a pod of the cluster: no tunnel for outbound, no root daemon, the pod's "
+                        "ServiceAccount (default: connector.in_cluster, auto-detected from the pod's environment)")
 
     sub.add_parser("status", parents=out, help="show the connection and intercepts")
 
@@ -503,7 +506,7 @@ def _run(args: argparse.Namespace, cmd: list[str], out: Output) -> int:
             mapped = [m.strip() for m in args.mapped_namespaces.split(",") if m.strip()]
             st = s.connect(namespace=args.namespace, mapped_namespaces=mapped, also_proxy=args.also_proxy,
                            context=args.context, progress=prog, say=lambda m: print(m, flush=True),
-                           no_root=args.no_root)
+                           no_root=args.no_root, in_cluster=args.in_cluster)
             prog.end()
             if prog.last != f"Connected to context {st.context} ({st.server})":
                 print(f"Connected to context {st.context} ({st.server})")

@@ -77,6 +77,11 @@ class ConnectorConfig:
     #: system-wide outbound (the root daemon: TUN, routes, DNS): "auto" (when
     #: running as root or sudo needs no password), "always" (fail without it), "never"
     outbound: str = "auto"
+    #: in-cluster mode (the client runs in a pod of the cluster: no tunnel for
+    #: outbound, no root daemon, the pod's ServiceAccount): "auto" (when the pod's
+    #: environment says so: KUBERNETES_SERVICE_HOST and a mounted ServiceAccount),
+    #: "always", "never"
+    in_cluster: str = "auto"
 
 
 @dataclass
@@ -204,6 +209,7 @@ OTHER_SECTIONS = ("devcluster",)
 CHOICES: dict[str, tuple[str, ...]] = {
     "daemon.tcp_engine": ("auto", "kernel", "tun"),
     "connector.outbound": ("auto", "always", "never"),
+    "connector.in_cluster": ("auto", "always", "never"),
     "manager.install": ("auto", "never"),
     "daemon.portforward_protocol": ("auto", "spdy", "websocket"),
 }

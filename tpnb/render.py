@@ -104,6 +104,9 @@ def connected_text(st: Status) -> str:
 def outbound_notice(st: Status) -> str:
     why = st.outbound_note or "no root daemon"
     why = why[0].upper() + why[1:]
+    if st.outbound_mode == "in-cluster":
+        return (f"In-cluster mode ({st.in_cluster_note}): this pod reaches the cluster as it is (cluster DNS, "
+                f"no tunnel, no root daemon); intercepts, env and volumes use {st.credentials or 'its credentials'}.")
     if st.outbound_mode == "rootless":
         return (f"{why}. Meanwhile intercepts, env and volumes work, and outbound is rootless: Python code in a "
                 "%tp kernel reaches the cluster as it is, other processes through the connector's proxy "
@@ -114,6 +117,12 @@ def outbound_notice(st: Status) -> str:
 
 def outbound_lines(st: Status) -> list[str]:
     """System-wide outbound: the root daemon's DNS and TCP engine, or why there is none."""
+    if st.outbound_mode == "in-cluster":
+        return [f"  Mode             : in-cluster ({st.in_cluster_note})",
+                f"  Pod IP           : {st.pod_ip or '-'}",
+                f"  Credentials      : {st.credentials or '-'}",
+                *(f"  Covers           : {c}" for c in st.outbound_covers),
+                f"  Not covered      : {st.outbound_not_covered}"]
     if not st.outbound:
         lines = [f"  Outbound         : not system-wide ({st.outbound_note or 'no root daemon'}); "
                  "intercepts, env and volumes work"]

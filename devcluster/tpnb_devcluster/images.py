@@ -162,6 +162,147 @@ def requirements_file() -> Path:
     return Path(tpnb.cluster.__file__).resolve().parent / "requirements.txt"
 
 
+# --------------------------------------------------- the notebook pod image
+NOTEBOOK_REPO = "tpnb.local/tpnb-notebook"
+#: the notebook user: uid 1000 (group 100, "users"), as the Jupyter Docker Stacks' jovyan
+NOTEBOOK_UID, NOTEBOOK_GID = 1000, 100
+NOTEBOOK_HOME = "/home/jovyan"
+#: the client's own dependencies (pyproject.toml) that a kernel in a pod imports, plus the kernel and
+#: nbclient that run notebooks in it; the root daemon's (pyroute2, mitmproxy-rs) are left out: no root
+NOTEBOOK_PACKAGES = ("anyio", "grpcio", "protobuf", "kubernetes", "websockets", "dnslib", "h11", "ipython",
+                     "ipywidgets", "nest_asyncio", "pyyaml", "uvicorn", "httptools", "a2wsgi", "requests",
+                     "ipykernel", "nbclient", "nbformat")
+
+
+def notebook_requirements() -> str:
+    """Pinned to the versions of this venv (the tests' client), so the kernel in the pod runs the same stack."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    lines = []
+    for name in NOTEBOOK_PACKAGES:
+        try:
+            lines.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            raise PrerequisiteError(f"{name} is not installed in tpnb's venv",
+                                    "the notebook image pins its packages to the venv's versions",
+                                    "run ./scripts/install-deps") from None
+    return "\n".join(lines) + "\n"
+
+
+def notebook_sources() -> list[tuple[str, Path]]:
+    """(path inside /opt/tpnb, source) of the client: tpnb/ (faces, magics, proto), common/, connector/,
+    and cluster/ as in the project image (so `tpnb.imageref.default_image()` names the same manager
+    image as the tests' client: a notebook never tries to "upgrade" the manager it finds).
+
+    The root daemon (daemon/) stays out: a notebook pod never runs it.
+    """
+    import tpnb.proto  # noqa: F401  (regenerates stale stubs before they are copied)
+    from tpnb.imageref import package_dir
+
+    out: list[tuple[str, Path]] = []
+    for name, suffixes, deep in (("tpnb", (".py",), False), ("tpnb.magics", (".py",), True),
+                                 ("tpnb.proto", (".py", ".proto", ".pyi"), True),
+                                 ("tpnb.common", (".py",), True), ("tpnb.connector", (".py",), True),
+                                 ("tpnb.cluster", (".py",), True)):
+        folder = package_dir(name)
+        assert folder is not None, name
+        prefix = name.replace(".", "/")
+        for p in sorted(folder.rglob("*") if deep else folder.glob("*")):
+            rel = p.relative_to(folder)
+            if p.suffix in suffixes and p.is_file() and "__pycache__" not in rel.parts:
+                out.append((f"{prefix}/{rel.as_posix()}", p))
+    return out
+
+
+def notebook_image_tag(sources: list[tuple[str, Path]] | None = None) -> str:
+    from tpnb.version import __version__
+
+    src = _hash(["notebook", *_hash_named(sources or notebook_sources())])[:10]
+    return f"{NOTEBOOK_REPO}:{__version__}-{src}"
+
+
+def build_notebook_image(progress: Progress | None = None) -> BuiltImage:
+    """A notebook pod's image: the project image's Debian base and Python 3.11, the tpnb client with its
+    dependencies, ipykernel and nbclient; runs as uid 1000 (HOME /home/jovyan) with nothing that needs
+    root or a capability, so it is admitted under Pod Security "restricted".
+
+    Not part of `build_all` (the dev cluster itself never runs it): tests/test_incluster.py builds it
+    and imports it.  JupyterLab is left out (the tests drive the kernel with nbclient); a hub image adds
+    it with `pip install jupyterlab`.
+    """
+    p = progress or _silent
+    step = "image notebook"
+    sources = notebook_sources()
+    tag = notebook_image_tag(sources)
+    req_text = notebook_requirements()
+    deps_key = _hash(["nbdeps", RECIPE_VERSION, rootfs.cache_key(), req_text, *PIP_TARGET_FLAGS])
+    app_key = _hash(["nbapp", RECIPE_VERSION, *_hash_named(sources)])
+    key = _hash([tag, deps_key, app_key, NOTEBOOK_UID, NOTEBOOK_GID])
+    out = _archive_path("notebook", tag, key)
+    if out.exists():
+        p(step, f"{tag} up to date", 1.0)
+        return BuiltImage(tag, out)
+    with _lock():
+        if out.exists():
+            return BuiltImage(tag, out)
+        start = time.monotonic()
+        cache = cache_dir()
+        root, base = rootfs.ensure_rootfs(cache, p, step)
+        reqs = cache / f"notebook-requirements-{deps_key}.txt"
+        reqs.write_text(req_text)
+        try:
+            deps = _deps_layer(root, reqs, deps_key, p, step, kind="nbdeps")
+        finally:
+            reqs.unlink(missing_ok=True)
+        p(step, "writing the app layer", 0.95)
+        app = _app_layer(root, sources, app_key, kind="nbapp")
+        user = _notebook_user_layer(root, key)
+        layers = [base, deps, app, user]
+        cfg = image_config(
+            layers,
+            entrypoint=["sleep", "infinity"],
+            env={"PYTHONPATH": f"/{APP_DIR}:/{APP_DIR}/deps", "PYTHONUNBUFFERED": "1", "LANG": "C.UTF-8",
+                 "HOME": NOTEBOOK_HOME, "USER": "jovyan",
+                 },
+            workdir=NOTEBOOK_HOME,
+            labels={"org.opencontainers.image.title": "tpnb notebook pod (tpnb client, ipykernel, nbclient)"},
+        )
+        cfg["config"]["User"] = f"{NOTEBOOK_UID}:{NOTEBOOK_GID}"
+        p(step, f"writing {out.name}", 0.97)
+        write_docker_archive(out, tag, layers, cfg)
+        _prune(out, "notebook")
+        for old in cache.glob("nbapp-*.tar*"):  # only the current app layer of this image is reused
+            if old.name.removesuffix(".digest") != app.path.name:
+                old.unlink(missing_ok=True)
+        for old in cache.glob("nbuser-*.tar*"):
+            if old.name.removesuffix(".digest") != user.path.name:
+                old.unlink(missing_ok=True)
+        p(step, f"{tag} built in {time.monotonic() - start:.1f} s", 1.0)
+    return BuiltImage(tag, out)
+
+
+def _notebook_user_layer(root: Path, key: str) -> Layer:
+    """jovyan in /etc/passwd (getpass, sftp and Jupyter want a name), a home and /tmp anyone may write.
+
+    Layer entries are owned by root, so the writable directories are sticky and world-writable, as /tmp
+    is; a hub mounts the user's volume on the home anyway.
+    """
+    tar = cache_dir() / f"nbuser-{key}.tar"
+    if tar.exists():
+        return Layer.from_cached(tar)
+    passwd = (root / "etc" / "passwd").read_text()
+    if not passwd.endswith("\n"):
+        passwd += "\n"
+    passwd += f"jovyan:x:{NOTEBOOK_UID}:{NOTEBOOK_GID}:notebook user:{NOTEBOOK_HOME}:/bin/sh\n"
+    with LayerWriter(tar) as w:
+        w.add_bytes("etc/passwd", passwd.encode(), mode=0o644)
+        w.add_dir("tmp", mode=0o1777)
+        w.add_dir("home", mode=0o755)
+        w.add_dir(NOTEBOOK_HOME.strip("/"), mode=0o1777)
+    assert w.layer is not None
+    return w.layer
+
+
 # ----------------------------------------------------------- scratch images
 def _scratch_image(tag: str, module: Path, binaries: dict[str, str], entrypoint: list[str],
                    progress: Progress) -> BuiltImage:
@@ -271,14 +412,14 @@ def _run_streaming(argv: list[str], cwd: Path, env: dict[str, str], progress: Pr
 
 
 # ------------------------------------------------------ tpnb image layers
-def _deps_layer(root: Path, reqs: Path, key: str, progress: Progress, step: str) -> Layer:
-    """Python dependencies for CPython 3.11 in /opt/tpnb/deps, byte-compiled."""
+def _deps_layer(root: Path, reqs: Path, key: str, progress: Progress, step: str, kind: str = "deps") -> Layer:
+    """Python dependencies for CPython 3.11 in /opt/tpnb/deps, byte-compiled (`kind` names the cache files)."""
     cache = cache_dir()
-    tar = cache / f"deps-{key}.tar"
+    tar = cache / f"{kind}-{key}.tar"
     if tar.exists():
         return Layer.from_cached(tar)
     # other recipes' layers stay (worktrees share the cache), the newest few of them
-    others = sorted(cache.glob("deps-*.tar"), key=lambda p: p.stat().st_mtime, reverse=True)
+    others = sorted(cache.glob(f"{kind}-*.tar"), key=lambda p: p.stat().st_mtime, reverse=True)
     for old in others[rootfs.KEEP_OTHER:]:
         old.unlink()
         Path(f"{old}.digest").unlink(missing_ok=True)
@@ -309,7 +450,7 @@ def _deps_layer(root: Path, reqs: Path, key: str, progress: Progress, step: str)
     return w.layer
 
 
-def _app_layer(root: Path, sources: list[tuple[str, Path]], key: str) -> Layer:
+def _app_layer(root: Path, sources: list[tuple[str, Path]], key: str, kind: str = "app") -> Layer:
     """/opt/tpnb/<rel> for every tpnb source file of the image, byte-compiled.
 
     Compiling with the image's own python3 (3.11) doubles as a check: code
@@ -317,7 +458,7 @@ def _app_layer(root: Path, sources: list[tuple[str, Path]], key: str) -> Layer:
     not as a crash-looping pod.
     """
     cache = cache_dir()
-    tar = cache / f"app-{key}.tar"
+    tar = cache / f"{kind}-{key}.tar"
     if tar.exists():
         return Layer.from_cached(tar)
     stage = root / APP_DIR

@@ -86,7 +86,8 @@ def do_connect(args: argparse.Namespace, cmd: list[str]) -> Any:
     try:
         st = s.connect(namespace=args.namespace, mapped_namespaces=mapped, also_proxy=args.also_proxy,
                        context=args.context, progress=prog, say=lambda m: print(m, flush=True),
-                       **({"no_root": True} if getattr(args, "no_root", False) else {}))
+                       **({"no_root": True} if getattr(args, "no_root", False) else {}),
+                       **({"in_cluster": True} if getattr(args, "in_cluster", None) else {}))
         ok = True
     finally:
         prog.end(ok)
