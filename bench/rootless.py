@@ -66,8 +66,9 @@ nc.main()
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--size-mb", type=int, default=32)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 epilog="Run as root (the dev cluster and its laptops need it), under the cluster lock.")
+    ap.add_argument("--size-mb", type=int, default=32, help="bulk transfer size each way, MiB (default 32)")
     args = ap.parse_args()
     size = args.size_mb * 1024 * 1024
     dc, lap, kubectl = laptop(LAPTOP)
