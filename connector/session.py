@@ -126,8 +126,9 @@ class Session:
             self.manager_image = handle.image
         await self._open_link()
         await self._arrive()
-        try:  # known before the first lookup, so "svc.ns" names resolve at once
-            self.namespaces = await anyio.to_thread.run_sync(_list_namespaces, self.target)
+        try:  # known before the first lookup, so "svc.ns" names resolve at once (in a pod: cluster DNS does)
+            if not req.in_cluster:
+                self.namespaces = await anyio.to_thread.run_sync(_list_namespaces, self.target)
         except Exception as exc:  # noqa: BLE001 - the refresh loop retries
             log.info("cannot list namespaces yet: %s", exc)
         await self.attach_root_daemon(req.daemon_socket, req.outbound_note, progress)
@@ -180,11 +181,12 @@ class Session:
         self.session_id = sess.session_id
         self.cluster = await stub.GetClusterInfo(sess, timeout=15)
         pods = [_cidr(n) for n in self.cluster.pod_subnets]
-        try:
-            kpods, ksvcs = await kube.cluster_subnets(self.target, self.mapped)
-        except TpnbError as exc:
-            log.warning("cannot read cluster subnets with the user's credentials: %s", exc)
-            kpods, ksvcs = [], []
+        kpods, ksvcs = [], []
+        if not self.request.in_cluster:  # in a pod nothing is routed: the probes would only cost time
+            try:
+                kpods, ksvcs = await kube.cluster_subnets(self.target, self.mapped)
+            except TpnbError as exc:
+                log.warning("cannot read cluster subnets with the user's credentials: %s", exc)
         self.pod_subnets = sorted(set(pods) | set(kpods))
         self.service_subnets = sorted(set(ksvcs))
         log.info("session %s: pod subnets %s, service subnets %s", self.session_id,

@@ -421,7 +421,7 @@ def test_a_notebook_pod_runs_the_quickstart_in_cluster(cluster: Cluster) -> None
     assert res["manager_api"] == "ConnectionRefusedError", res
     assert res["files_by_id"] == "no such intercept in this session", res
     assert res["take_over"].startswith("FAILED_PRECONDITION"), res
-    assert res["remove"] == "NOT_FOUND", res
+    assert res["remove"] == "PERMISSION_DENIED", res  # the name is theirs, in another session
     assert res["seen"] and all(not s["mine"] and not s["id"] and s["env"] == 0 for s in res["seen"]), res
     assert any("notebook" in s["holder"] for s in res["seen"]), res
     # the intruder's own tpnb says the same, in words
@@ -435,6 +435,9 @@ def test_a_notebook_pod_runs_the_quickstart_in_cluster(cluster: Cluster) -> None
     k.go("attacked")
 
     code, nb = k.finish()
+    if nb is not None:  # the executed notebook, for a look at what the cells showed
+        (REPO / "test-artifacts").mkdir(exist_ok=True)
+        nbformat.write(nb, REPO / "test-artifacts" / "incluster.ipynb")
     assert code == 0, k.result_text()
     connect = text_of(tagged(nb, "connect"))
     assert "In-cluster mode" in connect, connect
