@@ -32,6 +32,7 @@ without its environment.  The caller pod is still answered by the notebook.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import textwrap
 import time
@@ -459,3 +460,84 @@ def test_a_notebook_pod_runs_the_quickstart_in_cluster(cluster: Cluster) -> None
     after = text_of(tagged(nb, "after"))
     assert "CLIENT VALUES" in after and "hello from the notebook" not in after, after
     assert "CLIENT VALUES" in _call_hello(c)  # `leave` restored hello for the cluster too
+
+
+#: a kubeconfig mounted in the notebook pod: the pod's own ServiceAccount token and CA, namespace `default`
+MOUNTED_KUBECONFIG = """apiVersion: v1
+kind: Config
+clusters:
+- name: this-cluster
+  cluster:
+    server: https://kubernetes.default.svc
+    certificate-authority: /var/run/secrets/kubernetes.io/serviceaccount/ca.crt
+users:
+- name: notebook
+  user:
+    tokenFile: /var/run/secrets/kubernetes.io/serviceaccount/token
+contexts:
+- name: notebook-default
+  context: {cluster: this-cluster, user: notebook, namespace: default}
+current-context: notebook-default
+"""
+
+
+def test_the_quickstart_notebook_itself_in_a_notebook_pod(cluster: Cluster) -> None:
+    """notebooks/quickstart.ipynb unchanged, top to bottom, in the restricted notebook pod.
+
+    Its `hello` is in `default` and its cells run `curl` and `kubectl exec` (the image has both), so
+    the pod gets a mounted kubeconfig (its own ServiceAccount's token, namespace default) and the
+    ServiceAccount the developer Role in `default` plus `pods/exec` for the notebook's own kubectl.
+    """
+    from run_notebook import ensure_hello, errors_of
+
+    c = cluster
+    ensure_hello()
+    rules = [r for r in _rbac("notebook") if r["kind"] in ("Role", "RoleBinding")
+             and r["metadata"]["namespace"] == APP_NS]
+    for r in rules:
+        r["metadata"] = {"name": "tpnb-incluster-quickstart", "namespace": "default"}
+        if r["kind"] == "Role":
+            r["rules"].append({"apiGroups": [""], "resources": ["pods/exec"], "verbs": ["create"]})
+        else:
+            r["roleRef"]["name"] = "tpnb-incluster-quickstart"
+    c.apply(rules)
+    src = (REPO / "notebooks" / "quickstart.ipynb").read_text()
+    try:
+        c.exec(NB_NS, "notebook", ["sh", "-c", "mkdir -p ~/.kube && cat > ~/.kube/config"], input=MOUNTED_KUBECONFIG)
+        c.exec(NB_NS, "notebook", ["sh", "-c", "cat > /home/jovyan/quickstart.ipynb"], input=src)
+        script = (REPO / "tests" / "run_notebook.py").read_text()
+        res = c.exec(NB_NS, "notebook", ["python3", "-", "/home/jovyan/quickstart.ipynb", "/home/jovyan/qs.out.ipynb",
+                                         "--timeout", "240"], input=script, timeout=600, check=False)
+        out = c.exec(NB_NS, "notebook", ["cat", "/home/jovyan/qs.out.ipynb"], check=False).stdout
+        assert out, f"nothing executed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
+        nb = nbformat.reads(out, as_version=4)
+        (REPO / "test-artifacts").mkdir(exist_ok=True)
+        nbformat.write(nb, REPO / "test-artifacts" / "quickstart.incluster.ipynb")
+        problems = errors_of(nb)
+        assert res.returncode == 0, "\n".join(["cell problems (test-artifacts/quickstart.incluster.ipynb):", *problems,
+                                               res.stderr[-2000:]])
+        connect = text_of(tagged(nb, "connect"))
+        assert "In-cluster mode" in connect and "kubeconfig /home/jovyan/.kube/config" in connect, connect
+        echo = text_of(tagged(nb, "echo-before"))
+        assert "CLIENT VALUES" in echo and "request_uri=http://hello.default" in echo, echo
+        assert "Using deployment hello" in text_of(tagged(nb, "intercept-v1")), problems
+        assert "hello from the notebook v1" in text_of(tagged(nb, "curl-v1")), problems
+        assert "hello from the notebook v1" in text_of(tagged(nb, "from-cluster")), problems  # the agent's pod
+        assert "intercept hello kept" in text_of(tagged(nb, "intercept-v2")), problems
+        assert "hello from the notebook v2" in text_of(tagged(nb, "curl-v2")), problems
+        swap = text_of(tagged(nb, "load-stop"))
+        m = re.search(r"requests during the swap: (\d+) answered, (\d+) failed", swap)
+        assert m and int(m.group(1)) > 0 and m.group(2) == "0", swap
+        assert "KUBERNETES_SERVICE_HOST" in text_of(tagged(nb, "env-keys"))
+        records = text_of(tagged(nb, "records"))
+        assert "replayed to the kernel: hello from the notebook v2" in records, records
+        after = text_of(tagged(nb, "echo-after"))
+        assert "CLIENT VALUES" in after and "hello from the notebook" not in after, after
+        assert "Disconnecting...done" in text_of(tagged(nb, "quit"))
+        assert "CLIENT VALUES" in c.kubectl("-n", "default", "exec", "deploy/hello", "-c", "traffic-agent", "--",
+                                            "python3", "-c", "import urllib.request; print(urllib.request.urlopen("
+                                            "'http://hello.default', timeout=10).read().decode())").stdout
+    finally:
+        c.exec(NB_NS, "notebook", ["sh", "-c", "python3 -m tpnb.cli quit; rm -f ~/.kube/config"], check=False)
+        c.kubectl("-n", "default", "delete", "role,rolebinding", "tpnb-incluster-quickstart", "--ignore-not-found",
+                  check=False)

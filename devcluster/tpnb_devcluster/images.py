@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -171,7 +172,9 @@ NOTEBOOK_HOME = "/home/jovyan"
 #: nbclient that run notebooks in it; the root daemon's (pyroute2, mitmproxy-rs) are left out: no root
 NOTEBOOK_PACKAGES = ("anyio", "grpcio", "protobuf", "kubernetes", "websockets", "dnslib", "h11", "ipython",
                      "ipywidgets", "nest_asyncio", "pyyaml", "uvicorn", "httptools", "a2wsgi", "requests",
-                     "ipykernel", "nbclient", "nbformat")
+                     "ipykernel", "nbclient", "nbformat", "pandas")
+#: Debian packages of the notebook image beyond the project image's base (what a notebook's `!curl` runs)
+NOTEBOOK_DEBS = ("curl",)
 
 
 def notebook_requirements() -> str:
@@ -237,7 +240,7 @@ def build_notebook_image(progress: Progress | None = None) -> BuiltImage:
     req_text = notebook_requirements()
     deps_key = _hash(["nbdeps", RECIPE_VERSION, rootfs.cache_key(), req_text, *PIP_TARGET_FLAGS])
     app_key = _hash(["nbapp", RECIPE_VERSION, *_hash_named(sources)])
-    key = _hash([tag, deps_key, app_key, NOTEBOOK_UID, NOTEBOOK_GID])
+    key = _hash([tag, deps_key, app_key, _notebook_tools_key(), NOTEBOOK_UID, NOTEBOOK_GID])
     out = _archive_path("notebook", tag, key)
     if out.exists():
         p(step, f"{tag} up to date", 1.0)
@@ -256,8 +259,9 @@ def build_notebook_image(progress: Progress | None = None) -> BuiltImage:
             reqs.unlink(missing_ok=True)
         p(step, "writing the app layer", 0.95)
         app = _app_layer(root, sources, app_key, kind="nbapp")
+        tools = _notebook_tools_layer(root, p, step)
         user = _notebook_user_layer(root, key)
-        layers = [base, deps, app, user]
+        layers = [base, deps, tools, app, user]
         cfg = image_config(
             layers,
             entrypoint=["sleep", "infinity"],
@@ -279,6 +283,70 @@ def build_notebook_image(progress: Progress | None = None) -> BuiltImage:
                 old.unlink(missing_ok=True)
         p(step, f"{tag} built in {time.monotonic() - start:.1f} s", 1.0)
     return BuiltImage(tag, out)
+
+
+def _kubectl() -> Path:
+    """The dev cluster's own kubectl build (a static Go binary), for notebooks that run `!kubectl`."""
+    from . import binaries
+
+    path = binaries.bin_dir(Path(config.get().state_dir)) / "kubectl"
+    if not os.access(path, os.X_OK):
+        raise PrerequisiteError("the dev cluster's kubectl is not built yet", f"{path} is missing",
+                                "run `tpnb devcluster up` first")
+    return path
+
+
+def _notebook_tools_key() -> str:
+    st = _kubectl().stat()
+    return _hash(["nbtools", RECIPE_VERSION, rootfs.cache_key(), *NOTEBOOK_DEBS, st.st_size, st.st_mtime_ns])
+
+
+def _notebook_tools_layer(root: Path, progress: Progress, step: str) -> Layer:
+    """curl (with the libraries the base lacks) and kubectl in /usr/local/bin.
+
+    The packages come from this machine's apt (`apt-get download`, the same bookworm archive the
+    base was bootstrapped from) and are unpacked with `dpkg-deb -x`: they are a program and shared
+    libraries with no maintainer scripts worth running, and the multiarch library directories are
+    on the dynamic linker's default path, so no ldconfig is needed.
+    """
+    tar = cache_dir() / f"nbtools-{_notebook_tools_key()}.tar"
+    if tar.exists():
+        return Layer.from_cached(tar)
+    for old in cache_dir().glob("nbtools-*.tar*"):
+        old.unlink(missing_ok=True)
+    status = (root / "var" / "lib" / "dpkg" / "status").read_text()
+    installed = {ln.split(":", 1)[1].strip() for ln in status.splitlines() if ln.startswith("Package:")}
+    progress(step, f"apt-get download {' '.join(NOTEBOOK_DEBS)} and the libraries the base lacks", 0.9)
+    deps = subprocess.run(["apt-cache", "depends", "--recurse", "--no-recommends", "--no-suggests", "--no-conflicts",
+                           "--no-breaks", "--no-replaces", "--no-enhances", *NOTEBOOK_DEBS],
+                          capture_output=True, text=True)
+    if deps.returncode != 0:
+        raise PrerequisiteError("apt-cache cannot resolve the notebook image's packages", deps.stderr.strip()[-500:],
+                                "run `apt-get update`")
+    wanted = sorted({ln.strip() for ln in deps.stdout.splitlines()
+                     if ln and not ln.startswith((" ", "<"))} - installed)
+    work = Path(tempfile.mkdtemp(prefix="nbtools-", dir=cache_dir()))
+    try:
+        got = subprocess.run(["apt-get", "download", *wanted], cwd=work, capture_output=True, text=True)
+        if got.returncode != 0:
+            raise DevClusterError(f"apt-get download {' '.join(wanted)} failed", got.stderr.strip()[-1500:],
+                                  "check the machine's apt sources (`apt-get update`)")
+        stage = work / "root"
+        for deb in sorted(work.glob("*.deb")):
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(stage)], check=True, capture_output=True)
+        for junk in ("usr/share/doc", "usr/share/man", "usr/share/lintian"):
+            shutil.rmtree(stage / junk, ignore_errors=True)
+        for top in ("bin", "sbin", "lib", "lib64"):  # the base is merged-/usr: /lib is a symlink, keep it one
+            if (stage / top).is_dir() and not (stage / top).is_symlink():
+                shutil.copytree(stage / top, stage / "usr" / top, symlinks=True, dirs_exist_ok=True)
+                shutil.rmtree(stage / top)
+        with LayerWriter(tar) as w:
+            w.add_tree(stage, "")
+            w.add_file("usr/local/bin/kubectl", _kubectl(), mode=0o755)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    assert w.layer is not None
+    return w.layer
 
 
 def _notebook_user_layer(root: Path, key: str) -> Layer:
