@@ -5,11 +5,10 @@ the project image's Debian and Python, the tpnb client, ipykernel, nbclient)
 as uid 1000 in a namespace that enforces Pod Security "restricted" (so: no
 root, every capability dropped, no NET_ADMIN, no privilege escalation); its
 ServiceAccount has exactly the developer rules of README's RBAC table and
-no more.  `kubectl exec` runs tests/run_notebook.py (nbclient) in it on a
-notebook shaped like notebooks/quickstart.ipynb (the same magics, top to
-bottom; the quickstart's `curl` and `kubectl exec` cells need binaries a
-notebook pod does not have, so the requests "from another pod" come from a
-caller pod while the kernel waits):
+no more.  `kubectl exec` runs tests/run_notebook.py (nbclient) in it on
+notebooks/quickstart.ipynb itself (the last test: a mounted kubeconfig for its
+`default` namespace), and first on a notebook of the same steps whose
+requests "from another pod" come from a caller pod while the kernel waits:
 
 * `%tp connect` is near-instant (measured in the kernel) and says in-cluster;
   `%tp status` names the mode, the ServiceAccount and what it covers; no
@@ -43,6 +42,7 @@ import nbformat
 import pytest
 
 from conftest import REPO, LaptopRunner
+from tpnb_devcluster.manifests import NODE_NAME
 from run_notebook import tagged, text_of
 
 pytestmark = pytest.mark.cluster
@@ -114,6 +114,8 @@ def _notebook_pod(name: str, sa: str, image: str, **security: Any) -> dict[str, 
     ctx = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, **security}
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NB_NS},
             "spec": {"serviceAccountName": sa, "terminationGracePeriodSeconds": 0,
+                     # the test imports the notebook image into the first node's containerd only
+                     "nodeSelector": {"kubernetes.io/hostname": NODE_NAME},
                      "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 100,
                                          "seccompProfile": {"type": "RuntimeDefault"}},
                      "containers": [{"name": "notebook", "image": image, "imagePullPolicy": "Never",
