@@ -232,7 +232,7 @@ CELLS = [
     ("version", "%tp version"),
     ("connect", f"import os, time\nt0 = time.monotonic()\n%tp connect --namespace {APP_NS}\n"
                 "print('CONNECT_SECONDS', round(time.monotonic() - t0, 3))"),
-    ("reconnect", f"t0 = time.monotonic()\n%tp connect --namespace {APP_NS}\n"
+    ("reconnect", f"t0 = time.monotonic()\n%tp connect --in-cluster --namespace {APP_NS}\n"
                   "print('RECONNECT_SECONDS', round(time.monotonic() - t0, 3))"),
     ("status", "%tp status"),
     ("noproxy", "print('PROXY_VARS', sorted(k for k in os.environ if k.lower().endswith('_proxy')))"),
