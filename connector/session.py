@@ -492,8 +492,8 @@ class Session:
         self.changed.set()
 
     async def _namespaces_loop(self) -> None:
-        """Keep the namespace list fresh so `svc.ns` names resolve."""
-        while not self._closing:
+        """Keep the namespace list fresh so `svc.ns` names resolve (in a pod cluster DNS does: no polling)."""
+        while not self._closing and not self.request.in_cluster:
             await asyncio.sleep(20)
             try:
                 namespaces = await anyio.to_thread.run_sync(_list_namespaces, self.target)
