@@ -27,10 +27,11 @@ CAP_SYS_PTRACE), the injector's fallback copies are used: the app's `env`
 entries and `envFrom` sources, renamed with the `TPNB_APP_ENV_` prefix.
 
 Personal intercepts (HTTP filters) are routed request by request by
-cluster/httproute.py: matching requests to the holder's tunnel, the rest to the
-app.  A global intercept takes whole connections, as before.
+cluster/httproute.py (HTTP/1.1), stream by stream by cluster/h2route.py (HTTP/2
+with prior knowledge, as gRPC speaks it): matching requests to the holder's
+tunnel, the rest to the app.  A global intercept takes whole connections, as before.
 
-Runs inside the cluster image: Python 3.11, grpcio, protobuf, h11 and stdlib only.
+Runs inside the cluster image: Python 3.11, grpcio, protobuf, h11, h2 and stdlib only.
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ import grpc  # noqa: E402
 from tpnb.proto import pb, rpc  # noqa: E402
 from tpnb.version import __version__  # noqa: E402
 
-from . import httproute  # noqa: E402
+from . import h2route, httproute  # noqa: E402
 from .sftpjail import FilteringWriter, Jail  # noqa: E402
 from tpnb.common.forward import (  # noqa: E402
     BULK_GRPC_OPTIONS,
@@ -318,7 +319,7 @@ class Agent:
     def filtered_intercepts(self) -> list[tuple[httproute.Filter, pb.InterceptInfo]]:
         """The ACTIVE personal intercepts, once the app is known to speak HTTP/1.1 (until then, and
         for an app that does not, the app keeps its connections: the manager fails such intercepts)."""
-        if self.app_protocol != httproute.HTTP1:
+        if self.app_protocol not in (httproute.HTTP1, h2route.H2C):
             return []
         out = []
         for ic in self.intercepts:
@@ -386,7 +387,9 @@ class Agent:
             chan = await self._open_tunnel(ic, peer)
             return httproute.TunnelUpstream(chan, pb) if chan not in (None, False) else None
 
-        router = httproute.HttpRouter(reader, writer, choose, connect)
+        first = await h2route.sniff(reader)  # HTTP/2's preface must not reach h11 (it parses as a request line)
+        router: Any = (h2route.H2Router if first == h2route.PREFACE else httproute.HttpRouter)(
+            reader, writer, choose, connect, first=first)
         try:
             await router.run()
         except httproute.NotHTTP as exc:  # not HTTP/1.1 (or h2c): the app gets it untouched
@@ -593,7 +596,10 @@ class Agent:
     async def _probe_app(self) -> None:
         for _ in range(600):  # the app may still be starting: up to ~10 min, then the next instruction retries
             try:
-                self.app_protocol = await httproute.probe("127.0.0.1", self.s.app_port)
+                proto = await httproute.probe("127.0.0.1", self.s.app_port)
+                if proto != httproute.HTTP1 and await h2route.probe("127.0.0.1", self.s.app_port) == h2route.H2C:
+                    proto = h2route.H2C  # gRPC, or another HTTP/2-only server (the HTTP/1.1 reason is kept else)
+                self.app_protocol = proto
                 break
             except (OSError, asyncio.TimeoutError) as exc:
                 log.debug("protocol probe of 127.0.0.1:%d: %s", self.s.app_port, exc)

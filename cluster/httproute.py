@@ -157,6 +157,7 @@ class HttpRouter:
         self.reader, self.writer = reader, writer
         self.choose, self.connect = choose, connect
         self.down = h11.Connection(h11.SERVER)
+        self.first = first
         if first:
             self.down.receive_data(first)
         self.ups: dict[Hashable, _Up] = {}
@@ -174,7 +175,7 @@ class HttpRouter:
     async def run(self) -> None:
         """Until the client (or an upstream's framing) ends the connection.  Raises NotHTTP
         when the very first request does not parse (nothing was sent anywhere then)."""
-        raw = bytearray()
+        raw = bytearray(self.first)
         first = True
         try:
             while True:
@@ -331,7 +332,7 @@ async def probe(host: str, port: int, timeout: float = PROBE_TIMEOUT) -> str:
             return f"tcp: it did not answer an HTTP/1.1 request within {timeout:.0f} s"
         except h11.RemoteProtocolError:
             h2 = len(got) >= 9 and got[3] == 0x04  # a SETTINGS frame first: HTTP/2 prior knowledge (gRPC)
-            why = " (HTTP/2 without upgrade, as gRPC speaks it, is not filtered yet)" if h2 else ""
+            why = " (HTTP/2 without upgrade, as gRPC speaks it: see h2route.probe)" if h2 else ""
             return f"tcp: it answered an HTTP/1.1 request with {bytes(got[:32])!r}{why}"
     finally:
         writer.close()

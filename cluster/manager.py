@@ -180,7 +180,7 @@ class Manager(rpc.ManagerServicer):
                 ic.state = pb.InterceptInfo.ERROR
                 why = not_http[0].app_protocol.split(":", 1)[-1].strip()
                 ic.message = (f"the port of {ic.spec.workload} that the traffic-agent serves does not speak HTTP "
-                              f"({why}); HTTP filters (--http-header, --http-path-*) need HTTP/1.1")
+                              f"({why}); HTTP filters (--http-header, --http-path-*) need HTTP/1.1 or HTTP/2 (h2c)")
             elif agents and all(ic.id in a.delivered for a in agents) and not unprobed:
                 ic.state = pb.InterceptInfo.ACTIVE
                 ic.message = ""
