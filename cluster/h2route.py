@@ -114,6 +114,8 @@ class _Side:
         self.conn, self._send = conn, send
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
+        self._kicked: asyncio.Future[None] | None = None
+        self._dirty = False
         self.streams: dict[int, _Stream] = {}   # our stream id on this connection -> the relayed stream
 
     async def flush(self) -> None:
@@ -121,6 +123,21 @@ class _Side:
             data = self.conn.data_to_send()
             if data:
                 await self._send(data)
+
+    def kick(self) -> None:
+        """Flush soon, without the caller waiting on this side's pipe (a slow laptop's tunnel
+        must not hold up the client's reads, nor the app's streams)."""
+        self._dirty = True
+        if self._kicked is None or self._kicked.done():
+            self._kicked = asyncio.ensure_future(self._kick())
+
+    async def _kick(self) -> None:
+        while self._dirty:
+            self._dirty = False
+            try:
+                await self.flush()
+            except Exception:  # the pipe broke: its reader finds out and cleans up
+                return
 
     def changed(self) -> None:
         """A window or the open-stream count moved: wake the senders waiting for it."""
@@ -221,9 +238,9 @@ class H2Router:
                     return
                 for ev in events:
                     self._on_down(ev)
-                await self.down.flush()
+                await self.down.flush()   # h2's own answers (SETTINGS and PING acks, GOAWAY)
                 for up in list(self._all_ups):
-                    await up.flush()
+                    up.kick()             # resets relayed to it
                 data = await self.reader.read(CHUNK)
                 if not data:
                     return
@@ -372,7 +389,7 @@ class H2Router:
                 for ev in events:
                     self._on_up(up, ev)
                 await up.flush()
-                await self.down.flush()
+                self.down.kick()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # ProtocolError, ConnectionError, TunnelError, ...

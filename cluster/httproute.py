@@ -203,6 +203,7 @@ class HttpRouter:
 
     async def _cycle(self, req: h11.Request) -> bool:
         """One request/response; False when the client connection must end."""
+        req = decline_h2c_upgrade(req)
         key = self.choose(req)
         up = self.ups.get(key)
         if up is None:
@@ -290,6 +291,29 @@ class HttpRouter:
                     self.writer.write_eof()
 
         await asyncio.gather(c2u(), u2c())
+
+
+def decline_h2c_upgrade(req: h11.Request) -> h11.Request:
+    """Without `Upgrade: h2c`: a server may ignore an upgrade (RFC 9110 7.8), and one accepted here
+    would hand every later stream of the connection to wherever this first request went."""
+    if not any(n == b"upgrade" and b"h2c" in v.lower() for n, v in req.headers):
+        return req
+
+    def tokens(v: bytes, drop: set[bytes]) -> bytes:
+        return b", ".join(t for t in (x.strip() for x in v.split(b",")) if t and t.lower() not in drop)
+
+    rest = [tokens(v, {b"h2c"}) for n, v in req.headers if n == b"upgrade"]
+    gone = {b"http2-settings"} | (set() if any(rest) else {b"upgrade"})
+    headers = []
+    for n, v in req.headers:
+        if n == b"http2-settings" or (n == b"upgrade" and not any(rest)):
+            continue
+        if n in (b"upgrade", b"connection"):
+            v = tokens(v, {b"h2c"} if n == b"upgrade" else gone)
+            if not v:
+                continue
+        headers.append((n, v))
+    return h11.Request(method=req.method, target=req.target, headers=headers, http_version=req.http_version)
 
 
 # ------------------------------------------------------------------ the protocol probe

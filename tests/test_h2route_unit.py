@@ -61,6 +61,23 @@ def test_sniff_tells_the_http2_preface_from_anything_else() -> None:
     asyncio.run(main())
 
 
+def test_an_h2c_upgrade_is_declined_so_each_request_stays_routed() -> None:
+    import h11
+    req = h11.Request(method="GET", target="/", headers=[
+        ("Host", "hello"), ("Connection", "Upgrade, HTTP2-Settings"), ("Upgrade", "h2c"),
+        ("HTTP2-Settings", "AAMAAABkAARAAAAAAAIAAAAA"), ("x-dev", "alice")])
+    out = httproute.decline_h2c_upgrade(req)
+    assert out.headers == [(b"host", b"hello"), (b"x-dev", b"alice")]
+    both = h11.Request(method="GET", target="/", headers=[
+        ("Host", "h"), ("Connection", "keep-alive, Upgrade, HTTP2-Settings"), ("Upgrade", "websocket, h2c"),
+        ("HTTP2-Settings", "x")])
+    assert httproute.decline_h2c_upgrade(both).headers == [
+        (b"host", b"h"), (b"connection", b"keep-alive, Upgrade"), (b"upgrade", b"websocket")]
+    ws = h11.Request(method="GET", target="/", headers=[("Host", "h"), ("Connection", "Upgrade"),
+                                                         ("Upgrade", "websocket")])
+    assert httproute.decline_h2c_upgrade(ws) is ws   # other upgrades are not ours to decline
+
+
 def test_probe_tells_h2c_from_http1_and_other_protocols() -> None:
     async def main() -> None:
         server, _, port = greeter_app.serve(0, "app", host="127.0.0.1")
