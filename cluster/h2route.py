@@ -95,7 +95,10 @@ async def sniff(reader: asyncio.StreamReader) -> bytes:
 # ------------------------------------------------------------------ one side of the relay
 
 def _conn(client: bool) -> h2.connection.H2Connection:
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=client, header_encoding=None))
+    # headers are validated (and normalised) once, as they arrive; relayed as they are
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(
+        client_side=client, header_encoding=None, validate_outbound_headers=False,
+        normalize_outbound_headers=False))
     conn.initiate_connection()
     settings: dict[int, int] = {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW}
     if client:
@@ -158,7 +161,7 @@ class _Side:
                 if n or last:
                     self.conn.send_data(sid, bytes(view[:n]), end_stream=last)
                 view = view[n:]
-                await self.flush()
+                self.kick()
                 if not view:
                     return
             else:
@@ -238,7 +241,7 @@ class H2Router:
                     return
                 for ev in events:
                     self._on_down(ev)
-                await self.down.flush()   # h2's own answers (SETTINGS and PING acks, GOAWAY)
+                self.down.kick()   # h2's own answers (SETTINGS and PING acks)
                 for up in list(self._all_ups):
                     up.kick()             # resets relayed to it
                 data = await self.reader.read(CHUNK)
@@ -306,7 +309,7 @@ class H2Router:
         self.ups[key] = up
         self._all_ups.add(up)
         up.reader = asyncio.ensure_future(self._read_up(up))
-        await up.flush()
+        up.kick()
         return up
 
     async def _c2s(self, st: _Stream) -> None:
@@ -321,8 +324,8 @@ class H2Router:
                         up = await self._upstream(st.key)
                     else:
                         await up.wait_changed()
-            except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
-                log.debug("cannot reach %r: %s", st.key or "app", exc)
+            except Exception as exc:  # connect() failed in a way it did not turn into None
+                log.info("cannot reach %r: %s", st.key or "app", exc)
                 up = None
             if up is None:
                 await self._refuse(st, headers)
@@ -331,7 +334,7 @@ class H2Router:
             up.conn.send_headers(st.up_id, headers, end_stream=st.req_ends)
             up.streams[st.up_id] = st
             st.tasks.append(asyncio.ensure_future(self._s2c(st)))
-            await up.flush()
+            up.kick()
             if st.req_ends:
                 return
             while True:
@@ -341,13 +344,13 @@ class H2Router:
                     await up.send_data(st.up_id, item[1])
                     self.down.ack(st.down_id, pending)
                     pending = 0
-                    await self.down.flush()
+                    self.down.kick()
                     continue
                 if item[0] == "trailers":
                     up.conn.send_headers(st.up_id, item[1], end_stream=True)
                 else:  # end
                     up.conn.end_stream(st.up_id)
-                await up.flush()
+                up.kick()
                 up.changed()
                 return
         except _CLOSED:
@@ -376,7 +379,7 @@ class H2Router:
                 self.down.conn.send_headers(st.down_id, [(b":status", b"502"), (b"content-type", b"text/plain")])
                 await self.down.send_data(st.down_id, msg + b"\n", end=True)
             st.answered = True
-            await self.down.flush()
+            self.down.kick()
         st.s2c_done = True
         self._reset_down(st, h2.errors.ErrorCodes.NO_ERROR)   # a no-op when the client's side ended
 
@@ -388,7 +391,7 @@ class H2Router:
                 events = up.conn.receive_data(data)
                 for ev in events:
                     self._on_up(up, ev)
-                await up.flush()
+                up.kick()
                 self.down.kick()
         except asyncio.CancelledError:
             raise
@@ -465,19 +468,19 @@ class H2Router:
                 if item[0] == "headers":
                     self.down.conn.send_headers(st.down_id, item[1])
                     st.answered = True
-                    await self.down.flush()
+                    self.down.kick()
                 elif item[0] == "data":
                     pending = item[2]
                     await self.down.send_data(st.down_id, item[1])
                     up.ack(st.up_id, pending)
                     pending = 0
-                    await up.flush()
+                    up.kick()
                 elif item[0] == "reset":   # the upstream reset the stream, or its connection ended
                     code = item[1]
                     if code is None:
                         code = h2.errors.ErrorCodes.CANCEL if st.answered else h2.errors.ErrorCodes.REFUSED_STREAM
                     self._reset_down(st, code)
-                    await self.down.flush()
+                    self.down.kick()
                     return
                 else:
                     if item[0] == "trailers":
@@ -485,7 +488,7 @@ class H2Router:
                         st.answered = True
                     else:
                         self.down.conn.end_stream(st.down_id)
-                    await self.down.flush()
+                    self.down.kick()
                     return
         except _CLOSED:
             return
