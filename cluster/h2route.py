@@ -113,12 +113,14 @@ def _conn(client: bool) -> h2.connection.H2Connection:
 class _Side:
     """An h2 connection and the byte pipe under it; `send_data` honours the peer's windows."""
 
-    def __init__(self, conn: h2.connection.H2Connection, send: Callable[[bytes], Awaitable[None]]) -> None:
-        self.conn, self._send = conn, send
+    def __init__(self, conn: h2.connection.H2Connection, send: Callable[[bytes], Awaitable[None]],
+                 write_now: Callable[[bytes], None] | None = None) -> None:
+        self.conn, self._send, self._write_now = conn, send, write_now
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
         self._kicked: asyncio.Future[None] | None = None
         self._dirty = False
+        self._soon = False
         self.streams: dict[int, _Stream] = {}   # our stream id on this connection -> the relayed stream
 
     async def flush(self) -> None:
@@ -131,8 +133,21 @@ class _Side:
         """Flush soon, without the caller waiting on this side's pipe (a slow laptop's tunnel
         must not hold up the client's reads, nor the app's streams)."""
         self._dirty = True
-        if self._kicked is None or self._kicked.done():
+        if self._write_now is not None:   # a socket: one write per loop turn, no task
+            if not self._soon:
+                self._soon = True
+                asyncio.get_running_loop().call_soon(self._write_pending)
+        elif self._kicked is None or self._kicked.done():
             self._kicked = asyncio.ensure_future(self._kick())
+
+    def _write_pending(self) -> None:
+        self._soon = False
+        if self._lock.locked():   # an awaited flush is writing: it or the next kick takes the rest
+            self._kicked = asyncio.ensure_future(self._kick())
+            return
+        data = self.conn.data_to_send()
+        if data and self._write_now is not None:
+            self._write_now(data)
 
     async def _kick(self) -> None:
         while self._dirty:
@@ -176,7 +191,8 @@ class _Side:
 
 class _UpSide(_Side):
     def __init__(self, key: Hashable, stream: Upstream, conn: h2.connection.H2Connection) -> None:
-        super().__init__(conn, stream.send)
+        writer = getattr(stream, "writer", None)   # a StreamUpstream (the app): its socket
+        super().__init__(conn, stream.send, writer.write if writer is not None else None)
         self.key, self.stream = key, stream
         self.reader: asyncio.Task[None] | None = None
         self.draining = False   # GOAWAY received or the connection ended: no new streams
@@ -217,7 +233,7 @@ class H2Router:
         self.reader, self.writer = reader, writer
         self.choose, self.connect = choose, connect
         self.first = first
-        self.down = _Side(_conn(client=False), self._write_down)
+        self.down = _Side(_conn(client=False), self._write_down, writer.write)
         self.ups: dict[Hashable, _UpSide] = {}
         self._connecting: dict[Hashable, asyncio.Future[_UpSide | None]] = {}
         self._all_ups: set[_UpSide] = set()
