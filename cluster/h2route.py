@@ -41,6 +41,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+from hyperframe.frame import Frame, GoAwayFrame
 
 from .httproute import Upstream
 
@@ -90,6 +91,50 @@ async def sniff(reader: asyncio.StreamReader) -> bytes:
         if not PREFACE.startswith(got):
             return got
     return got
+
+
+# ------------------------------------------------------------------ GOAWAY, before h2 sees it
+
+class _GoAways:
+    """Takes GOAWAY frames out of a peer's byte stream (whole frames; framing per RFC 9113 4.1,
+    parsed by hyperframe) so that h2 never sees them.
+
+    h2 moves its connection to CLOSED on a received GOAWAY and then rejects every later frame
+    (python-hyper/h2 issue 1199), so the streams that the GOAWAY lets finish -- all of them up to
+    its last_stream_id, e.g. when a gRPC server closes a connection by age or on shutdown -- would
+    die with it.  We keep h2's connection open, handle the GOAWAY ourselves (no new streams there;
+    the ones above last_stream_id were not processed), and let the rest finish.
+    """
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes | GoAwayFrame]:
+        """Bytes for h2 and GoAwayFrames, in order; an incomplete frame waits for more data."""
+        buf = self.buf
+        buf += data
+        out: list[bytes | GoAwayFrame] = []
+        start = pos = 0
+        while len(buf) - pos >= 9:
+            end = pos + 9 + int.from_bytes(buf[pos:pos + 3], "big")
+            if end > len(buf):
+                break
+            if buf[pos + 3] == GoAwayFrame.type:
+                try:
+                    frame, _ = Frame.parse_frame_header(memoryview(bytes(buf[pos:pos + 9])))
+                    frame.parse_body(memoryview(bytes(buf[pos + 9:end])))
+                except Exception:  # malformed: h2 says so to the peer
+                    pos = end
+                    continue
+                if pos > start:
+                    out.append(bytes(buf[start:pos]))
+                out.append(frame)  # type: ignore[arg-type]
+                start = end
+            pos = end
+        if pos > start:
+            out.append(bytes(buf[start:pos]))
+        del buf[:pos]
+        return out
 
 
 # ------------------------------------------------------------------ one side of the relay
@@ -245,24 +290,29 @@ class H2Router:
 
     async def run(self) -> None:
         """Until the client ends the connection (or breaks the protocol: it gets a GOAWAY)."""
+        goaways = _GoAways()
         try:
-            data = self.first
+            parts: list[Any] = [self.first] if self.first else []   # the preface: not framed
             while True:
                 try:
-                    events = self.down.conn.receive_data(data) if data else []
+                    for part in parts:
+                        if isinstance(part, GoAwayFrame):   # the client will open no more streams
+                            log.debug("client said GOAWAY (%s)", part.error_code)
+                            continue
+                        for ev in self.down.conn.receive_data(part):
+                            self._on_down(ev)
                 except h2.exceptions.ProtocolError as exc:
                     log.debug("client broke HTTP/2: %s", exc)
                     with contextlib.suppress(Exception):
                         await self.down.flush()   # h2 queued the GOAWAY
                     return
-                for ev in events:
-                    self._on_down(ev)
                 self.down.kick()   # h2's own answers (SETTINGS and PING acks)
                 for up in list(self._all_ups):
                     up.kick()             # resets relayed to it
                 data = await self.reader.read(CHUNK)
                 if not data:
                     return
+                parts = goaways.feed(data)
         finally:
             await self._close()
 
@@ -402,11 +452,15 @@ class H2Router:
     # ---------------------------------------------------------- upstream -> client
     async def _read_up(self, up: _UpSide) -> None:
         why = "ended"
+        goaways = _GoAways()
         try:
             while data := await up.stream.recv():
-                events = up.conn.receive_data(data)
-                for ev in events:
-                    self._on_up(up, ev)
+                for part in goaways.feed(data):
+                    if isinstance(part, GoAwayFrame):
+                        self._goaway(up, part.last_stream_id)
+                        continue
+                    for ev in up.conn.receive_data(part):
+                        self._on_up(up, ev)
                 up.kick()
                 self.down.kick()
         except asyncio.CancelledError:
@@ -430,14 +484,8 @@ class H2Router:
         if isinstance(ev, (E.WindowUpdated, E.RemoteSettingsChanged)):
             up.changed()
             return
-        if isinstance(ev, E.ConnectionTerminated):   # GOAWAY: streams after last_stream_id were not taken
-            up.draining = True
-            if self.ups.get(up.key) is up:
-                del self.ups[up.key]
-            for sid, st in list(up.streams.items()):
-                if ev.last_stream_id is not None and sid > ev.last_stream_id:
-                    self._up_reset(st, h2.errors.ErrorCodes.REFUSED_STREAM)
-            up.changed()
+        if isinstance(ev, E.ConnectionTerminated):   # (GOAWAYs are taken out before h2; see _GoAways)
+            self._goaway(up, ev.last_stream_id)
             return
         if isinstance(ev, E.PushedStreamReceived):   # we disabled push; refuse one anyway
             with contextlib.suppress(*_CLOSED):
@@ -466,6 +514,17 @@ class H2Router:
         elif isinstance(ev, E.StreamReset):
             self._up_reset(st, ev.error_code)
             up.changed()
+
+    def _goaway(self, up: _UpSide, last_stream_id: int | None) -> None:
+        """No new streams on `up`; those above last_stream_id were not processed: refused."""
+        log.debug("upstream %r said GOAWAY (last stream %s)", up.key or "app", last_stream_id)
+        up.draining = True
+        if self.ups.get(up.key) is up:
+            del self.ups[up.key]
+        for sid, st in list(up.streams.items()):
+            if last_stream_id is not None and sid > last_stream_id:
+                self._up_reset(st, h2.errors.ErrorCodes.REFUSED_STREAM)
+        up.changed()
 
     def _up_reset(self, st: _Stream, code: int | None) -> None:
         """The upstream reset a stream (None: its connection ended): the client's stream is reset

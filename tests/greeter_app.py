@@ -74,10 +74,11 @@ def add_to_server(servicer, server):
     }),))
 
 
-def serve(port, tag, host="0.0.0.0"):
+def serve(port, tag, host="0.0.0.0", options=()):
     """A started grpc.server (and its servicer) on host:port."""
     servicer = Servicer(tag)
-    server = grpc.server(futures.ThreadPoolExecutor(32), options=[("grpc.max_receive_message_length", 16 << 20)])
+    server = grpc.server(futures.ThreadPoolExecutor(32),
+                         options=[("grpc.max_receive_message_length", 16 << 20), *options])
     add_to_server(servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     server.start()

@@ -61,6 +61,19 @@ def test_sniff_tells_the_http2_preface_from_anything_else() -> None:
     asyncio.run(main())
 
 
+def test_goaway_frames_are_taken_out_of_the_byte_stream_in_order() -> None:
+    from hyperframe.frame import GoAwayFrame, PingFrame, SettingsFrame
+    ping, settings = PingFrame(0).serialize(), SettingsFrame(0).serialize()
+    ga = GoAwayFrame(0)
+    ga.last_stream_id, ga.error_code = 7, 0
+    wire = settings + ga.serialize() + ping
+    g = h2route._GoAways()
+    parts = g.feed(wire[:5]) + g.feed(wire[5:20]) + g.feed(wire[20:])   # split anywhere
+    assert [p if isinstance(p, bytes) else ("goaway", p.last_stream_id) for p in parts] == [
+        settings, ("goaway", 7), ping]
+    assert g.feed(ping[:4]) == [] and g.feed(ping[4:]) == [ping]   # a frame is passed on whole
+
+
 def test_an_h2c_upgrade_is_declined_so_each_request_stays_routed() -> None:
     import h11
     req = h11.Request(method="GET", target="/", headers=[
@@ -259,6 +272,29 @@ def test_a_laptop_that_goes_away_resets_its_streams_only(greeters: dict[str, Any
         assert relay.connects.count("bob") == 2 and len(relay.routers) == 1
     finally:
         _stop_loop(loop, thread, srv)
+
+
+def test_an_upstream_goaway_moves_new_calls_to_a_new_connection() -> None:
+    """The app closes connections by age (GOAWAY, as grpc servers do with max_connection_age): calls
+    keep working on the client's one connection, the relay opens a new upstream connection each time."""
+    app, _, app_port = greeter_app.serve(0, "app", host="127.0.0.1", options=[
+        ("grpc.max_connection_age_ms", 300), ("grpc.max_connection_age_grace_ms", 5000)])
+    relay = _Relay({"app": app_port, "alice": app_port, "bob": app_port})
+    loop, thread = _in_thread_loop()
+    srv = asyncio.run_coroutine_threadsafe(asyncio.start_server(relay.handle, "127.0.0.1", 0), loop).result(10)
+    port = srv.sockets[0].getsockname()[1]
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = greeter_app.Stub(ch)
+            until, n = time.monotonic() + 2.0, 0
+            while time.monotonic() < until:
+                assert stub.SayHello(StringValue(value=str(n)), timeout=10).value == f"hello {n} from app"
+                n += 1
+        assert n > 20 and len(relay.routers) == 1
+        assert relay.connects.count("app") >= 3, relay.connects   # one per ~300 ms of age
+    finally:
+        _stop_loop(loop, thread, srv)
+        app.stop(0)
 
 
 def test_agent_routes_grpc_calls_by_metadata(greeters: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
