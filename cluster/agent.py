@@ -307,6 +307,8 @@ class Agent:
         #: what the app's port speaks ("" until probed; see httproute.probe), reported to the manager
         self.app_protocol = ""
         self._probe: asyncio.Task[Any] | None = None
+        #: the HTTP/2 client connections being routed (told GOAWAY when the agent stops)
+        self._h2: set[Any] = set()
 
     # ---------------------------------------------------------- routing
     def active_intercept(self) -> pb.InterceptInfo | None:
@@ -390,6 +392,8 @@ class Agent:
         first = await h2route.sniff(reader)  # HTTP/2's preface must not reach h11 (it parses as a request line)
         router: Any = (h2route.H2Router if first == h2route.PREFACE else httproute.HttpRouter)(
             reader, writer, choose, connect, first=first)
+        if isinstance(router, h2route.H2Router):
+            self._h2.add(router)
         try:
             await router.run()
         except httproute.NotHTTP as exc:  # not HTTP/1.1 (or h2c): the app gets it untouched
@@ -400,6 +404,8 @@ class Agent:
             log.debug("%s:%s: %s", peer[0], peer[1], exc)
             writer.transport.abort()
             return
+        finally:
+            self._h2.discard(router)
         log.debug("%s:%s done, requests: %s", peer[0], peer[1],
                   {k or "app": n for k, n in router.routed.items()})
         with contextlib.suppress(Exception):
@@ -708,6 +714,8 @@ class Agent:
         if session is not None:
             session.cancel()
             await asyncio.gather(session, return_exceptions=True)
+        for h2conn in list(self._h2):  # HTTP/2 clients: no new streams here, finish the others
+            h2conn.goaway()
         if self._conns:
             _, pending = await asyncio.wait(set(self._conns), timeout=DRAIN_SECONDS)
             for t in pending:

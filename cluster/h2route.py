@@ -316,6 +316,14 @@ class H2Router:
         finally:
             await self._close()
 
+    def goaway(self) -> None:
+        """Ask the client to open no more streams here (the agent is stopping); the streams it has
+        finish.  Written beside h2, not through it: h2 would refuse every frame after its own GOAWAY."""
+        frame = GoAwayFrame(0)
+        frame.last_stream_id, frame.error_code = self.down.conn.highest_inbound_stream_id, 0
+        with contextlib.suppress(Exception):
+            self.writer.write(self.down.conn.data_to_send() + frame.serialize())
+
     async def _close(self) -> None:
         for st in list(self.down.streams.values()):
             self._finish(st)

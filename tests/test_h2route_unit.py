@@ -297,6 +297,35 @@ def test_an_upstream_goaway_moves_new_calls_to_a_new_connection() -> None:
         app.stop(0)
 
 
+def test_goaway_to_the_client_lets_its_calls_finish_and_moves_new_ones(greeters: dict[str, Any]) -> None:
+    """What the agent does when it stops: GOAWAY to each HTTP/2 client.  A call in flight finishes on
+    the old connection; the next call on the same channel goes on a new one."""
+    relay = _Relay({t: p for t, (p, _) in greeters.items()})
+    loop, thread = _in_thread_loop()
+    srv = asyncio.run_coroutine_threadsafe(asyncio.start_server(relay.handle, "127.0.0.1", 0), loop).result(10)
+    port = srv.sockets[0].getsockname()[1]
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = greeter_app.Stub(ch)
+            gate = threading.Event()
+
+            def requests() -> Iterator[StringValue]:
+                yield StringValue(value="before")
+                gate.wait(10)
+                yield StringValue(value="after")
+            call = stub.Chat(requests(), metadata=(("x-dev", "alice"),), timeout=30)
+            assert next(call).value == "before from alice"
+            assert len(relay.routers) == 1
+            loop.call_soon_threadsafe(relay.routers[0].goaway)
+            time.sleep(0.3)
+            gate.set()
+            assert [m.value for m in call] == ["after from alice"]   # the call in flight finished
+            assert stub.SayHello(StringValue(value="n"), timeout=10).value == "hello n from app"
+            assert len(relay.routers) == 2   # ... and the new call came on a new connection
+    finally:
+        _stop_loop(loop, thread, srv)
+
+
 def test_agent_routes_grpc_calls_by_metadata(greeters: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
                                              tmp_path: Any) -> None:
     monkeypatch.setattr(agent_mod, "app_environment", lambda s, proc=None: {})
