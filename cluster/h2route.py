@@ -57,6 +57,9 @@ PROBE_TIMEOUT = 3.0
 STREAM_WINDOW = 1 << 20
 CONN_WINDOW = 16 << 20
 MAX_STREAMS = 256
+#: a request of at most this many body bytes is kept until its answer starts, to be sent again
+#: on a new connection if the app refuses the stream unprocessed (REFUSED_STREAM, or GOAWAY)
+REPLAY_LIMIT = 64 * 1024
 _CLOSED = (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError, ValueError)
 
 
@@ -260,6 +263,15 @@ class _Stream:
     c2s_done: bool = False
     s2c_done: bool = False
     closed: bool = False
+    replay: list[tuple[Any, ...]] | None = field(default_factory=list)   # what went upstream so far
+    replay_size: int = 0
+    retried: bool = False
+    gen: int = 0   # bumped when the stream moves to another upstream connection
+
+    def keep(self, item: tuple[Any, ...]) -> None:
+        if self.replay is not None:
+            self.replay_size += len(item[1]) if item[0] == "data" else 0
+            self.replay = self.replay + [item] if self.replay_size <= REPLAY_LIMIT else None
 
 
 # ------------------------------------------------------------------ the router
@@ -283,6 +295,7 @@ class H2Router:
         self._connecting: dict[Hashable, asyncio.Future[_UpSide | None]] = {}
         self._all_ups: set[_UpSide] = set()
         self.routed: dict[Hashable, int] = {}
+        self.replayed = 0   # streams sent again after an upstream refused them
 
     async def _write_down(self, data: bytes) -> None:
         self.writer.write(data)
@@ -390,29 +403,16 @@ class H2Router:
         pending = 0   # flow-controlled bytes taken from the client and not yet acknowledged
         try:
             _, headers = await st.c2s.get()
-            try:
-                up = await self._upstream(st.key)
-                while up is not None and (up.draining or up.conn.open_outbound_streams
-                                          >= up.conn.remote_settings.max_concurrent_streams):
-                    if up.draining:   # it said GOAWAY or ended meanwhile: a new connection
-                        up = await self._upstream(st.key)
-                    else:
-                        await up.wait_changed()
-            except Exception as exc:  # connect() failed in a way it did not turn into None
-                log.info("cannot reach %r: %s", st.key or "app", exc)
-                up = None
+            up = await self._ready(st.key)
             if up is None:
                 await self._refuse(st, headers)
                 return
-            st.up, st.up_id = up, up.conn.get_next_available_stream_id()
-            up.conn.send_headers(st.up_id, headers, end_stream=st.req_ends)
-            up.streams[st.up_id] = st
-            st.tasks.append(asyncio.ensure_future(self._s2c(st)))
-            up.kick()
+            self._open_up(st, up, headers)
             if st.req_ends:
                 return
             while True:
                 item = await st.c2s.get()
+                st.keep(item[:2])
                 if item[0] == "data":
                     pending = item[2]
                     await up.send_data(st.up_id, item[1])
@@ -438,6 +438,70 @@ class H2Router:
             st.c2s_done = True
             if st.s2c_done:
                 self._finish(st, reset=False)
+
+    async def _ready(self, key: Hashable) -> _UpSide | None:
+        """The upstream connection for `key`, once it can take one more stream (None: unreachable)."""
+        try:
+            up = await self._upstream(key)
+            while up is not None and (up.draining or up.conn.open_outbound_streams
+                                      >= up.conn.remote_settings.max_concurrent_streams):
+                if up.draining:   # it said GOAWAY or ended meanwhile: a new connection
+                    up = await self._upstream(key)
+                else:
+                    await up.wait_changed()
+            return up
+        except Exception as exc:  # connect() failed in a way it did not turn into None
+            log.info("cannot reach %r: %s", key or "app", exc)
+            return None
+
+    def _open_up(self, st: _Stream, up: _UpSide, headers: list[tuple[bytes, bytes]]) -> None:
+        st.up, st.up_id = up, up.conn.get_next_available_stream_id()
+        up.conn.send_headers(st.up_id, headers, end_stream=st.req_ends)
+        st.keep(("headers", headers))
+        up.streams[st.up_id] = st
+        st.tasks.append(asyncio.ensure_future(self._s2c(st)))
+        up.kick()
+
+    def _retry(self, st: _Stream) -> bool:
+        """Send a refused (unprocessed) stream again on a new connection, once, if it is small and
+        complete and nothing of its answer came yet."""
+        if st.closed or st.retried or st.answered or not st.c2s_done or not st.replay or st.up is None:
+            return False
+        st.retried = True
+        st.up.streams.pop(st.up_id, None)
+        me = asyncio.current_task()
+        for t in st.tasks:
+            if t is not me:
+                t.cancel()
+        st.gen += 1
+        st.tasks, st.s2c, st.s2c_done = [], asyncio.Queue(), False
+        st.up, st.up_id = None, 0
+        st.tasks.append(asyncio.ensure_future(self._replay(st)))
+        return True
+
+    async def _replay(self, st: _Stream) -> None:
+        items, st.replay = st.replay or [], None
+        try:
+            up = await self._ready(st.key)
+            if up is None:
+                self._reset_down(st, h2.errors.ErrorCodes.REFUSED_STREAM)
+                return
+            log.debug("stream %d: refused by %r, sent again", st.down_id, st.key or "app")
+            self.replayed += 1
+            self._open_up(st, up, items[0][1])
+            for item in items[1:]:
+                if item[0] == "data":
+                    await up.send_data(st.up_id, item[1])
+                elif item[0] == "trailers":
+                    up.conn.send_headers(st.up_id, item[1], end_stream=True)
+                else:
+                    up.conn.end_stream(st.up_id)
+            up.kick()
+        except _CLOSED:
+            return
+        except Exception as exc:
+            log.debug("stream %d to %r: %s", st.down_id, st.key or "app", exc)
+            self._reset_down(st, h2.errors.ErrorCodes.REFUSED_STREAM)
 
     async def _refuse(self, st: _Stream, headers: list[tuple[bytes, bytes]]) -> None:
         """The destination did not answer: gRPC calls fail UNAVAILABLE (a trailers-only answer), other
@@ -536,7 +600,10 @@ class H2Router:
 
     def _up_reset(self, st: _Stream, code: int | None) -> None:
         """The upstream reset a stream (None: its connection ended): the client's stream is reset
-        after what came before (in order, by its s2c pump), or now if the response was complete."""
+        after what came before (in order, by its s2c pump), or now if the response was complete.
+        A stream refused unprocessed is sent again instead, when it can be (`_retry`)."""
+        if code == h2.errors.ErrorCodes.REFUSED_STREAM and self._retry(st):
+            return
         if st.s2c_done:
             self._reset_down(st, h2.errors.ErrorCodes.CANCEL if code is None else code)
         else:
@@ -544,18 +611,19 @@ class H2Router:
 
     async def _s2c(self, st: _Stream) -> None:
         assert st.up is not None
-        up, pending = st.up, 0
+        up, sid, q, gen, pending = st.up, st.up_id, st.s2c, st.gen, 0
         try:
             while True:
-                item = await st.s2c.get()
+                item = await q.get()
                 if item[0] == "headers":
                     self.down.conn.send_headers(st.down_id, item[1])
                     st.answered = True
+                    st.replay = None
                     self.down.kick()
                 elif item[0] == "data":
                     pending = item[2]
                     await self.down.send_data(st.down_id, item[1])
-                    up.ack(st.up_id, pending)
+                    up.ack(sid, pending)
                     pending = 0
                     up.kick()
                 elif item[0] == "reset":   # the upstream reset the stream, or its connection ended
@@ -579,11 +647,12 @@ class H2Router:
             log.debug("stream %d from %r: %s", st.down_id, st.key or "app", exc)
             self._reset_down(st, h2.errors.ErrorCodes.CANCEL)
         finally:
-            up.ack(st.up_id, pending)
-            self._drain(st.s2c, up, st.up_id)
-            st.s2c_done = True
-            if st.c2s_done:
-                self._finish(st, reset=False)
+            up.ack(sid, pending)
+            self._drain(q, up, sid)
+            if st.gen == gen:   # (else the stream went on to another connection: not done)
+                st.s2c_done = True
+                if st.c2s_done:
+                    self._finish(st, reset=False)
 
     # ---------------------------------------------------------- ending streams
     def _reset_down(self, st: _Stream, code: int) -> None:

@@ -297,6 +297,55 @@ def test_an_upstream_goaway_moves_new_calls_to_a_new_connection() -> None:
         app.stop(0)
 
 
+def test_a_stream_the_app_refuses_unprocessed_is_sent_again(greeters: dict[str, Any]) -> None:
+    """The app's first connection takes the request's HEADERS, then says GOAWAY with last stream 0
+    (nothing processed) and closes: the relay sends the call again on a new connection, the client
+    never sees the refusal."""
+    from hyperframe.frame import GoAwayFrame, SettingsFrame
+    app_port, accepted = greeters["app"][0], []
+
+    async def app(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        accepted.append(1)
+        if len(accepted) == 1:
+            buf = await r.readexactly(len(h2route.PREFACE))
+            while True:   # frames until a HEADERS one (type 1): the call reached "the app"
+                head = await r.readexactly(9)
+                await r.readexactly(int.from_bytes(head[:3], "big"))
+                if head[3] == 1:
+                    break
+            ga = GoAwayFrame(0)
+            ga.last_stream_id, ga.error_code = 0, 0
+            w.write(SettingsFrame(0).serialize() + ga.serialize())
+            await w.drain()
+            w.close()
+            del buf
+            return
+        ar, aw = await asyncio.open_connection("127.0.0.1", app_port)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+            dst.close()
+        await asyncio.gather(pipe(r, aw), pipe(ar, w), return_exceptions=True)
+
+    loop, thread = _in_thread_loop()
+    fake = asyncio.run_coroutine_threadsafe(asyncio.start_server(app, "127.0.0.1", 0), loop).result(10)
+    relay = _Relay({"app": fake.sockets[0].getsockname()[1], "alice": greeters["alice"][0],
+                    "bob": greeters["bob"][0]})
+    srv = asyncio.run_coroutine_threadsafe(asyncio.start_server(relay.handle, "127.0.0.1", 0), loop).result(10)
+    port = srv.sockets[0].getsockname()[1]
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = greeter_app.Stub(ch)
+            assert stub.SayHello(StringValue(value="x"), timeout=10).value == "hello x from app"
+            assert stub.SayHello(StringValue(value="y"), timeout=10).value == "hello y from app"
+        assert relay.routers[0].replayed == 1 and len(accepted) == 2 and relay.connects.count("app") == 2
+    finally:
+        loop.call_soon_threadsafe(fake.close)
+        _stop_loop(loop, thread, srv)
+
+
 def test_goaway_to_the_client_lets_its_calls_finish_and_moves_new_ones(greeters: dict[str, Any]) -> None:
     """What the agent does when it stops: GOAWAY to each HTTP/2 client.  A call in flight finishes on
     the old connection; the next call on the same channel goes on a new one."""
