@@ -11,13 +11,16 @@ opens each stream on an HTTP/2 connection of its own to the chosen destination
 multiplexed on each.  HEADERS, DATA, trailers (grpc-status), RST_STREAM and
 GOAWAY are relayed; DATA is acknowledged to its sender (its flow-control window
 reopened) only once the other side has taken it, so a slow receiver slows its
-sender and no buffer grows beyond the windows.
+sender and no buffer grows beyond the windows (plus, per stream, a copy of a small
+request until its answer starts: a stream the app refuses unprocessed is sent again).
+GOAWAY frames are handled beside h2 (see `_GoAways`).
 
 Why by hand: the framing, HPACK, stream states and flow-control arithmetic are the
-h2 library's; what no library offers is a proxy that splits one client connection's
-streams over several upstream connections by header (h2's examples and the Python
-proxies built on it relay whole connections; Envoy-class proxies are not a library
-the image can import).  The relay here is that glue only.
+h2 library's (hyperframe's for the GOAWAY frames); h2 itself does no I/O and no
+proxying, and the Python proxies that can route HTTP/2 requests (mitmproxy) are whole
+applications with their own loop and dependency tree, too heavy for a sidecar beside
+every workload.  The relay here is the glue only: which stream goes where, and
+moving frames and window credit between the connections.
 
 A client's connection preface is recognised by `sniff()` before h11 sees any byte
 (`PRI * HTTP/2.0` would otherwise parse as an HTTP/1 request line).  `probe()`
@@ -25,7 +28,7 @@ tells whether the app's port answers an HTTP/2 preface; the agent asks it when t
 HTTP/1.1 probe failed, and reports "h2c" to the manager, which then accepts
 filtered intercepts on that port.
 
-Runs inside the cluster image: Python 3.11, h2 and the stdlib.
+Runs inside the cluster image: Python 3.11, h2 (with hpack, hyperframe) and the stdlib.
 """
 from __future__ import annotations
 
