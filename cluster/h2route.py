@@ -274,7 +274,10 @@ class _Stream:
     def keep(self, item: tuple[Any, ...]) -> None:
         if self.replay is not None:
             self.replay_size += len(item[1]) if item[0] == "data" else 0
-            self.replay = self.replay + [item] if self.replay_size <= REPLAY_LIMIT else None
+            if self.replay_size > REPLAY_LIMIT or len(self.replay) >= 64:
+                self.replay = None   # too big to keep: such a stream is not sent again
+            else:
+                self.replay.append(item)
 
 
 # ------------------------------------------------------------------ the router
