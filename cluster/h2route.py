@@ -146,10 +146,11 @@ class _GoAways:
 # ------------------------------------------------------------------ one side of the relay
 
 def _conn(client: bool) -> h2.connection.H2Connection:
-    # headers are validated (and normalised) once, as they arrive; relayed as they are
+    # the client's headers are validated (and normalised) once, as they arrive, and relayed as they
+    # are; the answers of the app and of the laptops (their own HTTP/2 servers) are relayed unchecked
     conn = h2.connection.H2Connection(h2.config.H2Configuration(
         client_side=client, header_encoding=None, validate_outbound_headers=False,
-        normalize_outbound_headers=False))
+        normalize_outbound_headers=False, validate_inbound_headers=not client))
     conn.initiate_connection()
     settings: dict[int, int] = {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW}
     if client:
