@@ -313,6 +313,7 @@ class H2Router:
         goaways = _GoAways()
         try:
             parts: list[Any] = [self.first] if self.first else []   # the preface: not framed
+            seen = len(self.first)
             while True:
                 try:
                     for part in parts:
@@ -332,7 +333,9 @@ class H2Router:
                 data = await self.reader.read(CHUNK)
                 if not data:
                     return
-                parts = goaways.feed(data)
+                unframed = max(0, len(PREFACE) - seen)   # the rest of the preface, if `first` had not all
+                seen += len(data)
+                parts = ([data[:unframed]] if unframed else []) + goaways.feed(data[unframed:])
         finally:
             await self._close()
 

@@ -426,3 +426,108 @@ def test_agent_routes_grpc_calls_by_metadata(greeters: dict[str, Any], monkeypat
             await ag.stop()
             await server.stop(0)
     asyncio.run(asyncio.wait_for(main(), 120))
+
+
+class _MemWriter:
+    """The client's side of the relay's socket, in memory."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.buf += data
+
+    async def drain(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _SlowApp:
+    """An in-memory upstream: an h2 server that takes DATA but acknowledges only when told to."""
+
+    def __init__(self) -> None:
+        import h2.config
+        import h2.connection
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        self.conn.initiate_connection()
+        self.out: asyncio.Queue[bytes] = asyncio.Queue()
+        self.got: dict[int, int] = {}
+        self.unacked: list[tuple[int, int]] = []
+
+    async def send(self, data: bytes) -> None:
+        import h2.events
+        for ev in self.conn.receive_data(data):
+            if isinstance(ev, h2.events.DataReceived):
+                self.got[ev.stream_id] = self.got.get(ev.stream_id, 0) + len(ev.data)
+                self.unacked.append((ev.stream_id, ev.flow_controlled_length))
+        self.push()
+
+    def push(self) -> None:
+        if data := self.conn.data_to_send():
+            self.out.put_nowait(data)
+
+    def ack_all(self) -> None:
+        for sid, n in self.unacked:
+            self.conn.acknowledge_received_data(n, sid)
+        self.unacked.clear()
+        self.push()
+
+    async def recv(self) -> bytes:
+        return await self.out.get()
+
+    async def send_eof(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_flow_control_holds_a_fast_client_to_a_slow_app_in_memory() -> None:
+    """5 MiB uploaded on one stream to an app that does not read: the client is stopped by its window
+    once the relay holds what its own windows allow (nothing unbounded), and all of it arrives once
+    the app reads."""
+    import h2.config
+    import h2.connection
+
+    total = 5 << 20
+
+    async def main() -> None:
+        app = _SlowApp()
+        reader, writer = asyncio.StreamReader(), _MemWriter()
+        router = h2route.H2Router(reader, writer, lambda req: "app", lambda key: asyncio.sleep(0, app))  # type: ignore[arg-type]
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        client.send_headers(1, [(":method", "POST"), (":path", "/up"), (":scheme", "http"),
+                                (":authority", "app")])
+        task = asyncio.ensure_future(router.run())
+        sent = 0
+
+        async def pump(rounds: int) -> None:
+            nonlocal sent
+            for _ in range(rounds):
+                while sent < total and (n := min(client.local_flow_control_window(1), 16384, total - sent)) > 0:
+                    client.send_data(1, b"x" * n, end_stream=sent + n == total)
+                    sent += n
+                reader.feed_data(client.data_to_send())
+                for _ in range(5):
+                    await asyncio.sleep(0)
+                if writer.buf:
+                    client.receive_data(bytes(writer.buf))
+                    writer.buf.clear()
+
+        await pump(200)
+        held = sent - app.got.get(1, 0)
+        assert sent < total, "the client was never stopped"
+        assert app.got.get(1, 0) <= 65535           # the app's own window, which it never reopened
+        assert held <= h2route.STREAM_WINDOW + 65535, held   # what the relay holds: its window's worth
+        for _ in range(400):
+            app.ack_all()
+            await pump(1)
+            if app.got.get(1, 0) == total:
+                break
+        assert app.got.get(1, 0) == total and sent == total
+        reader.feed_eof()
+        await asyncio.wait_for(task, 5)
+    asyncio.run(main())
