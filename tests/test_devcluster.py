@@ -276,6 +276,122 @@ def test_missing_prerequisite_names_the_apt_line(monkeypatch: pytest.MonkeyPatch
     assert "apt-get install -y tpnb-fake-package" in exc.value.hint
 
 
+# ---------------------------------------------------------------- more nodes (unit)
+@pytest.mark.unit
+def test_node_specs_have_their_own_names_subnets_and_files(cfg: DevClusterConfig, layout: Layout) -> None:
+    n1, n2, n3 = (manifests.node_spec(cfg, layout, i) for i in (1, 2, 3))
+    assert (n1.name, n1.netns, n1.ip, n1.pod_cidr, n1.layout) == \
+        ("tpnb-node", "tpnb-node", "10.250.0.1", "10.42.0.0/24", layout)
+    assert (n2.name, n2.netns, n2.ip, n2.link_ip, n2.pod_cidr, n2.cni_gateway) == \
+        ("tpnb-node2", "tpnb-node2", "10.249.0.2", "10.249.0.2", "10.42.1.0/24", "10.42.1.1")
+    assert n3.pod_cidr == "10.42.2.0/24" and n1.link_ip == "10.249.0.1"
+    assert len({n.cgroup_root for n in (n1, n2, n3)}) == 3 and n1.cgroup_root == manifests.CGROUP_ROOT
+    assert n2.layout.state == layout.state / "nodes" / "tpnb-node2"
+    assert n2.layout.containerd_sock != layout.containerd_sock and n2.layout.run.is_relative_to(layout.run)
+    default = manifests.node_spec(cfg, Layout.from_config(cfg), manifests.MAX_NODES)
+    assert len(str(default.layout.containerd_sock) + ".ttrpc") < 108   # a unix socket path
+    for bad in (0, manifests.MAX_NODES + 1):
+        with pytest.raises(ValueError):
+            manifests.node_spec(cfg, layout, bad)
+    small = DevClusterConfig(pod_cidr="10.42.0.0/23")
+    with pytest.raises(ValueError, match="no room"):
+        manifests.node_spec(small, layout, 3)
+
+
+@pytest.mark.unit
+def test_added_node_configs_use_its_name_subnet_and_runtime(cfg: DevClusterConfig, layout: Layout) -> None:
+    n2 = manifests.node_spec(cfg, layout, 2)
+    kl = yaml.safe_load(manifests.kubelet_yaml(cfg, n2.layout, n2))
+    assert kl["podCIDR"] == "10.42.1.0/24" and kl["cgroupRoot"] == n2.cgroup_root
+    assert kl["containerRuntimeEndpoint"] == f"unix://{n2.layout.containerd_sock}"
+    assert kl["tlsCertFile"].startswith(str(n2.layout.state))
+    argv = manifests.component_argv("kubelet", Path("/b"), cfg, n2.layout, n2)
+    assert "--hostname-override=tpnb-node2" in argv and "--node-ip=10.249.0.2" in argv
+    assert f"--root-dir={n2.layout.kubelet_dir}" in argv
+    kp = yaml.safe_load(manifests.kube_proxy_yaml(cfg, n2.layout, n2))
+    assert kp["hostnameOverride"] == "tpnb-node2" and kp["clusterCIDR"] == "10.42.0.0/16"
+    cni = json.loads(manifests.cni_conflist(cfg, n2.layout, n2))["plugins"][0]["ipam"]
+    assert cni["ranges"] == [[{"subnet": "10.42.1.0/24", "gateway": "10.42.1.1"}]]
+    assert cni["dataDir"].startswith(str(n2.layout.state))
+    ctd = tomllib.loads(manifests.containerd_toml(n2.layout))
+    assert ctd["root"].startswith(str(n2.layout.state)) and ctd["grpc"]["address"] == str(n2.layout.containerd_sock)
+    # node 1 is unchanged by the node-aware writers
+    assert manifests.kubelet_yaml(cfg, layout) == manifests.kubelet_yaml(cfg, layout, manifests.node_spec(cfg, layout, 1))
+
+
+@pytest.mark.unit
+def test_node_routes_lead_only_to_pods_and_the_api_server(cfg: DevClusterConfig, layout: Layout) -> None:
+    nodes = [manifests.node_spec(cfg, layout, i) for i in (1, 2, 3)]
+    routes = netns.node_routes(cfg, nodes)
+    assert routes["tpnb-node"] == [["10.42.1.0/24", "via", "10.249.0.2"], ["10.42.2.0/24", "via", "10.249.0.3"]]
+    assert routes["tpnb-node2"] == [["10.42.0.0/24", "via", "10.249.0.1"], ["10.42.2.0/24", "via", "10.249.0.3"],
+                                    ["10.250.0.1/32", "via", "10.249.0.1"]]
+    assert all(r[0] != "default" and not r[0].endswith("/0") for rs in routes.values() for r in rs)
+
+
+@pytest.mark.unit
+def test_node_object_taint_and_count(cfg: DevClusterConfig, layout: Layout) -> None:
+    from tpnb_devcluster import nodes
+
+    n2 = manifests.node_spec(cfg, layout, 2)
+    obj = manifests.node_object(n2, None)
+    assert obj["spec"] == {"podCIDR": "10.42.1.0/24", "podCIDRs": ["10.42.1.0/24"]}
+    assert obj["metadata"]["labels"]["kubernetes.io/hostname"] == "tpnb-node2"
+    t = manifests.parse_taint("tpnb.dev/wip=true:NoSchedule")
+    assert t == {"key": "tpnb.dev/wip", "value": "true", "effect": "NoSchedule"}
+    assert manifests.node_object(n2, t)["spec"]["taints"] == [t]
+    assert manifests.parse_taint("") is None and manifests.parse_taint("k:NoExecute") == {"key": "k", "effect": "NoExecute"}
+    assert DevClusterConfig().node_taint == "" and DevClusterConfig().nodes == 1   # the defaults: no taint
+    for bad in ("k=v", "k=v:Sometimes", ":NoSchedule"):
+        with pytest.raises(ConfigError, match="node_taint"):
+            nodes.dev_taint(bad)
+    for bad in (0, 10):
+        with pytest.raises(ConfigError, match="invalid node count"):
+            nodes.check_count(bad)
+    with pytest.raises(ConfigError):
+        netns.check_laptop_name(cfg, "node2")   # would be node 2's namespace
+
+
+@pytest.mark.unit
+def test_added_node_pki_is_signed_by_the_cluster_ca(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from tpnb_devcluster.pki import ensure_node_pki
+
+    cluster = Pki(tmp_path / "pki")
+    cluster.ensure(PkiPlan.make("tpnb-node", "10.250.0.1", "10.43.0.1"))
+    node = ensure_node_pki(cluster, tmp_path / "n2", "tpnb-node2", "10.249.0.2")
+    crt = load_cert(node.crt("kubelet"))
+    assert crt.subject.rfc4514_string() == "CN=system:node:tpnb-node2,O=system:nodes"
+    ca = load_cert(cluster.ca)
+    assert crt.issuer == ca.subject
+    ca.public_key().verify(crt.signature, crt.tbs_certificate_bytes, ec.ECDSA(crt.signature_hash_algorithm))
+    assert "10.249.0.2" in cert_sans(node.crt("kubelet-serving"))[1]
+    assert node.crt("kube-proxy").read_bytes() == cluster.crt("kube-proxy").read_bytes()
+    before = node.crt("kubelet").read_bytes()
+    assert ensure_node_pki(cluster, tmp_path / "n2", "tpnb-node2", "10.249.0.2").crt("kubelet").read_bytes() == before
+    cluster.ensure(PkiPlan.make("tpnb-node", "10.250.9.1", "10.43.0.1"))   # a new CA
+    again = ensure_node_pki(cluster, tmp_path / "n2", "tpnb-node2", "10.249.0.2")
+    assert again.crt("kubelet").read_bytes() != before and again.ca.read_bytes() == cluster.ca.read_bytes()
+
+
+@pytest.mark.unit
+def test_cli_node_count_errors_are_short(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from tpnb_devcluster import cli
+
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert cli.main(["up", "--nodes", "0"]) == ConfigError.exit_code
+    err = capsys.readouterr().err
+    assert "invalid node count 0" in err and "Traceback" not in err and "--nodes 2" in err
+    monkeypatch.setenv("TPNB_DEVCLUSTER_NODE_TAINT", "nonsense")
+    from tpnb_devcluster import config
+
+    monkeypatch.setattr(config, "_cached", None)
+    assert cli.main(["up", "--nodes", "2"]) == ConfigError.exit_code
+    assert "devcluster.node_taint" in capsys.readouterr().err
+    monkeypatch.setattr(config, "_cached", None)
+
+
 @pytest.mark.netns
 def test_up_refuses_a_foreign_node_namespace(tmp_path: Path) -> None:
     """A namespace with the node's name that tpnb did not make is reported

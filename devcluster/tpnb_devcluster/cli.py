@@ -1,4 +1,4 @@
-"""`tpnb devcluster up|status|kubeconfig|user|helm-path|laptop|image|config|down`.
+"""`tpnb devcluster up|status|kubeconfig|user|helm-path|laptop|image|config|remove-node|down`.
 
 `main(argv)` is what `tpnb devcluster ...` dispatches to (argv without the
 leading "devcluster"); `python -m tpnb_devcluster.cli ...` runs it directly.
@@ -19,12 +19,18 @@ from tpnb.errors import ConfigError, run_reporting
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tpnb devcluster",
-        description="A real single-node Kubernetes inside network namespaces on this machine, "
+        description="A real Kubernetes (one node, or more with `up --nodes N`) inside network namespaces "
+                    "on this machine, "
                     "plus 'laptop' namespaces that reach only its API server.",
     )
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     sub.required = True
-    sub.add_parser("up", help="build (first time) and boot the cluster; prints the kubeconfig path")
+    upp = sub.add_parser("up", help="build (first time) and boot the cluster; prints the kubeconfig path",
+                         description="Boots the cluster, or checks it and brings its images up to date when "
+                                     "it runs.  With --nodes N a running cluster gets the nodes it lacks; "
+                                     "nodes are never removed here (see remove-node).")
+    upp.add_argument("--nodes", type=int, default=None, metavar="N",
+                     help="how many nodes (default: devcluster.nodes, see `tpnb devcluster config`)")
     sub.add_parser("status", help="what runs, node and CoreDNS readiness, laptops")
     sub.add_parser("kubeconfig", help="print the path of the dev cluster's kubeconfig")
     lp = sub.add_parser("laptop", help="run a command in a laptop namespace (default: a shell)",
@@ -52,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     ip.add_argument("--output", "-o", required=True, metavar="FILE")
     sub.add_parser("config", help="show the dev cluster's settings (the `devcluster` section of tpnb's "
                                   "config file) and where each came from")
+    rp = sub.add_parser("remove-node", help="drain an added node and remove it with every trace of it",
+                        description="Drains node NAME (its pods move to the other nodes), stops its kubelet, "
+                                    "kube-proxy and containerd, and deletes its Node, namespace, veth, mounts "
+                                    "and cgroups.  The first node runs the control plane and stays.")
+    rp.add_argument("name", metavar="NAME", help="the node, e.g. tpnb-node2 (`tpnb devcluster status` lists them)")
     dp = sub.add_parser("down", help="stop everything and remove all traces (keeps build caches)")
     dp.add_argument("--purge", action="store_true",
                     help="also delete the state dir (binaries, images, certificates)")
@@ -136,11 +147,18 @@ def _run(args: argparse.Namespace) -> int:
     if args.cmd == "up":
         printer = Printer()
         try:
-            path = cluster.up(printer)
+            path = cluster.up(printer, nodes=args.nodes)
         finally:
             printer.done()
         print(f"kubeconfig: {path}")
         print("try: tpnb devcluster laptop -- kubectl get nodes", file=sys.stderr)
+        return 0
+    if args.cmd == "remove-node":
+        printer = Printer()
+        try:
+            cluster.remove_node(args.name, printer)
+        finally:
+            printer.done()
         return 0
     if args.cmd == "down":
         printer = Printer()

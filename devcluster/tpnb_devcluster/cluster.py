@@ -33,8 +33,9 @@ from tpnb.errors import DevClusterError, PrerequisiteError
 from . import binaries, helm, manifests, netns
 from . import config as devcluster_config
 from .config import DevClusterConfig
-from .manifests import COMPONENTS, NODE_NAME, Addresses, Layout
+from .manifests import COMPONENTS, NODE_NAME, Addresses, Layout, Node
 from .pki import Pki, PkiPlan
+from .nodes import NodeOps, check_count, dev_taint
 from .progress import ProgressFn, silent
 
 #: command -> Debian package that provides it
@@ -110,12 +111,26 @@ def _mountpoints() -> list[tuple[str, str]]:
 
 
 @dataclass
+class NodeRow:
+    """One node as `status` shows it."""
+
+    name: str
+    ready: bool | None
+    pod_cidr: str = ""
+    address: str = ""
+    taints: list[str] = field(default_factory=list)
+    unschedulable: bool = False
+
+
+@dataclass
 class Status:
     """What `tpnb devcluster status` shows."""
 
     components: dict[str, int | None] = field(default_factory=dict)
     node_netns: bool = False
+    #: every node Ready (None: unknown)
     node_ready: bool | None = None
+    nodes: list[NodeRow] = field(default_factory=list)
     coredns_ready: bool | None = None
     laptops: list[str] = field(default_factory=list)
     kubeconfig: str = ""
@@ -137,7 +152,12 @@ class Status:
         for name, pid in self.components.items():
             lines.append(f"  {name:<24} {'pid ' + str(pid) if pid else 'not running'}")
         fmt = {True: "yes", False: "no", None: "unknown"}
-        lines.append(f"  node {NODE_NAME} Ready:       {fmt[self.node_ready]}")
+        lines.append(f"  nodes:                     {len(self.nodes) or 'unknown'}")
+        for n in self.nodes:
+            extra = "".join([f"  pods {n.pod_cidr}" if n.pod_cidr else "", f"  ip {n.address}" if n.address else "",
+                             "  cordoned" if n.unschedulable else "",
+                             f"  taints {','.join(n.taints)}" if n.taints else ""])
+            lines.append(f"  node {n.name:<15} Ready: {fmt[n.ready]:<7}{extra}")
         lines.append(f"  CoreDNS ready:             {fmt[self.coredns_ready]}")
         lines.append(f"  laptops:                   {', '.join(self.laptops) or '(none)'}")
         lines.append(f"  kubeconfig:                {self.kubeconfig}")
@@ -174,9 +194,30 @@ class DevCluster:
         return self.layout.component_kubeconfig("admin")
 
     # ------------------------------------------------------------ commands
-    def node_exec_cmd(self, argv: list[str]) -> list[str]:
-        """argv prefix that runs `argv` inside the node's network namespace."""
-        return netns.nsenter(self.cfg.node_netns, argv)
+    def node_exec_cmd(self, argv: list[str], node: str | None = None) -> list[str]:
+        """argv that runs `argv` inside a node's network namespace (default: the
+        first node's, where the control plane runs; else the Node named `node`)."""
+        return netns.nsenter(self.node(node).netns if node else self.cfg.node_netns, argv)
+
+    # ------------------------------------------------------------ nodes
+    @property
+    def first_node(self) -> Node:
+        return manifests.node_spec(self.cfg, self.layout, 1)
+
+    def extra_nodes(self) -> list[Node]:
+        """The nodes `up` added after the first (recorded, whether or not they run)."""
+        return [manifests.node_spec(self.cfg, self.layout, int(r["index"]))
+                for r in netns.extra_node_records(self.layout)]
+
+    def nodes(self) -> list[Node]:
+        return [self.first_node, *self.extra_nodes()]
+
+    def node(self, name: str) -> Node:
+        for n in self.nodes():
+            if n.name == name:
+                return n
+        raise DevClusterError(f"no node {name!r} in the dev cluster",
+                              hint="`tpnb devcluster status` lists the nodes")
 
     def laptop_cmd(self, name: str, argv: list[str]) -> list[str]:
         """argv that runs `argv` in laptop `name` (created if missing).
@@ -258,9 +299,10 @@ class DevCluster:
                                     hint="run on a Linux kernel with network namespaces")
 
     # ------------------------------------------------------------ pids
-    def _pid(self, component: str) -> int | None:
+    def _pid(self, component: str, node: Node | None = None) -> int | None:
+        lay = node.layout if node else self.layout
         try:
-            rec = json.loads(self.layout.pidfile(component).read_text())
+            rec = json.loads(lay.pidfile(component).read_text())
         except (OSError, ValueError):
             return None
         pid = int(rec.get("pid", 0))
@@ -269,40 +311,46 @@ class DevCluster:
     def _env(self) -> dict[str, str]:
         return {"PATH": f"{self.bin_dir}:{SAFE_PATH}", "HOME": "/root", "LANG": "C.UTF-8"}
 
-    def _start(self, component: str) -> int:
-        argv = manifests.component_argv(component, self.bin_dir, self.cfg, self.layout)
-        log_path = self.layout.log(component)
+    def _start(self, component: str, node: Node | None = None) -> int:
+        lay = node.layout if node else self.layout
+        argv = manifests.component_argv(component, self.bin_dir, self.cfg, lay, node)
+        log_path = lay.log(component)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
             log.write(f"\n=== tpnb devcluster: starting {component} at {time.ctime()}\n".encode())
             log.flush()
-            proc = subprocess.Popen(self.node_exec_cmd(argv), stdin=subprocess.DEVNULL, stdout=log,
+            proc = subprocess.Popen(netns.nsenter(node.netns if node else self.cfg.node_netns, argv),
+                                    stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, env=self._env(), start_new_session=True,
                                     close_fds=True)
         self._children.append(proc)
-        self.layout.pid_dir.mkdir(parents=True, exist_ok=True)
-        self.layout.pidfile(component).write_text(json.dumps(
+        lay.pid_dir.mkdir(parents=True, exist_ok=True)
+        lay.pidfile(component).write_text(json.dumps(
             {"pid": proc.pid, "start": start_ticks(proc.pid), "argv": argv}))
         return proc.pid
 
-    def _stop(self, component: str, timeout: float = 10.0) -> None:
-        pid = self._pid(component)
+    def _stop(self, component: str, timeout: float = 10.0, node: Node | None = None) -> None:
+        pid = self._pid(component, node)
         if pid:
             _signal_and_wait([pid], timeout)
-        self.layout.pidfile(component).unlink(missing_ok=True)
+        (node.layout if node else self.layout).pidfile(component).unlink(missing_ok=True)
 
     def _reap(self) -> None:
         for p in self._children:
             p.poll()
 
     def _assert_running(self, components: list[str]) -> None:
-        """Fail fast, with the log, when a component we started has died."""
+        """Fail fast, with the log, when a component we started has died
+        ("kubelet@tpnb-node2": a component of an added node)."""
         self._reap()
         for c in components:
-            if self._pid(c) is None:
+            comp, _, where = c.partition("@")
+            node = self.node(where) if where else None
+            if self._pid(comp, node) is None:
+                log = (node.layout if node else self.layout).log(comp)
                 raise DevClusterError(
                     f"{c} exited during startup",
-                    f"last lines of {self.layout.log(c)}:\n{_tail(self.layout.log(c))}",
+                    f"last lines of {log}:\n{_tail(log)}",
                     "fix the cause, then run `tpnb devcluster up` again",
                 )
 
@@ -326,8 +374,8 @@ class DevCluster:
     def _api_ready(self) -> bool:
         return self.kubectl("get", "--raw", "/readyz", check=False, timeout=15).stdout.strip() == "ok"
 
-    def _node_ready(self) -> bool:
-        res = self.kubectl("get", "node", NODE_NAME, "-o",
+    def _node_ready(self, name: str = NODE_NAME) -> bool:
+        res = self.kubectl("get", "node", name, "-o",
                            'jsonpath={.status.conditions[?(@.type=="Ready")].status}', check=False)
         return res.returncode == 0 and res.stdout.strip() == "True"
 
@@ -346,6 +394,10 @@ class DevCluster:
         st = Status(kubeconfig=str(self.kubeconfig_path))
         for c in COMPONENTS:
             st.components[c] = self._pid(c)
+        extra = self.extra_nodes()
+        for node in extra:
+            for c in manifests.NODE_COMPONENTS:
+                st.components[f"{c}@{node.name}"] = self._pid(c, node)
         st.node_netns = netns.exists(self.cfg.node_netns)
         if st.node_netns and not self._node_netns_ours():
             st.problems.append(f"network namespace {self.cfg.node_netns} exists but was not made by tpnb")
@@ -354,11 +406,36 @@ class DevCluster:
             st.problems.append("not root: cannot ask the API server (run with sudo for details)")
         elif st.components.get("kube-apiserver") and self.bin_dir.joinpath("kubectl").exists():
             if self._api_ready():
-                st.node_ready = self._node_ready()
+                st.nodes = self._node_rows([n.name for n in [self.first_node, *extra]])
+                st.node_ready = bool(st.nodes) and all(n.ready for n in st.nodes)
                 st.coredns_ready = self._coredns_ready()
             else:
                 st.problems.append("the API server does not answer /readyz")
         return st
+
+    def _node_rows(self, ours: list[str]) -> list[NodeRow]:
+        """Every Node the API server knows, and ours that it does not (not Ready)."""
+        res = self.kubectl("get", "nodes", "-o", "json", check=False)
+        rows: dict[str, NodeRow] = {}
+        try:
+            items = json.loads(res.stdout).get("items", []) if res.returncode == 0 else []
+        except ValueError:
+            items = []
+        for it in items:
+            conds = {c.get("type"): c.get("status") for c in it.get("status", {}).get("conditions", [])}
+            addrs = [a.get("address", "") for a in it.get("status", {}).get("addresses", [])
+                     if a.get("type") == "InternalIP"]
+            spec = it.get("spec", {})
+            name = it["metadata"]["name"]
+            rows[name] = NodeRow(
+                name, conds.get("Ready") == "True", spec.get("podCIDR", ""), addrs[0] if addrs else "",
+                [f"{t['key']}" + (f"={t['value']}" if t.get("value") else "") + f":{t['effect']}"
+                 for t in spec.get("taints", []) if not t["key"].startswith("node.kubernetes.io/")],
+                bool(spec.get("unschedulable")))
+        for name in ours:
+            rows.setdefault(name, NodeRow(name, False))
+        return sorted(rows.values(), key=lambda r: (r.name not in ours, ours.index(r.name) if r.name in ours
+                                                    else 0, r.name))
 
     def is_running(self) -> bool:
         """Every component alive, node Ready and CoreDNS ready."""
@@ -367,11 +444,29 @@ class DevCluster:
         return self._api_ready() and self._node_ready() and self._coredns_ready()
 
     # ------------------------------------------------------------ up
-    def up(self, progress: ProgressFn = silent) -> Path:
-        """Boot the cluster (or confirm it runs); returns the kubeconfig path."""
+    def up(self, progress: ProgressFn = silent, nodes: int | None = None) -> Path:
+        """Boot the cluster (or confirm it runs) with at least `nodes` nodes
+        (default: devcluster.nodes); returns the kubeconfig path.
+
+        On a running cluster, missing nodes are added and the others left as
+        they are; `up` never removes a node (see `remove_node`).
+        """
+        self._require_root()
+        target = self.cfg.nodes if nodes is None else nodes
+        explicit = nodes is not None or self.cfg.sources.get("devcluster.nodes", "default") != "default"
+        check_count(target)
+        dev_taint(self.cfg.node_taint)
+        with self._lock(progress):
+            path = self._up(progress, target)
+            if explicit:
+                NodeOps(self).note_fewer(target, progress)
+            return path
+
+    def remove_node(self, name: str, progress: ProgressFn = silent) -> None:
+        """Drain and remove added node `name` (never the first) and every trace of it."""
         self._require_root()
         with self._lock(progress):
-            return self._up(progress)
+            NodeOps(self).remove(name, progress)
 
     @contextlib.contextmanager
     def _lock(self, progress: ProgressFn) -> Iterator[None]:
@@ -388,7 +483,7 @@ class DevCluster:
     def _control_plane_alive(self) -> bool:
         return self._node_netns_ours() and all(self._pid(c) for c in COMPONENTS) and self._api_ready()
 
-    def _up(self, progress: ProgressFn) -> Path:
+    def _up(self, progress: ProgressFn, target: int = 1) -> Path:
         t0 = time.monotonic()
         if self._control_plane_alive():
             # Running: no reboot (that would wipe everyone's pods).  Bring the
@@ -401,6 +496,7 @@ class DevCluster:
             self._refresh_coredns(built, progress)
             if not (self._node_ready() and self._coredns_ready() and self._default_sa()):
                 self._finish_boot(built, progress, list(COMPONENTS))
+            NodeOps(self).ensure(target, built, progress)
             self._default_laptop(progress)
             progress("up", f"already running; kubeconfig: {self.kubeconfig_path}", 1.0)
             return self.kubeconfig_path
@@ -451,6 +547,7 @@ class DevCluster:
             started.append(c)
 
         self._finish_boot(built, progress, started)
+        NodeOps(self).ensure(target, built, progress)
         self._default_laptop(progress)
         progress("up", f"dev cluster ready in {time.monotonic() - t0:.0f} s; "
                  f"kubeconfig: {self.kubeconfig_path}", 1.0)
@@ -548,13 +645,21 @@ class DevCluster:
         return sorted({Path(mp) for mp, fs in _mountpoints()
                        if fs in ("cgroup", "cgroup2") and mp.startswith("/sys/fs/cgroup")})
 
-    def _cgroup_dirs(self) -> list[Path]:
-        rel = self.cgroup_root.strip("/")
-        return [h / rel for h in self._cgroup_hierarchies() if (h / rel).is_dir()]
+    def _cgroup_roots(self) -> list[str]:
+        """The first node's cgroup root and those any added node would have."""
+        return [self.cgroup_root, *(manifests.node_spec(self.cfg, self.layout, i).cgroup_root
+                                    for i in range(2, manifests.MAX_NODES + 1))]
 
-    def _setup_cgroups(self) -> None:
+    def _cgroup_dirs(self, roots: list[str] | None = None) -> list[Path]:
+        out = []
+        for root in roots or self._cgroup_roots():
+            rel = root.strip("/")
+            out += [h / rel for h in self._cgroup_hierarchies() if (h / rel).is_dir()]
+        return out
+
+    def _setup_cgroups(self, root: str | None = None) -> None:
         """kubelet's cgroupRoot must exist in every hierarchy before it starts."""
-        rel = self.cgroup_root.strip("/")
+        rel = (root or self.cgroup_root).strip("/")
         for h in self._cgroup_hierarchies():
             d = h / rel
             d.mkdir(exist_ok=True)
@@ -562,8 +667,8 @@ class DevCluster:
                 if (h / f).exists() and (d / f).exists() and not (d / f).read_text().strip():
                     (d / f).write_text((h / f).read_text().strip())
 
-    def _remove_cgroups(self) -> None:
-        for top in self._cgroup_dirs():
+    def _remove_cgroups(self, roots: list[str] | None = None) -> None:
+        for top in self._cgroup_dirs(roots):
             for _ in range(3):
                 pids = []
                 for procs in top.rglob("cgroup.procs"):
@@ -612,8 +717,10 @@ class DevCluster:
                 pass
 
     # ------------------------------------------------------------ containerd
-    def _ctr(self, *args: str, check: bool = False, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        argv = ["ctr", "-a", str(self.layout.containerd_sock), "-n", "k8s.io", *args]
+    def _ctr(self, *args: str, check: bool = False, timeout: float = 120,
+             layout: Layout | None = None) -> subprocess.CompletedProcess[str]:
+        """ctr against the first node's containerd (or the one of the node whose layout is given)."""
+        argv = ["ctr", "-a", str((layout or self.layout).containerd_sock), "-n", "k8s.io", *args]
         try:
             res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -622,27 +729,35 @@ class DevCluster:
             raise DevClusterError(f"`{' '.join(argv)}` failed", res.stderr.strip())
         return res
 
-    def _containerd_ready(self) -> bool:
-        return self.layout.containerd_sock.exists() and self._ctr("version", timeout=10).returncode == 0
+    def _containerd_ready(self, layout: Layout | None = None) -> bool:
+        lay = layout or self.layout
+        return lay.containerd_sock.exists() and self._ctr("version", timeout=10, layout=lay).returncode == 0
 
-    def _purge_containers(self) -> bool:
+    def _purge_containers(self, layout: Layout | None = None) -> bool:
         """Kill and delete every container of the k8s.io namespace; True if any."""
-        tasks = self._ctr("tasks", "ls", "-q", timeout=30).stdout.split()
+        tasks = self._ctr("tasks", "ls", "-q", timeout=30, layout=layout).stdout.split()
         for t in tasks:
-            self._ctr("tasks", "rm", "-f", t, timeout=30)
-        ids = self._ctr("containers", "ls", "-q", timeout=30).stdout.split()
+            self._ctr("tasks", "rm", "-f", t, timeout=30, layout=layout)
+        ids = self._ctr("containers", "ls", "-q", timeout=30, layout=layout).stdout.split()
         if ids:
-            self._ctr("containers", "rm", *ids, timeout=60)
+            self._ctr("containers", "rm", *ids, timeout=60, layout=layout)
         return bool(tasks or ids)
 
-    def _import_images(self, built: list[Any], progress: ProgressFn, frac: tuple[float, float]) -> None:
-        """`ctr images import` each tar, skipping those already imported unchanged."""
-        rec_path = self.layout.images_record
+    def _import_images(self, built: list[Any], progress: ProgressFn, frac: tuple[float, float],
+                       layout: Layout | None = None) -> None:
+        """`ctr images import` each tar into a node's containerd (default: the
+        first's), skipping those already imported unchanged."""
+        lay = layout or self.layout
+
+        def ctr(*args: str, check: bool = False, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+            return self._ctr(*args, check=check, timeout=timeout, layout=lay)
+
+        rec_path = lay.images_record
         try:
             record: dict[str, Any] = json.loads(rec_path.read_text())
         except (OSError, ValueError):
             record = {}
-        present = set(self._ctr("images", "ls", "-q", check=True).stdout.split())
+        present = set(ctr("images", "ls", "-q", check=True).stdout.split())
         n = max(1, len(built))
         for i, img in enumerate(built):
             f = frac[0] + (frac[1] - frac[0]) * (i + 1) / n
@@ -651,15 +766,15 @@ class DevCluster:
             if img.name in present and record.get(img.name) == digest:
                 continue
             progress("images", f"importing {img.name}", f)
-            res = self._ctr("images", "import", str(tar), timeout=600)
+            res = ctr("images", "import", str(tar), timeout=600)
             if res.returncode != 0:
                 raise DevClusterError(f"importing image {img.name} from {tar} failed",
                                       res.stderr.strip(), "remove the tar to have it rebuilt")
-            present = set(self._ctr("images", "ls", "-q", check=True).stdout.split())
+            present = set(ctr("images", "ls", "-q", check=True).stdout.split())
             if img.name not in present:
                 got = _imported_name(res.stdout)
                 if got:
-                    self._ctr("images", "tag", "--force", got, img.name, check=True)
+                    ctr("images", "tag", "--force", got, img.name, check=True)
                 else:
                     raise DevClusterError(f"importing {tar} did not create image {img.name}",
                                           res.stdout.strip())
@@ -716,6 +831,9 @@ class DevCluster:
 
     def _teardown(self, progress: ProgressFn, purge: bool) -> None:
         lay = self.layout
+        for node in self.extra_nodes():
+            progress("down", f"stopping node {node.name} and removing its namespace", 0.05)
+            NodeOps(self).stop(node)
         progress("down", "stopping kube-proxy, kubelet, scheduler, controller-manager", 0.1)
         for c in ("kube-proxy", "kubelet", "kube-scheduler", "kube-controller-manager"):
             self._stop(c)
@@ -775,15 +893,26 @@ class DevCluster:
             shutil.rmtree(lay.state, ignore_errors=True)
             shutil.rmtree(lay.run, ignore_errors=True)
 
-    def _sweep_pids(self, dry_run: bool = False) -> list[int]:
-        """Processes that are ours: in our namespaces, our cgroups, or our binaries."""
-        names = [self.cfg.node_netns] if self._node_netns_ours() else []
-        names += [lap.netns for lap in netns.laptops(self.layout)]
-        if names and names[0] == self.cfg.node_netns:
-            names += [n for n in netns.peer_namespaces(self.cfg.node_netns) if n.startswith("cni-")]
+    def _sweep_pids(self, dry_run: bool = False, only: list[Node] | None = None) -> list[int]:
+        """Processes that are ours: in our namespaces, our cgroups, or our binaries.
+
+        `only`: just those of these added nodes (their netns, their pods'
+        netns, their cgroup roots), for removing one node of a running cluster.
+        """
+        names: list[str] = []
+        if only is None:
+            if self._node_netns_ours():
+                names.append(self.cfg.node_netns)
+                names += [n for n in netns.peer_namespaces(self.cfg.node_netns) if n.startswith("cni-")]
+            names += [lap.netns for lap in netns.laptops(self.layout)]
+        for node in self.extra_nodes() if only is None else only:
+            if netns.owned(self.layout, node.netns) is not None:
+                names.append(node.netns)
+                names += [n for n in netns.peer_namespaces(node.netns) if n.startswith("cni-")]
         inodes = netns.netns_inodes(names)
+        roots = self._cgroup_roots() if only is None else [n.cgroup_root for n in only]
         skip = _ancestors()
-        bin_root = str(self.layout.state / "bin") + "/"
+        bin_root = str(self.layout.state / "bin") + "/" if only is None else None
         out = []
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
@@ -796,34 +925,34 @@ class DevCluster:
                     out.append(pid)
                     continue
                 cg = Path(f"/proc/{pid}/cgroup").read_text()
-                root = self.cgroup_root
-                if any(line.split(":", 2)[-1].startswith(root + "/") or
-                       line.split(":", 2)[-1] == root for line in cg.splitlines()):
+                paths = [line.split(":", 2)[-1] for line in cg.splitlines()]
+                if any(p == root or p.startswith(root + "/") for p in paths for root in roots):
                     out.append(pid)
                     continue
-                if os.readlink(f"/proc/{pid}/exe").startswith(bin_root):
+                if bin_root and os.readlink(f"/proc/{pid}/exe").startswith(bin_root):
                     out.append(pid)
             except OSError:
                 continue
         return out
 
-    def _remove_stale_shim_sockets(self) -> None:
+    def _remove_stale_shim_sockets(self, layout: Layout | None = None) -> None:
         """containerd 1.6 puts shim sockets in /run/containerd/s/<sha256(addr/ns/id)>;
-        a killed shim leaves its socket behind, so remove ours."""
-        task_dir = self.layout.containerd_state / "io.containerd.runtime.v2.task"
+        a killed shim leaves its socket behind, so remove ours (of one node's containerd)."""
+        lay = layout or self.layout
+        task_dir = lay.containerd_state / "io.containerd.runtime.v2.task"
         sdir = Path("/run/containerd/s")
         if not task_dir.is_dir() or not sdir.is_dir():
             return
-        addr = str(self.layout.containerd_sock)
+        addr = str(lay.containerd_sock)
         for ns_dir in task_dir.iterdir():
             for cdir in ns_dir.iterdir() if ns_dir.is_dir() else []:
                 h = hashlib.sha256(os.path.join(addr, ns_dir.name, cdir.name).encode()).hexdigest()
                 (sdir / h).unlink(missing_ok=True)
 
-    def _unmount_all(self) -> list[str]:
-        """Unmount everything under the state and run dirs, deepest first;
-        returns what could not be unmounted."""
-        lay = self.layout
+    def _unmount_all(self, layout: Layout | None = None) -> list[str]:
+        """Unmount everything under the state and run dirs (of the cluster, or
+        of one added node's layout), deepest first; returns what could not be unmounted."""
+        lay = layout or self.layout
         prefixes = (str(lay.state) + "/", str(lay.run) + "/")
         for _ in range(5):
             mps = [mp for mp, _ in _mountpoints() if mp.startswith(prefixes)]
@@ -834,8 +963,10 @@ class DevCluster:
                     subprocess.run(["umount", "-l", mp], capture_output=True)
         return sorted({mp for mp, _ in _mountpoints() if mp.startswith(prefixes)})
 
-    def _clean_var_log_containers(self) -> None:
-        target = str(self.layout.pod_logs_dir) + "/"
+    def _clean_var_log_containers(self, layout: Layout | None = None) -> None:
+        """Remove kubelet's /var/log/containers links into our pod logs (every
+        node's pod-logs dir is under the state dir, or under one node's)."""
+        target = str((layout or self.layout).state) + "/"
         if VAR_LOG_CONTAINERS.is_dir():
             for link in VAR_LOG_CONTAINERS.iterdir():
                 try:
@@ -844,7 +975,7 @@ class DevCluster:
                 except OSError:
                     pass
         marker = self.layout.run / "created-var-log-containers"
-        if marker.exists():
+        if layout is None and marker.exists():
             try:
                 VAR_LOG_CONTAINERS.rmdir()
             except OSError:

@@ -31,6 +31,14 @@ class DevClusterConfig:
     dns_service_ip: str = "10.43.0.10"
     api_port: int = 6443
     k8s_version: str = "v1.32.13"
+    #: how many nodes `up` boots (the first runs the control plane too); `up --nodes N` overrides it
+    nodes: int = 1
+    #: the link between the nodes (node 1 has its first address, node i the i-th); it never
+    #: reaches the laptops or the host
+    node_link_cidr: str = "10.249.0.0/24"
+    #: development only: a taint (KEY=VALUE:EFFECT) for the nodes `up` adds, so only pods that
+    #: tolerate it land there while a node is being worked on; empty (the default): no taint
+    node_taint: str = ""
     #: where each value came from: "default", the config file path, or the env var
     sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 

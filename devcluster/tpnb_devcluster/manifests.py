@@ -169,6 +169,104 @@ class Addresses:
         return f"https://{self.node_ip}"
 
 
+#: the most nodes `up --nodes N` boots (each is a kubelet + containerd + kube-proxy)
+MAX_NODES = 9
+#: bridge in node 1's netns that links the nodes (never the laptops' lan0)
+NODE_LINK_BRIDGE = "nodes0"
+#: alias that marks nodes0 as ours
+NODE_LINK_ALIAS = "tpnb-devcluster-nodes"
+#: labels tpnb devcluster puts on every node (tests select nodes by them)
+NODE_INDEX_LABEL = "tpnb.dev/node-index"
+
+
+@dataclass(frozen=True)
+class Node:
+    """One node of the dev cluster: its names, addresses, pod subnet and files.
+
+    Node 1 (index 1) is the one that also runs the control plane: its
+    kubelet's address is the API server's (lan0), its files are the
+    cluster's.  Node i > 1 lives in its own netns, is reached over the node
+    link only, and keeps its kubelet, containerd (own root, state, socket)
+    and CNI data under state/nodes/<name> and run/nodes/<name>.
+    """
+
+    index: int
+    name: str
+    netns: str
+    #: kubelet's --node-ip (the Node's InternalIP)
+    ip: str
+    #: its address on the node link
+    link_ip: str
+    pod_cidr: str
+    layout: Layout
+    cgroup_root: str
+
+    @property
+    def cni_gateway(self) -> str:
+        return str(ipaddress.ip_network(self.pod_cidr).network_address + 1)
+
+    @property
+    def link_veth(self) -> str:
+        """Node 1's end of this node's link veth (its other end is eth0 in the node)."""
+        return f"node{self.index}"
+
+
+def node_pod_cidr(cfg: DevClusterConfig, index: int) -> str:
+    """Pod subnet of node `index`: node 1 has node_pod_cidr, node i the (i-1)th after it."""
+    first = ipaddress.ip_network(cfg.node_pod_cidr)
+    cluster = ipaddress.ip_network(cfg.pod_cidr)
+    net = ipaddress.ip_network((int(first.network_address) + (index - 1) * first.num_addresses,
+                                first.prefixlen))
+    if not net.subnet_of(cluster):  # type: ignore[arg-type]
+        raise ValueError(f"pod_cidr {cluster} has no room for node {index}'s /{first.prefixlen}")
+    return str(net)
+
+
+def node_spec(cfg: DevClusterConfig, layout: Layout, index: int) -> Node:
+    """Node number `index` (1-based) of the cluster that `cfg` describes."""
+    if not 1 <= index <= MAX_NODES:
+        raise ValueError(f"node index {index} is not within 1..{MAX_NODES}")
+    link = ipaddress.ip_network(cfg.node_link_cidr)
+    link_ip = str(link.network_address + index)
+    if index == 1:
+        return Node(1, NODE_NAME, cfg.node_netns, Addresses.from_config(cfg).node_ip, link_ip,
+                    node_pod_cidr(cfg, 1), layout, cgroup_root(cfg))
+    name = f"{NODE_NAME}{index}"
+    return Node(index, name, f"{cfg.node_netns}{index}", link_ip, link_ip, node_pod_cidr(cfg, index),
+                Layout(layout.state / "nodes" / name, layout.run / "nodes" / name),
+                f"{cgroup_root(cfg)}-{name}")
+
+
+def parse_taint(text: str) -> dict[str, str] | None:
+    """"KEY=VALUE:EFFECT" (or "KEY:EFFECT") as a Node taint; None for ""."""
+    text = text.strip()
+    if not text:
+        return None
+    kv, sep, effect = text.rpartition(":")
+    key, _, value = kv.partition("=")
+    if not sep or not key or effect not in ("NoSchedule", "PreferNoSchedule", "NoExecute"):
+        raise ValueError(f"taint {text!r} is not KEY=VALUE:EFFECT (EFFECT: NoSchedule, "
+                         "PreferNoSchedule or NoExecute)")
+    taint = {"key": key, "effect": effect}
+    if value:
+        taint["value"] = value
+    return taint
+
+
+def node_object(node: Node, taint: dict[str, str] | None) -> dict:
+    """The Node object made before node i's kubelet starts, so its pod subnet
+    (spec.podCIDR, immutable once set) is the one its CNI config and every
+    node's routes use: the controller-manager's allocator then only marks it
+    as taken.  The kubelet adopts the object when it registers."""
+    spec: dict = {"podCIDR": node.pod_cidr, "podCIDRs": [node.pod_cidr]}
+    if taint:
+        spec["taints"] = [taint]
+    return {"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": node.name, "labels": {"kubernetes.io/hostname": node.name,
+                                                       NODE_INDEX_LABEL: str(node.index)}},
+            "spec": spec}
+
+
 def laptop_ip(cfg: DevClusterConfig, index: int) -> str:
     """Address of laptop number `index`: the (10+index)th of the LAN."""
     lan = ipaddress.ip_network(cfg.lan_cidr)
@@ -234,9 +332,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 """
 
 
-def cni_conflist(cfg: DevClusterConfig, layout: Layout) -> str:
-    """Debian's bridge + host-local + portmap + loopback plugins on cni0."""
-    addrs = Addresses.from_config(cfg)
+def cni_conflist(cfg: DevClusterConfig, layout: Layout, node: Node | None = None) -> str:
+    """Debian's bridge + host-local + portmap + loopback plugins on cni0 (the node's pod subnet)."""
+    node = node or node_spec(cfg, layout, 1)
     doc = {
         "cniVersion": "1.0.0",
         "name": "tpnb-devcluster",
@@ -250,7 +348,7 @@ def cni_conflist(cfg: DevClusterConfig, layout: Layout) -> str:
                 "ipam": {
                     "type": "host-local",
                     "dataDir": str(layout.cni_data_dir),
-                    "ranges": [[{"subnet": cfg.node_pod_cidr, "gateway": addrs.cni_gateway}]],
+                    "ranges": [[{"subnet": node.pod_cidr, "gateway": node.cni_gateway}]],
                     "routes": [{"dst": "0.0.0.0/0"}],
                 },
             },
@@ -260,7 +358,8 @@ def cni_conflist(cfg: DevClusterConfig, layout: Layout) -> str:
     return json.dumps(doc, indent=2) + "\n"
 
 
-def kubelet_yaml(cfg: DevClusterConfig, layout: Layout) -> str:
+def kubelet_yaml(cfg: DevClusterConfig, layout: Layout, node: Node | None = None) -> str:
+    node = node or node_spec(cfg, layout, 1)
     pki = layout.pki_dir
     doc = {
         "apiVersion": "kubelet.config.k8s.io/v1beta1",
@@ -281,7 +380,7 @@ def kubelet_yaml(cfg: DevClusterConfig, layout: Layout) -> str:
         # cgroup v1 with cgroupfs: this VM has no systemd, and kubelet 1.32
         # still accepts v1 (>= 1.35 refuses it; that is why 1.32 is pinned).
         "cgroupDriver": "cgroupfs",
-        "cgroupRoot": cgroup_root(cfg),
+        "cgroupRoot": node.cgroup_root,
         "failSwapOn": False,
         "failCgroupV1": False,
         "containerRuntimeEndpoint": f"unix://{layout.containerd_sock}",
@@ -305,7 +404,7 @@ def kubelet_yaml(cfg: DevClusterConfig, layout: Layout) -> str:
         "rotateCertificates": False,
         "serverTLSBootstrap": False,
         "maxPods": 110,
-        "podCIDR": cfg.node_pod_cidr,
+        "podCIDR": node.pod_cidr,
         "protectKernelDefaults": False,
         # kubelet's default (-999) needs CAP_SYS_RESOURCE; keep the inherited score
         "oomScoreAdj": 0,
@@ -323,13 +422,14 @@ def kubelet_yaml(cfg: DevClusterConfig, layout: Layout) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-def kube_proxy_yaml(cfg: DevClusterConfig, layout: Layout) -> str:
+def kube_proxy_yaml(cfg: DevClusterConfig, layout: Layout, node: Node | None = None) -> str:
+    node = node or node_spec(cfg, layout, 1)
     doc = {
         "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
         "kind": "KubeProxyConfiguration",
         "clientConnection": {"kubeconfig": str(layout.component_kubeconfig("kube-proxy"))},
         "mode": "iptables",
-        "hostnameOverride": NODE_NAME,
+        "hostnameOverride": node.name,
         "clusterCIDR": cfg.pod_cidr,
         "bindAddress": "0.0.0.0",
         "healthzBindAddress": "127.0.0.1:10256",
@@ -356,8 +456,13 @@ RESOLV_CONF = (
 
 
 # ------------------------------------------------------------------ command lines
-def component_argv(name: str, bin_dir: Path, cfg: DevClusterConfig, layout: Layout) -> list[str]:
-    """The command line of one cluster component (run inside the node netns)."""
+def component_argv(name: str, bin_dir: Path, cfg: DevClusterConfig, layout: Layout,
+                   node: Node | None = None) -> list[str]:
+    """The command line of one cluster component (run inside the node netns).
+
+    `node` (default: node 1) is the node a kubelet, containerd or kube-proxy
+    belongs to; `layout` is then that node's."""
+    node = node or node_spec(cfg, layout, 1)
     addrs = Addresses.from_config(cfg)
     pki = layout.pki_dir
     kc = layout.component_kubeconfig
@@ -442,8 +547,8 @@ def component_argv(name: str, bin_dir: Path, cfg: DevClusterConfig, layout: Layo
                 f"--config={layout.kubelet_config}",
                 f"--kubeconfig={kc('kubelet')}",
                 f"--root-dir={layout.kubelet_dir}",
-                f"--hostname-override={NODE_NAME}",
-                f"--node-ip={addrs.node_ip}",
+                f"--hostname-override={node.name}",
+                f"--node-ip={node.ip}",
                 "--v=1"]
     if name == "kube-proxy":
         return [b, f"--config={layout.kube_proxy_config}", "--v=1"]
@@ -453,6 +558,8 @@ def component_argv(name: str, bin_dir: Path, cfg: DevClusterConfig, layout: Layo
 #: start order; `down` stops in reverse
 COMPONENTS = ("etcd", "containerd", "kube-apiserver", "kube-controller-manager",
               "kube-scheduler", "kubelet", "kube-proxy")
+#: what each node after the first runs (in this order)
+NODE_COMPONENTS = ("containerd", "kubelet", "kube-proxy")
 
 
 # ------------------------------------------------------------------ CoreDNS

@@ -25,7 +25,8 @@ from pathlib import Path
 from tpnb.errors import DevClusterError, PrerequisiteError
 
 from .config import DevClusterConfig
-from .manifests import LAN_BRIDGE, Addresses, Layout, laptop_ip
+from .manifests import (LAN_BRIDGE, MAX_NODES, NODE_LINK_ALIAS, NODE_LINK_BRIDGE, Addresses, Layout, Node,
+                        laptop_ip)
 
 #: the node's address on lan0 (locally administered, so it clashes with no real NIC)
 LAN_MAC = "02:74:70:6e:62:01"
@@ -244,6 +245,88 @@ def setup_node(cfg: DevClusterConfig, layout: Layout) -> None:
             in_ns(name, ["iptables", "-w", *rule])
 
 
+# ------------------------------------------------------------------ more nodes
+def setup_node_link(cfg: DevClusterConfig, first: Node) -> None:
+    """Bridge nodes0 in node 1's netns, at node 1's address on the node link.
+
+    The nodes reach each other over it and only over it: it is not lan0 (so
+    the laptops' fence stays as it is) and it has no port on the host.
+    """
+    name = first.netns
+    prefix = ipaddress.ip_network(cfg.node_link_cidr).prefixlen
+    shown = in_ns(name, ["ip", "-d", "link", "show", NODE_LINK_BRIDGE], check=False)
+    if shown.returncode == 0 and NODE_LINK_ALIAS not in shown.stdout:
+        raise DevClusterError(f"{NODE_LINK_BRIDGE} in network namespace {name} was not made by tpnb devcluster",
+                              hint="run `tpnb devcluster down`, or delete the namespace by hand")
+    if shown.returncode != 0:
+        in_ns(name, ["ip", "link", "add", NODE_LINK_BRIDGE, "type", "bridge"])
+        in_ns(name, ["ip", "link", "set", NODE_LINK_BRIDGE, "alias", NODE_LINK_ALIAS])
+    cidr = f"{first.link_ip}/{prefix}"
+    if cidr not in in_ns(name, ["ip", "-o", "addr", "show", "dev", NODE_LINK_BRIDGE]).stdout:
+        in_ns(name, ["ip", "addr", "add", cidr, "dev", NODE_LINK_BRIDGE])
+    in_ns(name, ["ip", "link", "set", NODE_LINK_BRIDGE, "up"])
+
+
+def setup_extra_node(cfg: DevClusterConfig, layout: Layout, node: Node, first: Node) -> None:
+    """Netns of node i > 1: eth0 on node 1's nodes0 bridge, nothing else.
+
+    Like node 1 it forwards between its pods' bridge and its link, keeps
+    bridged pod frames out of iptables, and has no default route: its only
+    routes (set by `sync_node_routes`) lead to the other nodes' pod subnets
+    and to the API server.
+    """
+    create(layout, node.netns, role="node", node=node.name, index=node.index)
+    prefix = ipaddress.ip_network(cfg.node_link_cidr).prefixlen
+    if "eth0" not in run(["ip", "-n", node.netns, "-o", "link", "show"]).stdout:
+        run(["ip", "-n", first.netns, "link", "del", node.link_veth], check=False)  # a stale end
+        run(["ip", "-n", first.netns, "link", "add", node.link_veth, "type", "veth",
+             "peer", "name", "eth0", "netns", node.netns])
+        run(["ip", "-n", first.netns, "link", "set", node.link_veth, "master", NODE_LINK_BRIDGE])
+        run(["ip", "-n", first.netns, "link", "set", node.link_veth, "up"])
+    if f"{node.link_ip}/{prefix}" not in run(["ip", "-n", node.netns, "-o", "addr", "show", "dev", "eth0"]).stdout:
+        run(["ip", "-n", node.netns, "addr", "add", f"{node.link_ip}/{prefix}", "dev", "eth0"])
+        subprocess.run(["ip", "-n", first.netns, "neigh", "flush", "to", node.link_ip],
+                       capture_output=True, check=False)
+    run(["ip", "-n", node.netns, "link", "set", "eth0", "up"])
+    sysctl(node.netns, "net.ipv4.ip_forward", "1")
+    if os.path.exists("/proc/sys/net/bridge"):
+        sysctl(node.netns, "net.bridge.bridge-nf-call-iptables", "0")
+
+
+def node_routes(cfg: DevClusterConfig, nodes: list[Node]) -> dict[str, list[list[str]]]:
+    """`ip route replace` arguments per node netns: every other node's pod
+    subnet via that node's link address, and (nodes > 1) the API server via node 1."""
+    first = nodes[0]
+    api = Addresses.from_config(cfg).node_ip
+    out: dict[str, list[list[str]]] = {}
+    for n in nodes:
+        routes = [[m.pod_cidr, "via", m.link_ip] for m in nodes if m.index != n.index]
+        if n.index != 1:
+            routes.append([f"{api}/32", "via", first.link_ip])
+        out[n.netns] = routes
+    return out
+
+
+def sync_node_routes(cfg: DevClusterConfig, nodes: list[Node]) -> None:
+    for ns, routes in node_routes(cfg, nodes).items():
+        for r in routes:
+            in_ns(ns, ["ip", "route", "replace", *r])
+
+
+def remove_extra_node(cfg: DevClusterConfig, layout: Layout, node: Node) -> None:
+    """Delete node i's netns and its link veth; node 1's route to its pods goes with the veth."""
+    if exists(cfg.node_netns):
+        run(["ip", "-n", cfg.node_netns, "link", "del", node.link_veth], check=False)
+        in_ns(cfg.node_netns, ["ip", "route", "del", node.pod_cidr], check=False)
+    if owned(layout, node.netns) is not None or not exists(node.netns):
+        delete(layout, node.netns)
+
+
+def extra_node_records(layout: Layout) -> list[dict]:
+    """Records of added nodes (role "node"), lowest index first, whether or not they still run."""
+    return sorted((r for r in recorded(layout) if r.get("role") == "node"), key=lambda r: r.get("index", 0))
+
+
 # ------------------------------------------------------------------ laptops
 def laptop_netns(name: str) -> str:
     return f"{LAPTOP_PREFIX}{name}"
@@ -252,10 +335,11 @@ def laptop_netns(name: str) -> str:
 def check_laptop_name(cfg: DevClusterConfig, name: str) -> None:
     from tpnb.errors import ConfigError
 
-    if not _NAME_RE.match(name) or laptop_netns(name) == cfg.node_netns:
+    node_names = {cfg.node_netns, *(f"{cfg.node_netns}{i}" for i in range(2, MAX_NODES + 1))}
+    if not _NAME_RE.match(name) or laptop_netns(name) in node_names:
         raise ConfigError(
             f"invalid laptop name {name!r}",
-            "a laptop name is 1-11 lowercase letters, digits or dashes, and not the node's",
+            "a laptop name is 1-11 lowercase letters, digits or dashes, and not a node's",
             "e.g. --name laptop2",
         )
 

@@ -271,3 +271,50 @@ def cert_sans(path: Path) -> tuple[set[str], set[str]]:
         return set(), set()
     return set(ext.get_values_for_type(x509.DNSName)), \
         {str(i) for i in ext.get_values_for_type(x509.IPAddress)}
+
+
+def node_certs(node_name: str, node_ip: str) -> tuple[CertSpec, ...]:
+    """A kubelet's two certificates: its client identity (Node authorization
+    and NodeRestriction know it by system:node:<name>) and its serving
+    certificate (the API server checks it for logs, exec and port-forward)."""
+    return (
+        CertSpec("kubelet", f"system:node:{node_name}", ("system:nodes",), client=True),
+        CertSpec("kubelet-serving", node_name, server=True,
+                 dns=(node_name, "localhost"), ips=(node_ip, "127.0.0.1")),
+    )
+
+
+def ensure_node_pki(cluster: Pki, directory: Path, node_name: str, node_ip: str) -> Pki:
+    """The PKI dir of an added node: the cluster's CA certificate, its kube-proxy
+    identity, and this node's kubelet certificates signed by the cluster's CA.
+
+    Remade whenever the cluster's CA changed or the node's name or address did,
+    so a node never holds certificates of an earlier cluster.
+    """
+    pki = Pki(directory)
+    specs = node_certs(node_name, node_ip)
+    ca = cluster.ca.read_bytes()
+    stamp = json.dumps([ca.decode(), [[c.name, c.cn, c.orgs, c.dns, c.ips] for c in specs]])
+    names = ["kube-proxy", *(c.name for c in specs)]
+    try:
+        fresh = pki._stamp().read_text() == stamp and pki.ca.read_bytes() == ca and \
+            all(pki.crt(n).exists() and pki.key(n).exists() for n in names)
+    except OSError:
+        fresh = False
+    if fresh:
+        return pki
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o755)
+    _write(pki.ca, ca, 0o644)
+    for n in ("kube-proxy",):
+        _write(pki.crt(n), cluster.crt(n).read_bytes(), 0o644)
+        _write(pki.key(n), cluster.key(n).read_bytes(), 0o600)
+    ca_key = serialization.load_pem_private_key(cluster.key("ca").read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    ca_cert = load_cert(cluster.ca)
+    for spec in specs:
+        key, cert = make_leaf(spec, ca_key, ca_cert)
+        _write(pki.crt(spec.name), _cert_pem(cert), 0o644)
+        _write(pki.key(spec.name), _key_pem(key), 0o600)
+    _write(pki._stamp(), stamp.encode(), 0o644)
+    return pki
