@@ -156,7 +156,13 @@ def test_bulk_transfer_is_byte_exact(lap: LaptopRunner) -> None:
 def test_also_proxy_reaches_a_server_only_the_cluster_reaches(lap: LaptopRunner, devcluster: Any) -> None:
     """A headless Service + Endpoints pointing at an address that lives only in the node namespace."""
     extra_ip = "10.251.7.1"
-    node = devcluster.node_exec_cmd
+    # the server lives in the netns of the node the traffic-manager runs on (any node of several)
+    lap.run(["tpnb", "connect", "--namespace", NS], timeout=120)
+    mgr_node = lap.kubectl("-n", "tpnb", "get", "pods", "-l", "app.kubernetes.io/name=traffic-manager",
+                           "-o", "jsonpath={.items[0].spec.nodeName}").stdout.strip()
+
+    def node(argv: list[str]) -> list[str]:
+        return devcluster.node_exec_cmd(argv, node=mgr_node or None)
     subprocess.run(node(["ip", "addr", "replace", f"{extra_ip}/32", "dev", "lo"]), check=True)
     server = subprocess.Popen(node(["python3", "-m", "http.server", "8099", "--bind", extra_ip,
                                     "--directory", "/etc/netns"]),

@@ -523,7 +523,9 @@ def test_cluster_dns_and_services_from_a_pod(laptop: Any, hello: str, toolbox: s
 def _traces(dc: Any, laptop_name: str, pod_netns: list[str]) -> dict[str, Any]:
     """Everything of the dev cluster that is visible on the host."""
     lay = dc.layout
-    ours = {dc.cfg.node_netns, f"tpnb-{laptop_name}"}
+    # every node's netns (an added node's too: tpnb-node2, ...)
+    ours = {dc.cfg.node_netns, f"tpnb-{laptop_name}",
+            *(f"{dc.cfg.node_netns}{i}" for i in range(2, manifests.MAX_NODES + 1))}
     mounts = Path("/proc/self/mountinfo").read_text()
     prefixes = (str(lay.state) + "/", str(lay.run) + "/")
     procs = []
@@ -542,14 +544,14 @@ def _traces(dc: Any, laptop_name: str, pod_netns: list[str]) -> dict[str, Any]:
         "netns": sorted(set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
                             .stdout.split()) & ours),
         "links": [ln for ln in subprocess.run(["ip", "-o", "link"], capture_output=True, text=True)
-                  .stdout.splitlines() if re.search(r": (lan0|cni0|lap\d+|veth\w+)[@:]", ln)],
+                  .stdout.splitlines() if re.search(r": (lan0|cni0|nodes0|node\d+|lap\d+|veth\w+)[@:]", ln)],
         "mounts": [ln.split()[4] for ln in mounts.splitlines()
                    if ln.split()[4].startswith(prefixes) or
                    any(ln.split()[4] == f"/run/netns/{n}" for n in pod_netns)],
         "procs": procs,
         "iptables": [ln for ln in subprocess.run(["iptables-save"], capture_output=True, text=True)
                      .stdout.splitlines() if "KUBE-" in ln or "TPNB-" in ln],
-        "cgroups": [str(p) for p in Path("/sys/fs/cgroup").glob("*" + dc.cgroup_root)],
+        "cgroups": [str(p) for root in dc._cgroup_roots() for p in Path("/sys/fs/cgroup").glob("*" + root)],
         "etc_netns": [str(p) for p in Path("/etc/netns").glob(f"tpnb-{laptop_name}")],
     }
 
@@ -557,7 +559,8 @@ def _traces(dc: Any, laptop_name: str, pod_netns: list[str]) -> dict[str, Any]:
 @pytest.mark.cluster
 @pytest.mark.devcluster_down
 def test_down_leaves_nothing_and_up_again(devcluster: Any, laptop: Any, hello: str) -> None:
-    pod_netns = [n for n in netns.peer_namespaces(devcluster.cfg.node_netns) if n.startswith("cni-")]
+    nodes = devcluster.nodes()
+    pod_netns = [n for node in nodes for n in netns.peer_namespaces(node.netns) if n.startswith("cni-")]
     assert pod_netns, "the pods' network namespaces should be peers of the node"
     before = _traces(devcluster, laptop.name, pod_netns)
     assert before["netns"] and before["procs"] and before["mounts"], before
@@ -568,11 +571,13 @@ def test_down_leaves_nothing_and_up_again(devcluster: Any, laptop: Any, hello: s
     assert st.stopped, st.render()
     # the caches are kept, so the next up is quick and needs no build
     assert (devcluster.bin_dir / "kube-apiserver").exists()
+    assert devcluster.extra_nodes() == []
     t = time.monotonic()
-    devcluster.up()
+    devcluster.up(nodes=len(nodes))   # as many nodes as before (scripts/test boots 2)
     took = time.monotonic() - t
     out = laptop.kubectl("get", "nodes", "--no-headers").stdout
-    assert re.search(r"^tpnb-node\s+Ready\s", out, re.M), out
+    for node in nodes:
+        assert re.search(rf"^{node.name}\s+Ready\s", out, re.M), out
     print(f"warm up after down: {took:.1f} s")
 
 

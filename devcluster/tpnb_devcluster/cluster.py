@@ -1008,8 +1008,21 @@ def _signal_and_wait(pids: list[int], timeout: float, sig: int = signal.SIGTERM)
         time.sleep(0.1)
 
 
+_digests: dict[tuple[str, int, int], str] = {}
+
+
 def _file_digest(path: Path) -> str:
+    """sha256 of an image tar, remembered per (path, mtime, size): every node's
+    import check asks for the same tars, and hashing them again costs seconds."""
     st = path.stat()
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    if key in _digests:
+        return _digests[key]
+    _digests[key] = _file_digest_uncached(path, st)
+    return _digests[key]
+
+
+def _file_digest_uncached(path: Path, st: os.stat_result) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
