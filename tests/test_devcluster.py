@@ -393,6 +393,66 @@ def test_cli_node_count_errors_are_short(monkeypatch: pytest.MonkeyPatch, capsys
 
 
 @pytest.mark.netns
+def test_node_link_routes_pods_between_nodes_and_nothing_else(tmp_path: Path) -> None:
+    """Two node namespaces of a scratch cluster (no Kubernetes): the node link
+    carries pod-subnet and API-server traffic between them; node 2 has no
+    default route; a laptop reaches neither node 2 nor its pods, even with a
+    route of its own; removing node 2 leaves no namespace, veth or route."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    cfg = DevClusterConfig(state_dir=str(tmp_path / "state"), run_dir=str(tmp_path / "run"),
+                           node_netns="tpnb-mnt", lan_cidr="10.250.201.0/24", node_link_cidr="10.249.201.0/24",
+                           pod_cidr="10.42.0.0/16", node_pod_cidr="10.42.200.0/24")
+    lay = Layout.from_config(cfg)
+    n1, n2 = manifests.node_spec(cfg, lay, 1), manifests.node_spec(cfg, lay, 2)
+    lap_ns = netns.laptop_netns("mntlap")
+
+    def sh(ns: str, cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(netns.nsenter(ns, ["sh", "-c", cmd]), capture_output=True, text=True, check=check)
+
+    def reach(src: str, dst: str, addr: str) -> bool:
+        """A TCP connection from netns src to a listener on addr in netns dst."""
+        srv = subprocess.Popen(netns.nsenter(dst, ["python3", "-c", (
+            "import socket\ns = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+            f"s.bind(({addr!r}, 7001)); s.listen(1); print('up', flush=True); s.settimeout(5)\n"
+            "c, _ = s.accept(); c.sendall(b'hi')\n")]), stdout=subprocess.PIPE, text=True)
+        try:
+            assert srv.stdout is not None and srv.stdout.readline().strip() == "up"
+            r = sh(src, f"python3 -c \"import socket; print(socket.create_connection(('{addr}', 7001), 2).recv(2))\"",
+                   check=False)
+            return r.returncode == 0 and "hi" in r.stdout
+        finally:
+            srv.kill()
+            srv.wait(5)
+
+    try:
+        netns.setup_node(cfg, lay)
+        netns.setup_node_link(cfg, n1)
+        netns.setup_extra_node(cfg, lay, n2, n1)
+        netns.sync_node_routes(cfg, [n1, n2])
+        for n in (n1, n2):   # stand-ins for each node's pod bridge (its gateway address)
+            sh(n.netns, f"ip link add cni0 type bridge && ip addr add {n.cni_gateway}/24 dev cni0 && ip link set cni0 up")
+        assert reach(n2.netns, n1.netns, n1.cni_gateway) and reach(n1.netns, n2.netns, n2.cni_gateway)
+        assert reach(n2.netns, n1.netns, "10.250.201.1")   # the API server's address (its port is 6443)
+        routes = sh(n2.netns, "ip route").stdout
+        assert "default" not in routes and "10.42.200.0/24 via 10.249.201.1" in routes, routes
+        assert {r["name"] for r in netns.extra_node_records(lay)} == {"tpnb-mnt2"}
+        lap = netns.ensure_laptop(cfg, lay, "mntlap")
+        assert not reach(lap.netns, n2.netns, n2.cni_gateway)
+        sh(lap.netns, "ip route add 10.249.201.0/24 via 10.250.201.1 && ip route add 10.42.201.0/24 via 10.250.201.1")
+        for addr in (n2.link_ip, n2.cni_gateway):   # the first node never forwards a laptop's packets
+            assert not reach(lap.netns, n2.netns, addr), addr
+        assert reach(n1.netns, n2.netns, n2.link_ip)   # while the node link itself works
+        netns.remove_extra_node(cfg, lay, n2)
+        assert not netns.exists(n2.netns) and netns.extra_node_records(lay) == []
+        assert sh(n1.netns, f"ip link show {n2.link_veth}", check=False).returncode != 0
+        assert sh(n1.netns, f"ip route show {n2.pod_cidr}").stdout.strip() == ""
+    finally:
+        for ns in (lap_ns, n2.netns, n1.netns):
+            netns.delete(lay, ns)
+
+
+@pytest.mark.netns
 def test_up_refuses_a_foreign_node_namespace(tmp_path: Path) -> None:
     """A namespace with the node's name that tpnb did not make is reported
     before anything is built, stopped or changed."""

@@ -246,6 +246,10 @@ def setup_node(cfg: DevClusterConfig, layout: Layout) -> None:
 
 
 # ------------------------------------------------------------------ more nodes
+#: role of an added node's netns record (the first node's is "node")
+ADDED_NODE = "added-node"
+
+
 def setup_node_link(cfg: DevClusterConfig, first: Node) -> None:
     """Bridge nodes0 in node 1's netns, at node 1's address on the node link.
 
@@ -275,7 +279,7 @@ def setup_extra_node(cfg: DevClusterConfig, layout: Layout, node: Node, first: N
     routes (set by `sync_node_routes`) lead to the other nodes' pod subnets
     and to the API server.
     """
-    create(layout, node.netns, role="node", node=node.name, index=node.index)
+    create(layout, node.netns, role=ADDED_NODE, node=node.name, index=node.index)
     prefix = ipaddress.ip_network(cfg.node_link_cidr).prefixlen
     if "eth0" not in run(["ip", "-n", node.netns, "-o", "link", "show"]).stdout:
         run(["ip", "-n", first.netns, "link", "del", node.link_veth], check=False)  # a stale end
@@ -323,8 +327,8 @@ def remove_extra_node(cfg: DevClusterConfig, layout: Layout, node: Node) -> None
 
 
 def extra_node_records(layout: Layout) -> list[dict]:
-    """Records of added nodes (role "node"), lowest index first, whether or not they still run."""
-    return sorted((r for r in recorded(layout) if r.get("role") == "node"), key=lambda r: r.get("index", 0))
+    """Records of added nodes, lowest index first, whether or not they still run."""
+    return sorted((r for r in recorded(layout) if r.get("role") == ADDED_NODE), key=lambda r: r.get("index", 0))
 
 
 # ------------------------------------------------------------------ laptops
