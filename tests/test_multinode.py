@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from conftest import REPO, LaptopRunner, _progress_to_terminal
-from tpnb_devcluster import netns
+from tpnb_devcluster import manifests, netns
 
 pytestmark = pytest.mark.cluster
 
@@ -203,6 +203,11 @@ def test_pods_reach_pods_services_and_dns_across_nodes(mn: Cluster) -> None:
 
 
 def test_connect_reaches_pods_on_both_nodes(mn: Cluster) -> None:
+    mn.tpnb("quit", check=False)
+    far_ip = mn.pod("app=far")["status"]["podIP"]
+    t = time.monotonic()   # not connected: a laptop has no path to either node's pods
+    r = mn.dev.run(["curl", "-sS", "--max-time", "5", f"http://{far_ip}:8080/"], check=False, timeout=20)
+    assert r.returncode != 0 and time.monotonic() - t < 2, r.stdout
     mn.tpnb("connect", "--namespace", NS, timeout=180)
     try:
         for name in ("far", "near"):
@@ -241,6 +246,31 @@ def test_intercept_of_a_workload_on_node_2_is_served_by_the_laptop(mn: Cluster, 
         os.killpg(server.pid, signal.SIGTERM)
         mn.tpnb("leave", "far", check=False)
         mn.tpnb("quit", check=False)
+
+
+def _taints(mn: Cluster, node: str) -> set[str]:
+    spec = json.loads(mn.admin.kubectl("get", "node", node, "-o", "json").stdout)["spec"]
+    return {f"{t['key']}:{t['effect']}" for t in spec.get("taints", []) if not t["key"].startswith("node.kubernetes.io/")}
+
+
+def test_node_taint_setting_is_applied_and_taken_off_by_up(mn: Cluster) -> None:
+    """devcluster.node_taint (development only) is put on added nodes by `up`, and a later `up`
+    with another (or no) setting takes it off again: the default leaves no taint."""
+    own = os.environ.get("TPNB_DEVCLUSTER_NODE_TAINT", "")
+    before = _taints(mn, mn.b)
+    try:
+        env = {**os.environ, "TPNB_DEVCLUSTER_NODE_TAINT": "tpnb.dev/test=1:PreferNoSchedule"}
+        r = subprocess.run([sys.executable, "-m", "tpnb.cli", "devcluster", "up", "--nodes", "2"],
+                           capture_output=True, text=True, timeout=600, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert _taints(mn, mn.b) == {"tpnb.dev/test:PreferNoSchedule"}
+        assert _taints(mn, mn.a) == set()   # the first node is never tainted
+    finally:
+        env = {**os.environ, "TPNB_DEVCLUSTER_NODE_TAINT": own}
+        subprocess.run([sys.executable, "-m", "tpnb.cli", "devcluster", "up", "--nodes", "2"],
+                       capture_output=True, text=True, timeout=600, env=env)
+    want = manifests.parse_taint(own)
+    assert _taints(mn, mn.b) == before == ({f"{want['key']}:{want['effect']}"} if want else set())
 
 
 def _node_traces(dc: Any, node: Any, pod_netns: list[str]) -> dict[str, Any]:
