@@ -376,6 +376,23 @@ def test_added_node_pki_is_signed_by_the_cluster_ca(tmp_path: Path) -> None:
 
 
 @pytest.mark.unit
+def test_status_lists_every_node() -> None:
+    from tpnb_devcluster.cluster import NodeRow, Status
+
+    st = Status(components={"kubelet": 1, "kubelet@tpnb-node2": 2}, node_netns=True, node_ready=True,
+                coredns_ready=True, nodes=[NodeRow("tpnb-node", True, "10.42.0.0/24", "10.250.0.1"),
+                                           NodeRow("tpnb-node2", True, "10.42.1.0/24", "10.249.0.2",
+                                                   ["tpnb.dev/wip=true:NoSchedule"])])
+    out = st.render()
+    assert out.startswith("dev cluster: running") and re.search(r"^\s+nodes:\s+2$", out, re.M)
+    assert re.search(r"^  node tpnb-node2\s+Ready: yes\s+pods 10.42.1.0/24  ip 10.249.0.2  "
+                     r"taints tpnb.dev/wip=true:NoSchedule$", out, re.M), out
+    assert "kubelet@tpnb-node2       pid 2" in out
+    st.components["kubelet@tpnb-node2"] = None   # a dead component of an added node: not running
+    assert not st.running and "degraded" in st.render()
+
+
+@pytest.mark.unit
 def test_cli_node_count_errors_are_short(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     from tpnb_devcluster import cli
 
