@@ -203,7 +203,7 @@ def test_pods_reach_pods_services_and_dns_across_nodes(mn: Cluster) -> None:
 
 
 def test_connect_reaches_pods_on_both_nodes(mn: Cluster) -> None:
-    mn.tpnb("quit", check=False)
+    mn.tpnb("quit", "--daemon", check=False)
     far_ip = mn.pod("app=far")["status"]["podIP"]
     t = time.monotonic()   # not connected: a laptop has no path to either node's pods
     r = mn.dev.run(["curl", "-sS", "--max-time", "5", f"http://{far_ip}:8080/"], check=False, timeout=20)
@@ -217,7 +217,7 @@ def test_connect_reaches_pods_on_both_nodes(mn: Cluster) -> None:
                 r = mn.dev.run(["curl", "-sS", "--max-time", "10", url], check=False, timeout=30)
                 assert r.returncode == 0 and "real path=/by-" in r.stdout, (pod["spec"]["nodeName"], url, r.stderr)
     finally:
-        mn.tpnb("quit", check=False)
+        mn.tpnb("quit", "--daemon", check=False)
 
 
 def test_intercept_of_a_workload_on_node_2_is_served_by_the_laptop(mn: Cluster, tmp_path: Path) -> None:
@@ -245,7 +245,7 @@ def test_intercept_of_a_workload_on_node_2_is_served_by_the_laptop(mn: Cluster, 
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         mn.tpnb("leave", "far", check=False)
-        mn.tpnb("quit", check=False)
+        mn.tpnb("quit", "--daemon", check=False)
 
 
 def _taints(mn: Cluster, node: str) -> set[str]:
