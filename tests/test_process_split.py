@@ -207,7 +207,13 @@ def test_kill9_of_either_process_then_connect_recovers(users: tuple[UserLaptop, 
     assert "Connected to context" in r.stdout
     assert [p["pid"] for p in u.tpnb_processes()["daemon"]] != [old_daemon]
     assert _curl(u, f"hello.{NS}").returncode == 0
-    u.run(["tpnb", "quit", "--daemon"])
+
+    # the connector dies again and the root daemon outlives it: `quit --daemon` stops that one too
+    os.kill(u.tpnb_processes()["connector"][0]["pid"], 9)
+    _wait(lambda: u.tpnb_processes()["connector"] == [], 10, "the killed connector to be gone")
+    r = u.run(["tpnb", "quit", "--daemon"])
+    assert "root daemon" in r.stdout and "quitting...done" in r.stdout, r.stdout + r.stderr
+    _wait(lambda: u.tpnb_processes() == {"connector": [], "daemon": []}, 10, "the lone root daemon to exit")
     assert u.run(["cat", "/etc/resolv.conf"]).stdout == resolv_before
 
 

@@ -398,8 +398,14 @@ def quit_session(s: Session, stop_daemon: bool) -> dict[str, bool]:
     """`quit` for the CLI and `%tp quit`: same steps, same words; returns what it did (-o json)."""
     st = s.status()
     if not st.daemon_running:
-        print("tpnb daemon had already quit")
-        return {"daemon_was_running": False, "was_connected": False, "daemon_stopped": False}
+        # The connector is gone; a root daemon may outlive it (connector killed): `--daemon` stops that too.
+        lone_root = stop_daemon and s.client.root_daemon_running()
+        if lone_root:
+            s.quit(stop_daemon=True)
+            print("tpnb root daemon (left by a connector that had quit) quitting...done")
+        else:
+            print("tpnb daemon had already quit")
+        return {"daemon_was_running": False, "was_connected": False, "daemon_stopped": lone_root}
     if st.connected:
         print("Disconnecting...", end="", flush=True)
     s.quit(stop_daemon=stop_daemon)
