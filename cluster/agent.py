@@ -30,6 +30,9 @@ Personal intercepts (HTTP filters) are routed request by request by
 cluster/httproute.py (HTTP/1.1), stream by stream by cluster/h2route.py (HTTP/2
 with prior knowledge, as gRPC speaks it): matching requests to the holder's
 tunnel, the rest to the app.  A global intercept takes whole connections, as before.
+Wiretaps (cluster/wiretap.py) copy what the app serves on the HTTP/1.1 path (an
+HTTP/2 connection as TCP: counts and first bytes); the app's answers never wait
+for the copy.
 
 Runs inside the cluster image: Python 3.11, grpcio, protobuf, h11, h2 and stdlib only.
 """
@@ -59,6 +62,7 @@ from tpnb.proto import pb, rpc  # noqa: E402
 from tpnb.version import __version__  # noqa: E402
 
 from . import h2route, httproute  # noqa: E402
+from .wiretap import Wiretaps  # noqa: E402
 from .sftpjail import FilteringWriter, Jail  # noqa: E402
 from tpnb.common.forward import (  # noqa: E402
     BULK_GRPC_OPTIONS,
@@ -309,6 +313,8 @@ class Agent:
         self._probe: asyncio.Task[Any] | None = None
         #: the HTTP/2 client connections being routed (told GOAWAY when the agent stops)
         self._h2: set[Any] = set()
+        #: wiretaps of our workload (from the instructions), their buffers and uploader
+        self.wiretaps = Wiretaps(pb, settings.pod_name)
 
     # ---------------------------------------------------------- routing
     def active_intercept(self) -> pb.InterceptInfo | None:
@@ -361,7 +367,7 @@ class Agent:
                 log.debug("intercepted %s:%s done (%d up, %d down)", peer[0], peer[1], up, down)
                 return
             # None: manager unreachable -> serve from the app
-        elif self.filtered_intercepts() and self.agent_id and self.stub is not None:
+        elif (self.filtered_intercepts() or self.wiretaps) and self.agent_id and self.stub is not None:
             await self._route_http(reader, writer, peer)
             return
         await self._to_app(reader, writer, peer)
@@ -389,16 +395,25 @@ class Agent:
             chan = await self._open_tunnel(ic, peer)
             return httproute.TunnelUpstream(chan, pb) if chan not in (None, False) else None
 
+        def tap(key: Any, req: Any) -> Any:  # wiretaps copy what the app serves
+            return self.wiretaps.exchange(req, peer) if not key and self.wiretaps else None
+
         first = await h2route.sniff(reader)  # HTTP/2's preface must not reach h11 (it parses as a request line)
-        router: Any = (h2route.H2Router if first == h2route.PREFACE else httproute.HttpRouter)(
-            reader, writer, choose, connect, first=first)
-        if isinstance(router, h2route.H2Router):
+        if first == h2route.PREFACE and not self.filtered_intercepts():
+            # only wiretaps here: HTTP/2 goes to the app untouched, copied as TCP (counts and first bytes)
+            await self._to_app(reader, writer, peer, first=first, copy=self.wiretaps.wants_tcp())
+            return
+        router: Any
+        if first == h2route.PREFACE:
+            router = h2route.H2Router(reader, writer, choose, connect, first=first)
             self._h2.add(router)
+        else:
+            router = httproute.HttpRouter(reader, writer, choose, connect, first=first, tap=tap)
         try:
             await router.run()
         except httproute.NotHTTP as exc:  # not HTTP/1.1 (or h2c): the app gets it untouched
             log.debug("%s:%s is not HTTP/1.1: to the app", peer[0], peer[1])
-            await self._to_app(reader, writer, peer, first=exc.raw)
+            await self._to_app(reader, writer, peer, first=exc.raw, copy=self.wiretaps.wants_tcp())
             return
         except (ConnectionError, OSError, TunnelError) as exc:
             log.debug("%s:%s: %s", peer[0], peer[1], exc)
@@ -412,13 +427,17 @@ class Agent:
             writer.close()
 
     async def _to_app(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      peer: tuple[Any, ...], first: bytes = b"") -> None:
+                      peer: tuple[Any, ...], first: bytes = b"", copy: bool = False) -> None:
         try:
             ar, aw = await asyncio.wait_for(
                 asyncio.open_connection("127.0.0.1", self.s.app_port, limit=STREAM_LIMIT), APP_CONNECT_TIMEOUT)
         except (OSError, asyncio.TimeoutError) as exc:
             log.warning("cannot connect to the app on 127.0.0.1:%d: %s", self.s.app_port, exc)
             writer.transport.abort()
+            return
+        if copy:  # a wiretap without filters: counts and first bytes of a non-HTTP connection
+            a2b, b2a = await self.wiretaps.copy_tcp(reader, writer, ar, aw, first, peer)
+            log.debug("%s:%s -> app done (%d up, %d down, copied)", peer[0], peer[1], a2b, b2a)
             return
         if first:
             aw.write(first)
@@ -484,6 +503,7 @@ class Agent:
             log.info("forgetting %d intercept(s): traffic goes to the app", len(self.intercepts))
         self.agent_id = None
         self.intercepts = []
+        self.wiretaps.clear()
 
     async def session_loop(self) -> None:
         """Arrive, heartbeat and watch instructions; on any loss, forget and re-arrive."""
@@ -560,7 +580,8 @@ class Agent:
 
     async def _run_session(self, sess: pb.AgentSession) -> None:
         loops = [asyncio.ensure_future(self._remain_loop(sess)), asyncio.ensure_future(self._watch_loop(sess)),
-                 asyncio.ensure_future(self._dials_loop(sess))]
+                 asyncio.ensure_future(self._dials_loop(sess)),
+                 asyncio.ensure_future(self.wiretaps.upload_loop(self.stub, sess.agent_id))]
         try:
             done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_COMPLETED)
             for t in done:
@@ -622,6 +643,7 @@ class Agent:
                 new = list(instr.intercepts)
                 old_ids = {(i.id, i.state) for i in self.intercepts}
                 self.intercepts = new
+                self.wiretaps.update(list(instr.wiretaps))
                 self._want_probe()
                 if {(i.id, i.state) for i in new} != old_ids:
                     desc = ", ".join(f"{i.spec.name or i.id}={pb.InterceptInfo.State.Name(i.state)}"

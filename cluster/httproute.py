@@ -125,6 +125,20 @@ Choose = Callable[[h11.Request], Hashable]
 Connect = Callable[[Hashable], Awaitable[Upstream | None]]
 
 
+class Exchange(Protocol):
+    """Sees one request/response as it passes (a wiretap's copy, cluster/wiretap.py).  Its methods
+    must return at once and never raise: the client's answer does not wait for them."""
+
+    def request_data(self, data: bytes) -> None: ...
+    def response(self, ev: h11.Response | h11.InformationalResponse) -> None: ...
+    def response_data(self, data: bytes) -> None: ...
+    def done(self, error: str = "") -> None: ...
+
+
+#: `tap(key, request)`: an Exchange to show this request and its response, or None
+Tap = Callable[[Hashable, h11.Request], "Exchange | None"]
+
+
 async def _next(conn: h11.Connection, recv: Callable[[], Awaitable[bytes]],
                 record: bytearray | None = None) -> Any:
     while True:
@@ -153,9 +167,10 @@ class HttpRouter:
     """
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 choose: Choose, connect: Connect, first: bytes = b"") -> None:
+                 choose: Choose, connect: Connect, first: bytes = b"", tap: Tap | None = None) -> None:
         self.reader, self.writer = reader, writer
         self.choose, self.connect = choose, connect
+        self.tap = tap
         self.down = h11.Connection(h11.SERVER)
         self.first = first
         if first:
@@ -217,12 +232,23 @@ class HttpRouter:
                 return False
             up = self.ups[key] = _Up(stream, h11.Connection(h11.CLIENT))
         self.routed[key] = self.routed.get(key, 0) + 1
+        ex = self.tap(key, req) if self.tap is not None else None
+        try:
+            return await self._exchange(key, up, req, ex)
+        except BaseException as exc:
+            if ex is not None:
+                ex.done(str(exc) or type(exc).__name__)
+            raise
+
+    async def _exchange(self, key: Hashable, up: _Up, req: h11.Request, ex: Exchange | None) -> bool:
         await up.stream.send(up.conn.send(req))
 
         async def body() -> None:
             while True:
                 ev = await _next(self.down, self._recv_down)
                 if isinstance(ev, (h11.Data, h11.EndOfMessage)):
+                    if ex is not None and isinstance(ev, h11.Data):
+                        ex.request_data(ev.data)
                     data = up.conn.send(ev)
                     if data:
                         await up.stream.send(data)
@@ -239,6 +265,11 @@ class HttpRouter:
                     raise ConnectionResetError("the upstream closed before its response ended")
                 if ev is h11.PAUSED:
                     return True
+                if ex is not None:
+                    if isinstance(ev, (h11.Response, h11.InformationalResponse)):
+                        ex.response(ev)
+                    elif isinstance(ev, h11.Data):
+                        ex.response_data(ev.data)
                 await self._write_down(ev)
                 if isinstance(ev, h11.InformationalResponse) and ev.status_code == 101:
                     return True
@@ -255,6 +286,8 @@ class HttpRouter:
             up.stream.close()
             self.ups.pop(key, None)
             raise
+        if ex is not None:
+            ex.done()
         if tr.result():
             await self._switched(up)
             return False

@@ -24,7 +24,7 @@ from tpnb.common import errors_wire, logs
 from tpnb.common.liveness import process_alive
 from tpnb.common.serve import serve_unix
 
-from . import intercepts
+from . import intercepts, wiretaps
 from .session import Session
 
 log = logging.getLogger("tpnb.connector.server")
@@ -134,7 +134,9 @@ class ConnectorService(rpc.ConnectorServicer):
     async def Status(self, request, context):  # noqa: N802
         if self.session is None:
             return pb.ConnectionStatus(connected=False, daemon_version=__version__)
-        return await self.session.status()
+        st = await self.session.status()
+        st.wiretaps.extend(wiretaps.infos(self.session))
+        return st
 
     async def WatchStatus(self, request, context):  # noqa: N802
         while True:
@@ -189,10 +191,33 @@ class ConnectorService(rpc.ConnectorServicer):
 
     async def Leave(self, request, context):  # noqa: N802
         try:
-            await self._require().remove_intercept(request.name)
+            sess = self._require()
+            if request.name not in sess.intercepts and await wiretaps.stop(request.name):
+                return pb.Empty()  # a wiretap of that name (an intercept's name wins)
+            await sess.remove_intercept(request.name)
         except TpnbError as err:
             await self._abort(context, err)
         return pb.Empty()
+
+    async def Wiretap(self, request, context):  # noqa: N802
+        """A wiretap for the life of this call (connector/wiretaps.py)."""
+        try:
+            tap = wiretaps.Wiretap(self._require(), request)
+        except TpnbError as err:
+            await self._abort(context, err)
+            return
+        stream = _Stream(lambda p: pb.WiretapEvent(progress=p))
+        try:
+            async for ev in stream.run(tap.start(stream.progress), lambda info: pb.WiretapEvent(started=info),
+                                       context):
+                yield ev
+            async for ev in tap.relay():
+                yield ev
+        finally:
+            # the face may be gone (cancelled call): remove in a task of its own, not cut short
+            removal = asyncio.ensure_future(tap.remove())
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.shield(removal)
 
     async def Uninstall(self, request, context):  # noqa: N802
         stream = _Stream(lambda p: pb.UninstallEvent(progress=p))

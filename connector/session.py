@@ -104,6 +104,8 @@ class Session:
     #: rootless outbound: the SOCKS5 + HTTP proxy on loopback (only while there is no root daemon)
     proxy: OutboundProxy | None = None
     names: ClusterNames | None = None
+    #: the manager's latest view of this session's wiretaps, by id (connector/wiretaps.py)
+    wiretap_infos: dict[str, pb.WiretapInfo] = field(default_factory=dict)
 
     # ================================================================ connect
     async def start(self, progress: ProgressFn) -> None:
@@ -486,6 +488,7 @@ class Session:
         # only our own intercepts carry ids (others' are workload + holder only)
         self.remote = {ic.id: ic for ic in lst.intercepts if ic.mine}
         self.others = [ic for ic in lst.intercepts if not ic.mine]
+        self.wiretap_infos = {w.id: w for w in lst.wiretaps}
         for name, mine in list(self.intercepts.items()):
             if mine.id in self.remote:
                 self.intercepts[name] = self.remote[mine.id]

@@ -18,7 +18,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from . import config as tpnb_config
 from .client import DaemonClient
@@ -74,6 +74,101 @@ class Intercept:
 
 
 @dataclass
+class Wiretap:
+    """A wiretap of this session: a copy of what the app of `workload` serves (see `Session.wiretap`)."""
+
+    name: str
+    workload: str
+    namespace: str
+    service: str
+    service_port: str
+    state: str
+    message: str
+    records: int
+    dropped: int
+    max_body: int
+    buffer: int
+    pod_ips: list[str]
+    id: str
+    http_headers: dict[str, str] = field(default_factory=dict)
+    http_path_prefix: str = ""
+    http_path_equal: str = ""
+    http_path_regex: str = ""
+
+    @classmethod
+    def from_pb(cls, w: pb.WiretapInfo) -> "Wiretap":
+        sp = w.spec
+        return cls(name=sp.name, workload=sp.workload, namespace=sp.namespace, service=sp.service,
+                   service_port=sp.service_port, state=pb.InterceptInfo.State.Name(w.state), message=w.message,
+                   records=w.records, dropped=w.dropped, max_body=w.max_body, buffer=w.buffer,
+                   pod_ips=list(w.pod_ips), id=w.id, http_headers={h.name: h.value for h in sp.http_headers},
+                   http_path_prefix=sp.http_path_prefix, http_path_equal=sp.http_path_equal,
+                   http_path_regex=sp.http_path_regex)
+
+
+def _text(b: bytes) -> str:
+    return b.decode("latin-1")
+
+
+def wiretap_record(rec: pb.WiretapRecord) -> dict:
+    """One copied exchange as a plain dict, in the shape of `tpnb.requests_log`'s records
+    (time, type, method, path, query, status, duration_ms, bytes, client, error, headers, bodies)."""
+    import datetime as _dt
+
+    path, _, query = _text(rec.target).partition("?")
+    tcp = rec.kind == pb.WiretapRecord.TCP
+    return {
+        "time": _dt.datetime.fromtimestamp(rec.start_unix).isoformat(timespec="milliseconds"),
+        "type": "tcp" if tcp else "http", "method": "" if tcp else rec.method, "path": path, "query": query,
+        "status": rec.status, "duration_ms": round(rec.latency_ms, 3),
+        "bytes": rec.bytes_down if tcp else rec.response_bytes, "client": rec.client, "pod": rec.pod_name,
+        "error": rec.error or None, "http_version": rec.http_version,
+        "request_headers": [(_text(h.name), _text(h.value)) for h in rec.request_headers],
+        "request_body": bytes(rec.request_body), "request_bytes": rec.request_bytes,
+        "response_headers": [(_text(h.name), _text(h.value)) for h in rec.response_headers],
+        "response_body": bytes(rec.response_body), "response_bytes": rec.response_bytes,
+        "reason": _text(rec.reason), "bytes_up": rec.bytes_up, "bytes_down": rec.bytes_down,
+        "first_up": bytes(rec.first_up), "first_down": bytes(rec.first_down), "dropped": rec.dropped, "seq": rec.seq,
+    }
+
+
+class WiretapStream:
+    """A running wiretap: iterate it for record dicts (`wiretap_record`), `cancel()` (any thread) ends it.
+
+    `stats` holds the latest Wiretap (records and drops so far).  Iterate on one thread only.
+    """
+
+    def __init__(self, call: object, started: pb.WiretapInfo, events: "Iterator[pb.WiretapEvent]") -> None:
+        self._call, self._events = call, events
+        self.stats = Wiretap.from_pb(started)
+        self.name = self.stats.name
+        self._cancelled = False
+
+    def __iter__(self) -> "Iterator[dict]":
+        import grpc
+
+        from .client import _wire_error
+
+        try:
+            for ev in self._events:
+                kind = ev.WhichOneof("kind")
+                if kind == "record":
+                    self.stats.records += 1
+                    self.stats.dropped = max(self.stats.dropped, ev.record.dropped)
+                    yield wiretap_record(ev.record)
+                elif kind == "stats":
+                    self.stats = Wiretap.from_pb(ev.stats)
+        except grpc.RpcError as exc:
+            if self._cancelled or exc.code() == grpc.StatusCode.CANCELLED:
+                return
+            raise _wire_error(exc) from None
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._call.cancel()  # type: ignore[attr-defined]
+
+
+@dataclass
 class Status:
     connected: bool
     context: str = ""
@@ -114,6 +209,8 @@ class Status:
     in_cluster_note: str = ""
     credentials: str = ""
     pod_ip: str = ""
+    #: this session's wiretaps (records and drops so far)
+    wiretaps: list[Wiretap] = field(default_factory=list)
 
     @classmethod
     def from_pb(cls, st: pb.ConnectionStatus, daemon_running: bool = True) -> "Status":
@@ -127,6 +224,7 @@ class Status:
             tcp_engine=st.tcp_engine, tcp_engine_note=st.tcp_engine_note, outbound=st.outbound,
             outbound_note=st.outbound_note, root_daemon_version=st.root_daemon_version)
         out.proxy_socks_url, out.proxy_http_url = st.proxy_socks_url, st.proxy_http_url
+        out.wiretaps = [Wiretap.from_pb(w) for w in st.wiretaps]
         out.in_cluster, out.in_cluster_note = st.in_cluster, st.in_cluster_note
         out.credentials, out.pod_ip = st.credentials, st.pod_ip
         if st.in_cluster and st.connected:
@@ -316,6 +414,53 @@ class Session:
         self.client.call(self.client.stub().Leave, pb.LeaveRequest(name=name))
         self.unmount(name)
         self._clean_mounts(self.intercepts())
+
+    def wiretap(self, name: str, service_port: str | None = None, namespace: str | None = None,
+                service: str | None = None, workload: str | None = None, progress: ProgressFn | None = None,
+                http_headers: Sequence[tuple[str, str]] = (), http_path_prefix: str = "",
+                http_path_equal: str = "", http_path_regex: str = "", max_body: int | None = None,
+                buffer: int | None = None) -> WiretapStream:
+        """Copy what workload `name`'s app serves to this machine, while it keeps serving every request.
+
+        Returns once the wiretap is ACTIVE; iterate the result for the records (dicts).  The
+        wiretap ends (and is removed from the cluster) when the stream is cancelled or this
+        process dies.  HTTP filters copy only matching requests.  `max_body` and `buffer`
+        default to `wiretap.max_body` and `wiretap.buffer` of the configuration.
+        """
+        self._require_daemon()
+        spec = pb.InterceptSpec(name=name, workload=workload or name, namespace=namespace or "",
+                                service=service or "", service_port=str(service_port or ""),
+                                http_headers=[pb.HeaderMatch(name=k, value=v) for k, v in http_headers],
+                                http_path_prefix=http_path_prefix or "", http_path_equal=http_path_equal or "",
+                                http_path_regex=http_path_regex or "")
+        wcfg = self.cfg.wiretap
+        req = pb.WiretapRequest(wiretap=pb.WiretapInfo(
+            spec=spec, max_body=wcfg.max_body if max_body is None else int(max_body),
+            buffer=wcfg.buffer if buffer is None else int(buffer)))
+        call = self.client.stub().Wiretap(req)
+        events = iter(call)
+        import grpc
+
+        from .client import _wire_error
+
+        try:
+            for ev in events:
+                kind = ev.WhichOneof("kind")
+                if kind == "progress":
+                    if progress:
+                        progress(ev.progress)
+                elif kind == "started":
+                    return WiretapStream(call, ev.started, events)
+        except grpc.RpcError as exc:
+            raise _wire_error(exc) from None
+        except BaseException:
+            call.cancel()
+            raise
+        raise InterceptError(f"the wiretap of {name} ended before it started",
+                             hint="see ~/.cache/tpnb/logs/connector.log")
+
+    def wiretaps(self) -> list[Wiretap]:
+        return self.status().wiretaps
 
     def intercepts(self) -> list[Intercept]:
         return self.status().intercepts

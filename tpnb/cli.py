@@ -157,7 +157,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "or not at all with --mount=false; CMD gets it as $TPNB_ROOT")
     add_filter_args(i)
 
-    lv = sub.add_parser("leave", parents=out, help="end an intercept")
+    w = sub.add_parser("wiretap", parents=out,
+                       help="print a copy of each request a workload's app serves (it keeps serving); ^C ends")
+    w.add_argument("name")
+    w.add_argument("--port", "-p", default="", metavar="SERVICE_PORT",
+                   help="the Service port to copy, by name or number (default: as intercept picks it)")
+    w.add_argument("--namespace", "-n")
+    w.add_argument("--service")
+    w.add_argument("--workload", help="workload name when it differs from the wiretap name")
+    w.add_argument("--max-body", type=int, default=None, metavar="BYTES",
+                   help="bytes of each body to copy (default: the wiretap.max_body setting)")
+    w.add_argument("--count", type=int, default=0, metavar="N", help="end after N records")
+    add_filter_args(w)
+
+    lv = sub.add_parser("leave", parents=out, help="end an intercept (or a wiretap)")
     lv.add_argument("name")
 
     u = sub.add_parser("uninstall", parents=out, help="remove agents and/or the traffic-manager from the cluster")
@@ -559,6 +572,8 @@ def _run(args: argparse.Namespace, cmd: list[str], out: Output) -> int:
         return 0
     if args.cmd == "intercept":
         return _intercept(s, args, cmd, out)
+    if args.cmd == "wiretap":
+        return _wiretap(s, args, out)
     raise ConfigError(f"unknown command {args.cmd!r}")
 
 
@@ -614,6 +629,87 @@ def _intercept(s: Session, args: argparse.Namespace, cmd: list[str], out: Output
             s.quit(stop_daemon=True)
             print("done")
             print("tpnb daemon quitting...done")
+
+
+def wiretap_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Session.wiretap's arguments from parsed `wiretap` options (CLI and %tp)."""
+    if args.max_body is not None and args.max_body < 0:
+        raise ConfigError(f"--max-body {args.max_body}: must be 0 or more", hint="e.g. --max-body 4096")
+    return {"service_port": args.port or None, "namespace": args.namespace, "service": args.service,
+            "workload": args.workload, "max_body": args.max_body, **filter_kwargs(args)}
+
+
+def _short(b: bytes, n: int = 40) -> str:
+    return repr(b[:n]) + ("..." if len(b) > n else "")
+
+
+def wiretap_line(r: dict) -> str:
+    """One line per copied exchange (the CLI's text output)."""
+    t = r["time"][11:]
+    if r["type"] == "tcp":
+        return (f"{t} {r['client']} TCP up {r['bytes_up']} B down {r['bytes_down']} B {r['duration_ms']:.1f} ms "
+                f"first {_short(r['first_up'])} -> {_short(r['first_down'])}")
+    path = r["path"] + (f"?{r['query']}" if r["query"] else "")
+    tail = f" error: {r['error']}" if r["error"] else ""
+    return f"{t} {r['client']} {r['method']} {path} {r['status']} {r['duration_ms']:.1f} ms {r['bytes']} B{tail}"
+
+
+def _jsonable(v: Any) -> Any:
+    """Bytes as text when they are UTF-8, else {"base64": ...}; the rest as it is."""
+    if isinstance(v, bytes):
+        try:
+            return v.decode("utf-8")
+        except UnicodeDecodeError:
+            import base64
+
+            return {"base64": base64.b64encode(v).decode("ascii")}
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def wiretap_json(r: dict) -> str:
+    """One JSON line per copied exchange (`-o json`)."""
+    return json.dumps(_jsonable(r), separators=(",", ":"))
+
+
+def _wiretap(s: Session, args: argparse.Namespace, out: Output) -> int:
+    """`tpnb wiretap NAME`: one line (or JSON line) per exchange until ^C / SIGTERM / --count / leave."""
+    kwargs = wiretap_kwargs(args)
+    prog = Progress()
+    if not s.status().connected:
+        st = s.connect(namespace=args.namespace, progress=prog, say=lambda m: print(m, flush=True))
+        prog.end()
+        print(render.connected_text(st))
+    prev = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends it like ^C
+    stream = None
+    try:
+        stream = s.wiretap(args.name, progress=prog, **kwargs)
+        prog.end()
+        print(f"Wiretapping {render.wiretap_what(stream.stats)}; ^C ends", flush=True)
+        dropped = 0
+        n = 0
+        for rec in stream:
+            print(wiretap_json(rec) if out.json else wiretap_line(rec), file=out.stream, flush=True)
+            n += 1
+            if rec["dropped"] > dropped:
+                dropped = rec["dropped"]
+                print(f"tpnb: {dropped} record(s) dropped so far (this machine read too slowly)",
+                      file=sys.stderr, flush=True)
+            if args.count and n >= args.count:
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, prev)
+        if stream is not None:
+            stream.cancel()
+            st = stream.stats
+            print(f"Wiretap {args.name} ended: {max(st.records, 0)} records, {st.dropped} dropped",
+                  file=sys.stderr, flush=True)
+    return 0
 
 
 def _mount_volumes(s: Session, ic: Intercept, mount: str) -> Path | None:

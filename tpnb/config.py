@@ -120,6 +120,14 @@ class LogConfig:
 
 
 @dataclass
+class WiretapConfig:
+    #: bytes of each request and response body a wiretap copies (the rest is only counted)
+    max_body: int = 4096
+    #: records each hop (agent, manager, connector) holds for a slow reader before it drops them
+    buffer: int = 1000
+
+
+@dataclass
 class Config:
     manager: ManagerConfig = field(default_factory=ManagerConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
@@ -127,6 +135,7 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
     logs: LogConfig = field(default_factory=LogConfig)
+    wiretap: WiretapConfig = field(default_factory=WiretapConfig)
     #: where each value came from: "default", the config file path, or the env var
     sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 

@@ -32,6 +32,19 @@ def as_json(obj: Any) -> str:
     return json.dumps(to_data(obj), indent=2, default=str)
 
 
+def wiretap_what(w: Any) -> str:
+    """What a wiretap copies, e.g. "default/hello (every request the app serves)"."""
+    parts = [f"header {k}: {v}" for k, v in w.http_headers.items()]
+    if w.http_path_prefix:
+        parts.append(f"path prefix {w.http_path_prefix}")
+    if w.http_path_equal:
+        parts.append(f"path {w.http_path_equal}")
+    if w.http_path_regex:
+        parts.append(f"path matching {w.http_path_regex}")
+    what = "HTTP requests with " + " and ".join(parts) if parts else "every request the app serves"
+    return f"{w.namespace}/{w.workload} ({what}, bodies up to {w.max_body} B)"
+
+
 def intercepting(ic: Intercept) -> str:
     """'all connections', or which HTTP requests a personal intercept takes."""
     parts = [f"header {k}: {v}" for k, v in ic.http_headers.items()]
@@ -90,6 +103,10 @@ def status_text(st: Status) -> str:
         lines.append("  Intercepts       :")
         for ic in st.intercepts:
             lines.append(f"    {ic.name}: {ic.namespace}/{ic.workload} -> {ic.target_host}:{ic.local_port} ({ic.state})")
+    if st.wiretaps:
+        lines.append("  Wiretaps         :")
+        for w in st.wiretaps:
+            lines.append(f"    {w.name}: {w.namespace}/{w.workload} ({w.state}, {w.records} records, {w.dropped} dropped)")
     return "\n".join(lines)
 
 

@@ -20,7 +20,8 @@ import sys
 from typing import Any
 
 from .. import inkernel, render, rootless
-from ..cli import command_env, config_data, config_text, filter_kwargs, parse_port, quit_session, write_env_files
+from ..cli import (command_env, config_data, config_text, filter_kwargs, parse_port, quit_session, wiretap_kwargs,
+                   write_env_files)
 from ..errors import ConfigError, TpnbError
 from . import lifecycle
 from .output import EnvTable, RequestTable
@@ -132,6 +133,9 @@ def do_list(args: argparse.Namespace, cmd: list[str]) -> Any:
 
 
 def do_leave(args: argparse.Namespace, cmd: list[str]) -> Any:
+    if args.name in _wiretaps and args.name not in lifecycle.owned():  # this kernel's wiretap
+        _wiretaps.pop(args.name).stop()
+        return _result(args, {"left": args.name})
     try:
         lifecycle.session().leave(args.name)
     finally:
@@ -244,6 +248,40 @@ def do_requests(args: argparse.Namespace, cmd: list[str]) -> Any:
     return table.tail(args.tail) if args.tail > 0 else table
 
 
+#: this kernel's wiretaps, by name (their logs keep filling while they run)
+_wiretaps: dict[str, Any] = {}
+
+
+def do_wiretap(args: argparse.Namespace, cmd: list[str]) -> Any:
+    """`%tp wiretap NAME`: a live WiretapLog (list of record dicts, `.df()`); `--stop NAME` ends it."""
+    from ..wiretaplog import WiretapLog
+
+    if getattr(args, "stop", False):
+        log = _wiretaps.pop(args.name, None)
+        if log is None:
+            raise ConfigError(f"no wiretap named {args.name!r} runs in this kernel",
+                              hint=f"start one with `%tp wiretap {args.name}`")
+        log.stop()
+        print(f"Wiretap {args.name} ended: {len(log)} records, {log.dropped} dropped")
+        return _result(args, {"stopped": args.name, "records": len(log), "dropped": log.dropped})
+    old = _wiretaps.get(args.name)
+    if old is not None and old.running:
+        raise ConfigError(f"wiretap {args.name!r} already runs in this kernel",
+                          hint=f"use the list it returned, or `%tp wiretap --stop {args.name}` first")
+    kwargs = wiretap_kwargs(args)
+    ensure_connected(args.namespace)
+    prog = make_progress(f"wiretap {args.name}")
+    ok = False
+    try:
+        stream = lifecycle.session().wiretap(args.name, progress=prog, **kwargs)
+        ok = True
+    finally:
+        prog.end(ok)
+    log = _wiretaps[args.name] = WiretapLog(stream)
+    print(f"Wiretapping {render.wiretap_what(stream.stats)}; `%tp wiretap --stop {args.name}` ends it", flush=True)
+    return log
+
+
 def do_panel(args: argparse.Namespace, cmd: list[str]) -> Any:
     from ..widgets import panel
 
@@ -268,5 +306,5 @@ COMMANDS = {
     None: do_help, "version": do_version, "connect": do_connect, "status": do_status, "quit": do_quit,
     "list": do_list, "leave": do_leave, "loglevel": do_loglevel, "config": do_config,
     "uninstall": do_uninstall, "intercept": do_intercept, "env": do_env, "mounts": do_mounts,
-    "requests": do_requests, "panel": do_panel,
+    "requests": do_requests, "panel": do_panel, "wiretap": do_wiretap,
 }

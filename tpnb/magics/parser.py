@@ -67,6 +67,8 @@ def build_magic_parser() -> argparse.ArgumentParser:
     s.add_argument("--app", default="app", help="variable holding the app (default: app)")
     s.add_argument("--stop", action="store_true", help="stop the in-kernel server on that port")
 
+    sub.choices["wiretap"].add_argument(
+        "--stop", action="store_true", help="end this kernel's wiretap NAME (its records stay in the list)")
     sub.choices["intercept"].add_argument(
         "--app", default="app",
         help="with %%%%tp intercept: the variable in the cell holding the WSGI/ASGI app (default: app)")
