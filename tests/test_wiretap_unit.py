@@ -1,0 +1,412 @@
+"""Unit tests of wiretaps on loopback: the agent's copy and bounded buffer (cluster/wiretap.py through a
+real agent and real HTTP servers and clients), the manager's broker and its rules (real gRPC), and the
+faces' pure parts (record dicts, CLI lines, JSON lines, the live list).  The dev-cluster proof is
+tests/test_wiretap.py."""
+from __future__ import annotations
+
+import asyncio
+import http.client
+import http.server
+import json
+import socket
+import statistics
+import threading
+import time
+from typing import Any
+
+import grpc
+import pytest
+
+from tpnb.cluster import agent as agent_mod
+from tpnb.cluster import wiretap as wiretap_mod
+from tpnb.proto import pb
+
+from test_agent_unit import _free_port, _start_manager, _until
+from test_httproute_unit import RoutingManager, _http_server, _spec
+from test_manager_loopback import _bearer, _manager
+
+pytestmark = pytest.mark.unit
+
+
+class TapManager(RoutingManager):
+    """RoutingManager plus UploadWiretap: keeps what agents upload (or, `stall`, never reads it)."""
+
+    def __init__(self, ports: dict[str, int], stall: bool = False) -> None:
+        super().__init__(ports)
+        self.records: list[pb.WiretapRecord] = []
+        self.drops: dict[str, int] = {}
+        self.stall = stall
+
+    async def UploadWiretap(self, request_iterator: Any, context: Any) -> pb.Empty:
+        if self.stall:  # a manager (or, behind it, a laptop) that does not keep up
+            await asyncio.sleep(3600)
+        async for up in request_iterator:
+            self.records.extend(up.records)
+            self.drops.update(up.dropped)
+        return pb.Empty()
+
+
+def _tap(wid: str, max_body: int = 4096, buffer: int = 1000, **filters: Any) -> pb.WiretapInfo:
+    return pb.WiretapInfo(id=wid, spec=_spec(wid, **filters), max_body=max_body, buffer=buffer)
+
+
+async def _agent(fake: TapManager, app_port: int, tmp_path: Any) -> tuple[agent_mod.Agent, Any, Any, int]:
+    token = tmp_path / "token"
+    token.write_text("t\n")
+    mgr_port = _free_port()
+    server = await _start_manager(fake, mgr_port)
+    settings = agent_mod.AgentSettings(
+        name="hello", namespace="default", pod_name="hello-1", pod_ip="10.42.0.9", app_container="app",
+        app_port=app_port, agent_port=_free_port(), health_port=0, manager_host="127.0.0.1",
+        manager_port=mgr_port, token_file=str(token))
+    ag = agent_mod.Agent(settings)
+    await ag.start()
+    session = asyncio.ensure_future(ag.session_loop())
+    await _until(lambda: ag.agent_id is not None, 20)
+    return ag, session, server, settings.agent_port
+
+
+async def _close(ag: agent_mod.Agent, session: Any, server: Any) -> None:
+    session.cancel()
+    await asyncio.gather(session, return_exceptions=True)
+    await ag.stop()
+    await server.stop(0)
+
+
+@pytest.fixture(autouse=True)
+def _quick(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(agent_mod, "app_environment", lambda s, proc=None: {})
+    monkeypatch.setattr(agent_mod, "REMAIN_INTERVAL", 0.3)
+
+
+def test_agent_copies_what_the_app_serves_and_not_what_a_laptop_serves(tmp_path: Any) -> None:
+    app, app_port = _http_server("app")
+    alice, alice_port = _http_server("alice")
+
+    async def main() -> None:
+        fake = TapManager({"ic-a": alice_port})
+        ag, session, server, port = await _agent(fake, app_port, tmp_path)
+        try:
+            await fake.instructions.put(pb.AgentInstruction(
+                intercepts=[pb.InterceptInfo(id="ic-a", state=pb.InterceptInfo.ACTIVE,
+                                             spec=_spec("a", {"x-dev": "alice"}))],
+                wiretaps=[_tap("w-all", max_body=10), _tap("w-api", http_path_prefix="/api")]))
+            await _until(lambda: len(ag.wiretaps.taps) == 2)
+            await _until(lambda: ag.app_protocol == "http/1.1", 10)
+
+            def traffic() -> list[str]:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                out = []
+                for i in range(60):
+                    headers = {"x-dev": "alice"} if i % 3 == 0 else {}
+                    path = f"/api/{i}" if i % 2 else f"/web/{i}"
+                    body = b"q" * 3000 if i % 5 == 1 else None
+                    conn.request("POST" if body else "GET", path, body=body, headers=headers)
+                    out.append(conn.getresponse().read().decode())
+                conn.close()
+                return out
+
+            answers = await asyncio.to_thread(traffic)
+            # the app's (and alice's) answers are exactly what they would be without a wiretap
+            for i, text in enumerate(answers):
+                who = "alice" if i % 3 == 0 else "app"
+                path = f"/api/{i}" if i % 2 else f"/web/{i}"
+                assert text == f"{who} {'POST' if i % 5 == 1 else 'GET'} {path} {3000 if i % 5 == 1 else 0}"
+            app_served = [i for i in range(60) if i % 3]
+            await _until(lambda: len([r for r in fake.records if r.wiretap_id == "w-all"]) == len(app_served), 10)
+            mine = [r for r in fake.records if r.wiretap_id == "w-all"]
+            assert [r.target.decode() for r in mine] == [f"/api/{i}" if i % 2 else f"/web/{i}" for i in app_served]
+            for r in mine:
+                assert r.kind == pb.WiretapRecord.HTTP and r.status == 200 and r.latency_ms > 0
+                assert r.pod_name == "hello-1" and r.client.startswith("127.0.0.1:")
+                assert len(r.response_body) <= 10 and r.response_bytes == len(f"app {r.method} {r.target.decode()} ") + \
+                    len(str(r.request_bytes))
+                assert any(h.name == b"x-served-by" and h.value == b"app" for h in r.response_headers)
+            post = next(r for r in mine if r.method == "POST")
+            assert post.request_bytes == 3000 and post.request_body == b"q" * 10  # max_body: 10
+            api = [r for r in fake.records if r.wiretap_id == "w-api"]
+            await _until(lambda: len([r for r in fake.records if r.wiretap_id == "w-api"])
+                         == len([i for i in app_served if i % 2]), 5)
+            assert all(r.target.startswith(b"/api/") for r in api)
+            assert not fake.drops
+
+            # a connection that is not HTTP/1.1: to the app untouched, copied as counts and first bytes
+            def raw() -> bytes:
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                    s.sendall(b"\x16\x03\x01 not http at all\r\n\r\n")
+                    s.shutdown(socket.SHUT_WR)
+                    got = b""
+                    while chunk := s.recv(65536):
+                        got += chunk
+                    return got
+            answer = await asyncio.to_thread(raw)
+            assert b"400 - Bad request" in answer  # the app's own answer (http.server's error page)
+            await _until(lambda: any(r.kind == pb.WiretapRecord.TCP for r in fake.records), 10)
+            tcp = next(r for r in fake.records if r.kind == pb.WiretapRecord.TCP)
+            assert tcp.wiretap_id == "w-all"  # only the wiretap without filters copies non-HTTP connections
+            sent = b"\x16\x03\x01 not http at all\r\n\r\n"
+            assert tcp.bytes_up == len(sent) and tcp.first_up == sent[:10]  # max_body 10
+            assert tcp.bytes_down == len(answer) and tcp.first_down == answer[:10]
+
+            # the wiretaps end: no more copies, the app still serves
+            n = len(fake.records)
+            await fake.instructions.put(pb.AgentInstruction())
+            await _until(lambda: not ag.wiretaps)
+            conn_text = await asyncio.to_thread(lambda: _get(port, "/after"))
+            assert conn_text == "app GET /after 0"
+            await asyncio.sleep(0.3)
+            assert len(fake.records) == n
+        finally:
+            await _close(ag, session, server)
+    try:
+        asyncio.run(main())
+    finally:
+        app.shutdown()
+        alice.shutdown()
+
+
+def _get(port: int, path: str) -> str:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", path)
+    text = conn.getresponse().read().decode()
+    conn.close()
+    return text
+
+
+class _OneWrite(http.server.BaseHTTPRequestHandler):
+    """An app that answers each request with one write (no Nagle/delayed-ACK stall to blur timings)."""
+
+    protocol_version = "HTTP/1.1"
+    wbufsize = 1 << 16  # the handler flushes after each request
+
+    def do_GET(self) -> None:
+        out = b"a" * 2000
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, *a: Any) -> None:
+        pass
+
+
+N_STALLED = 3000
+
+
+def test_a_manager_that_does_not_read_costs_drops_not_time(tmp_path: Any) -> None:
+    app = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OneWrite)
+    app.daemon_threads = True
+    threading.Thread(target=app.serve_forever, daemon=True).start()
+    app_port = app.server_address[1]
+
+    async def main() -> None:
+        fake = TapManager({}, stall=True)
+        ag, session, server, port = await _agent(fake, app_port, tmp_path)
+        try:
+            def timed(n: int, path: str) -> list[float]:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                out = []
+                for i in range(n):
+                    t0 = time.perf_counter()
+                    conn.request("GET", f"{path}/{i}")
+                    assert conn.getresponse().read() == b"a" * 2000
+                    out.append(time.perf_counter() - t0)
+                conn.close()
+                return out
+
+            # with no wiretap, through the agent's plain splice
+            base = await asyncio.to_thread(timed, 200, "/base")
+            await fake.instructions.put(pb.AgentInstruction(wiretaps=[_tap("w", max_body=2000, buffer=20)]))
+            await _until(lambda: bool(ag.wiretaps))
+            tapped = await asyncio.to_thread(timed, N_STALLED, "/tap")
+            t = ag.wiretaps.taps["w"]
+            # gRPC's own windows take a few MB first; beyond them the 20-record buffer is full and the rest dropped
+            assert len(t.buffer) == 20 and t.dropped > 0, (len(t.buffer), t.dropped)
+            p50_base, p50_tap = statistics.median(base), statistics.median(tapped)
+            assert p50_tap < p50_base + 0.005, (p50_base, p50_tap)  # < 5 ms added at the median
+            assert max(tapped) < 1.0
+        finally:
+            await _close(ag, session, server)
+    try:
+        asyncio.run(main())
+    finally:
+        app.shutdown()
+
+
+def test_buffer_keeps_at_most_its_limit_and_counts_the_rest() -> None:
+    async def main() -> None:
+        taps = wiretap_mod.Wiretaps(pb, "pod-1")
+        taps.update([_tap("a", buffer=5), _tap("b", buffer=100)])
+        for _ in range(20):
+            taps.offer(list(taps.taps.values()), lambda t: pb.WiretapRecord(kind=pb.WiretapRecord.HTTP))
+        assert len(taps.taps["a"].buffer) == 5 and taps.taps["a"].dropped == 15
+        assert len(taps.taps["b"].buffer) == 20 and taps.taps["b"].dropped == 0
+        assert taps.drops() == {"a": 15}
+        got = taps.take(64)
+        assert len(got) == 25 and len({r.seq for r in got}) == 25 and all(r.pod_name == "pod-1" for r in got)
+        # a removed wiretap's records are not kept; limits are capped whatever is asked
+        taps.update([_tap("b", buffer=10**9, max_body=10**9)])
+        assert set(taps.taps) == {"b"} and taps.taps["b"].limit == wiretap_mod.MAX_BUFFER_LIMIT
+        assert taps.taps["b"].max_body == wiretap_mod.MAX_BODY_LIMIT
+    asyncio.run(main())
+
+
+# ------------------------------------------------------------------ the manager
+
+async def _broker() -> None:
+    server, mgr, stub, chan = await _manager()
+    try:
+        alice = await stub.ArriveAsClient(pb.ClientInfo(name="alice@laptop"))
+        bob = await stub.ArriveAsClient(pb.ClientInfo(name="bob@laptop2"))
+        hub = stub.hub
+        agent = await hub.ArriveAsAgent(pb.AgentInfo(name="hello", namespace="default", pod_name="hello-1",
+                                                     pod_ip="10.42.0.5"), metadata=_bearer("agent-of-hello"))
+        other = await hub.ArriveAsAgent(pb.AgentInfo(name="other", namespace="default", pod_name="other-1",
+                                                     pod_ip="10.42.0.6"), metadata=_bearer("agent-of-other"))
+        spec = pb.InterceptSpec(name="hello", namespace="default", workload="hello")
+        # alice holds a global intercept of hello: a wiretap is no conflict, for her or for bob
+        await stub.CreateIntercept(pb.CreateInterceptRequest(session=alice, spec=pb.InterceptSpec(
+            name="hello", namespace="default", workload="hello", local_port=9000)))
+        w = await stub.CreateWiretap(pb.CreateWiretapRequest(session=bob, wiretap=pb.WiretapInfo(spec=spec, buffer=3)))
+        w2 = await stub.CreateWiretap(pb.CreateWiretapRequest(session=alice, wiretap=pb.WiretapInfo(spec=spec)))
+        assert w.id and w.id != w2.id and w.buffer == 3
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await stub.CreateWiretap(pb.CreateWiretapRequest(session=bob, wiretap=pb.WiretapInfo(spec=spec)))
+        assert exc.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        instr = hub.WatchAgentInstructions(agent)
+        got = await asyncio.wait_for(instr.read(), 5)
+        assert {x.id for x in got.wiretaps} == {w.id, w2.id} and len(got.intercepts) == 1
+        oinstr = hub.WatchAgentInstructions(other)
+        assert not (await asyncio.wait_for(oinstr.read(), 5)).wiretaps  # only the workload's own agents
+        await asyncio.sleep(0.1)
+        lst = await asyncio.wait_for(stub.WatchIntercepts(bob).read(), 5)
+        assert [x.id for x in lst.wiretaps] == [w.id] and lst.wiretaps[0].state == pb.InterceptInfo.ACTIVE
+        # alice sees her own wiretap only: bob's is not even listed
+        lst = await asyncio.wait_for(stub.WatchIntercepts(alice).read(), 5)
+        assert [x.id for x in lst.wiretaps] == [w2.id]
+        # alice may not watch or remove bob's wiretap (same name as hers in her session: she gets her own)
+        for call in (stub.RemoveWiretap, ):
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await call(pb.WiretapRef(session_id=alice.session_id, name="nope"))
+            assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await stub.WatchWiretap(pb.WiretapRef(session_id="not-a-session", name="hello")).read()
+        assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+
+        # uploads: 10 records of bob's wiretap (buffer 3), 2 forged by the agent of another workload
+        up = hub.UploadWiretap()
+        await up.write(pb.WiretapUpload(agent_id=agent.agent_id, dropped={w.id: 5}, records=[
+            pb.WiretapRecord(wiretap_id=w.id, seq=i, method="GET", target=f"/{i}".encode(), status=200)
+            for i in range(10)]))
+        await up.write(pb.WiretapUpload(agent_id=other.agent_id, records=[
+            pb.WiretapRecord(wiretap_id=w.id, seq=99, target=b"/forged")], dropped={w.id: 1000}))
+        await up.done_writing()
+        await up
+        watch = stub.WatchWiretap(pb.WiretapRef(session_id=bob.session_id, name="hello"))
+        recs = [await asyncio.wait_for(watch.read(), 5) for _ in range(3)]
+        assert [r.target for r in recs] == [b"/0", b"/1", b"/2"]
+        assert recs[-1].dropped == 7 + 5  # the manager's 7 and the agent's 5; not the forger's 1000
+        # a second watcher of the same wiretap is refused (one relay per wiretap)
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await stub.WatchWiretap(pb.WiretapRef(session_id=bob.session_id, name="hello")).read()
+        assert exc.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        # removing it ends the watch; the agents are told
+        await stub.RemoveWiretap(pb.WiretapRef(session_id=bob.session_id, name="hello"))
+        while True:
+            r = await asyncio.wait_for(watch.read(), 5)
+            if r is grpc.aio.EOF:
+                break
+            assert r.kind == pb.WiretapRecord.STATS
+        nxt = await asyncio.wait_for(instr.read(), 5)
+        assert [x.id for x in nxt.wiretaps] == [w2.id]
+        # a session that goes takes its wiretaps with it
+        await stub.Depart(alice)
+        nxt = await asyncio.wait_for(instr.read(), 5)
+        assert not nxt.wiretaps and not nxt.intercepts
+        assert not mgr.wiretaps
+        instr.cancel()
+        oinstr.cancel()
+    finally:
+        await chan.close()
+        await server.stop(0)
+
+
+def test_manager_brokers_wiretaps_to_their_own_session_only() -> None:
+    asyncio.run(_broker())
+
+
+# ------------------------------------------------------------------ faces
+
+def _record(**kw: Any) -> pb.WiretapRecord:
+    base = dict(wiretap_id="w", kind=pb.WiretapRecord.HTTP, seq=1, pod_name="hello-1", client="10.0.0.7:5555",
+                start_unix=1_700_000_000.25, latency_ms=1.23456, method="POST", target=b"/api/x?q=1",
+                http_version="1.1", request_headers=[pb.Header(name=b"host", value=b"hello")],
+                request_body=b"\xff\x00", request_bytes=2, status=201, reason=b"Created",
+                response_headers=[pb.Header(name=b"content-type", value=b"text/plain")],
+                response_body=b"made", response_bytes=4)
+    base.update(kw)
+    return pb.WiretapRecord(**base)
+
+
+def test_records_lines_and_json_lines() -> None:
+    from tpnb.api import wiretap_record
+    from tpnb.cli import wiretap_json, wiretap_line
+
+    r = wiretap_record(_record())
+    assert (r["type"], r["method"], r["path"], r["query"], r["status"], r["duration_ms"]) == \
+        ("http", "POST", "/api/x", "q=1", 201, 1.235)
+    assert r["request_headers"] == [("host", "hello")] and r["response_body"] == b"made"
+    line = wiretap_line(r)
+    assert "10.0.0.7:5555 POST /api/x?q=1 201 1.2 ms 4 B" in line
+    doc = json.loads(wiretap_json(r))
+    assert doc["status"] == 201 and doc["response_body"] == "made"
+    assert doc["request_body"] == {"base64": "/wA="}  # not UTF-8: base64
+    t = wiretap_record(_record(kind=pb.WiretapRecord.TCP, method="", target=b"", bytes_up=3, bytes_down=5,
+                               first_up=b"abc", first_down=b"hello"))
+    assert t["type"] == "tcp" and "TCP up 3 B down 5 B" in wiretap_line(t) and "b'abc' -> b'hello'" in wiretap_line(t)
+
+
+class _Stream:
+    """A plain stand-in for api.WiretapStream: yields records from a queue until cancelled."""
+
+    def __init__(self) -> None:
+        from tpnb.api import Wiretap
+
+        self.name = "hello"
+        self.stats = Wiretap.from_pb(pb.WiretapInfo(spec=pb.InterceptSpec(name="hello", workload="hello")))
+        self.items: list[dict] = []
+        self.cancelled = threading.Event()
+
+    def __iter__(self) -> Any:
+        from tpnb.api import wiretap_record
+
+        i = 0
+        while not self.cancelled.is_set():
+            if i < len(self.items):
+                yield self.items[i]
+                i += 1
+            else:
+                time.sleep(0.01)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+def test_live_list_fills_while_running_and_gives_a_dataframe() -> None:
+    from tpnb.api import wiretap_record
+    from tpnb.wiretaplog import WiretapLog
+
+    st = _Stream()
+    log = WiretapLog(st)  # type: ignore[arg-type]
+    assert log.running and len(log) == 0
+    st.items.extend(wiretap_record(_record(seq=i, target=f"/{i}".encode(), dropped=i)) for i in range(5))
+    assert log.wait(5, timeout=5) and [r["path"] for r in log] == [f"/{i}" for i in range(5)]
+    assert log.dropped == 4
+    st.items.append(wiretap_record(_record(seq=9, target=b"/later")))
+    assert log.wait(6, timeout=5) and log[-1]["path"] == "/later"  # the same object keeps filling
+    pd = pytest.importorskip("pandas")
+    df = log.df()
+    assert isinstance(df, pd.DataFrame) and list(df["status"]) == [201] * 6
+    assert list(df.columns[:6]) == ["time", "type", "method", "path", "query", "status"]
+    log.stop()
+    assert not log.running and len(log) == 6 and "6 records" in repr(log)
