@@ -113,6 +113,10 @@ class Wiretap:
                 session=pb.SessionInfo(session_id=s.session_id), wiretap=self.want), timeout=10)
         except grpc.aio.AioRpcError as exc:
             raise InterceptError(f"cannot wiretap {spec.namespace}/{spec.workload}", exc.details() or "") from None
+        if self.removed:  # the face went away while we set up: leave nothing behind at the manager
+            self.removed = False
+            await self.remove()
+            raise InterceptError(f"the wiretap of {spec.workload} was stopped while it started")
         await s.map_namespace(spec.namespace)
         progress("agent", "Waiting for the traffic-agent to take the wiretap...", 0.9)
         deadline = anyio.current_time() + cfg.timeouts.intercept

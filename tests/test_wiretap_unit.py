@@ -410,3 +410,44 @@ def test_live_list_fills_while_running_and_gives_a_dataframe() -> None:
     assert list(df.columns[:6]) == ["time", "type", "method", "path", "query", "status"]
     log.stop()
     assert not log.running and len(log) == 6 and "6 records" in repr(log)
+
+
+def test_connector_relay_keeps_at_most_buffer_for_a_slow_face_and_counts_the_rest() -> None:
+    """connector/wiretaps.py's relay with a stand-in manager stream (plain objects, no cluster)."""
+    from types import SimpleNamespace
+
+    from tpnb.connector import wiretaps as cw
+
+    class Stub:
+        def __init__(self) -> None:
+            self.removed: list[str] = []
+
+        def WatchWiretap(self, ref: pb.WiretapRef) -> Any:  # noqa: N802
+            async def gen() -> Any:
+                for i in range(100):
+                    yield pb.WiretapRecord(wiretap_id="w", seq=i, target=f"/{i}".encode(), dropped=7)
+                yield pb.WiretapRecord(wiretap_id="w", kind=pb.WiretapRecord.STATS, dropped=9)
+            return gen()
+
+        async def RemoveWiretap(self, ref: pb.WiretapRef, timeout: float = 0) -> pb.Empty:  # noqa: N802
+            self.removed.append(ref.name)
+            return pb.Empty()
+
+    async def main() -> None:
+        stub = Stub()
+        sess = SimpleNamespace(link=SimpleNamespace(stub=stub), session_id="s", changed=asyncio.Event())
+        tap = cw.Wiretap(sess, pb.WiretapRequest(wiretap=pb.WiretapInfo(
+            spec=pb.InterceptSpec(name="hello", workload="hello"), buffer=10)))
+        tap.remote = pb.WiretapInfo(id="w", spec=tap.want.spec)
+        cw._running["hello"] = tap
+        # the stand-in stream comes all at once, faster than the face reads: 10 kept, 90 dropped here
+        events = [ev async for ev in tap.relay()]
+        assert tap.dropped_here == 90 and tap.dropped_upstream == 9
+        recs = [ev.record for ev in events if ev.WhichOneof("kind") == "record"]
+        assert [r.seq for r in recs] == list(range(10)) and {r.dropped for r in recs} == {99}
+        last = events[-1]
+        assert last.WhichOneof("kind") == "stats" and last.stats.records == 10 and last.stats.dropped == 99
+        assert [w.dropped for w in cw.infos(sess)] == [99]  # what `tpnb status` shows
+        assert await cw.stop("hello") and stub.removed == ["hello"] and not cw.infos(sess)
+        assert not await cw.stop("hello")
+    asyncio.run(main())
