@@ -451,3 +451,121 @@ def test_connector_relay_keeps_at_most_buffer_for_a_slow_face_and_counts_the_res
         assert await cw.stop("hello") and stub.removed == ["hello"] and not cw.infos(sess)
         assert not await cw.stop("hello")
     asyncio.run(main())
+
+
+def test_status_shows_wiretaps_with_their_drops() -> None:
+    from tpnb import render
+    from tpnb.api import Status
+
+    st = Status.from_pb(pb.ConnectionStatus(connected=True, context="dev", wiretaps=[pb.WiretapInfo(
+        spec=pb.InterceptSpec(name="hello", namespace="tpwire", workload="hello"), state=pb.InterceptInfo.ACTIVE,
+        records=812, dropped=2188, max_body=4096)]))
+    assert "    hello: tpwire/hello (ACTIVE, 812 records, 2188 dropped)" in render.status_text(st)
+    assert json.loads(render.as_json(st))["wiretaps"][0]["dropped"] == 2188
+    assert render.wiretap_what(st.wiretaps[0]) == "tpwire/hello (every request the app serves, bodies up to 4096 B)"
+
+
+def test_the_whole_chain_in_process(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """face (api.Session, sync gRPC) -> connector service (unix socket) -> manager (loopback gRPC) -> a real
+    agent in front of a real app; only the Kubernetes steps (finding and injecting the workload) are
+    stood in for.  The dev-cluster version is tests/test_wiretap.py."""
+    from types import SimpleNamespace
+
+    from tpnb import config as tpnb_config
+    from tpnb.api import Session as Face
+    from tpnb.connector import agent_injector, intercepts, manager_install
+    from tpnb.connector import server as cserver
+    from tpnb.connector import session as csession
+    from tpnb.connector import wiretaps as cw
+    from tpnb.proto import rpc
+    from tpnb.wiretaplog import WiretapLog
+
+    async def nothing(*a: Any, **kw: Any) -> None:
+        return None
+
+    async def workload(api: Any, ns: str, name: str) -> Any:
+        return SimpleNamespace(kind="Deployment", name=name, obj={})
+
+    async def service(api: Any, wl: Any, svc: Any, port: Any) -> Any:
+        return SimpleNamespace(service="hello")
+
+    monkeypatch.setattr(agent_injector, "find_workload", workload)
+    monkeypatch.setattr(agent_injector, "resolve_service", service)
+    monkeypatch.setattr(agent_injector, "has_agent", lambda obj: True)
+    monkeypatch.setattr(agent_injector, "inject_agent", nothing)
+    monkeypatch.setattr(agent_injector, "wait_rollout", nothing)
+    monkeypatch.setattr(manager_install, "preflight_intercept", nothing)
+    monkeypatch.setattr(intercepts, "_wait_service_on_agent", nothing)
+    sock = tmp_path / "connector.sock"
+    monkeypatch.setenv("TPNB_CONNECTOR_SOCKET", str(sock))
+    monkeypatch.setenv("TPNB_WIRETAP_MAX_BODY", "64")
+    monkeypatch.setattr(tpnb_config, "_cached", None)
+    app, app_port = _http_server("app")
+    token = tmp_path / "token"
+    token.write_text("agent-of-hello\n")
+
+    async def main() -> None:
+        from tpnb.cluster.manager import AgentHub, Manager
+        from test_manager_loopback import _Tokens
+
+        server = grpc.aio.server()
+        mgr = Manager()
+        rpc.add_ManagerServicer_to_server(mgr, server)
+        rpc.add_AgentHubServicer_to_server(AgentHub(mgr, _Tokens()), server)
+        mgr_port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        chan = grpc.aio.insecure_channel(f"127.0.0.1:{mgr_port}")
+        stub = rpc.ManagerStub(chan)
+        settings = agent_mod.AgentSettings(
+            name="hello", namespace="default", pod_name="hello-1", pod_ip="10.42.0.9", app_container="app",
+            app_port=app_port, agent_port=_free_port(), health_port=0, manager_host="127.0.0.1",
+            manager_port=mgr_port, token_file=str(token))
+        ag = agent_mod.Agent(settings)
+        await ag.start()
+        agent_loop = asyncio.ensure_future(ag.session_loop())
+        sess = csession.Session(pb.ConnectRequest(namespace="default"))
+        sess.link = SimpleNamespace(stub=stub, version="test", forward=None)  # type: ignore[assignment]
+        sess.session_id = (await stub.ArriveAsClient(pb.ClientInfo(name="alice@laptop"))).session_id
+        sess.mapped = ["default"]
+        sess.target = SimpleNamespace(api=None, context="test", server="https://test")  # type: ignore[assignment]
+        watch = asyncio.ensure_future(sess._watch_intercepts_loop())
+        svc = cserver.ConnectorService(asyncio.Event())
+        svc.session = sess
+        cserv = grpc.aio.server()
+        rpc.add_ConnectorServicer_to_server(svc, cserv)
+        cserv.add_insecure_port(f"unix://{sock}")
+        await cserv.start()
+        try:
+            await _until(lambda: ag.agent_id is not None, 20)
+
+            def face() -> tuple[list[dict], Any, list[str], list[Any]]:
+                s = Face(tpnb_config.get())
+                log = WiretapLog(s.wiretap("hello", namespace="default"))
+                answers = [_get(settings.agent_port, f"/chain-{i}") for i in range(50)]
+                assert log.wait(50, timeout=20), len(log)
+                listed = s.status().wiretaps
+                log.stop()
+                return log.records(), listed, answers, log
+
+            records, listed, answers, log = await asyncio.to_thread(face)
+            assert answers == [f"app GET /chain-{i} 0" for i in range(50)]
+            assert [r["path"] for r in records] == [f"/chain-{i}" for i in range(50)]
+            assert all(r["status"] == 200 and r["duration_ms"] > 0 and r["pod"] == "hello-1" for r in records)
+            assert [r["response_body"] for r in records] == [a.encode() for a in answers]  # under max_body 64
+            assert [(w.name, w.state, w.max_body) for w in listed] == [("hello", "ACTIVE", 64)]
+            assert listed[0].records >= 1 and not log.running
+            # the face's end removed it everywhere: manager, connector, agent
+            await _until(lambda: not mgr.wiretaps and not cw._running and not ag.wiretaps, 10)
+            assert await asyncio.to_thread(_get, settings.agent_port, "/after") == "app GET /after 0"
+        finally:
+            await cserv.stop(0)
+            watch.cancel()
+            agent_loop.cancel()
+            await asyncio.gather(watch, agent_loop, return_exceptions=True)
+            await ag.stop()
+            await chan.close()
+            await server.stop(0)
+    try:
+        asyncio.run(main())
+    finally:
+        app.shutdown()
