@@ -117,8 +117,8 @@ def wire(devcluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     a.kubectl("create", "ns", NS)
     a.kubectl("-n", NS, "create", "deploy", "hello", f"--image={ECHO}")
     a.kubectl("-n", NS, "expose", "deploy", "hello", "--port", "80", "--target-port", "8080")
-    a.kubectl("-n", NS, "run", "loader", f"--image={default_image()}", "--image-pull-policy=Never", "--",
-              "sleep", "infinity")
+    a.kubectl("-n", NS, "run", "loader", f"--image={default_image()}", "--image-pull-policy=Never",
+              "--restart=Never", "--command", "--", "sleep", "infinity")
     a.kubectl("-n", NS, "rollout", "status", "deploy/hello", "--timeout=120s", timeout=150)
     a.kubectl("-n", NS, "wait", "pod/loader", "--for=condition=Ready", "--timeout=120s", timeout=150)
     d = tmp_path_factory.mktemp("wire")

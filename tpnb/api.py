@@ -434,9 +434,13 @@ class Session:
                                 http_path_prefix=http_path_prefix or "", http_path_equal=http_path_equal or "",
                                 http_path_regex=http_path_regex or "")
         wcfg = self.cfg.wiretap
-        req = pb.WiretapRequest(wiretap=pb.WiretapInfo(
-            spec=spec, max_body=wcfg.max_body if max_body is None else int(max_body),
-            buffer=wcfg.buffer if buffer is None else int(buffer)))
+        mb = wcfg.max_body if max_body is None else int(max_body)
+        buf = wcfg.buffer if buffer is None else int(buffer)
+        if mb < 0 or buf < 1:
+            raise ConfigError(f"invalid wiretap limits (max_body {mb}, buffer {buf})",
+                              "max_body must be 0 or more bytes and buffer at least 1 record",
+                              "fix wiretap.max_body / wiretap.buffer (`tpnb config view` shows where they are set)")
+        req = pb.WiretapRequest(wiretap=pb.WiretapInfo(spec=spec, max_body=mb, buffer=buf))
         call = self.client.stub().Wiretap(req)
         events = iter(call)
         import grpc
