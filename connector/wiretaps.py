@@ -63,8 +63,9 @@ class Wiretap:
         self.dropped_here = 0
         self.buffer: collections.deque[pb.WiretapRecord] = collections.deque()
         self.wake = asyncio.Event()
-        self.ended = False
         self.removed = False
+        #: why the wiretap ended by itself (shown by the faces), "" while it runs or when the face ended it
+        self.end_reason = ""
 
     @property
     def name(self) -> str:
@@ -74,6 +75,8 @@ class Wiretap:
         out = pb.WiretapInfo()
         out.CopyFrom(self.remote if self.remote.id else self.want)
         out.records, out.dropped = self.records, self.dropped_upstream + self.dropped_here
+        if self.end_reason:
+            out.message = self.end_reason
         return out
 
     # ---------------------------------------------------------- set-up
@@ -159,13 +162,17 @@ class Wiretap:
                         else:
                             self.buffer.append(rec)
                     self.wake.set()
+                if not self.removed and not self.end_reason:
+                    self.end_reason = "removed at the traffic-manager (its session ended?)"
                 return  # the manager ended it: removed (leave) or its session went
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
                     log.info("wiretap %s ended at the manager: %s", self.name, exc.details())
+                    self.end_reason = f"the traffic-manager no longer has it ({exc.details()})"
                     return
                 failures += 1
                 if failures > 60:
+                    self.end_reason = f"lost the traffic-manager ({exc.code().name})"
                     return
                 log.debug("wiretap %s watch: %s; again", self.name, exc.code().name)
                 await asyncio.sleep(0.5)
@@ -222,5 +229,6 @@ async def stop(name: str) -> bool:
     t = _running.get(name)
     if t is None:
         return False
+    t.end_reason = "ended by `tpnb leave`"
     await t.remove()
     return True

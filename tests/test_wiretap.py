@@ -278,8 +278,8 @@ def test_another_session_cannot_see_or_touch_a_wiretap_and_its_own_work_beside_i
     a, b, d = wire["a"], wire["b"], wire["dir"]
     a.run(["tpnb", "connect", "-n", NS], timeout=240)
     b.run(["tpnb", "connect", "-n", NS], timeout=240)
-    pa, out_a, _ = _wiretap(wire, a, "-o", "json")
-    _wait_for(wire["dir"] / f"{a.name}-{len(wire['procs']) - 1}.err", "Wiretapping", pa)
+    pa, out_a, err_a = _wiretap(wire, a, "-o", "json")
+    _wait_for(err_a, "Wiretapping", pa)
     # wire-b sees nothing of it, and its `leave` cannot end it
     assert not _status(b)["wiretaps"]
     r = b.run(["tpnb", "leave", "hello"], check=False)
@@ -307,9 +307,11 @@ def test_another_session_cannot_see_or_touch_a_wiretap_and_its_own_work_beside_i
     mine = _load(a, 10, "mine")  # x-wire: mine -> wire-b's laptop, not the app
     assert all(r[1] == 200 and r[2].startswith("served by b /mine-") for r in mine), mine[:2]
     time.sleep(2)
-    for p in (pa, pb_):
-        os.killpg(p.pid, signal.SIGINT)
-        p.wait(60)
+    a.run(["tpnb", "leave", "hello"])  # ends wire-a's wiretap (no intercept of that name there)
+    pa.wait(30)
+    assert "ended by `tpnb leave`" in err_a.read_text(), err_a.read_text()
+    os.killpg(pb_.pid, signal.SIGINT)
+    pb_.wait(60)
     os.killpg(pi.pid, signal.SIGINT)
     pi.wait(60)
     for out in (out_a, out_b):

@@ -447,6 +447,7 @@ def test_connector_relay_keeps_at_most_buffer_for_a_slow_face_and_counts_the_res
         assert [r.seq for r in recs] == list(range(10)) and {r.dropped for r in recs} == {99}
         last = events[-1]
         assert last.WhichOneof("kind") == "stats" and last.stats.records == 10 and last.stats.dropped == 99
+        assert "removed at the traffic-manager" in last.stats.message  # it ended by itself: the face says why
         assert [w.dropped for w in cw.infos(sess)] == [99]  # what `tpnb status` shows
         assert await cw.stop("hello") and stub.removed == ["hello"] and not cw.infos(sess)
         assert not await cw.stop("hello")
@@ -569,3 +570,48 @@ def test_the_whole_chain_in_process(tmp_path: Any, monkeypatch: pytest.MonkeyPat
         asyncio.run(main())
     finally:
         app.shutdown()
+
+
+def test_magic_returns_a_live_list_and_stop_and_leave_end_it(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    """`%tp wiretap` in IPython with a stand-in api.Session (the real kernel runs in tests/test_wiretap.py)."""
+    from IPython.testing.globalipapp import start_ipython
+
+    from tpnb.api import Status, wiretap_record
+    from tpnb.errors import ConfigError
+    from tpnb.magics import commands, lifecycle
+
+    streams: list[_Stream] = []
+
+    class Fake:
+        def status(self) -> Status:
+            return Status(connected=True, context="dev")
+
+        def wiretap(self, name: str, progress: Any = None, **kw: Any) -> _Stream:
+            assert kw["namespace"] == "tpwire" and kw["http_headers"] == [("x-dev", "me")] and kw["max_body"] == 10
+            st = _Stream()
+            st.stats.namespace, st.stats.workload, st.stats.max_body = "tpwire", name, 10
+            streams.append(st)
+            return st
+
+    fake = Fake()
+    lifecycle.set_session_factory(lambda: fake)  # type: ignore[arg-type, return-value]
+    shell = start_ipython() or __import__("IPython").get_ipython()
+    shell.run_line_magic("load_ext", "tpnb")
+    try:
+        log = shell.run_line_magic("tp", "wiretap hello -n tpwire --http-header x-dev=me --max-body 10")
+        assert "Wiretapping tpwire/hello" in capsys.readouterr().out
+        assert log.running and len(log) == 0
+        streams[0].items.append(wiretap_record(_record()))
+        assert log.wait(1, 5) and log[0]["status"] == 201
+        with pytest.raises(ConfigError, match="already runs in this kernel"):
+            shell.run_line_magic("tp", "wiretap hello -n tpwire --http-header x-dev=me --max-body 10")
+        done = shell.run_line_magic("tp", "wiretap hello --stop")
+        assert done is None and "Wiretap hello ended: 1 records, 0 dropped" in capsys.readouterr().out
+        assert streams[0].cancelled.is_set() and not log.running and len(log) == 1  # the records stay
+        with pytest.raises(ConfigError, match="no wiretap named 'hello' runs in this kernel"):
+            shell.run_line_magic("tp", "wiretap hello --stop")
+        again = shell.run_line_magic("tp", "wiretap hello -n tpwire --http-header x-dev=me --max-body 10")
+        shell.run_line_magic("tp", "leave hello")  # `leave` ends this kernel's wiretap too
+        assert streams[1].cancelled.is_set() and not again.running and "hello" not in commands._wiretaps
+    finally:
+        lifecycle.set_session_factory(__import__("tpnb.api", fromlist=["Session"]).Session)

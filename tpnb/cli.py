@@ -707,7 +707,8 @@ def _wiretap(s: Session, args: argparse.Namespace, out: Output) -> int:
         if stream is not None:
             stream.cancel()
             st = stream.stats
-            print(f"Wiretap {args.name} ended: {max(st.records, 0)} records, {st.dropped} dropped",
+            why = f" ({st.message})" if st.message and st.state != "WAITING" else ""
+            print(f"Wiretap {args.name} ended: {st.records} records, {st.dropped} dropped{why}",
                   file=sys.stderr, flush=True)
     return 0
 
