@@ -176,7 +176,11 @@ class ConnectorService(rpc.ConnectorServicer):
         try:
             sess = self._require()
             ns = request.namespace or (sess.mapped[0] if sess.mapped else "default")
-            return await intercepts.list_workloads(sess, ns)
+            out = await intercepts.list_workloads(sess, ns)
+            taps = wiretaps.infos(sess)
+            for w in out.workloads:
+                w.wiretaps.extend(t for t in taps if t.spec.workload == w.name and t.spec.namespace == w.namespace)
+            return out
         except TpnbError as err:
             await self._abort(context, err)
 

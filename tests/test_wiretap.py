@@ -258,7 +258,8 @@ def test_cli_lines_json_lines_and_a_stopped_reader_costs_drops_not_latency(wire:
                 break
             time.sleep(0.5)
         assert taps and taps[0]["dropped"] > 0, taps  # counted, and shown by `tpnb status`
-        assert "dropped" in a.run(["tpnb", "status"]).stdout
+        assert re.search(r"hello: tpwire/hello \(ACTIVE, \d+ records, [1-9]\d* dropped\)", a.run(["tpnb", "status"]).stdout)
+        assert re.search(r"wiretapped by me \(\d+ records, [1-9]\d* dropped\)", a.run(["tpnb", "list", "-n", NS]).stdout)
     finally:
         os.killpg(p.pid, signal.SIGCONT)
     p50_base = statistics.median(r[3] for r in base)

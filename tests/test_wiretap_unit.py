@@ -464,6 +464,12 @@ def test_status_shows_wiretaps_with_their_drops() -> None:
     assert "    hello: tpwire/hello (ACTIVE, 812 records, 2188 dropped)" in render.status_text(st)
     assert json.loads(render.as_json(st))["wiretaps"][0]["dropped"] == 2188
     assert render.wiretap_what(st.wiretaps[0]) == "tpwire/hello (every request the app serves, bodies up to 4096 B)"
+    from tpnb.api import Workload
+
+    w = Workload(name="hello", namespace="tpwire", kind="Deployment", services=["hello:80->9900"],
+                 state="agent_installed", agent_installed=True, intercept=None, wiretaps=st.wiretaps)
+    assert render.workloads_text([w]) == ("hello : agent installed, wiretapped by me (812 records, 2188 dropped) "
+                                          "(Deployment; hello:80->9900)")
 
 
 def test_the_whole_chain_in_process(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -264,6 +264,8 @@ class Workload:
     agent_installed: bool
     intercept: Intercept | None
     holder: str = ""
+    #: this session's wiretaps of the workload (records and drops so far)
+    wiretaps: list[Wiretap] = field(default_factory=list)
 
     @property
     def state_text(self) -> str:
@@ -378,7 +380,8 @@ class Session:
         return [Workload(name=w.name, namespace=w.namespace, kind=w.kind, services=list(w.services),
                          state=pb.WorkloadState.Name(w.state).lower(), holder=w.holder,
                          agent_installed=w.agent_installed,
-                         intercept=Intercept.from_pb(w.intercept) if w.HasField("intercept") else None)
+                         intercept=Intercept.from_pb(w.intercept) if w.HasField("intercept") else None,
+                         wiretaps=[Wiretap.from_pb(t) for t in w.wiretaps])
                 for w in lst.workloads]
 
     def intercept(self, name: str, port: int, namespace: str | None = None, service: str | None = None,

@@ -165,7 +165,8 @@ def workloads_text(ws: list[Workload]) -> str:
     out = []
     for w in ws:
         svcs = ", ".join(w.services) or "no service"
-        out.append(f"{w.name:<{width}} : {w.state_text} ({w.kind}; {svcs})")
+        taps = "".join(f", wiretapped by me ({t.records} records, {t.dropped} dropped)" for t in w.wiretaps)
+        out.append(f"{w.name:<{width}} : {w.state_text}{taps} ({w.kind}; {svcs})")
     return "\n".join(out)
 
 
