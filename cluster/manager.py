@@ -23,11 +23,9 @@ Plain asyncio (the image carries no anyio); Python 3.11 compatible.
 from __future__ import annotations
 
 import asyncio
-import collections
 import ipaddress
 import logging
 import os
-import contextlib
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -43,6 +41,7 @@ from tpnb.common.forward import BULK_GRPC_OPTIONS, FastTunnelRegistration, Frame
 
 from tpnb.common import httpfilter
 from .agent_auth import AgentRefused, AgentVerifier, KubeAgentVerifier, managed_namespaces
+from .wiretap_broker import WiretapBroker
 
 log = logging.getLogger("tpnb.manager")
 
@@ -90,32 +89,6 @@ class AgentSession:
     app_protocol: str = ""
 
 
-@dataclass
-class Wiretap:
-    """A session's wiretap and the records waiting for its watcher (bounded: overflow is counted)."""
-
-    info: pb.WiretapInfo
-    session_id: str
-    queue: collections.deque = field(default_factory=collections.deque)
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    #: agent id -> records that agent dropped (its cumulative count)
-    agent_drops: dict[str, int] = field(default_factory=dict)
-    dropped_here: int = 0
-    removed: bool = False
-    watching: bool = False
-
-    @property
-    def dropped(self) -> int:
-        return self.dropped_here + sum(self.agent_drops.values())
-
-    def push(self, rec: pb.WiretapRecord) -> None:
-        if len(self.queue) >= max(1, self.info.buffer or 1000):
-            self.dropped_here += 1
-        else:
-            self.queue.append(rec)
-        self.wake.set()
-
-
 def holder_name(info: pb.ClientInfo) -> str:
     """How others see who holds an intercept: "user@host", with the Kubernetes user when it differs."""
     if info.kube_user and info.kube_user != info.name.split("@", 1)[0]:
@@ -157,7 +130,7 @@ class _UDPRelay(asyncio.DatagramProtocol):
         self.queue.put_nowait(None)
 
 
-class Manager(rpc.ManagerServicer):
+class Manager(WiretapBroker, rpc.ManagerServicer):
     """Sessions, intercepts and dials; the client-facing API (pod loopback only).
 
     Session, intercept, agent and dial ids are random capabilities: whoever
@@ -230,18 +203,6 @@ class Manager(rpc.ManagerServicer):
                 ic.environment.update(first.environment)
                 ic.mount_point = first.mount_point
                 ic.agent_port = first.agent_port
-
-    def _refresh_wiretaps(self) -> None:
-        for w in self.wiretaps.values():
-            agents = self._agent_for(w.info.spec.workload, w.info.spec.namespace)
-            del w.info.pod_ips[:]
-            w.info.pod_ips.extend(sorted(a.info.pod_ip for a in agents))
-            if agents and all(w.info.id in a.delivered for a in agents):
-                w.info.state, w.info.message = pb.InterceptInfo.ACTIVE, ""
-            else:
-                w.info.state = pb.InterceptInfo.WAITING
-                w.info.message = ("waiting for the traffic-agent to take the wiretap" if agents
-                                  else "waiting for the traffic-agent to report in")
 
     def view(self, ic: pb.InterceptInfo, session_id: str) -> pb.InterceptInfo:
         """`ic` as session `session_id` may see it: its own in full, another's as workload + holder."""
@@ -513,78 +474,6 @@ class Manager(rpc.ManagerServicer):
         return pb.InterceptList(intercepts=[self.view(ic, session_id) for ic in self.intercepts.values()],
                                 wiretaps=[w.info for w in self.wiretaps.values() if w.session_id == session_id])
 
-    # ---------------------------------------------------------------- wiretaps
-    def _drop_wiretap(self, wid: str) -> None:
-        w = self.wiretaps.pop(wid, None)
-        if w is not None:
-            w.removed = True
-            w.wake.set()
-
-    def _own_wiretap(self, session_id: str, name: str) -> Wiretap | None:
-        return next((w for w in self.wiretaps.values()
-                     if w.session_id == session_id and w.info.spec.name == name), None)
-
-    async def CreateWiretap(self, request, context):  # noqa: N802
-        sid = request.session.session_id
-        client = await self._session(context, sid)
-        want = request.wiretap
-        spec = want.spec
-        if self.namespaces and spec.namespace not in self.namespaces:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                f"this traffic-manager serves namespaces {', '.join(sorted(self.namespaces))} "
-                                f"only, not {spec.namespace}")
-        bad = httpfilter.check(spec)
-        if bad:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad)
-        if not spec.name or not spec.workload:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a wiretap needs a name and a workload")
-        if self._own_wiretap(sid, spec.name) is not None:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"a wiretap named {spec.name!r} exists")
-        info = pb.WiretapInfo(spec=spec, id=secrets.token_hex(8), max_body=max(0, want.max_body),
-                              buffer=max(1, want.buffer or 1000), client_name=holder_name(client.info))
-        self.wiretaps[info.id] = Wiretap(info=info, session_id=sid)
-        self._refresh_wiretaps()
-        self._notify()
-        log.info("wiretap %s: %s/%s for %s", info.id, spec.namespace, spec.workload, client.info.name)
-        return info
-
-    async def RemoveWiretap(self, request, context):  # noqa: N802
-        await self._session(context, request.session_id)
-        w = self._own_wiretap(request.session_id, request.name)
-        if w is None:  # another session's wiretap is not even said to exist
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no wiretap named {request.name!r} in this session")
-        self._drop_wiretap(w.info.id)
-        self._notify()
-        log.info("wiretap %s removed", w.info.id)
-        return pb.Empty()
-
-    async def WatchWiretap(self, request, context) -> AsyncIterator[pb.WiretapRecord]:  # noqa: N802
-        """The wiretap's records as they come; a STATS record with the drop count when idle."""
-        await self._session(context, request.session_id)
-        w = self._own_wiretap(request.session_id, request.name)
-        if w is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no wiretap named {request.name!r} in this session")
-        if w.watching:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"wiretap {request.name!r} is being watched")
-        w.watching = True
-        sent_dropped = -1
-        try:
-            while not w.removed:
-                w.wake.clear()
-                while w.queue:
-                    rec = w.queue.popleft()
-                    rec.dropped = sent_dropped = w.dropped
-                    w.info.records += 1
-                    yield rec
-                w.info.dropped = w.dropped
-                if w.dropped != sent_dropped:
-                    sent_dropped = w.dropped
-                    yield pb.WiretapRecord(wiretap_id=w.info.id, kind=pb.WiretapRecord.STATS, dropped=sent_dropped)
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(w.wake.wait(), 2.0)
-        finally:
-            w.watching = False
-
     async def WatchIntercepts(self, request, context) -> AsyncIterator[pb.InterceptList]:  # noqa: N802
         await self._session(context, request.session_id)
         ev = asyncio.Event()
@@ -683,9 +572,7 @@ class AgentHub(rpc.AgentHubServicer):
                 if ic.spec.workload == a.info.name and ic.spec.namespace == a.info.namespace:
                     # to the agent: "serve this" -- no session id, no environment
                     mine.append(pb.InterceptInfo(id=ic.id, spec=ic.spec, state=pb.InterceptInfo.ACTIVE))
-            taps = [pb.WiretapInfo(id=w.info.id, spec=w.info.spec, max_body=w.info.max_body, buffer=w.info.buffer)
-                    for w in self.m.wiretaps.values()
-                    if w.info.spec.workload == a.info.name and w.info.spec.namespace == a.info.namespace]
+            taps = self.m.wiretaps_for(a.info)
             yield pb.AgentInstruction(intercepts=mine, wiretaps=taps)
             sent = {ic.id for ic in mine} | {w.id for w in taps}
             if sent != a.delivered:
@@ -704,20 +591,12 @@ class AgentHub(rpc.AgentHubServicer):
             yield req
 
     async def UploadWiretap(self, request_iterator, context):  # noqa: N802
-        """An agent's copies: kept only for wiretaps of that agent's own (verified) workload."""
+        """An agent's copies (cluster/wiretap_broker.py keeps only its own workload's)."""
         async for up in request_iterator:
             a = self.m.agents.get(up.agent_id) if up.agent_id else None
             if a is None:
                 await context.abort(grpc.StatusCode.NOT_FOUND, "agent session unknown (manager restarted?)")
-            for rec in up.records:
-                w = self.m.wiretaps.get(rec.wiretap_id)
-                if w is not None and w.info.spec.workload == a.info.name and w.info.spec.namespace == a.info.namespace:
-                    w.push(rec)
-            for wid, n in up.dropped.items():
-                w = self.m.wiretaps.get(wid)
-                if w is not None and w.info.spec.workload == a.info.name and w.info.spec.namespace == a.info.namespace:
-                    w.agent_drops[a.id] = n
-                    w.wake.set()
+            self.m.take_upload(a, up)
         return pb.Empty()
 
     async def Tunnel(self, request_iterator, context):  # noqa: N802
