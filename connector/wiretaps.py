@@ -147,8 +147,15 @@ class Wiretap:
         limit = max(1, self.want.buffer or 1000)
         failures = 0
         while not self.removed:
+            if getattr(self.session, "_closing", False):
+                self.end_reason = "the session ended (tpnb quit)"
+                return
             link = self.session.link
-            if link is None:
+            if link is None:  # relinking (a new manager pod): the session's own loops reconnect
+                failures += 1
+                if failures > 120:
+                    self.end_reason = "lost the traffic-manager"
+                    return
                 await asyncio.sleep(0.5)
                 continue
             try:

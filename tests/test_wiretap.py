@@ -274,6 +274,13 @@ def test_cli_lines_json_lines_and_a_stopped_reader_costs_drops_not_latency(wire:
     assert "dropped so far" in err.read_text() and "Wiretap hello ended:" in err.read_text()
     assert _no_wiretaps(a)
 
+    # `tpnb quit` ends a running wiretap (the CLI says why and exits)
+    p, out, err = _wiretap(wire, a)
+    _wait_for(out, "Wiretapping", p)
+    a.run(["tpnb", "quit"], timeout=60)
+    p.wait(20)
+    assert "(the session ended (tpnb quit))" in err.read_text(), err.read_text()
+
 
 def test_another_session_cannot_see_or_touch_a_wiretap_and_its_own_work_beside_it(wire: dict[str, Any]) -> None:
     a, b, d = wire["a"], wire["b"], wire["dir"]

@@ -621,3 +621,25 @@ def test_magic_returns_a_live_list_and_stop_and_leave_end_it(monkeypatch: pytest
         assert streams[1].cancelled.is_set() and not again.running and "hello" not in commands._wiretaps
     finally:
         lifecycle.set_session_factory(__import__("tpnb.api", fromlist=["Session"]).Session)
+
+
+def test_connector_relay_ends_with_the_session() -> None:
+    from types import SimpleNamespace
+
+    from tpnb.connector import wiretaps as cw
+
+    async def main() -> None:
+        sess = SimpleNamespace(link=None, session_id="s", changed=asyncio.Event(), _closing=False)
+        tap = cw.Wiretap(sess, pb.WiretapRequest(wiretap=pb.WiretapInfo(spec=pb.InterceptSpec(name="q"))))
+        events: list[Any] = []
+
+        async def consume() -> None:
+            async for ev in tap.relay():
+                events.append(ev)
+        task = asyncio.ensure_future(consume())
+        await asyncio.sleep(0.6)
+        assert not task.done()  # no link for a moment (relinking): it waits
+        sess._closing = True  # `tpnb quit`
+        await asyncio.wait_for(task, 5)
+        assert events[-1].stats.message == "the session ended (tpnb quit)"
+    asyncio.run(main())
