@@ -169,7 +169,9 @@ class Wiretap:
                         else:
                             self.buffer.append(rec)
                     self.wake.set()
-                if not self.removed and not self.end_reason:
+                if getattr(self.session, "_closing", False):
+                    self.end_reason = "the session ended (tpnb quit)"
+                elif not self.removed and not self.end_reason:
                     self.end_reason = "removed at the traffic-manager (its session ended?)"
                 return  # the manager ended it: removed (leave) or its session went
             except grpc.aio.AioRpcError as exc:

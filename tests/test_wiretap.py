@@ -280,6 +280,7 @@ def test_cli_lines_json_lines_and_a_stopped_reader_costs_drops_not_latency(wire:
     a.run(["tpnb", "quit"], timeout=60)
     p.wait(20)
     assert "(the session ended (tpnb quit))" in err.read_text(), err.read_text()
+    a.run(["tpnb", "connect", "-n", NS], timeout=240)  # so the fixture's `quit --daemon` ends the root daemon too
 
 
 def test_another_session_cannot_see_or_touch_a_wiretap_and_its_own_work_beside_it(wire: dict[str, Any]) -> None:
