@@ -148,6 +148,25 @@ def test_agent_copies_what_the_app_serves_and_not_what_a_laptop_serves(tmp_path:
             assert tcp.bytes_up == len(sent) and tcp.first_up == sent[:10]  # max_body 10
             assert tcp.bytes_down == len(answer) and tcp.first_down == answer[:10]
 
+            # HTTP/2 with prior knowledge (as gRPC speaks it), with no personal intercept to route it: to the
+            # app untouched, copied as TCP too.  (The personal intercept here is HTTP/1.1-filtered: end it first.)
+            await fake.instructions.put(pb.AgentInstruction(wiretaps=[_tap("w-all", max_body=10)]))
+            await _until(lambda: not ag.filtered_intercepts() and len(ag.wiretaps.taps) == 1)
+
+            def h2() -> bytes:
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                    s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00" * 9)
+                    s.shutdown(socket.SHUT_WR)
+                    got = b""
+                    while chunk := s.recv(65536):
+                        got += chunk
+                    return got
+            n_tcp = len([r for r in fake.records if r.kind == pb.WiretapRecord.TCP])
+            await asyncio.to_thread(h2)
+            await _until(lambda: len([r for r in fake.records if r.kind == pb.WiretapRecord.TCP]) == n_tcp + 1, 10)
+            h2rec = [r for r in fake.records if r.kind == pb.WiretapRecord.TCP][-1]
+            assert h2rec.first_up == b"PRI * HTTP" and h2rec.bytes_up == 24 + 9
+
             # the wiretaps end: no more copies, the app still serves
             n = len(fake.records)
             await fake.instructions.put(pb.AgentInstruction())
