@@ -34,7 +34,8 @@ from tpnb.proto import pb, rpc
 from tpnb.version import API_VERSION, __version__
 
 from tpnb.common.aio import both, first, oserror_text
-from tpnb.common.forward import BULK_GRPC_OPTIONS, FastTunnelRegistration, FrameChannel, GrpcFrameChannel, SocketStream, bridge
+from tpnb.common.forward import (BULK_GRPC_OPTIONS, FastGrpcFrameChannel, FastTunnelRegistration, FrameChannel,
+                                 GrpcFrameChannel, SendFirst, SocketStream, bridge)
 
 from tpnb.common import httpfilter
 from .agent_auth import AgentRefused, AgentVerifier, KubeAgentVerifier, managed_namespaces
@@ -42,6 +43,8 @@ from .agent_auth import AgentRefused, AgentVerifier, KubeAgentVerifier, managed_
 log = logging.getLogger("tpnb.manager")
 
 DIAL_TIMEOUT = 5.0
+#: what this manager understands beyond its API generation (VersionInfo.features)
+FEATURES = ("early-data",)
 CLIENT_ANSWER_TIMEOUT = 5.0
 
 
@@ -141,6 +144,8 @@ class Manager(rpc.ManagerServicer):
         self.agents: dict[str, AgentSession] = {}
         self.intercepts: dict[str, pb.InterceptInfo] = {}
         self.pending_dials: dict[str, PendingDial] = {}
+        #: Tunnel methods use forward.encode_frame/decode_frame (see `serve`)
+        self.fast_frames = False
         self.watchers: set[asyncio.Event] = set()
         self.dns_servers, self.search = read_resolv_conf()
         self.cluster_domain = self._cluster_domain()
@@ -245,7 +250,8 @@ class Manager(rpc.ManagerServicer):
 
     # ---------------------------------------------------------------- sessions
     async def Version(self, request, context):  # noqa: N802
-        return pb.VersionInfo(name="traffic-manager", version=self.image_version, api=API_VERSION)
+        return pb.VersionInfo(name="traffic-manager", version=self.image_version, api=API_VERSION,
+                              features=list(FEATURES))
 
     async def ArriveAsClient(self, request, context):  # noqa: N802
         sid = secrets.token_hex(16)
@@ -288,7 +294,7 @@ class Manager(rpc.ManagerServicer):
 
     # ---------------------------------------------------------------- tunnels
     async def Tunnel(self, request_iterator, context):  # noqa: N802
-        chan, op = await _opened(context)
+        chan, op = await _opened(context, self.fast_frames)
         if op.session_id not in self.clients:
             await chan.send(pb.TunnelFrame(error="session expired; reconnect"))
             return
@@ -315,8 +321,16 @@ class Manager(rpc.ManagerServicer):
             log.debug("dial %s:%d failed: %s", host, port, msg)
             await chan.send(pb.TunnelFrame(error=f"dial {host}:{port}: {msg}"))
             return
-        await chan.send(pb.TunnelFrame(opened=pb.Empty()))
-        await bridge(conn, conn, chan)  # type: ignore[arg-type]
+        if op.early_data:
+            conn.write(op.early_data)
+            try:
+                await conn.drain()
+            except OSError as exc:
+                conn.abort()
+                await chan.send(pb.TunnelFrame(error=f"send to {host}:{port}: {oserror_text(exc)}"))
+                return
+        # `opened` goes out while the pumps start (forward.SendFirst): no write completion to wait for
+        await bridge(conn, conn, SendFirst(chan, pb.TunnelFrame(opened=pb.Empty())))  # type: ignore[arg-type]
 
     async def _outbound_udp(self, host: str, port: int, chan: FrameChannel) -> None:
         loop = asyncio.get_running_loop()
@@ -580,7 +594,7 @@ class AgentHub(rpc.AgentHubServicer):
             yield req
 
     async def Tunnel(self, request_iterator, context):  # noqa: N802
-        chan, op = await _opened(context)
+        chan, op = await _opened(context, self.m.fast_frames)
         agent = self.m.agents.get(op.session_id) if op.session_id else None
         if agent is None:
             await chan.send(pb.TunnelFrame(error="agent session unknown; arrive again"))
@@ -594,9 +608,12 @@ class AgentHub(rpc.AgentHubServicer):
                                                  "is not for agents"))
 
 
-async def _opened(context: grpc.aio.ServicerContext) -> tuple[GrpcFrameChannel, pb.TunnelOpen]:
-    """A Tunnel RPC's channel and its `open` frame (anything else first ends the call)."""
-    chan = GrpcFrameChannel(context)
+async def _opened(context: grpc.aio.ServicerContext, fast: bool = False) -> tuple[GrpcFrameChannel, pb.TunnelOpen]:
+    """A Tunnel RPC's channel and its `open` frame (anything else first ends the call).
+
+    `fast`: the method was registered with `FastTunnelRegistration`, so data
+    payloads may be written pre-encoded (no protobuf message per chunk)."""
+    chan = FastGrpcFrameChannel(context) if fast else GrpcFrameChannel(context)
     first = await chan.recv()
     if first is None or first.WhichOneof("kind") != "open":
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first tunnel frame must be `open`")
@@ -700,6 +717,7 @@ async def serve(client_port: int, agent_port: int, verifier: AgentVerifier | Non
     clients = grpc.aio.server(options=SERVER_OPTIONS)
     agents = grpc.aio.server(options=SERVER_OPTIONS)
     # data frames of every tunnel skip protobuf's payload copies (forward.decode_frame)
+    mgr.fast_frames = True
     rpc.add_ManagerServicer_to_server(mgr, FastTunnelRegistration(clients))
     rpc.add_AgentHubServicer_to_server(hub, FastTunnelRegistration(agents))
     clients.add_insecure_port(f"{client_host}:{client_port}")
