@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
+import multiprocessing.spawn
 import os
 import socket
 import statistics
@@ -30,7 +31,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
+if str(REPO) not in sys.path and not os.environ.get("TPNB_BENCH_OTHER_TREE"):
     sys.path.insert(0, str(REPO))
 
 
@@ -100,6 +101,22 @@ def _trace(name: str) -> None:
     signal.signal(signal.SIGTERM, dump)
 
 
+def _grpc_opts() -> None:
+    """TPNB_BENCH_GRPC_OPTS="name=int,...": change the tunnel channels' / servers' gRPC options
+    (in place, before the daemon and manager read them), to compare settings."""
+    spec = os.environ.get("TPNB_BENCH_GRPC_OPTS", "")
+    if not spec:
+        return
+    from tpnb.common import forward as fw
+
+    for item in spec.split(","):
+        key, _, val = item.partition("=")
+        for opts in (fw.BULK_GRPC_OPTIONS, fw.MANAGER_CHANNEL_OPTIONS):
+            opts[:] = [(k, v) for k, v in opts if k != key]
+            if val != "-":
+                opts.append((key, int(val)))
+
+
 # ------------------------------------------------------------------ processes
 def echo_server(port: int) -> None:
     """The netbench server's "ping" mode: echo 64-byte messages (threads, blocking sockets)."""
@@ -126,6 +143,7 @@ def echo_server(port: int) -> None:
 
 def manager(port: int) -> None:
     _trace("manager")
+    _grpc_opts()
     from tpnb.cluster import manager as m
 
     class _NoAgents:
@@ -153,7 +171,10 @@ def relay(listen: str, port: int) -> None:
 def daemon(listen_port: int, address: str, echo_port: int, ready: mp.Event) -> None:
     """The root daemon's flow handler on sockets accepted here, as if redirected to the echo server."""
     _trace("daemon")
+    _grpc_opts()
     from tpnb.daemon.network import ManagerTunnels, Network
+    from tpnb.daemon import network as _n
+    print("daemon code:", _n.__file__, "pool" if hasattr(ManagerTunnels, "_refill") else "no pool", file=sys.stderr)
     from tpnb.daemon.redirect import KernelTcp, SocketFlow
     from tpnb.proto import pb
 
@@ -272,8 +293,15 @@ def wait_port(port: int, timeout: float = 20) -> None:
     raise SystemExit(f"nothing listens on 127.0.0.1:{port}")
 
 
-def start_tunnel(ctx, echo_port: int, use_relay: bool, env: dict[str, str], procs: list) -> int:  # noqa: ANN001
-    """Manager (+ relay) + daemon with `env` set in their environment; returns the daemon's port."""
+def start_tunnel(ctx, echo_port: int, use_relay: bool, env: dict[str, str], procs: list,  # noqa: ANN001
+                 python: str | None = None) -> int:
+    """Manager (+ relay) + daemon with `env` set in their environment; returns the daemon's port.
+
+    `python`: another checkout's venv interpreter, whose editable install then
+    provides tpnb (e.g. /work/main/.venv/bin/python: the code before a change)."""
+    if python:
+        env = {**env, "TPNB_BENCH_OTHER_TREE": "1"}
+        mp.spawn.set_executable(python)  # type: ignore[attr-defined]
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -295,6 +323,8 @@ def start_tunnel(ctx, echo_port: int, use_relay: bool, env: dict[str, str], proc
         ready.wait(20)
         return d_port
     finally:
+        if python:
+            mp.spawn.set_executable(sys.executable)  # type: ignore[attr-defined]
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -311,6 +341,8 @@ def main() -> None:
     ap.add_argument("--ab", action="append", default=[], metavar="VAR=VALUE",
                     help="also run a second manager+daemon pair with these environment variables "
                          "(e.g. TPNB_DAEMON_TUNNEL_POOL=0), measured in alternation with the first")
+    ap.add_argument("--ab-python", metavar="PYTHON",
+                    help="also run a manager+daemon pair from another checkout (its venv's python), alternating")
     ap.add_argument("--trace-conns", action="store_true", help="--trace, of new connections")
     ap.add_argument("--trace", action="store_true",
                     help="timestamp every hop of the small requests and print the median timeline")
@@ -327,6 +359,8 @@ def main() -> None:
     if args.ab and not args.trace:
         env = dict(kv.split("=", 1) for kv in args.ab)
         ports["tunnel " + " ".join(args.ab)] = start_tunnel(ctx, echo_port, args.relay, env, procs)
+    if args.ab_python and not args.trace:
+        ports[f"tunnel of {args.ab_python}"] = start_tunnel(ctx, echo_port, args.relay, {}, procs, args.ab_python)
     try:
         for port in ports.values():
             measure(port, 200, 20)  # warm-up

@@ -28,6 +28,7 @@ from tpnb.common.forward import (
     TUNNEL_METHOD,
     FastGrpcFrameChannel,
     GrpcFrameChannel,
+    SendFirst,
     TunnelError,
     bridge,
     decode_frame,
@@ -50,7 +51,7 @@ class _DialWatch:
     """A tunnel whose first frame down is the manager's dial result: an "error"
     there is reported to `on_refused` (and still passed on, ending the bridge)."""
 
-    def __init__(self, chan: FastGrpcFrameChannel, on_refused: Callable[[str], None]) -> None:
+    def __init__(self, chan: FastGrpcFrameChannel | SendFirst, on_refused: Callable[[str], None]) -> None:
         self.chan = chan
         self.on_refused = on_refused
         self.first = True
@@ -404,14 +405,12 @@ class Network:
                 chan.cancel()
                 self._refuse(flow, f"client connection: {exc}")
                 return
-        try:
-            await chan.send(pb.TunnelFrame(open=open_))
-        except TunnelError as exc:
-            self._refuse(flow, str(exc))
-            return
+        # the pumps start while `open` is written (its completion takes a trip through grpc's
+        # completion queue); a failed write or RPC ends the bridge with a reset, as a refusal does
+        first = SendFirst(chan, pb.TunnelFrame(open=open_))
         try:
             await bridge(flow.reader, flow.writer,  # type: ignore[arg-type]
-                         _DialWatch(chan, lambda why: self._refuse(flow, why)), chunk=CLIENT_CHUNK)
+                         _DialWatch(first, lambda why: self._refuse(flow, why)), chunk=CLIENT_CHUNK)
         finally:
             flow.close()
 
