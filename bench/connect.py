@@ -43,6 +43,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1, help="uncounted rounds first (windows grow, caches fill)")
     ap.add_argument("--latency-rounds", type=int, default=3,
                     help="alternating rounds of 1000 small requests + 200 new connections per tunnel")
+    ap.add_argument("--hops", action="store_true",
+                    help="also measure latency through tpnb's port-forward relay alone, straight to the pod "
+                         "(bench/relay_only.py): splits tpnb's cost into the relay and the daemon + manager")
     ap.add_argument("--skip-connect-times", action="store_true",
                     help="do not time `tpnb connect` (saves the fresh install at the end)")
     args = ap.parse_args()
@@ -77,6 +80,7 @@ def main() -> None:
         sh(dc.node_exec_cmd(["python3", client, pod_ip, "7070", str(size)])))
 
     # kubectl port-forward stays up in the laptop while tpnb is connected there too
+    relay: subprocess.Popen[str] | None = None
     pf = subprocess.Popen(dc.laptop_cmd(LAPTOP, ["kubectl", "-n", NS, "port-forward", f"pod/{pod}", "17070:7070"]),
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -84,6 +88,15 @@ def main() -> None:
                            "sleep 0.1; done; exit 1"])
         lap(["tpnb", "connect", "--namespace", NS], timeout=300)
         paths = {"kubectl port-forward": ["127.0.0.1", "17070"], "tpnb connect": [f"netbench.{NS}", "7070"]}
+        lat_paths = dict(paths)
+        if args.hops:
+            relay = subprocess.Popen(dc.laptop_cmd(LAPTOP, ["python3", str(REPO / "bench" / "relay_only.py"),
+                                                            NS, pod, "7070", "17071"]),
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            assert relay.stdout is not None
+            if relay.stdout.readline().strip() != "ready":
+                raise SystemExit("bench/relay_only.py did not start")
+            lat_paths["tpnb relay only (no daemon, no manager)"] = ["127.0.0.1", "17071"]
         rounds: dict[str, list[dict[str, float]]] = {k: [] for k in paths}
         cpu: dict[str, dict[str, float]] = {k: {} for k in paths}
         for label in list(paths) * args.warmup:
@@ -97,18 +110,21 @@ def main() -> None:
                     cpu[label][proc] = cpu[label].get(proc, 0.0) + sec
                 rounds[label].append(json.loads(out.strip().splitlines()[-1]))
         # latency alternates round by round too: one noisy moment must not decide a ratio
-        lat_rounds: dict[str, list[dict[str, float]]] = {k: [] for k in paths}
+        lat_rounds: dict[str, list[dict[str, float]]] = {k: [] for k in lat_paths}
         for r in range(args.latency_rounds):
-            order = list(paths) if r % 2 == 0 else list(reversed(paths))
+            order = list(lat_paths) if r % 2 == 0 else list(reversed(lat_paths))
             for label in order:
-                out = lap(["python3", client, *paths[label], str(size), "latency"])
+                out = lap(["python3", client, *lat_paths[label], str(size), "latency"])
                 lat_rounds[label].append(json.loads(out.strip().splitlines()[-1]))
-        for label in paths:
+        for label in lat_paths:
             lat = {k: round(statistics.median(x[k] for x in lat_rounds[label])) for k in LATENCY}
             for k in ("down_MBps", "up_MBps"):
-                lat[k] = round(statistics.median(x[k] for x in rounds[label]), 1)
+                lat[k] = round(statistics.median(x[k] for x in rounds[label]), 1) if label in rounds else "-"
             results[label] = lat
     finally:
+        if relay is not None:
+            relay.terminate()
+            relay.wait(10)
         pf.terminate()
         pf.wait(10)
     ratios = {k: statistics.median(t[k] / p[k] for t, p in zip(rounds["tpnb connect"], rounds["kubectl port-forward"]))

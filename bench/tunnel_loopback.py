@@ -146,6 +146,9 @@ def manager(port: int) -> None:
     _grpc_opts()
     from tpnb.cluster import manager as m
 
+    if os.environ.get("TPNB_BENCH_NO_EARLY_DATA"):
+        m.FEATURES = ()  # as a manager from before early data: the daemon sends data frames
+
     class _NoAgents:
         async def verify(self, token, claimed):  # noqa: ANN001, ANN201
             raise m.AgentRefused("no agents here")
@@ -173,8 +176,6 @@ def daemon(listen_port: int, address: str, echo_port: int, ready: mp.Event) -> N
     _trace("daemon")
     _grpc_opts()
     from tpnb.daemon.network import ManagerTunnels, Network
-    from tpnb.daemon import network as _n
-    print("daemon code:", _n.__file__, "pool" if hasattr(ManagerTunnels, "_refill") else "no pool", file=sys.stderr)
     from tpnb.daemon.redirect import KernelTcp, SocketFlow
     from tpnb.proto import pb
 
@@ -340,7 +341,8 @@ def main() -> None:
     ap.add_argument("--relay", action="store_true", help="put a byte splice between daemon and manager")
     ap.add_argument("--ab", action="append", default=[], metavar="VAR=VALUE",
                     help="also run a second manager+daemon pair with these environment variables "
-                         "(e.g. TPNB_DAEMON_TUNNEL_POOL=0), measured in alternation with the first")
+                         "(TPNB_DAEMON_TUNNEL_POOL=0: no spare calls; TPNB_BENCH_NO_EARLY_DATA=1: a manager "
+                         "without early data; TPNB_BENCH_GRPC_OPTS=...), measured in alternation with the first")
     ap.add_argument("--ab-python", metavar="PYTHON",
                     help="also run a manager+daemon pair from another checkout (its venv's python), alternating")
     ap.add_argument("--trace-conns", action="store_true", help="--trace, of new connections")
