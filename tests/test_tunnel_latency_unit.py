@@ -204,6 +204,46 @@ def test_manager_without_early_data_gets_the_bytes_as_data_frames(monkeypatch: p
     asyncio.run(main())
 
 
+def test_manager_answers_early_data_without_opened() -> None:
+    """On the wire: the dial's answer to an `open` with early data is the destination's reply."""
+    from tpnb.common.forward import GrpcFrameChannel
+
+    async def main() -> None:
+        server, mport = await _serve_manager()
+        echo, eport = await _echo()
+        chan = grpc.aio.insecure_channel(f"127.0.0.1:{mport}")
+        stub = rpc.ManagerStub(chan)
+        try:
+            assert "early-data" in (await stub.Version(pb.Empty())).features
+            sess = await stub.ArriveAsClient(pb.ClientInfo(name="alice@laptop"))
+            dst = socket.inet_aton("127.0.0.1")
+            t = GrpcFrameChannel(stub.Tunnel())
+            await t.send(pb.TunnelFrame(open=pb.TunnelOpen(session_id=sess.session_id, dst_ip=dst, dst_port=eport,
+                                                           early_data=b"GET /")))
+            first = await asyncio.wait_for(t.recv(), 5)
+            assert first is not None and first.WhichOneof("kind") == "data" and first.data == b"echo:GET /"
+            t.cancel()
+            # without early data the dialer still confirms with `opened` (TUN flows, the connector wait for it)
+            t = GrpcFrameChannel(stub.Tunnel())
+            await t.send(pb.TunnelFrame(open=pb.TunnelOpen(session_id=sess.session_id, dst_ip=dst, dst_port=eport)))
+            first = await asyncio.wait_for(t.recv(), 5)
+            assert first is not None and first.WhichOneof("kind") == "opened"
+            t.cancel()
+            # early data to a closed port: the error, and nothing else
+            t = GrpcFrameChannel(stub.Tunnel())
+            await t.send(pb.TunnelFrame(open=pb.TunnelOpen(session_id=sess.session_id, dst_ip=dst, dst_port=1,
+                                                           early_data=b"GET /")))
+            first = await asyncio.wait_for(t.recv(), 5)
+            assert first is not None and first.WhichOneof("kind") == "error" and "refused" in first.error.lower()
+            t.cancel()
+        finally:
+            await chan.close()
+            echo.close()
+            await server.stop(0)
+
+    asyncio.run(main())
+
+
 def test_accept_takes_every_pending_connection() -> None:
     async def main() -> None:
         server, mport = await _serve_manager()
