@@ -329,7 +329,6 @@ class Manager(rpc.ManagerServicer):
                 conn.abort()
                 await chan.send(pb.TunnelFrame(error=f"send to {host}:{port}: {oserror_text(exc)}"))
                 return
-        if op.early_data:
             # its sender reads the first frame down as the dial result (data, or an error): no
             # `opened`, so the destination's answer need not wait behind one more write
             await bridge(conn, conn, chan)  # type: ignore[arg-type]
