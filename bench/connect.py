@@ -13,7 +13,8 @@ One run measures, against the same pod:
     alternate, round by round (who goes first alternates too), so a noisy
     moment of the machine hits both; each figure is the median of the
     rounds, and the ratio is the median of the per-round ratios; the CPU
-    every process spent per GB moved is summed over the rounds;
+    every process spent per GB moved is summed over the rounds; the
+    latency runs alternate the same way (`--latency-rounds`);
   * `tpnb connect` wall time with the manager installed (daemon running /
     daemon stopped) and with a fresh install after `uninstall --everything`.
 All traffic stays inside the dev cluster's namespaces on this machine.
@@ -31,6 +32,7 @@ from common import REPO, cpu_delta, fresh_namespace, laptop, print_table, proc_c
 from tpnb import config as tpnb_config  # noqa: E402
 
 NS = "bench"
+LATENCY = ("small_p50_us", "small_p99_us", "conn_p50_us", "conn_p99_us")
 LAPTOP = "bench"
 
 
@@ -39,6 +41,13 @@ def main() -> None:
     ap.add_argument("--size-mb", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=1, help="uncounted rounds first (windows grow, caches fill)")
+    ap.add_argument("--latency-rounds", type=int, default=3,
+                    help="alternating rounds of 1000 small requests + 200 new connections per tunnel")
+    ap.add_argument("--hops", action="store_true",
+                    help="also measure latency through tpnb's port-forward relay alone, straight to the pod "
+                         "(bench/relay_only.py): splits tpnb's cost into the relay and the daemon + manager")
+    ap.add_argument("--skip-connect-times", action="store_true",
+                    help="do not time `tpnb connect` (saves the fresh install at the end)")
     args = ap.parse_args()
     size = args.size_mb * 1024 * 1024
 
@@ -71,6 +80,7 @@ def main() -> None:
         sh(dc.node_exec_cmd(["python3", client, pod_ip, "7070", str(size)])))
 
     # kubectl port-forward stays up in the laptop while tpnb is connected there too
+    relay: subprocess.Popen[str] | None = None
     pf = subprocess.Popen(dc.laptop_cmd(LAPTOP, ["kubectl", "-n", NS, "port-forward", f"pod/{pod}", "17070:7070"]),
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -78,6 +88,15 @@ def main() -> None:
                            "sleep 0.1; done; exit 1"])
         lap(["tpnb", "connect", "--namespace", NS], timeout=300)
         paths = {"kubectl port-forward": ["127.0.0.1", "17070"], "tpnb connect": [f"netbench.{NS}", "7070"]}
+        lat_paths = dict(paths)
+        if args.hops:
+            relay = subprocess.Popen(dc.laptop_cmd(LAPTOP, ["python3", str(REPO / "bench" / "relay_only.py"),
+                                                            NS, pod, "7070", "17071"]),
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            assert relay.stdout is not None
+            if relay.stdout.readline().strip() != "ready":
+                raise SystemExit("bench/relay_only.py did not start")
+            lat_paths["tpnb relay only (no daemon, no manager)"] = ["127.0.0.1", "17071"]
         rounds: dict[str, list[dict[str, float]]] = {k: [] for k in paths}
         cpu: dict[str, dict[str, float]] = {k: {} for k in paths}
         for label in list(paths) * args.warmup:
@@ -90,21 +109,36 @@ def main() -> None:
                 for proc, sec in cpu_delta(before, proc_cpu()).items():
                     cpu[label][proc] = cpu[label].get(proc, 0.0) + sec
                 rounds[label].append(json.loads(out.strip().splitlines()[-1]))
-        for label, hp in paths.items():
-            lat = json.loads(lap(["python3", client, *hp, str(size), "latency"]).strip().splitlines()[-1])
+        # latency alternates round by round too: one noisy moment must not decide a ratio
+        lat_rounds: dict[str, list[dict[str, float]]] = {k: [] for k in lat_paths}
+        for r in range(args.latency_rounds):
+            order = list(lat_paths) if r % 2 == 0 else list(reversed(lat_paths))
+            for label in order:
+                out = lap(["python3", client, *lat_paths[label], str(size), "latency"])
+                lat_rounds[label].append(json.loads(out.strip().splitlines()[-1]))
+        for label in lat_paths:
+            lat = {k: round(statistics.median(x[k] for x in lat_rounds[label])) for k in LATENCY}
             for k in ("down_MBps", "up_MBps"):
-                lat[k] = round(statistics.median(x[k] for x in rounds[label]), 1)
+                lat[k] = round(statistics.median(x[k] for x in rounds[label]), 1) if label in rounds else "-"
             results[label] = lat
     finally:
+        if relay is not None:
+            relay.terminate()
+            relay.wait(10)
         pf.terminate()
         pf.wait(10)
     ratios = {k: statistics.median(t[k] / p[k] for t, p in zip(rounds["tpnb connect"], rounds["kubectl port-forward"]))
               for k in ("down_MBps", "up_MBps")}
 
+    lat_ratios = {k: statistics.median(t[k] / p[k] for t, p in zip(lat_rounds["tpnb connect"],
+                                                                     lat_rounds["kubectl port-forward"]))
+                  for k in LATENCY}
+
     times: dict[str, float] = {}
-    for label, pre in (("installed, daemon running", ["tpnb", "quit"]),
-                       ("installed, daemon stopped", ["tpnb", "quit", "--daemon"]),
-                       ("fresh install", None)):
+    for label, pre in () if args.skip_connect_times else (
+            ("installed, daemon running", ["tpnb", "quit"]),
+            ("installed, daemon stopped", ["tpnb", "quit", "--daemon"]),
+            ("fresh install", None)):
         if pre is None:
             lap(["tpnb", "quit", "--daemon"], check=False)
             lap(["tpnb", "uninstall", "--everything"], timeout=300)
@@ -120,8 +154,13 @@ def main() -> None:
     print("\nbulk rounds (MB/s down/up):")
     for label, rs in rounds.items():
         print(f"  {label:22s} " + "  ".join(f"{x['down_MBps']:.0f}/{x['up_MBps']:.0f}" for x in rs))
+    print("\nlatency rounds (µs, small p50/p99, new connection p50/p99):")
+    for label, rs in lat_rounds.items():
+        print(f"  {label:22s} " + "  ".join("/".join(str(x[k]) for k in LATENCY) for x in rs))
     print(f"\ntpnb/port-forward throughput ratio (median of the rounds' ratios): "
           f"down {ratios['down_MBps']:.2f}x, up {ratios['up_MBps']:.2f}x")
+    print("tpnb/port-forward latency ratio (median of the rounds' ratios): "
+          + ", ".join(f"{k} {v:.2f}x" for k, v in lat_ratios.items()))
     # both tunnels are CPU-bound here: what each process spends per GB moved decides the race
     gb = 2 * size * args.rounds / 1e9
     procs = sorted({p for c in cpu.values() for p in c if p != "other"}, key=lambda p: -max(c.get(p, 0) for c in cpu.values()))

@@ -37,7 +37,8 @@ from tpnb.proto import pb, rpc
 from tpnb.version import API_VERSION, __version__
 
 from tpnb.common.aio import both, first, oserror_text
-from tpnb.common.forward import BULK_GRPC_OPTIONS, FastTunnelRegistration, FrameChannel, GrpcFrameChannel, SocketStream, bridge
+from tpnb.common.forward import (BULK_GRPC_OPTIONS, FastGrpcFrameChannel, FastTunnelRegistration, FrameChannel,
+                                 GrpcFrameChannel, SendFirst, SocketStream, bridge)
 
 from tpnb.common import httpfilter
 from .agent_auth import AgentRefused, AgentVerifier, KubeAgentVerifier, managed_namespaces
@@ -46,6 +47,8 @@ from .wiretap_broker import WiretapBroker
 log = logging.getLogger("tpnb.manager")
 
 DIAL_TIMEOUT = 5.0
+#: what this manager understands beyond its API generation (VersionInfo.features)
+FEATURES = ("early-data",)
 CLIENT_ANSWER_TIMEOUT = 5.0
 
 
@@ -145,6 +148,8 @@ class Manager(WiretapBroker, rpc.ManagerServicer):
         self.agents: dict[str, AgentSession] = {}
         self.intercepts: dict[str, pb.InterceptInfo] = {}
         self.pending_dials: dict[str, PendingDial] = {}
+        #: Tunnel methods use forward.encode_frame/decode_frame (see `serve`)
+        self.fast_frames = False
         self.watchers: set[asyncio.Event] = set()
         self.wiretaps: dict[str, Wiretap] = {}
         self.dns_servers, self.search = read_resolv_conf()
@@ -253,7 +258,8 @@ class Manager(WiretapBroker, rpc.ManagerServicer):
 
     # ---------------------------------------------------------------- sessions
     async def Version(self, request, context):  # noqa: N802
-        return pb.VersionInfo(name="traffic-manager", version=self.image_version, api=API_VERSION)
+        return pb.VersionInfo(name="traffic-manager", version=self.image_version, api=API_VERSION,
+                              features=list(FEATURES))
 
     async def ArriveAsClient(self, request, context):  # noqa: N802
         sid = secrets.token_hex(16)
@@ -296,7 +302,7 @@ class Manager(WiretapBroker, rpc.ManagerServicer):
 
     # ---------------------------------------------------------------- tunnels
     async def Tunnel(self, request_iterator, context):  # noqa: N802
-        chan, op = await _opened(context)
+        chan, op = await _opened(context, self.fast_frames)
         if op.session_id not in self.clients:
             await chan.send(pb.TunnelFrame(error="session expired; reconnect"))
             return
@@ -323,8 +329,20 @@ class Manager(WiretapBroker, rpc.ManagerServicer):
             log.debug("dial %s:%d failed: %s", host, port, msg)
             await chan.send(pb.TunnelFrame(error=f"dial {host}:{port}: {msg}"))
             return
-        await chan.send(pb.TunnelFrame(opened=pb.Empty()))
-        await bridge(conn, conn, chan)  # type: ignore[arg-type]
+        if op.early_data:
+            conn.write(op.early_data)
+            try:
+                await conn.drain()
+            except OSError as exc:
+                conn.abort()
+                await chan.send(pb.TunnelFrame(error=f"send to {host}:{port}: {oserror_text(exc)}"))
+                return
+            # its sender reads the first frame down as the dial result (data, or an error): no
+            # `opened`, so the destination's answer need not wait behind one more write
+            await bridge(conn, conn, chan)  # type: ignore[arg-type]
+            return
+        # `opened` goes out while the pumps start (forward.SendFirst): no write completion to wait for
+        await bridge(conn, conn, SendFirst(chan, pb.TunnelFrame(opened=pb.Empty())))  # type: ignore[arg-type]
 
     async def _outbound_udp(self, host: str, port: int, chan: FrameChannel) -> None:
         loop = asyncio.get_running_loop()
@@ -600,7 +618,7 @@ class AgentHub(rpc.AgentHubServicer):
         return pb.Empty()
 
     async def Tunnel(self, request_iterator, context):  # noqa: N802
-        chan, op = await _opened(context)
+        chan, op = await _opened(context, self.m.fast_frames)
         agent = self.m.agents.get(op.session_id) if op.session_id else None
         if agent is None:
             await chan.send(pb.TunnelFrame(error="agent session unknown; arrive again"))
@@ -614,9 +632,12 @@ class AgentHub(rpc.AgentHubServicer):
                                                  "is not for agents"))
 
 
-async def _opened(context: grpc.aio.ServicerContext) -> tuple[GrpcFrameChannel, pb.TunnelOpen]:
-    """A Tunnel RPC's channel and its `open` frame (anything else first ends the call)."""
-    chan = GrpcFrameChannel(context)
+async def _opened(context: grpc.aio.ServicerContext, fast: bool = False) -> tuple[GrpcFrameChannel, pb.TunnelOpen]:
+    """A Tunnel RPC's channel and its `open` frame (anything else first ends the call).
+
+    `fast`: the method was registered with `FastTunnelRegistration`, so data
+    payloads may be written pre-encoded (no protobuf message per chunk)."""
+    chan = FastGrpcFrameChannel(context) if fast else GrpcFrameChannel(context)
     first = await chan.recv()
     if first is None or first.WhichOneof("kind") != "open":
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first tunnel frame must be `open`")
@@ -720,6 +741,7 @@ async def serve(client_port: int, agent_port: int, verifier: AgentVerifier | Non
     clients = grpc.aio.server(options=SERVER_OPTIONS)
     agents = grpc.aio.server(options=SERVER_OPTIONS)
     # data frames of every tunnel skip protobuf's payload copies (forward.decode_frame)
+    mgr.fast_frames = True
     rpc.add_ManagerServicer_to_server(mgr, FastTunnelRegistration(clients))
     rpc.add_AgentHubServicer_to_server(hub, FastTunnelRegistration(agents))
     clients.add_insecure_port(f"{client_host}:{client_port}")

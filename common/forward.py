@@ -154,6 +154,54 @@ class FastGrpcFrameChannel(GrpcFrameChannel):
         await self.send(encode_data(data))  # pre-encoded: the call's serializer passes bytes through
 
 
+class SendFirst:
+    """A FrameChannel that sends `first` ahead of everything else without holding up `recv`.
+
+    The manager answers a dial with `opened`; awaiting that write before the
+    pumps start would put one gRPC write completion (a thread hop through
+    grpc's completion queue) on every new connection's path, although the
+    client's first bytes are usually waiting already.  Here the write runs
+    while the tunnel->socket pump starts; the first `send` waits for it, so
+    the frame order is unchanged.
+    """
+
+    def __init__(self, chan: FrameChannel, first: pb.TunnelFrame) -> None:
+        self.chan = chan
+        self._first: asyncio.Future[None] | None = asyncio.ensure_future(chan.send(first))
+        if hasattr(chan, "send_data"):
+            self.send_data = self._send_data
+
+    async def _sent_first(self) -> None:
+        if self._first is not None:
+            first, self._first = self._first, None
+            await first
+
+    async def recv(self) -> pb.TunnelFrame | None:
+        return await self.chan.recv()
+
+    async def send(self, frame: pb.TunnelFrame) -> None:
+        await self._sent_first()
+        await self.chan.send(frame)
+
+    async def _send_data(self, data: bytes) -> None:
+        await self._sent_first()
+        await self.chan.send_data(data)  # type: ignore[attr-defined]
+
+    async def done_sending(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._sent_first()
+        fn = getattr(self.chan, "done_sending", None)
+        if fn is not None:
+            await fn()
+
+    def cancel(self) -> None:
+        if self._first is not None:
+            first, self._first = self._first, None
+            first.cancel()
+            first.add_done_callback(lambda f: f.cancelled() or f.exception())
+        cancel_channel(self.chan)
+
+
 class MemoryFrameChannel:
     """In-process FrameChannel end; `pair()` gives two connected ends.
 

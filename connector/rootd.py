@@ -7,6 +7,7 @@ an exec credential plugin or reads a token.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import grpc
@@ -24,7 +25,17 @@ class RootDaemonLink:
         self.channel = grpc.aio.insecure_channel(f"unix://{socket_path}")
         self.stub = rpc.RootDaemonStub(self.channel)
 
+    #: how long `network_up` waits for the daemon's socket to accept (a daemon just started by
+    #: `tpnb connect` may still be cleaning up after a killed predecessor)
+    READY_TIMEOUT = 15.0
+
     async def network_up(self, req: pb.NetworkRequest) -> pb.NetworkStatus:
+        try:
+            await asyncio.wait_for(self.channel.channel_ready(), self.READY_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise DaemonError("the tpnb root daemon does not answer",
+                              f"nothing accepted on {self.socket_path} within {self.READY_TIMEOUT:.0f} s",
+                              "see ~/.cache/tpnb/logs/daemon.log; `tpnb connect` restarts it") from None
         try:
             return await self.stub.NetworkUp(req, timeout=60)
         except grpc.aio.AioRpcError as exc:

@@ -12,6 +12,7 @@ daemon's leftovers are undone by the next start.
 from __future__ import annotations
 
 import asyncio
+import collections
 import ipaddress
 import logging
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from tpnb.common.forward import (
     TUNNEL_METHOD,
     FastGrpcFrameChannel,
     GrpcFrameChannel,
+    SendFirst,
     TunnelError,
     bridge,
     decode_frame,
@@ -49,7 +51,7 @@ class _DialWatch:
     """A tunnel whose first frame down is the manager's dial result: an "error"
     there is reported to `on_refused` (and still passed on, ending the bridge)."""
 
-    def __init__(self, chan: FastGrpcFrameChannel, on_refused: Callable[[str], None]) -> None:
+    def __init__(self, chan: FastGrpcFrameChannel | SendFirst, on_refused: Callable[[str], None]) -> None:
         self.chan = chan
         self.on_refused = on_refused
         self.first = True
@@ -107,19 +109,82 @@ class FlowWriter:
 
 
 class ManagerTunnels:
-    """The daemon's own gRPC channel to the manager, over the connector's relay."""
+    """The daemon's own gRPC channel to the manager, over the connector's relay.
 
-    def __init__(self, address: str) -> None:
+    Keeps `pool` Tunnel RPCs started ahead of need (HTTP/2 stream open, the
+    manager's handler waiting for the `open` frame): starting an RPC costs
+    about a millisecond on each end, which a new connection then skips.  A
+    spare is still an ordinary Tunnel call; one the channel lost (manager
+    restarted, relink) is dropped when taken.
+    """
+
+    def __init__(self, address: str, pool: int | None = None) -> None:
         self.address = address
         self.channel = grpc.aio.insecure_channel(address, options=MANAGER_CHANNEL_OPTIONS)
         self.stub = rpc.ManagerStub(self.channel)
+        self.pool = tpnb_config.get().daemon.tunnel_pool if pool is None else pool
+        self._spares: collections.deque[grpc.aio.StreamStreamCall] = collections.deque()
+        self._closed = False
+        self._refilling = False
+        #: the manager takes the client's first bytes inside the `open` frame (VersionInfo.features)
+        self.early_data = False
+        self._features: asyncio.Task[None] | None = None
+        self._probe_features()
 
-    def fast_tunnel(self) -> grpc.aio.StreamStreamCall:
-        """A Tunnel call whose data frames skip protobuf (`forward.encode_frame`/`decode_frame`)."""
+    def _probe_features(self) -> None:
+        try:
+            self._features = asyncio.get_running_loop().create_task(self._ask_features())
+        except RuntimeError:
+            self._features = None  # no loop (tests constructing it bare): no optional features
+
+    async def _ask_features(self) -> None:
+        try:
+            ver = await self.stub.Version(pb.Empty(), timeout=30)
+        except grpc.aio.AioRpcError as exc:
+            log.debug("manager features not known (%s); asking again with the next flow", exc.code().name)
+            self._features = None
+            return
+        self.early_data = "early-data" in ver.features
+
+    def _new_call(self) -> grpc.aio.StreamStreamCall:
         return self.channel.stream_stream(TUNNEL_METHOD, request_serializer=encode_frame,
                                           response_deserializer=decode_frame)()
 
+    def fast_tunnel(self) -> grpc.aio.StreamStreamCall:
+        """A Tunnel call whose data frames skip protobuf (`forward.encode_frame`/`decode_frame`)."""
+        call = None
+        while self._spares:
+            spare = self._spares.popleft()
+            if not spare.done():
+                call = spare
+                break
+        if call is None:
+            call = self._new_call()
+        if self._features is None and not self._closed:
+            self._probe_features()
+        if not self._refilling:
+            # after this flow's first write is on its way: starting calls is not free
+            self._refilling = True
+            asyncio.get_running_loop().call_soon(self._refill)
+        return call
+
+    def _refill(self) -> None:
+        """Top the spares up (a spare is started right away: grpc.aio sends its headers)."""
+        self._refilling = False
+        if self._closed:
+            return
+        # a channel that cannot connect must not pile up failing calls
+        if self.channel.get_state() == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            return
+        while len(self._spares) < self.pool:
+            self._spares.append(self._new_call())
+
     async def aclose(self) -> None:
+        self._closed = True
+        if self._features is not None:
+            self._features.cancel()
+        while self._spares:
+            self._spares.popleft().cancel()
         await self.channel.close()
 
 
@@ -319,21 +384,33 @@ class Network:
         No round trip waiting for the manager's "opened": its dial result
         arrives as the first frame down the tunnel, and an "error" there ends
         the connection with a reset, as a closed port in the cluster would.
-        Saves one round trip through the API server per new connection.
+        Saves one round trip through the API server per new connection.  When
+        the manager takes "early-data", bytes the client already sent travel
+        inside the `open` frame (one gRPC message fewer), and the Tunnel call
+        comes from the link's pool of started ones.
         """
         link = self.link
         if link is None:
             self._refuse(flow, "not linked to the traffic-manager")
             return
         chan = FastGrpcFrameChannel(link.fast_tunnel())
-        try:
-            await chan.send(pb.TunnelFrame(open=self._tunnel_open(flow, pb.TunnelOpen.TCP)))
-        except TunnelError as exc:
-            self._refuse(flow, str(exc))
-            return
+        open_ = self._tunnel_open(flow, pb.TunnelOpen.TCP)
+        if link.early_data:
+            # the client usually wrote its request before we got to accept: it rides in `open`
+            try:
+                open_.early_data = flow.sock.recv(CLIENT_CHUNK)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as exc:
+                chan.cancel()
+                self._refuse(flow, f"client connection: {exc}")
+                return
+        # the pumps start while `open` is written (its completion takes a trip through grpc's
+        # completion queue); a failed write or RPC ends the bridge with a reset, as a refusal does
+        first = SendFirst(chan, pb.TunnelFrame(open=open_))
         try:
             await bridge(flow.reader, flow.writer,  # type: ignore[arg-type]
-                         _DialWatch(chan, lambda why: self._refuse(flow, why)), chunk=CLIENT_CHUNK)
+                         _DialWatch(first, lambda why: self._refuse(flow, why)), chunk=CLIENT_CHUNK)
         finally:
             flow.close()
 

@@ -208,18 +208,38 @@ class KernelTcp:
             await asyncio.wait(tasks, timeout=2.0)
 
     async def _accept_loop(self) -> None:
+        """Accept from a reader callback, every pending connection at once, and start each
+        handler eagerly: the flow's `open` frame is on its way before the loop turns again
+        (`sock_accept` + `create_task` cost two more turns of the loop per connection)."""
         loop = asyncio.get_running_loop()
-        assert self._listener is not None
+        listener = self._listener
+        assert listener is not None
+        failed: asyncio.Future[OSError] = loop.create_future()
+
+        def readable() -> None:
+            while True:
+                try:
+                    conn, peer = listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as exc:
+                    if not failed.done():
+                        failed.set_result(exc)
+                    return
+                task = asyncio.eager_task_factory(loop, self._accepted(conn, (peer[0], peer[1])))
+                if not task.done():
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+
         while True:
+            loop.add_reader(listener.fileno(), readable)
             try:
-                conn, peer = await loop.sock_accept(self._listener)
-            except OSError as exc:
-                log.warning("kernel TCP: accept failed: %s", exc)
-                await asyncio.sleep(0.1)
-                continue
-            task = asyncio.create_task(self._accepted(conn, (peer[0], peer[1])))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+                exc = await failed
+            finally:
+                loop.remove_reader(listener.fileno())
+            log.warning("kernel TCP: accept failed: %s", exc)
+            failed = loop.create_future()
+            await asyncio.sleep(0.1)
 
     async def _accepted(self, sock: socket.socket, src: tuple[str, int]) -> None:
         try:

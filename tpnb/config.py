@@ -100,6 +100,9 @@ class DaemonConfig:
     #: the port-forward to the traffic-manager: "spdy" (cheapest for the
     #: kubelet and runtime), "websocket", or "auto" (SPDY, else WebSocket)
     portforward_protocol: str = "auto"
+    #: Tunnel RPCs the root daemon keeps started ahead of need, so a new TCP
+    #: connection skips the RPC's setup on both ends (0: start one per connection)
+    tunnel_pool: int = 4
     heartbeat_seconds: float = 3.0
     connect_timeout: float = 30.0
 
