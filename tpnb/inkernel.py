@@ -357,9 +357,13 @@ class InKernelServer:
         k = min(n, len(log))
         return [public_record(log[i]) for i in range(len(log) - k, len(log))] if k else []
 
-    def record(self, index: int) -> dict:
-        """Record number `index` of the log (negative from the end), public form."""
-        return public_record(self.log[index])
+    def by_seq(self, seq: int) -> dict | None:
+        """The record of this server's request number `seq` (its "seq" field) while the log still has it."""
+        log = list(self.log)
+        i = len(log) - 1 - (self.counters["requests"] - seq)
+        if 0 <= i < len(log) and log[i].get("seq") == seq:
+            return public_record(log[i])
+        return next((public_record(r) for r in reversed(log) if r.get("seq") == seq), None)
 
     def summary(self) -> dict:
         n = self.counters["requests"]
@@ -447,7 +451,8 @@ class InKernelServer:
         rec = {"_t": time.time(), "type": kind, "method": scope.get("method", "GET"), "path": scope.get("path", ""),
                "_qs": scope.get("query_string"), "status": 0, "duration_ms": 0.0, "bytes": 0,
                "_client": scope.get("client"), "port": self.port, "app_version": ref.version if ref else 0,
-               "error": None, "http_version": scope.get("http_version", "1.1"), "_rh": scope.get("headers"),
+               "error": None, "intercept": min(self.names) if self.names else "",
+               "http_version": scope.get("http_version", "1.1"), "_rh": scope.get("headers"),
                "_rb": None, "request_bytes": 0, "_sh": None, "_sb": None}
         if ref is None:
             if kind == "http":
@@ -586,6 +591,7 @@ class InKernelServer:
         self.log.append(rec)  # a bounded deque: the oldest record drops off
         c = self.counters
         c["requests"] += 1
+        rec["seq"] = c["requests"]  # this server's request number (`by_seq`)
         if rec["type"] == "websocket":
             c["websockets"] += 1
         c[f"{min(max(status // 100, 2), 5)}xx"] += 1
@@ -736,6 +742,8 @@ class GrpcServer:
     url = property(lambda self: f"{self.host}:{self.port}")
     subscribe = InKernelServer.subscribe
     records = InKernelServer.records
+    recent = InKernelServer.recent
+    by_seq = InKernelServer.by_seq
     summary = InKernelServer.summary
     _notify = InKernelServer._notify
 
@@ -826,6 +834,7 @@ class GrpcServer:
             rec = {"time": _dt.datetime.now().isoformat(timespec="milliseconds"), "type": "grpc",
                    "method": "POST", "path": method, "query": "", "status": 0, "duration_ms": 0.0, "bytes": 0,
                    "client": context.peer(), "port": srv.port, "app_version": version, "error": None,
+                   "intercept": min(srv.names) if srv.names else "",
                    "http_version": "2", "request_headers": [tuple(m) for m in context.invocation_metadata() or ()],
                    "request_body": b"", "request_bytes": 0, "response_headers": [], "response_body": b"",
                    "grpc_status": "OK"}
@@ -1105,15 +1114,32 @@ class Replayed:
         return f"<Replayed {self.status} {self.reason} from {self.url}: {len(self.body)} bytes>"
 
 
-def replay(record: Any, to: str = "kernel", timeout: float = 30.0) -> Replayed:
+def replay(record: Any, to: str = "kernel", timeout: float = 30.0, session: Any = None) -> Replayed:
     """Send a recorded request again (same method, path, query, headers and body) and return the response.
 
     `record`: a record (dict) of `requests_log`, or a row of its DataFrame.  `to`: "kernel" (the
-    in-kernel app on the record's port, i.e. the current version of the cell) or a base URL such as
-    "http://hello.default" (with `%tp connect`, the cluster's Service).
+    in-kernel app on the record's port, i.e. the current version of the cell), "cluster" (the real app
+    of the record's intercept in the cluster, bypassing the intercept: `tpnb.api.Session.replay`, which
+    only reaches this session's own intercepts), or a base URL such as "http://hello.default".
     """
-    import http.client
+    rec = as_record(record)
+    if to == "cluster":
+        if session is None:
+            from .magics import lifecycle  # the kernel's one Session (what %tp and the panel use)
 
+            session = lifecycle.session()
+        return session.replay(rec, to="cluster", timeout=timeout)
+    if to == "kernel":
+        return send_recorded(rec, "127.0.0.1", int(rec["port"]), timeout=timeout)
+    u = urllib.parse.urlsplit(to)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise ConfigError(f"cannot replay to {to!r}",
+                          hint='use to="kernel", to="cluster" or a base URL like "http://hello.default"')
+    return send_recorded(rec, u.hostname, u.port or (443 if u.scheme == "https" else 80), u.scheme, timeout)
+
+
+def as_record(record: Any) -> dict:
+    """A record dict from a record or a DataFrame row, checked for what a replay needs."""
     rec = dict(record) if not hasattr(record, "to_dict") else record.to_dict()
     if rec.get("type", "http") != "http":
         raise ConfigError("only HTTP requests can be replayed", f"this record is a {rec.get('type')} session")
@@ -1122,15 +1148,18 @@ def replay(record: Any, to: str = "kernel", timeout: float = 30.0) -> Replayed:
         raise ConfigError("the recorded request body was cut short",
                           f"{rec['request_bytes']} bytes were sent; records keep the first {BODY_KEEP}",
                           "replay requests with smaller bodies, or raise tpnb.inkernel.BODY_KEEP before serving")
-    if to == "kernel":
-        host, port, scheme = "127.0.0.1", int(rec["port"]), "http"
-    else:
-        u = urllib.parse.urlsplit(to)
-        if u.scheme not in ("http", "https") or not u.hostname:
-            raise ConfigError(f"cannot replay to {to!r}", hint='use to="kernel" or a base URL like "http://hello.default"')
-        host, port, scheme = u.hostname, u.port or (443 if u.scheme == "https" else 80), u.scheme
+    return rec
+
+
+def send_recorded(rec: dict, host: str, port: int, scheme: str = "http", timeout: float = 30.0,
+                  shown_as: str | None = None) -> Replayed:
+    """Send record `rec`'s request to host:port (its Host header kept) and read the whole response."""
+    import http.client
+
+    body = rec.get("request_body") or b""
     target = urllib.parse.quote(rec["path"]) + (f"?{urllib.parse.quote(rec['query'], safe='=&')}"
                                                 if rec.get("query") else "")
+    url = shown_as or f"{scheme}://{host}:{port}"
     conn_cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
     conn = conn_cls(host, port, timeout=timeout)
     try:
@@ -1148,9 +1177,9 @@ def replay(record: Any, to: str = "kernel", timeout: float = 30.0) -> Replayed:
         conn.endheaders(body or None)
         r = conn.getresponse()
         return Replayed(status=r.status, reason=r.reason, headers=list(r.getheaders()), body=r.read(),
-                        url=f"{scheme}://{host}:{port}{target}")
+                        url=f"{url}{target}")
     except OSError as exc:
-        raise ConfigError(f"cannot replay to {scheme}://{host}:{port}", str(exc),
+        raise ConfigError(f"cannot replay to {url}", str(exc),
                           "is the app served (or `%tp connect` done for a cluster URL)?") from None
     finally:
         conn.close()
