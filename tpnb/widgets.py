@@ -130,6 +130,8 @@ class _Charts:
         self.text = w.HTML("")
         self.text.add_class("tpnb-traffic-summary")
         self.draws = 0
+        #: the series last drawn (Traffic.series)
+        self.last: dict[str, list[float]] = {}
         try:
             import bqplot as bq
         except ImportError:
@@ -137,13 +139,18 @@ class _Charts:
             self.widget = w.VBox([self.text, w.HTML("<i>pip install bqplot for the charts</i>")])
             return
         self.bq = bq
-        xs = bq.LinearScale(min=-(WINDOW - 1) - 0.5, max=0.5)
+        # requests/s by status class as stacked areas: one filled line per cumulative class total, the
+        # largest first, so each band shows its class (bqplot's Bars want an ordinal x: 60 crowded labels)
+        xs = bq.LinearScale(min=-(WINDOW - 1), max=0)
         ys = bq.LinearScale(min=0)
-        self.bars = bq.Bars(x=[0.0], y=[[0.0]] * 4, scales={"x": xs, "y": ys}, type="stacked", padding=0.1,
-                            colors=list(_CLASS_COLORS.values()), labels=list(_CLASS_COLORS), display_legend=True)
-        self.rate = bq.Figure(marks=[self.bars], title="requests/s by status class",
+        order = list(reversed(_CLASS_COLORS))  # 5xx (the whole height) first, 2xx on top
+        self.areas = bq.Lines(x=[0.0], y=[[0.0]] * 4, scales={"x": xs, "y": ys}, fill="bottom",
+                              colors=[_CLASS_COLORS[c] for c in order],
+                              fill_colors=[_CLASS_COLORS[c] for c in order], fill_opacities=[0.85] * 4,
+                              labels=order, display_legend=True)
+        self.rate = bq.Figure(marks=[self.areas], title="requests/s by status class",
                               axes=[bq.Axis(scale=xs, label="seconds ago", num_ticks=7),
-                                    bq.Axis(scale=ys, orientation="vertical", label="req/s", tick_format="d")],
+                                    bq.Axis(scale=ys, orientation="vertical", label="req/s")],
                               legend_location="top-left", animation_duration=0,
                               fig_margin={"top": 40, "bottom": 40, "left": 50, "right": 10},
                               layout=w.Layout(width="460px", height="250px"))
@@ -166,15 +173,16 @@ class _Charts:
         if traffic is None:
             self.text.value = "<i>no requests yet</i>"
             return
-        s = traffic.series(now)
+        s = self.last = traffic.series(now)
         self.text.value = html.escape(traffic.summary(now))
         if self.bq is None:
             return
         import numpy as np
 
-        with self.bars.hold_sync():
-            self.bars.x = np.array(s["x"])
-            self.bars.y = np.array([s[c] for c in _CLASS_COLORS])
+        cum = np.cumsum(np.array([s[c] for c in _CLASS_COLORS]), axis=0)  # 2xx, +3xx, +4xx, +5xx
+        with self.areas.hold_sync():
+            self.areas.x = np.array(s["x"])
+            self.areas.y = cum[::-1]
         with self.lines.hold_sync():
             self.lines.x = np.array(s["x"])
             self.lines.y = np.array([s["p50"], s["p99"]])
