@@ -263,9 +263,12 @@ def public_record(rec: dict) -> dict:
     records somebody reads.  gRPC records are built in this form already.
     """
     if "_t" not in rec:
-        return dict(rec)
+        out = dict(rec)
+        out["duration_ms"] = round(out.get("duration_ms") or 0.0, 2)
+        return out
     out = {k: v for k, v in rec.items() if k[0] != "_"}
     out["time"] = _dt.datetime.fromtimestamp(rec["_t"]).isoformat(timespec="milliseconds")
+    out["duration_ms"] = round(rec["duration_ms"], 2)
     qs = rec["_qs"]
     out["query"] = urllib.parse.unquote(bytes(qs).decode("latin-1")) if qs else ""
     client = rec["_client"] or ("", 0)
@@ -587,7 +590,7 @@ class InKernelServer:
     # ---------------------------------------------------------------- records
     def _finish(self, rec: dict, t0: float, status: int, error: str | None, nbytes: int = 0) -> None:
         ms = (time.perf_counter() - t0) * 1000
-        rec["status"], rec["duration_ms"], rec["bytes"], rec["error"] = status, round(ms, 2), nbytes, error
+        rec["status"], rec["duration_ms"], rec["bytes"], rec["error"] = status, ms, nbytes, error  # rounded when read
         self.log.append(rec)  # a bounded deque: the oldest record drops off
         c = self.counters
         c["requests"] += 1
