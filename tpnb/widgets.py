@@ -409,8 +409,15 @@ class Panel:
 
     @staticmethod
     def _close_tree(widget: Any) -> None:
-        for child in getattr(widget, "children", ()):
-            Panel._close_tree(child)
+        """Close a widget and what it holds: children, and a bqplot Figure's marks and axes with their scales."""
+        parts = [*getattr(widget, "children", ()), *getattr(widget, "marks", ()), *getattr(widget, "axes", ())]
+        scales = getattr(widget, "scales", None)  # a mark's {"x": scale, "y": scale}
+        if isinstance(scales, dict):
+            parts += list(scales.values())
+        parts.append(getattr(widget, "scale", None))  # an axis's scale
+        for child in parts:
+            if isinstance(child, w.Widget) and getattr(child, "comm", None) is not None:
+                Panel._close_tree(child)
         widget.close()
 
     def _closed(self) -> bool:
