@@ -1,7 +1,9 @@
 """The panel in a real browser: JupyterLab + Chromium (Playwright), all on loopback.
 
 Flow: start JupyterLab on 127.0.0.1 with a token, open panel.ipynb, Run All,
-click Intercept on `hello`, send a request, see it in the panel's request log;
+click Intercept on `hello` (in the cluster: a personal intercept, its header
+typed into the panel's filter field; a request without it still reaches the
+cluster's app), send a request, see it in the panel's request log;
 then send requests in a (bounded) loop and watch the requests/s chart (bqplot's
 SVG) change from one second to the next, pick a request in the list, see its
 details (headers, body), click Replay to kernel (and, in the cluster, Replay to
@@ -215,9 +217,12 @@ def open_and_replay(page: object, cluster_text: str | None) -> None:
 
 def drive_panel(root: Path, notebook: str, port: int, send_request: Callable[[], str],
                 shot: Path, wait_s: float = 240, send_path: Callable[[str], str] | None = None,
-                cluster_text: str | None = None) -> None:
+                cluster_text: str | None = None, http_header: str = "",
+                unmatched: Callable[[], str] | None = None) -> None:
     """Open `notebook` in JupyterLab, Run All, intercept `hello` to `port`, request, find it in the log;
-    with `send_path`: watch the chart move under a request loop, open a request's details and replay it."""
+    with `send_path`: watch the chart move under a request loop, open a request's details and replay it.
+    With `http_header` ("NAME=VALUE") the intercept is a personal one, typed into the panel's filter
+    field; `unmatched()` then sends a request without the header, which the cluster's app must answer."""
     from playwright.sync_api import sync_playwright
 
     lab = JupyterLab(root)
@@ -241,6 +246,10 @@ def drive_panel(root: Path, notebook: str, port: int, send_request: Callable[[],
                 port_box = row.locator("input")
                 port_box.fill(str(port))
                 port_box.press("Enter")
+                if http_header:
+                    header_box = page.locator(".tpnb-filter-header input").first
+                    header_box.fill(http_header)
+                    header_box.press("Enter")
                 toggle = page.locator(".tpnb-intercept-hello")
                 toggle.click()
                 page.locator(".tpnb-intercept-hello", has_text="Leave").wait_for(timeout=ms)
@@ -248,6 +257,10 @@ def drive_panel(root: Path, notebook: str, port: int, send_request: Callable[[],
                 _dismiss_news_toast(page)
                 answer = send_request()
                 assert "hello from the panel notebook" in answer, answer
+                if unmatched is not None:  # a personal intercept: others still reach the cluster's app
+                    other = unmatched()
+                    assert "CLIENT VALUES" in other and "hello from the panel notebook" not in other, other
+                    page.locator(".tpnb-message", has_text="HTTP requests with header").wait_for(timeout=30_000)
                 page.locator(".tpnb-request-log", has_text=PROBE_PATH).wait_for(timeout=30_000)
                 panel = page.locator(".tpnb-panel")
                 shot.parent.mkdir(parents=True, exist_ok=True)
@@ -331,15 +344,19 @@ def test_panel_in_jupyterlab(tmp_path: Path) -> None:
     root.mkdir()
     shutil.copy(rn.REPO / "notebooks" / "panel.ipynb", root / "panel.ipynb")  # the repo copy stays clean
 
-    def request() -> str:
-        res = subprocess.run(["curl", "-s", "--max-time", "20", f"http://hello.default{PROBE_PATH}"],
+    # a personal intercept typed into the panel's filter field: only requests with this header come here
+    name, value = "x-tpnb-panel", "browser-test"
+
+    def curl(*extra: str) -> str:
+        res = subprocess.run(["curl", "-s", "--max-time", "20", *extra, f"http://hello.default{PROBE_PATH}"],
                              capture_output=True, text=True, timeout=30)
         return res.stdout + res.stderr
 
     def get(path: str) -> str:  # through the intercept, like curl (the root daemon's DNS and redirect)
-        with urllib.request.urlopen(f"http://hello.default{path}", timeout=20) as r:
+        req = urllib.request.Request(f"http://hello.default{path}", headers={name: value})
+        with urllib.request.urlopen(req, timeout=20) as r:
             return r.read().decode()
 
     # the cluster's real hello (the seed's echoserver) answers a replay to the cluster with its CLIENT VALUES
-    drive_panel(root, "panel.ipynb", 9000, request, ARTIFACTS / "panel.png", send_path=get,
-                cluster_text="CLIENT VALUES")
+    drive_panel(root, "panel.ipynb", 9000, lambda: curl("-H", f"{name}: {value}"), ARTIFACTS / "panel.png",
+                send_path=get, cluster_text="CLIENT VALUES", http_header=f"{name}={value}", unmatched=curl)
