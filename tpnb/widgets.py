@@ -265,12 +265,10 @@ class Panel:
         self._thread: threading.Thread | None = None
         self._watcher: threading.Thread | None = None
         self._watch: Any = None
-        #: set by the push stream: redraw now
-        self._pushed = threading.Event()
         #: the push stream is being followed (else: poll every poll_interval)
         self.following = False
         self.pushes = 0
-        #: wakes the panel's thread: a status push, a request pushed by an in-kernel server, close()
+        #: wakes the traffic thread: a request pushed by an in-kernel server, a server change, close()
         self._wake = threading.Event()
         #: requests pushed by the in-kernel servers, not yet counted: (port, time, status, ms)
         self._pending: deque[tuple[int, float, int, float]] = deque()
@@ -430,13 +428,17 @@ class Panel:
         return bool(self._seen_view and views == 0)
 
     def _watch_loop(self) -> None:
-        """Follow the connector's status stream; each message asks for a redraw."""
+        """Follow the connector's status stream and redraw the connection and workloads on each message;
+        with no connector to follow, ask every `poll_interval` seconds.  Its own thread: a status or list
+        call that takes long (a busy API server) never holds up the traffic charts."""
         while not self._closed():
             try:
                 watch = lifecycle.session().watch_status()
             except (TpnbError, AttributeError):  # no connector yet (or a session without a stream)
                 self.following = False
-                self._stop.wait(self.poll_interval)
+                if self._stop.wait(self.poll_interval):
+                    return
+                self._refresh_unless_paused()
                 continue
             self._watch = watch
             self.following = True
@@ -445,16 +447,22 @@ class Panel:
                     if self._closed():
                         return
                     self.pushes += 1
-                    self._pushed.set()
-                    self._wake.set()
+                    self._refresh_unless_paused()
             except Exception:  # noqa: BLE001 - connector gone: fall back to polling until it is back
                 pass
             finally:
                 self.following = False
                 self._watch = None
-            self._pushed.set()  # the stream ended: show what the connector's absence means
-            self._wake.set()
+            self._refresh_unless_paused()  # the stream ended: show what the connector's absence means
             self._stop.wait(0.5)
+
+    def _refresh_unless_paused(self) -> None:
+        if self._closed() or self._paused():
+            return
+        try:
+            self.refresh()
+        except Exception:  # noqa: BLE001 - a closed widget mid-update: the loop ends next turn
+            pass
 
     def _on_record(self, srv: Any, rec: dict | None) -> None:
         """An in-kernel server's push (its loop thread): note it and wake the panel's thread; nothing more."""
@@ -471,23 +479,13 @@ class Panel:
         return any(t.active(now) for t in self.traffic.values())
 
     def _poll_loop(self) -> None:
-        """The panel's thread: sleeps until a push (or, with no connector to follow, the next poll)."""
-        next_poll = time.monotonic() + self.poll_interval
+        """The traffic thread: sleeps until an in-kernel server pushes a request, then redraws counters,
+        charts and the request list (once a second while the charts' window still has traffic)."""
         while not self._closed():
-            timeouts = []
-            if not self.following:
-                timeouts.append(max(0.0, next_poll - time.monotonic()))
-            if self._traffic_active():
-                timeouts.append(1.0)  # the charts' window still has traffic: move it on each second
-            self._wake.wait(min(timeouts) if timeouts else None)
+            self._wake.wait(1.0 if self._traffic_active() else None)
             self._wake.clear()
             if self._closed():
                 return
-            due = self._pushed.is_set() or (not self.following and time.monotonic() >= next_poll)
-            if due and not self._paused():
-                self._pushed.clear()
-                self.refresh()
-                next_poll = time.monotonic() + self.poll_interval
             # batch request pushes: at most REDRAW_HZ redraws a second
             gap = self._last_draw + 1.0 / REDRAW_HZ - time.monotonic()
             if gap > 0 and self._stop.wait(gap):
