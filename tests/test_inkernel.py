@@ -469,3 +469,50 @@ def test_connections_have_nodelay(port) -> None:
         for c in conns:
             sock = c.transport.get_extra_info("socket")
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+# ------------------------------------------------------------------ the hot path (session 5)
+def test_sync_fastapi_routes_reuse_worker_threads(port) -> None:
+    """anyio's worker threads live as long as the loop, not one request (they did under run_forever)."""
+    app = FastAPI()
+    seen: set[threading.Thread] = set()  # the objects (OS thread ids are reused once a thread ends)
+
+    @app.get("/t")
+    def t() -> dict:
+        seen.add(threading.current_thread())
+        return {"ok": True}
+
+    inkernel.serve(app, port)
+    with requests.Session() as s:
+        for _ in range(40):
+            assert s.get(f"http://127.0.0.1:{port}/t").json() == {"ok": True}
+    assert len(seen) <= 2, f"{len(seen)} worker threads for 40 sequential requests"
+
+
+def test_records_are_raw_until_read_and_pushed_to_watchers(port) -> None:
+    got: list[tuple[int, dict | None]] = []
+    stop = inkernel.watch(lambda srv, rec: got.append((srv.port, rec)))
+    try:
+        srv = inkernel.serve(asgi_app("raw"), port, name="raw-test")
+        body = b"x" * (inkernel.BODY_KEEP + 100)
+        r = requests.post(f"http://127.0.0.1:{port}/p?a=%20b", data=body, headers={"X-Hello": "w\u00f6rld".encode()})
+        assert r.status_code == 200
+        assert _until(lambda: any(rec for _p, rec in got))
+        raw = srv.log[-1]
+        assert isinstance(raw["_t"], float) and isinstance(raw["_rh"], list)  # not decoded on the hot path
+        pub = [rec for _p, rec in got if rec][-1]
+        assert pub["query"] == "a= b" and ("x-hello", "w\u00f6rld".encode().decode("latin-1")) in pub["request_headers"]
+        assert pub["request_body"] == body[:inkernel.BODY_KEEP] and pub["request_bytes"] == len(body)
+        assert pub["intercept"] == "raw-test" and pub["seq"] == srv.counters["requests"]
+        assert srv.by_seq(pub["seq"])["path"] == "/p" and srv.by_seq(10**6) is None
+        assert isinstance(pub["time"], str) and pub["duration_ms"] == round(pub["duration_ms"], 2)
+        assert (port, None) in got  # server start / name changes are pushed too
+    finally:
+        stop()
+
+
+def _until(pred, timeout: float = 5.0) -> bool:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not pred():
+        time.sleep(0.02)
+    return pred()

@@ -28,6 +28,7 @@ from .version import __version__
 
 if TYPE_CHECKING:
     from .client import Watch
+    from .inkernel import Replayed
     from .remotefs import RemoteFS
 
 ProgressFn = Callable[[pb.Progress], None]
@@ -553,3 +554,62 @@ class Session:
         self.client.ensure_connector()
         req = pb.UninstallRequest(what=what, name=agent or "", namespace=namespace or "", connection=conn)
         return str(self.client.stream(self.client.stub().Uninstall, req, progress))
+
+    # ---------------------------------------------------------------- replay (tpnb.replay, the panel's Replay buttons)
+    def app_address(self, name: str) -> tuple[str, int, str]:
+        """(host, port, what) of a loopback port that reaches intercept `name`'s real app in the cluster.
+
+        The path: the connector's loopback forward (`ForwardToCluster`, one tunnel per connection through
+        the manager, which dials from its pod) to the intercepted pod's IP on the app container's own
+        port, the port the traffic-agent hands non-intercepted traffic to.  The Service points at the
+        agent; the app's port does not, so a request sent there never meets the intercept, and this needs
+        neither the root daemon nor a new manager rule (`connect` reaches pod IPs anyway).  Only this
+        session's intercepts qualify: the connector shows other sessions' without pod address or id.
+        The app's port is the Service's targetPort as `list` shows it (the object as before injection).
+        """
+        ic = self.get_intercept(name)
+        if not ic.id or not ic.pod_ips:
+            raise InterceptError(f"cannot replay to the cluster's {name}",
+                                 "the intercept has no pod address yet (or is not this session's)",
+                                 "retry once `tpnb list` shows it ACTIVE and intercepted by you")
+        wl = next((w for w in self.list(ic.namespace) if w.name == ic.workload), None)
+        port = app_port(wl.services if wl else [], ic.service, ic.service_port, name)
+        reply = self.client.call(self.client.stub().ForwardToCluster, pb.ForwardRequest(ip=ic.pod_ips[0], port=port))
+        return "127.0.0.1", reply.local_port, f"http://{ic.pod_ips[0]}:{port} (the app of {ic.namespace}/{ic.workload})"
+
+    def replay(self, record: object, to: str = "cluster", timeout: float = 30.0) -> "Replayed":
+        """Send a recorded in-kernel request again; `to`: "cluster" (the real app of the record's intercept,
+        bypassing it: `app_address`), "kernel" (the in-kernel app) or a base URL.  Returns the response."""
+        from . import inkernel
+
+        if to != "cluster":
+            return inkernel.replay(record, to=to, timeout=timeout)
+        rec = inkernel.as_record(record)
+        name = rec.get("intercept") or ""
+        if not name:
+            raise ConfigError("this request has no intercept to replay to",
+                              f"port {rec.get('port')} was not routed from the cluster when it was served",
+                              'replay it with to="kernel", or to a URL such as "http://hello.default"')
+        host, port, what = self.app_address(name)
+        return inkernel.send_recorded(rec, host, port, timeout=timeout, shown_as=what.split(" ")[0])
+
+
+def app_port(services: Sequence[str], service: str, service_port: str, name: str = "") -> int:
+    """The app container's port behind `service`[:`service_port`], from `list`'s "svc:[name/]port->target"."""
+    targets = []
+    for entry in services:
+        svc, _, rest = entry.partition(":")
+        spec, _, target = rest.partition("->")
+        pname, _, pnum = spec.rpartition("/")
+        if svc == service and (not service_port or service_port in (pname, pnum)):
+            targets.append(target)
+    if len(targets) != 1:
+        raise InterceptError(f"cannot tell which port the app of {name or service} listens on",
+                             f"service {service!r} port {service_port or '(any)'} matches {len(targets)} of "
+                             f"{list(services)}",
+                             'replay to the app\'s URL yourself: tpnb.replay(rec, to="http://POD_IP:PORT")')
+    if not targets[0].isdigit():
+        raise InterceptError(f"cannot tell which port the app of {name or service} listens on",
+                             f"the Service names its target port ({targets[0]!r}), not a number",
+                             'replay to the app\'s URL yourself: tpnb.replay(rec, to="http://POD_IP:PORT")')
+    return int(targets[0])

@@ -34,12 +34,22 @@ that port.  Design decisions, and why:
   or of `app.__call__` (Starlette, FastAPI, Django's ASGIHandler); anything
   else callable is WSGI.
 * **Every request is recorded** (time, method, path, status, duration, bytes,
-  app version, client, request/response headers, the first `BODY_KEEP`
-  bytes of both bodies) and every websocket session (status 101, its
-  duration and message counts) in a bounded deque, just before the response's
-  last bytes are handed to uvicorn: a client that got its answer finds its
-  request in the log.  Logs outlive the server so a notebook can still
-  inspect them after `%tp leave`.
+  app version, client, intercept, request/response headers, the first
+  `BODY_KEEP` bytes of both bodies) and every websocket session (status 101,
+  its duration and message counts) in a bounded deque (`LOG_SIZE`), just
+  before the response's last bytes are handed to uvicorn: a client that got
+  its answer finds its request in the log.  Logs outlive the server so a
+  notebook can still inspect them after `%tp leave`.  The hot path keeps the
+  record raw (a float time, the scope's own byte headers, references to the
+  body chunks, no copies: bytes are immutable) and `public_record` decodes it
+  only when somebody reads it (`requests_log`, the panel), which took the
+  layer's own cost from ~14 to ~6 µs per request.  Followers get each record
+  by push: `subscribe` (one server) and `watch` (every server, the panel).
+* **The loop runs `run_until_complete(<a task that never ends>)`**, not
+  `run_forever()`: anyio (FastAPI's/Starlette's thread pool for sync routes)
+  ties its worker threads to the loop's root task and finds it as the task
+  run_until_complete waits for; under run_forever it took each request's task
+  instead, so every sync-route request started (and stopped) a thread.
 * **A gRPC servicer** (`serve_grpc`) runs on a `grpc.aio` server in the same
   loop thread; its handlers are looked up per call through one generic
   handler, so re-running the cell swaps the servicer the same way.  Which
@@ -114,7 +124,15 @@ class _LoopThread:
     def _main(self, ready: threading.Event) -> None:
         asyncio.set_event_loop(self.loop)
         self.loop.call_soon(ready.set)
-        self.loop.run_forever()
+        # run_until_complete of one task that lives as long as the loop, not run_forever: anyio (FastAPI's
+        # and Starlette's thread pool for sync routes) ties its worker threads to the loop's root task,
+        # which it finds as the task run_until_complete waits for.  Under run_forever there is none, so it
+        # took each request's own task: a new thread per request of a sync route, stopped when the request
+        # ended (half of FastAPI's throughput, bench/inkernel.py).
+        self.loop.run_until_complete(self._root())
+
+    async def _root(self) -> None:
+        await asyncio.get_running_loop().create_future()  # never done: the thread lives with the process
 
     def run(self, coro: Any, timeout: float | None = 30.0) -> Any:
         """Run `coro` on the loop and wait for it (from any other thread)."""
@@ -225,13 +243,51 @@ async def _retire(ref: _AppRef, wait_idle: float = 30.0) -> None:
 
 
 def _headers(raw: Any) -> list[tuple[str, str]]:
-    return [(bytes(k).decode("latin-1"), bytes(v).decode("latin-1")) for k, v in raw or []]
+    return [(bytes(k).decode("latin-1"), bytes(v).decode("latin-1")) for k, v in raw or ()]
 
 
-def _keep(buf: bytearray, data: bytes) -> None:
-    room = BODY_KEEP - len(buf)
-    if room > 0 and data:
-        buf += data[:room]
+def _keep(parts: list, kept: int, data: Any) -> int:
+    """Keep (a reference to) `data` for the record while fewer than BODY_KEEP bytes are kept; returns the
+    new count.  bytes are immutable, so no copy is made here (the record joins and cuts them when read)."""
+    if kept < BODY_KEEP and data:
+        if type(data) is not bytes:  # a bytearray/memoryview the app may reuse: copy what we keep
+            data = bytes(data[:BODY_KEEP - kept])
+        parts.append(data)
+        kept += len(data)
+    return kept
+
+
+def _joined(parts: Any) -> bytes:
+    if not parts:
+        return b""
+    if len(parts) == 1 and len(parts[0]) <= BODY_KEEP:
+        return parts[0]
+    return b"".join(parts)[:BODY_KEEP]
+
+
+def public_record(rec: dict) -> dict:
+    """A record as users see it (`requests_log`, listeners, the panel).
+
+    Served requests are recorded raw on the hot path (a float time, the scope's byte headers, references to
+    the body chunks): decoding headers, formatting the time and joining bodies happen here, only for the
+    records somebody reads.  gRPC records are built in this form already.
+    """
+    if "_t" not in rec:
+        out = dict(rec)
+        out["duration_ms"] = round(out.get("duration_ms") or 0.0, 2)
+        return out
+    out = {k: v for k, v in rec.items() if k[0] != "_"}
+    out["time"] = _dt.datetime.fromtimestamp(rec["_t"]).isoformat(timespec="milliseconds")
+    out["duration_ms"] = round(rec["duration_ms"], 2)
+    qs = rec["_qs"]
+    out["query"] = urllib.parse.unquote(bytes(qs).decode("latin-1")) if qs else ""
+    client = rec["_client"] or ("", 0)
+    out["client"] = f"{client[0]}:{client[1]}"
+    out["request_headers"] = _headers(rec["_rh"])
+    out["request_body"] = _joined(rec["_rb"])
+    out["response_headers"] = _headers(rec["_sh"])
+    out["response_body"] = _joined(rec["_sb"])
+    return out
 
 
 # ------------------------------------------------------------------ the server
@@ -306,7 +362,21 @@ class InKernelServer:
         return lambda: self._listeners.remove(fn) if fn in self._listeners else None
 
     def records(self) -> list[dict]:
-        return [dict(r) for r in list(self.log)]
+        return [public_record(r) for r in list(self.log)]
+
+    def recent(self, n: int) -> list[dict]:
+        """The last `n` records, oldest first (public form)."""
+        log = self.log
+        k = min(n, len(log))
+        return [public_record(log[i]) for i in range(len(log) - k, len(log))] if k else []
+
+    def by_seq(self, seq: int) -> dict | None:
+        """The record of this server's request number `seq` (its "seq" field) while the log still has it."""
+        log = list(self.log)
+        i = len(log) - 1 - (self.counters["requests"] - seq)
+        if 0 <= i < len(log) and log[i].get("seq") == seq:
+            return public_record(log[i])
+        return next((public_record(r) for r in reversed(log) if r.get("seq") == seq), None)
 
     def summary(self) -> dict:
         n = self.counters["requests"]
@@ -386,11 +456,17 @@ class InKernelServer:
     # ---------------------------------------------------------------- the one ASGI app uvicorn serves
     async def _asgi(self, scope: dict, receive: Callable, send: Callable) -> None:
         kind = scope["type"]
-        if kind not in ("http", "websocket"):
+        if kind != "http" and kind != "websocket":
             return
         ref = self._ref  # read once: this request (or websocket session) stays on this app version
-        rec = self._new_record(scope, ref)
         t0 = time.perf_counter()
+        # the record, raw: decoded only when read (public_record), so the hot path stays cheap
+        rec = {"_t": time.time(), "type": kind, "method": scope.get("method", "GET"), "path": scope.get("path", ""),
+               "_qs": scope.get("query_string"), "status": 0, "duration_ms": 0.0, "bytes": 0,
+               "_client": scope.get("client"), "port": self.port, "app_version": ref.version if ref else 0,
+               "error": None, "intercept": min(self.names) if self.names else "",
+               "http_version": scope.get("http_version", "1.1"), "_rh": scope.get("headers"),
+               "_rb": None, "request_bytes": 0, "_sh": None, "_sb": None}
         if ref is None:
             if kind == "http":
                 body = b"no app is being served on this port yet\n"
@@ -401,8 +477,8 @@ class InKernelServer:
                 await send({"type": "websocket.close", "code": 1013})
             self._finish(rec, t0, 503, "no app")
             return
-        scope = dict(scope)
-        scope["state"] = dict(ref.state)
+        # uvicorn makes a fresh scope per request: set this version's lifespan state on it (a shallow copy, spec)
+        scope["state"] = ref.state.copy()
         ref.inflight += 1
         try:
             if kind == "http":
@@ -414,58 +490,67 @@ class InKernelServer:
 
     async def _http(self, ref: _AppRef, scope: dict, receive: Callable, send: Callable, rec: dict,
                     t0: float) -> None:
-        req_body, resp_body = bytearray(), bytearray()
-        st: dict[str, Any] = {"status": None, "bytes": 0, "req_bytes": 0, "done": False}
+        req_parts: list = []
+        resp_parts: list = []
+        status = 0
+        nbytes = req_bytes = req_kept = resp_kept = 0
+        done = False
 
-        def finish(status: int, error: str | None) -> None:
-            if not st["done"]:
-                st["done"] = True
-                rec.update(request_body=bytes(req_body), request_bytes=st["req_bytes"],
-                           response_body=bytes(resp_body))
-                self._finish(rec, t0, status, error, st["bytes"])
+        def finish(code: int, error: str | None) -> None:
+            nonlocal done
+            if not done:
+                done = True
+                rec["_rb"], rec["request_bytes"], rec["_sb"] = req_parts, req_bytes, resp_parts
+                self._finish(rec, t0, code, error, nbytes)
 
         async def rcv() -> dict:
+            nonlocal req_bytes, req_kept
             msg = await receive()
             if msg["type"] == "http.request":
-                data = msg.get("body", b"")
-                st["req_bytes"] += len(data)
-                _keep(req_body, data)
+                data = msg.get("body")
+                if data:
+                    req_bytes += len(data)
+                    if req_kept < BODY_KEEP:
+                        req_kept = _keep(req_parts, req_kept, data)
             return msg
 
         async def snd(msg: dict) -> None:
+            nonlocal status, nbytes, resp_kept
             t = msg["type"]
-            if t == "http.response.start":
-                st["status"] = int(msg["status"])
-                rec["response_headers"] = _headers(msg.get("headers"))
-            elif t == "http.response.body":
-                data = msg.get("body", b"")
-                st["bytes"] += len(data)
-                _keep(resp_body, data)
+            if t == "http.response.body":
+                data = msg.get("body")
+                if data:
+                    nbytes += len(data)
+                    if resp_kept < BODY_KEEP:
+                        resp_kept = _keep(resp_parts, resp_kept, data)
                 if not msg.get("more_body", False):
-                    finish(st["status"] or 500, None)  # before the last bytes leave (module docstring)
+                    finish(status or 500, None)  # before the last bytes leave (module docstring)
+            elif t == "http.response.start":
+                status = int(msg["status"])
+                rec["_sh"] = msg.get("headers")
             try:
                 await send(msg)
             except OSError:
-                finish(st["status"] or 500, "client disconnected")
+                finish(status or 500, "client disconnected")
                 raise
 
         try:
             await ref.asgi(scope, rcv, snd)
         except Exception as exc:  # noqa: BLE001 - the user's app raised: 500, and show them why
             error = self._report_app_error(scope, exc)
-            if st["status"] is None:
+            if not status:
                 finish(500, error)
                 body = b"Internal Server Error\n"
                 await send({"type": "http.response.start", "status": 500,
                             "headers": [(b"content-type", b"text/plain; charset=utf-8"),
                                         (b"content-length", b"%d" % len(body)), (b"connection", b"close")]})
                 await send({"type": "http.response.body", "body": body})
-            elif st["done"]:  # answered (e.g. Starlette sent its 500, then re-raised)
+            elif done:  # answered (e.g. Starlette sent its 500, then re-raised)
                 self._mark_error(rec, error)
             else:  # cut short: recorded as failed; uvicorn closes the connection
-                finish(st["status"], error)
+                finish(status, error)
             return
-        finish(st["status"] or 500, None if st["status"] else "the app sent no response")
+        finish(status or 500, None if status else "the app sent no response")
 
     async def _websocket(self, ref: _AppRef, scope: dict, receive: Callable, send: Callable, rec: dict,
                          t0: float) -> None:
@@ -486,7 +571,7 @@ class InKernelServer:
             t = msg["type"]
             if t == "websocket.accept":
                 st["status"] = 101
-                rec["response_headers"] = _headers(msg.get("headers"))
+                rec["_sh"] = msg.get("headers")
                 opened = True
                 self.ws_open += 1
             elif t == "websocket.send":
@@ -513,29 +598,21 @@ class InKernelServer:
             self._finish(rec, t0, st["status"] or (500 if error else 403), error, st["out_bytes"])
 
     # ---------------------------------------------------------------- records
-    def _new_record(self, scope: dict, ref: _AppRef | None) -> dict:
-        client = scope.get("client") or ("", 0)
-        headers = _headers(scope.get("headers"))
-        return {"time": _dt.datetime.now().isoformat(timespec="milliseconds"),
-                "type": scope["type"], "method": scope.get("method", "GET"), "path": scope.get("path", ""),
-                "query": urllib.parse.unquote(bytes(scope.get("query_string", b"")).decode("latin-1")),
-                "status": 0, "duration_ms": 0.0, "bytes": 0, "client": f"{client[0]}:{client[1]}",
-                "port": self.port, "app_version": ref.version if ref else 0, "error": None,
-                "http_version": scope.get("http_version", "1.1"), "request_headers": headers,
-                "request_body": b"", "request_bytes": 0, "response_headers": [], "response_body": b""}
-
     def _finish(self, rec: dict, t0: float, status: int, error: str | None, nbytes: int = 0) -> None:
         ms = (time.perf_counter() - t0) * 1000
-        rec.update(status=status, duration_ms=round(ms, 2), bytes=nbytes, error=error)
-        self.log.append(rec)
-        self.counters["requests"] += 1
+        rec["status"], rec["duration_ms"], rec["bytes"], rec["error"] = status, ms, nbytes, error  # rounded when read
+        self.log.append(rec)  # a bounded deque: the oldest record drops off
+        c = self.counters
+        c["requests"] += 1
+        rec["seq"] = c["requests"]  # this server's request number (`by_seq`)
         if rec["type"] == "websocket":
-            self.counters["websockets"] += 1
-        self.counters[f"{min(max(status // 100, 2), 5)}xx"] += 1
+            c["websockets"] += 1
+        c[f"{min(max(status // 100, 2), 5)}xx"] += 1
         if error:
-            self.counters["errors"] += 1
+            c["errors"] += 1
         self.total_ms += ms
-        self._notify(rec)
+        if self._listeners or _watchers:
+            self._notify(rec)
 
     def _mark_error(self, rec: dict, error: str) -> None:
         """A request already recorded as answered turned out to fail afterwards."""
@@ -544,11 +621,13 @@ class InKernelServer:
             self.counters["errors"] += 1
 
     def _notify(self, rec: dict) -> None:
+        pub = public_record(rec)
         for fn in list(self._listeners):
             try:
-                fn(rec)
+                fn(pub)
             except Exception:  # noqa: BLE001 - a broken listener must not break serving
                 pass
+        _tell_watchers(self, pub)
 
     def _report_app_error(self, scope: dict, exc: BaseException) -> str:
         """Show the user's traceback (without our or the adapters' frames) on stderr; return its summary."""
@@ -676,6 +755,8 @@ class GrpcServer:
     url = property(lambda self: f"{self.host}:{self.port}")
     subscribe = InKernelServer.subscribe
     records = InKernelServer.records
+    recent = InKernelServer.recent
+    by_seq = InKernelServer.by_seq
     summary = InKernelServer.summary
     _notify = InKernelServer._notify
 
@@ -766,6 +847,7 @@ class GrpcServer:
             rec = {"time": _dt.datetime.now().isoformat(timespec="milliseconds"), "type": "grpc",
                    "method": "POST", "path": method, "query": "", "status": 0, "duration_ms": 0.0, "bytes": 0,
                    "client": context.peer(), "port": srv.port, "app_version": version, "error": None,
+                   "intercept": min(srv.names) if srv.names else "",
                    "http_version": "2", "request_headers": [tuple(m) for m in context.invocation_metadata() or ()],
                    "request_body": b"", "request_bytes": 0, "response_headers": [], "response_body": b"",
                    "grpc_status": "OK"}
@@ -867,13 +949,33 @@ def serve_grpc(app: Any, port: int, name: str | None = None, host: str = "127.0.
         srv.stop_on_leave = srv.stop_on_leave or stop_on_leave
         if name:
             attach(name, port)
-        return srv
+    _tell_watchers(srv, None)
+    return srv
 
 
 # ------------------------------------------------------------------ registry: one server per port
 _lock = threading.RLock()
 _servers: dict[int, Any] = {}
 _logs_by_name: dict[str, Any] = {}  # last server per intercept name (kept after stop)
+#: module-level followers of every server (the panel): fn(server, record) after each request, fn(server, None)
+#: when a server starts, stops, or its intercept names change
+_watchers: list[Callable[[Any, dict | None], None]] = []
+
+
+def watch(fn: Callable[[Any, dict | None], None]) -> Callable[[], None]:
+    """Follow every in-kernel server by push (see `_watchers`); returns the function that stops it.
+
+    fn runs on the server's loop thread (records) or the caller's (start/stop): keep it short."""
+    _watchers.append(fn)
+    return lambda: _watchers.remove(fn) if fn in _watchers else None
+
+
+def _tell_watchers(srv: Any, rec: dict | None) -> None:
+    for fn in list(_watchers):
+        try:
+            fn(srv, rec)
+        except Exception:  # noqa: BLE001 - a broken follower must not break serving
+            pass
 
 
 def serve(app: Any, port: int, name: str | None = None, host: str = "127.0.0.1",
@@ -900,7 +1002,8 @@ def serve(app: Any, port: int, name: str | None = None, host: str = "127.0.0.1",
         srv.stop_on_leave = srv.stop_on_leave or stop_on_leave
         if name:
             attach(name, port)
-        return srv
+    _tell_watchers(srv, None)
+    return srv
 
 
 def get_server(port: int) -> Any:
@@ -928,7 +1031,9 @@ def attach(name: str, port: int) -> Any:
         if srv is not None:
             srv.names.add(name)
             _logs_by_name[name] = srv
-        return srv
+    if srv is not None:
+        _tell_watchers(srv, None)
+    return srv
 
 
 def release(name: str) -> bool:
@@ -944,7 +1049,8 @@ def release(name: str) -> bool:
         if srv.stop_on_leave and not srv.names:
             stop(srv.port)
             return True
-        return False
+    _tell_watchers(srv, None)
+    return False
 
 
 def stop(port: int, grace: float = STOP_GRACE) -> bool:
@@ -952,7 +1058,10 @@ def stop(port: int, grace: float = STOP_GRACE) -> bool:
         srv = _servers.pop(port, None)
     if srv is None:
         return False
-    srv.stop(grace)
+    try:
+        srv.stop(grace)
+    finally:
+        _tell_watchers(srv, None)
     return True
 
 
@@ -1018,15 +1127,32 @@ class Replayed:
         return f"<Replayed {self.status} {self.reason} from {self.url}: {len(self.body)} bytes>"
 
 
-def replay(record: Any, to: str = "kernel", timeout: float = 30.0) -> Replayed:
+def replay(record: Any, to: str = "kernel", timeout: float = 30.0, session: Any = None) -> Replayed:
     """Send a recorded request again (same method, path, query, headers and body) and return the response.
 
     `record`: a record (dict) of `requests_log`, or a row of its DataFrame.  `to`: "kernel" (the
-    in-kernel app on the record's port, i.e. the current version of the cell) or a base URL such as
-    "http://hello.default" (with `%tp connect`, the cluster's Service).
+    in-kernel app on the record's port, i.e. the current version of the cell), "cluster" (the real app
+    of the record's intercept in the cluster, bypassing the intercept: `tpnb.api.Session.replay`, which
+    only reaches this session's own intercepts), or a base URL such as "http://hello.default".
     """
-    import http.client
+    rec = as_record(record)
+    if to == "cluster":
+        if session is None:
+            from .magics import lifecycle  # the kernel's one Session (what %tp and the panel use)
 
+            session = lifecycle.session()
+        return session.replay(rec, to="cluster", timeout=timeout)
+    if to == "kernel":
+        return send_recorded(rec, "127.0.0.1", int(rec["port"]), timeout=timeout)
+    u = urllib.parse.urlsplit(to)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise ConfigError(f"cannot replay to {to!r}",
+                          hint='use to="kernel", to="cluster" or a base URL like "http://hello.default"')
+    return send_recorded(rec, u.hostname, u.port or (443 if u.scheme == "https" else 80), u.scheme, timeout)
+
+
+def as_record(record: Any) -> dict:
+    """A record dict from a record or a DataFrame row, checked for what a replay needs."""
     rec = dict(record) if not hasattr(record, "to_dict") else record.to_dict()
     if rec.get("type", "http") != "http":
         raise ConfigError("only HTTP requests can be replayed", f"this record is a {rec.get('type')} session")
@@ -1035,15 +1161,18 @@ def replay(record: Any, to: str = "kernel", timeout: float = 30.0) -> Replayed:
         raise ConfigError("the recorded request body was cut short",
                           f"{rec['request_bytes']} bytes were sent; records keep the first {BODY_KEEP}",
                           "replay requests with smaller bodies, or raise tpnb.inkernel.BODY_KEEP before serving")
-    if to == "kernel":
-        host, port, scheme = "127.0.0.1", int(rec["port"]), "http"
-    else:
-        u = urllib.parse.urlsplit(to)
-        if u.scheme not in ("http", "https") or not u.hostname:
-            raise ConfigError(f"cannot replay to {to!r}", hint='use to="kernel" or a base URL like "http://hello.default"')
-        host, port, scheme = u.hostname, u.port or (443 if u.scheme == "https" else 80), u.scheme
+    return rec
+
+
+def send_recorded(rec: dict, host: str, port: int, scheme: str = "http", timeout: float = 30.0,
+                  shown_as: str | None = None) -> Replayed:
+    """Send record `rec`'s request to host:port (its Host header kept) and read the whole response."""
+    import http.client
+
+    body = rec.get("request_body") or b""
     target = urllib.parse.quote(rec["path"]) + (f"?{urllib.parse.quote(rec['query'], safe='=&')}"
                                                 if rec.get("query") else "")
+    url = shown_as or f"{scheme}://{host}:{port}"
     conn_cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
     conn = conn_cls(host, port, timeout=timeout)
     try:
@@ -1061,9 +1190,9 @@ def replay(record: Any, to: str = "kernel", timeout: float = 30.0) -> Replayed:
         conn.endheaders(body or None)
         r = conn.getresponse()
         return Replayed(status=r.status, reason=r.reason, headers=list(r.getheaders()), body=r.read(),
-                        url=f"{scheme}://{host}:{port}{target}")
+                        url=f"{url}{target}")
     except OSError as exc:
-        raise ConfigError(f"cannot replay to {scheme}://{host}:{port}", str(exc),
+        raise ConfigError(f"cannot replay to {url}", str(exc),
                           "is the app served (or `%tp connect` done for a cluster URL)?") from None
     finally:
         conn.close()
