@@ -440,10 +440,8 @@ class Manager(WiretapBroker, rpc.ManagerServicer):
             peer_ip=op.src_ip, peer_port=op.src_port), client.id, "intercepting client")
 
     # ---------------------------------------------------------------- intercepts
-    async def CreateIntercept(self, request, context):  # noqa: N802
-        sid = request.session.session_id
-        client = await self._session(context, sid)
-        spec = request.spec
+    async def _refuse_bad_spec(self, context, spec) -> None:  # noqa: ANN001
+        """Abort an intercept's or wiretap's creation outside this manager's namespaces or with a bad filter."""
         if self.namespaces and spec.namespace not in self.namespaces:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 f"this traffic-manager serves namespaces {', '.join(sorted(self.namespaces))} "
@@ -451,6 +449,12 @@ class Manager(WiretapBroker, rpc.ManagerServicer):
         bad = httpfilter.check(spec)
         if bad:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad)
+
+    async def CreateIntercept(self, request, context):  # noqa: N802
+        sid = request.session.session_id
+        client = await self._session(context, sid)
+        spec = request.spec
+        await self._refuse_bad_spec(context, spec)
         for ic in self.intercepts.values():
             if ic.spec.workload == spec.workload and ic.spec.namespace == spec.namespace:
                 if ic.session_id == sid:

@@ -25,7 +25,6 @@ from typing import Any, AsyncIterator
 
 import grpc
 
-from tpnb.common import httpfilter
 from tpnb.proto import pb
 
 log = logging.getLogger("tpnb.manager.wiretap")
@@ -90,13 +89,7 @@ class WiretapBroker:
         client = await self._session(context, sid)
         want = request.wiretap
         spec = want.spec
-        if self.namespaces and spec.namespace not in self.namespaces:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                f"this traffic-manager serves namespaces {', '.join(sorted(self.namespaces))} "
-                                f"only, not {spec.namespace}")
-        bad = httpfilter.check(spec)
-        if bad:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad)
+        await self._refuse_bad_spec(context, spec)
         if not spec.name or not spec.workload:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a wiretap needs a name and a workload")
         if self._own_wiretap(sid, spec.name) is not None:
