@@ -47,6 +47,7 @@ The planning functions are pure (dict in, dict out) and unit-tested.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -64,6 +65,8 @@ from tpnb.errors import ClusterError, InterceptError, PermissionDenied
 log = logging.getLogger("tpnb.connector.agent_injector")
 
 AGENT_CONTAINER = "traffic-agent"
+#: init container redirecting the app's port to the agent inside the pod (headless Services only)
+INIT_CONTAINER = "tpnb-agent-init"
 ANN_INJECTED = "tpnb.io/agent-injected"
 ANN_SVC_ORIG = "tpnb.io/original-target-port"
 APP_ENV_PREFIX = "TPNB_APP_ENV_"
@@ -108,6 +111,7 @@ class ServiceTarget:
     target_port: int | str  # the Service's original targetPort
     container: str  # app container the traffic goes to
     container_port: int  # and its port number (the agent's APP_PORT)
+    headless: bool = False  # the Service has no cluster IP: its clients connect to pod IPs
 
     @property
     def port_key(self) -> str:
@@ -388,6 +392,12 @@ def restore_workload(obj: dict[str, Any]) -> dict[str, Any]:
     info = info or {}
     spec = _pod_spec(out)
     spec["containers"] = [c for c in spec.get("containers") or [] if c.get("name") != AGENT_CONTAINER]
+    if "initContainers" in spec:
+        inits = [c for c in spec.get("initContainers") or [] if c.get("name") != INIT_CONTAINER]
+        if inits:
+            spec["initContainers"] = inits
+        else:
+            spec.pop("initContainers")
     if "volumes" in spec:
         vols = [v for v in spec.get("volumes") or [] if v.get("name") not in AGENT_VOLUMES]
         if vols:
@@ -485,14 +495,41 @@ def _unusable_service(svc: dict[str, Any], ref: str) -> InterceptError | None:
                               "its endpoints are written by hand or by another controller, not derived from the "
                               f"pods of {ref}, so tpnb cannot route it through the traffic-agent",
                               "intercept through a Service with a selector matching the pods")
-    if _is_headless(svc):
-        return InterceptError(
-            f"Service {sname} is headless (clusterIP: None)",
-            "its clients resolve the pod IPs and connect to the app's port directly, bypassing the Service's "
-            "targetPort; taking that traffic needs a NET_ADMIN redirect inside the pod, which tpnb does not add",
-            "intercept through a Service with a cluster IP that selects the same pods "
-            f"(e.g. kubectl expose {ref.split()[0].lower()} {ref.split()[1]} --name {sname}-tpnb --port ...)")
     return None
+
+
+def needs_redirect(wl: Workload, services: list[dict[str, Any]], target: ServiceTarget) -> bool:
+    """Whether a headless Service selecting the pods reaches the intercepted container port (pure):
+    its clients connect to pod IP and port directly, so the pod must redirect that port to the agent."""
+    obj = restore_workload(wl.obj)
+    labels = _template_labels(obj)
+    containers = [c for c in _pod_spec(obj).get("containers") or [] if c.get("name") != AGENT_CONTAINER]
+    for svc in services:
+        svc = restore_service(svc)
+        if not (_is_headless(svc) and _selects(svc, labels)):
+            continue
+        for p in svc.get("spec", {}).get("ports") or []:
+            if (p.get("protocol") or "TCP") != "TCP":
+                continue
+            cname, cport, _ = _container_for(containers, p.get("targetPort", p.get("port")), target.container)
+            if cname == target.container and cport == target.container_port:
+                return True
+    return False
+
+
+def redirect_init_container(target: ServiceTarget, image: str, cfg: config.Config) -> dict[str, Any]:
+    """The init container that redirects the app's port to the agent in the pod (cluster/redirect.py).
+    Only it holds NET_ADMIN, for the one nft command; the agent never does."""
+    return {
+        "name": INIT_CONTAINER,
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["python3", "-m", "tpnb.cluster.redirect"],
+        "env": [{"name": "APP_PORT", "value": str(target.container_port)},
+                {"name": "AGENT_PORT", "value": str(cfg.agent.port)}],
+        "securityContext": {"runAsUser": 0, "runAsNonRoot": False, "allowPrivilegeEscalation": False,
+                            "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN"]}},
+    }
 
 
 def _check_container(containers: list[dict[str, Any]], container: str | None, ref: str) -> None:
@@ -524,7 +561,7 @@ def resolve_target(wl: Workload, services: list[dict[str, Any]], service: str | 
     matching = [s for s in svcs if _selects(s, labels)]
     if service:
         named = [s for s in svcs if s["metadata"]["name"] == service]
-        if named and (named[0] not in matching or _is_headless(named[0])):
+        if named and named[0] not in matching:
             bad = _unusable_service(named[0], ref)
             if bad is not None:
                 raise bad
@@ -565,10 +602,8 @@ def resolve_target(wl: Workload, services: list[dict[str, Any]], service: str | 
             t = ServiceTarget(service=sname, port_name=p.get("name") or "", port=int(p["port"]),
                               target_port=tp, container=cname, container_port=cport)
             (headless if _is_headless(s) else cands).append(t)
-    if not cands and headless:
-        bad = _unusable_service(next(s for s in matching if s["metadata"]["name"] == headless[0].service), ref)
-        assert bad is not None
-        raise bad
+    if not cands and headless:   # reached through headless Services only: the pod-side redirect takes it
+        cands = [dataclasses.replace(t, headless=True) for t in headless]
     if not cands:
         if want is not None:
             raise InterceptError(
@@ -762,8 +797,11 @@ def _spec_hash(data: Any) -> str:
 
 
 def inject_workload(obj: dict[str, Any], wl: Workload, target: ServiceTarget, image: str,
-                    cfg: config.Config | None = None) -> dict[str, Any]:
-    """The workload with the agent added; `obj` must be the un-injected object."""
+                    cfg: config.Config | None = None, redirect: bool = False) -> dict[str, Any]:
+    """The workload with the agent added; `obj` must be the un-injected object.
+
+    `redirect` (a headless Service reaches the port, see `needs_redirect`) adds
+    the init container that sends the port's traffic from other pods to the agent."""
     cfg = cfg or config.get()
     out = copy.deepcopy(obj)
     spec = _pod_spec(out)
@@ -812,7 +850,15 @@ def inject_workload(obj: dict[str, Any], wl: Workload, target: ServiceTarget, im
         "renamedPorts": renamed,
         "shareProcessNamespace": spec.get("shareProcessNamespace"),
     }
-    info["hash"] = _spec_hash({"info": info, "agent": agent, "volumes": volumes})
+    init = None
+    if redirect:
+        if any(c.get("name") == INIT_CONTAINER for c in spec.get("initContainers") or []):
+            raise InterceptError(f"{ref} already has an init container named {INIT_CONTAINER}",
+                                 "the traffic-agent adds one of that name", "rename it")
+        init = redirect_init_container(target, image, cfg)
+        spec["initContainers"] = list(spec.get("initContainers") or []) + [init]
+        info["redirectPort"] = target.container_port
+    info["hash"] = _spec_hash({"info": info, "agent": agent, "volumes": volumes, **({"init": init} if init else {})})
     spec["shareProcessNamespace"] = True
     _set_annotation(out, ANN_INJECTED, json.dumps(info, sort_keys=True, separators=(",", ":")))
     return out
@@ -885,6 +931,11 @@ def pod_matches_template(pod: dict[str, Any], template_spec: dict[str, Any]) -> 
         pc = pcs.get(c["name"])
         if pc is None or pc.get("image") != c.get("image"):
             return False
+    def has_init(spec: dict[str, Any]) -> bool:
+        return any(c.get("name") == INIT_CONTAINER for c in spec.get("initContainers") or [])
+
+    if has_init(pod.get("spec", {})) != has_init(template_spec):
+        return False
     t_agent = next((c for c in tcs if c["name"] == AGENT_CONTAINER), None)
     p_agent = pcs.get(AGENT_CONTAINER)
     if (t_agent is None) != (p_agent is None):
@@ -1095,12 +1146,13 @@ async def inject_agent(api: Any, wl: Workload, target: ServiceTarget, image: str
     restores the workload and raises InterceptError naming the cause.
     """
     cfg = config.get()
+    redirect = needs_redirect(wl, await _run(_list_sync, api, "Service", wl.namespace), target)
     for attempt in range(6):
         obj = await _get(api, wl.kind, wl.namespace, wl.name)
         if obj is None:
             raise InterceptError(f"{wl.kind} {wl.name} disappeared from namespace {wl.namespace}")
         base = restore_workload(obj)
-        planned = inject_workload(base, wl, target, image, cfg)
+        planned = inject_workload(base, wl, target, image, cfg, redirect)
         cur_info, new_info = injected_info(obj), injected_info(planned)
         if has_agent(obj) and cur_info and cur_info.get("hash") == (new_info or {}).get("hash"):
             wl.obj = obj
@@ -1375,6 +1427,10 @@ def admission_refusal_sync(api: Any, wl: Workload, obj: dict[str, Any], selector
 
 
 def _refusal_hint(why: str, namespace: str) -> str:
+    if "PodSecurity" in why and "NET_ADMIN" in why:
+        return (f"a headless Service reaches the intercepted port, so tpnb adds an init container with NET_ADMIN "
+                f"(it redirects the port to the agent inside the pod), which namespace {namespace}'s Pod Security "
+                "level forbids; intercept a workload that headless Services do not expose on that port")
     if "PodSecurity" in why:
         return (f"namespace {namespace} enforces a Pod Security level the pods do not meet; the traffic-agent "
                 "meets `restricted` beside an app that runs as non-root (runAsNonRoot / runAsUser), so check "

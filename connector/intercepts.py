@@ -158,6 +158,9 @@ async def _wait_service_on_agent(api: object, namespace: str, target: agent_inje
     and nothing tells a client when; after a first injection we give it that
     moment (1.5 s) rather than let the user's first request reach the old port.
     """
+    if target.headless:
+        # no Service port moves: the pods' own redirect (in place once they rolled out) takes the traffic
+        return
     service = target.service
     deadline = anyio.current_time() + 60
     said = False

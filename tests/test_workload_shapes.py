@@ -105,7 +105,7 @@ def _objects(image: str) -> list[dict[str, Any]]:
          "spec": tmpl("hostnet", {"containers": [sleeper], "hostNetwork": True})},
         svc("hostnet", "hostnet", [{"port": 80, "targetPort": 8080}]),
         {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta("hlonly"),
-         "spec": tmpl("hlonly", {"containers": [{**sleeper, "name": "app"}]})},
+         "spec": tmpl("hlonly", {"containers": [{"name": "app", "image": ECHO}]})},
         svc("hlonly", "hlonly", [{"port": 8080}], clusterIP="None"),
         {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "client"},
          "spec": {"containers": [{**sleeper, "name": "client"}], "terminationGracePeriodSeconds": 1}},
@@ -167,18 +167,22 @@ def test_statefulset_multi_port_several_services_and_quick_reintercept(shapes: d
     lap = shapes["lap"]
     before = _user_view(lap, "statefulset,svc")
     app, laptop = "CLIENT VALUES:", "served by the laptop on 9400"
-    urls = [f"http://web.{NS}/a", f"http://web.{NS}:9090/b", f"http://web-internal.{NS}:8080/c"]
-    assert [app in b for b in _get(lap, *urls)] == [True, True, True]
+    urls = [f"http://web.{NS}/a", f"http://web.{NS}:9090/b", f"http://web-internal.{NS}:8080/c",
+            f"http://web-0.web-hl.{NS}:8080/d"]   # the governing headless Service: the pod's own IP
+    assert [app in b for b in _get(lap, *urls)] == [True] * 4
 
     r, first = _intercept(lap, "web", "--port", "9400:http")
     assert "State         : ACTIVE" in r.stdout and "Service       : web" in r.stdout, r.stdout
     print(f"\nfirst intercept of StatefulSet web (agent injection + rollout): {first:.2f} s")
     # the intercepted port (through both Services reaching it) to the laptop, the other port to the app
-    a, b, c = _get(lap, *urls)
-    assert a == f"{laptop} /a\n" and app in b and "client_address=127.0.0.1" in b and c == f"{laptop} /c\n", (a, b, c)
+    a, b, c, d = _get(lap, *urls)
+    assert a == f"{laptop} /a\n" and app in b and c == f"{laptop} /c\n" and d == f"{laptop} /d\n", (a, b, c, d)
+    assert "client_address=127.0.0.1" not in b   # port 9090 is not the agent's at all
 
     lap.run(["tpnb", "leave", "web"])
-    assert [app in x for x in _get(lap, *urls)] == [True, True, True]
+    got = _get(lap, *urls)
+    assert [app in x for x in got] == [True] * 4, got
+    assert "client_address=127.0.0.1" in got[0] and "client_address=127.0.0.1" in got[3]   # via the agent
 
     # again, the agent already in: no rollout, no waiting for endpoints
     times = []
@@ -186,12 +190,12 @@ def test_statefulset_multi_port_several_services_and_quick_reintercept(shapes: d
         r, dt = _intercept(lap, "web", "--port", "9400:http")
         times.append(dt)
         assert "Waiting for Service" not in r.stderr, r.stderr
-        a, b, c = _get(lap, *urls)   # the first request after intercept returns is already intercepted
-        assert a == f"{laptop} /a\n" and app in b and c == f"{laptop} /c\n", (a, b, c)
+        a, b, c, d = _get(lap, *urls)   # the first request after intercept returns is already intercepted
+        assert a == f"{laptop} /a\n" and app in b and c == f"{laptop} /c\n" and d == f"{laptop} /d\n", (a, b, c, d)
         lap.run(["tpnb", "leave", "web"])
     print(f"re-intercept of the injected StatefulSet (CLI wall time): {', '.join(f'{t:.2f}' for t in times)} s")
     assert max(times) < 5, times
-    assert [app in x for x in _get(lap, *urls)] == [True, True, True]
+    assert [app in x for x in _get(lap, *urls)] == [True] * 4
 
     lap.run(["tpnb", "uninstall", "--agent", "web"], timeout=300)
     assert _user_view(lap, "statefulset,svc") == before
@@ -237,8 +241,6 @@ def test_unsupported_shapes_are_refused_naming_why(shapes: dict[str, Any]) -> No
     cases = [
         (["hostnet"], "its pods use hostNetwork"),
         (["web", "--service", "web-manual"], "Service web-manual has no selector"),
-        (["hlonly"], "Service hlonly is headless (clusterIP: None)"),
-        (["web", "--service", "web-hl"], "connect to the app's port directly"),
         (["client"], "cannot intercept Pod client"),
     ]
     for args, needle in cases:
@@ -249,3 +251,28 @@ def test_unsupported_shapes_are_refused_naming_why(shapes: dict[str, Any]) -> No
         assert needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
         assert time.monotonic() - t0 < 30, args
     assert _user_view(lap, "deploy,statefulset,svc") == before
+
+
+def test_headless_service_reaches_the_laptop_by_pod_ip(shapes: dict[str, Any]) -> None:
+    """clusterIP: None: clients connect to the pod IP and the app's port; the agent takes them there."""
+    lap = shapes["lap"]
+    before = _user_view(lap, "deploy/hlonly")
+    url = f"http://hlonly.{NS}:8080/h"   # resolves to the pod's IP
+    pod_ip = lap.kubectl("-n", NS, "get", "pod", "-l", "app=hlonly", "-o", "jsonpath={.items[0].status.podIP}").stdout
+    r, _ = _intercept(lap, "hlonly", "--port", "9400")
+    assert "Service       : hlonly" in r.stdout, r.stdout
+    new_ip = lap.kubectl("-n", NS, "get", "pod", "-l", "app=hlonly", "-o", "jsonpath={.items[0].status.podIP}").stdout
+    assert new_ip != pod_ip   # a new pod, with the redirect in place before the app started
+    a, = _get(lap, url)
+    assert a == "served by the laptop on 9400 /h\n", a
+    # the node's own traffic (the kubelet's probes) is not redirected: the pod stays ready while intercepted
+    ready = lap.kubectl("-n", NS, "get", "pod", "-l", "app=hlonly", "-o",
+                        "jsonpath={.items[0].status.containerStatuses[*].ready}").stdout
+    assert ready == "true true", ready
+    lap.run(["tpnb", "leave", "hlonly"])
+    a, = _get(lap, url)
+    assert "CLIENT VALUES:" in a and "client_address=127.0.0.1" in a, a   # the app, through the agent
+    lap.run(["tpnb", "uninstall", "--agent", "hlonly"], timeout=300)
+    assert _user_view(lap, "deploy/hlonly") == before
+    a, = _get(lap, url)
+    assert "CLIENT VALUES:" in a and "client_address=127.0.0.1" not in a, a

@@ -148,10 +148,52 @@ def test_unsupported_shapes_are_refused_naming_why() -> None:
     with pytest.raises(InterceptError) as ei:
         inj.resolve_target(_wl([APP]), [ext], "web-ext", None)
     assert "ExternalName" in ei.value.what
-    hl = _svc("web-hl", [{"port": 8080}], clusterIP="None")
-    for service in (None, "web-hl"):   # the only Service, or named: refused with the reason
-        with pytest.raises(InterceptError) as ei:
-            inj.resolve_target(_wl([APP]), [hl], service, None)
-        assert "headless" in ei.value.what and "pod IPs" in ei.value.why
-    # beside a Service with a cluster IP, the headless one is simply not the one intercepted
-    assert inj.resolve_target(_wl([APP]), [hl, svc], None, None).service == "web"
+
+
+def test_headless_service_gets_the_pod_side_redirect() -> None:
+    cfg = config.Config()
+    wl = _wl([APP])
+    hl = _svc("web-hl", [{"name": "http", "port": 8080}], clusterIP="None")
+    svc = _svc("web", [{"port": 80, "targetPort": "http"}])
+    for service in (None, "web-hl"):   # the only Service, or named
+        t = inj.resolve_target(wl, [hl], service, None)
+        assert (t.service, t.headless, t.container_port) == ("web-hl", True, 8080)
+    # beside a Service with a cluster IP, that one is reported (and waited for); the redirect comes anyway
+    t = inj.resolve_target(wl, [hl, svc], None, None)
+    assert (t.service, t.headless) == ("web", False)
+    assert inj.needs_redirect(wl, [hl, svc], t) and not inj.needs_redirect(wl, [svc], t)
+    assert not inj.needs_redirect(wl, [hl], inj.resolve_target(wl, [hl, MULTI], None, "9090"))  # other port
+    new = inj.inject_workload(wl.obj, wl, t, "img", cfg, redirect=True)
+    pod = new["spec"]["template"]["spec"]
+    init, = pod["initContainers"]
+    assert init["name"] == inj.INIT_CONTAINER and init["command"] == ["python3", "-m", "tpnb.cluster.redirect"]
+    assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+    assert {"name": "APP_PORT", "value": "8080"} in init["env"] and {"name": "AGENT_PORT", "value": "9900"} in init["env"]
+    assert "NET_ADMIN" not in json.dumps(pod["containers"])          # the agent itself never holds it
+    assert inj.restore_workload(new) == wl.obj
+    plain = inj.inject_workload(wl.obj, wl, t, "img", cfg)
+    assert "initContainers" not in plain["spec"]["template"]["spec"]
+    assert json.loads(plain["metadata"]["annotations"][inj.ANN_INJECTED])["hash"] != \
+        json.loads(new["metadata"]["annotations"][inj.ANN_INJECTED])["hash"]
+    # a pod without the redirect is not of the template with it (so the rollout replaces it)
+    assert not inj.pod_matches_template({"spec": plain["spec"]["template"]["spec"]}, pod)
+    assert inj.pod_matches_template({"spec": copy.deepcopy(pod)}, pod)
+    # the app's own init containers stay, in order
+    wl2 = _wl([APP], initContainers=[{"name": "migrate", "image": "m"}])
+    new2 = inj.inject_workload(wl2.obj, wl2, t, "img", cfg, redirect=True)
+    assert [c["name"] for c in new2["spec"]["template"]["spec"]["initContainers"]] == ["migrate", inj.INIT_CONTAINER]
+    assert inj.restore_workload(new2) == wl2.obj
+
+
+def test_redirect_rules() -> None:
+    from tpnb.cluster import redirect
+
+    table = ("Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\n"
+             "eth0\t00000000\t01002A0A\t0003\t0\t0\t0\t00000000\n"
+             "eth0\t00002A0A\t00000000\t0001\t0\t0\t0\t00FFFFFF\n")
+    assert redirect.default_gateway(table) == "10.42.0.1"
+    assert redirect.default_gateway(table.splitlines()[0]) is None
+    rules = redirect.ruleset(8080, 9900, "10.42.0.1")
+    assert "ip saddr != 10.42.0.1 tcp dport 8080 redirect to :9900" in rules
+    assert rules.startswith("table ip tpnb_agent\ndelete table ip tpnb_agent\n")   # a rerun replaces it
+    assert "ip saddr" not in redirect.ruleset(8080, 9900, None)
