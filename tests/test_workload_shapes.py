@@ -42,7 +42,7 @@ class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_GET(self):
         body = f"served by the laptop on {self.server.server_port} {self.path}\n".encode()
-        self.send_response(200)
+        self.send_response(503 if self.path == "/ready" else 200)   # a probe that reached the laptop fails
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -105,7 +105,8 @@ def _objects(image: str) -> list[dict[str, Any]]:
          "spec": tmpl("hostnet", {"containers": [sleeper], "hostNetwork": True})},
         svc("hostnet", "hostnet", [{"port": 80, "targetPort": 8080}]),
         {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta("hlonly"),
-         "spec": tmpl("hlonly", {"containers": [{"name": "app", "image": ECHO}]})},
+         "spec": tmpl("hlonly", {"containers": [{"name": "app", "image": ECHO, "readinessProbe": {
+             "httpGet": {"path": "/ready", "port": 8080}, "periodSeconds": 1, "failureThreshold": 2}}]})},
         svc("hlonly", "hlonly", [{"port": 8080}], clusterIP="None"),
         {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "client"},
          "spec": {"containers": [{**sleeper, "name": "client"}], "terminationGracePeriodSeconds": 1}},
@@ -265,7 +266,9 @@ def test_headless_service_reaches_the_laptop_by_pod_ip(shapes: dict[str, Any]) -
     assert new_ip != pod_ip   # a new pod, with the redirect in place before the app started
     a, = _get(lap, url)
     assert a == "served by the laptop on 9400 /h\n", a
-    # the node's own traffic (the kubelet's probes) is not redirected: the pod stays ready while intercepted
+    # the node's own traffic (the kubelet's probes, GET /ready on 8080 every second; the laptop would
+    # answer 503) is not redirected: the pod stays ready while intercepted
+    time.sleep(4)
     ready = lap.kubectl("-n", NS, "get", "pod", "-l", "app=hlonly", "-o",
                         "jsonpath={.items[0].status.containerStatuses[*].ready}").stdout
     assert ready == "true true", ready
