@@ -152,7 +152,8 @@ def _intercept(lap: LaptopRunner, *args: str, check: bool = True) -> tuple[subpr
 
 def _user_view(lap: LaptopRunner, kinds: str) -> list[dict[str, Any]]:
     """The objects as their author wrote them (what the API server and controllers own dropped)."""
-    items = json.loads(lap.kubectl("-n", NS, "get", kinds, "-o", "json").stdout)["items"]
+    doc = json.loads(lap.kubectl("-n", NS, "get", kinds, "-o", "json").stdout)
+    items = doc["items"] if "items" in doc else [doc]
     for it in items:
         md = it["metadata"]
         for k in ("resourceVersion", "generation", "managedFields", "uid", "creationTimestamp"):
@@ -259,11 +260,13 @@ def test_headless_service_reaches_the_laptop_by_pod_ip(shapes: dict[str, Any]) -
     lap = shapes["lap"]
     before = _user_view(lap, "deploy/hlonly")
     url = f"http://hlonly.{NS}:8080/h"   # resolves to the pod's IP
-    pod_ip = lap.kubectl("-n", NS, "get", "pod", "-l", "app=hlonly", "-o", "jsonpath={.items[0].status.podIP}").stdout
     r, _ = _intercept(lap, "hlonly", "--port", "9400")
     assert "Service       : hlonly" in r.stdout, r.stdout
-    new_ip = lap.kubectl("-n", NS, "get", "pod", "-l", "app=hlonly", "-o", "jsonpath={.items[0].status.podIP}").stdout
-    assert new_ip != pod_ip   # a new pod, with the redirect in place before the app started
+    pods = [p for p in json.loads(lap.kubectl("-n", NS, "get", "pod", "-l", "app=hlonly", "-o", "json").stdout)["items"]
+            if not p["metadata"].get("deletionTimestamp")]
+    init = [(c["name"], c["state"].get("terminated", {}).get("exitCode")) for p in pods
+            for c in p["status"].get("initContainerStatuses") or []]
+    assert init == [("tpnb-agent-init", 0)], init   # the redirect was in place before the app started
     a, = _get(lap, url)
     assert a == "served by the laptop on 9400 /h\n", a
     # the node's own traffic (the kubelet's probes, GET /ready on 8080 every second; the laptop would
