@@ -1,7 +1,9 @@
 """Shared plumbing of the benchmark scripts: run commands, set up a laptop, print tables."""
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +56,63 @@ def fresh_namespace(lap: Callable[..., str], kubectl: Callable[..., str], ns: st
     kubectl("-n", ns, "create", "configmap", "netbench",
             f"--from-file=server.py={REPO / 'bench' / 'netbench_server.py'}",
             f"--from-file=client.py={REPO / 'bench' / 'netbench_client.py'}")
+
+
+# ------------------------------------------------------------------ workloads and laptop processes
+#: the netbench programs' ConfigMap (made by fresh_namespace), as a volume and its mount
+NETBENCH_VOLUME = {"name": "src", "configMap": {"name": "netbench"}}
+NETBENCH_MOUNT = {"name": "src", "mountPath": "/srv"}
+
+
+def deployment(name: str, image: str, command: list[str] | None = None, port: int | None = None,
+               env: dict[str, str] | None = None) -> dict[str, Any]:
+    """A one-container Deployment labelled app=NAME, with the netbench programs under /srv."""
+    c: dict[str, Any] = {"name": name, "image": image, "volumeMounts": [NETBENCH_MOUNT]}
+    if command:
+        c["command"] = command
+    if port:
+        c["ports"] = [{"containerPort": port}]
+    if env:
+        c["env"] = [{"name": k, "value": v} for k, v in env.items()]
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
+            "spec": {"selector": {"matchLabels": {"app": name}}, "template": {
+                "metadata": {"labels": {"app": name}}, "spec": {"containers": [c], "volumes": [NETBENCH_VOLUME]}}}}
+
+
+def service(name: str, port: int, target_port: int) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+            "spec": {"selector": {"app": name}, "ports": [{"port": port, "targetPort": target_port}]}}
+
+
+def apply_and_wait(kubectl: Callable[..., str], ns: str, items: list[dict[str, Any]]) -> None:
+    """Apply the objects and wait until every Deployment among them has rolled out."""
+    kubectl("-n", ns, "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+    for it in items:
+        if it["kind"] == "Deployment":
+            kubectl("-n", ns, "rollout", "status", f"deploy/{it['metadata']['name']}", "--timeout=180s", timeout=240)
+
+
+def laptop_process(dc: Any, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    """Start argv in laptop `name` as its own process group (stop it with stop_process)."""
+    return subprocess.Popen(dc.laptop_cmd(name, argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """End a process started by laptop_process, and its group, by its pid."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) of values, nearest rank."""
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, int(round(q * (len(s) - 1)))))]
 
 
 # ------------------------------------------------------------------ CPU accounting

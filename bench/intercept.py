@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 
-from common import REPO, fresh_namespace, laptop, print_table  # noqa: E402  (bench/common.py)
+from common import (REPO, apply_and_wait, deployment, fresh_namespace, laptop, laptop_process,  # noqa: E402
+                    print_table, service, stop_process)  # (bench/common.py)
 
 from tpnb import config as tpnb_config  # noqa: E402
 
@@ -36,26 +36,11 @@ def main() -> None:
     image = tpnb_config.get().manager_image
 
     fresh_namespace(lap, kubectl, NS)
-    vol = {"name": "src", "configMap": {"name": "netbench"}}
-    mount = {"name": "src", "mountPath": "/srv"}
-
-    def deploy(name: str, command: list[str], port: int | None) -> dict:
-        c = {"name": name, "image": image, "command": command, "volumeMounts": [mount]}
-        if port:
-            c["ports"] = [{"containerPort": port}]
-        return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
-                "spec": {"selector": {"matchLabels": {"app": name}}, "template": {
-                    "metadata": {"labels": {"app": name}}, "spec": {"containers": [c], "volumes": [vol]}}}}
-
-    objs = {"apiVersion": "v1", "kind": "List", "items": [
-        deploy("netapp", ["python3", "/srv/server.py"], 7070),
-        deploy("netclient", ["sleep", "infinity"], None),
-        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "netapp"},
-         "spec": {"selector": {"app": "netapp"}, "ports": [{"port": 7070, "targetPort": 7070}]}},
-    ]}
-    kubectl("-n", NS, "apply", "-f", "-", input=json.dumps(objs))
-    for d in ("netapp", "netclient"):
-        kubectl("-n", NS, "rollout", "status", f"deploy/{d}", "--timeout=120s")
+    apply_and_wait(kubectl, NS, [
+        deployment("netapp", image, ["python3", "/srv/server.py"], 7070),
+        deployment("netclient", image, ["sleep", "infinity"]),
+        service("netapp", 7070, 7070),
+    ])
 
     def measure() -> dict:
         out = kubectl("-n", NS, "exec", "deploy/netclient", "--", "python3", "/srv/client.py",
@@ -65,8 +50,7 @@ def main() -> None:
     print(f"bulk {args.size_mb} MiB x3 each way, 1000 small requests, 200 new connections", flush=True)
     results = {"app in the cluster (no agent)": measure()}
 
-    server = subprocess.Popen(dc.laptop_cmd(LAPTOP, ["python3", str(REPO / "bench" / "netbench_server.py")]),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = laptop_process(dc, LAPTOP, ["python3", str(REPO / "bench" / "netbench_server.py")])
     try:
         lap(["tpnb", "connect", "--namespace", NS], timeout=300)
         t0 = time.perf_counter()
@@ -81,7 +65,7 @@ def main() -> None:
             again.append(time.perf_counter() - t0)
         lap(["tpnb", "leave", "netapp"])
     finally:
-        server.terminate()
+        stop_process(server)
         lap(["tpnb", "quit", "--daemon"], check=False)
         kubectl("delete", "ns", NS, "--wait=false", check=False)
 

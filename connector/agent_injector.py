@@ -47,6 +47,7 @@ The planning functions are pure (dict in, dict out) and unit-tested.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -64,6 +65,8 @@ from tpnb.errors import ClusterError, InterceptError, PermissionDenied
 log = logging.getLogger("tpnb.connector.agent_injector")
 
 AGENT_CONTAINER = "traffic-agent"
+#: init container redirecting the app's port to the agent inside the pod (headless Services only)
+INIT_CONTAINER = "tpnb-agent-init"
 ANN_INJECTED = "tpnb.io/agent-injected"
 ANN_SVC_ORIG = "tpnb.io/original-target-port"
 APP_ENV_PREFIX = "TPNB_APP_ENV_"
@@ -108,6 +111,7 @@ class ServiceTarget:
     target_port: int | str  # the Service's original targetPort
     container: str  # app container the traffic goes to
     container_port: int  # and its port number (the agent's APP_PORT)
+    headless: bool = False  # the Service has no cluster IP: its clients connect to pod IPs
 
     @property
     def port_key(self) -> str:
@@ -388,6 +392,12 @@ def restore_workload(obj: dict[str, Any]) -> dict[str, Any]:
     info = info or {}
     spec = _pod_spec(out)
     spec["containers"] = [c for c in spec.get("containers") or [] if c.get("name") != AGENT_CONTAINER]
+    if "initContainers" in spec:
+        inits = [c for c in spec.get("initContainers") or [] if c.get("name") != INIT_CONTAINER]
+        if inits:
+            spec["initContainers"] = inits
+        else:
+            spec.pop("initContainers")
     if "volumes" in spec:
         vols = [v for v in spec.get("volumes") or [] if v.get("name") not in AGENT_VOLUMES]
         if vols:
@@ -449,17 +459,113 @@ def _describe_port(svc_name: str, p: dict[str, Any]) -> str:
     return f"{svc_name}:{name}{p.get('port')}->{p.get('targetPort', p.get('port'))}"
 
 
+def _is_headless(svc: dict[str, Any]) -> bool:
+    return (svc.get("spec", {}).get("clusterIP") or "") == "None"
+
+
+def unsupported_pod_shape(wl: Workload, obj: dict[str, Any]) -> InterceptError | None:
+    """Why pods of this shape cannot carry the traffic-agent (None: they can).  Pure."""
+    spec = _pod_spec(copy.deepcopy(obj))
+    ref = f"{wl.kind} {wl.name}"
+    if spec.get("hostNetwork"):
+        return InterceptError(
+            f"cannot intercept {ref}: its pods use hostNetwork",
+            "they share the node's network namespace, so the traffic-agent's port would be opened on the "
+            "node itself and clients reach the app on the node's address, not through a Service's targetPort",
+            "intercept a workload that runs in the pod network (without hostNetwork: true)")
+    replicas = obj.get("spec", {}).get("replicas")
+    if replicas is not None and int(replicas) == 0:
+        return InterceptError(
+            f"cannot intercept {ref}: it is scaled to 0 replicas",
+            "there is no pod to carry the traffic-agent, so nothing would reach the laptop",
+            f"scale it up first: kubectl -n {wl.namespace} scale {wl.kind.lower()} {wl.name} --replicas=1")
+    return None
+
+
+def _unusable_service(svc: dict[str, Any], ref: str) -> InterceptError | None:
+    """Why a Service (named with --service) cannot be routed through an agent."""
+    sname = svc["metadata"]["name"]
+    spec = svc.get("spec", {})
+    if spec.get("type") == "ExternalName":
+        return InterceptError(f"Service {sname} is of type ExternalName",
+                              f"it is a DNS alias for {spec.get('externalName')!r} and selects no pods of {ref}",
+                              "intercept through a Service that selects the workload's pods")
+    if not spec.get("selector"):
+        return InterceptError(f"Service {sname} has no selector",
+                              "its endpoints are written by hand or by another controller, not derived from the "
+                              f"pods of {ref}, so tpnb cannot route it through the traffic-agent",
+                              "intercept through a Service with a selector matching the pods")
+    return None
+
+
+def needs_redirect(wl: Workload, services: list[dict[str, Any]], target: ServiceTarget) -> bool:
+    """Whether a headless Service selecting the pods reaches the intercepted container port (pure):
+    its clients connect to pod IP and port directly, so the pod must redirect that port to the agent."""
+    obj = restore_workload(wl.obj)
+    labels = _template_labels(obj)
+    containers = [c for c in _pod_spec(obj).get("containers") or [] if c.get("name") != AGENT_CONTAINER]
+    for svc in services:
+        svc = restore_service(svc)
+        if not (_is_headless(svc) and _selects(svc, labels)):
+            continue
+        for p in svc.get("spec", {}).get("ports") or []:
+            if (p.get("protocol") or "TCP") != "TCP":
+                continue
+            cname, cport, _ = _container_for(containers, p.get("targetPort", p.get("port")), target.container)
+            if cname == target.container and cport == target.container_port:
+                return True
+    return False
+
+
+def redirect_init_container(target: ServiceTarget, image: str, cfg: config.Config) -> dict[str, Any]:
+    """The init container that redirects the app's port to the agent in the pod (cluster/redirect.py).
+    Only it holds NET_ADMIN, for the one nft command; the agent never does."""
+    return {
+        "name": INIT_CONTAINER,
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["python3", "-m", "tpnb.cluster.redirect"],
+        "env": [{"name": "APP_PORT", "value": str(target.container_port)},
+                {"name": "AGENT_PORT", "value": str(cfg.agent.port)}],
+        "securityContext": {"runAsUser": 0, "runAsNonRoot": False, "allowPrivilegeEscalation": False,
+                            "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN"]}},
+    }
+
+
+def _check_container(containers: list[dict[str, Any]], container: str | None, ref: str) -> None:
+    names = [c["name"] for c in containers]
+    if container and container not in names:
+        raise InterceptError(f"{ref} has no container {container!r}",
+                             "its containers: " + ", ".join(names), "use --container with one of them")
+
+
 def resolve_target(wl: Workload, services: list[dict[str, Any]], service: str | None,
-                   port: str | int | None) -> ServiceTarget:
-    """Pick the Service port to intercept (pure; works on restored objects)."""
+                   port: str | int | None, container: str | None = None) -> ServiceTarget:
+    """Pick the Service port to intercept (pure; works on restored objects).
+
+    `container` (--container) names the app container whose port, env and
+    volumes are intercepted; needed when several containers could serve the port.
+    Several Services (or ports) reaching the same container port are one
+    intercept: the agent takes that container port for all of them, and the
+    first (by --service, else by name) is the one reported.
+    """
     obj = restore_workload(wl.obj)
     svcs = [restore_service(s) for s in services]
     labels = _template_labels(obj)
-    containers = _pod_spec(obj).get("containers") or []
-    matching = [s for s in svcs if _selects(s, labels)]
+    containers = [c for c in _pod_spec(obj).get("containers") or [] if c.get("name") != AGENT_CONTAINER]
     ref = f"{wl.kind} {wl.name}"
+    bad = unsupported_pod_shape(wl, obj)
+    if bad is not None:
+        raise bad
+    _check_container(containers, container, ref)
+    matching = [s for s in svcs if _selects(s, labels)]
     if service:
-        named = [s for s in matching if s["metadata"]["name"] == service]
+        named = [s for s in svcs if s["metadata"]["name"] == service]
+        if named and named[0] not in matching:
+            bad = _unusable_service(named[0], ref)
+            if bad is not None:
+                raise bad
+        named = [s for s in named if s in matching]
         if not named:
             exists = any(s["metadata"]["name"] == service for s in svcs)
             why = (f"Service {service} exists but its selector does not match the pod labels {labels}"
@@ -476,10 +582,11 @@ def resolve_target(wl: Workload, services: list[dict[str, Any]], service: str | 
             "--port 80 --target-port 8080",
         )
     cands: list[ServiceTarget] = []
+    headless: list[ServiceTarget] = []
     available: list[str] = []
     unresolved: list[str] = []
     want = None if port is None or port == "" else str(port)
-    for s in matching:
+    for s in sorted(matching, key=lambda s: s["metadata"]["name"]):
         sname = s["metadata"]["name"]
         for p in s.get("spec", {}).get("ports") or []:
             if (p.get("protocol") or "TCP") != "TCP":
@@ -488,25 +595,30 @@ def resolve_target(wl: Workload, services: list[dict[str, Any]], service: str | 
             tp = p.get("targetPort", p.get("port"))
             if want is not None and want not in (str(p.get("port")), p.get("name") or "", str(tp)):
                 continue
-            container, cport = _container_for(containers, tp)
-            if container is None:
-                unresolved.append(f"{_describe_port(sname, p)} (no container port named {tp!r})")
+            cname, cport, why = _container_for(containers, tp, container)
+            if cname is None:
+                unresolved.append(f"{_describe_port(sname, p)} ({why})")
                 continue
-            cands.append(ServiceTarget(service=sname, port_name=p.get("name") or "", port=int(p["port"]),
-                                       target_port=tp, container=container, container_port=cport))
+            t = ServiceTarget(service=sname, port_name=p.get("name") or "", port=int(p["port"]),
+                              target_port=tp, container=cname, container_port=cport)
+            (headless if _is_headless(s) else cands).append(t)
+    if not cands and headless:   # reached through headless Services only: the pod-side redirect takes it
+        cands = [dataclasses.replace(t, headless=True) for t in headless]
     if not cands:
         if want is not None:
             raise InterceptError(
                 f"no port {want} on the Service(s) of {ref}",
                 "ports: " + (", ".join(available) or "none (TCP)") + ("; unusable: " + ", ".join(unresolved) if unresolved else ""),
-                "use --port with one of the names or numbers listed",
+                "use --port with one of the names or numbers listed" + (
+                    ", and --container with the container serving it" if container else ""),
             )
         raise InterceptError(
             f"{ref} has no usable TCP Service port",
             ", ".join(unresolved) or "its Services expose no TCP ports",
-            "the traffic-agent forwards TCP only",
+            "the traffic-agent forwards TCP only" if not unresolved else
+            "use --port and/or --container to pick the port and the container serving it",
         )
-    if len(cands) > 1:
+    if len({(c.container, c.container_port) for c in cands}) > 1:
         raise InterceptError(
             f"{ref} is exposed on several Service ports; pick one",
             "choices: " + ", ".join(_describe_port(c.service, {"name": c.port_name, "port": c.port,
@@ -516,21 +628,35 @@ def resolve_target(wl: Workload, services: list[dict[str, Any]], service: str | 
     return cands[0]
 
 
-def _container_for(containers: list[dict[str, Any]], tp: int | str) -> tuple[str | None, int]:
+def _container_for(containers: list[dict[str, Any]], tp: int | str,
+                   want: str | None = None) -> tuple[str | None, int, str]:
+    """(container, its port number, "") serving Service targetPort `tp`, or (None, 0, why not)."""
+    names = [c["name"] for c in containers]
     if isinstance(tp, str) and not tp.isdigit():
         for c in containers:
             for p in c.get("ports") or []:
                 if p.get("name") == tp and (p.get("protocol") or "TCP") == "TCP":
-                    return c["name"], int(p["containerPort"])
-        return None, 0
+                    if want and c["name"] != want:
+                        return None, 0, f"port {tp!r} is container {c['name']}'s, not {want}'s"
+                    return c["name"], int(p["containerPort"]), ""
+        return None, 0, f"no container port named {tp!r}"
     num = int(tp)
     for c in containers:
         for p in c.get("ports") or []:
             if int(p.get("containerPort", -1)) == num and (p.get("protocol") or "TCP") == "TCP":
-                return c["name"], num
-    # undeclared port (kubectl create deploy ... has none): Kubernetes convention is
-    # that the first container is the app
-    return (containers[0]["name"], num) if containers else (None, 0)
+                if want and c["name"] != want:
+                    return None, 0, f"port {num} is container {c['name']}'s, not {want}'s"
+                return c["name"], num, ""
+    # an undeclared port (kubectl create deploy ... declares none): --container says whose it is;
+    # with one container it can only be that one's
+    if want:
+        return want, num, ""
+    if len(containers) == 1:
+        return containers[0]["name"], num, ""
+    if not containers:
+        return None, 0, "the pod has no containers"
+    return None, 0, (f"no container declares port {num}, and the pod has several: {', '.join(names)} "
+                     "(say which with --container)")
 
 
 _VAR_REF = re.compile(r"\$\$|\$\(([^)]*)\)")
@@ -671,15 +797,17 @@ def _spec_hash(data: Any) -> str:
 
 
 def inject_workload(obj: dict[str, Any], wl: Workload, target: ServiceTarget, image: str,
-                    cfg: config.Config | None = None) -> dict[str, Any]:
-    """The workload with the agent added; `obj` must be the un-injected object."""
+                    cfg: config.Config | None = None, redirect: bool = False) -> dict[str, Any]:
+    """The workload with the agent added; `obj` must be the un-injected object.
+
+    `redirect` (a headless Service reaches the port, see `needs_redirect`) adds
+    the init container that sends the port's traffic from other pods to the agent."""
     cfg = cfg or config.get()
     out = copy.deepcopy(obj)
     spec = _pod_spec(out)
     ref = f"{wl.kind} {wl.name}"
     if spec.get("hostNetwork"):
-        raise InterceptError(f"{ref} uses hostNetwork", "the traffic-agent would listen on the node itself",
-                             "intercept a workload that runs in the pod network")
+        raise unsupported_pod_shape(wl, obj) or InterceptError(f"{ref} uses hostNetwork")
     containers = spec.get("containers") or []
     app = next((c for c in containers if c.get("name") == target.container), None)
     if app is None:
@@ -722,7 +850,15 @@ def inject_workload(obj: dict[str, Any], wl: Workload, target: ServiceTarget, im
         "renamedPorts": renamed,
         "shareProcessNamespace": spec.get("shareProcessNamespace"),
     }
-    info["hash"] = _spec_hash({"info": info, "agent": agent, "volumes": volumes})
+    init = None
+    if redirect:
+        if any(c.get("name") == INIT_CONTAINER for c in spec.get("initContainers") or []):
+            raise InterceptError(f"{ref} already has an init container named {INIT_CONTAINER}",
+                                 "the traffic-agent adds one of that name", "rename it")
+        init = redirect_init_container(target, image, cfg)
+        spec["initContainers"] = list(spec.get("initContainers") or []) + [init]
+        info["redirectPort"] = target.container_port
+    info["hash"] = _spec_hash({"info": info, "agent": agent, "volumes": volumes, **({"init": init} if init else {})})
     spec["shareProcessNamespace"] = True
     _set_annotation(out, ANN_INJECTED, json.dumps(info, sort_keys=True, separators=(",", ":")))
     return out
@@ -731,20 +867,52 @@ def inject_workload(obj: dict[str, Any], wl: Workload, target: ServiceTarget, im
 def inject_service(svc: dict[str, Any], target: ServiceTarget, cfg: config.Config | None = None) -> dict[str, Any]:
     """The Service pointed at the agent; `svc` must be the un-injected Service.
 
-    A named targetPort needs no change here: the agent's port takes the name.
+    Every TCP port of it whose numeric targetPort (or port, when it has no
+    targetPort) is the intercepted container port now targets the agent, the
+    others stay the app's.  A named targetPort needs no change here: the
+    agent's port takes the name.  For the intercepted Service itself a
+    numeric port that is not found is an error.
     """
     cfg = cfg or config.get()
     out = copy.deepcopy(svc)
-    if isinstance(target.target_port, str) and not target.target_port.isdigit():
-        return out
+    named = isinstance(target.target_port, str) and not target.target_port.isdigit()
     orig: dict[str, Any] = {}
     for p in out.get("spec", {}).get("ports") or []:
-        if _svc_port_key(p) == target.port_key:
-            orig[target.port_key] = p.get("targetPort")
+        if (p.get("protocol") or "TCP") != "TCP":
+            continue
+        tp = p.get("targetPort", p.get("port"))
+        if isinstance(tp, str) and not tp.isdigit():
+            continue
+        if int(tp) == target.container_port:
+            orig[_svc_port_key(p)] = p.get("targetPort")
             p["targetPort"] = cfg.agent.port
     if not orig:
-        raise InterceptError(f"Service {target.service} has no port {target.port_key}")
+        if not named and out.get("metadata", {}).get("name") == target.service:
+            raise InterceptError(f"Service {target.service} has no port {target.port_key}")
+        return out
     _set_annotation(out, ANN_SVC_ORIG, json.dumps(orig, sort_keys=True, separators=(",", ":")))
+    return out
+
+
+def plan_services(services: list[dict[str, Any]], labels: dict[str, str], target: ServiceTarget,
+                  cfg: config.Config | None = None) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(current, wanted) for every Service that must change (pure).
+
+    Each Service with a cluster IP that selects the pods (`labels`) reaches the
+    intercepted container port through the agent; a Service tpnb changed
+    before that no longer selects them, or is headless, is restored.
+    """
+    out: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    for svc in services:
+        base = restore_service(svc)
+        if _selects(base, labels) and not _is_headless(base) and base.get("spec", {}).get("type") != "ExternalName":
+            want = inject_service(base, target, cfg)
+        elif ANN_SVC_ORIG in _annotations(svc):
+            want = base
+        else:
+            continue
+        if json_patch(svc, want):
+            out.append((svc, want))
     return out
 
 
@@ -763,6 +931,11 @@ def pod_matches_template(pod: dict[str, Any], template_spec: dict[str, Any]) -> 
         pc = pcs.get(c["name"])
         if pc is None or pc.get("image") != c.get("image"):
             return False
+    def has_init(spec: dict[str, Any]) -> bool:
+        return any(c.get("name") == INIT_CONTAINER for c in spec.get("initContainers") or [])
+
+    if has_init(pod.get("spec", {})) != has_init(template_spec):
+        return False
     t_agent = next((c for c in tcs if c["name"] == AGENT_CONTAINER), None)
     p_agent = pcs.get(AGENT_CONTAINER)
     if (t_agent is None) != (p_agent is None):
@@ -881,12 +1054,47 @@ async def find_workload(api: Any, namespace: str, name: str) -> Workload:
                                      "changes to it would be undone by the Deployment",
                                      f"intercept {owner['name']} instead")
         return Workload(kind, name, namespace, obj)
+    other = await _run(_unsupported_kind_sync, api, namespace, name)
+    if other is not None:
+        raise other
     known = await _run(_workload_names_sync, api, namespace)
     raise InterceptError(
         f"no workload {name!r} in namespace {namespace}",
         "workloads there: " + (", ".join(known) if known else "none (is the namespace right?)"),
         "tpnb intercepts Deployments, ReplicaSets and StatefulSets; check the name with `tpnb list`",
     )
+
+
+#: kinds tpnb finds by name but does not intercept: (API path, kind, why, what to do instead)
+_UNSUPPORTED_KINDS = (
+    ("/apis/apps/v1/namespaces/{ns}/daemonsets/{name}", "DaemonSet",
+     "tpnb injects its agent into Deployments, ReplicaSets and StatefulSets only; a DaemonSet's pods are "
+     "spread one per node, often on hostNetwork",
+     "run the code you want to debug in a Deployment, or intercept a Deployment it talks to"),
+    ("/apis/batch/v1/namespaces/{ns}/cronjobs/{name}", "CronJob",
+     "its pods run to completion and serve no Service, so there is no traffic to intercept",
+     "run the job's code on your machine after `tpnb connect` instead"),
+    ("/apis/batch/v1/namespaces/{ns}/jobs/{name}", "Job",
+     "its pods run to completion and serve no Service, so there is no traffic to intercept",
+     "run the job's code on your machine after `tpnb connect` instead"),
+    ("/api/v1/namespaces/{ns}/pods/{name}", "Pod",
+     "a bare Pod's containers cannot be changed after creation, so the traffic-agent cannot be added",
+     "manage the pod with a Deployment (or a StatefulSet) and intercept that"),
+)
+
+
+def _unsupported_kind_sync(api: Any, namespace: str, name: str) -> InterceptError | None:
+    """A refusal naming why, when `name` is a workload of a kind tpnb does not intercept."""
+    for path, kind, why, hint in _UNSUPPORTED_KINDS:
+        try:
+            obj = _request_sync(api, "GET", path.format(ns=namespace, name=name))
+        except (_ApiError, ClusterError):
+            continue
+        owners = [o.get("kind") for o in obj.get("metadata", {}).get("ownerReferences") or [] if o.get("controller")]
+        if kind == "Pod" and owners:
+            continue  # a pod of some workload: the "no workload" answer lists the workloads
+        return InterceptError(f"cannot intercept {kind} {name}", why, hint)
+    return None
 
 
 def _workload_names_sync(api: Any, namespace: str) -> list[str]:
@@ -899,10 +1107,11 @@ def _workload_names_sync(api: Any, namespace: str) -> list[str]:
     return out
 
 
-async def resolve_service(api: Any, wl: Workload, service: str | None, port: str | None) -> ServiceTarget:
-    """The Service port to intercept: by --service and --port (name or number)."""
+async def resolve_service(api: Any, wl: Workload, service: str | None, port: str | None,
+                          container: str | None = None) -> ServiceTarget:
+    """The Service port to intercept: by --service and --port (name or number), and --container."""
     services = await _run(_list_sync, api, "Service", wl.namespace)
-    return resolve_target(wl, services, service, port)
+    return resolve_target(wl, services, service, port, container)
 
 
 async def _patch(api: Any, kind: str, obj: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -937,12 +1146,13 @@ async def inject_agent(api: Any, wl: Workload, target: ServiceTarget, image: str
     restores the workload and raises InterceptError naming the cause.
     """
     cfg = config.get()
+    redirect = needs_redirect(wl, await _run(_list_sync, api, "Service", wl.namespace), target)
     for attempt in range(6):
         obj = await _get(api, wl.kind, wl.namespace, wl.name)
         if obj is None:
             raise InterceptError(f"{wl.kind} {wl.name} disappeared from namespace {wl.namespace}")
         base = restore_workload(obj)
-        planned = inject_workload(base, wl, target, image, cfg)
+        planned = inject_workload(base, wl, target, image, cfg, redirect)
         cur_info, new_info = injected_info(obj), injected_info(planned)
         if has_agent(obj) and cur_info and cur_info.get("hash") == (new_info or {}).get("hash"):
             wl.obj = obj
@@ -979,20 +1189,23 @@ async def inject_agent(api: Any, wl: Workload, target: ServiceTarget, image: str
             exc.hint = (exc.hint + "; " if exc.hint else "") + "the workload was restored"
         raise
 
+    labels = _template_labels(restore_workload(wl.obj))
     for _ in range(6):
-        svc = await _get(api, "Service", wl.namespace, target.service)
-        if svc is None:
+        services = await _run(_list_sync, api, "Service", wl.namespace)
+        if not any(x["metadata"]["name"] == target.service for x in services):
             raise InterceptError(f"Service {target.service} disappeared from namespace {wl.namespace}")
-        want = inject_service(restore_service(svc), target, cfg)
-        if not json_patch(svc, want):
-            return
         try:
-            await _patch(api, "Service", svc, want)
+            for svc, want in plan_services(services, labels, target, cfg):
+                await _patch(api, "Service", svc, want)
+                name = svc["metadata"]["name"]
+                routed = ANN_SVC_ORIG in _annotations(want)
+                await _say(progress, f"Service {name}: port(s) "
+                           + ", ".join(sorted(json.loads(_annotations(want)[ANN_SVC_ORIG]))) + " now target the traffic-agent"
+                           if routed else f"Service {name}: target port restored")
         except _Conflict:
             continue
-        await _say(progress, f"Service {target.service} port {target.port_key} now targets the traffic-agent")
         return
-    raise ClusterError(f"Service {target.service} keeps changing under tpnb", hint="try again")
+    raise ClusterError(f"Services in namespace {wl.namespace} keep changing under tpnb", hint="try again")
 
 
 async def _revert_workload(api: Any, wl: Workload) -> bool:
@@ -1088,6 +1301,16 @@ def _pods_sync(api: Any, namespace: str, selector: str) -> list[dict[str, Any]]:
         doc = _request_sync(api, "GET", _core_path(namespace, "pods"), query={"labelSelector": selector})
     except _ApiError as exc:
         raise _fail(exc, "list", "pods", namespace) from None
+    return list(doc.get("items") or [])
+
+
+def endpoint_slices_sync(api: Any, namespace: str, service: str) -> list[dict[str, Any]]:
+    """The Service's EndpointSlices as JSON dicts (blocking: run it in a thread)."""
+    try:
+        doc = _request_sync(api, "GET", f"/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices",
+                            query={"labelSelector": f"kubernetes.io/service-name={service}"})
+    except _ApiError as exc:
+        raise _fail(exc, "list", "endpointslices.discovery.k8s.io", namespace) from None
     return list(doc.get("items") or [])
 
 
@@ -1204,6 +1427,10 @@ def admission_refusal_sync(api: Any, wl: Workload, obj: dict[str, Any], selector
 
 
 def _refusal_hint(why: str, namespace: str) -> str:
+    if "PodSecurity" in why and "NET_ADMIN" in why:
+        return (f"a headless Service reaches the intercepted port, so tpnb adds an init container with NET_ADMIN "
+                f"(it redirects the port to the agent inside the pod), which namespace {namespace}'s Pod Security "
+                "level forbids; intercept a workload that headless Services do not expose on that port")
     if "PodSecurity" in why:
         return (f"namespace {namespace} enforces a Pod Security level the pods do not meet; the traffic-agent "
                 "meets `restricted` beside an app that runs as non-root (runAsNonRoot / runAsUser), so check "

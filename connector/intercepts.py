@@ -88,16 +88,18 @@ async def intercept(session: Session, req: pb.InterceptRequest, progress: Progre
     api = session.target.api
     progress("workload", f"Looking up {spec.namespace}/{spec.workload}...", 0.05)
     wl = await agent_injector.find_workload(api, spec.namespace, spec.workload)
-    target = await agent_injector.resolve_service(api, wl, spec.service or None, spec.service_port or None)
+    target = await agent_injector.resolve_service(api, wl, spec.service or None, spec.service_port or None,
+                                                  spec.container or None)
     spec.workload_kind = wl.kind
     spec.service = target.service
+    spec.container = target.container
     progress("workload", f"Using {wl.kind.lower()} {wl.name}", 0.1)
     await manager_install.preflight_intercept(session.target, spec.namespace, wl.kind, wl.name, target.service)
     first_time = not agent_injector.has_agent(wl.obj)
     image = cfg.agent.image or session.manager_image or cfg.agent_image
     await agent_injector.inject_agent(api, wl, target, image, progress)
     await agent_injector.wait_rollout(api, wl, cfg.timeouts.rollout, progress)
-    await _wait_service_on_agent(api, spec.namespace, target.service, cfg.agent.port, first_time, progress)
+    await _wait_service_on_agent(api, spec.namespace, target, cfg.agent.port, first_time, progress)
     ic = await session.create_intercept(spec)
     if req.owner_pid:
         session.tie_to_owner(spec.name, req.owner_pid)
@@ -122,43 +124,61 @@ async def intercept(session: Session, req: pb.InterceptRequest, progress: Progre
     return ic
 
 
-def _slice_ports(api: object, namespace: str, service: str) -> tuple[set[int], int]:
-    """Ports and ready-endpoint count the Service's EndpointSlices route to now."""
-    from kubernetes import client
+def endpoints_on_agent(slices: list[dict], port_name: str, agent_port: int) -> tuple[int, int, list[int]]:
+    """(ready endpoints reaching the agent, ready endpoints reaching anything else, the ports seen)
+    for the Service port named `port_name` ("" for a single unnamed port).  Pure.
 
-    slices = client.DiscoveryV1Api(api).list_namespaced_endpoint_slice(
-        namespace, label_selector=f"kubernetes.io/service-name={service}", _request_timeout=10).items
-    ports: set[int] = set()
-    ready = 0
+    Only that port is looked at: the Service's other ports stay the app's, and a
+    named targetPort resolves per pod, so a slice carries each port's number.
+    """
+    on = off = 0
+    seen: set[int] = set()
     for sl in slices:
-        eps = [e for e in (sl.endpoints or []) if e.conditions is None or e.conditions.ready]
-        if eps:
-            ready += len(eps)
-            ports |= {p.port for p in (sl.ports or []) if p.port}
-    return ports, ready
+        ready = [e for e in sl.get("endpoints") or []
+                 if (e.get("conditions") or {}).get("ready") is not False]
+        if not ready:
+            continue
+        port = next((p.get("port") for p in sl.get("ports") or [] if (p.get("name") or "") == port_name), None)
+        if port is None:
+            continue
+        seen.add(int(port))
+        if int(port) == agent_port:
+            on += len(ready)
+        else:
+            off += len(ready)
+    return on, off, sorted(seen)
 
 
-async def _wait_service_on_agent(api: object, namespace: str, service: str, agent_port: int,
+async def _wait_service_on_agent(api: object, namespace: str, target: agent_injector.ServiceTarget, agent_port: int,
                                  first_time: bool, progress: ProgressFn) -> None:
-    """Return once the Service's endpoints are the agents, so the first request is intercepted.
+    """Return once the intercepted Service port's endpoints are the agents, so the first request
+    is intercepted.
 
     kube-proxy applies an EndpointSlice change a moment after it is published
     and nothing tells a client when; after a first injection we give it that
     moment (1.5 s) rather than let the user's first request reach the old port.
     """
+    if target.headless:
+        # no Service port moves: the pods' own redirect (in place once they rolled out) takes the traffic
+        return
+    service = target.service
     deadline = anyio.current_time() + 60
+    said = False
     while True:
         try:
-            ports, ready = await anyio.to_thread.run_sync(_slice_ports, api, namespace, service)
+            slices = await anyio.to_thread.run_sync(agent_injector.endpoint_slices_sync, api, namespace, service)
         except Exception as exc:  # noqa: BLE001 - readiness is best effort; the intercept stands
             log.info("cannot read EndpointSlices of %s/%s: %s", namespace, service, exc)
             return
-        if ready and ports == {agent_port}:
+        on, off, ports = endpoints_on_agent(slices, target.port_name, agent_port)
+        if on and not off:
             break
         if anyio.current_time() > deadline:
-            log.warning("Service %s/%s still routes to ports %s", namespace, service, sorted(ports))
+            log.warning("Service %s/%s port %s still routes to ports %s", namespace, service, target.port_key, ports)
             return
-        progress("endpoints", f"Waiting for Service {service} to route to the traffic-agent...", 0.85)
+        if not said:
+            said = True
+            progress("endpoints", f"Waiting for Service {service} to route to the traffic-agent...", 0.85)
         await anyio.sleep(0.25)
     if first_time:
         await anyio.sleep(1.5)

@@ -389,13 +389,16 @@ class Session:
                   service_port: str | None = None, workload: str | None = None,
                   progress: ProgressFn | None = None, skip_port_check: bool = False,
                   owner_pid: int | None = None, http_headers: Sequence[tuple[str, str]] = (),
-                  http_path_prefix: str = "", http_path_equal: str = "", http_path_regex: str = "") -> Intercept:
+                  http_path_prefix: str = "", http_path_equal: str = "", http_path_regex: str = "",
+                  container: str = "") -> Intercept:
         """Route workload `name`'s traffic to 127.0.0.1:`port`.
 
         With HTTP filters (a personal intercept) only matching requests come
         here, the rest go on to the app: `http_headers` are (name, value) pairs
         that must all be present (("", "") asks for a header unique to this
         session, `--http-header=auto`); at most one of the path filters.
+
+        `container` names the app container of a pod with several (`--container`).
 
         With `owner_pid` (e.g. `os.getpid()` of a kernel) the daemon ends the
         intercept by itself once that process is gone, however it died.
@@ -407,7 +410,7 @@ class Session:
                                 local_port=int(port), target_host="127.0.0.1",
                                 http_headers=[pb.HeaderMatch(name=k, value=v) for k, v in http_headers],
                                 http_path_prefix=http_path_prefix or "", http_path_equal=http_path_equal or "",
-                                http_path_regex=http_path_regex or "")
+                                http_path_regex=http_path_regex or "", container=container or "")
         done = self.client.stream(self.client.stub().Intercept,
                                   pb.InterceptRequest(spec=spec, skip_port_check=skip_port_check,
                                                       owner_pid=owner_pid or 0), progress)

@@ -25,8 +25,8 @@ VARIANT = "minbase"
 #: what the cluster processes need beyond minbase (python3 runs them, sftp-server
 #: serves volume mounts, nss_wrapper gives sftp-server a passwd entry when the
 #: agent runs as an app's uid the image does not list, ip/ps help debugging and
-#: the agent's network setup)
-PACKAGES = ("python3", "ca-certificates", "openssh-sftp-server", "libnss-wrapper", "iproute2", "procps")
+#: the agent's network setup; nft redirects a headless Service's port to the agent, cluster/redirect.py)
+PACKAGES = ("python3", "ca-certificates", "openssh-sftp-server", "libnss-wrapper", "iproute2", "procps", "nftables")
 #: completed bases of other recipes kept beside the current one: worktrees of
 #: different recipes share the cache and would otherwise re-bootstrap in turns
 KEEP_OTHER = 2
