@@ -241,11 +241,25 @@ class HttpRouter:
             raise
 
     async def _exchange(self, key: Hashable, up: _Up, req: h11.Request, ex: Exchange | None) -> bool:
-        await up.stream.send(up.conn.send(req))
+        head = up.conn.send(req)
+        # A request without a body (most GETs) already has its end parsed: one write of head + end to
+        # the upstream and the response relayed on this task -- no body task, no gather, per request.
+        pending = self.down.next_event()
+        if isinstance(pending, h11.EndOfMessage):
+            head += up.conn.send(pending) or b""
+            pending = None
+            bodyless = True
+        else:
+            bodyless = False
+            if pending is h11.NEED_DATA:
+                pending = None
+        await up.stream.send(head)
 
         async def body() -> None:
+            ev = pending
             while True:
-                ev = await _next(self.down, self._recv_down)
+                if ev is None:
+                    ev = await _next(self.down, self._recv_down)
                 if isinstance(ev, (h11.Data, h11.EndOfMessage)):
                     if ex is not None and isinstance(ev, h11.Data):
                         ex.request_data(ev.data)
@@ -254,41 +268,67 @@ class HttpRouter:
                         await up.stream.send(data)
                     if isinstance(ev, h11.EndOfMessage):
                         return
+                    ev = None
                 else:  # the client vanished mid-body
                     raise ConnectionResetError("the client ended the connection inside a request")
+
+        out = bytearray()
+
+        async def flush() -> None:
+            if out:
+                self.writer.write(bytes(out))
+                out.clear()
+                await self.writer.drain()
+
+        async def recv_up() -> bytes:
+            await flush()  # what this read's events produced goes out before we wait for more
+            return await up.stream.recv()
 
         async def response() -> bool:
             """True when the protocol switched (101 / CONNECT)."""
             while True:
-                ev = await _next(up.conn, up.stream.recv)
+                ev = await _next(up.conn, recv_up)
                 if isinstance(ev, h11.ConnectionClosed):
                     raise ConnectionResetError("the upstream closed before its response ended")
                 if ev is h11.PAUSED:
+                    await flush()
                     return True
                 if ex is not None:
                     if isinstance(ev, (h11.Response, h11.InformationalResponse)):
                         ex.response(ev)
                     elif isinstance(ev, h11.Data):
                         ex.response_data(ev.data)
-                await self._write_down(ev)
-                if isinstance(ev, h11.InformationalResponse) and ev.status_code == 101:
-                    return True
+                out.extend(self.down.send(ev) or b"")
+                if isinstance(ev, h11.InformationalResponse):
+                    await flush()  # 100-continue must reach the client before it sends its body
+                    if ev.status_code == 101:
+                        return True
                 if isinstance(ev, h11.EndOfMessage):
+                    await flush()
                     return False
 
-        tb, tr = asyncio.ensure_future(body()), asyncio.ensure_future(response())
-        try:
-            await asyncio.gather(tb, tr)
-        except BaseException:
-            tb.cancel()
-            tr.cancel()
-            await asyncio.gather(tb, tr, return_exceptions=True)
-            up.stream.close()
-            self.ups.pop(key, None)
-            raise
+        if bodyless:
+            try:
+                switched = await response()
+            except BaseException:
+                up.stream.close()
+                self.ups.pop(key, None)
+                raise
+        else:
+            tb, tr = asyncio.ensure_future(body()), asyncio.ensure_future(response())
+            try:
+                await asyncio.gather(tb, tr)
+            except BaseException:
+                tb.cancel()
+                tr.cancel()
+                await asyncio.gather(tb, tr, return_exceptions=True)
+                up.stream.close()
+                self.ups.pop(key, None)
+                raise
+            switched = tr.result()
         if ex is not None:
             ex.done()
-        if tr.result():
+        if switched:
             await self._switched(up)
             return False
         if up.conn.our_state is h11.DONE and up.conn.their_state is h11.DONE:
