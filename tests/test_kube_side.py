@@ -1021,7 +1021,16 @@ async def test_cluster_reachable_and_subnets(in_cluster: KubeTarget | None) -> N
     dc = config.get()
     assert (await check_reachable(t, 10)).startswith("v1.")
     pods, services = await kube.cluster_subnets(t)
-    assert pods == [dc.node_pod_cidr]
+    # every node's pod subnet (node 1: node_pod_cidr, node i the i-th /24 after it), adjacent ones merged
+    import ipaddress
+    import re as _re
+    import subprocess as _sp
+
+    from tpnb_devcluster.manifests import node_pod_cidr
+    names = [ln.split()[0] for ln in _sp.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines()]
+    n_nodes = sum(1 for n in names if _re.fullmatch(r"tpnb-node\d*", n))
+    want = ipaddress.collapse_addresses(ipaddress.ip_network(node_pod_cidr(dc, i)) for i in range(1, n_nodes + 1))
+    assert n_nodes >= 1 and pods == [str(net) for net in want], (n_nodes, pods)
     assert services == [dc.service_cidr]
 
 

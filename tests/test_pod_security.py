@@ -350,13 +350,14 @@ def test_admission_refusal_is_reported_fast_and_the_workload_restored(lap: Any, 
 @pytest.mark.cluster
 def test_a_stall_that_is_no_refusal_still_times_out_naming_the_pending_pods(lap: Any) -> None:
     """A new pod that cannot be scheduled (its hostPort is held by the old pod on
-    the only node) is not an admission refusal: the rollout timeout (8 s here)
+    the one node both are pinned to) is not an admission refusal: the rollout timeout (8 s here)
     reports the pending pod and why; the workload is restored."""
     ns = "tppsss"
     _namespace(lap, ns, {})
     dep = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "stuck"}, "spec": {
         "selector": {"matchLabels": {"app": "stuck"}},
-        "template": {"metadata": {"labels": {"app": "stuck"}}, "spec": {"containers": [{
+        "template": {"metadata": {"labels": {"app": "stuck"}}, "spec": {
+            "nodeSelector": {"kubernetes.io/hostname": "tpnb-node"}, "containers": [{
             "name": "app", "image": "tpnb.local/echoserver:1.4", "imagePullPolicy": "IfNotPresent",
             "ports": [{"containerPort": 8080, "hostPort": 18080}]}]}}}}
     svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "stuck"},

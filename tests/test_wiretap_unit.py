@@ -662,3 +662,18 @@ def test_connector_relay_ends_with_the_session() -> None:
         await asyncio.wait_for(task, 5)
         assert events[-1].stats.message == "the session ended (tpnb quit)"
     asyncio.run(main())
+
+
+def test_parsed_options_of_every_face_are_what_the_session_accepts() -> None:
+    """`tpnb wiretap`/`%tp wiretap` and `tpnb intercept` pass exactly the keywords Session takes
+    (a shared option added for intercepts once broke every wiretap with a TypeError)."""
+    import inspect
+
+    from tpnb.api import Session
+    from tpnb.cli import build_parser, intercept_kwargs, wiretap_kwargs
+
+    p = build_parser()
+    wt = wiretap_kwargs(p.parse_args(["wiretap", "hello", "--http-header", "x-dev=a"]))
+    assert set(wt) <= set(inspect.signature(Session.wiretap).parameters), set(wt)
+    ic = intercept_kwargs(p.parse_args(["intercept", "hello", "--port", "9000", "--container", "app"]))
+    assert ic["container"] == "app" and set(ic) <= set(inspect.signature(Session.intercept).parameters), set(ic)

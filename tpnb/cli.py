@@ -219,13 +219,16 @@ def parse_http_headers(values: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def filter_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """Session.intercept's filter arguments from parsed `intercept` options (CLI and %tp)."""
+    """The HTTP filter arguments of Session.intercept and Session.wiretap from parsed options (CLI and %tp)."""
     return {"http_headers": parse_http_headers(getattr(args, "http_header", None) or []),
             "http_path_prefix": getattr(args, "http_path_prefix", "") or "",
             "http_path_equal": getattr(args, "http_path_equal", "") or "",
-            "http_path_regex": getattr(args, "http_path_regex", "") or "",
-            # not a filter, but it reaches Session.intercept on the same two paths (CLI and %tp)
-            "container": getattr(args, "container", "") or ""}
+            "http_path_regex": getattr(args, "http_path_regex", "") or ""}
+
+
+def intercept_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Session.intercept's filter and container arguments from parsed `intercept` options (CLI and %tp)."""
+    return {**filter_kwargs(args), "container": getattr(args, "container", "") or ""}
 
 
 def write_env_files(env: dict[str, str], env_file: str | None, env_json: str | None) -> None:
@@ -594,7 +597,7 @@ def _intercept(s: Session, args: argparse.Namespace, cmd: list[str], out: Output
         ic = s.intercept(args.name, port, namespace=args.namespace, service=args.service,
                          service_port=svc_port or None, workload=args.workload, progress=prog,
                          skip_port_check=bool(cmd), owner_pid=os.getpid() if cmd else None,
-                         **filter_kwargs(args))
+                         **intercept_kwargs(args))
         prog.end()
         root = _mount_volumes(s, ic, args.mount)
         # -o json: "mount_point" is the local root of the pod's volumes (ic.mount_point: the agent's side)

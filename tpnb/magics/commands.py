@@ -20,7 +20,7 @@ import sys
 from typing import Any
 
 from .. import inkernel, render, rootless
-from ..cli import (command_env, config_data, config_text, filter_kwargs, parse_port, quit_session, wiretap_kwargs,
+from ..cli import (command_env, config_data, config_text, intercept_kwargs, parse_port, quit_session, wiretap_kwargs,
                    write_env_files)
 from ..errors import ConfigError, TpnbError
 from . import lifecycle
@@ -193,7 +193,7 @@ def create_intercept(args: argparse.Namespace, port: int, svc_port: str, skip_po
         ic = lifecycle.session().intercept(args.name, port, namespace=args.namespace, service=args.service,
                                            service_port=svc_port or None, workload=args.workload,
                                            progress=prog, skip_port_check=skip_port_check, owner_pid=os.getpid(),
-                                           **filter_kwargs(args))
+                                           **intercept_kwargs(args))
         ok = True
     finally:
         prog.end(ok)
