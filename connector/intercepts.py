@@ -62,6 +62,30 @@ async def _port_listens(host: str, port: int) -> bool:
     return True
 
 
+async def agent_on_workload(session: Session, spec: pb.InterceptSpec,
+                            progress: ProgressFn) -> agent_injector.ServiceTarget:
+    """The traffic-agent in spec's workload, its Service routing to it: what an intercept and a wiretap
+    both need first.  Fills in spec's workload kind, Service and container as found."""
+    cfg = tpnb_config.get()
+    assert session.target is not None
+    api = session.target.api
+    progress("workload", f"Looking up {spec.namespace}/{spec.workload}...", 0.05)
+    wl = await agent_injector.find_workload(api, spec.namespace, spec.workload)
+    target = await agent_injector.resolve_service(api, wl, spec.service or None, spec.service_port or None,
+                                                  spec.container or None)
+    spec.workload_kind = wl.kind
+    spec.service = target.service
+    spec.container = target.container
+    progress("workload", f"Using {wl.kind.lower()} {wl.name}", 0.1)
+    await manager_install.preflight_intercept(session.target, spec.namespace, wl.kind, wl.name, target.service)
+    first_time = not agent_injector.has_agent(wl.obj)
+    image = cfg.agent.image or session.manager_image or cfg.agent_image
+    await agent_injector.inject_agent(api, wl, target, image, progress)
+    await agent_injector.wait_rollout(api, wl, cfg.timeouts.rollout, progress)
+    await _wait_service_on_agent(api, spec.namespace, target, cfg.agent.port, first_time, progress)
+    return target
+
+
 async def intercept(session: Session, req: pb.InterceptRequest, progress: ProgressFn) -> pb.InterceptInfo:
     cfg = tpnb_config.get()
     spec = pb.InterceptSpec()
@@ -84,22 +108,7 @@ async def intercept(session: Session, req: pb.InterceptRequest, progress: Progre
             "the intercepted traffic would have nowhere to go",
             f"start your server on port {spec.local_port} first, or run it with "
             f"`tpnb intercept {spec.workload} --port {spec.local_port} -- CMD`")
-    assert session.target is not None
-    api = session.target.api
-    progress("workload", f"Looking up {spec.namespace}/{spec.workload}...", 0.05)
-    wl = await agent_injector.find_workload(api, spec.namespace, spec.workload)
-    target = await agent_injector.resolve_service(api, wl, spec.service or None, spec.service_port or None,
-                                                  spec.container or None)
-    spec.workload_kind = wl.kind
-    spec.service = target.service
-    spec.container = target.container
-    progress("workload", f"Using {wl.kind.lower()} {wl.name}", 0.1)
-    await manager_install.preflight_intercept(session.target, spec.namespace, wl.kind, wl.name, target.service)
-    first_time = not agent_injector.has_agent(wl.obj)
-    image = cfg.agent.image or session.manager_image or cfg.agent_image
-    await agent_injector.inject_agent(api, wl, target, image, progress)
-    await agent_injector.wait_rollout(api, wl, cfg.timeouts.rollout, progress)
-    await _wait_service_on_agent(api, spec.namespace, target, cfg.agent.port, first_time, progress)
+    await agent_on_workload(session, spec, progress)
     ic = await session.create_intercept(spec)
     if req.owner_pid:
         session.tie_to_owner(spec.name, req.owner_pid)

@@ -29,7 +29,7 @@ from tpnb.common import httpfilter
 from tpnb.errors import InterceptError
 from tpnb.proto import pb
 
-from . import agent_injector, intercepts, manager_install
+from . import intercepts
 from .session import Session
 
 log = logging.getLogger("tpnb.connector.wiretaps")
@@ -96,20 +96,7 @@ class Wiretap:
             raise InterceptError(f"wiretap {spec.name!r} already runs in this session",
                                  hint=f"stop it first (`tpnb leave {spec.name}` or `%tp wiretap --stop {spec.name}`)")
         _running[spec.name] = self
-        assert s.target is not None
-        api = s.target.api
-        progress("workload", f"Looking up {spec.namespace}/{spec.workload}...", 0.05)
-        wl = await agent_injector.find_workload(api, spec.namespace, spec.workload)
-        target = await agent_injector.resolve_service(api, wl, spec.service or None, spec.service_port or None)
-        spec.workload_kind, spec.service = wl.kind, target.service
-        progress("workload", f"Using {wl.kind.lower()} {wl.name}", 0.1)
-        await manager_install.preflight_intercept(s.target, spec.namespace, wl.kind, wl.name, target.service)
-        first_time = not agent_injector.has_agent(wl.obj)
-        image = cfg.agent.image or s.manager_image or cfg.agent_image
-        await agent_injector.inject_agent(api, wl, target, image, progress)
-        await agent_injector.wait_rollout(api, wl, cfg.timeouts.rollout, progress)
-        await intercepts._wait_service_on_agent(api, spec.namespace, target.service, cfg.agent.port,
-                                                first_time, progress)
+        await intercepts.agent_on_workload(s, spec, progress)
         link = s.require_link()
         try:
             self.remote = await link.stub.CreateWiretap(pb.CreateWiretapRequest(

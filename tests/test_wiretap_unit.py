@@ -512,8 +512,9 @@ def test_the_whole_chain_in_process(tmp_path: Any, monkeypatch: pytest.MonkeyPat
     async def workload(api: Any, ns: str, name: str) -> Any:
         return SimpleNamespace(kind="Deployment", name=name, obj={})
 
-    async def service(api: Any, wl: Any, svc: Any, port: Any) -> Any:
-        return SimpleNamespace(service="hello")
+    async def service(api: Any, wl: Any, svc: Any, port: Any, container: Any = None) -> Any:
+        return agent_injector.ServiceTarget(service="hello", port_name="", port=80, target_port=8080,
+                                            container="app", container_port=8080)
 
     monkeypatch.setattr(agent_injector, "find_workload", workload)
     monkeypatch.setattr(agent_injector, "resolve_service", service)
