@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from . import config as tpnb_config
-from .client import DaemonClient
+from .client import DaemonClient, Watch
 from .errors import ConfigError, InterceptError, NotConnected, TpnbError
 from .proto import pb
 from .version import __version__
 
 if TYPE_CHECKING:
-    from .client import Watch
     from .inkernel import Replayed
     from .remotefs import RemoteFS
 
@@ -133,40 +132,26 @@ def wiretap_record(rec: pb.WiretapRecord) -> dict:
     }
 
 
-class WiretapStream:
+class WiretapStream(Watch[dict]):
     """A running wiretap: iterate it for record dicts (`wiretap_record`), `cancel()` (any thread) ends it.
 
     `stats` holds the latest Wiretap (records and drops so far).  Iterate on one thread only.
     """
 
     def __init__(self, call: object, started: pb.WiretapInfo, events: "Iterator[pb.WiretapEvent]") -> None:
-        self._call, self._events = call, events
+        super().__init__(call, self._record, events)
         self.stats = Wiretap.from_pb(started)
         self.name = self.stats.name
-        self._cancelled = False
 
-    def __iter__(self) -> "Iterator[dict]":
-        import grpc
-
-        from .client import _wire_error
-
-        try:
-            for ev in self._events:
-                kind = ev.WhichOneof("kind")
-                if kind == "record":
-                    self.stats.records += 1
-                    self.stats.dropped = max(self.stats.dropped, ev.record.dropped)
-                    yield wiretap_record(ev.record)
-                elif kind == "stats":
-                    self.stats = Wiretap.from_pb(ev.stats)
-        except grpc.RpcError as exc:
-            if self._cancelled or exc.code() == grpc.StatusCode.CANCELLED:
-                return
-            raise _wire_error(exc) from None
-
-    def cancel(self) -> None:
-        self._cancelled = True
-        self._call.cancel()  # type: ignore[attr-defined]
+    def _record(self, ev: pb.WiretapEvent) -> "dict | None":
+        kind = ev.WhichOneof("kind")
+        if kind == "record":
+            self.stats.records += 1
+            self.stats.dropped = max(self.stats.dropped, ev.record.dropped)
+            return wiretap_record(ev.record)
+        if kind == "stats":
+            self.stats = Wiretap.from_pb(ev.stats)
+        return None
 
 
 @dataclass

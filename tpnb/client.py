@@ -247,17 +247,23 @@ class DaemonClient:
 
 
 class Watch(Generic[T]):
-    """Iterate a push stream; `cancel()` (from any thread) ends the iteration quietly."""
+    """Iterate a push stream; `cancel()` (from any thread) ends the iteration quietly.
 
-    def __init__(self, call: Any, convert: Callable[[object], T]) -> None:
+    `convert` may return None for a message that is not for the caller (it is skipped);
+    `messages` is the call's stream when part of it was read already (default: the call)."""
+
+    def __init__(self, call: Any, convert: Callable[[object], T | None], messages: Iterator | None = None) -> None:
         self._call = call
         self._convert = convert
+        self._messages = call if messages is None else messages
         self._cancelled = False
 
     def __iter__(self) -> Iterator[T]:
         try:
-            for msg in self._call:
-                yield self._convert(msg)
+            for msg in self._messages:
+                out = self._convert(msg)
+                if out is not None:
+                    yield out
         except grpc.RpcError as exc:
             if self._cancelled or exc.code() == grpc.StatusCode.CANCELLED:
                 return
