@@ -1137,14 +1137,15 @@ async def _restore_services(api: Any, namespace: str, names: set[str], labels: d
     raise ClusterError(f"Services in {namespace} keep changing under tpnb", hint="try again")
 
 
-async def inject_agent(api: Any, wl: Workload, target: ServiceTarget, image: str, progress: Progress) -> None:
-    """Add the traffic-agent to `wl` and route `target` through it.
+async def inject_agent(api: Any, wl: Workload, target: ServiceTarget, image: str, progress: Progress) -> bool:
+    """Add the traffic-agent to `wl` and route `target` through it; True when anything was changed.
 
     Idempotent: an agent with the same image and port is left alone (no
     rollout).  The Service is switched to the agent only after the new pods
     are ready, so no request meets a pod without an agent; a failed rollout
     restores the workload and raises InterceptError naming the cause.
     """
+    changed = False
     cfg = config.get()
     redirect = needs_redirect(wl, await _run(_list_sync, api, "Service", wl.namespace), target)
     for attempt in range(6):
@@ -1168,6 +1169,7 @@ async def inject_agent(api: Any, wl: Workload, target: ServiceTarget, image: str
         except _Conflict:
             log.debug("conflict patching %s/%s (attempt %d)", wl.kind, wl.name, attempt)
             continue
+        changed = True
         break
     else:
         raise ClusterError(f"{wl.kind} {wl.name} keeps changing under tpnb", hint="try again")
@@ -1197,6 +1199,7 @@ async def inject_agent(api: Any, wl: Workload, target: ServiceTarget, image: str
         try:
             for svc, want in plan_services(services, labels, target, cfg):
                 await _patch(api, "Service", svc, want)
+                changed = True
                 name = svc["metadata"]["name"]
                 routed = ANN_SVC_ORIG in _annotations(want)
                 await _say(progress, f"Service {name}: port(s) "
@@ -1204,7 +1207,7 @@ async def inject_agent(api: Any, wl: Workload, target: ServiceTarget, image: str
                            if routed else f"Service {name}: target port restored")
         except _Conflict:
             continue
-        return
+        return changed
     raise ClusterError(f"Services in namespace {wl.namespace} keep changing under tpnb", hint="try again")
 
 

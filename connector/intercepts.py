@@ -80,9 +80,10 @@ async def agent_on_workload(session: Session, spec: pb.InterceptSpec,
     await manager_install.preflight_intercept(session.target, spec.namespace, wl.kind, wl.name, target.service)
     first_time = not agent_injector.has_agent(wl.obj)
     image = cfg.agent.image or session.manager_image or cfg.agent_image
-    await agent_injector.inject_agent(api, wl, target, image, progress)
+    changed = await agent_injector.inject_agent(api, wl, target, image, progress)
     await agent_injector.wait_rollout(api, wl, cfg.timeouts.rollout, progress)
-    await _wait_service_on_agent(api, spec.namespace, target, cfg.agent.port, first_time, progress)
+    # a Service switched just now (e.g. restored by an earlier `leave`) needs kube-proxy's moment too
+    await _wait_service_on_agent(api, spec.namespace, target, cfg.agent.port, first_time or bool(changed), progress)
     return target
 
 
@@ -159,13 +160,14 @@ def endpoints_on_agent(slices: list[dict], port_name: str, agent_port: int) -> t
 
 
 async def _wait_service_on_agent(api: object, namespace: str, target: agent_injector.ServiceTarget, agent_port: int,
-                                 first_time: bool, progress: ProgressFn) -> None:
+                                 settle: bool, progress: ProgressFn) -> None:
     """Return once the intercepted Service port's endpoints are the agents, so the first request
     is intercepted.
 
     kube-proxy applies an EndpointSlice change a moment after it is published
-    and nothing tells a client when; after a first injection we give it that
-    moment (1.5 s) rather than let the user's first request reach the old port.
+    and nothing tells a client when (on every node: with several, one lags);
+    after a change (`settle`: a first injection, or a Service switched now) we
+    give it that moment (1.5 s) rather than let the first request reach the old port.
     """
     if target.headless:
         # no Service port moves: the pods' own redirect (in place once they rolled out) takes the traffic
@@ -189,7 +191,7 @@ async def _wait_service_on_agent(api: object, namespace: str, target: agent_inje
             said = True
             progress("endpoints", f"Waiting for Service {service} to route to the traffic-agent...", 0.85)
         await anyio.sleep(0.25)
-    if first_time:
+    if settle:
         await anyio.sleep(1.5)
 
 
