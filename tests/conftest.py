@@ -18,6 +18,7 @@ test of the session, and are skipped with `--keep-cluster`.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -153,6 +154,22 @@ def laptop(devcluster: Any) -> LaptopRunner:
 # ------------------------------------------------------------------ tests that must run inside a laptop
 LAPTOP_NS = "tpnb-laptop"
 IN_LAPTOP_ENV = "TPNB_TEST_IN_LAPTOP"
+
+
+def stop_process_group(p: subprocess.Popen[Any], grace: float = 30) -> None:
+    """End a test's `tpnb ... -- CMD` started with start_new_session: continue it (a test may have
+    stopped it), <ctrl>-C its group, SIGKILL after `grace` seconds."""
+    if p.poll() is not None:
+        return
+    for sig in (signal.SIGCONT, signal.SIGINT):
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            return
+    try:
+        p.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
 
 
 def in_laptop_netns() -> bool:

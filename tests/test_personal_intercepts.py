@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from conftest import LaptopRunner
+from conftest import LaptopRunner, stop_process_group
 
 pytestmark = pytest.mark.cluster
 
@@ -92,12 +92,7 @@ def team(devcluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     procs: list[subprocess.Popen[bytes]] = []
     yield {"a": a, "b": b, "c": c, "dir": d, "procs": procs}
     for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGINT)
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+        stop_process_group(p)
     for lap in (a, b, c):
         lap.run(["tpnb", "quit", "--daemon"], check=False)
     a.kubectl("delete", "ns", NS, "--ignore-not-found", "--wait=false", check=False)

@@ -25,9 +25,10 @@ from typing import Any, Iterator
 
 import pytest
 
-from conftest import LaptopRunner
+from conftest import LaptopRunner, stop_process_group
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_personal_intercepts import SERVER  # noqa: E402  (the laptops' HTTP server)
 from wiretap_kernel_check import LOAD  # noqa: E402
 
 pytestmark = pytest.mark.cluster
@@ -36,21 +37,6 @@ NS = "tpwire"
 ECHO = "tpnb.local/echoserver:1.4"
 REPO = Path(__file__).resolve().parent.parent
 
-SERVER = r'''
-import http.server, sys
-port, tag = int(sys.argv[1]), sys.argv[2]
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_GET(self):
-        body = f"served by {tag} {self.path}\n".encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
-'''
 
 #: as a pod: call the manager's agent API (the traffic-manager Service) with a made-up agent id
 FORGE = r'''
@@ -128,25 +114,10 @@ def wire(devcluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     procs: list[subprocess.Popen[str]] = []
     yield {"a": a, "b": b, "dir": d, "procs": procs}
     for p in procs:
-        if p.poll() is None:
-            with _suppress():
-                os.killpg(p.pid, signal.SIGCONT)
-                os.killpg(p.pid, signal.SIGINT)
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+        stop_process_group(p)
     for lap in (a, b):
         lap.run(["tpnb", "quit", "--daemon"], check=False)
     a.kubectl("delete", "ns", NS, "--ignore-not-found", "--wait=false", check=False)
-
-
-class _suppress:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> bool:
-        return exc[0] is not None and issubclass(exc[0], ProcessLookupError)
 
 
 def _load(lap: LaptopRunner, n: int, tag: str, delay: float = 0.0, pad: int = 0) -> list[list[Any]]:
