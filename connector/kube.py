@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import errno
 import ipaddress
 import json
@@ -31,6 +32,7 @@ import socket
 import ssl
 import tempfile
 from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -55,6 +57,7 @@ __all__ = [
     "rbac_error",
     "request",
     "status_message",
+    "watch_events",
 ]
 
 
@@ -530,6 +533,81 @@ async def check_reachable(t: KubeTarget, timeout: float | None = None) -> str:
         raise rbac_error(exc, "get", "/version", None) from None
     raise ClusterError(f"the Kubernetes API server {t.server} answered GET /version with HTTP {status}",
                        status_message(body), "check the server URL in the kubeconfig") from None
+
+
+# ------------------------------------------------------------------- watches
+async def watch_events(t: KubeTarget, path: str, resource_version: str, timeout_seconds: int = 300,
+                       connect_timeout: float | None = None) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """Follow ``GET path?watch=1`` from `resource_version`: yields (type, object) per event.
+
+    Why raw asyncio and not the kubernetes client's `Watch`: that one blocks a
+    thread on a streaming read that cannot be cancelled; this one is a task
+    the caller cancels.  Same TLS and credentials as the port-forwards.  The
+    server ends the watch after `timeout_seconds` (the caller then watches
+    again from the last resourceVersion it saw); BOOKMARK events keep that
+    version fresh.  An HTTP error raises `ApiException` (410: the version is
+    too old, list again); transport failures raise OSError / ssl.SSLError /
+    asyncio.IncompleteReadError.
+    """
+    if connect_timeout is None:
+        connect_timeout = config.get().timeouts.api
+    u = urlsplit(t.server)
+    host = u.hostname or ""
+    port = u.port or (443 if u.scheme == "https" else 80)
+    kw: dict[str, Any] = {"limit": 1 << 20}
+    if u.scheme == "https":
+        kw["ssl"] = t.ssl_context
+        kw["server_hostname"] = t.tls_server_name or host
+    query = urlencode({"watch": "1", "resourceVersion": resource_version, "allowWatchBookmarks": "true",
+                       "timeoutSeconds": str(timeout_seconds)})
+    auth = await anyio.to_thread.run_sync(t.auth_headers)
+    async with asyncio.timeout(connect_timeout):
+        reader, writer = await asyncio.open_connection(host, port, **kw)
+    try:
+        hdrs = {"Host": u.netloc, "Accept": "application/json", "User-Agent": "tpnb", **auth}
+        req = f"GET {u.path.rstrip('/')}{path}?{query} HTTP/1.1\r\n" + \
+            "".join(f"{k}: {v}\r\n" for k, v in hdrs.items())
+        writer.write(req.encode("latin-1") + b"\r\n")
+        async with asyncio.timeout(connect_timeout):
+            head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        fields = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+        chunked = "chunked" in fields.get("transfer-encoding", "").lower()
+        if status != 200:
+            body = b""
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(connect_timeout):
+                    if "content-length" in fields:
+                        body = await reader.readexactly(min(int(fields["content-length"]), 1 << 20))
+                    elif chunked:
+                        size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                        body = await reader.readexactly(min(size, 1 << 20))
+            raise ApiException(status=status, reason="", body=body.decode("utf-8", "replace"))
+        buf = bytearray()
+        while True:
+            if chunked:
+                size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                if size == 0:
+                    return
+                buf += await reader.readexactly(size)
+                await reader.readexactly(2)
+            else:
+                data = await reader.read(1 << 16)
+                if not data:
+                    return
+                buf += data
+            while (i := buf.find(b"\n")) >= 0:
+                line = bytes(buf[:i])
+                del buf[: i + 1]
+                if not line.strip():
+                    continue
+                ev = json.loads(line)
+                yield str(ev.get("type") or ""), ev.get("object") or {}
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(writer.wait_closed(), 1)
 
 
 # ------------------------------------------------------------ REST via thread

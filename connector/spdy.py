@@ -541,3 +541,545 @@ async def open_stream(t: KubeTarget, namespace: str, pod: str, port: int, path: 
                            f"the kubelet did not set up the stream: {exc!r}",
                            "check the node's kubelet and container runtime") from None
     return st, early
+
+
+# ===================================================================== session
+# Many forwarded connections on one upgraded connection, the way kubectl
+# port-forward does it: each forwarded connection is a pair of streams (error,
+# data) tied together by the `requestID` header.  A new connection then costs
+# two SYN_STREAMs and the data stream's SYN_REPLY instead of a TCP + TLS
+# handshake and an HTTP upgrade through the API server.
+RST_PROTOCOL_ERROR, RST_CANCEL = 1, 5
+#: highest stream id a client may use; a session that runs out is drained and replaced
+MAX_STREAM_ID = 0x7FFFFFFF
+#: undelivered pod -> local bytes (all streams of a session) above which reading pauses, and resumes below
+PENDING_HIGH = 4 * 1024 * 1024
+PENDING_LOW = 1024 * 1024
+#: how long a data stream that ended without any data waits for the error stream's text
+REFUSAL_WAIT = 1.0
+#: sendmsg takes at most IOV_MAX (1024) buffers
+_IOV_MAX = 512
+
+
+class SessionClosed(Exception):
+    """The session's connection broke, was closed or is draining: no (more) streams on it."""
+
+
+class StreamRefused(Exception):
+    """The pod side refused or failed the forwarded connection; the text is the runtime's reason."""
+
+
+class StreamReset(Exception):
+    """A forwarded connection ended abnormally (RST_STREAM, or its session's connection broke)."""
+
+
+class MuxStream:
+    """One forwarded TCP connection on a `SpdySession`: an error stream and a data stream.
+
+    Pod -> local bytes are written to the attached socket straight from the
+    session's receive buffer (one ``sendmsg`` per stream and read); what the
+    socket does not take, and anything that arrives before `attach`, is kept
+    until it drains.  `down_done` resolves once the pod's FIN reached the
+    socket (``shutdown(SHUT_WR)``), or fails with `StreamRefused` /
+    `StreamReset`.  Local -> pod bytes go through `pump_up`.
+    """
+
+    def __init__(self, session: SpdySession, request_id: int, error_id: int, data_id: int, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self.session = session
+        self.request_id = request_id
+        self.error_id = error_id
+        self.data_id = data_id
+        self.port = port
+        self.error = ""
+        self.error_done = False
+        self.remote_fin = False
+        self.sent_fin = False
+        self.finished = False
+        self.received = 0
+        self.sent = 0
+        self.replied: asyncio.Future[None] = loop.create_future()
+        self.down_done: asyncio.Future[None] = loop.create_future()
+        self.sock: socket.socket | None = None
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._writer = False
+        self._fin_waiting = False  # the data stream ended with no data: waiting for the error text
+        self._refusal_timer: asyncio.TimerHandle | None = None
+        self._linger_timer: asyncio.TimerHandle | None = None
+        # the caller may never await these (e.g. a dial that timed out): no "never retrieved" noise
+        self.down_done.add_done_callback(_consume)
+        self.replied.add_done_callback(_consume)
+
+    @property
+    def label(self) -> str:
+        return f"{self.session.label}:{self.port}#{self.request_id}"
+
+    # ------------------------------------------------------ from the session
+    def _data(self, views: list[memoryview]) -> None:
+        """Data frames of one read (views into the session's buffer: used or copied before returning)."""
+        if self.down_done.done():
+            return  # reset / failed: drop
+        n = sum(len(v) for v in views)
+        self.received += n
+        if self.sock is None or self._pending:
+            self._keep(views, 0)
+            return
+        sent = 0
+        try:
+            for i in range(0, len(views), _IOV_MAX):
+                part = views[i:i + _IOV_MAX]
+                k = self.sock.sendmsg(part)
+                sent += k
+                if k < sum(len(v) for v in part):
+                    break
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            self._fail(StreamReset(f"local socket: {exc.strerror or exc}"))
+            self.session._send_rst(self.data_id, RST_CANCEL)
+            return
+        if sent < n:
+            self._keep(views, sent)
+
+    def _keep(self, views: list[memoryview], skip: int) -> None:
+        for v in views:
+            if skip >= len(v):
+                skip -= len(v)
+                continue
+            chunk = bytes(v[skip:])
+            skip = 0
+            self._pending.append(chunk)
+            self._pending_bytes += len(chunk)
+            self.session._pending_changed(len(chunk))
+        if self.sock is not None and self._pending and not self._writer:
+            self._writer = True
+            asyncio.get_running_loop().add_writer(self.sock, self._flush)
+
+    def _flush(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        while self._pending:
+            try:
+                k = sock.sendmsg(self._pending[:_IOV_MAX])
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._drop_pending()
+                self._fail(StreamReset(f"local socket: {exc.strerror or exc}"))
+                self.session._send_rst(self.data_id, RST_CANCEL)
+                return
+            freed = 0
+            while k and self._pending:
+                head = self._pending[0]
+                if k >= len(head):
+                    k -= len(head)
+                    freed += len(head)
+                    self._pending.pop(0)
+                else:
+                    self._pending[0] = head[k:]
+                    freed += k
+                    k = 0
+            self._pending_bytes -= freed
+            self.session._pending_changed(-freed)
+        self._stop_writer()
+        if self.remote_fin and not self._fin_waiting:
+            self._deliver_fin()
+
+    def _stop_writer(self) -> None:
+        if self._writer and self.sock is not None:
+            self._writer = False
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_writer(self.sock)
+
+    def _drop_pending(self) -> None:
+        if self._pending_bytes:
+            self.session._pending_changed(-self._pending_bytes)
+        self._pending.clear()
+        self._pending_bytes = 0
+        self._stop_writer()
+
+    def _fin(self) -> None:
+        """The data stream's FIN: the pod side is done sending."""
+        if self.remote_fin:
+            return
+        self.remote_fin = True
+        if self.received == 0 and not self.error_done and not self.error:
+            # a failed dial ends the data stream too; its reason may still be on its way
+            self._fin_waiting = True
+            self._refusal_timer = asyncio.get_running_loop().call_later(REFUSAL_WAIT, self._refusal_settled)
+            return
+        self._after_fin()
+
+    def _refusal_settled(self) -> None:
+        self._refusal_timer = None
+        if self._fin_waiting:
+            self._fin_waiting = False
+            self._after_fin()
+
+    def _after_fin(self) -> None:
+        if self.error.strip() and self.received == 0:
+            self._fail(StreamRefused(self.error.strip()))
+            return
+        if self.sock is not None and not self._pending:
+            self._deliver_fin()
+        self.session._maybe_finished(self)
+
+    def _deliver_fin(self) -> None:
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_WR)
+        if not self.down_done.done():
+            self.down_done.set_result(None)
+        self.session._maybe_finished(self)
+
+    def _error_text(self, text: str, fin: bool) -> None:
+        self.error += text
+        if fin:
+            self.error_done = True
+        if self._fin_waiting and (self.error or self.error_done):
+            self._fin_waiting = False
+            if self._refusal_timer is not None:
+                self._refusal_timer.cancel()
+                self._refusal_timer = None
+            self._after_fin()
+        elif text.strip() and not self.remote_fin and self.received == 0:
+            # the reason came first: the data stream's FIN follows
+            self._fail(StreamRefused(self.error.strip()))
+        elif text.strip() and not self.down_done.done():
+            self._fail(StreamReset(f"the pod side reported: {self.error.strip()}"))
+        self.session._maybe_finished(self)
+
+    def _fail(self, exc: Exception) -> None:
+        """The stream is over abnormally (reset, refused, broken session)."""
+        if not self.replied.done():
+            self.replied.set_exception(exc)
+        if not self.down_done.done():
+            self.down_done.set_exception(exc)
+        self._drop_pending()
+        self.finished = True
+        self.session._forget(self)
+
+    # ------------------------------------------------------ for the relay
+    def attach(self, sock: socket.socket) -> None:
+        """Start delivering pod bytes to `sock` (non-blocking): what came early first."""
+        self.sock = sock
+        if self._pending:
+            self._writer = True
+            asyncio.get_running_loop().add_writer(sock, self._flush)
+            self._flush()
+        elif self.remote_fin and not self._fin_waiting and not self.down_done.done():
+            self._deliver_fin()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Send bytes to the pod as data frames (at most FRAME_MAX each)."""
+        mv = memoryview(data)
+        for i in range(0, len(mv), FRAME_MAX):
+            part = mv[i:i + FRAME_MAX]
+            self.session.write(data_header(self.data_id, 0, len(part)) + bytes(part))
+            self.sent += len(part)
+
+    async def pump_up(self, sock: socket.socket) -> None:
+        """Local socket -> data frames until the local EOF, then FIN."""
+        loop = asyncio.get_running_loop()
+        buf = bytearray(FRAME_MAX + 8)
+        view = memoryview(buf)
+        into = view[8:]
+        session = self.session
+        while True:
+            n = await loop.sock_recv_into(sock, into)
+            if self.finished and self.down_done.done() and self.down_done.exception() is not None:
+                raise StreamReset("the stream was reset")
+            if n == 0:
+                self.send_fin()
+                await session.drain()
+                return
+            view[:8] = data_header(self.data_id, 0, n)
+            # the SSL transport may keep a reference until it is encrypted: hand it a copy
+            session.write(bytes(view[: n + 8]))
+            self.sent += n
+            await session.drain()
+
+    def send_fin(self) -> None:
+        if not self.sent_fin and not self.finished:
+            self.sent_fin = True
+            self.session.write(data_header(self.data_id, FLAG_FIN, 0))
+            self.session._maybe_finished(self)
+
+    def reset(self, why: str = "closed locally") -> None:
+        """Abort: RST_STREAM to the pod side, drop what is pending."""
+        if self.finished:
+            return
+        self.session._send_rst(self.data_id, RST_CANCEL)
+        self._fail(StreamReset(why))
+
+
+def _consume(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+class SpdySession:
+    """One upgraded SPDY connection to a pod's ``portforward`` subresource, many streams on it.
+
+    The connection's reader (`_Conn.sink`, called after every read) parses
+    every complete frame in place and dispatches it by stream id.  Header
+    blocks are compressed with one zlib stream per connection, as SPDY
+    requires.  The Go side (spdystream) has no flow control, so a stream
+    whose local socket stalls keeps its bytes pending; when all pending bytes
+    of the session pass `PENDING_HIGH`, reading pauses for every stream until
+    they drain below `PENDING_LOW` (bounded memory; a stalled reader briefly
+    holds up its neighbours, as it would on kubectl's single connection).
+
+    A broken connection fails every open stream; `on_close` tells the owner,
+    who then opens a new session for the next dial.  With no streams for
+    `idle_timeout` seconds the session closes itself.
+    """
+
+    def __init__(self, conn: _Conn, label: str, idle_timeout: float = 30.0,
+                 on_close: Callable[[SpdySession], None] | None = None) -> None:
+        self.conn = conn
+        self.label = label
+        self.idle_timeout = idle_timeout
+        self.on_close = on_close
+        self.streams: dict[int, MuxStream] = {}
+        self.closed = False
+        self.draining = False
+        self.reason = ""
+        self.next_id = 1
+        self.next_request = 0
+        self.opened = 0
+        self._zc = zlib.compressobj()
+        self._pending = 0
+        self._paused = False
+        self._idle: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
+        conn.sink = self._feed
+        self._arm_idle()
+        if conn.available or conn.eof:
+            self._feed()
+
+    # ------------------------------------------------------------ open
+    @classmethod
+    async def connect(cls, t: KubeTarget, namespace: str, pod: str, timeout: float, path: str,
+                      idle_timeout: float = 30.0,
+                      on_close: Callable[[SpdySession], None] | None = None) -> SpdySession:
+        """Upgrade a new connection; raises ClusterError / SpdyUnsupported like `open_stream`."""
+        conn = await _upgrade(t, path, namespace, pod, 0, timeout)
+        return cls(conn, f"{namespace}/{pod}", idle_timeout, on_close)
+
+    @property
+    def usable(self) -> bool:
+        return not self.closed and not self.draining
+
+    async def open_pair(self, port: int, timeout: float) -> MuxStream:
+        """A new forwarded connection to `port`: both SYN_STREAMs, then wait for the data stream's reply.
+
+        Raises SessionClosed (open a new session), StreamRefused / StreamReset
+        (the pod side refused before the reply), TimeoutError.
+        """
+        if not self.usable:
+            raise SessionClosed(self.reason or "the session is draining")
+        if self.next_id + 4 > MAX_STREAM_ID:
+            self.draining = True
+            raise SessionClosed("stream ids used up")
+        rid = self.next_request
+        self.next_request += 1
+        eid = self.next_id
+        did = eid + 2
+        self.next_id += 4
+        st = MuxStream(self, rid, eid, did, port)
+        self.streams[eid] = st
+        self.streams[did] = st
+        self.opened += 1
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        self.conn.write(self._syn_stream(eid, "error", port, rid, fin=True)
+                        + self._syn_stream(did, "data", port, rid, fin=False))
+        try:
+            async with asyncio.timeout(timeout):
+                await self.conn.drain()
+                await asyncio.shield(st.replied)
+        except BaseException:
+            if not st.finished:
+                st.reset("dial abandoned")
+            raise
+        return st
+
+    def _syn_stream(self, stream_id: int, kind: str, port: int, request_id: int, fin: bool) -> bytes:
+        block = header_block({"streamtype": kind, "port": str(port), "requestid": str(request_id)})
+        packed = self._zc.compress(block) + self._zc.flush(zlib.Z_SYNC_FLUSH)
+        payload = struct.pack("!IIBB", stream_id, 0, 0, 0) + packed
+        return control_frame(SYN_STREAM, FLAG_FIN if fin else 0, payload)
+
+    # ------------------------------------------------------------ writing
+    def write(self, data: bytes) -> None:
+        if self.closed:
+            raise SessionClosed(self.reason)
+        self.conn.write(data)
+
+    async def drain(self) -> None:
+        try:
+            await self.conn.drain()
+        except ConnectionResetError as exc:
+            raise SessionClosed(str(exc)) from None
+        if self.closed:
+            raise SessionClosed(self.reason)
+
+    def _send_rst(self, stream_id: int, status: int) -> None:
+        if not self.closed:
+            self.conn.write(control_frame(RST_STREAM, 0, struct.pack("!II", stream_id, status)))
+
+    # ------------------------------------------------------------ reading
+    def _feed(self) -> None:
+        conn = self.conn
+        mv, pos, end = conn.mv, conn.start, conn.end
+        batches: dict[MuxStream, list[memoryview]] = {}
+        fins: list[MuxStream] = []
+        bad = ""
+        while end - pos >= 8:
+            word, flags, lhi, llo = _HDR.unpack_from(mv, pos)
+            length = (lhi << 16) | llo
+            if end - pos - 8 < length:
+                conn.need = length + 8  # the next read makes room for all of it
+                break
+            payload = mv[pos + 8: pos + 8 + length]
+            pos += 8 + length
+            if word & 0x80000000:
+                if (word >> 16) & 0x7FFF != VERSION:
+                    bad = f"SPDY version {(word >> 16) & 0x7FFF} frame"
+                    break
+                # control frames are rare and small: deliver data read before them first
+                self._deliver(batches, fins)
+                self._control(word & 0xFFFF, flags, bytes(payload))
+                continue
+            sid = word & 0x7FFFFFFF
+            st = self.streams.get(sid)
+            if st is None:
+                continue  # a late frame of a finished stream
+            if sid == st.data_id:
+                if length:
+                    batches.setdefault(st, []).append(payload)
+                if flags & FLAG_FIN:
+                    fins.append(st)
+            else:
+                if length or flags & FLAG_FIN:
+                    self._deliver(batches, fins)
+                    st._error_text(bytes(payload).decode("utf-8", "replace"), bool(flags & FLAG_FIN))
+        conn.start = pos
+        self._deliver(batches, fins)
+        if bad:
+            self.close(f"protocol error: {bad}")
+        elif conn.eof:
+            self.close("the API server closed the connection" if not conn.available
+                       else "the connection ended inside a frame")
+
+    def _deliver(self, batches: dict[MuxStream, list[memoryview]], fins: list[MuxStream]) -> None:
+        for st, views in batches.items():
+            st._data(views)
+        batches.clear()
+        for st in fins:
+            st._fin()
+        fins.clear()
+
+    def _control(self, ftype: int, flags: int, payload: bytes) -> None:
+        sid = struct.unpack_from("!I", payload)[0] & 0x7FFFFFFF if len(payload) >= 4 else 0
+        if ftype == SYN_REPLY:
+            st = self.streams.get(sid)
+            if st is not None and sid == st.data_id:
+                if not st.replied.done():
+                    st.replied.set_result(None)
+                if flags & FLAG_FIN:
+                    st._fin()
+        elif ftype == RST_STREAM:
+            st = self.streams.get(sid)
+            if st is not None:
+                code = struct.unpack_from("!I", payload, 4)[0] if len(payload) >= 8 else 0
+                st._fail(StreamReset(f"the pod side reset the stream (status {code})"))
+        elif ftype == PING:
+            if not self.closed:
+                self.conn.write(control_frame(PING, 0, payload[:4]))
+        elif ftype == GOAWAY:
+            self.draining = True
+            self.reason = "the server ended the session (GOAWAY)"
+            if not self.streams:
+                self.close(self.reason)
+        elif ftype == SYN_STREAM:
+            # the server never opens streams in port-forwarding; refuse it
+            self._send_rst(sid, RST_PROTOCOL_ERROR)
+        # SETTINGS, WINDOW_UPDATE, HEADERS: nothing to do (no flow control on the Go side)
+
+    def _pending_changed(self, delta: int) -> None:
+        self._pending += delta
+        tr = self.conn.transport
+        if tr is None or self.closed:
+            return
+        if not self._paused and self._pending > PENDING_HIGH:
+            self._paused = True
+            tr.pause_reading()
+        elif self._paused and self._pending < PENDING_LOW:
+            self._paused = False
+            tr.resume_reading()
+
+    # ------------------------------------------------------------ lifecycle
+    def _maybe_finished(self, st: MuxStream) -> None:
+        """Forget a stream once both directions ended and its error stream is done.
+
+        The error stream's FIN normally comes right after the data stream's;
+        it is not waited for longer than `REFUSAL_WAIT`."""
+        if st.finished or not (st.sent_fin and st.down_done.done()):
+            return
+        if st.error_done:
+            self._forget(st)
+        elif st._linger_timer is None:
+            st._linger_timer = self._loop.call_later(REFUSAL_WAIT, self._finish_now, st)
+
+    def _finish_now(self, st: MuxStream) -> None:
+        if not st.finished:
+            st.finished = True
+            self._forget(st)
+
+    def _forget(self, st: MuxStream) -> None:
+        if st._linger_timer is not None:
+            st._linger_timer.cancel()
+            st._linger_timer = None
+        if st._refusal_timer is not None:
+            st._refusal_timer.cancel()
+            st._refusal_timer = None
+        st.finished = True
+        self.streams.pop(st.error_id, None)
+        self.streams.pop(st.data_id, None)
+        if not self.streams:
+            if self.draining:
+                self.close(self.reason or "drained")
+            else:
+                self._arm_idle()
+
+    def _arm_idle(self) -> None:
+        if self._idle is None and not self.closed and self.idle_timeout > 0:
+            self._idle = self._loop.call_later(self.idle_timeout, self._idle_check)
+
+    def _idle_check(self) -> None:
+        self._idle = None
+        if not self.streams:
+            self.close("idle")
+
+    def close(self, reason: str = "closed") -> None:
+        """Close the connection; every open stream fails with `StreamReset`."""
+        if self.closed:
+            return
+        self.closed = True
+        self.reason = self.reason if self.draining and self.reason else reason
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        for st in list(dict.fromkeys(self.streams.values())):
+            st._fail(StreamReset(f"the port-forward session ended: {reason}"))
+        self.streams.clear()
+        self.conn.sink = None
+        self.conn.close()
+        if self.on_close is not None:
+            cb, self.on_close = self.on_close, None
+            cb(self)
