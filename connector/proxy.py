@@ -41,10 +41,11 @@ import base64
 import hmac
 import ipaddress
 import logging
+import os
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Protocol
 from urllib.parse import urlsplit
 
 from tpnb.common.aio import oserror_text
@@ -268,6 +269,46 @@ async def _http_error(writer: asyncio.StreamWriter, status: int, why: str) -> No
     writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
                  f"Connection: close\r\n\r\n".encode() + body)
     await writer.drain()
+
+
+class SocketRelay(Protocol):
+    """A dialled connection that pumps a plain socket itself (connector/direct.py `DirectConn`)."""
+
+    async def relay(self, sock: socket.socket, early: bytes = b"") -> None: ...
+
+    def abort(self) -> None: ...
+
+
+def direct_pipe(conn: SocketRelay) -> Pipe:
+    """A pipe over the direct data plane: the client's socket leaves asyncio's streams and is
+    relayed by `conn` itself (no stream-buffer copies on the path)."""
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes) -> None:
+        try:
+            sock, buffered = await detach(reader, writer)
+        except (OSError, RuntimeError) as exc:
+            conn.abort()
+            log.debug("proxy client gone before the direct relay: %s", exc)
+            return
+        await conn.relay(sock, head + buffered)
+
+    return pipe
+
+
+async def detach(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[socket.socket, bytes]:
+    """Take the client's socket out of its asyncio transport: (a duplicate of it, the bytes
+    the stream had read ahead).  What we wrote (a SOCKS reply) is flushed first."""
+    await writer.drain()
+    transport = writer.transport
+    transport.pause_reading()  # type: ignore[attr-defined]
+    raw = transport.get_extra_info("socket")
+    if raw is None:
+        raise RuntimeError("the client's transport has no socket")
+    sock = socket.socket(fileno=os.dup(raw.fileno()))
+    buffered = bytes(reader._buffer)  # noqa: SLF001 - read ahead by the stream, still the client's
+    reader._buffer.clear()  # noqa: SLF001
+    transport.abort()  # closes the transport's descriptor only; ours keeps the connection
+    return sock, buffered
 
 
 async def _direct(host: str, port: int) -> Pipe:

@@ -34,8 +34,10 @@ from tpnb.common.liveness import process_alive, start_ticks
 
 from . import kube, manager_install
 from .clusterdns import ClusterNames
+from .direct import DirectDialRefused, DirectPlane
+from .handoff import HandoffServer
 from .portforward import PortForward
-from .proxy import OutboundProxy, Pipe, Refused, Route
+from .proxy import OutboundProxy, Pipe, Refused, Route, direct_pipe
 from .rootd import RootDaemonLink
 
 log = logging.getLogger("tpnb.connector.session")
@@ -106,6 +108,12 @@ class Session:
     names: ClusterNames | None = None
     #: the manager's latest view of this session's wiretaps, by id (connector/wiretaps.py)
     wiretap_infos: dict[str, pb.WiretapInfo] = field(default_factory=dict)
+    #: the direct data plane (port-forwards straight to pods; None: every flow via the manager)
+    plane: DirectPlane | None = None
+    #: why the direct plane is off, when it is
+    plane_note: str = ""
+    #: where the root daemon hands us its redirected TCP connections (with the direct plane)
+    handoff: HandoffServer | None = None
 
     # ================================================================ connect
     async def start(self, progress: ProgressFn) -> None:
@@ -133,6 +141,7 @@ class Session:
                 self.namespaces = await anyio.to_thread.run_sync(_list_namespaces, self.target)
         except Exception as exc:  # noqa: BLE001 - the refresh loop retries
             log.info("cannot list namespaces yet: %s", exc)
+        await self._start_plane(progress)
         await self.attach_root_daemon(req.daemon_socket, req.outbound_note, progress)
         self._tasks = [
             asyncio.ensure_future(self._heartbeat_loop()),
@@ -204,6 +213,62 @@ class Session:
                 log.error("could not restore intercept %s: %s", name, exc.details())
                 del self.intercepts[name]
 
+    # ================================================================ the direct data plane
+    async def _start_plane(self, progress: ProgressFn) -> None:
+        """Start the direct data plane unless `connector.data_plane` or RBAC says the manager.
+
+        "auto" keeps it only when pods/portforward is allowed somewhere (else every
+        connection would pay a hand-off round trip for nothing); "direct" fails the
+        connect instead, with the reason.
+        """
+        mode = self.cfg.connector.data_plane
+        if mode == "manager":
+            self.plane_note = "connector.data_plane is manager"
+            return
+        if self.request.in_cluster:
+            self.plane_note = "in-cluster mode: the pod's own network carries outbound"
+            return
+        assert self.target is not None
+        progress("plane", "Starting the direct data plane (watching Services, EndpointSlices, Pods)...", 0.8)
+        plane = DirectPlane(self.target, self.mapped)
+        try:
+            await plane.start()
+        except (TpnbError, OSError) as exc:
+            await plane.aclose()
+            self._plane_off(mode, f"the direct plane did not start: {exc}")
+            return
+        st = plane.status()
+        if not st.active:
+            await plane.aclose()
+            self._plane_off(mode, st.reason)
+            return
+        handoff = HandoffServer(plane.dial, (DirectDialRefused,), self.cfg.connector_socket.parent)
+        try:
+            await handoff.start()
+        except OSError as exc:  # rootless faces still use the plane; the daemon's flows the manager
+            log.warning("hand-off socket not started: %s", exc)
+            handoff = None
+        self.plane, self.handoff, self.plane_note = plane, handoff, ""
+        log.info("data plane: direct port-forwards (%s)", st.reason)
+
+    def _plane_off(self, mode: str, why: str) -> None:
+        if mode == "direct":
+            raise ClusterError("connector.data_plane is direct, but the direct data plane cannot be used", why,
+                               "grant `create pods/portforward` in the session's namespaces, "
+                               "or set connector.data_plane to auto (or manager)")
+        self.plane_note = why
+        log.info("data plane: manager tunnels (%s)", why)
+
+    def data_plane_status(self) -> pb.DataPlaneStatus:
+        mode = self.cfg.connector.data_plane
+        if self.plane is None:
+            return pb.DataPlaneStatus(plane="manager", reason=self.plane_note, mode=mode)
+        st = self.plane.status()
+        return pb.DataPlaneStatus(
+            plane="direct" if st.active else "manager", reason=st.reason, mode=mode,
+            namespaces_denied=st.namespaces_denied, sessions=st.sessions, dials=st.dials,
+            fallbacks=st.fallbacks, dial_errors=st.dial_errors)
+
     # ================================================================ the root daemon
     async def attach_root_daemon(self, socket_path: str, note: str, progress: ProgressFn | None = None) -> None:
         """Hand system-wide outbound to the root daemon at `socket_path` (none: say why in `note`).
@@ -246,7 +311,9 @@ class Session:
             session_id=self.session_id, subnets=subnets,
             cluster_domain=(self.cluster.cluster_domain if self.cluster else "") or "cluster.local",
             mapped_namespaces=list(self.mapped), namespaces=sorted(self.namespaces),
-            connector_pid=pid, connector_start=start_ticks(pid) or 0)
+            connector_pid=pid, connector_start=start_ticks(pid) or 0,
+            handoff_socket=str(self.handoff.path) if self.handoff else "",
+            handoff_secret=self.handoff.secret if self.handoff else b"")
 
     async def _push_network(self) -> None:
         """Tell the root daemon what changed (relinked manager, namespaces); it updates in place."""
@@ -342,7 +409,15 @@ class Session:
         self.proxy = proxy
 
     async def _outbound_pipe(self, ip: str, port: int) -> Pipe:
-        """An OUTBOUND tunnel to ip:port, opened (the manager has dialled) before it is returned."""
+        """A path to ip:port: the direct plane's port-forward when it has one, else an OUTBOUND
+        tunnel, opened (the manager has dialled) before it is returned."""
+        if self.plane is not None:
+            try:
+                conn = await self.plane.dial(ip, port)
+            except DirectDialRefused as exc:
+                raise Refused(f"{ip}:{port}: {exc}", 5) from None
+            if conn is not None:
+                return direct_pipe(conn)
         link = self.link
         if link is None:
             raise Refused("the traffic-manager link is down", 1)
@@ -596,6 +671,7 @@ class Session:
             error=self.last_error,
             outbound_note=self.outbound_note,
             cluster_domain=(self.cluster.cluster_domain if self.cluster else "") or "cluster.local",
+            data_plane=self.data_plane_status(),
         )
         if self.request.in_cluster:
             from .incluster import credentials_text, pod_ip
@@ -614,6 +690,7 @@ class Session:
                 st.root_daemon_version = net.version
                 st.dns_ip, st.tun_name = net.dns_ip, net.tun_name
                 st.tcp_engine, st.tcp_engine_note = net.tcp_engine, net.tcp_engine_note
+                st.data_plane.handoff.CopyFrom(net.handoff)
                 if not net.up:
                     st.outbound_note = "the root daemon has no network up; run `tpnb connect`"
         if self.target is not None:
@@ -639,6 +716,10 @@ class Session:
             steps.append(("root daemon link", rootd.aclose))
         if self.proxy is not None:
             steps.append(("proxy", self.proxy.aclose))
+        if self.handoff is not None:
+            steps.append(("hand-off socket", self.handoff.aclose))
+        if self.plane is not None:
+            steps.append(("direct data plane", self.plane.aclose))
         for server in self._forwards.values():
             server.close()
         self._forwards.clear()
@@ -647,6 +728,7 @@ class Session:
         await undo(steps, log)
         self.link = None
         self.rootd = None
+        self.plane = self.handoff = None
         self.changed.set()
         log.info("session %s closed", self.session_id)
 

@@ -15,6 +15,7 @@ import asyncio
 import collections
 import ipaddress
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
@@ -41,6 +42,7 @@ from tpnb.version import __version__
 
 from . import netstate, resolvconf, routes
 from .dns import ClusterResolver
+from .handoff import LOST, NOT_MINE, TAKEN, HandoffClient
 from .redirect import KernelTcp, SocketFlow, nft_available
 from .tun import Flow, Tun
 
@@ -207,6 +209,8 @@ class Network:
     resolv: resolvconf.ResolvConf | resolvconf.ResolvedLink | None = None
     namespaces: set[str] = field(default_factory=set)
     mapped: list[str] = field(default_factory=list)
+    #: the link to the connector's direct data plane (None: every flow goes to the manager)
+    handoff: HandoffClient | None = None
     _tasks: list[asyncio.Task] = field(default_factory=list)
     _closing: bool = False
 
@@ -226,12 +230,28 @@ class Network:
             self.link = ManagerTunnels(req.manager_address)
             if old is not None:
                 self._tasks.append(asyncio.ensure_future(old.aclose()))
+        self._follow_handoff(req)
         self.session_id = req.session_id
         self.namespaces = set(req.namespaces)
         self.mapped = list(req.mapped_namespaces)
         if self.resolver is not None:
             self.resolver.set_mapped_namespaces(list(self.mapped))
         self.request = req
+
+    def _follow_handoff(self, req: pb.NetworkRequest) -> None:
+        """Link to the connector's hand-off socket when it announces its direct plane (again when
+        the socket or secret changed); drop the link when it no longer does."""
+        cur = self.handoff
+        if cur is not None and (cur.path, cur.secret) == (req.handoff_socket, req.handoff_secret):
+            return
+        if cur is not None:
+            self.handoff = None
+            self._tasks.append(asyncio.ensure_future(cur.aclose()))
+        if req.handoff_socket and req.handoff_secret and req.connector_pid:
+            owner = os.environ.get("TPNB_OWNER_UID", "")
+            self.handoff = HandoffClient(req.handoff_socket, req.handoff_secret, req.connector_pid,
+                                         int(owner) if owner.isdigit() else None)
+            self.handoff.start()
 
     async def _connector_watch(self) -> None:
         """No connector, no network: a killed connector must not leave the machine's DNS pointing here."""
@@ -249,7 +269,8 @@ class Network:
         return pb.NetworkStatus(
             up=self.tun is not None, tun_name=self.tun.name if self.tun else "", dns_ip=self.cfg.daemon.dns_ip,
             tcp_engine=("kernel" if self.kernel_tcp else "tun") if self.tun else "",
-            tcp_engine_note=self.tcp_engine_note, routed=self.routed, version=__version__)
+            tcp_engine_note=self.tcp_engine_note, routed=self.routed, version=__version__,
+            handoff=self.handoff.status() if self.handoff is not None else None)
 
     async def _network_up(self) -> None:
         """TUN, routes and DNS; each change is recorded in netstate before it is made."""
@@ -388,7 +409,20 @@ class Network:
         the manager takes "early-data", bytes the client already sent travel
         inside the `open` frame (one gRPC message fewer), and the Tunnel call
         comes from the link's pool of started ones.
+
+        First, when the connector runs the direct data plane, the connection
+        itself is offered to it (daemon/handoff.py); only what it leaves
+        ("not mine") goes on to the manager.
         """
+        handoff = self.handoff
+        if handoff is not None and handoff.ready:
+            verdict, why = await handoff.offer(flow.sock, flow.dst, flow.src)
+            if verdict == TAKEN:
+                netlog.debug("tcp %s:%d -> %s:%d handed to the connector's direct plane", *flow.src, *flow.dst)
+                return  # our copy of the socket is closed by the caller; the connector's carries on
+            if verdict != NOT_MINE:
+                self._refuse(flow, why if verdict != LOST else f"hand-off: {why}")
+                return
         link = self.link
         if link is None:
             self._refuse(flow, "not linked to the traffic-manager")
@@ -468,12 +502,15 @@ class Network:
             steps.append(("tun", _tun))
         if self.link is not None:
             steps.append(("manager tunnels", self.link.aclose))
+        if self.handoff is not None:
+            steps.append(("hand-off link", self.handoff.aclose))
         await undo(steps, log)
         try:
             await netstate.recover()
         except Exception as exc:  # noqa: BLE001
             log.error("netstate recovery failed: %s", exc)
         self.link = None
+        self.handoff = None
         self.tun = None
         self.kernel_tcp = None
         log.info("network down (session %s)", self.session_id)

@@ -155,6 +155,37 @@ class WiretapStream(Watch[dict]):
 
 
 @dataclass
+class DataPlane:
+    """How outbound TCP reaches pods (issue 15): "direct" port-forwards from the connector, or
+    the "manager" tunnels; `reason` says why; counters since the session started."""
+
+    plane: str = ""
+    reason: str = ""
+    #: connector.data_plane: auto, direct or manager
+    mode: str = ""
+    namespaces_denied: list[str] = field(default_factory=list)
+    sessions: int = 0
+    dials: int = 0
+    fallbacks: int = 0
+    dial_errors: int = 0
+    #: the root daemon's hand-off of redirected connections to the connector
+    handoff_linked: bool = False
+    handoff_note: str = ""
+    handoff_taken: int = 0
+    handoff_not_mine: int = 0
+    handoff_refused: int = 0
+    handoff_lost: int = 0
+
+    @classmethod
+    def from_pb(cls, d: pb.DataPlaneStatus) -> "DataPlane":
+        h = d.handoff
+        return cls(plane=d.plane, reason=d.reason, mode=d.mode, namespaces_denied=list(d.namespaces_denied),
+                   sessions=d.sessions, dials=d.dials, fallbacks=d.fallbacks, dial_errors=d.dial_errors,
+                   handoff_linked=h.linked, handoff_note=h.note, handoff_taken=h.taken,
+                   handoff_not_mine=h.not_mine, handoff_refused=h.refused, handoff_lost=h.lost)
+
+
+@dataclass
 class Status:
     connected: bool
     context: str = ""
@@ -197,6 +228,8 @@ class Status:
     pod_ip: str = ""
     #: this session's wiretaps (records and drops so far)
     wiretaps: list[Wiretap] = field(default_factory=list)
+    #: how outbound TCP reaches pods: direct port-forwards or the manager (issue 15)
+    data_plane: DataPlane = field(default_factory=DataPlane)
 
     @classmethod
     def from_pb(cls, st: pb.ConnectionStatus, daemon_running: bool = True) -> "Status":
@@ -211,6 +244,7 @@ class Status:
             outbound_note=st.outbound_note, root_daemon_version=st.root_daemon_version)
         out.proxy_socks_url, out.proxy_http_url = st.proxy_socks_url, st.proxy_http_url
         out.wiretaps = [Wiretap.from_pb(w) for w in st.wiretaps]
+        out.data_plane = DataPlane.from_pb(st.data_plane)
         out.in_cluster, out.in_cluster_note = st.in_cluster, st.in_cluster_note
         out.credentials, out.pod_ip = st.credentials, st.pod_ip
         if st.in_cluster and st.connected:

@@ -82,6 +82,15 @@ class ConnectorConfig:
     #: environment says so: KUBERNETES_SERVICE_HOST and a mounted ServiceAccount),
     #: "always", "never"
     in_cluster: str = "auto"
+    #: how outbound TCP to pods and Services travels (issue 15): "direct" port-forwards from
+    #: the connector straight to the pod behind the address (as `kubectl port-forward` does;
+    #: needs `create pods/portforward`; the app sees 127.0.0.1 as the peer and
+    #: NetworkPolicies do not apply), "manager" (every flow through the traffic-manager,
+    #: with pod-network semantics), or "auto" (direct where RBAC allows, else the manager).
+    #: "direct" fails `connect` when RBAC allows port-forwards in none of the session's
+    #: namespaces; flows it cannot map to a pod (UDP, DNS, unknown addresses, denied
+    #: namespaces) still use the manager in every mode
+    data_plane: str = "auto"
 
 
 @dataclass
@@ -222,6 +231,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "daemon.tcp_engine": ("auto", "kernel", "tun"),
     "connector.outbound": ("auto", "always", "never"),
     "connector.in_cluster": ("auto", "always", "never"),
+    "connector.data_plane": ("auto", "direct", "manager"),
     "manager.install": ("auto", "never"),
     "daemon.portforward_protocol": ("auto", "spdy", "websocket"),
 }

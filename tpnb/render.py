@@ -95,6 +95,7 @@ def status_text(st: Status) -> str:
         f"  Service subnets  : {', '.join(st.service_subnets) or '-'}",
         f"  Also proxy       : {', '.join(st.also_proxy) or '-'}",
         *(outbound_lines(st)),
+        *(data_plane_lines(st)),
         f"  Traffic manager  : {st.manager_version} in namespace {st.manager_namespace}",
     ]
     if st.error:
@@ -156,6 +157,31 @@ def outbound_lines(st: Status) -> list[str]:
         "  TCP engine       : " + ("kernel (nftables redirect)" if st.tcp_engine == "kernel"
                                     else f"TUN ({st.tcp_engine_note})" if st.tcp_engine_note else "TUN"),
     ]
+
+
+def data_plane_lines(st: Status) -> list[str]:
+    """Which path outbound TCP takes to pods, why, and what went which way."""
+    d = st.data_plane
+    if not d.plane or st.in_cluster:
+        return []
+    if d.plane != "direct":
+        return [f"  Data plane       : manager tunnels ({d.reason or 'connector.data_plane is ' + d.mode})"]
+    line = (f"  Data plane       : direct port-forward ({d.sessions} session{'s' * (d.sessions != 1)}, "
+            f"{d.dials} dial{'s' * (d.dials != 1)}, {d.fallbacks} via manager"
+            + (f", {d.dial_errors} refused/failed" if d.dial_errors else "") + f"; {d.reason})")
+    lines = [line]
+    if d.namespaces_denied:
+        lines.append(f"                     via manager: pods/portforward denied in {', '.join(d.namespaces_denied)}")
+    if st.outbound:
+        if d.handoff_linked:
+            lines.append(f"  Hand-off         : the root daemon hands redirected TCP to the connector "
+                         f"({d.handoff_taken} direct, {d.handoff_not_mine} to the manager"
+                         + (f", {d.handoff_refused} refused" if d.handoff_refused else "")
+                         + (f", {d.handoff_lost} lost" if d.handoff_lost else "") + ")")
+        else:
+            lines.append(f"  Hand-off         : not linked ({d.handoff_note or 'the root daemon has no link'}); "
+                         "system-wide TCP goes through the manager")
+    return lines
 
 
 def workloads_text(ws: list[Workload]) -> str:
