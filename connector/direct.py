@@ -571,6 +571,7 @@ class DirectPlane:
             left = deadline - loop.time()
             if left <= 0:
                 break
+            session: SpdySession | None = None
             try:
                 session = await self._session(target.namespace, target.pod, left)
                 reused = session.opened > 0
@@ -595,10 +596,11 @@ class DirectPlane:
                 log.debug("direct plane: %s: %s; %s", target, exc, "again" if attempt == 0 else "giving up")
                 continue
             except TimeoutError:
-                if not session.closed and session.streams == {}:
-                    session.close("no answer to a new stream")
-                elif not session.closed:
+                if session is not None and not session.closed:
+                    # no answer to a new stream: this connection is not to be trusted with new ones
                     session.draining = True
+                    if not session.streams:
+                        session.close("no answer to a new stream")
                 continue
             self._dials += 1
             return DirectConn(self, st, target)

@@ -1,0 +1,429 @@
+"""The direct data plane against the real dev cluster (API server, kubelet, containerd).
+
+Runs inside the laptop network namespace (`rerun_in_laptop`: from the host
+the test re-runs itself there), with the dev cluster's admin kubeconfig or a
+ServiceAccount's.  A pod of the project image serves a few tiny TCP
+protocols (`SERVER`); `DirectPlane` dials it by its Service's ClusterIP
+(named targetPort) and by its pod IP, and the tests check what a client
+socket sees: the bytes, the EOFs, a reset for a refused port, the number of
+SPDY sessions behind 200 connections, and the manager fallback (None) where
+RBAC denies ``pods/portforward``.
+
+containerd (1.6 here) does not half-close the pod's socket: after either
+side's EOF it gives the other direction one second, then closes both, as for
+``kubectl port-forward``.  The half-close checks are written to that.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import pytest
+import yaml
+from conftest import rerun_in_laptop
+
+from tpnb import config
+from tpnb.connector import kube
+from tpnb.connector.direct import DirectConn, DirectDialRefused, DirectPlane
+from tpnb.connector.kube import KubeTarget, load_target
+
+pytestmark = [pytest.mark.cluster, pytest.mark.anyio]
+
+KUBECONFIG = Path("/var/lib/tpnb/devcluster/kubeconfig")
+
+SERVER = r'''
+import socket, threading
+state = {"after_fin": b"", "eofs": 0}
+def echo(c):
+    while True:
+        d = c.recv(65536)
+        if not d:
+            break
+        c.sendall(d)
+    state["eofs"] += 1
+    c.close()
+def first(c):
+    c.sendall(b"hello")
+    c.shutdown(socket.SHUT_WR)
+    buf = b""
+    while True:
+        d = c.recv(65536)
+        if not d:
+            break
+        buf += d
+    state["after_fin"] = buf
+    c.close()
+def report(c):
+    c.sendall(repr(state).encode())
+    c.close()
+def peer(c):
+    c.sendall(c.getpeername()[0].encode())
+    c.close()
+def serve(port, fn):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port))
+    s.listen(256)
+    while True:
+        c, _ = s.accept()
+        threading.Thread(target=fn, args=(c,), daemon=True).start()
+for port, fn in ((7071, first), (7072, report), (7073, peer)):
+    threading.Thread(target=serve, args=(port, fn), daemon=True).start()
+serve(7070, echo)
+'''
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def admin(request: pytest.FixtureRequest) -> KubeTarget | None:
+    if rerun_in_laptop(request, KUBECONFIG, timeout=900):
+        return load_target(str(KUBECONFIG), None)
+    return None
+
+
+async def _apply_app(t: KubeTarget, ns: str) -> None:
+    await kube.request(t, "POST", "/api/v1/namespaces",
+                       body={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    await kube.request(t, "POST", f"/api/v1/namespaces/{ns}/configmaps", body={
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "srv"}, "data": {"server.py": SERVER}})
+    await kube.request(t, "POST", f"/api/v1/namespaces/{ns}/pods", body={
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "app", "labels": {"app": "direct"}},
+        "spec": {"terminationGracePeriodSeconds": 1,
+                 "containers": [{"name": "srv", "image": config.get().manager_image, "imagePullPolicy": "Never",
+                                 "command": ["python3", "-u", "/srv/server.py"],
+                                 "ports": [{"name": "echo-port", "containerPort": 7070}],
+                                 "readinessProbe": {"tcpSocket": {"port": 7073}, "periodSeconds": 1},
+                                 "volumeMounts": [{"name": "src", "mountPath": "/srv"}]}],
+                 "volumes": [{"name": "src", "configMap": {"name": "srv"}}]}})
+    await kube.request(t, "POST", f"/api/v1/namespaces/{ns}/services", body={
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo"},
+        "spec": {"selector": {"app": "direct"},
+                 "ports": [{"name": "main", "port": 80, "targetPort": "echo-port"},
+                           {"name": "first", "port": 81, "targetPort": 7071}]}})
+
+
+async def _wait_ready(t: KubeTarget, ns: str) -> tuple[str, str]:
+    """(pod IP, ClusterIP) once the pod is Ready and in the Service's EndpointSlice."""
+    for _ in range(180):
+        p = await kube.request(t, "GET", f"/api/v1/namespaces/{ns}/pods/app")
+        ready = any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))
+        slices = await kube.request(t, "GET", f"/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices")
+        eps = [e for s in slices["items"] for e in s.get("endpoints") or []
+               if (e.get("conditions") or {}).get("ready")]
+        if ready and eps:
+            svc = await kube.request(t, "GET", f"/api/v1/namespaces/{ns}/services/echo")
+            return p["status"]["podIP"], svc["spec"]["clusterIP"]
+        await asyncio.sleep(1)
+    raise AssertionError(f"pod {ns}/app not ready: {p['status']}")
+
+
+@pytest.fixture
+async def app(admin: KubeTarget | None) -> AsyncIterator[tuple[KubeTarget, str, str, str] | None]:
+    """(admin target, namespace, pod IP, ClusterIP) of the server pod in a fresh namespace."""
+    if admin is None:
+        yield None
+        return
+    ns = f"tpnb-direct-{uuid.uuid4().hex[:6]}"
+    try:
+        await _apply_app(admin, ns)
+        pod_ip, cluster_ip = await _wait_ready(admin, ns)
+        yield admin, ns, pod_ip, cluster_ip
+    finally:
+        await kube.request(admin, "DELETE", f"/api/v1/namespaces/{ns}", accept_status=(404,))
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """(the relay's end, the client's end) of a loopback TCP connection, as the daemon hands over."""
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        client = socket.create_connection(srv.getsockname())
+        mine, _ = srv.accept()
+    client.setblocking(False)
+    return mine, client
+
+
+async def read_all(sock: socket.socket, timeout: float = 15) -> bytes:
+    loop = asyncio.get_running_loop()
+    out = bytearray()
+    async with asyncio.timeout(timeout):
+        while chunk := await loop.sock_recv(sock, 65536):
+            out += chunk
+    return bytes(out)
+
+
+async def read_exactly(sock: socket.socket, n: int, timeout: float = 15) -> bytes:
+    loop = asyncio.get_running_loop()
+    out = bytearray()
+    async with asyncio.timeout(timeout):
+        while len(out) < n:
+            chunk = await loop.sock_recv(sock, n - len(out))
+            assert chunk, f"EOF after {bytes(out)!r}"
+            out += chunk
+    return bytes(out)
+
+
+async def connect(plane: DirectPlane, ip: str, port: int) -> tuple[asyncio.Task[None], socket.socket]:
+    conn = await plane.dial(ip, port)
+    assert isinstance(conn, DirectConn), f"{ip}:{port} not dialled directly: {plane.status()}"
+    mine, client = tcp_pair()
+    return asyncio.create_task(conn.relay(mine)), client
+
+
+async def roundtrip(plane: DirectPlane, ip: str, port: int, data: bytes) -> bytes:
+    """Send `data`, half-close, read until EOF (the pod side must end the connection)."""
+    relay, client = await connect(plane, ip, port)
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sock_sendall(client, data)
+        client.shutdown(socket.SHUT_WR)
+        got = await read_all(client)
+        await asyncio.wait_for(relay, 15)
+        return got
+    finally:
+        client.close()
+
+
+async def exchange(plane: DirectPlane, ip: str, port: int, data: bytes) -> tuple[bytes, asyncio.Task[None]]:
+    """Send `data`, read as many bytes back, close: a request/response that does not wait for containerd's
+    one-second close.  Returns the answer and the relay task (it ends when the pod side does)."""
+    relay, client = await connect(plane, ip, port)
+    try:
+        await asyncio.get_running_loop().sock_sendall(client, data)
+        return await read_exactly(client, len(data)), relay
+    finally:
+        client.close()
+
+
+async def _wait_resolves(plane: DirectPlane, ip: str, port: int) -> None:
+    for _ in range(100):
+        if plane.resolve(ip, port) is not None:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{ip}:{port} never resolved")
+
+
+async def test_direct_service_and_pod_dials_half_close_and_one_session_for_many(
+        app: tuple[KubeTarget, str, str, str] | None) -> None:
+    if app is None:
+        return
+    t, ns, pod_ip, cluster_ip = app
+    plane = DirectPlane(t, [ns])
+    await plane.start()
+    try:
+        st = plane.status()
+        assert st.active and st.reason == "pods/portforward allowed cluster-wide", st
+        await _wait_resolves(plane, cluster_ip, 80)
+        target = plane.resolve(cluster_ip, 80)
+        # the Service's named targetPort "echo-port" is the pod's 7070
+        assert target is not None and (target.namespace, target.pod, target.port) == (ns, "app", 7070)
+        # ClusterIP: bytes echoed; the client's EOF ends the pod side, then the client reads EOF
+        payload = bytes(range(256)) * 400
+        assert await roundtrip(plane, cluster_ip, 80, payload) == payload
+        # pod IP, a port no container declares
+        assert await roundtrip(plane, pod_ip, 7073, b"") == b"127.0.0.1"  # the runtime dials localhost
+        # the pod speaks first and ends its side: the client reads EOF with its own side still open
+        # (shutdown, not close), so it can still send
+        relay, client = await connect(plane, cluster_ip, 81)
+        try:
+            assert await read_all(client) == b"hello"
+            await asyncio.get_running_loop().sock_sendall(client, b"late")  # no EPIPE: half-open
+            client.shutdown(socket.SHUT_WR)
+            await asyncio.wait_for(relay, 15)
+        finally:
+            client.close()
+        # and the pod reads what the client sends after its FIN (within containerd's one second)
+        relay, client = await connect(plane, cluster_ip, 81)
+        try:
+            assert await read_exactly(client, 5) == b"hello"
+            await asyncio.get_running_loop().sock_sendall(client, b"after the pod's FIN")
+            client.shutdown(socket.SHUT_WR)
+            assert await read_all(client) == b""
+            await asyncio.wait_for(relay, 15)
+        finally:
+            client.close()
+        report = ""
+        for _ in range(20):
+            report = (await roundtrip(plane, pod_ip, 7072, b"")).decode()
+            if "after the pod" in report:
+                break
+            await asyncio.sleep(0.1)
+        assert "'after_fin': b\"after the pod's FIN\"" in report and "'eofs': 1" in report, report
+
+        # 200 new connections one after the other: all answer, all on one SPDY connection
+        relays = []
+        before = plane.status().dials
+        for i in range(200):
+            msg = f"conn {i}".encode()
+            got, relay = await exchange(plane, pod_ip if i % 2 else cluster_ip, 7070 if i % 2 else 80, msg)
+            assert got == msg
+            relays.append(relay)
+        st = plane.status()
+        assert st.sessions == 1 and st.sessions_opened == 1, st
+        assert st.dials == before + 200 and st.dial_errors == 0 and st.fallbacks == 0, st
+        # several at once share it too
+        got = await asyncio.gather(*(exchange(plane, pod_ip, 7070, b"x%d" % i) for i in range(20)))
+        assert [g[0] for g in got] == [b"x%d" % i for i in range(20)] and plane.status().sessions_opened == 1
+        # every forwarded connection ends (containerd closes the pod side a second after the client's EOF)
+        await asyncio.wait_for(asyncio.gather(*relays, *(g[1] for g in got)), 30)
+        session = next(iter(plane._sessions.values()))
+        for _ in range(50):  # the error streams' FINs follow the data streams' (at most REFUSAL_WAIT later)
+            if not session.streams:
+                break
+            await asyncio.sleep(0.1)
+        assert not session.streams and session.opened == plane.status().dials
+
+        # an address with no pod behind it: the manager's
+        assert await plane.dial("10.244.250.250", 80) is None
+        assert await plane.dial(cluster_ip, 9999) is None  # not a port of the Service
+    finally:
+        await plane.aclose()
+    assert plane.status().sessions == 0
+
+
+async def test_direct_refused_port_and_a_broken_session(app: tuple[KubeTarget, str, str, str] | None) -> None:
+    if app is None:
+        return
+    t, ns, pod_ip, _ = app
+    plane = DirectPlane(t, [ns], idle_timeout=3.0)
+    await plane.start()
+    try:
+        await _wait_resolves(plane, pod_ip, 7070)
+        assert await roundtrip(plane, pod_ip, 7070, b"warm") == b"warm"
+        # nothing listens on 9 in the pod: either dial raises with the runtime's reason, or (the usual
+        # order, the runtime dials after accepting the streams) the relay resets the client
+        reason = ""
+        try:
+            conn = await plane.dial(pod_ip, 9)
+        except DirectDialRefused as exc:
+            reason = str(exc)
+        else:
+            assert conn is not None
+            mine, client = tcp_pair()
+            relay = asyncio.create_task(conn.relay(mine))
+            with pytest.raises(ConnectionResetError):
+                await read_all(client)
+            await asyncio.wait_for(relay, 5)
+            client.close()
+            reason = conn.error
+        assert "connection refused" in reason and "9" in reason, reason
+        assert plane.status().dial_errors == 1
+        # the session survived the refusal
+        assert await roundtrip(plane, pod_ip, 7070, b"still") == b"still"
+        assert plane.status().sessions_opened == 1
+
+        # kill the SPDY connection under an open forwarded connection
+        relay, client = await connect(plane, pod_ip, 7070)
+        session = next(iter(plane._sessions.values()))
+        raw = session.conn.get_extra_info("socket")
+        raw.shutdown(socket.SHUT_RDWR)
+        with pytest.raises(ConnectionResetError):
+            await read_all(client)
+        await asyncio.wait_for(relay, 5)
+        client.close()
+        for _ in range(100):
+            if plane.status().sessions == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert plane.status().sessions == 0
+        # the next dial opens a new one
+        assert await roundtrip(plane, pod_ip, 7070, b"again") == b"again"
+        st = plane.status()
+        assert st.sessions == 1 and st.sessions_opened == 2, st
+        # idle close: no streams for idle_timeout -> the session goes
+        for _ in range(100):
+            if plane.status().sessions == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert plane.status().sessions == 0
+        assert await roundtrip(plane, pod_ip, 7070, b"after idle") == b"after idle"
+        assert plane.status().sessions_opened == 3
+    finally:
+        await plane.aclose()
+
+
+async def _sa_target(admin: KubeTarget, ns: str, sa: str, tmp: Path) -> KubeTarget:
+    """A KubeTarget that authenticates as ServiceAccount ns/sa (a short-lived token)."""
+    await kube.request(admin, "POST", f"/api/v1/namespaces/{ns}/serviceaccounts",
+                       body={"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": sa}})
+    tok = await kube.request(admin, "POST", f"/api/v1/namespaces/{ns}/serviceaccounts/{sa}/token",
+                             body={"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                                   "spec": {"expirationSeconds": 3600}})
+    kc = yaml.safe_load(KUBECONFIG.read_text())
+    kc["users"] = [{"name": sa, "user": {"token": tok["status"]["token"]}}]
+    for c in kc["contexts"]:
+        c["context"]["user"] = sa
+    path = tmp / f"{sa}.kubeconfig"
+    path.write_text(json.dumps(kc))
+    return load_target(str(path), None)
+
+
+def _role(name: str, rules: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": name},
+            "rules": rules}
+
+
+async def test_direct_rbac_denied_namespace_falls_back(app: tuple[KubeTarget, str, str, str] | None,
+                                                       tmp_path: Path) -> None:
+    """A user who may watch two namespaces but port-forward only in one: the other goes to the manager."""
+    if app is None:
+        return
+    admin, ns, pod_ip, cluster_ip = app
+    other = f"{ns}-b"
+    try:
+        await _apply_app(admin, other)
+        other_pod_ip, other_cluster_ip = await _wait_ready(admin, other)
+        read = [{"apiGroups": [""], "resources": ["pods", "services"], "verbs": ["get", "list", "watch"]},
+                {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                 "verbs": ["get", "list", "watch"]}]
+        forward = {"apiGroups": [""], "resources": ["pods/portforward"], "verbs": ["create"]}
+        for where, rules in ((ns, [*read, forward]), (other, read)):
+            await kube.request(admin, "POST", f"/apis/rbac.authorization.k8s.io/v1/namespaces/{where}/roles",
+                               body=_role("direct-dev", rules))
+            await kube.request(admin, "POST",
+                               f"/apis/rbac.authorization.k8s.io/v1/namespaces/{where}/rolebindings", body={
+                                   "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                                   "metadata": {"name": "direct-dev"},
+                                   "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                               "name": "direct-dev"},
+                                   "subjects": [{"kind": "ServiceAccount", "name": "dev", "namespace": ns}]})
+        dev = await _sa_target(admin, ns, "dev", tmp_path)
+        plane = DirectPlane(dev, [ns, other])
+        await plane.start()
+        try:
+            st = plane.status()
+            # no cluster-wide list for this user: it watches per namespace, and knows where it may forward
+            assert st.active and st.namespaces_denied == [other], st
+            assert st.reason == f"pods/portforward allowed in {ns}", st
+            await _wait_resolves(plane, other_cluster_ip, 80)
+            # the denied namespace: None, by ClusterIP and by pod IP, and no session was tried
+            assert await plane.dial(other_cluster_ip, 80) is None
+            assert await plane.dial(other_pod_ip, 7070) is None
+            assert plane.status().sessions_opened == 0 and plane.status().fallbacks == 2
+            # the allowed one works for the same user
+            await _wait_resolves(plane, cluster_ip, 80)
+            assert await roundtrip(plane, cluster_ip, 80, b"allowed") == b"allowed"
+            # the legitimate path for the other namespace: an admin grants portforward there; an upgrade
+            # refused with 403 (here: the grant withdrawn in the allowed one) marks it denied at once
+            await kube.request(admin, "PATCH", f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles/direct-dev",
+                               body=[{"op": "replace", "path": "/rules", "value": read}],
+                               content_type="application/json-patch+json")
+            for _ in range(50):
+                for s in list(plane._sessions.values()):
+                    s.close("test: force a new upgrade")
+                conn = await plane.dial(pod_ip, 7070)
+                if conn is None:
+                    break
+                conn.abort()
+                await asyncio.sleep(0.2)  # the RBAC cache of the API server catches up
+            assert conn is None and ns in plane.status().namespaces_denied, plane.status()
+        finally:
+            await plane.aclose()
+    finally:
+        await kube.request(admin, "DELETE", f"/api/v1/namespaces/{other}", accept_status=(404,))
