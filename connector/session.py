@@ -12,10 +12,12 @@ daemon everything but system-wide outbound works.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
 import socket
+import struct
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
 
@@ -470,6 +472,16 @@ class Session:
 
     async def _forward_conn(self, dst: tuple[str, int, str], reader: asyncio.StreamReader,
                             writer: asyncio.StreamWriter) -> None:
+        if not dst[2] and self.plane is not None:  # the in-kernel sockets' loopback ports: direct first
+            try:
+                conn = await self.plane.dial(dst[0], dst[1])
+            except DirectDialRefused as exc:
+                log.info("forward to %s:%d refused: %s", dst[0], dst[1], exc)
+                _reset(writer)
+                return
+            if conn is not None:
+                await direct_pipe(conn)(reader, writer, b"")
+                return
         link = self.link
         if link is None:
             writer.close()
@@ -731,6 +743,15 @@ class Session:
         self.plane = self.handoff = None
         self.changed.set()
         log.info("session %s closed", self.session_id)
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """End a local client's connection with a reset, as a refused dial in the cluster would."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
 
 
 def _intercept_hint(exc: grpc.aio.AioRpcError) -> str:

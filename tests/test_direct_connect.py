@@ -302,3 +302,37 @@ except OSError as exc:
         assert _plane(lap)["handoff_linked"] is True
     finally:
         lap.run(["tpnb", "quit", "--daemon"], check=False)
+
+
+def test_rootless_faces_dial_direct_first(lap: LaptopRunner) -> None:
+    """Without the root daemon: the SOCKS5/HTTP proxy and the in-process socket hooks go direct too."""
+    lap.run(["tpnb", "quit", "--daemon"], check=False)
+    lap.run(["tpnb", "connect", "--no-root", "--namespace", NS], timeout=120)
+    try:
+        doc = json.loads(lap.run(["tpnb", "status", "-o", "json"]).stdout)
+        assert doc["outbound_mode"] == "rootless" and doc["data_plane"]["plane"] == "direct", doc
+        before = doc["data_plane"]["dials"]
+        socks, http = doc["proxy_socks_url"], doc["proxy_http_url"]
+        for argv in (["curl", "-sS", "--max-time", "10", "-x", socks, f"http://hello.{NS}/socks"],
+                     ["curl", "-sS", "--max-time", "10", "-x", http, f"http://hello.{NS}/http"],
+                     ["curl", "-sS", "--max-time", "10", "-p", "-x", http, f"http://hello.{NS}/connect"]):
+            r = lap.run(argv, check=False, timeout=30)
+            assert r.returncode == 0 and "client_address=127.0.0.1" in r.stdout, (argv, r.stdout, r.stderr)
+        # Python code in a process with the hooks on (what `%tp connect` does in a kernel): no proxy variables
+        script = f"""
+import urllib.request
+from tpnb import api, rootless
+s = api.Session()
+assert rootless.enable_in_process(s, s.status(), set_env=False)
+body = urllib.request.build_opener(urllib.request.ProxyHandler({{}})).open("http://hello.{NS}/hooks", timeout=10).read()
+print(body.decode())
+"""
+        r = lap.run(["python3", "-c", script], check=False, timeout=60)
+        assert r.returncode == 0 and "client_address=127.0.0.1" in r.stdout, (r.stdout, r.stderr[-2000:])
+        assert json.loads(lap.run(["tpnb", "status", "-o", "json"]).stdout)["data_plane"]["dials"] - before == 4
+        # a refused port through SOCKS: the proxy answers "connection refused" (curl exit 97 / 7)
+        _, pod_ip = _ips(lap, NS)
+        r = lap.run(["curl", "-sS", "--max-time", "10", "-x", socks, f"http://{pod_ip}:8081/"], check=False)
+        assert r.returncode in (7, 52, 56, 97), (r.returncode, r.stderr)
+    finally:
+        lap.run(["tpnb", "quit", "--daemon"], check=False)
