@@ -296,6 +296,8 @@ class _Reflector:
         self.namespace = namespace
         self.path = _list_path(kind, namespace)
         self.first = asyncio.Event()
+        #: a list succeeded at least once (the book has this kind's objects)
+        self.listed = False
         self.denied = False
         self.error = ""
         self.events = 0
@@ -309,6 +311,7 @@ class _Reflector:
                 book.replace(self.kind, list(got.get("items") or []), self.namespace)
                 rv = str((got.get("metadata") or {}).get("resourceVersion") or "")
                 self.error = ""
+                self.listed = True
                 self.first.set()
                 backoff = 1.0
                 while True:  # watch again from the last version until it is too old
@@ -408,10 +411,6 @@ class DirectPlane:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await asyncio.gather(*(self._allowed(ns) for ns in self.namespaces))
-        live = [r for r in self._reflectors if not r.denied]
-        if not live or all(r.error for r in live):
-            why = "; ".join(sorted({r.error for r in self._reflectors if r.error})) or "no watch started"
-            self._unusable = f"cannot watch Services/EndpointSlices/Pods: {why}"
         log.info("direct plane: %s", self.status().reason)
 
     def _reflect(self, kind: str, namespace: str | None) -> _Reflector:
@@ -440,6 +439,9 @@ class DirectPlane:
             active, reason = False, "not started"
         elif self._unusable:
             active, reason = False, self._unusable
+        elif self._reflectors and not any(r.listed for r in self._reflectors):
+            why = "; ".join(sorted({r.error for r in self._reflectors if r.error})) or "no list answered yet"
+            active, reason = False, f"cannot watch Services/EndpointSlices/Pods: {why}"
         elif self._cluster_wide:
             active, reason = True, "pods/portforward allowed cluster-wide"
         else:
@@ -507,23 +509,23 @@ class DirectPlane:
         self._rbac[namespace] = (False, time.monotonic())
 
     # ------------------------------------------------------------ sessions
-    async def _session(self, namespace: str, pod: str, timeout: float) -> SpdySession:
+    async def _session(self, namespace: str, pod: str, timeout: float, port: int = 0) -> SpdySession:
         key = (namespace, pod)
         s = self._sessions.get(key)
         if s is not None and s.usable:
             return s
         task = self._opening.get(key)
         if task is None:
-            task = asyncio.create_task(self._open_session(key, timeout), name=f"direct session {namespace}/{pod}")
+            task = asyncio.create_task(self._open_session(key, timeout, port), name=f"direct session {namespace}/{pod}")
             self._opening[key] = task
         return await asyncio.shield(task)
 
-    async def _open_session(self, key: tuple[str, str], timeout: float) -> SpdySession:
+    async def _open_session(self, key: tuple[str, str], timeout: float, port: int) -> SpdySession:
         from .portforward import portforward_path
 
         try:
             s = await SpdySession.connect(self.target, key[0], key[1], timeout, portforward_path(*key),
-                                          self.idle_timeout, self._session_closed)
+                                          self.idle_timeout, self._session_closed, port)
         finally:
             self._opening.pop(key, None)
         if self._closed:
@@ -573,7 +575,7 @@ class DirectPlane:
                 break
             session: SpdySession | None = None
             try:
-                session = await self._session(target.namespace, target.pod, left)
+                session = await self._session(target.namespace, target.pod, left, target.port)
                 reused = session.opened > 0
                 # a dead connection nobody noticed (laptop slept): give a reused session half the time
                 st = await session.open_pair(target.port, left / 2 if reused and attempt == 0 else left)

@@ -559,6 +559,8 @@ PENDING_LOW = 1024 * 1024
 REFUSAL_WAIT = 1.0
 #: sendmsg takes at most IOV_MAX (1024) buffers
 _IOV_MAX = 512
+#: first upload buffer of a stream (grows to FRAME_MAX once a read fills it)
+UP_FIRST = 16 * 1024
 
 
 class SessionClosed(Exception):
@@ -783,7 +785,8 @@ class MuxStream:
     async def pump_up(self, sock: socket.socket) -> None:
         """Local socket -> data frames until the local EOF, then FIN."""
         loop = asyncio.get_running_loop()
-        buf = bytearray(FRAME_MAX + 8)
+        # small at first (most connections are requests); a read that fills it makes it FRAME_MAX
+        buf = bytearray(UP_FIRST + 8)
         view = memoryview(buf)
         into = view[8:]
         session = self.session
@@ -795,6 +798,11 @@ class MuxStream:
                 self.send_fin()
                 await session.drain()
                 return
+            if n == len(into) and len(into) < FRAME_MAX:
+                buf = bytearray(FRAME_MAX + 8)
+                buf[8:8 + n] = into[:n]
+                view = memoryview(buf)
+                into = view[8:]
             view[:8] = data_header(self.data_id, 0, n)
             # the SSL transport may keep a reference until it is encrypted: hand it a copy
             session.write(bytes(view[: n + 8]))
@@ -855,6 +863,15 @@ class SpdySession:
         self._paused = False
         self._idle: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
+        sock = conn.get_extra_info("socket")
+        if sock is not None:
+            # a connection that died silently (laptop asleep, network changed) under a long-lived
+            # forwarded connection is noticed within about a minute, not after hours
+            with contextlib.suppress(OSError, AttributeError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
         conn.sink = self._feed
         self._arm_idle()
         if conn.available or conn.eof:
@@ -863,10 +880,11 @@ class SpdySession:
     # ------------------------------------------------------------ open
     @classmethod
     async def connect(cls, t: KubeTarget, namespace: str, pod: str, timeout: float, path: str,
-                      idle_timeout: float = 30.0,
-                      on_close: Callable[[SpdySession], None] | None = None) -> SpdySession:
-        """Upgrade a new connection; raises ClusterError / SpdyUnsupported like `open_stream`."""
-        conn = await _upgrade(t, path, namespace, pod, 0, timeout)
+                      idle_timeout: float = 30.0, on_close: Callable[[SpdySession], None] | None = None,
+                      port: int = 0) -> SpdySession:
+        """Upgrade a new connection; raises ClusterError / SpdyUnsupported like `open_stream`
+        (`port`: the first stream's, for messages only)."""
+        conn = await _upgrade(t, path, namespace, pod, port, timeout)
         return cls(conn, f"{namespace}/{pod}", idle_timeout, on_close)
 
     @property
