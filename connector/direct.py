@@ -550,15 +550,21 @@ class DirectPlane:
         """Where a dial to ip:port would go (no network)."""
         return self.book.resolve(ip, port)
 
-    async def dial(self, ip: str, port: int, timeout: float = 10.0) -> DirectConn | None:
+    async def dial(self, ip: str, port: int, timeout: float = 10.0, *,
+                   refusal_wait: float = 0.0) -> DirectConn | None:
         """None: not for the direct plane (unknown address, RBAC denies the namespace, no ready
         endpoint) -- the caller uses the manager. Raises `DirectDialRefused(message)` when the pod
         side refused (the SPDY error stream's text), so callers can reset the client like a refused dial.
 
-        A refusal the runtime reports only after it accepted the streams (the
-        usual order: it dials once both streams are there, and a successful
-        dial is silent) surfaces in `DirectConn.relay` instead, which then
-        resets the client socket: the client sees the same thing.
+        The runtime dials the pod's port only once it accepted both streams,
+        and a successful dial is silent: its refusal arrives about 1.3 ms
+        after the data stream's reply (measured on the dev cluster), i.e.
+        after this returns.  Such a late refusal makes `DirectConn.relay`
+        reset the client socket, which the client sees as for a refused
+        dial after accept (the redirect path).  A caller that must answer
+        before relaying (a SOCKS5 reply) passes `refusal_wait` (seconds):
+        dial then waits that long for a refusal, returning early when the
+        pod sends data or ends its side.  Costs nothing when 0 (default).
         """
         if self._closed or not self._started or self._unusable:
             self._fallbacks += 1
@@ -604,6 +610,15 @@ class DirectPlane:
                     if not session.streams:
                         session.close("no answer to a new stream")
                 continue
+            if refusal_wait > 0:
+                try:
+                    await st.settled(min(refusal_wait, max(0.0, deadline - loop.time())))
+                except StreamRefused as exc:
+                    self._dial_errors += 1
+                    raise DirectDialRefused(str(exc)) from None
+                except StreamReset as exc:
+                    log.debug("direct plane: %s: %s", target, exc)
+                    continue
             self._dials += 1
             return DirectConn(self, st, target)
         self._fallbacks += 1

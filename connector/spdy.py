@@ -609,6 +609,8 @@ class MuxStream:
         self._fin_waiting = False  # the data stream ended with no data: waiting for the error text
         self._refusal_timer: asyncio.TimerHandle | None = None
         self._linger_timer: asyncio.TimerHandle | None = None
+        #: set whenever something arrives for this stream (see `settled`)
+        self._activity: asyncio.Event | None = None
         # the caller may never await these (e.g. a dial that timed out): no "never retrieved" noise
         self.down_done.add_done_callback(_consume)
         self.replied.add_done_callback(_consume)
@@ -624,6 +626,7 @@ class MuxStream:
             return  # reset / failed: drop
         n = sum(len(v) for v in views)
         self.received += n
+        self._poke()
         if self.sock is None or self._pending:
             self._keep(views, 0)
             return
@@ -721,6 +724,7 @@ class MuxStream:
             self._after_fin()
 
     def _after_fin(self) -> None:
+        self._poke()
         if self.error.strip() and self.received == 0:
             self._fail(StreamRefused(self.error.strip()))
             return
@@ -753,8 +757,13 @@ class MuxStream:
             self._fail(StreamReset(f"the pod side reported: {self.error.strip()}"))
         self.session._maybe_finished(self)
 
+    def _poke(self) -> None:
+        if self._activity is not None:
+            self._activity.set()
+
     def _fail(self, exc: Exception) -> None:
         """The stream is over abnormally (reset, refused, broken session)."""
+        self._poke()
         if not self.replied.done():
             self.replied.set_exception(exc)
         if not self.down_done.done():
@@ -764,6 +773,33 @@ class MuxStream:
         self.session._forget(self)
 
     # ------------------------------------------------------ for the relay
+    async def settled(self, timeout: float) -> None:
+        """Wait up to `timeout` for a sign of how the runtime's dial went.
+
+        A successful dial is silent; a refused one shows as the error text
+        about a millisecond after the data stream's reply (containerd, dev
+        cluster).  Returns early once the pod sent data or ended its side;
+        raises `StreamRefused` / `StreamReset` when it failed.  Returning
+        after `timeout` means "no refusal so far".
+        """
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while True:
+            if self.down_done.done():
+                exc = self.down_done.exception()
+                if exc is not None:
+                    raise exc
+                return
+            if self.received or (self.remote_fin and not self._fin_waiting):
+                return
+            left = end - loop.time()
+            if left <= 0:
+                return
+            self._activity = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._activity.wait(), left)
+            self._activity = None
+
     def attach(self, sock: socket.socket) -> None:
         """Start delivering pod bytes to `sock` (non-blocking): what came early first."""
         self.sock = sock

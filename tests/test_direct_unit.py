@@ -634,3 +634,43 @@ async def test_reflector_lists_rewatches_from_the_last_version_and_relists_when_
     r = direct._Reflector(plane, "Service", None)
     await asyncio.wait_for(r.run(), 2)  # a 403 on the first list ends it: the plane watches per namespace
     assert r.denied and r.first.is_set() and "forbidden" in r.error
+
+
+async def test_dial_with_refusal_wait_raises_a_late_refusal_and_returns_early_on_data(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    plane = fake_plane()
+    plane.book.replace("Pod", [pod("ok", "app", "10.244.0.10")])
+    plane._rbac = {"ok": (True, 1e18)}
+    s, conn, _, _ = new_session()
+
+    async def session(ns: str, name: str, timeout: float, port: int = 0) -> spdy.SpdySession:
+        return s
+
+    monkeypatch.setattr(plane, "_session", session)
+
+    async def dial_and(answer: bytes, wait: float) -> tuple[Any, float]:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        task = asyncio.create_task(plane.dial("10.244.0.10", 80, refusal_wait=wait))
+        for _ in range(100):
+            await asyncio.sleep(0)
+            if s.streams:
+                break
+        did = s.next_id - 2
+        feed(conn, syn_reply(did - 2) + syn_reply(did))  # accepted first, as the runtime does...
+        await asyncio.sleep(0.02)
+        feed(conn, answer)  # ...then what its dial gave
+        try:
+            return await asyncio.wait_for(task, 5), loop.time() - t0
+        except DirectDialRefused as exc:
+            return exc, loop.time() - t0
+
+    got, _ = await dial_and(data_frame(s.next_id, b"connect: connection refused", fin=True), 5)  # error stream
+    assert isinstance(got, DirectDialRefused) and "refused" in str(got)
+    got, took = await dial_and(data_frame(s.next_id + 2, b"SSH-2.0-banner\r\n"), 5)  # data: the pod spoke first
+    assert isinstance(got, DirectConn) and took < 1
+    got.abort()
+    got, took = await dial_and(b"", 0.2)  # silence: a successful dial, after the wait
+    assert isinstance(got, DirectConn) and 0.2 <= took < 1
+    got.abort()
+    assert plane.status().dial_errors == 1 and plane.status().dials == 2
