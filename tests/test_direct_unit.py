@@ -674,3 +674,29 @@ async def test_dial_with_refusal_wait_raises_a_late_refusal_and_returns_early_on
     assert isinstance(got, DirectConn) and 0.2 <= took < 1
     got.abort()
     assert plane.status().dial_errors == 1 and plane.status().dials == 2
+
+
+async def test_rbac_answers_are_cached_and_a_denial_is_asked_again_later(monkeypatch: pytest.MonkeyPatch) -> None:
+    plane = fake_plane()
+    asked: list[str] = []
+    allowed = {"a": True, "b": False}
+
+    async def ssar(ns: str) -> bool:
+        asked.append(ns)
+        await asyncio.sleep(0.01)
+        return allowed[ns]
+
+    monkeypatch.setattr(plane, "_ssar", ssar)
+    # concurrent first dials into a namespace share one review
+    assert await asyncio.gather(plane._allowed("a"), plane._allowed("a"), plane._allowed("b")) == [True, True, False]
+    assert sorted(asked) == ["a", "b"]
+    assert await plane._allowed("a") and not await plane._allowed("b") and len(asked) == 2  # cached
+    # an admin grants b; once the denial is older than its TTL the next dial answers from the cache
+    # (still denied: no wait) and asks again behind it
+    allowed["b"] = True
+    monkeypatch.setattr(direct, "RBAC_TTL_DENIED", 0.0)
+    assert not await plane._allowed("b")
+    await asyncio.sleep(0.05)
+    assert await plane._allowed("b") and asked.count("b") == 2
+    plane._deny("a")  # a 403 from an upgrade
+    assert plane.status().namespaces_denied == ["a"]
