@@ -11,8 +11,13 @@ CPU per megabyte on WebSocket than on SPDY, and every hop shares those two
 cores.  The daemon's single port-forward carries every connected flow, so
 this is its hot path.
 
-Only what port-forwarding needs is implemented (a client that opens one
-error stream and one data stream per forwarded connection):
+Only what port-forwarding needs is implemented, as a client, in two shapes:
+`open_stream` / `SpdyStream` (one upgraded connection per forwarded
+connection: the connector's single long-lived tunnel to the manager) and
+`SpdySession` / `MuxStream` (one upgraded connection per pod, an error + data
+stream pair per forwarded connection tied by the ``requestID`` header, as
+kubectl does: the direct data plane, connector/direct.py, where new
+connections must be cheap).  Common to both:
 
 * frames: 8-byte headers; control frames are ``0x8003 type flags length``,
   data frames ``stream-id flags length``;

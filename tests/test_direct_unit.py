@@ -36,6 +36,23 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+_OPEN: list[socket.socket] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_test_sockets() -> Any:
+    """Every socket a test made is closed after it (the relays close their own ends already)."""
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
+
+
+def spair() -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair()
+    _OPEN.extend((a, b))
+    return a, b
+
+
 # ====================================================================== objects
 def service(ns: str, name: str, ip: str, ports: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:
     return {"metadata": {"namespace": ns, "name": name},
@@ -216,8 +233,8 @@ async def test_open_pair_waits_for_the_data_streams_reply() -> None:
 async def test_frames_are_dispatched_by_stream_id_and_fin_half_closes_one() -> None:
     s, conn, tr, _ = new_session()
     a, b = await open_pair(s, conn, 1), await open_pair(s, conn, 2)
-    a_loc, a_cli = socket.socketpair()
-    b_loc, b_cli = socket.socketpair()
+    a_loc, a_cli = spair()
+    b_loc, b_cli = spair()
     for x in (a_loc, b_loc, a_cli, b_cli):
         x.setblocking(False)
     feed(conn, data_frame(3, b"early-a"))  # before the relay attached its socket: kept
@@ -269,7 +286,7 @@ async def test_refusal_and_reset_fail_only_their_stream() -> None:
 async def test_an_empty_answer_is_no_refusal() -> None:
     s, conn, _, _ = new_session()
     st = await open_pair(s, conn, 80)
-    loc, cli = socket.socketpair()
+    loc, cli = spair()
     st.attach(loc)
     feed(conn, data_frame(st.error_id, b"", fin=True) + data_frame(st.data_id, b"", fin=True))
     await asyncio.wait_for(st.down_done, 1)
@@ -318,7 +335,7 @@ async def test_idle_close_goaway_and_id_exhaustion() -> None:
 async def test_a_stalled_reader_pauses_the_connection_until_it_drains() -> None:
     s, conn, tr, _ = new_session()
     st = await open_pair(s, conn, 1)
-    loc, cli = socket.socketpair()
+    loc, cli = spair()
     loc.setblocking(False)
     st.attach(loc)
     chunk = b"z" * 200_000
@@ -345,6 +362,7 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
     with socket.create_server(("127.0.0.1", 0)) as srv:
         client = socket.create_connection(srv.getsockname())
         mine, _ = srv.accept()
+    _OPEN.extend((mine, client))
     return mine, client
 
 
@@ -358,7 +376,7 @@ async def test_relay_half_closes_both_ways() -> None:
     s, conn, tr, _ = new_session()
     st = await open_pair(s, conn, 7070)
     plane = fake_plane()
-    mine, client = socket.socketpair()
+    mine, client = spair()
     relay = asyncio.create_task(DirectConn(plane, st, PodTarget("ns", "pod", 7070, "pod")).relay(mine, b"GET /"))
     loop = asyncio.get_running_loop()
     client.setblocking(False)
@@ -385,7 +403,7 @@ async def test_relay_half_closes_both_ways() -> None:
 async def test_relay_lets_the_client_keep_sending_after_the_pods_fin() -> None:
     s, conn, tr, _ = new_session()
     st = await open_pair(s, conn, 7070)
-    mine, client = socket.socketpair()
+    mine, client = spair()
     relay = asyncio.create_task(DirectConn(fake_plane(), st, PodTarget("n", "p", 1, "pod")).relay(mine))
     feed(conn, data_frame(st.error_id, b"", fin=True) + data_frame(st.data_id, b"bye", fin=True))
     await asyncio.sleep(0.05)  # the relay attaches the socket and delivers
@@ -511,7 +529,7 @@ def test_status_before_start_and_with_a_proxy() -> None:
 async def test_relay_uploads_in_frames_that_grow_to_frame_max() -> None:
     s, conn, tr, _ = new_session()
     st = await open_pair(s, conn, 1)
-    mine, client = socket.socketpair()
+    mine, client = spair()
     relay = asyncio.create_task(DirectConn(fake_plane(), st, PodTarget("n", "p", 1, "pod")).relay(mine))
     payload = bytes(range(256)) * 4096  # 1 MiB
     loop = asyncio.get_running_loop()
