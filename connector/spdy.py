@@ -566,6 +566,9 @@ REFUSAL_WAIT = 1.0
 _IOV_MAX = 512
 #: first upload buffer of a stream (grows to FRAME_MAX once a read fills it)
 UP_FIRST = 16 * 1024
+#: a stream nobody attached a socket to within this many seconds after it was set up is reset
+#: (a caller that dropped its connection must not keep the session from idling out)
+ATTACH_TIMEOUT = 30.0
 
 
 class SessionClosed(Exception):
@@ -616,6 +619,7 @@ class MuxStream:
         self._linger_timer: asyncio.TimerHandle | None = None
         #: set whenever something arrives for this stream (see `settled`)
         self._activity: asyncio.Event | None = None
+        self._attach_timer: asyncio.TimerHandle | None = loop.call_later(ATTACH_TIMEOUT, self._never_attached)
         # the caller may never await these (e.g. a dial that timed out): no "never retrieved" noise
         self.down_done.add_done_callback(_consume)
         self.replied.add_done_callback(_consume)
@@ -762,6 +766,12 @@ class MuxStream:
             self._fail(StreamReset(f"the pod side reported: {self.error.strip()}"))
         self.session._maybe_finished(self)
 
+    def _never_attached(self) -> None:
+        self._attach_timer = None
+        if self.sock is None and not self.finished:
+            log.debug("direct stream %s: no socket attached within %.0fs; reset", self.label, ATTACH_TIMEOUT)
+            self.reset("never used")
+
     def _poke(self) -> None:
         if self._activity is not None:
             self._activity.set()
@@ -808,6 +818,9 @@ class MuxStream:
     def attach(self, sock: socket.socket) -> None:
         """Start delivering pod bytes to `sock` (non-blocking): what came early first."""
         self.sock = sock
+        if self._attach_timer is not None:
+            self._attach_timer.cancel()
+            self._attach_timer = None
         if self._pending:
             self._writer = True
             asyncio.get_running_loop().add_writer(sock, self._flush)
@@ -1101,6 +1114,9 @@ class SpdySession:
             self._forget(st)
 
     def _forget(self, st: MuxStream) -> None:
+        if st._attach_timer is not None:
+            st._attach_timer.cancel()
+            st._attach_timer = None
         if st._linger_timer is not None:
             st._linger_timer.cancel()
             st._linger_timer = None

@@ -718,3 +718,12 @@ async def test_rbac_answers_are_cached_and_a_denial_is_asked_again_later(monkeyp
     assert await plane._allowed("b") and asked.count("b") == 2
     plane._deny("a")  # a 403 from an upgrade
     assert plane.status().namespaces_denied == ["a"]
+
+
+async def test_a_stream_nobody_attaches_is_reset_so_the_session_can_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spdy, "ATTACH_TIMEOUT", 0.05)
+    s, conn, tr, closed = new_session(idle=0.05)
+    st = await open_pair(s, conn, 1)  # a dial whose caller never relays nor aborts
+    await asyncio.sleep(0.3)
+    assert st.finished and s.closed and closed == ["idle"]
+    assert any(c and k == spdy.RST_STREAM for c, k, _, _ in parse_frames(bytes(tr.out)))
