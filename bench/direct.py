@@ -131,7 +131,7 @@ def main() -> None:
                   + "  ".join(f"{x['down_MBps']:.0f}/{x['up_MBps']:.0f}" for x in rs))
         gb = 2 * size * args.bulk_rounds / 1e9
         names = sorted({p for c in cpu.values() for p in c}, key=lambda p: -max(c.get(p, 0) for c in cpu.values()))
-        print("\nCPU core-seconds per GB moved during the bulk rounds (the tpnb bench listener is 'other'):")
+        print("\nCPU core-seconds per GB moved during the bulk rounds ('tpnb bench relay': bench/relay_only.py):")
         print("| process | " + " | ".join(bulk) + " |\n|---|" + "---|" * len(bulk))
         for p in names:
             print(f"| {p} | " + " | ".join(f"{cpu[k].get(p, 0.0) / gb:.2f}" for k in bulk) + " |")
