@@ -135,6 +135,8 @@ def _label(pid: str, comm: str) -> str:
             return "traffic-manager"
         if "server.py" in cmd:
             return "netbench server"
+        if "relay_only.py" in cmd:
+            return "tpnb bench relay"
         return "other"
     return comm if comm in _NAMED else "other"
 

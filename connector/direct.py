@@ -296,6 +296,8 @@ class _Reflector:
         self.namespace = namespace
         self.path = _list_path(kind, namespace)
         self.first = asyncio.Event()
+        #: a list succeeded at least once (the book has this kind's objects)
+        self.listed = False
         self.denied = False
         self.error = ""
         self.events = 0
@@ -309,6 +311,7 @@ class _Reflector:
                 book.replace(self.kind, list(got.get("items") or []), self.namespace)
                 rv = str((got.get("metadata") or {}).get("resourceVersion") or "")
                 self.error = ""
+                self.listed = True
                 self.first.set()
                 backoff = 1.0
                 while True:  # watch again from the last version until it is too old
@@ -408,10 +411,6 @@ class DirectPlane:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await asyncio.gather(*(self._allowed(ns) for ns in self.namespaces))
-        live = [r for r in self._reflectors if not r.denied]
-        if not live or all(r.error for r in live):
-            why = "; ".join(sorted({r.error for r in self._reflectors if r.error})) or "no watch started"
-            self._unusable = f"cannot watch Services/EndpointSlices/Pods: {why}"
         log.info("direct plane: %s", self.status().reason)
 
     def _reflect(self, kind: str, namespace: str | None) -> _Reflector:
@@ -440,6 +439,9 @@ class DirectPlane:
             active, reason = False, "not started"
         elif self._unusable:
             active, reason = False, self._unusable
+        elif self._reflectors and not any(r.listed for r in self._reflectors):
+            why = "; ".join(sorted({r.error for r in self._reflectors if r.error})) or "no list answered yet"
+            active, reason = False, f"cannot watch Services/EndpointSlices/Pods: {why}"
         elif self._cluster_wide:
             active, reason = True, "pods/portforward allowed cluster-wide"
         else:
@@ -507,23 +509,23 @@ class DirectPlane:
         self._rbac[namespace] = (False, time.monotonic())
 
     # ------------------------------------------------------------ sessions
-    async def _session(self, namespace: str, pod: str, timeout: float) -> SpdySession:
+    async def _session(self, namespace: str, pod: str, timeout: float, port: int = 0) -> SpdySession:
         key = (namespace, pod)
         s = self._sessions.get(key)
         if s is not None and s.usable:
             return s
         task = self._opening.get(key)
         if task is None:
-            task = asyncio.create_task(self._open_session(key, timeout), name=f"direct session {namespace}/{pod}")
+            task = asyncio.create_task(self._open_session(key, timeout, port), name=f"direct session {namespace}/{pod}")
             self._opening[key] = task
         return await asyncio.shield(task)
 
-    async def _open_session(self, key: tuple[str, str], timeout: float) -> SpdySession:
+    async def _open_session(self, key: tuple[str, str], timeout: float, port: int) -> SpdySession:
         from .portforward import portforward_path
 
         try:
             s = await SpdySession.connect(self.target, key[0], key[1], timeout, portforward_path(*key),
-                                          self.idle_timeout, self._session_closed)
+                                          self.idle_timeout, self._session_closed, port)
         finally:
             self._opening.pop(key, None)
         if self._closed:
@@ -548,15 +550,21 @@ class DirectPlane:
         """Where a dial to ip:port would go (no network)."""
         return self.book.resolve(ip, port)
 
-    async def dial(self, ip: str, port: int, timeout: float = 10.0) -> DirectConn | None:
+    async def dial(self, ip: str, port: int, timeout: float = 10.0, *,
+                   refusal_wait: float = 0.0) -> DirectConn | None:
         """None: not for the direct plane (unknown address, RBAC denies the namespace, no ready
         endpoint) -- the caller uses the manager. Raises `DirectDialRefused(message)` when the pod
         side refused (the SPDY error stream's text), so callers can reset the client like a refused dial.
 
-        A refusal the runtime reports only after it accepted the streams (the
-        usual order: it dials once both streams are there, and a successful
-        dial is silent) surfaces in `DirectConn.relay` instead, which then
-        resets the client socket: the client sees the same thing.
+        The runtime dials the pod's port only once it accepted both streams,
+        and a successful dial is silent: its refusal arrives about 1.3 ms
+        after the data stream's reply (measured on the dev cluster), i.e.
+        after this returns.  Such a late refusal makes `DirectConn.relay`
+        reset the client socket, which the client sees as for a refused
+        dial after accept (the redirect path).  A caller that must answer
+        before relaying (a SOCKS5 reply) passes `refusal_wait` (seconds):
+        dial then waits that long for a refusal, returning early when the
+        pod sends data or ends its side.  Costs nothing when 0 (default).
         """
         if self._closed or not self._started or self._unusable:
             self._fallbacks += 1
@@ -573,7 +581,7 @@ class DirectPlane:
                 break
             session: SpdySession | None = None
             try:
-                session = await self._session(target.namespace, target.pod, left)
+                session = await self._session(target.namespace, target.pod, left, target.port)
                 reused = session.opened > 0
                 # a dead connection nobody noticed (laptop slept): give a reused session half the time
                 st = await session.open_pair(target.port, left / 2 if reused and attempt == 0 else left)
@@ -602,6 +610,15 @@ class DirectPlane:
                     if not session.streams:
                         session.close("no answer to a new stream")
                 continue
+            if refusal_wait > 0:
+                try:
+                    await st.settled(min(refusal_wait, max(0.0, deadline - loop.time())))
+                except StreamRefused as exc:
+                    self._dial_errors += 1
+                    raise DirectDialRefused(str(exc)) from None
+                except StreamReset as exc:
+                    log.debug("direct plane: %s: %s", target, exc)
+                    continue
             self._dials += 1
             return DirectConn(self, st, target)
         self._fallbacks += 1

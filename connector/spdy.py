@@ -11,8 +11,13 @@ CPU per megabyte on WebSocket than on SPDY, and every hop shares those two
 cores.  The daemon's single port-forward carries every connected flow, so
 this is its hot path.
 
-Only what port-forwarding needs is implemented (a client that opens one
-error stream and one data stream per forwarded connection):
+Only what port-forwarding needs is implemented, as a client, in two shapes:
+`open_stream` / `SpdyStream` (one upgraded connection per forwarded
+connection: the connector's single long-lived tunnel to the manager) and
+`SpdySession` / `MuxStream` (one upgraded connection per pod, an error + data
+stream pair per forwarded connection tied by the ``requestID`` header, as
+kubectl does: the direct data plane, connector/direct.py, where new
+connections must be cheap).  Common to both:
 
 * frames: 8-byte headers; control frames are ``0x8003 type flags length``,
   data frames ``stream-id flags length``;
@@ -559,6 +564,11 @@ PENDING_LOW = 1024 * 1024
 REFUSAL_WAIT = 1.0
 #: sendmsg takes at most IOV_MAX (1024) buffers
 _IOV_MAX = 512
+#: first upload buffer of a stream (grows to FRAME_MAX once a read fills it)
+UP_FIRST = 16 * 1024
+#: a stream nobody attached a socket to within this many seconds after it was set up is reset
+#: (a caller that dropped its connection must not keep the session from idling out)
+ATTACH_TIMEOUT = 30.0
 
 
 class SessionClosed(Exception):
@@ -607,6 +617,9 @@ class MuxStream:
         self._fin_waiting = False  # the data stream ended with no data: waiting for the error text
         self._refusal_timer: asyncio.TimerHandle | None = None
         self._linger_timer: asyncio.TimerHandle | None = None
+        #: set whenever something arrives for this stream (see `settled`)
+        self._activity: asyncio.Event | None = None
+        self._attach_timer: asyncio.TimerHandle | None = loop.call_later(ATTACH_TIMEOUT, self._never_attached)
         # the caller may never await these (e.g. a dial that timed out): no "never retrieved" noise
         self.down_done.add_done_callback(_consume)
         self.replied.add_done_callback(_consume)
@@ -622,6 +635,7 @@ class MuxStream:
             return  # reset / failed: drop
         n = sum(len(v) for v in views)
         self.received += n
+        self._poke()
         if self.sock is None or self._pending:
             self._keep(views, 0)
             return
@@ -719,6 +733,7 @@ class MuxStream:
             self._after_fin()
 
     def _after_fin(self) -> None:
+        self._poke()
         if self.error.strip() and self.received == 0:
             self._fail(StreamRefused(self.error.strip()))
             return
@@ -751,8 +766,19 @@ class MuxStream:
             self._fail(StreamReset(f"the pod side reported: {self.error.strip()}"))
         self.session._maybe_finished(self)
 
+    def _never_attached(self) -> None:
+        self._attach_timer = None
+        if self.sock is None and not self.finished:
+            log.debug("direct stream %s: no socket attached within %.0fs; reset", self.label, ATTACH_TIMEOUT)
+            self.reset("never used")
+
+    def _poke(self) -> None:
+        if self._activity is not None:
+            self._activity.set()
+
     def _fail(self, exc: Exception) -> None:
         """The stream is over abnormally (reset, refused, broken session)."""
+        self._poke()
         if not self.replied.done():
             self.replied.set_exception(exc)
         if not self.down_done.done():
@@ -762,9 +788,39 @@ class MuxStream:
         self.session._forget(self)
 
     # ------------------------------------------------------ for the relay
+    async def settled(self, timeout: float) -> None:
+        """Wait up to `timeout` for a sign of how the runtime's dial went.
+
+        A successful dial is silent; a refused one shows as the error text
+        about a millisecond after the data stream's reply (containerd, dev
+        cluster).  Returns early once the pod sent data or ended its side;
+        raises `StreamRefused` / `StreamReset` when it failed.  Returning
+        after `timeout` means "no refusal so far".
+        """
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while True:
+            if self.down_done.done():
+                exc = self.down_done.exception()
+                if exc is not None:
+                    raise exc
+                return
+            if self.received or (self.remote_fin and not self._fin_waiting):
+                return
+            left = end - loop.time()
+            if left <= 0:
+                return
+            self._activity = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._activity.wait(), left)
+            self._activity = None
+
     def attach(self, sock: socket.socket) -> None:
         """Start delivering pod bytes to `sock` (non-blocking): what came early first."""
         self.sock = sock
+        if self._attach_timer is not None:
+            self._attach_timer.cancel()
+            self._attach_timer = None
         if self._pending:
             self._writer = True
             asyncio.get_running_loop().add_writer(sock, self._flush)
@@ -783,7 +839,8 @@ class MuxStream:
     async def pump_up(self, sock: socket.socket) -> None:
         """Local socket -> data frames until the local EOF, then FIN."""
         loop = asyncio.get_running_loop()
-        buf = bytearray(FRAME_MAX + 8)
+        # small at first (most connections are requests); a read that fills it makes it FRAME_MAX
+        buf = bytearray(UP_FIRST + 8)
         view = memoryview(buf)
         into = view[8:]
         session = self.session
@@ -795,6 +852,11 @@ class MuxStream:
                 self.send_fin()
                 await session.drain()
                 return
+            if n == len(into) and len(into) < FRAME_MAX:
+                buf = bytearray(FRAME_MAX + 8)
+                buf[8:8 + n] = into[:n]
+                view = memoryview(buf)
+                into = view[8:]
             view[:8] = data_header(self.data_id, 0, n)
             # the SSL transport may keep a reference until it is encrypted: hand it a copy
             session.write(bytes(view[: n + 8]))
@@ -855,6 +917,15 @@ class SpdySession:
         self._paused = False
         self._idle: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
+        sock = conn.get_extra_info("socket")
+        if sock is not None:
+            # a connection that died silently (laptop asleep, network changed) under a long-lived
+            # forwarded connection is noticed within about a minute, not after hours
+            with contextlib.suppress(OSError, AttributeError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
         conn.sink = self._feed
         self._arm_idle()
         if conn.available or conn.eof:
@@ -863,10 +934,11 @@ class SpdySession:
     # ------------------------------------------------------------ open
     @classmethod
     async def connect(cls, t: KubeTarget, namespace: str, pod: str, timeout: float, path: str,
-                      idle_timeout: float = 30.0,
-                      on_close: Callable[[SpdySession], None] | None = None) -> SpdySession:
-        """Upgrade a new connection; raises ClusterError / SpdyUnsupported like `open_stream`."""
-        conn = await _upgrade(t, path, namespace, pod, 0, timeout)
+                      idle_timeout: float = 30.0, on_close: Callable[[SpdySession], None] | None = None,
+                      port: int = 0) -> SpdySession:
+        """Upgrade a new connection; raises ClusterError / SpdyUnsupported like `open_stream`
+        (`port`: the first stream's, for messages only)."""
+        conn = await _upgrade(t, path, namespace, pod, port, timeout)
         return cls(conn, f"{namespace}/{pod}", idle_timeout, on_close)
 
     @property
@@ -1042,6 +1114,9 @@ class SpdySession:
             self._forget(st)
 
     def _forget(self, st: MuxStream) -> None:
+        if st._attach_timer is not None:
+            st._attach_timer.cancel()
+            st._attach_timer = None
         if st._linger_timer is not None:
             st._linger_timer.cancel()
             st._linger_timer = None

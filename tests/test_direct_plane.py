@@ -314,6 +314,14 @@ async def test_direct_refused_port_and_a_broken_session(app: tuple[KubeTarget, s
             reason = conn.error
         assert "connection refused" in reason and "9" in reason, reason
         assert plane.status().dial_errors == 1
+        # a caller that must answer before relaying (SOCKS5) waits for the runtime's verdict
+        with pytest.raises(DirectDialRefused, match="connection refused"):
+            await plane.dial(pod_ip, 9, refusal_wait=2.0)
+        assert plane.status().dial_errors == 2
+        # and a listening port passes that wait (silence, then a connection that works)
+        conn = await plane.dial(pod_ip, 7070, refusal_wait=0.2)
+        assert conn is not None
+        conn.abort()
         # the session survived the refusal
         assert await roundtrip(plane, pod_ip, 7070, b"still") == b"still"
         assert plane.status().sessions_opened == 1

@@ -36,6 +36,23 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+_OPEN: list[socket.socket] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_test_sockets() -> Any:
+    """Every socket a test made is closed after it (the relays close their own ends already)."""
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
+
+
+def spair() -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair()
+    _OPEN.extend((a, b))
+    return a, b
+
+
 # ====================================================================== objects
 def service(ns: str, name: str, ip: str, ports: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:
     return {"metadata": {"namespace": ns, "name": name},
@@ -216,8 +233,8 @@ async def test_open_pair_waits_for_the_data_streams_reply() -> None:
 async def test_frames_are_dispatched_by_stream_id_and_fin_half_closes_one() -> None:
     s, conn, tr, _ = new_session()
     a, b = await open_pair(s, conn, 1), await open_pair(s, conn, 2)
-    a_loc, a_cli = socket.socketpair()
-    b_loc, b_cli = socket.socketpair()
+    a_loc, a_cli = spair()
+    b_loc, b_cli = spair()
     for x in (a_loc, b_loc, a_cli, b_cli):
         x.setblocking(False)
     feed(conn, data_frame(3, b"early-a"))  # before the relay attached its socket: kept
@@ -269,7 +286,7 @@ async def test_refusal_and_reset_fail_only_their_stream() -> None:
 async def test_an_empty_answer_is_no_refusal() -> None:
     s, conn, _, _ = new_session()
     st = await open_pair(s, conn, 80)
-    loc, cli = socket.socketpair()
+    loc, cli = spair()
     st.attach(loc)
     feed(conn, data_frame(st.error_id, b"", fin=True) + data_frame(st.data_id, b"", fin=True))
     await asyncio.wait_for(st.down_done, 1)
@@ -318,7 +335,7 @@ async def test_idle_close_goaway_and_id_exhaustion() -> None:
 async def test_a_stalled_reader_pauses_the_connection_until_it_drains() -> None:
     s, conn, tr, _ = new_session()
     st = await open_pair(s, conn, 1)
-    loc, cli = socket.socketpair()
+    loc, cli = spair()
     loc.setblocking(False)
     st.attach(loc)
     chunk = b"z" * 200_000
@@ -345,6 +362,7 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
     with socket.create_server(("127.0.0.1", 0)) as srv:
         client = socket.create_connection(srv.getsockname())
         mine, _ = srv.accept()
+    _OPEN.extend((mine, client))
     return mine, client
 
 
@@ -358,7 +376,7 @@ async def test_relay_half_closes_both_ways() -> None:
     s, conn, tr, _ = new_session()
     st = await open_pair(s, conn, 7070)
     plane = fake_plane()
-    mine, client = socket.socketpair()
+    mine, client = spair()
     relay = asyncio.create_task(DirectConn(plane, st, PodTarget("ns", "pod", 7070, "pod")).relay(mine, b"GET /"))
     loop = asyncio.get_running_loop()
     client.setblocking(False)
@@ -385,7 +403,7 @@ async def test_relay_half_closes_both_ways() -> None:
 async def test_relay_lets_the_client_keep_sending_after_the_pods_fin() -> None:
     s, conn, tr, _ = new_session()
     st = await open_pair(s, conn, 7070)
-    mine, client = socket.socketpair()
+    mine, client = spair()
     relay = asyncio.create_task(DirectConn(fake_plane(), st, PodTarget("n", "p", 1, "pod")).relay(mine))
     feed(conn, data_frame(st.error_id, b"", fin=True) + data_frame(st.data_id, b"bye", fin=True))
     await asyncio.sleep(0.05)  # the relay attaches the socket and delivers
@@ -445,7 +463,7 @@ async def test_dial_falls_back_and_raises_refusals(monkeypatch: pytest.MonkeyPat
     s, conn, _, _ = new_session()
     opened: list[tuple[str, str]] = []
 
-    async def session(ns: str, name: str, timeout: float) -> spdy.SpdySession:
+    async def session(ns: str, name: str, timeout: float, port: int = 0) -> spdy.SpdySession:
         opened.append((ns, name))
         return s
 
@@ -486,7 +504,7 @@ async def test_dial_retries_once_on_a_session_that_broke() -> None:
     s, conn, _, _ = new_session()
     sessions = [dead, s]
 
-    async def session(ns: str, name: str, timeout: float) -> spdy.SpdySession:
+    async def session(ns: str, name: str, timeout: float, port: int = 0) -> spdy.SpdySession:
         return sessions.pop(0)
 
     plane._session = session  # type: ignore[method-assign]
@@ -506,3 +524,206 @@ def test_status_before_start_and_with_a_proxy() -> None:
     asyncio.run(plane.start())
     assert not plane.status().active and "proxy" in plane.status().reason
     assert direct.DirectStatus(active=True, reason="x").dials == 0
+
+
+async def test_relay_uploads_in_frames_that_grow_to_frame_max() -> None:
+    s, conn, tr, _ = new_session()
+    st = await open_pair(s, conn, 1)
+    mine, client = spair()
+    relay = asyncio.create_task(DirectConn(fake_plane(), st, PodTarget("n", "p", 1, "pod")).relay(mine))
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    loop = asyncio.get_running_loop()
+    client.setblocking(False)
+    await loop.sock_sendall(client, payload)
+    client.shutdown(socket.SHUT_WR)
+    for _ in range(200):
+        frames = [f for f in parse_frames(bytes(tr.out)) if not f[0]]
+        if frames and frames[-1][2] & spdy.FLAG_FIN:
+            break
+        await asyncio.sleep(0.01)
+    assert b"".join(f[3] for f in frames) == payload
+    assert len(frames[0][3]) <= spdy.UP_FIRST and max(len(f[3]) for f in frames) <= spdy.FRAME_MAX
+    feed(conn, data_frame(st.error_id, b"", fin=True) + data_frame(st.data_id, b"", fin=True))
+    await asyncio.wait_for(relay, 2)
+
+
+# ====================================================================== the watch helper
+async def test_watch_events_reads_chunked_lines_and_raises_http_errors() -> None:
+    """kube.watch_events against a local HTTP server that answers like the API server's watch."""
+    import json
+    import ssl
+
+    from kubernetes.client import ApiException
+
+    from tpnb.connector.kube import KubeTarget, watch_events
+
+    requests: list[str] = []
+    events = [{"type": "ADDED", "object": {"metadata": {"name": "a", "resourceVersion": "5"}}},
+              {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "6"}}},
+              {"type": "DELETED", "object": {"metadata": {"name": "a", "resourceVersion": "7"}}}]
+    body = b"".join(json.dumps(e).encode() + b"\n" for e in events)
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        head = (await r.readuntil(b"\r\n\r\n")).decode()
+        requests.append(head)
+        if "resourceVersion=old" in head:
+            msg = b'{"kind":"Status","code":410,"message":"too old resource version"}'
+            w.write(b"HTTP/1.1 410 Gone\r\nContent-Length: %d\r\n\r\n" % len(msg) + msg)
+        else:
+            w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for i in range(0, len(body), 37):  # chunks cut lines anywhere
+                part = body[i:i + 37]
+                w.write(b"%x\r\n" % len(part) + part + b"\r\n")
+                await w.drain()
+            w.write(b"0\r\n\r\n")
+        await w.drain()
+        w.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    t = KubeTarget(context="t", server=f"http://127.0.0.1:{port}", namespace="default",
+                   ssl_context=ssl.create_default_context(), headers={"Authorization": "Bearer xyz"},
+                   api=None)  # type: ignore[arg-type]
+    try:
+        got = [ev async for ev in watch_events(t, "/api/v1/pods", "4", 60, connect_timeout=5)]
+        assert [(typ, o["metadata"]["resourceVersion"]) for typ, o in got] == [("ADDED", "5"), ("BOOKMARK", "6"),
+                                                                                ("DELETED", "7")]
+        assert requests[0].startswith("GET /api/v1/pods?watch=1&resourceVersion=4&allowWatchBookmarks=true"
+                                      "&timeoutSeconds=60 HTTP/1.1")
+        assert "Authorization: Bearer xyz" in requests[0]
+        with pytest.raises(ApiException) as ei:
+            async for _ in watch_events(t, "/api/v1/pods", "old", 60, connect_timeout=5):
+                pass
+        assert ei.value.status == 410 and "too old" in ei.value.body
+    finally:
+        srv.close()
+        await srv.wait_closed()
+
+
+async def test_reflector_lists_rewatches_from_the_last_version_and_relists_when_too_old(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubernetes.client import ApiException
+
+    plane = fake_plane()
+    svc = lambda name, ip, rv: {**service("a", name, ip, [{"port": 80}]),  # noqa: E731
+                                "metadata": {"namespace": "a", "name": name, "resourceVersion": rv}}
+    lists = [{"metadata": {"resourceVersion": "10"}, "items": [svc("one", "10.96.0.1", "9")]},
+             {"metadata": {"resourceVersion": "20"}, "items": [svc("two", "10.96.0.2", "19")]}]
+    seen: list[str] = []
+    hold = asyncio.Event()
+
+    async def request(t: Any, method: str, path: str, **kw: Any) -> Any:
+        seen.append(f"list {path}")
+        return lists.pop(0)
+
+    async def watch(t: Any, path: str, rv: str, timeout_seconds: int = 300, **kw: Any) -> Any:
+        seen.append(f"watch {rv}")
+        if rv == "10":
+            yield "ADDED", svc("three", "10.96.0.3", "11")
+            yield "BOOKMARK", {"metadata": {"resourceVersion": "12"}}
+            return  # the server ended the watch (timeoutSeconds)
+        if rv == "12":
+            raise ApiException(status=410, reason="Gone")
+        await hold.wait()
+        yield "ERROR", {}
+
+    monkeypatch.setattr(direct.kube, "request", request)
+    monkeypatch.setattr(direct.kube, "watch_events", watch)
+    r = direct._Reflector(plane, "Service", "a")
+    task = asyncio.create_task(r.run())
+    try:
+        await asyncio.wait_for(r.first.wait(), 2)
+        for _ in range(100):
+            if seen[-1:] == ["watch 20"]:
+                break
+            await asyncio.sleep(0.01)
+        assert seen == ["list /api/v1/namespaces/a/services", "watch 10", "watch 12",
+                        "list /api/v1/namespaces/a/services", "watch 20"]
+        # the relist replaced what the namespace had
+        assert sorted(k[1] for k in plane.book.services) == ["two"] and r.listed and not r.error
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    async def forbidden(t: Any, method: str, path: str, **kw: Any) -> Any:
+        raise ApiException(status=403, reason="Forbidden", body='{"message": "services is forbidden"}')
+
+    monkeypatch.setattr(direct.kube, "request", forbidden)
+    r = direct._Reflector(plane, "Service", None)
+    await asyncio.wait_for(r.run(), 2)  # a 403 on the first list ends it: the plane watches per namespace
+    assert r.denied and r.first.is_set() and "forbidden" in r.error
+
+
+async def test_dial_with_refusal_wait_raises_a_late_refusal_and_returns_early_on_data(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    plane = fake_plane()
+    plane.book.replace("Pod", [pod("ok", "app", "10.244.0.10")])
+    plane._rbac = {"ok": (True, 1e18)}
+    s, conn, _, _ = new_session()
+
+    async def session(ns: str, name: str, timeout: float, port: int = 0) -> spdy.SpdySession:
+        return s
+
+    monkeypatch.setattr(plane, "_session", session)
+
+    async def dial_and(answer: bytes, wait: float) -> tuple[Any, float]:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        task = asyncio.create_task(plane.dial("10.244.0.10", 80, refusal_wait=wait))
+        for _ in range(100):
+            await asyncio.sleep(0)
+            if s.streams:
+                break
+        did = s.next_id - 2
+        feed(conn, syn_reply(did - 2) + syn_reply(did))  # accepted first, as the runtime does...
+        await asyncio.sleep(0.02)
+        feed(conn, answer)  # ...then what its dial gave
+        try:
+            return await asyncio.wait_for(task, 5), loop.time() - t0
+        except DirectDialRefused as exc:
+            return exc, loop.time() - t0
+
+    got, _ = await dial_and(data_frame(s.next_id, b"connect: connection refused", fin=True), 5)  # error stream
+    assert isinstance(got, DirectDialRefused) and "refused" in str(got)
+    got, took = await dial_and(data_frame(s.next_id + 2, b"SSH-2.0-banner\r\n"), 5)  # data: the pod spoke first
+    assert isinstance(got, DirectConn) and took < 1
+    got.abort()
+    got, took = await dial_and(b"", 0.2)  # silence: a successful dial, after the wait
+    assert isinstance(got, DirectConn) and 0.2 <= took < 1
+    got.abort()
+    assert plane.status().dial_errors == 1 and plane.status().dials == 2
+
+
+async def test_rbac_answers_are_cached_and_a_denial_is_asked_again_later(monkeypatch: pytest.MonkeyPatch) -> None:
+    plane = fake_plane()
+    asked: list[str] = []
+    allowed = {"a": True, "b": False}
+
+    async def ssar(ns: str) -> bool:
+        asked.append(ns)
+        await asyncio.sleep(0.01)
+        return allowed[ns]
+
+    monkeypatch.setattr(plane, "_ssar", ssar)
+    # concurrent first dials into a namespace share one review
+    assert await asyncio.gather(plane._allowed("a"), plane._allowed("a"), plane._allowed("b")) == [True, True, False]
+    assert sorted(asked) == ["a", "b"]
+    assert await plane._allowed("a") and not await plane._allowed("b") and len(asked) == 2  # cached
+    # an admin grants b; once the denial is older than its TTL the next dial answers from the cache
+    # (still denied: no wait) and asks again behind it
+    allowed["b"] = True
+    monkeypatch.setattr(direct, "RBAC_TTL_DENIED", 0.0)
+    assert not await plane._allowed("b")
+    await asyncio.sleep(0.05)
+    assert await plane._allowed("b") and asked.count("b") == 2
+    plane._deny("a")  # a 403 from an upgrade
+    assert plane.status().namespaces_denied == ["a"]
+
+
+async def test_a_stream_nobody_attaches_is_reset_so_the_session_can_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spdy, "ATTACH_TIMEOUT", 0.05)
+    s, conn, tr, closed = new_session(idle=0.05)
+    st = await open_pair(s, conn, 1)  # a dial whose caller never relays nor aborts
+    await asyncio.sleep(0.3)
+    assert st.finished and s.closed and closed == ["idle"]
+    assert any(c and k == spdy.RST_STREAM for c, k, _, _ in parse_frames(bytes(tr.out)))
