@@ -63,6 +63,7 @@ from tpnb.version import __version__  # noqa: E402
 
 from . import h2route, httproute  # noqa: E402
 from .agentlink import AgentLinks  # noqa: E402
+from tpnb.common.linkframes import LinkChannel  # noqa: E402
 from .wiretap import Wiretaps  # noqa: E402
 from .sftpjail import FilteringWriter, Jail  # noqa: E402
 from tpnb.common.forward import (  # noqa: E402
@@ -367,6 +368,9 @@ class Agent:
             chan = await self._open_tunnel(ic, peer)
             if chan is False:
                 writer.transport.abort()  # refused: the client sees a reset
+                return
+            if isinstance(chan, LinkChannel):  # the agent link: joined by callbacks (cluster/agentlink.py)
+                await self.links.splice(reader, writer, chan)
                 return
             if chan is not None:
                 up, down = await bridge(reader, writer, chan)

@@ -156,6 +156,24 @@ class AgentLinks:
                 return link.open_channel(peer)
         return None
 
+    async def splice(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ch: lf.LinkChannel) -> None:
+        """Serve an accepted connection over `ch` with callbacks (linkframes.Splice): its transport
+        leaves the StreamReader, taking along what the reader had buffered."""
+        sp = lf.Splice(ch)
+        # the reader's unread bytes and end-of-stream (no public API hands them over without a wait)
+        buf = getattr(reader, "_buffer", None)
+        buffered = bytes(buf) if buf else b""
+        if buf:
+            buf.clear()
+        eof = bool(getattr(reader, "_eof", False))
+        sp.take_over(writer.transport, buffered, eof)  # type: ignore[arg-type]
+        try:
+            await sp.done
+        except asyncio.CancelledError:
+            sp.abort()
+            ch.reset("the agent stops")
+            raise
+
     def update(self, intercepts: list[Any]) -> None:
         """New instructions: links of intercepts that ended here (or whose key changed) are closed."""
         keys = {ic.id: bytes(ic.link_secret) for ic in intercepts if ic.link_secret}

@@ -203,10 +203,15 @@ class LinkChannel:
         self.reset_reason = ""
         self.bytes_in = 0
         self.bytes_out = 0
+        #: when set, frames go straight to this socket's transport (no task per message, see `Splice`)
+        self.splice: Splice | None = None
 
     # -------------------------------------------------- from the link reader
     def _deliver(self, item: LinkFrame) -> None:
         if self.closed:
+            return
+        if self.splice is not None:
+            self.splice.from_link(item)
             return
         if item.kind == "data":
             self._buffered += len(item.data)
@@ -229,6 +234,8 @@ class LinkChannel:
     def _add_credit(self, n: int) -> None:
         self._credit += n
         self._wake_credit()
+        if self.splice is not None:
+            self.splice.credit_arrived()
 
     def _wake_credit(self) -> None:
         w = self._credit_waiter
@@ -239,6 +246,26 @@ class LinkChannel:
         if not self.got_end:
             self._deliver(LinkFrame("error", error=why))
         self._wake_credit()
+
+    def try_send(self, data: bytes) -> int:
+        """Send what the credit allows now (no waiting); returns the bytes sent."""
+        if self.closed or self.link.lost or self.sent_eof:
+            return 0
+        n = min(len(data), self._credit)
+        pos = 0
+        while pos < n:
+            m = min(n - pos, MAX_DATA)
+            chunk = data if m == len(data) else data[pos:pos + m]
+            self.link.write(HDR.pack(DATA, self.id, m), chunk)
+            pos += m
+        self._credit -= n
+        self.bytes_out += n
+        return n
+
+    def credit_back(self, n: int, force: bool = False) -> None:
+        """A splice wrote `n` more bytes to its socket."""
+        self._consumed += n
+        self._give_credit(force)
 
     # -------------------------------------------------- FrameChannel
     async def recv(self) -> LinkFrame | None:
@@ -367,6 +394,8 @@ class Link(asyncio.BufferedProtocol):
         self._flush_handle: asyncio.Handle | None = None
         self._paused = False
         self._drain: asyncio.Future[None] | None = None
+        #: splices that stopped reading their socket while our transport is over its high-water mark
+        self._blocked: set[Splice] = set()
         self.opened_total = 0
         self.last_heard = self.loop.time()
 
@@ -418,6 +447,9 @@ class Link(asyncio.BufferedProtocol):
         w = self._drain
         if w is not None and not w.done():
             w.set_result(None)
+        blocked, self._blocked = self._blocked, set()
+        for sp in blocked:
+            sp.link_resumed()
 
     # -------------------------------------------------- reading
     def _parse(self) -> None:
@@ -485,10 +517,18 @@ class Link(asyncio.BufferedProtocol):
 
     # -------------------------------------------------- writing
     def write(self, *parts: bytes) -> None:
+        """Frames go out at once: a small request's frame must not wait for a loop turn (measured: the
+        batching by call_soon cost more in latency than it saved in syscalls)."""
         if self.lost or self.transport is None:
             return
-        self._out.extend(parts)
-        if self._flush_handle is None:
+        if self._flush_handle is not None:  # corked (see `cork`): join the batch
+            self._out.extend(parts)
+            return
+        self.transport.write(parts[0] if len(parts) == 1 else b"".join(parts))
+
+    def cork(self) -> None:
+        """Collect writes until the end of this loop turn (several frames, one write)."""
+        if self._flush_handle is None and not self.lost:
             self._flush_handle = self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
@@ -549,3 +589,175 @@ class Link(asyncio.BufferedProtocol):
         self.conns.clear()
         if not self.closed.done():
             self.closed.set_result(self.lost)
+
+
+# ------------------------------------------------------------------ a socket joined to a channel by callbacks
+
+class Splice(asyncio.Protocol):
+    """Joins a LinkChannel and a TCP connection with callbacks only.
+
+    Why not forward.bridge (which works on a LinkChannel too): it runs two tasks per connection and
+    every message wakes one of them; on this 2-core VM a task wake-up costs tens of µs, paid on both
+    ends of a link for each request and response.  Here bytes read from the socket become a DATA frame
+    in the same callback, and a DATA frame is written to the socket as it is parsed.  Backpressure
+    stays bounded: the socket is not read while the channel lacks credit or the link's transport is
+    over its high-water mark, and credit is not returned while the socket's transport is.
+    """
+
+    def __init__(self, ch: LinkChannel) -> None:
+        self.ch = ch
+        self.loop = ch.link.loop
+        self.transport: asyncio.Transport | None = None
+        self.done: asyncio.Future[None] = self.loop.create_future()
+        self._pending = b""            # socket bytes waiting for credit
+        self._local_eof = False        # the socket's peer half-closed
+        self._reading_paused = False
+        self._write_paused = False
+        self._held = 0                 # written to the socket's transport while it was over high-water
+        self._got_eof = False
+        self.error = ""
+
+    # -------------------------------------------------- setup
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        ch = self.ch
+        ch.splice = self
+        queued = list(ch._inbox)  # frames that arrived before we were attached
+        ch._inbox.clear()
+        ch._buffered = 0
+        for item in queued:
+            self.from_link(item)
+
+    def take_over(self, transport: asyncio.Transport, buffered: bytes, eof: bool) -> None:
+        """Attach to a connection another protocol accepted (the agent's StreamReader's); `buffered`:
+        what it had read and not handed on, `eof`: whether the client already half-closed."""
+        transport.set_protocol(self)
+        self.connection_made(transport)
+        if buffered:
+            self.data_received(buffered)
+        if eof:
+            self.eof_received()
+        with contextlib.suppress(Exception):
+            if not self._reading_paused:
+                transport.resume_reading()
+
+    # -------------------------------------------------- socket -> link
+    def data_received(self, data: bytes) -> None:
+        if self._pending:
+            self._pending += data
+            self._pause_reading()
+            return
+        n = self.ch.try_send(data)
+        if n < len(data):
+            self._pending = data[n:]
+            self._pause_reading()
+        elif self.ch.link._paused:
+            self._pause_reading()
+            self.ch.link._blocked.add(self)
+
+    def eof_received(self) -> bool:
+        self._local_eof = True
+        if not self._pending:
+            self.ch.send_eof()
+            self._check_done()
+        return True  # keep the other direction open (a half-close)
+
+    def credit_arrived(self) -> None:
+        if self._pending:
+            n = self.ch.try_send(self._pending)
+            self._pending = self._pending[n:]
+        if not self._pending:
+            if self._local_eof:
+                self.ch.send_eof()
+                self._check_done()
+            elif not self.ch.link._paused:
+                self._resume_reading()
+            else:
+                self.ch.link._blocked.add(self)
+
+    def link_resumed(self) -> None:
+        if not self._pending and not self._local_eof:
+            self._resume_reading()
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            with contextlib.suppress(Exception):
+                self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None and not self.transport.is_closing():
+            self._reading_paused = False
+            with contextlib.suppress(Exception):
+                self.transport.resume_reading()
+
+    # -------------------------------------------------- link -> socket
+    def from_link(self, item: LinkFrame) -> None:
+        t = self.transport
+        if t is None:
+            return
+        if item.kind == "data":
+            n = len(item.data)
+            self.ch.bytes_in += n
+            t.write(item.data)
+            if self._write_paused:
+                self._held += n
+                if self._held > WINDOW:
+                    self.ch.link.protocol_error(f"connection {self.ch.id}: peer sent beyond its window")
+            else:
+                self.ch.credit_back(n)
+        elif item.kind == "eof":
+            self._got_eof = True
+            self.ch.got_end = True
+            self.ch._ended = True
+            if t.can_write_eof():
+                with contextlib.suppress(Exception):
+                    t.write_eof()
+            self._check_done()
+        else:  # error: reset the socket so its peer does not mistake this for a clean end
+            self.error = item.error or "reset by peer"
+            self.ch.got_end = True
+            self.ch.closed = True
+            self.ch.link.forget(self.ch.id)
+            self.abort()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._held:
+            held, self._held = self._held, 0
+            self.ch.credit_back(held, force=True)
+
+    # -------------------------------------------------- ending
+    def _check_done(self) -> None:
+        if self._got_eof and self.ch.sent_eof and not self._pending:
+            self.ch.closed = True
+            self.ch.link.forget(self.ch.id)
+            if self.transport is not None:
+                self.transport.close()  # after its buffer is written
+
+    def abort(self) -> None:
+        t = self.transport
+        if t is None:
+            return
+        sock = t.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        t.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ch.closed:
+            # the socket went away before both directions ended cleanly: the other side must not
+            # take a truncated stream for a complete one
+            self.error = self.error or (f"connection lost: {exc}" if exc else "connection closed early")
+            self.ch.reset(self.error)
+        self.ch.link._blocked.discard(self)
+        if not self.done.done():
+            self.done.set_result(None)

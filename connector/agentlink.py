@@ -37,7 +37,6 @@ from typing import Any
 
 from tpnb import config as tpnb_config
 from tpnb.common import linkframes as lf
-from tpnb.common.forward import SocketStream, bridge
 from tpnb.common.aio import oserror_text
 from tpnb.errors import PermissionDenied, TpnbError
 from tpnb.proto import pb
@@ -104,8 +103,10 @@ class _ConnectorSide(lf.Link):
     async def _serve(self, ch: lf.LinkChannel, ip: str, port: int) -> None:
         stats = self.owner.stats_for(self.ic_id)
         stats.via_link += 1
+        sp = lf.Splice(ch)  # frames queue in `ch` until the dial completes, then go out in order
         try:
-            conn = await SocketStream.connect(self.target_host, self.target_port, LOCAL_DIAL_TIMEOUT)
+            async with asyncio.timeout(LOCAL_DIAL_TIMEOUT):
+                await self.loop.create_connection(lambda: sp, self.target_host, self.target_port)
         except (OSError, TimeoutError) as exc:
             why = "timed out" if isinstance(exc, TimeoutError) else oserror_text(exc)
             stats.failed_local += 1
@@ -113,11 +114,13 @@ class _ConnectorSide(lf.Link):
             ch.reset(f"local {self.target_host}:{self.target_port}: {why}")
             return
         try:
-            await bridge(conn, conn, ch)  # type: ignore[arg-type]
-        except Exception as exc:  # noqa: BLE001 - one connection never ends the link
-            log.debug("intercepted connection from %s:%d ended: %r", ip, port, exc)
-            conn.abort()
-            ch.reset("connector failed")
+            await sp.done
+        except asyncio.CancelledError:
+            sp.abort()
+            ch.reset("the link ends")
+            raise
+        if sp.error:
+            log.debug("intercepted connection from %s:%d ended: %s", ip, port, sp.error)
 
     def _lose(self, why: str) -> None:
         super()._lose(why)

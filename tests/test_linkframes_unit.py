@@ -341,3 +341,46 @@ def test_connector_follows_the_intercept_list() -> None:
         assert not links.runners
         await links.aclose()
     run(main)
+
+
+def test_sockets_joined_by_callbacks_on_both_ends() -> None:
+    """The agent's accepted connection and the connector's dial, each spliced to the link (no tasks
+    per message): byte-exact both ways, half-close passed on, a local reset reaches the other end."""
+    async def main() -> None:
+        echo, app_port = await _echo_server()
+        secret = os.urandom(32)
+        intercepts = [pb.InterceptInfo(id=IID, state=pb.InterceptInfo.ACTIVE, link_secret=secret)]
+        agent = AgentSide(lambda: intercepts)
+        port = free_port()
+        await agent.start(port)
+        ic = pb.InterceptInfo(id=IID, state=pb.InterceptInfo.ACTIVE,
+                              spec=pb.InterceptSpec(target_host="127.0.0.1", local_port=app_port))
+        side, owner = await _connector_link(port, ic, secret)
+        await asyncio.sleep(0.05)
+
+        async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            ch = agent.channel_for(IID, w.get_extra_info("peername"))
+            assert ch is not None
+            await agent.splice(r, w, ch)
+        front = await asyncio.start_server(handle, "127.0.0.1", 0)
+        fport = front.sockets[0].getsockname()[1]
+
+        async def client(data: bytes) -> bytes:
+            r, w = await asyncio.open_connection("127.0.0.1", fport)
+            w.write(data)
+            await w.drain()
+            w.write_eof()   # half-close: the echo answers everything, then ends
+            got = await r.read(-1)
+            w.close()
+            return got
+        for i in range(20):
+            assert await client(f"req {i}".encode()) == f"req {i}".encode()
+        bulk = os.urandom(12 * 1024 * 1024)
+        got = await asyncio.gather(client(bulk), client(bulk[::-1]))
+        assert got[0] == bulk and got[1] == bulk[::-1]
+        assert owner.stats[IID].via_link == 22
+        assert not agent.links[IID][0].conns and not side.conns   # every channel ended and was forgotten
+        front.close()
+        await agent.stop()
+        echo.close()
+    run(main)
