@@ -524,7 +524,15 @@ class Link(asyncio.BufferedProtocol):
         if self._flush_handle is not None:  # corked (see `cork`): join the batch
             self._out.extend(parts)
             return
-        self.transport.write(parts[0] if len(parts) == 1 else b"".join(parts))
+        if len(parts) == 1:
+            self.transport.write(parts[0])
+        elif len(parts[-1]) > 16384:
+            # header and a large payload as two writes (no joined copy).  Not writelines: in 3.12.1
+            # it never calls pause_writing, so the link's backpressure would be lost
+            for p in parts:
+                self.transport.write(p)
+        else:
+            self.transport.write(b"".join(parts))
 
     def cork(self) -> None:
         """Collect writes until the end of this loop turn (several frames, one write)."""

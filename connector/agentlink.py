@@ -46,7 +46,7 @@ log = logging.getLogger("tpnb.connector.agentlink")
 #: seconds for the port-forward and the handshake of one link
 HANDSHAKE_TIMEOUT = 10.0
 #: how long to wait for a link before re-trying after a failure (doubling up to the max)
-MIN_BACKOFF, MAX_BACKOFF = 0.3, 5.0
+MIN_BACKOFF, MAX_BACKOFF = 0.1, 5.0  # the first retry soon: an agent may take its instructions a moment later
 #: how long a link that RBAC refused waits before it tries again
 DENIED_BACKOFF = 60.0
 #: a link silent this long (the agent pings every 10 s) is dropped
