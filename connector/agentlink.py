@@ -137,6 +137,8 @@ class AgentLinks:
         self.runners: dict[tuple[str, str], tuple[bytes, asyncio.Task[None]]] = {}
         self.live: dict[tuple[str, str], _ConnectorSide] = {}
         self.stats: dict[str, InterceptStats] = {}
+        #: links RBAC refused (no point in waiting for them)
+        self.denied: set[tuple[str, str]] = set()
         self._changed = asyncio.Event()
 
     def stats_for(self, ic_id: str) -> InterceptStats:
@@ -159,6 +161,7 @@ class AgentLinks:
             if key not in want or bytes(want[key][1].secret) != secret:
                 task.cancel()
                 del self.runners[key]
+                self.denied.discard(key)
         for key, (ic, link) in want.items():
             if key not in self.runners:
                 task = asyncio.ensure_future(self._run(key, ic, link))
@@ -176,6 +179,8 @@ class AgentLinks:
             keys = [k for k in self.runners if k[0] == ic_id]
             if keys and all(k in self.live for k in keys):
                 return True
+            if keys and all(k in self.denied for k in keys):
+                return False
             left = deadline - loop.time()
             if left <= 0 or not keys:
                 return False
@@ -215,6 +220,8 @@ class AgentLinks:
             except PermissionDenied as exc:
                 why = f"not allowed ({exc.what}); using the traffic-manager"
                 backoff = DENIED_BACKOFF
+                self.denied.add(key)
+                self._changed.set()
             except (TpnbError, lf.LinkError, OSError, TimeoutError) as exc:
                 why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             except Exception as exc:  # noqa: BLE001 - e.g. SpdyUnsupported: the manager path stays
@@ -256,6 +263,7 @@ class AgentLinks:
             if not side.ready.done() or side.ready.exception() is not None:
                 raise lf.LinkError(stream.error.strip() or side.lost or "the link closed during the handshake")
             self.live[key] = side
+            self.denied.discard(key)
             self.stats_for(ic.id).notes.pop(link.pod_name, None)
             self._changed.set()
             log.info("agent link to %s/%s up for intercept %s", ns, link.pod_name, ic.id)

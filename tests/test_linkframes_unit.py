@@ -384,3 +384,29 @@ def test_sockets_joined_by_callbacks_on_both_ends() -> None:
         await agent.stop()
         echo.close()
     run(main)
+
+
+def test_a_link_rbac_refuses_leaves_the_manager_path_at_once() -> None:
+    """pods/portforward denied: `tpnb intercept` does not wait for the link, status says why."""
+    from tpnb.connector import agentlink as cal
+    from tpnb.errors import PermissionDenied
+
+    async def main() -> None:
+        links = ConnectorLinks(SimpleNamespace(target=None))
+
+        async def denied(*a: Any) -> None:
+            raise PermissionDenied("User \"bob\" cannot create pods/portforward in namespace tplink")
+        links._once = denied  # type: ignore[method-assign]
+        ic = pb.InterceptInfo(id=IID, state=pb.InterceptInfo.ACTIVE,
+                              links=[pb.AgentLink(pod_name="p1", port=9903, secret=b"k" * 32)])
+        links.update([ic])
+        t0 = asyncio.get_running_loop().time()
+        assert await links.wait_up(IID, 10) is False
+        assert asyncio.get_running_loop().time() - t0 < 2
+        path = links.data_path(IID)
+        assert path.startswith("traffic-manager (agent links down)") and "not allowed" in path, path
+        links.stats_for(IID).via_manager += 1   # what session._answer_dial counts
+        assert "0 via agent links, 1 via the traffic-manager" in links.data_path(IID)
+        await links.aclose()
+        assert cal.DENIED_BACKOFF >= 30
+    run(main)
