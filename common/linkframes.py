@@ -157,10 +157,6 @@ def parse_open(payload: bytes) -> tuple[str, int]:
 
 # ------------------------------------------------------------------ frames as forward.py sees them
 
-class _Empty:
-    pass
-
-
 class LinkFrame:
     """What `LinkChannel.recv` returns: quacks like a pb.TunnelFrame for forward.py's pumps and
     cluster/httproute.TunnelUpstream (`WhichOneof("kind")`, `.data`, `.error`)."""
@@ -370,8 +366,7 @@ class Link(asyncio.BufferedProtocol):
     """One authenticated byte stream carrying many LinkChannels (either end).
 
     The handshake is driven by the owner through `on_control` (conn-0 frames);
-    after it, `authenticated` is set and OPEN frames reach `on_open`.  Frames
-    written within one loop turn go out in one transport write.
+    after it, `authenticated` is set and OPEN frames reach `on_open`.
     """
 
     def __init__(self, *, on_open: Callable[[LinkChannel, str, int], None] | None = None,
@@ -390,8 +385,6 @@ class Link(asyncio.BufferedProtocol):
         self._buf = bytearray(2 * MAX_DATA + HDR.size)
         self._mv = memoryview(self._buf)
         self._start = self._end = 0
-        self._out: list[bytes] = []
-        self._flush_handle: asyncio.Handle | None = None
         self._paused = False
         self._drain: asyncio.Future[None] | None = None
         #: splices that stopped reading their socket while our transport is over its high-water mark
@@ -521,9 +514,6 @@ class Link(asyncio.BufferedProtocol):
         batching by call_soon cost more in latency than it saved in syscalls)."""
         if self.lost or self.transport is None:
             return
-        if self._flush_handle is not None:  # corked (see `cork`): join the batch
-            self._out.extend(parts)
-            return
         if len(parts) == 1:
             self.transport.write(parts[0])
         elif len(parts[-1]) > 16384:
@@ -533,22 +523,6 @@ class Link(asyncio.BufferedProtocol):
                 self.transport.write(p)
         else:
             self.transport.write(b"".join(parts))
-
-    def cork(self) -> None:
-        """Collect writes until the end of this loop turn (several frames, one write)."""
-        if self._flush_handle is None and not self.lost:
-            self._flush_handle = self.loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_handle = None
-        if self._out and self.transport is not None and not self.lost:
-            out, self._out = self._out, []
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
-
-    def flush_now(self) -> None:
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-        self._flush()
 
     async def drain(self) -> None:
         """Wait while the transport's buffer is over its high-water mark (every sender shares one wait)."""
@@ -577,13 +551,11 @@ class Link(asyncio.BufferedProtocol):
         self.abort(why)
 
     def abort(self, why: str) -> None:
-        self._out.clear()
         self._lose(why)
         if self.transport is not None:
             self.transport.abort()
 
     def close(self, why: str = "closed") -> None:
-        self.flush_now()
         self._lose(why)
         if self.transport is not None:
             self.transport.close()
