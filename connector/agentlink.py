@@ -8,7 +8,9 @@ manager's intercept list carries that pod's link port and the key of the
 the intercept lives, authenticate as common/linkframes.py describes, and the
 agent then pushes every connection it accepts for the intercept over it: an
 `open` frame, the client's bytes behind it, no round trip.  We dial the local
-app and pump with forward.py's `bridge` (a link channel is a FrameChannel).
+app and join the socket to the link channel by callbacks (linkframes.Splice:
+no task wake-up per message; measured on the dev cluster, forward.py's
+task-based `bridge` over the same link cost ~0.35 ms more per small request).
 
 Why a long-lived port-forward and not one per connection: a new port-forward is
 a TLS connection and an upgrade through the API server (several ms); one link
