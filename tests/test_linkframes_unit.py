@@ -410,3 +410,34 @@ def test_a_link_rbac_refuses_leaves_the_manager_path_at_once() -> None:
         await links.aclose()
         assert cal.DENIED_BACKOFF >= 30
     run(main)
+
+
+def test_the_manager_hands_each_key_to_its_session_and_its_agent_only() -> None:
+    from tpnb.cluster.manager import AgentSession, ClientSession, Manager
+
+    async def main() -> None:
+        m = Manager()
+        m.clients["mine"] = ClientSession(id="mine", info=pb.ClientInfo(name="me@laptop"))
+        m.clients["other"] = ClientSession(id="other", info=pb.ClientInfo(name="them@laptop"))
+        for i, pod in enumerate(("hello-a", "hello-b", "old-agent")):
+            m.agents[f"ag{i}"] = AgentSession(id=f"ag{i}", info=pb.AgentInfo(
+                name="hello", namespace="ns", pod_name=pod, pod_ip=f"10.0.0.{i}",
+                link_port=0 if pod == "old-agent" else 9903))
+        ic = pb.InterceptInfo(id="ic1", session_id="mine", spec=pb.InterceptSpec(
+            name="hello", workload="hello", namespace="ns"))
+        m.intercepts[ic.id] = ic
+        m._refresh_states()
+        own, theirs = m.view(ic, "mine"), m.view(ic, "other")
+        assert [ln.pod_name for ln in own.links] == ["hello-a", "hello-b"]   # an agent without a link port: none
+        assert not theirs.links and not theirs.link_secret
+        secrets = {ln.pod_name: ln.secret for ln in own.links}
+        assert len(set(secrets.values())) == 2 and all(len(s) == 32 for s in secrets.values())
+        # what each agent is told is exactly its own pod's key
+        for a in m.agents.values():
+            if a.info.link_port:
+                assert m.link_secret(ic, a.info) == secrets[a.info.pod_name]
+        # a new intercept gets new keys; an ended one's key is forgotten
+        del m.intercepts["ic1"]
+        m._refresh_states()
+        assert "ic1" not in m.link_keys
+    run(main)
