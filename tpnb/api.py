@@ -55,6 +55,8 @@ class Intercept:
     http_path_prefix: str = ""
     http_path_equal: str = ""
     http_path_regex: str = ""
+    #: which path carries its connections, from the connector (agent links or the traffic-manager)
+    data_path: str = ""
 
     @property
     def filtered(self) -> bool:
@@ -70,7 +72,7 @@ class Intercept:
             pod_ips=list(ic.pod_ips), environment=dict(ic.environment), mount_point=ic.mount_point, id=ic.id,
             http_headers={h.name: h.value for h in ic.spec.http_headers},
             http_path_prefix=ic.spec.http_path_prefix, http_path_equal=ic.spec.http_path_equal,
-            http_path_regex=ic.spec.http_path_regex)
+            http_path_regex=ic.spec.http_path_regex, data_path=ic.data_path)
 
 
 @dataclass

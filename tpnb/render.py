@@ -103,6 +103,8 @@ def status_text(st: Status) -> str:
         lines.append("  Intercepts       :")
         for ic in st.intercepts:
             lines.append(f"    {ic.name}: {ic.namespace}/{ic.workload} -> {ic.target_host}:{ic.local_port} ({ic.state})")
+            if ic.data_path:
+                lines.append(f"      data path: {ic.data_path}")
     if st.wiretaps:
         lines.append("  Wiretaps         :")
         for w in st.wiretaps:
