@@ -386,6 +386,33 @@ def test_records_lines_and_json_lines() -> None:
     assert t["type"] == "tcp" and "TCP up 3 B down 5 B" in wiretap_line(t) and "b'abc' -> b'hello'" in wiretap_line(t)
 
 
+def test_grpc_records_show_the_method_status_and_messages() -> None:
+    from tpnb.api import wiretap_record
+    from tpnb.cli import wiretap_json, wiretap_line
+
+    H = pb.Header
+    grpc_req = [H(name=b":path", value=b"/greeter.Greeter/SayHellos"), H(name=b"content-type", value=b"application/grpc")]
+    ok = wiretap_record(_record(http_version="2", target=b"/greeter.Greeter/SayHellos", status=200, reason=b"",
+                                request_headers=grpc_req, response_bytes=60, request_messages=1, response_messages=5,
+                                response_trailers=[H(name=b"grpc-status", value=b"0")]))
+    assert (ok["path"], ok["grpc_status"], ok["grpc_code"], ok["grpc_message"]) == \
+        ("/greeter.Greeter/SayHellos", 0, "OK", None)
+    assert ok["response_trailers"] == [("grpc-status", "0")]
+    assert "POST /greeter.Greeter/SayHellos 200 OK 1.2 ms 1->5 msgs 60 B" in wiretap_line(ok)
+    # trailers-only (an error before any message): the status is in the headers
+    bad = wiretap_record(_record(http_version="2", target=b"/greeter.Greeter/SayHello", status=200, reason=b"",
+                                 request_headers=grpc_req, response_bytes=0, request_messages=1,
+                                 response_headers=[H(name=b"grpc-status", value=b"3"),
+                                                   H(name=b"grpc-message", value=b"no such name")]))
+    assert (bad["grpc_status"], bad["grpc_code"]) == (3, "INVALID_ARGUMENT")
+    assert "SayHello 200 INVALID_ARGUMENT (no such name) 1.2 ms 1->0 msgs 0 B" in wiretap_line(bad)
+    assert json.loads(wiretap_json(bad))["grpc_code"] == "INVALID_ARGUMENT"
+    # a plain HTTP request has no gRPC fields and keeps its line
+    plain = wiretap_record(_record())
+    assert plain["grpc_status"] is None and plain["request_messages"] is None
+    assert "POST /api/x?q=1 201 1.2 ms 4 B" in wiretap_line(plain)
+
+
 class _Stream:
     """A plain stand-in for api.WiretapStream: yields records from a queue until cancelled."""
 

@@ -112,9 +112,32 @@ def _text(b: bytes) -> str:
     return b.decode("latin-1")
 
 
+#: gRPC status codes by number (grpc.StatusCode's names), for wiretap records of gRPC calls
+_GRPC_CODES = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+               "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+               "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED")
+
+
+def _grpc(rec: pb.WiretapRecord) -> dict:
+    """gRPC fields of an HTTP/2 record: None for other requests (and for a call without a status yet);
+    the status comes from the trailers, or from the headers of a trailers-only answer."""
+    grpc_call = any(h.name == b"content-type" and h.value.startswith(b"application/grpc")
+                    for h in rec.request_headers)
+    if not grpc_call:
+        return {"grpc_status": None, "grpc_code": None, "grpc_message": None,
+                "request_messages": None, "response_messages": None}
+    answer = {bytes(h.name): _text(h.value) for h in (*rec.response_headers, *rec.response_trailers)}
+    status = answer.get(b"grpc-status", "")
+    code = int(status) if status.isdigit() else None
+    name = (_GRPC_CODES[code] if code < len(_GRPC_CODES) else str(code)) if code is not None else None
+    return {"grpc_status": code, "grpc_code": name, "grpc_message": answer.get(b"grpc-message") or None,
+            "request_messages": rec.request_messages, "response_messages": rec.response_messages}
+
+
 def wiretap_record(rec: pb.WiretapRecord) -> dict:
     """One copied exchange as a plain dict, in the shape of `tpnb.requests_log`'s records
-    (time, type, method, path, query, status, duration_ms, bytes, client, error, headers, bodies)."""
+    (time, type, method, path, query, status, duration_ms, bytes, client, error, headers, bodies;
+    for gRPC calls over HTTP/2 also grpc_status, grpc_code, grpc_message and message counts)."""
     import datetime as _dt
 
     path, _, query = _text(rec.target).partition("?")
@@ -128,7 +151,8 @@ def wiretap_record(rec: pb.WiretapRecord) -> dict:
         "request_headers": [(_text(h.name), _text(h.value)) for h in rec.request_headers],
         "request_body": bytes(rec.request_body), "request_bytes": rec.request_bytes,
         "response_headers": [(_text(h.name), _text(h.value)) for h in rec.response_headers],
-        "response_body": bytes(rec.response_body), "response_bytes": rec.response_bytes,
+        "response_trailers": [(_text(h.name), _text(h.value)) for h in rec.response_trailers],
+        "response_body": bytes(rec.response_body), "response_bytes": rec.response_bytes, **_grpc(rec),
         "reason": _text(rec.reason), "bytes_up": rec.bytes_up, "bytes_down": rec.bytes_down,
         "first_up": bytes(rec.first_up), "first_down": bytes(rec.first_down), "dropped": rec.dropped, "seq": rec.seq,
     }
