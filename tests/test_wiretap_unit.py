@@ -21,8 +21,8 @@ from tpnb.cluster import agent as agent_mod
 from tpnb.cluster import wiretap as wiretap_mod
 from tpnb.proto import pb
 
+from agent_rig import RoutingManager, http_server, intercept_spec, quiet_agent, start_agent
 from test_agent_unit import _free_port, _start_manager, _until
-from test_httproute_unit import RoutingManager, _http_server, _spec
 from test_manager_loopback import _bearer, _manager
 
 pytestmark = pytest.mark.unit
@@ -47,49 +47,26 @@ class TapManager(RoutingManager):
 
 
 def _tap(wid: str, max_body: int = 4096, buffer: int = 1000, **filters: Any) -> pb.WiretapInfo:
-    return pb.WiretapInfo(id=wid, spec=_spec(wid, **filters), max_body=max_body, buffer=buffer)
-
-
-async def _agent(fake: TapManager, app_port: int, tmp_path: Any) -> tuple[agent_mod.Agent, Any, Any, int]:
-    token = tmp_path / "token"
-    token.write_text("t\n")
-    mgr_port = _free_port()
-    server = await _start_manager(fake, mgr_port)
-    settings = agent_mod.AgentSettings(
-        name="hello", namespace="default", pod_name="hello-1", pod_ip="10.42.0.9", app_container="app",
-        app_port=app_port, agent_port=_free_port(), health_port=0, manager_host="127.0.0.1",
-        manager_port=mgr_port, token_file=str(token))
-    ag = agent_mod.Agent(settings)
-    await ag.start()
-    session = asyncio.ensure_future(ag.session_loop())
-    await _until(lambda: ag.agent_id is not None, 20)
-    return ag, session, server, settings.agent_port
-
-
-async def _close(ag: agent_mod.Agent, session: Any, server: Any) -> None:
-    session.cancel()
-    await asyncio.gather(session, return_exceptions=True)
-    await ag.stop()
-    await server.stop(0)
+    return pb.WiretapInfo(id=wid, spec=intercept_spec(wid, **filters), max_body=max_body, buffer=buffer)
 
 
 @pytest.fixture(autouse=True)
 def _quick(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(agent_mod, "app_environment", lambda s, proc=None: {})
-    monkeypatch.setattr(agent_mod, "REMAIN_INTERVAL", 0.3)
+    quiet_agent(monkeypatch)
 
 
 def test_agent_copies_what_the_app_serves_and_not_what_a_laptop_serves(tmp_path: Any) -> None:
-    app, app_port = _http_server("app")
-    alice, alice_port = _http_server("alice")
+    app, app_port = http_server("app")
+    alice, alice_port = http_server("alice")
 
     async def main() -> None:
         fake = TapManager({"ic-a": alice_port})
-        ag, session, server, port = await _agent(fake, app_port, tmp_path)
+        ra = await start_agent(fake, app_port, tmp_path)
+        ag, port = ra.agent, ra.port
         try:
             await fake.instructions.put(pb.AgentInstruction(
                 intercepts=[pb.InterceptInfo(id="ic-a", state=pb.InterceptInfo.ACTIVE,
-                                             spec=_spec("a", {"x-dev": "alice"}))],
+                                             spec=intercept_spec("a", {"x-dev": "alice"}))],
                 wiretaps=[_tap("w-all", max_body=10), _tap("w-api", http_path_prefix="/api")]))
             await _until(lambda: len(ag.wiretaps.taps) == 2)
             await _until(lambda: ag.app_protocol == "http/1.1", 10)
@@ -177,7 +154,7 @@ def test_agent_copies_what_the_app_serves_and_not_what_a_laptop_serves(tmp_path:
             await asyncio.sleep(0.3)
             assert len(fake.records) == n
         finally:
-            await _close(ag, session, server)
+            await ra.close()
     try:
         asyncio.run(main())
     finally:
@@ -221,7 +198,8 @@ def test_a_manager_that_does_not_read_costs_drops_not_time(tmp_path: Any) -> Non
 
     async def main() -> None:
         fake = TapManager({}, stall=True)
-        ag, session, server, port = await _agent(fake, app_port, tmp_path)
+        ra = await start_agent(fake, app_port, tmp_path)
+        ag, port = ra.agent, ra.port
         try:
             def timed(n: int, path: str) -> list[float]:
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -246,7 +224,7 @@ def test_a_manager_that_does_not_read_costs_drops_not_time(tmp_path: Any) -> Non
             assert p50_tap < p50_base + 0.005, (p50_base, p50_tap)  # < 5 ms added at the median
             assert max(tapped) < 1.0
         finally:
-            await _close(ag, session, server)
+            await ra.close()
     try:
         asyncio.run(main())
     finally:
@@ -555,7 +533,7 @@ def test_the_whole_chain_in_process(tmp_path: Any, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("TPNB_CONNECTOR_SOCKET", str(sock))
     monkeypatch.setenv("TPNB_WIRETAP_MAX_BODY", "64")
     monkeypatch.setattr(tpnb_config, "_cached", None)
-    app, app_port = _http_server("app")
+    app, app_port = http_server("app")
     token = tmp_path / "token"
     token.write_text("agent-of-hello\n")
 
@@ -906,7 +884,8 @@ def test_agent_records_grpc_calls_stream_by_stream_and_callers_get_their_answers
 
     async def main() -> None:
         fake = TapManager({})
-        ag, session, server, port = await _agent(fake, app_port, tmp_path)
+        ra = await start_agent(fake, app_port, tmp_path)
+        ag, port = ra.agent, ra.port
         try:
             await fake.instructions.put(pb.AgentInstruction(wiretaps=[
                 _tap("w-all", max_body=16), _tap("w-alice", headers={"x-dev": "alice"})]))
@@ -943,7 +922,7 @@ def test_agent_records_grpc_calls_stream_by_stream_and_callers_get_their_answers
             assert len(alice) == 30 and all(_hdr(r.request_headers, b"x-dev") == b"alice" for r in alice)
             assert not fake.drops
         finally:
-            await _close(ag, session, server)
+            await ra.close()
     try:
         asyncio.run(main())
     finally:
@@ -957,7 +936,8 @@ def test_grpc_calls_are_answered_when_the_manager_does_not_read_and_copies_are_d
 
     async def main() -> None:
         fake = TapManager({}, stall=True)
-        ag, session, server, port = await _agent(fake, app_port, tmp_path)
+        ra = await start_agent(fake, app_port, tmp_path)
+        ag, port = ra.agent, ra.port
         try:
             await fake.instructions.put(pb.AgentInstruction(wiretaps=[_tap("w", max_body=4096, buffer=5)]))
             await _until(lambda: bool(ag.wiretaps))
@@ -966,7 +946,7 @@ def test_grpc_calls_are_answered_when_the_manager_does_not_read_and_copies_are_d
             t = ag.wiretaps.taps["w"]   # what gRPC's windows to the manager took first, then at most 5 kept
             assert len(t.buffer) <= 5 and t.dropped > 0 and len(fake.records) == 0, (len(t.buffer), t.dropped)
         finally:
-            await _close(ag, session, server)
+            await ra.close()
     try:
         asyncio.run(main())
     finally:
