@@ -219,6 +219,7 @@ class Manager(WiretapBroker, rpc.ManagerServicer):
                 ic.state = pb.InterceptInfo.WAITING
                 ic.message = ("waiting for the traffic-agent to take the intercept" if agents
                               else "waiting for the traffic-agent to report in")
+            ic.app_protocol = next((a.app_protocol for a in agents if a.app_protocol), "")
             if agents:
                 ic.pod_ips.extend(sorted(a.info.pod_ip for a in agents))
                 first = agents[0].info

@@ -57,6 +57,10 @@ class Intercept:
     http_path_regex: str = ""
     #: which path carries its connections, from the connector (agent links or the traffic-manager)
     data_path: str = ""
+    #: what the intercepted port speaks, as its traffic-agent probed it: "http/1.1", "h2c" (gRPC), "" unknown
+    app_protocol: str = ""
+    #: the port the traffic-agent serves in each pod (what the Service now routes to)
+    agent_port: int = 0
 
     @property
     def filtered(self) -> bool:
@@ -72,7 +76,8 @@ class Intercept:
             pod_ips=list(ic.pod_ips), environment=dict(ic.environment), mount_point=ic.mount_point, id=ic.id,
             http_headers={h.name: h.value for h in ic.spec.http_headers},
             http_path_prefix=ic.spec.http_path_prefix, http_path_equal=ic.spec.http_path_equal,
-            http_path_regex=ic.spec.http_path_regex, data_path=ic.data_path)
+            http_path_regex=ic.spec.http_path_regex, data_path=ic.data_path, app_protocol=ic.app_protocol,
+            agent_port=ic.agent_port)
 
 
 @dataclass
