@@ -432,7 +432,7 @@ def test_live_list_fills_while_running_and_gives_a_dataframe() -> None:
     pd = pytest.importorskip("pandas")
     df = log.df()
     assert isinstance(df, pd.DataFrame) and list(df["status"]) == [201] * 6
-    assert list(df.columns[:6]) == ["time", "type", "method", "path", "query", "status"]
+    assert list(df.columns[:7]) == ["time", "type", "method", "path", "query", "status", "duration_ms"]
     log.stop()
     assert not log.running and len(log) == 6 and "6 records" in repr(log)
 

@@ -19,8 +19,9 @@ from .api import WiretapStream
 from .errors import TpnbError
 
 #: columns of a wiretap DataFrame, in order (other fields follow)
-COLUMNS = ("time", "type", "method", "path", "query", "status", "grpc_code", "duration_ms", "bytes", "client", "pod",
-           "error", "request_headers", "request_body", "response_headers", "response_body", "response_trailers")
+COLUMNS = ("time", "type", "method", "path", "query", "status", "duration_ms", "bytes", "client", "pod",
+           "error", "grpc_code", "request_headers", "request_body", "response_headers", "response_body",
+           "response_trailers")
 
 
 class WiretapLog(list):
