@@ -47,6 +47,9 @@ MAX_BODY_LIMIT = 1024 * 1024
 MAX_BUFFER_LIMIT = 100_000
 #: records per upload message
 BATCH = 64
+#: after a quiet spell, how long the uploader lets records gather before it sends (a record's
+#: serialisation and gRPC write is per message: batching keeps that work off the app's answers)
+GATHER = 0.02
 CHUNK = 256 * 1024
 
 
@@ -184,6 +187,8 @@ class Wiretaps:
                     await asyncio.wait_for(self.wake.wait(), 5.0)
                 except asyncio.TimeoutError:
                     await call.write(pb.WiretapUpload(agent_id=agent_id))  # finds a dead call
+                    continue
+                await asyncio.sleep(GATHER)   # let the next records join this one: one message for many
         finally:
             with contextlib.suppress(Exception):
                 call.cancel()
@@ -204,10 +209,10 @@ class Wiretaps:
         t0, wall = time.perf_counter(), time.time()
         heads = [bytearray(first[:keep]), bytearray()]
         counts = [len(first), 0]
-        if h2copy is not None:
-            h2copy.feed(True, first)
         if first:
             aw.write(first)
+        if h2copy is not None:
+            h2copy.feed(True, first)
 
         async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, i: int) -> None:
             try:
@@ -215,9 +220,9 @@ class Wiretaps:
                     counts[i] += len(data)
                     if len(heads[i]) < keep:
                         heads[i] += data[: keep - len(heads[i])]
-                    if h2copy is not None:
+                    dst.write(data)   # passed on first: the copy is decoded after, before the next read
+                    if h2copy is not None:   # (no await between: the answer to it is decoded after it)
                         h2copy.feed(i == 0, data)
-                    dst.write(data)
                     await dst.drain()
                 if dst.can_write_eof():
                     dst.write_eof()
