@@ -8,13 +8,18 @@ One run measures:
   * from a client pod inside the cluster: bulk throughput, 1,000 small
     request/response round trips and 200 new connections to a Service,
       - served by the app in the cluster (no agent), and
-      - intercepted, served by the same server program on the laptop.
+      - intercepted, served by the same server program on the laptop: first over the
+        agent links (issue 15: port-forwards from the connector straight to the agent pods,
+        the default where RBAC allows), then through the traffic-manager (`agent.link: never`,
+        the path before issue 15 and the fallback), in the same run.
+A line after each intercepted measurement shows the data path `tpnb status` reported.
 All traffic stays inside the dev cluster's network namespaces on this machine.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 
 from common import (REPO, apply_and_wait, deployment, fresh_namespace, laptop, laptop_process,  # noqa: E402
@@ -50,13 +55,21 @@ def main() -> None:
     print(f"bulk {args.size_mb} MiB x3 each way, 1000 small requests, 200 new connections", flush=True)
     results = {"app in the cluster (no agent)": measure()}
 
+    def data_path() -> str:
+        m = re.search(r"^      data path: (.*)$", lap(["tpnb", "status"]), re.M)
+        return m.group(1) if m else "(not shown)"
+
     server = laptop_process(dc, LAPTOP, ["python3", str(REPO / "bench" / "netbench_server.py")])
+    paths = {}
     try:
         lap(["tpnb", "connect", "--namespace", NS], timeout=300)
         t0 = time.perf_counter()
         lap(["tpnb", "intercept", "netapp", "--port", "7070", "--mount=false"], timeout=300)
         first = time.perf_counter() - t0
-        results["intercepted (served on the laptop)"] = measure()
+        key = "intercepted, agent link (served on the laptop)"
+        results[key] = measure()
+        paths[key] = data_path()
+        print(f"data path: {paths[key]}", flush=True)
         again = []
         for _ in range(3):
             lap(["tpnb", "leave", "netapp"])
@@ -64,12 +77,23 @@ def main() -> None:
             lap(["tpnb", "intercept", "netapp", "--port", "7070", "--mount=false"], timeout=300)
             again.append(time.perf_counter() - t0)
         lap(["tpnb", "leave", "netapp"])
+        # the same, through the traffic-manager: a connector started with agent.link: never
+        lap(["tpnb", "quit", "--daemon"], check=False)
+        lap(["env", "TPNB_AGENT_LINK=never", "tpnb", "connect", "--namespace", NS], timeout=300)
+        lap(["tpnb", "intercept", "netapp", "--port", "7070", "--mount=false"], timeout=300)
+        key = "intercepted, through the traffic-manager (agent.link: never)"
+        results[key] = measure()
+        paths[key] = data_path()
+        print(f"data path: {paths[key]}", flush=True)
+        lap(["tpnb", "leave", "netapp"])
     finally:
         stop_process(server)
         lap(["tpnb", "quit", "--daemon"], check=False)
         kubectl("delete", "ns", NS, "--wait=false", check=False)
 
     print_table("served by", results)
+    for key, path in paths.items():
+        print(f"\n{key}: data path {path}")
     print("\n| tpnb intercept | seconds |\n|---|---|")
     print(f"| first time (agent injection + rollout) | {first:.2f} |")
     print(f"| again, agent present (median of 3) | {sorted(again)[1]:.2f} |")

@@ -62,6 +62,8 @@ from tpnb.proto import pb, rpc  # noqa: E402
 from tpnb.version import __version__  # noqa: E402
 
 from . import h2route, httproute  # noqa: E402
+from .agentlink import AgentLinks  # noqa: E402
+from tpnb.common.linkframes import LinkChannel  # noqa: E402
 from .wiretap import Wiretaps  # noqa: E402
 from .sftpjail import FilteringWriter, Jail  # noqa: E402
 from tpnb.common.forward import (  # noqa: E402
@@ -105,6 +107,8 @@ class AgentSettings:
     app_port: int
     agent_port: int = 9900
     sftp_port: int = 9902
+    #: the agent link port (cluster/agentlink.py), on the pod's loopback; 0: none
+    link_port: int = 9903
     #: the readiness probe's port: accepts and closes, serves nothing (a probe of the
     #: traffic port would be forwarded to the laptop while intercepted)
     health_port: int = 9901
@@ -134,6 +138,7 @@ class AgentSettings:
             app_port=int(e["APP_PORT"]),
             agent_port=int(e.get("AGENT_PORT") or 9900),
             sftp_port=int(e.get("AGENT_SFTP_PORT") or 9902),
+            link_port=int(e.get("AGENT_LINK_PORT") or 9903),
             health_port=int(e.get("AGENT_HEALTH_PORT") or e.get("AGENT_GRPC_PORT") or 0),
             manager_host=e.get("MANAGER_HOST") or "traffic-manager.tpnb",
             manager_port=int(e.get("MANAGER_PORT") or 8082),
@@ -315,6 +320,8 @@ class Agent:
         self._h2: set[Any] = set()
         #: wiretaps of our workload (from the instructions), their buffers and uploader
         self.wiretaps = Wiretaps(pb, settings.pod_name)
+        #: the intercepting sessions' direct links (cluster/agentlink.py)
+        self.links = AgentLinks(lambda: self.intercepts)
 
     # ---------------------------------------------------------- routing
     def active_intercept(self) -> pb.InterceptInfo | None:
@@ -361,6 +368,9 @@ class Agent:
             chan = await self._open_tunnel(ic, peer)
             if chan is False:
                 writer.transport.abort()  # refused: the client sees a reset
+                return
+            if isinstance(chan, LinkChannel):  # the agent link: joined by callbacks (cluster/agentlink.py)
+                await self.links.splice(reader, writer, chan)
                 return
             if chan is not None:
                 up, down = await bridge(reader, writer, chan)
@@ -445,7 +455,12 @@ class Agent:
         log.debug("%s:%s -> app done (%d up, %d down)", peer[0], peer[1], a2b, b2a)
 
     async def _open_tunnel(self, ic: pb.InterceptInfo, peer: tuple[Any, ...]) -> Any:
-        """GrpcFrameChannel once the manager says `opened`; False if refused; None if unreachable."""
+        """A FrameChannel to the intercepting session: over its agent link when one is up (no round
+        trip: the connector dials the local app when the `open` arrives), else a GrpcFrameChannel once
+        the manager says `opened`; False if refused; None if the manager is unreachable."""
+        direct = self.links.channel_for(ic.id, peer)
+        if direct is not None:
+            return direct
         assert self.stub is not None
         call = self.stub.Tunnel()
         chan = GrpcFrameChannel(call)
@@ -496,6 +511,7 @@ class Agent:
             mount_point=s.mount_prefix,  # volumes (and the linked SA token) are served from here
             agent_port=s.agent_port,
             version=__version__,
+            link_port=self.links.port,
         )
 
     def _forget(self) -> None:
@@ -503,6 +519,7 @@ class Agent:
             log.info("forgetting %d intercept(s): traffic goes to the app", len(self.intercepts))
         self.agent_id = None
         self.intercepts = []
+        self.links.update([])
         self.wiretaps.clear()
 
     async def session_loop(self) -> None:
@@ -643,6 +660,7 @@ class Agent:
                 new = list(instr.intercepts)
                 old_ids = {(i.id, i.state) for i in self.intercepts}
                 self.intercepts = new
+                self.links.update(new)
                 self.wiretaps.update(list(instr.wiretaps))
                 self._want_probe()
                 if {(i.id, i.state) for i in new} != old_ids:
@@ -710,6 +728,7 @@ class Agent:
         if self.s.health_port:
             self.health = await asyncio.start_server(_close_at_once, "0.0.0.0", self.s.health_port,
                                                      reuse_address=True)
+        await self.links.start(self.s.link_port)
         self.ready.set()
 
     async def run(self) -> None:
@@ -743,6 +762,7 @@ class Agent:
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        await self.links.stop()
         for ch in [self.channel, *self._old_channels]:
             if ch is not None:
                 with contextlib.suppress(Exception):

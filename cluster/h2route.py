@@ -81,6 +81,11 @@ class H2Request:
         return cls(pseudo.get(b":method", b""), pseudo.get(b":path", b""), list(headers))
 
 
+def is_grpc(headers: list[tuple[bytes, bytes]]) -> bool:
+    """A gRPC call's headers (content-type application/grpc, +proto etc.); shared with the wiretap."""
+    return any(n == b"content-type" and v.startswith(b"application/grpc") for n, v in headers)
+
+
 Choose = Callable[[Any], Hashable]
 Connect = Callable[[Hashable], Awaitable[Upstream | None]]
 
@@ -517,9 +522,8 @@ class H2Router:
         """The destination did not answer: gRPC calls fail UNAVAILABLE (a trailers-only answer), other
         requests get a 502."""
         msg = b"tpnb: the intercepting laptop did not answer"
-        grpc_call = any(n == b"content-type" and v.startswith(b"application/grpc") for n, v in headers)
         with contextlib.suppress(*_CLOSED):
-            if grpc_call:
+            if is_grpc(headers):
                 self.down.conn.send_headers(st.down_id, [
                     (b":status", b"200"), (b"content-type", b"application/grpc"),
                     (b"grpc-status", b"14"), (b"grpc-message", msg)], end_stream=True)

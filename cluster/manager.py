@@ -41,6 +41,7 @@ from tpnb.common.forward import (BULK_GRPC_OPTIONS, FastGrpcFrameChannel, FastTu
                                  GrpcFrameChannel, SendFirst, SocketStream, bridge)
 
 from tpnb.common import httpfilter
+from tpnb.common.linkframes import derive_secret
 from .agent_auth import AgentRefused, AgentVerifier, KubeAgentVerifier, managed_namespaces
 from .wiretap_broker import WiretapBroker
 
@@ -147,6 +148,8 @@ class Manager(WiretapBroker, rpc.ManagerServicer):
         self.clients: dict[str, ClientSession] = {}
         self.agents: dict[str, AgentSession] = {}
         self.intercepts: dict[str, pb.InterceptInfo] = {}
+        #: intercept id -> random key; each agent pod's link key derives from it (`link_secret`)
+        self.link_keys: dict[str, bytes] = {}
         self.pending_dials: dict[str, PendingDial] = {}
         #: Tunnel methods use forward.encode_frame/decode_frame (see `serve`)
         self.fast_frames = False
@@ -180,10 +183,25 @@ class Manager(WiretapBroker, rpc.ManagerServicer):
     def _agent_for(self, name: str, namespace: str) -> list[AgentSession]:
         return [a for a in self.agents.values() if a.info.name == name and a.info.namespace == namespace]
 
+    def link_secret(self, ic: pb.InterceptInfo, agent: pb.AgentInfo) -> bytes:
+        """The key of the agent link between `ic`'s session and one agent pod (common/linkframes.py):
+        sent to that agent in its instructions and to the session in its own view of `ic`, never to
+        anyone else."""
+        key = self.link_keys.get(ic.id)
+        if key is None:
+            key = self.link_keys[ic.id] = secrets.token_bytes(32)
+        return derive_secret(key, agent.namespace, agent.pod_name)
+
     def _refresh_states(self) -> None:
+        for gone in set(self.link_keys) - set(self.intercepts):
+            del self.link_keys[gone]
         for ic in self.intercepts.values():
             agents = self._agent_for(ic.spec.workload, ic.spec.namespace)
             del ic.pod_ips[:]
+            del ic.links[:]
+            ic.links.extend(pb.AgentLink(pod_name=a.info.pod_name, pod_ip=a.info.pod_ip, port=a.info.link_port,
+                                         secret=self.link_secret(ic, a.info))
+                            for a in sorted(agents, key=lambda a: a.info.pod_name) if a.info.link_port)
             not_http = [a for a in agents if a.app_protocol.startswith("tcp")] if httpfilter.is_filtered(ic.spec) else []
             unprobed = [a for a in agents if not a.app_protocol] if httpfilter.is_filtered(ic.spec) else []
             if not_http:
@@ -201,6 +219,7 @@ class Manager(WiretapBroker, rpc.ManagerServicer):
                 ic.state = pb.InterceptInfo.WAITING
                 ic.message = ("waiting for the traffic-agent to take the intercept" if agents
                               else "waiting for the traffic-agent to report in")
+            ic.app_protocol = next((a.app_protocol for a in agents if a.app_protocol), "")
             if agents:
                 ic.pod_ips.extend(sorted(a.info.pod_ip for a in agents))
                 first = agents[0].info
@@ -593,7 +612,8 @@ class AgentHub(rpc.AgentHubServicer):
             for ic in self.m.intercepts.values():
                 if ic.spec.workload == a.info.name and ic.spec.namespace == a.info.namespace:
                     # to the agent: "serve this" -- no session id, no environment
-                    mine.append(pb.InterceptInfo(id=ic.id, spec=ic.spec, state=pb.InterceptInfo.ACTIVE))
+                    mine.append(pb.InterceptInfo(id=ic.id, spec=ic.spec, state=pb.InterceptInfo.ACTIVE,
+                                                 link_secret=self.m.link_secret(ic, a.info)))
             taps = self.m.wiretaps_for(a.info)
             yield pb.AgentInstruction(intercepts=mine, wiretaps=taps)
             sent = {ic.id for ic in mine} | {w.id for w in taps}

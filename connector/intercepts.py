@@ -131,7 +131,22 @@ async def intercept(session: Session, req: pb.InterceptRequest, progress: Progre
         with anyio.move_on_after(1.0):
             await session.changed.wait()
         ic = session.intercepts.get(spec.name, ic)
-    return ic
+    if session.agentlinks is not None and ic.links and session.agentlinks.enabled():
+        # the first requests after we return should take the direct path (the manager's serves meanwhile)
+        progress("agent", "Opening the agent link...", 0.95)
+        if not await session.agentlinks.wait_up(ic.id, cfg.timeouts.agent_link):
+            log.info("intercept %s: %s", spec.name, session.agentlinks.data_path(ic.id))
+    return without_keys(ic)
+
+
+def without_keys(ic: pb.InterceptInfo) -> pb.InterceptInfo:
+    """`ic` as the connector hands it on (CLI, kernel): the agent links' keys stay in the connector."""
+    if not ic.links:
+        return ic
+    out = pb.InterceptInfo()
+    out.CopyFrom(ic)
+    del out.links[:]
+    return out
 
 
 def endpoints_on_agent(slices: list[dict], port_name: str, agent_port: int) -> tuple[int, int, list[int]]:
@@ -213,7 +228,7 @@ async def list_workloads(session: Session, namespace: str) -> pb.WorkloadList:
         held = [ic for ic in ics if ic.spec.workload == w.name and ic.spec.namespace == w.namespace]
         if held:
             ic = held[0]
-            w.intercept.CopyFrom(ic)
+            w.intercept.CopyFrom(without_keys(ic))
             w.holder = ic.client_name
             w.state = pb.INTERCEPTED_BY_ME if ic.mine else pb.INTERCEPTED_BY_OTHER
         elif w.agent_installed:

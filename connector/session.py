@@ -35,6 +35,7 @@ from tpnb.common.forward import (MANAGER_CHANNEL_OPTIONS, STREAM_LIMIT, GrpcFram
 from tpnb.common.liveness import process_alive, start_ticks
 
 from . import kube, manager_install
+from .agentlink import AgentLinks
 from .clusterdns import ClusterNames
 from .direct import DirectDialRefused, DirectPlane
 from .handoff import HandoffServer
@@ -116,10 +117,13 @@ class Session:
     plane_note: str = ""
     #: where the root daemon hands us its redirected TCP connections (with the direct plane)
     handoff: HandoffServer | None = None
+    #: direct port-forwards to the agent pods of our intercepts (connector/agentlink.py)
+    agentlinks: AgentLinks | None = None
 
     # ================================================================ connect
     async def start(self, progress: ProgressFn) -> None:
         req = self.request
+        self.agentlinks = AgentLinks(self)
         if req.in_cluster and not req.kubeconfig:  # in a pod: its ServiceAccount (incluster.py)
             progress("kubeconfig", "Using this pod's ServiceAccount...", 0.02)
             self.target = await anyio.to_thread.run_sync(kube.load_in_cluster_target)
@@ -347,6 +351,8 @@ class Session:
         link = self.link
         if link is None:
             return
+        if self.agentlinks is not None:
+            self.agentlinks.count_manager(req.intercept_id)
         chan = GrpcFrameChannel(link.stub.Tunnel())
         try:
             await chan.send(pb.TunnelFrame(open=open_))
@@ -579,7 +585,12 @@ class Session:
         for name, mine in list(self.intercepts.items()):
             if mine.id in self.remote:
                 self.intercepts[name] = self.remote[mine.id]
+        self._update_links()
         self.changed.set()
+
+    def _update_links(self) -> None:
+        if self.agentlinks is not None:
+            self.agentlinks.update(list(self.intercepts.values()))
 
     async def _namespaces_loop(self) -> None:
         """Keep the namespace list fresh so `svc.ns` names resolve (in a pod cluster DNS does: no polling)."""
@@ -619,6 +630,7 @@ class Session:
             raise InterceptError(f"cannot intercept {spec.namespace}/{spec.workload}", exc.details() or "",
                                  hint=_intercept_hint(exc)) from None
         self.intercepts[spec.name] = self.remote.get(ic.id, ic)
+        self._update_links()
         await self.map_namespace(spec.namespace)
         self.changed.set()
         return ic
@@ -656,6 +668,7 @@ class Session:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 raise InterceptError(f"cannot leave {name}", exc.details() or "") from None
         self.intercepts.pop(name, None)
+        self._update_links()
         self.owners.pop(name, None)
         await self.unmap_unused()
         self.changed.set()
@@ -679,7 +692,7 @@ class Session:
             manager_namespace=self.cfg.manager.namespace,
             session_id=self.session_id,
             daemon_version=__version__,
-            intercepts=list(self.intercepts.values()),
+            intercepts=[self._with_path(ic) for ic in self.intercepts.values()],
             error=self.last_error,
             outbound_note=self.outbound_note,
             cluster_domain=(self.cluster.cluster_domain if self.cluster else "") or "cluster.local",
@@ -710,12 +723,24 @@ class Session:
             st.server = self.target.server
         return st
 
+    def _with_path(self, ic: pb.InterceptInfo) -> pb.InterceptInfo:
+        """`ic` for status, with which path carried its connections (agent links or the manager)."""
+        if self.agentlinks is None:
+            return ic
+        out = pb.InterceptInfo()
+        out.CopyFrom(ic)
+        out.data_path = self.agentlinks.data_path(ic.id)
+        del out.links[:]  # the keys stay in the connector
+        return out
+
     async def close(self) -> None:
         """Undo everything, in reverse order; each step runs even if one before failed."""
         self._closing = True
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.agentlinks is not None:
+            await self.agentlinks.aclose()
         if self.link is not None and self.session_id:
             try:
                 await self.link.stub.Depart(pb.SessionInfo(session_id=self.session_id), timeout=3)

@@ -837,31 +837,89 @@ class MuxStream:
             self.sent += len(part)
 
     async def pump_up(self, sock: socket.socket) -> None:
-        """Local socket -> data frames until the local EOF, then FIN."""
+        """Local socket -> data frames until the local EOF, then FIN.
+
+        Reads run as a reader callback of the loop, like the down side: a
+        small request costs no task wake-up.  While the API server connection
+        takes no more (its transport paused writing), the socket is not read:
+        that is the backpressure.
+        """
         loop = asyncio.get_running_loop()
-        # small at first (most connections are requests); a read that fills it makes it FRAME_MAX
-        buf = bytearray(UP_FIRST + 8)
-        view = memoryview(buf)
-        into = view[8:]
         session = self.session
-        while True:
-            n = await loop.sock_recv_into(sock, into)
-            if self.finished and self.down_done.done() and self.down_done.exception() is not None:
-                raise StreamReset("the stream was reset")
-            if n == 0:
-                self.send_fin()
-                await session.drain()
+        conn = session.conn
+        done: asyncio.Future[None] = loop.create_future()
+        # small at first (most connections are requests); a read that fills it makes it FRAME_MAX
+        view = memoryview(bytearray(UP_FIRST + 8))
+        reading = False
+        waiter: asyncio.Task[None] | None = None
+
+        def start_reading() -> None:
+            nonlocal reading
+            if not reading and not done.done():
+                loop.add_reader(sock, on_readable)
+                reading = True
+
+        def stop_reading() -> None:
+            nonlocal reading
+            if reading:
+                reading = False
+                with contextlib.suppress(Exception):
+                    loop.remove_reader(sock)
+
+        def finish(exc: BaseException | None = None) -> None:
+            stop_reading()
+            if not done.done():
+                if exc is None:
+                    done.set_result(None)
+                else:
+                    done.set_exception(exc)
+
+        async def resume() -> None:
+            await conn._can_write.wait()
+            start_reading()
+
+        def on_readable() -> None:
+            nonlocal view, waiter
+            if done.done():
                 return
-            if n == len(into) and len(into) < FRAME_MAX:
-                buf = bytearray(FRAME_MAX + 8)
-                buf[8:8 + n] = into[:n]
-                view = memoryview(buf)
-                into = view[8:]
-            view[:8] = data_header(self.data_id, 0, n)
-            # the SSL transport may keep a reference until it is encrypted: hand it a copy
-            session.write(bytes(view[: n + 8]))
+            if self.finished and self.down_done.done() and self.down_done.exception() is not None:
+                finish(StreamReset("the stream was reset"))
+                return
+            try:
+                n = sock.recv_into(view[8:])
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                finish(exc)
+                return
+            try:
+                if n == 0:
+                    self.send_fin()
+                    finish()
+                    return
+                if n == len(view) - 8 and n < FRAME_MAX:
+                    grown = memoryview(bytearray(FRAME_MAX + 8))
+                    grown[8:8 + n] = view[8:8 + n]
+                    view = grown
+                view[:8] = data_header(self.data_id, 0, n)
+                # the SSL transport may keep a reference until it is encrypted: hand it a copy
+                session.write(bytes(view[: n + 8]))
+            except SessionClosed as exc:
+                finish(exc)
+                return
             self.sent += n
-            await session.drain()
+            if not conn._can_write.is_set():
+                stop_reading()
+                waiter = loop.create_task(resume())
+
+        start_reading()
+        try:
+            await done
+        finally:
+            stop_reading()
+            if waiter is not None:
+                waiter.cancel()
+        await session.drain()
 
     def send_fin(self) -> None:
         if not self.sent_fin and not self.finished:

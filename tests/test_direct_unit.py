@@ -727,3 +727,25 @@ async def test_a_stream_nobody_attaches_is_reset_so_the_session_can_idle(monkeyp
     await asyncio.sleep(0.3)
     assert st.finished and s.closed and closed == ["idle"]
     assert any(c and k == spdy.RST_STREAM for c, k, _, _ in parse_frames(bytes(tr.out)))
+
+
+async def test_upload_stops_reading_while_the_api_server_connection_is_full() -> None:
+    s, conn, tr, _ = new_session()
+    st = await open_pair(s, conn, 1)
+    mine, client = spair()
+    mine.setblocking(False)
+    up = asyncio.create_task(st.pump_up(mine))
+    conn.pause_writing()  # the TLS transport's buffer is above its high-water mark
+    client.sendall(b"first")
+    await asyncio.sleep(0.05)
+    sent = lambda: b"".join(f[3] for f in parse_frames(bytes(tr.out)) if not f[0])  # noqa: E731
+    assert sent() == b"first"  # that read happened; no more until the transport drains
+    client.sendall(b"second")
+    await asyncio.sleep(0.05)
+    assert sent() == b"first"
+    conn.resume_writing()
+    await asyncio.sleep(0.05)
+    assert sent() == b"firstsecond"
+    client.shutdown(socket.SHUT_WR)
+    await asyncio.wait_for(up, 2)
+    assert parse_frames(bytes(tr.out))[-1] == (False, st.data_id, spdy.FLAG_FIN, b"")

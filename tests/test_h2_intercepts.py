@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -113,6 +114,8 @@ def test_grpc_calls_are_routed_by_metadata_stream_by_stream(team: dict[str, Any]
     pa, la = _start(team, a, "dev-a", "--http-header", "x-dev=alice")
     text = _wait_serving(a, la, pa)
     assert "Intercepting  : HTTP requests with header x-dev: alice (others: the app)" in text
+    # the agent found the port speaks h2c: a ready grpcurl line (to the pod's agent: no Service port given)
+    assert re.search(r"Try           : grpcurl -plaintext -H 'x-dev: alice' 10\.\d+\.\d+\.\d+:\d+ list\n", text), text
     pb_, lb = _start(team, b, "dev-b", "--http-header", "x-dev=bob")
     _wait_serving(b, lb, pb_)
 

@@ -18,14 +18,13 @@ import grpc
 import pytest
 from google.protobuf.wrappers_pb2 import StringValue
 
-from tpnb.cluster import agent as agent_mod
 from tpnb.cluster import h2route, httproute
 from tpnb.proto import pb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import greeter_app  # noqa: E402
-from test_agent_unit import _free_port, _start_manager, _until  # noqa: E402
-from test_httproute_unit import RoutingManager, _http_server, _spec  # noqa: E402
+from agent_rig import RoutingManager, http_server, intercept_spec, quiet_agent, start_agent  # noqa: E402
+from test_agent_unit import _free_port, _until  # noqa: E402
 
 pytestmark = pytest.mark.unit
 
@@ -35,11 +34,11 @@ def test_stream_headers_are_what_filters_see() -> None:
                (b":authority", b"greeter:50051"), (b"content-type", b"application/grpc"), (b"x-dev", b"alice")]
     req = h2route.H2Request.from_headers(headers)
     assert (req.method, req.target) == (b"POST", b"/greeter.Greeter/SayHello")
-    assert httproute.Filter.from_spec(_spec("a", {"X-Dev": "alice"})).matches(req.target, req.headers)
-    assert not httproute.Filter.from_spec(_spec("a", {"x-dev": "bob"})).matches(req.target, req.headers)
-    svc = httproute.Filter.from_spec(_spec("s", http_path_prefix="/greeter.Greeter/"))
+    assert httproute.Filter.from_spec(intercept_spec("a", {"X-Dev": "alice"})).matches(req.target, req.headers)
+    assert not httproute.Filter.from_spec(intercept_spec("a", {"x-dev": "bob"})).matches(req.target, req.headers)
+    svc = httproute.Filter.from_spec(intercept_spec("s", http_path_prefix="/greeter.Greeter/"))
     assert svc.matches(req.target, req.headers)
-    assert not httproute.Filter.from_spec(_spec("m", http_path_equal="/greeter.Greeter/Chat")).matches(
+    assert not httproute.Filter.from_spec(intercept_spec("m", http_path_equal="/greeter.Greeter/Chat")).matches(
         req.target, req.headers)
 
 
@@ -94,7 +93,7 @@ def test_an_h2c_upgrade_is_declined_so_each_request_stays_routed() -> None:
 def test_probe_tells_h2c_from_http1_and_other_protocols() -> None:
     async def main() -> None:
         server, _, port = greeter_app.serve(0, "app", host="127.0.0.1")
-        web, web_port = _http_server("web")
+        web, web_port = http_server("web")
 
         async def banner(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             w.write(b"SSH-2.0-OpenSSH_9.2\r\n")
@@ -133,7 +132,7 @@ class _Relay:
         self.connects: list[str] = []
         self.routers: list[h2route.H2Router] = []
         self.refuse: set[str] = set()
-        self.filters = [(httproute.Filter.from_spec(_spec(t, {"x-dev": t})), t) for t in ("alice", "bob")]
+        self.filters = [(httproute.Filter.from_spec(intercept_spec(t, {"x-dev": t})), t) for t in ("alice", "bob")]
 
     def choose(self, req: Any) -> str:
         return next((t for f, t in self.filters if f.matches(req.target, req.headers)), "app")
@@ -229,7 +228,7 @@ def test_router_routes_each_stream_of_one_connection(greeters: dict[str, Any]) -
 
             # a laptop that refuses: its calls fail UNAVAILABLE, the app's still work on the same channel
             relay.refuse.add("carol")
-            relay.filters.append((httproute.Filter.from_spec(_spec("c", {"x-dev": "carol"})), "carol"))
+            relay.filters.append((httproute.Filter.from_spec(intercept_spec("c", {"x-dev": "carol"})), "carol"))
             with pytest.raises(grpc.RpcError) as err:
                 stub.SayHello(StringValue(value="x"), metadata=(("x-dev", "carol"),), timeout=10)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "did not answer" in err.value.details()
@@ -377,27 +376,16 @@ def test_goaway_to_the_client_lets_its_calls_finish_and_moves_new_ones(greeters:
 
 def test_agent_routes_grpc_calls_by_metadata(greeters: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
                                              tmp_path: Any) -> None:
-    monkeypatch.setattr(agent_mod, "app_environment", lambda s, proc=None: {})
-    monkeypatch.setattr(agent_mod, "REMAIN_INTERVAL", 0.3)
-    token = tmp_path / "token"
-    token.write_text("t\n")
+    quiet_agent(monkeypatch)
 
     async def main() -> None:
-        mgr_port = _free_port()
         fake = RoutingManager({"ic-a": greeters["alice"][0], "ic-b": greeters["bob"][0]})
-        server = await _start_manager(fake, mgr_port)
-        settings = agent_mod.AgentSettings(
-            name="greeter", namespace="default", pod_name="greeter-1", pod_ip="10.42.0.9", app_container="app",
-            app_port=greeters["app"][0], agent_port=_free_port(), health_port=0, manager_host="127.0.0.1",
-            manager_port=mgr_port, token_file=str(token))
-        ag = agent_mod.Agent(settings)
-        await ag.start()
-        session = asyncio.ensure_future(ag.session_loop())
+        ra = await start_agent(fake, greeters["app"][0], tmp_path, name="greeter")
+        ag, settings = ra.agent, ra.settings
         try:
-            await _until(lambda: ag.agent_id is not None, 20)
             await fake.instructions.put(pb.AgentInstruction(intercepts=[
-                pb.InterceptInfo(id="ic-a", state=pb.InterceptInfo.ACTIVE, spec=_spec("a", {"x-dev": "alice"})),
-                pb.InterceptInfo(id="ic-b", state=pb.InterceptInfo.ACTIVE, spec=_spec("b", {"x-dev": "bob"})),
+                pb.InterceptInfo(id="ic-a", state=pb.InterceptInfo.ACTIVE, spec=intercept_spec("a", {"x-dev": "alice"})),
+                pb.InterceptInfo(id="ic-b", state=pb.InterceptInfo.ACTIVE, spec=intercept_spec("b", {"x-dev": "bob"})),
             ]))
             # the agent probed the gRPC app and told the manager it speaks h2c
             await _until(lambda: "h2c" in fake.protocols, 15)
@@ -421,10 +409,7 @@ def test_agent_routes_grpc_calls_by_metadata(greeters: dict[str, Any], monkeypat
                                                          timeout=10).value
             assert await asyncio.to_thread(plain) == "hello z from app"
         finally:
-            session.cancel()
-            await asyncio.gather(session, return_exceptions=True)
-            await ag.stop()
-            await server.stop(0)
+            await ra.close()
     asyncio.run(asyncio.wait_for(main(), 120))
 
 

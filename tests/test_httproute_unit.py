@@ -2,109 +2,45 @@
 
 A real agent (cluster/agent.py) against the fake manager of test_agent_unit,
 with real HTTP servers for the app and two "laptops" (one per intercept), and
-real HTTP clients (http.client, keep-alive) sending mixed requests.
+real HTTP clients (http.client, keep-alive) sending mixed requests (the servers,
+the fake manager and the agent's start and stop: tests/agent_rig.py).
 """
 from __future__ import annotations
 
 import asyncio
 import http.client
-import http.server
 import socket
-import threading
 from typing import Any, Iterator
 
 import pytest
 
-from tpnb.cluster import agent as agent_mod
 from tpnb.cluster import httproute
-from tpnb.common.forward import GrpcFrameChannel, bridge, error_frame
 from tpnb.proto import pb
 
-from test_agent_unit import FakeManager, _free_port, _start_manager, _until
+from agent_rig import RoutingManager, http_server, intercept_spec, quiet_agent, start_agent
+from test_agent_unit import _free_port, _until
 
 pytestmark = pytest.mark.unit
 
 
-class _Tagged(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    tag = "?"
-
-    def _answer(self) -> None:
-        n = int(self.headers.get("content-length") or 0)
-        body = self.rfile.read(n) if n else b""
-        out = f"{self.tag} {self.command} {self.path} {len(body)}".encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(out)))
-        self.send_header("X-Served-By", self.tag)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(out)
-
-    do_GET = do_POST = do_HEAD = _answer
-
-    def log_message(self, *a: Any) -> None:
-        pass
-
-
-def _http_server(tag: str) -> tuple[http.server.ThreadingHTTPServer, int]:
-    handler = type(f"H{tag}", (_Tagged,), {"tag": tag})
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    srv.daemon_threads = True
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    return srv, srv.server_address[1]
-
-
-class RoutingManager(FakeManager):
-    """Each intercept's tunnels reach its own laptop port; records the app protocol reports."""
-
-    def __init__(self, ports: dict[str, int]) -> None:
-        super().__init__(0)
-        self.ports = ports
-        self.protocols: list[str] = []
-
-    async def AgentRemain(self, request: pb.AgentSession, context: Any) -> pb.Empty:
-        if request.app_protocol:
-            self.protocols.append(request.app_protocol)
-        return await super().AgentRemain(request, context)
-
-    async def Tunnel(self, request_iterator: Any, context: Any) -> None:
-        chan = GrpcFrameChannel(context)
-        first = await chan.recv()
-        assert first is not None and first.WhichOneof("kind") == "open"
-        self.opens.append(first.open)
-        port = self.ports.get(first.open.intercept_id)
-        if port is None or self.refuse:
-            await chan.send(error_frame("client port not listening"))
-            return
-        r, w = await asyncio.open_connection("127.0.0.1", port)
-        await chan.send(pb.TunnelFrame(opened=pb.Empty()))
-        await bridge(r, w, chan, linger=0)
-
-
-def _spec(name: str, headers: dict[str, str] | None = None, **paths: str) -> pb.InterceptSpec:
-    return pb.InterceptSpec(name=name, workload="hello",
-                            http_headers=[pb.HeaderMatch(name=k, value=v) for k, v in (headers or {}).items()],
-                            **paths)
-
-
 def test_filters_match_headers_and_paths() -> None:
-    f = httproute.Filter.from_spec(_spec("a", {"X-Dev": "alice"}, http_path_prefix="/api"))
+    f = httproute.Filter.from_spec(intercept_spec("a", {"X-Dev": "alice"}, http_path_prefix="/api"))
     assert f.matches(b"/api/v1?q=1", [(b"x-dev", b"alice"), (b"host", b"h")])
     assert not f.matches(b"/api/v1", [(b"x-dev", b"bob")])
     assert not f.matches(b"/web", [(b"x-dev", b"alice")])
-    assert httproute.Filter.from_spec(_spec("b", http_path_equal="/x")).matches(b"/x?y", [])
-    assert not httproute.Filter.from_spec(_spec("b", http_path_equal="/x")).matches(b"/x/", [])
-    rx = httproute.Filter.from_spec(_spec("c", http_path_regex=r"/items/\d+"))
+    assert httproute.Filter.from_spec(intercept_spec("b", http_path_equal="/x")).matches(b"/x?y", [])
+    assert not httproute.Filter.from_spec(intercept_spec("b", http_path_equal="/x")).matches(b"/x/", [])
+    rx = httproute.Filter.from_spec(intercept_spec("c", http_path_regex=r"/items/\d+"))
     assert rx.matches(b"/items/42", []) and not rx.matches(b"/items/42/edit", [])
-    assert httproute.is_filtered(_spec("d", {"a": "b"})) and not httproute.is_filtered(_spec("e"))
-    assert httproute.check(_spec("f", http_path_regex="(")).startswith("invalid --http-path-regex")
-    assert "must start with /" in httproute.check(_spec("g", http_path_prefix="api"))
-    assert httproute.filter_key(_spec("h", {"X-A": "1"})) == httproute.filter_key(_spec("i", {"x-a": "1"}))
+    assert httproute.is_filtered(intercept_spec("d", {"a": "b"})) and not httproute.is_filtered(intercept_spec("e"))
+    assert httproute.check(intercept_spec("f", http_path_regex="(")).startswith("invalid --http-path-regex")
+    assert "must start with /" in httproute.check(intercept_spec("g", http_path_prefix="api"))
+    assert httproute.filter_key(intercept_spec("h", {"X-A": "1"})) == httproute.filter_key(intercept_spec("i", {"x-a": "1"}))
 
 
 def test_probe_tells_http_from_other_protocols() -> None:
     async def main() -> None:
-        srv, port = _http_server("app")
+        srv, port = http_server("app")
 
         async def banner(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             w.write(b"+OK redis-like banner\r\n")
@@ -136,7 +72,7 @@ def test_probe_tells_http_from_other_protocols() -> None:
 
 @pytest.fixture()
 def servers() -> Iterator[dict[str, int]]:
-    made = {t: _http_server(t) for t in ("app", "alice", "bob")}
+    made = {t: http_server(t) for t in ("app", "alice", "bob")}
     yield {t: p for t, (_, p) in made.items()}
     for srv, _ in made.values():
         srv.shutdown()
@@ -144,28 +80,17 @@ def servers() -> Iterator[dict[str, int]]:
 
 def test_agent_routes_each_request_of_a_keepalive_connection(servers: dict[str, int], monkeypatch: pytest.MonkeyPatch,
                                                              tmp_path: Any) -> None:
-    monkeypatch.setattr(agent_mod, "app_environment", lambda s, proc=None: {})
-    monkeypatch.setattr(agent_mod, "REMAIN_INTERVAL", 0.3)
-    token = tmp_path / "token"
-    token.write_text("t\n")
+    quiet_agent(monkeypatch)
 
     async def main() -> None:
-        mgr_port = _free_port()
         fake = RoutingManager({"ic-a": servers["alice"], "ic-b": servers["bob"]})
-        server = await _start_manager(fake, mgr_port)
-        settings = agent_mod.AgentSettings(
-            name="hello", namespace="default", pod_name="hello-1", pod_ip="10.42.0.9", app_container="app",
-            app_port=servers["app"], agent_port=_free_port(), health_port=0, manager_host="127.0.0.1",
-            manager_port=mgr_port, token_file=str(token))
-        ag = agent_mod.Agent(settings)
-        await ag.start()
-        session = asyncio.ensure_future(ag.session_loop())
+        ra = await start_agent(fake, servers["app"], tmp_path)
+        ag, settings = ra.agent, ra.settings
         try:
-            await _until(lambda: ag.agent_id is not None, 20)
             await fake.instructions.put(pb.AgentInstruction(intercepts=[
-                pb.InterceptInfo(id="ic-a", state=pb.InterceptInfo.ACTIVE, spec=_spec("a", {"x-dev": "alice"})),
+                pb.InterceptInfo(id="ic-a", state=pb.InterceptInfo.ACTIVE, spec=intercept_spec("a", {"x-dev": "alice"})),
                 pb.InterceptInfo(id="ic-b", state=pb.InterceptInfo.ACTIVE,
-                                 spec=_spec("b", {"x-dev": "bob"}, http_path_prefix="/api")),
+                                 spec=intercept_spec("b", {"x-dev": "bob"}, http_path_prefix="/api")),
             ]))
             await _until(lambda: len(ag.filtered_intercepts()) == 2)
             # the agent probed the app and told the manager it speaks HTTP/1.1
@@ -240,17 +165,12 @@ def test_agent_routes_each_request_of_a_keepalive_connection(servers: dict[str, 
                 return t
             assert (await asyncio.to_thread(plain)).startswith("app GET /z")
         finally:
-            session.cancel()
-            await asyncio.gather(session, return_exceptions=True)
-            await ag.stop()
-            await server.stop(0)
+            await ra.close()
     asyncio.run(asyncio.wait_for(main(), 120))
 
 
 def test_probe_result_of_a_non_http_app_is_reported(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
-    monkeypatch.setattr(agent_mod, "app_environment", lambda s, proc=None: {})
-    token = tmp_path / "token"
-    token.write_text("t\n")
+    quiet_agent(monkeypatch, remain=None)
 
     async def main() -> None:
         async def banner(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -259,20 +179,12 @@ def test_probe_result_of_a_non_http_app_is_reported(monkeypatch: pytest.MonkeyPa
             await r.read(100)
             w.close()
         app = await asyncio.start_server(banner, "127.0.0.1", 0)
-        mgr_port = _free_port()
         fake = RoutingManager({})
-        server = await _start_manager(fake, mgr_port)
-        settings = agent_mod.AgentSettings(
-            name="hello", namespace="default", pod_name="hello-1", pod_ip="10.42.0.9", app_container="app",
-            app_port=app.sockets[0].getsockname()[1], agent_port=_free_port(), health_port=0,
-            manager_host="127.0.0.1", manager_port=mgr_port, token_file=str(token))
-        ag = agent_mod.Agent(settings)
-        await ag.start()
-        session = asyncio.ensure_future(ag.session_loop())
+        ra = await start_agent(fake, app.sockets[0].getsockname()[1], tmp_path)
+        settings = ra.settings
         try:
-            await _until(lambda: ag.agent_id is not None, 20)
             await fake.instructions.put(pb.AgentInstruction(intercepts=[
-                pb.InterceptInfo(id="ic-a", state=pb.InterceptInfo.ACTIVE, spec=_spec("a", {"x-dev": "a"}))]))
+                pb.InterceptInfo(id="ic-a", state=pb.InterceptInfo.ACTIVE, spec=intercept_spec("a", {"x-dev": "a"}))]))
             await _until(lambda: bool(fake.protocols), 10)
             assert fake.protocols[-1].startswith("tcp: it answered an HTTP/1.1 request with b'SSH-2.0")
             # and the app's own clients are not disturbed
@@ -281,9 +193,6 @@ def test_probe_result_of_a_non_http_app_is_reported(monkeypatch: pytest.MonkeyPa
             assert (await asyncio.to_thread(s.recv, 100)).startswith(b"SSH-2.0")
             s.close()
         finally:
-            session.cancel()
-            await asyncio.gather(session, return_exceptions=True)
-            await ag.stop()
-            await server.stop(0)
+            await ra.close()
             app.close()
     asyncio.run(asyncio.wait_for(main(), 60))

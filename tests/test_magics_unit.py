@@ -531,3 +531,36 @@ def test_panel_follows_the_push_stream_without_polling(fake) -> None:
     finally:
         p.close()
     assert stream.cancelled and not p.polling
+
+
+def test_try_line_is_curl_for_http_and_grpcurl_for_h2c_in_the_cli_and_the_magic(ip, fake, capsys) -> None:
+    from dataclasses import replace
+
+    from tpnb import render
+
+    http = replace(_ic("hello", 9123), http_headers={"x-tpnb-intercept": "alice-7f3a"}, app_protocol="http/1.1")
+    assert render.try_command(http) == "curl -H 'x-tpnb-intercept: alice-7f3a' http://hello.default:80/"
+    grpc = replace(http, name="greeter", workload="greeter", service="greeter", service_port="50051",
+                   app_protocol="h2c")
+    assert render.try_command(grpc) == "grpcurl -plaintext -H 'x-tpnb-intercept: alice-7f3a' greeter.default:50051 list"
+    # one method by --http-path-equal: that method (`list` would go to the app's reflection service)
+    one = replace(grpc, http_path_equal="/greeter.Greeter/SayHello")
+    assert render.try_command(one).endswith(" greeter.default:50051 greeter.Greeter/SayHello")
+    # the Service's port not given (`--port 9300`): the pod's traffic-agent, which the Service routes to
+    pod = replace(grpc, service_port="", agent_port=9900)
+    assert render.try_command(pod) == "grpcurl -plaintext -H 'x-tpnb-intercept: alice-7f3a' 10.42.0.9:9900 list"
+    assert render.try_command(replace(grpc, http_headers={})) == ""   # no header filter: no Try line
+    assert f"    Try           : {render.try_command(grpc)}" in render.intercept_block(grpc).splitlines()
+
+    # the magic prints the same block, by the same renderer
+    real = fake.intercept
+
+    def intercept(name: str, port: int, progress: Any = None, **kw: Any) -> Intercept:
+        real(name, port, progress, **kw)
+        ic = fake.intercepts[name] = replace(grpc, local_port=port)
+        return ic
+
+    fake.intercept = intercept
+    ip.run_line_magic("tp", "intercept greeter --port 9300 --http-header auto")
+    out = capsys.readouterr().out
+    assert "    Try           : grpcurl -plaintext -H 'x-tpnb-intercept: alice-7f3a' greeter.default:50051 list" in out

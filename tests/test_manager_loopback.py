@@ -345,8 +345,12 @@ async def _personal() -> None:
         await asyncio.sleep(0.1)
         assert mgr.intercepts[a.id].state == pb.InterceptInfo.WAITING
         assert "speaks HTTP" in mgr.intercepts[a.id].message
+        assert mgr.intercepts[a.id].app_protocol == ""   # not probed yet
         await hub.AgentRemain(pb.AgentSession(agent_id=agent.agent_id, app_protocol="http/1.1"))
         assert mgr.intercepts[a.id].state == mgr.intercepts[b.id].state == pb.InterceptInfo.ACTIVE
+        # the holder sees what the port speaks (its Try line: curl, or grpcurl for h2c)
+        mine = await asyncio.wait_for(stub.WatchIntercepts(alice).read(), 5)
+        assert [i.app_protocol for i in mine.intercepts if i.mine] == ["http/1.1"]
         # others see a personal intercept as such, but not its filter
         lst = await asyncio.wait_for(stub.WatchIntercepts(carol).read(), 5)
         assert all(not i.spec.http_headers and i.message == "personal (HTTP filters)" for i in lst.intercepts)

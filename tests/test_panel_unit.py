@@ -166,6 +166,33 @@ def test_env_view_filters_and_collapses(fake) -> None:  # noqa: F811
         p.close()
 
 
+def test_intercept_form_container_field_is_the_clis_container_option(fake) -> None:  # noqa: F811
+    """The panel's Container field reaches Session.intercept as `container`, exactly as
+    `tpnb intercept hello --container sidecar` does (the CLI's parser and mapping)."""
+    from tpnb import cli
+
+    seen: list[dict] = []
+    real = fake.intercept
+
+    def intercept(name: str, port: int, **kw: Any) -> Any:
+        seen.append(kw)
+        return real(name, port, **kw)
+
+    fake.intercept = intercept
+    p = widgets.Panel(start=False)
+    try:
+        assert p.f_container.value == "" and "tpnb-intercept-container" in p.f_container._dom_classes
+        p.f_container.value = "  sidecar "
+        p.f_header.value = "x-dev=alice"
+        p.intercept("hello", 9123).join(5)
+        assert seen and seen[-1]["container"] == "sidecar", p.message.value
+        args = cli.build_parser().parse_args(["intercept", "hello", "--port", "9123", "--container", "sidecar",
+                                              "--http-header", "x-dev=alice"])
+        assert {k: seen[-1][k] for k in cli.intercept_kwargs(args)} == cli.intercept_kwargs(args)
+    finally:
+        p.close()
+
+
 def test_intercept_form_passes_personal_filters_to_the_api(fake) -> None:  # noqa: F811
     seen: list[dict] = []
     real = fake.intercept
@@ -183,6 +210,7 @@ def test_intercept_form_passes_personal_filters_to_the_api(fake) -> None:  # noq
         p.intercept("hello", 9123).join(5)
         assert seen[-1]["http_headers"] == [("x-dev", "alice"), ("", "")]
         assert seen[-1]["http_path_prefix"] == "/api"
+        assert seen[-1]["container"] == ""   # no container named: the only one, or the Service's port's
         p.leave("hello").join(5)
         p.f_header.value = "no-equals-sign"
         p.intercept("hello", 9123).join(5)

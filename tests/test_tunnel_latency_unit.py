@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
 import pytest
@@ -24,7 +25,13 @@ from tpnb.daemon.network import ManagerTunnels, Network
 from tpnb.daemon.redirect import KernelTcp, SocketFlow
 from tpnb.proto import pb, rpc
 
-pytestmark = pytest.mark.unit
+# async tests and the rig fixture run on asyncio through anyio's pytest plugin (one loop for both)
+pytestmark = [pytest.mark.unit, pytest.mark.anyio]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
 
 
 class _Tokens:
@@ -46,9 +53,12 @@ async def _serve_manager(port: int = 0) -> tuple[grpc.aio.Server, int]:
 
 async def _echo() -> tuple[asyncio.base_events.Server, int]:
     async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        while data := await r.read(65536):
-            w.write(b"echo:" + data)
-            await w.drain()
+        try:
+            while data := await r.read(65536):
+                w.write(b"echo:" + data)
+                await w.drain()
+        except ConnectionError:  # a client (or a test's manager restart) reset it: done, not a failure
+            pass
         w.close()
 
     srv = await asyncio.start_server(handle, "127.0.0.1", 0)
@@ -103,183 +113,173 @@ async def _until(pred: Any, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_new_connections_with_early_data_and_spare_calls() -> None:
-    async def main() -> None:
+@dataclass
+class Rig:
+    """A manager servicer and an echo server on loopback, and (given a pool) the root daemon's flow
+    handler with its redirected listener `port`: what each test here starts and stops the same way."""
+
+    server: grpc.aio.Server
+    mport: int
+    echo: asyncio.base_events.Server
+    eport: int
+    net: Network | None = None
+    kt: _Redirected | None = None
+    port: int = 0
+
+    @property
+    def link(self) -> ManagerTunnels:
+        assert self.net is not None and self.net.link is not None
+        return self.net.link
+
+
+StartRig = Callable[..., Awaitable[Rig]]
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[StartRig]:
+    """`await rig(pool=N)` starts a Rig (pool None: no daemon side); all are stopped after the test,
+    including a manager the test restarted (`Rig.server` replaced)."""
+    rigs: list[Rig] = []
+
+    async def start(pool: int | None = 2) -> Rig:
         server, mport = await _serve_manager()
         echo, eport = await _echo()
-        net, kt, port = await _daemon(f"127.0.0.1:{mport}", ("127.0.0.1", eport), pool=2)
-        link = net.link
-        assert link is not None
-        try:
-            await _until(lambda: link.early_data, "the manager's early-data feature")
-            r, w, got = await _request(port, b"GET / HTTP/1.1\r\n\r\n")
-            assert got == b"echo:GET / HTTP/1.1\r\n\r\n"
-            w.write(b"more")
-            await w.drain()
-            assert await asyncio.wait_for(r.read(65536), 5) == b"echo:more"
-            w.write_eof()  # half-close travels as `eof`; the echo server ends, so do we
-            assert await asyncio.wait_for(r.read(65536), 5) == b""
-            w.close()
+        r = Rig(server, mport, echo, eport)
+        rigs.append(r)
+        if pool is not None:
+            r.net, r.kt, r.port = await _daemon(f"127.0.0.1:{mport}", ("127.0.0.1", eport), pool=pool)
+        return r
 
-            # the link now keeps started calls; the next connection takes one of them
-            await _until(lambda: len(link._spares) == 2, "two spare Tunnel calls")
-            spare = link._spares[0]
-            r, w, got = await _request(port, b"second")
-            assert got == b"echo:second"
-            assert spare not in link._spares
-            w.close()
-
-            # a port nothing listens on: the client sees a reset, as from a closed port
-            kt.dst = ("127.0.0.1", 1)
-            r, w = await asyncio.open_connection("127.0.0.1", port)
-            w.write(b"hello?")
-            try:
-                data: bytes | None = await asyncio.wait_for(r.read(100), 5)
-            except ConnectionResetError:
-                data = None
-            assert data is None, f"expected a reset, got {data!r}"
-            w.close()
-        finally:
-            await kt.aclose()
-            await link.aclose()
-            echo.close()
-            await server.stop(0)
-
-    asyncio.run(main())
+    yield start
+    for r in rigs:
+        if r.kt is not None:
+            await r.kt.aclose()
+        if r.net is not None and r.net.link is not None:
+            await r.net.link.aclose()
+        r.echo.close()
+        await r.server.stop(0)
 
 
-def test_spare_calls_of_a_restarted_manager_are_not_used() -> None:
-    async def main() -> None:
-        server, mport = await _serve_manager()
-        echo, eport = await _echo()
-        net, kt, port = await _daemon(f"127.0.0.1:{mport}", ("127.0.0.1", eport), pool=3)
-        link = net.link
-        assert link is not None
-        try:
-            _, w, got = await _request(port, b"one")
-            assert got == b"echo:one"
-            w.close()
-            await _until(lambda: len(link._spares) == 3, "three spare Tunnel calls")
-            await server.stop(0)  # the manager pod restarts: its spares die with it
-            server, _ = await _serve_manager(mport)
-            await _until(lambda: all(c.done() for c in link._spares), "the old spares to end")
-            sess = await link.stub.ArriveAsClient(pb.ClientInfo(name="alice@laptop"), timeout=10,
-                                                  wait_for_ready=True)
-            net.session_id = sess.session_id  # as after the connector's relink
-            _, w, got = await _request(port, b"after restart")
-            assert got == b"echo:after restart"
-            w.close()
-        finally:
-            await kt.aclose()
-            await link.aclose()
-            echo.close()
-            await server.stop(0)
+async def test_new_connections_with_early_data_and_spare_calls(rig: StartRig) -> None:
+    r = await rig(pool=2)
+    link, port = r.link, r.port
+    await _until(lambda: link.early_data, "the manager's early-data feature")
+    rd, w, got = await _request(port, b"GET / HTTP/1.1\r\n\r\n")
+    assert got == b"echo:GET / HTTP/1.1\r\n\r\n"
+    w.write(b"more")
+    await w.drain()
+    assert await asyncio.wait_for(rd.read(65536), 5) == b"echo:more"
+    w.write_eof()  # half-close travels as `eof`; the echo server ends, so do we
+    assert await asyncio.wait_for(rd.read(65536), 5) == b""
+    w.close()
 
-    asyncio.run(main())
+    # the link now keeps started calls; the next connection takes one of them
+    await _until(lambda: len(link._spares) == 2, "two spare Tunnel calls")
+    spare = link._spares[0]
+    rd, w, got = await _request(port, b"second")
+    assert got == b"echo:second"
+    assert spare not in link._spares
+    w.close()
+
+    # a port nothing listens on: the client sees a reset, as from a closed port
+    assert r.kt is not None
+    r.kt.dst = ("127.0.0.1", 1)
+    rd, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(b"hello?")
+    try:
+        data: bytes | None = await asyncio.wait_for(rd.read(100), 5)
+    except ConnectionResetError:
+        data = None
+    assert data is None, f"expected a reset, got {data!r}"
+    w.close()
 
 
-def test_manager_without_early_data_gets_the_bytes_as_data_frames(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_spare_calls_of_a_restarted_manager_are_not_used(rig: StartRig) -> None:
+    r = await rig(pool=3)
+    link, port = r.link, r.port
+    _, w, got = await _request(port, b"one")
+    assert got == b"echo:one"
+    w.close()
+    await _until(lambda: len(link._spares) == 3, "three spare Tunnel calls")
+    await r.server.stop(0)  # the manager pod restarts: its spares die with it
+    r.server, _ = await _serve_manager(r.mport)
+    await _until(lambda: all(c.done() for c in link._spares), "the old spares to end")
+    sess = await link.stub.ArriveAsClient(pb.ClientInfo(name="alice@laptop"), timeout=10, wait_for_ready=True)
+    assert r.net is not None
+    r.net.session_id = sess.session_id  # as after the connector's relink
+    _, w, got = await _request(port, b"after restart")
+    assert got == b"echo:after restart"
+    w.close()
+
+
+async def test_manager_without_early_data_gets_the_bytes_as_data_frames(
+        rig: StartRig, monkeypatch: pytest.MonkeyPatch) -> None:
     """An older manager (same API generation) does not list the feature: nothing may be lost."""
     monkeypatch.setattr(manager_mod, "FEATURES", ())
-
-    async def main() -> None:
-        server, mport = await _serve_manager()
-        echo, eport = await _echo()
-        net, kt, port = await _daemon(f"127.0.0.1:{mport}", ("127.0.0.1", eport), pool=0)
-        link = net.link
-        assert link is not None
-        try:
-            assert link._features is not None
-            await asyncio.wait_for(link._features, 5)
-            assert link.early_data is False
-            _, w, got = await _request(port, b"GET /old")
-            assert got == b"echo:GET /old"
-            w.close()
-        finally:
-            await kt.aclose()
-            await link.aclose()
-            echo.close()
-            await server.stop(0)
-
-    asyncio.run(main())
+    r = await rig(pool=0)
+    link = r.link
+    assert link._features is not None
+    await asyncio.wait_for(link._features, 5)
+    assert link.early_data is False
+    _, w, got = await _request(r.port, b"GET /old")
+    assert got == b"echo:GET /old"
+    w.close()
 
 
-def test_manager_answers_early_data_without_opened() -> None:
+async def test_manager_answers_early_data_without_opened(rig: StartRig) -> None:
     """On the wire: the dial's answer to an `open` with early data is the destination's reply."""
     from tpnb.common.forward import GrpcFrameChannel
 
-    async def main() -> None:
-        server, mport = await _serve_manager()
-        echo, eport = await _echo()
-        chan = grpc.aio.insecure_channel(f"127.0.0.1:{mport}")
-        stub = rpc.ManagerStub(chan)
-        try:
-            assert "early-data" in (await stub.Version(pb.Empty())).features
-            sess = await stub.ArriveAsClient(pb.ClientInfo(name="alice@laptop"))
-            dst = socket.inet_aton("127.0.0.1")
-            t = GrpcFrameChannel(stub.Tunnel())
-            await t.send(pb.TunnelFrame(open=pb.TunnelOpen(session_id=sess.session_id, dst_ip=dst, dst_port=eport,
-                                                           early_data=b"GET /")))
-            first = await asyncio.wait_for(t.recv(), 5)
-            assert first is not None and first.WhichOneof("kind") == "data" and first.data == b"echo:GET /"
-            t.cancel()
-            # without early data the dialer still confirms with `opened` (TUN flows, the connector wait for it)
-            t = GrpcFrameChannel(stub.Tunnel())
-            await t.send(pb.TunnelFrame(open=pb.TunnelOpen(session_id=sess.session_id, dst_ip=dst, dst_port=eport)))
-            first = await asyncio.wait_for(t.recv(), 5)
-            assert first is not None and first.WhichOneof("kind") == "opened"
-            t.cancel()
-            # early data to a closed port: the error, and nothing else
-            t = GrpcFrameChannel(stub.Tunnel())
-            await t.send(pb.TunnelFrame(open=pb.TunnelOpen(session_id=sess.session_id, dst_ip=dst, dst_port=1,
-                                                           early_data=b"GET /")))
-            first = await asyncio.wait_for(t.recv(), 5)
-            assert first is not None and first.WhichOneof("kind") == "error" and "refused" in first.error.lower()
-            t.cancel()
-        finally:
-            await chan.close()
-            echo.close()
-            await server.stop(0)
-
-    asyncio.run(main())
+    r = await rig(pool=None)
+    chan = grpc.aio.insecure_channel(f"127.0.0.1:{r.mport}")
+    stub = rpc.ManagerStub(chan)
+    try:
+        assert "early-data" in (await stub.Version(pb.Empty())).features
+        sess = await stub.ArriveAsClient(pb.ClientInfo(name="alice@laptop"))
+        dst = socket.inet_aton("127.0.0.1")
+        t = GrpcFrameChannel(stub.Tunnel())
+        await t.send(pb.TunnelFrame(open=pb.TunnelOpen(session_id=sess.session_id, dst_ip=dst, dst_port=r.eport,
+                                                       early_data=b"GET /")))
+        first = await asyncio.wait_for(t.recv(), 5)
+        assert first is not None and first.WhichOneof("kind") == "data" and first.data == b"echo:GET /"
+        t.cancel()
+        # without early data the dialer still confirms with `opened` (TUN flows, the connector wait for it)
+        t = GrpcFrameChannel(stub.Tunnel())
+        await t.send(pb.TunnelFrame(open=pb.TunnelOpen(session_id=sess.session_id, dst_ip=dst, dst_port=r.eport)))
+        first = await asyncio.wait_for(t.recv(), 5)
+        assert first is not None and first.WhichOneof("kind") == "opened"
+        t.cancel()
+        # early data to a closed port: the error, and nothing else
+        t = GrpcFrameChannel(stub.Tunnel())
+        await t.send(pb.TunnelFrame(open=pb.TunnelOpen(session_id=sess.session_id, dst_ip=dst, dst_port=1,
+                                                       early_data=b"GET /")))
+        first = await asyncio.wait_for(t.recv(), 5)
+        assert first is not None and first.WhichOneof("kind") == "error" and "refused" in first.error.lower()
+        t.cancel()
+    finally:
+        await chan.close()
 
 
-def test_accept_takes_every_pending_connection() -> None:
-    async def main() -> None:
-        server, mport = await _serve_manager()
-        echo, eport = await _echo()
-        net, kt, port = await _daemon(f"127.0.0.1:{mport}", ("127.0.0.1", eport), pool=4)
-        link = net.link
-        assert link is not None
-        try:
-            results = await asyncio.gather(*(_request(port, f"n{i}".encode()) for i in range(40)))
-            assert sorted(got for _, _, got in results) == sorted(f"echo:n{i}".encode() for i in range(40))
-            for _, w, _ in results:
-                w.close()
-        finally:
-            await kt.aclose()
-            await link.aclose()
-            echo.close()
-            await server.stop(0)
-
-    asyncio.run(main())
+async def test_accept_takes_every_pending_connection(rig: StartRig) -> None:
+    r = await rig(pool=4)
+    results = await asyncio.gather(*(_request(r.port, f"n{i}".encode()) for i in range(40)))
+    assert sorted(got for _, _, got in results) == sorted(f"echo:n{i}".encode() for i in range(40))
+    for _, w, _ in results:
+        w.close()
 
 
-def test_send_first_goes_first_without_holding_up_recv() -> None:
-    async def main() -> None:
-        a, b = MemoryFrameChannel.pair(maxsize=1)
-        await a.send(pb.TunnelFrame(data=b"fills the queue"))
-        first = SendFirst(a, pb.TunnelFrame(opened=pb.Empty()))  # cannot be written yet
-        await b.send(pb.TunnelFrame(data=b"from the far end"))
-        got = await asyncio.wait_for(first.recv(), 2)  # recv is not behind the pending write
-        assert got is not None and got.data == b"from the far end"
-        later = asyncio.ensure_future(first.send(pb.TunnelFrame(data=b"after")))
-        kinds = []
-        for _ in range(3):
-            f = await asyncio.wait_for(b.recv(), 2)
-            assert f is not None
-            kinds.append(f.WhichOneof("kind") + (":" + f.data.decode() if f.WhichOneof("kind") == "data" else ""))
-        await later
-        assert kinds == ["data:fills the queue", "opened", "data:after"]
-
-    asyncio.run(main())
+async def test_send_first_goes_first_without_holding_up_recv() -> None:
+    a, b = MemoryFrameChannel.pair(maxsize=1)
+    await a.send(pb.TunnelFrame(data=b"fills the queue"))
+    first = SendFirst(a, pb.TunnelFrame(opened=pb.Empty()))  # cannot be written yet
+    await b.send(pb.TunnelFrame(data=b"from the far end"))
+    got = await asyncio.wait_for(first.recv(), 2)  # recv is not behind the pending write
+    assert got is not None and got.data == b"from the far end"
+    later = asyncio.ensure_future(first.send(pb.TunnelFrame(data=b"after")))
+    kinds = []
+    for _ in range(3):
+        f = await asyncio.wait_for(b.recv(), 2)
+        assert f is not None
+        kinds.append(f.WhichOneof("kind") + (":" + f.data.decode() if f.WhichOneof("kind") == "data" else ""))
+    await later
+    assert kinds == ["data:fills the queue", "opened", "data:after"]

@@ -21,8 +21,8 @@ from tpnb.cluster import agent as agent_mod
 from tpnb.cluster import wiretap as wiretap_mod
 from tpnb.proto import pb
 
+from agent_rig import RoutingManager, http_server, intercept_spec, quiet_agent, start_agent
 from test_agent_unit import _free_port, _start_manager, _until
-from test_httproute_unit import RoutingManager, _http_server, _spec
 from test_manager_loopback import _bearer, _manager
 
 pytestmark = pytest.mark.unit
@@ -47,49 +47,26 @@ class TapManager(RoutingManager):
 
 
 def _tap(wid: str, max_body: int = 4096, buffer: int = 1000, **filters: Any) -> pb.WiretapInfo:
-    return pb.WiretapInfo(id=wid, spec=_spec(wid, **filters), max_body=max_body, buffer=buffer)
-
-
-async def _agent(fake: TapManager, app_port: int, tmp_path: Any) -> tuple[agent_mod.Agent, Any, Any, int]:
-    token = tmp_path / "token"
-    token.write_text("t\n")
-    mgr_port = _free_port()
-    server = await _start_manager(fake, mgr_port)
-    settings = agent_mod.AgentSettings(
-        name="hello", namespace="default", pod_name="hello-1", pod_ip="10.42.0.9", app_container="app",
-        app_port=app_port, agent_port=_free_port(), health_port=0, manager_host="127.0.0.1",
-        manager_port=mgr_port, token_file=str(token))
-    ag = agent_mod.Agent(settings)
-    await ag.start()
-    session = asyncio.ensure_future(ag.session_loop())
-    await _until(lambda: ag.agent_id is not None, 20)
-    return ag, session, server, settings.agent_port
-
-
-async def _close(ag: agent_mod.Agent, session: Any, server: Any) -> None:
-    session.cancel()
-    await asyncio.gather(session, return_exceptions=True)
-    await ag.stop()
-    await server.stop(0)
+    return pb.WiretapInfo(id=wid, spec=intercept_spec(wid, **filters), max_body=max_body, buffer=buffer)
 
 
 @pytest.fixture(autouse=True)
 def _quick(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(agent_mod, "app_environment", lambda s, proc=None: {})
-    monkeypatch.setattr(agent_mod, "REMAIN_INTERVAL", 0.3)
+    quiet_agent(monkeypatch)
 
 
 def test_agent_copies_what_the_app_serves_and_not_what_a_laptop_serves(tmp_path: Any) -> None:
-    app, app_port = _http_server("app")
-    alice, alice_port = _http_server("alice")
+    app, app_port = http_server("app")
+    alice, alice_port = http_server("alice")
 
     async def main() -> None:
         fake = TapManager({"ic-a": alice_port})
-        ag, session, server, port = await _agent(fake, app_port, tmp_path)
+        ra = await start_agent(fake, app_port, tmp_path)
+        ag, port = ra.agent, ra.port
         try:
             await fake.instructions.put(pb.AgentInstruction(
                 intercepts=[pb.InterceptInfo(id="ic-a", state=pb.InterceptInfo.ACTIVE,
-                                             spec=_spec("a", {"x-dev": "alice"}))],
+                                             spec=intercept_spec("a", {"x-dev": "alice"}))],
                 wiretaps=[_tap("w-all", max_body=10), _tap("w-api", http_path_prefix="/api")]))
             await _until(lambda: len(ag.wiretaps.taps) == 2)
             await _until(lambda: ag.app_protocol == "http/1.1", 10)
@@ -149,7 +126,9 @@ def test_agent_copies_what_the_app_serves_and_not_what_a_laptop_serves(tmp_path:
             assert tcp.bytes_down == len(answer) and tcp.first_down == answer[:10]
 
             # HTTP/2 with prior knowledge (as gRPC speaks it), with no personal intercept to route it: to the
-            # app untouched, copied as TCP too.  (The personal intercept here is HTTP/1.1-filtered: end it first.)
+            # app untouched and decoded stream by stream, not copied as TCP (the streams' records:
+            # test_agent_records_grpc_calls_stream_by_stream...).  (The personal intercept here is
+            # HTTP/1.1-filtered: end it first.)
             await fake.instructions.put(pb.AgentInstruction(wiretaps=[_tap("w-all", max_body=10)]))
             await _until(lambda: not ag.filtered_intercepts() and len(ag.wiretaps.taps) == 1)
 
@@ -161,11 +140,10 @@ def test_agent_copies_what_the_app_serves_and_not_what_a_laptop_serves(tmp_path:
                     while chunk := s.recv(65536):
                         got += chunk
                     return got
-            n_tcp = len([r for r in fake.records if r.kind == pb.WiretapRecord.TCP])
-            await asyncio.to_thread(h2)
-            await _until(lambda: len([r for r in fake.records if r.kind == pb.WiretapRecord.TCP]) == n_tcp + 1, 10)
-            h2rec = [r for r in fake.records if r.kind == pb.WiretapRecord.TCP][-1]
-            assert h2rec.first_up == b"PRI * HTTP" and h2rec.bytes_up == 24 + 9
+            n = len(fake.records)
+            await asyncio.to_thread(h2)   # (http.server's answer to it, an error page or nothing, is its own)
+            await asyncio.sleep(0.5)
+            assert len(fake.records) == n   # no stream in it: nothing to record
 
             # the wiretaps end: no more copies, the app still serves
             n = len(fake.records)
@@ -176,7 +154,7 @@ def test_agent_copies_what_the_app_serves_and_not_what_a_laptop_serves(tmp_path:
             await asyncio.sleep(0.3)
             assert len(fake.records) == n
         finally:
-            await _close(ag, session, server)
+            await ra.close()
     try:
         asyncio.run(main())
     finally:
@@ -220,7 +198,8 @@ def test_a_manager_that_does_not_read_costs_drops_not_time(tmp_path: Any) -> Non
 
     async def main() -> None:
         fake = TapManager({}, stall=True)
-        ag, session, server, port = await _agent(fake, app_port, tmp_path)
+        ra = await start_agent(fake, app_port, tmp_path)
+        ag, port = ra.agent, ra.port
         try:
             def timed(n: int, path: str) -> list[float]:
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -245,7 +224,7 @@ def test_a_manager_that_does_not_read_costs_drops_not_time(tmp_path: Any) -> Non
             assert p50_tap < p50_base + 0.005, (p50_base, p50_tap)  # < 5 ms added at the median
             assert max(tapped) < 1.0
         finally:
-            await _close(ag, session, server)
+            await ra.close()
     try:
         asyncio.run(main())
     finally:
@@ -385,6 +364,33 @@ def test_records_lines_and_json_lines() -> None:
     assert t["type"] == "tcp" and "TCP up 3 B down 5 B" in wiretap_line(t) and "b'abc' -> b'hello'" in wiretap_line(t)
 
 
+def test_grpc_records_show_the_method_status_and_messages() -> None:
+    from tpnb.api import wiretap_record
+    from tpnb.cli import wiretap_json, wiretap_line
+
+    H = pb.Header
+    grpc_req = [H(name=b":path", value=b"/greeter.Greeter/SayHellos"), H(name=b"content-type", value=b"application/grpc")]
+    ok = wiretap_record(_record(http_version="2", target=b"/greeter.Greeter/SayHellos", status=200, reason=b"",
+                                request_headers=grpc_req, response_bytes=60, request_messages=1, response_messages=5,
+                                response_trailers=[H(name=b"grpc-status", value=b"0")]))
+    assert (ok["path"], ok["grpc_status"], ok["grpc_code"], ok["grpc_message"]) == \
+        ("/greeter.Greeter/SayHellos", 0, "OK", None)
+    assert ok["response_trailers"] == [("grpc-status", "0")]
+    assert "POST /greeter.Greeter/SayHellos 200 OK 1.2 ms 1->5 msgs 60 B" in wiretap_line(ok)
+    # trailers-only (an error before any message): the status is in the headers
+    bad = wiretap_record(_record(http_version="2", target=b"/greeter.Greeter/SayHello", status=200, reason=b"",
+                                 request_headers=grpc_req, response_bytes=0, request_messages=1,
+                                 response_headers=[H(name=b"grpc-status", value=b"3"),
+                                                   H(name=b"grpc-message", value=b"no such name")]))
+    assert (bad["grpc_status"], bad["grpc_code"]) == (3, "INVALID_ARGUMENT")
+    assert "SayHello 200 INVALID_ARGUMENT (no such name) 1.2 ms 1->0 msgs 0 B" in wiretap_line(bad)
+    assert json.loads(wiretap_json(bad))["grpc_code"] == "INVALID_ARGUMENT"
+    # a plain HTTP request has no gRPC fields and keeps its line
+    plain = wiretap_record(_record())
+    assert plain["grpc_status"] is None and plain["request_messages"] is None
+    assert "POST /api/x?q=1 201 1.2 ms 4 B" in wiretap_line(plain)
+
+
 class _Stream:
     """A plain stand-in for api.WiretapStream: yields records from a queue until cancelled."""
 
@@ -426,7 +432,7 @@ def test_live_list_fills_while_running_and_gives_a_dataframe() -> None:
     pd = pytest.importorskip("pandas")
     df = log.df()
     assert isinstance(df, pd.DataFrame) and list(df["status"]) == [201] * 6
-    assert list(df.columns[:6]) == ["time", "type", "method", "path", "query", "status"]
+    assert list(df.columns[:7]) == ["time", "type", "method", "path", "query", "status", "duration_ms"]
     log.stop()
     assert not log.running and len(log) == 6 and "6 records" in repr(log)
 
@@ -527,7 +533,7 @@ def test_the_whole_chain_in_process(tmp_path: Any, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("TPNB_CONNECTOR_SOCKET", str(sock))
     monkeypatch.setenv("TPNB_WIRETAP_MAX_BODY", "64")
     monkeypatch.setattr(tpnb_config, "_cached", None)
-    app, app_port = _http_server("app")
+    app, app_port = http_server("app")
     token = tmp_path / "token"
     token.write_text("agent-of-hello\n")
 
@@ -678,3 +684,270 @@ def test_parsed_options_of_every_face_are_what_the_session_accepts() -> None:
     assert set(wt) <= set(inspect.signature(Session.wiretap).parameters), set(wt)
     ic = intercept_kwargs(p.parse_args(["intercept", "hello", "--port", "9000", "--container", "app"]))
     assert ic["container"] == "app" and set(ic) <= set(inspect.signature(Session.intercept).parameters), set(ic)
+
+
+# ------------------------------------------------------------------ HTTP/2 (h2c, gRPC)
+
+class _H2Wire:
+    """A real h2 client and server in memory, their bytes fed to an H2Copy as they pass (in `chunk`-sized
+    pieces: 1 cuts every frame and header block apart), as Wiretaps.copy_tcp feeds it."""
+
+    def __init__(self, taps: wiretap_mod.Wiretaps, chunk: int = 0, server_settings: dict[int, int] | None = None) -> None:
+        import h2.config
+        import h2.connection
+
+        self.c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        self.s = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+        self.c.initiate_connection()
+        self.s.initiate_connection()
+        if server_settings:
+            self.s.update_settings(server_settings)
+            window = server_settings.get(SettingCodes.INITIAL_WINDOW_SIZE, 0)
+            if window > 65535:
+                self.s.increment_flow_control_window(window - 65535)
+        self.copy = wiretap_mod.H2Copy(taps, "10.0.0.1:5000")
+        self.chunk = chunk
+        self.to_server: list[Any] = []   # the server's events (what the app saw)
+        self.to_client: list[Any] = []
+        self.flush()
+
+    def _feed(self, up: bool, data: bytes) -> None:
+        step = self.chunk or len(data)
+        for i in range(0, len(data), step):
+            self.copy.feed(up, data[i:i + step])
+
+    def flush(self) -> None:
+        import h2.events
+
+        for _ in range(100):
+            up, down = self.c.data_to_send(), self.s.data_to_send()
+            if not up and not down:
+                return
+            for data, me, peer, seen, is_up in ((up, self.c, self.s, self.to_server, True),
+                                                (down, self.s, self.c, self.to_client, False)):
+                if not data:
+                    continue
+                self._feed(is_up, data)
+                for ev in peer.receive_data(data):
+                    seen.append(ev)
+                    if isinstance(ev, h2.events.DataReceived):  # reopen the windows as an app would
+                        peer.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+        raise AssertionError("the connection did not settle")
+
+
+from h2.settings import SettingCodes  # noqa: E402
+
+
+def _grpc_msg(payload: bytes) -> bytes:
+    return b"\x00" + len(payload).to_bytes(4, "big") + payload
+
+
+GRPC_REQ = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/greeter.Greeter/SayHello"),
+            (b":authority", b"greeter:50051"), (b"content-type", b"application/grpc"), (b"te", b"trailers")]
+
+
+def _h2_taps(*taps: pb.WiretapInfo) -> wiretap_mod.Wiretaps:
+    w = wiretap_mod.Wiretaps(pb, "pod-1")
+    w.update(list(taps))
+    return w
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 7])
+def test_h2_copy_records_each_stream_with_method_status_trailers_and_bounded_bodies(chunk: int) -> None:
+    taps = _h2_taps(_tap("w", max_body=8))
+    wire = _H2Wire(taps, chunk=chunk)
+    c, s = wire.c, wire.s
+    # a unary call, answered with headers, one message and trailers
+    c.send_headers(1, GRPC_REQ + [(b"x-dev", b"alice")])
+    c.send_data(1, _grpc_msg(b"world"), end_stream=True, pad_length=3)   # padded: the padding is no body
+    wire.flush()
+    s.send_headers(1, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+    s.send_data(1, _grpc_msg(b"hello world"))
+    s.send_headers(1, [(b"grpc-status", b"0"), (b"grpc-message", b"")], end_stream=True)
+    # a server-streaming call on the same connection (its headers now come from HPACK's dynamic table)
+    c.send_headers(3, [(n, b"/greeter.Greeter/SayHellos" if n == b":path" else v) for n, v in GRPC_REQ])
+    c.send_data(3, _grpc_msg(b"x*3"), end_stream=True)
+    wire.flush()
+    s.send_headers(3, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+    s.send_data(3, b"".join(_grpc_msg(f"hello #{i}".encode()) for i in range(3)))
+    s.send_headers(3, [(b"grpc-status", b"0")], end_stream=True)
+    # an error: trailers-only (one HEADERS frame with END_STREAM), as grpcio answers an abort
+    c.send_headers(5, GRPC_REQ)
+    c.send_data(5, _grpc_msg(b"fail"), end_stream=True)
+    wire.flush()
+    s.send_headers(5, [(b":status", b"200"), (b"content-type", b"application/grpc"), (b"grpc-status", b"3"),
+                       (b"grpc-message", b"no such name")], end_stream=True)
+    wire.flush()
+
+    recs = taps.take()
+    assert [r.target for r in recs] == [b"/greeter.Greeter/SayHello", b"/greeter.Greeter/SayHellos",
+                                        b"/greeter.Greeter/SayHello"]
+    unary, stream, err = recs
+    assert all(r.kind == pb.WiretapRecord.HTTP and r.method == "POST" and r.http_version == "2" and r.status == 200
+               and r.client == "10.0.0.1:5000" and not r.error and r.latency_ms >= 0 for r in recs)
+    assert (b"x-dev", b"alice") in [(h.name, h.value) for h in unary.request_headers]
+    assert unary.request_bytes == 10 and unary.request_body == _grpc_msg(b"world")[:8]      # max_body 8
+    assert unary.response_bytes == 16 and unary.response_body == _grpc_msg(b"hello world")[:8]
+    assert [(h.name, h.value) for h in unary.response_trailers] == [(b"grpc-status", b"0"), (b"grpc-message", b"")]
+    assert (unary.request_messages, unary.response_messages) == (1, 1)
+    assert (stream.request_messages, stream.response_messages) == (1, 3)
+    assert not err.response_trailers and (b"grpc-status", b"3") in [(h.name, h.value) for h in err.response_headers]
+    assert (err.request_messages, err.response_messages) == (1, 0)
+    assert not wire.copy.streams and wire.copy.reserved == 0 and not wire.copy.failed
+
+
+def test_h2_copy_follows_filters_large_frames_continuations_resets_goaway_and_the_end() -> None:
+    taps = _h2_taps(_tap("all", max_body=100), _tap("alice", max_body=100, headers={"x-dev": "alice"}))
+    wire = _H2Wire(taps, server_settings={SettingCodes.MAX_FRAME_SIZE: 1 << 20,   # DATA frames of up to 1 MiB
+                                           SettingCodes.INITIAL_WINDOW_SIZE: 1 << 21})
+    c, s = wire.c, wire.s
+    wire.flush()
+    big = b"m" * 700_000
+    # a header block too large for one frame: HEADERS + CONTINUATION; a body in frames of 700 kB
+    c.send_headers(1, GRPC_REQ + [(b"x-dev", b"alice"), (b"x-big", b"v" * 40_000)])
+    c.send_data(1, _grpc_msg(big), end_stream=True)
+    wire.flush()
+    assert wire.to_server[-1].__class__.__name__ == "StreamEnded"  # the app got it all
+    s.send_headers(1, [(b":status", b"200")])
+    s.send_data(1, b"ok", end_stream=True)
+    # a stream the client cancels, one the app resets, one the app's GOAWAY leaves unprocessed
+    for sid in (3, 5, 7):
+        c.send_headers(sid, GRPC_REQ)
+    wire.flush()
+    c.reset_stream(3, error_code=8)   # CANCEL, as a cancelled gRPC call
+    s.reset_stream(5, error_code=2)
+    wire.flush()
+    wire.copy.feed(False, _goaway_frame(last_stream_id=5))
+    # a stream still open when the connection ends
+    c.send_headers(9, GRPC_REQ)
+    wire.flush()
+    wire.copy.close()
+
+    recs = taps.take()
+    by = {(r.wiretap_id, r.target, r.error) for r in recs}
+    first = [r for r in recs if r.wiretap_id == "alice"]
+    assert len(first) == 1 and first[0].request_bytes == 700_005 and first[0].request_body == _grpc_msg(big)[:100]
+    assert (b"x-big", b"v" * 40_000) in [(h.name, h.value) for h in first[0].request_headers]
+    assert first[0].response_body == b"ok" and first[0].status == 200 and first[0].request_messages == 1
+    errors = [r.error for r in recs if r.wiretap_id == "all"]
+    assert errors == ["", "the client reset the stream (CANCEL)", "the app reset the stream (INTERNAL_ERROR)",
+                      "not processed by the app (GOAWAY); the client may send it again",
+                      "the connection ended before the answer was complete"], by
+    assert not wire.copy.failed
+
+
+def _goaway_frame(last_stream_id: int) -> bytes:
+    from hyperframe.frame import GoAwayFrame
+
+    f = GoAwayFrame(0)
+    f.last_stream_id = last_stream_id
+    return f.serialize()
+
+
+def test_h2_copy_bounds_streams_and_bodies_and_survives_garbage() -> None:
+    taps = _h2_taps(_tap("w", max_body=wiretap_mod.MAX_BODY_LIMIT, buffer=10_000))
+    wire = _H2Wire(taps, server_settings={SettingCodes.MAX_CONCURRENT_STREAMS: 1000})   # room for them all
+    c = wire.c
+    n = wiretap_mod.MAX_COPIED_STREAMS + 10
+    for i in range(n):
+        c.send_headers(1 + 2 * i, GRPC_REQ)
+    wire.flush()
+    # at most MAX_COPIED_STREAMS at once; the rest are counted as dropped, and bodies share one budget
+    assert len(wire.copy.streams) == wiretap_mod.MAX_COPIED_STREAMS and taps.taps["w"].dropped == 10
+    assert wire.copy.reserved <= wiretap_mod.BODY_BUDGET
+    assert max(ex.keep for ex in wire.copy.streams.values()) == wiretap_mod.MAX_BODY_LIMIT
+    assert min(ex.keep for ex in wire.copy.streams.values()) == 0
+    # bytes that are not HTTP/2: decoding stops, the open streams are recorded with the reason, no exception
+    wire.copy.feed(True, b"\x00\x00\x04\x01\x04\x00\x00\x99\x99" + b"\xff\xff\xff\xff")  # HEADERS, bad HPACK
+    assert wire.copy.failed.startswith("the wiretap stopped decoding this HTTP/2 connection")
+    recs = taps.take(10_000)
+    assert len(recs) == wiretap_mod.MAX_COPIED_STREAMS and all(r.error == wire.copy.failed for r in recs)
+    wire.copy.feed(True, b"more")   # ignored from now on
+    assert not wire.copy.streams
+
+
+def _hdr(hs: Any, name: bytes) -> bytes | None:
+    return next((h.value for h in hs if h.name == name), None)
+
+
+def _grpc_status(r: pb.WiretapRecord) -> bytes | None:
+    return _hdr(r.response_trailers, b"grpc-status") or _hdr(r.response_headers, b"grpc-status")
+
+
+def test_agent_records_grpc_calls_stream_by_stream_and_callers_get_their_answers(tmp_path: Any) -> None:
+    """A real agent before a real grpcio server (tests/greeter_app.py) and a grpcio client on ONE channel:
+    every call -- unary, server-, client-, bidi-streaming, an error, 50 concurrent unary -- is answered by
+    the app exactly as without a wiretap, and recorded as one HTTP/2 exchange per call."""
+    import greeter_app
+
+    app, _, app_port = greeter_app.serve(0, "app", host="127.0.0.1")
+
+    async def main() -> None:
+        fake = TapManager({})
+        ra = await start_agent(fake, app_port, tmp_path)
+        ag, port = ra.agent, ra.port
+        try:
+            await fake.instructions.put(pb.AgentInstruction(wiretaps=[
+                _tap("w-all", max_body=16), _tap("w-alice", headers={"x-dev": "alice"})]))
+            await _until(lambda: len(ag.wiretaps.taps) == 2)
+            got = await asyncio.to_thread(greeter_app.check, f"127.0.0.1:{port}", "x-dev", ["alice=app", "=app"], 50)
+            assert got["n"] == 50 and got["nbad"] == 0, got
+            for name in ("alice", "none"):
+                s = got["streams"][name]
+                assert s["unary"] == f"hello {name} from app" and s["client"] == "64 messages, 4194304 bytes to app"
+                assert s["server"] == [f"hello {name} #{i} from app" for i in range(5)]
+                assert s["bidi"] == [f"{name}-{i} from app" for i in range(20)]
+                assert s["error"] == "INVALID_ARGUMENT: no such name (from app)"
+
+            await _until(lambda: len([r for r in fake.records if r.wiretap_id == "w-all"]) == 60, 20)
+            mine = [r for r in fake.records if r.wiretap_id == "w-all"]
+            assert all(r.kind == pb.WiretapRecord.HTTP and r.method == "POST" and r.http_version == "2"
+                       and r.status == 200 and not r.error and r.latency_ms > 0 for r in mine)
+            by_path: dict[bytes, list[pb.WiretapRecord]] = {}
+            for r in mine:
+                by_path.setdefault(r.target, []).append(r)
+            g = b"/greeter.Greeter/"
+            assert {k: len(v) for k, v in by_path.items()} == {g + b"SayHello": 54, g + b"SayHellos": 2,
+                                                               g + b"Collect": 2, g + b"Chat": 2}
+            statuses = sorted(_grpc_status(r) or b"" for r in by_path[g + b"SayHello"])
+            assert statuses == [b"0"] * 52 + [b"3"] * 2   # the two "fail" calls: INVALID_ARGUMENT
+            assert all(_grpc_status(r) == b"0" for k in (b"SayHellos", b"Collect", b"Chat") for r in by_path[g + k])
+            assert all((r.request_messages, r.response_messages) == (1, 5) for r in by_path[g + b"SayHellos"])
+            assert all((r.request_messages, r.response_messages) == (20, 20) for r in by_path[g + b"Chat"])
+            for r in by_path[g + b"Collect"]:   # 64 StringValues of 64 KiB: 5-byte prefix, tag, 3-byte length
+                assert r.request_messages == 64 and r.request_bytes == 64 * (5 + 1 + 3 + 65536)
+                assert r.request_body == (b"\x00" + (65540).to_bytes(4, "big") + b"\x0a\x80\x80\x04" + b"x" * 7)
+                assert _hdr(r.response_trailers, b"x-count") == b"64"
+            alice = [r for r in fake.records if r.wiretap_id == "w-alice"]
+            assert len(alice) == 30 and all(_hdr(r.request_headers, b"x-dev") == b"alice" for r in alice)
+            assert not fake.drops
+        finally:
+            await ra.close()
+    try:
+        asyncio.run(main())
+    finally:
+        app.stop(0)
+
+
+def test_grpc_calls_are_answered_when_the_manager_does_not_read_and_copies_are_dropped(tmp_path: Any) -> None:
+    import greeter_app
+
+    app, _, app_port = greeter_app.serve(0, "app", host="127.0.0.1")
+
+    async def main() -> None:
+        fake = TapManager({}, stall=True)
+        ra = await start_agent(fake, app_port, tmp_path)
+        ag, port = ra.agent, ra.port
+        try:
+            await fake.instructions.put(pb.AgentInstruction(wiretaps=[_tap("w", max_body=4096, buffer=5)]))
+            await _until(lambda: bool(ag.wiretaps))
+            got = await asyncio.to_thread(greeter_app.check, f"127.0.0.1:{port}", "x-dev", ["=app"], 600)
+            assert got["n"] == 600 and got["nbad"] == 0, got
+            t = ag.wiretaps.taps["w"]   # what gRPC's windows to the manager took first, then at most 5 kept
+            assert len(t.buffer) <= 5 and t.dropped > 0 and len(fake.records) == 0, (len(t.buffer), t.dropped)
+        finally:
+            await ra.close()
+    try:
+        asyncio.run(main())
+    finally:
+        app.stop(0)

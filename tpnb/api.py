@@ -55,6 +55,12 @@ class Intercept:
     http_path_prefix: str = ""
     http_path_equal: str = ""
     http_path_regex: str = ""
+    #: which path carries its connections, from the connector (agent links or the traffic-manager)
+    data_path: str = ""
+    #: what the intercepted port speaks, as its traffic-agent probed it: "http/1.1", "h2c" (gRPC), "" unknown
+    app_protocol: str = ""
+    #: the port the traffic-agent serves in each pod (what the Service now routes to)
+    agent_port: int = 0
 
     @property
     def filtered(self) -> bool:
@@ -70,7 +76,8 @@ class Intercept:
             pod_ips=list(ic.pod_ips), environment=dict(ic.environment), mount_point=ic.mount_point, id=ic.id,
             http_headers={h.name: h.value for h in ic.spec.http_headers},
             http_path_prefix=ic.spec.http_path_prefix, http_path_equal=ic.spec.http_path_equal,
-            http_path_regex=ic.spec.http_path_regex)
+            http_path_regex=ic.spec.http_path_regex, data_path=ic.data_path, app_protocol=ic.app_protocol,
+            agent_port=ic.agent_port)
 
 
 @dataclass
@@ -110,9 +117,32 @@ def _text(b: bytes) -> str:
     return b.decode("latin-1")
 
 
+#: gRPC status codes by number (grpc.StatusCode's names), for wiretap records of gRPC calls
+_GRPC_CODES = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+               "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+               "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED")
+
+
+def _grpc(rec: pb.WiretapRecord) -> dict:
+    """gRPC fields of an HTTP/2 record: None for other requests (and for a call without a status yet);
+    the status comes from the trailers, or from the headers of a trailers-only answer."""
+    grpc_call = any(h.name == b"content-type" and h.value.startswith(b"application/grpc")
+                    for h in rec.request_headers)
+    if not grpc_call:
+        return {"grpc_status": None, "grpc_code": None, "grpc_message": None,
+                "request_messages": None, "response_messages": None}
+    answer = {bytes(h.name): _text(h.value) for h in (*rec.response_headers, *rec.response_trailers)}
+    status = answer.get(b"grpc-status", "")
+    code = int(status) if status.isdigit() else None
+    name = (_GRPC_CODES[code] if code < len(_GRPC_CODES) else str(code)) if code is not None else None
+    return {"grpc_status": code, "grpc_code": name, "grpc_message": answer.get(b"grpc-message") or None,
+            "request_messages": rec.request_messages, "response_messages": rec.response_messages}
+
+
 def wiretap_record(rec: pb.WiretapRecord) -> dict:
     """One copied exchange as a plain dict, in the shape of `tpnb.requests_log`'s records
-    (time, type, method, path, query, status, duration_ms, bytes, client, error, headers, bodies)."""
+    (time, type, method, path, query, status, duration_ms, bytes, client, error, headers, bodies;
+    for gRPC calls over HTTP/2 also grpc_status, grpc_code, grpc_message and message counts)."""
     import datetime as _dt
 
     path, _, query = _text(rec.target).partition("?")
@@ -126,7 +156,8 @@ def wiretap_record(rec: pb.WiretapRecord) -> dict:
         "request_headers": [(_text(h.name), _text(h.value)) for h in rec.request_headers],
         "request_body": bytes(rec.request_body), "request_bytes": rec.request_bytes,
         "response_headers": [(_text(h.name), _text(h.value)) for h in rec.response_headers],
-        "response_body": bytes(rec.response_body), "response_bytes": rec.response_bytes,
+        "response_trailers": [(_text(h.name), _text(h.value)) for h in rec.response_trailers],
+        "response_body": bytes(rec.response_body), "response_bytes": rec.response_bytes, **_grpc(rec),
         "reason": _text(rec.reason), "bytes_up": rec.bytes_up, "bytes_down": rec.bytes_down,
         "first_up": bytes(rec.first_up), "first_down": bytes(rec.first_down), "dropped": rec.dropped, "seq": rec.seq,
     }

@@ -657,7 +657,12 @@ def wiretap_line(r: dict) -> str:
                 f"first {_short(r['first_up'])} -> {_short(r['first_down'])}")
     path = r["path"] + (f"?{r['query']}" if r["query"] else "")
     tail = f" error: {r['error']}" if r["error"] else ""
-    return f"{t} {r['client']} {r['method']} {path} {r['status']} {r['duration_ms']:.1f} ms {r['bytes']} B{tail}"
+    grpc = ""
+    if r.get("grpc_code") is not None:   # a gRPC call: its status and messages each way
+        grpc = f" {r['grpc_code']}" + (f" ({r['grpc_message']})" if r.get("grpc_message") else "")
+    msgs = f" {r['request_messages']}->{r['response_messages']} msgs" if r.get("request_messages") is not None else ""
+    return (f"{t} {r['client']} {r['method']} {path} {r['status']}{grpc} {r['duration_ms']:.1f} ms"
+            f"{msgs} {r['bytes']} B{tail}")
 
 
 def _jsonable(v: Any) -> Any:

@@ -68,6 +68,10 @@ class AgentConfig:
     #: the file service, on the pod's loopback only (brokered to the intercept's holder)
     sftp_port: int = 9902
     mount_prefix: str = "/tpnb/volumes"
+    #: intercepted connections straight from the agent pods to the connector over a port-forward
+    #: to each pod's agent link port (issue 15; needs `pods/portforward` on the workload's
+    #: namespace): "auto" (use it where allowed, else the traffic-manager), "never" (always the manager)
+    link: str = "auto"
 
 
 @dataclass
@@ -122,6 +126,9 @@ class TimeoutConfig:
     api: float = 8.0
     rollout: float = 180.0
     intercept: float = 120.0
+    #: how long `tpnb intercept` waits for the agent links to come up (meanwhile, and if they do
+    #: not, the traffic-manager carries the connections)
+    agent_link: float = 3.0
 
 
 @dataclass
@@ -234,6 +241,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "connector.data_plane": ("auto", "direct", "manager"),
     "manager.install": ("auto", "never"),
     "daemon.portforward_protocol": ("auto", "spdy", "websocket"),
+    "agent.link": ("auto", "never"),
 }
 
 

@@ -57,6 +57,33 @@ def intercepting(ic: Intercept) -> str:
     return "HTTP requests with " + " and ".join(parts) + " (others: the app)" if parts else "all connections"
 
 
+#: AgentInfo/InterceptInfo.app_protocol of a port that speaks HTTP/2 with prior knowledge (cluster/h2route.H2C)
+H2C = "h2c"
+
+
+def try_command(ic: Intercept) -> str:
+    """A ready command whose request this personal intercept takes ("" without header filters): the
+    auto header's value is only shown here.  `curl -H` for HTTP/1.1; for a port that speaks h2c
+    (gRPC, as the agent's probe reports) `grpcurl -plaintext -H`, listing the services (`list`,
+    through server reflection) or, with --http-path-equal /pkg.Service/Method, calling that method."""
+    if not ic.http_headers:
+        return ""
+    hs = " ".join(f"-H {shlex.quote(f'{k}: {v}')}" for k, v in ic.http_headers.items())
+    port = ic.service_port if ic.service_port and ic.service_port.isdigit() else ""
+    host = f"{ic.service or ic.workload}.{ic.namespace}"
+    if ic.app_protocol == H2C:
+        if port:
+            addr = f"{host}:{port}"
+        elif ic.pod_ips and ic.agent_port:   # the Service's port is not known here: the pod's agent
+            addr = f"{ic.pod_ips[0]}:{ic.agent_port}"
+        else:
+            addr = f"{host}:PORT"
+        what = ic.http_path_equal.lstrip("/") if ic.http_path_equal.count("/") == 2 else "list"
+        return f"grpcurl -plaintext {hs} {addr} {shlex.quote(what)}"
+    path = ic.http_path_equal or ic.http_path_prefix or "/"
+    return f"curl {hs} http://{host}{':' + port if port else ''}{path}"
+
+
 def intercept_block(ic: Intercept, mount_root: str | PathLike[str] | None = None) -> str:
     kind = (ic.kind or "workload").lower()
     state = ic.state
@@ -70,11 +97,9 @@ def intercept_block(ic: Intercept, mount_root: str | PathLike[str] | None = None
         f"    Service       : {ic.service}" + (f" port {ic.service_port}" if ic.service_port else ""),
         f"    Intercepting  : {intercepting(ic)}",
     ]
-    if ic.http_headers:  # a ready request that this intercept takes (the auto header's value is only shown here)
-        hs = " ".join(f"-H {shlex.quote(f'{k}: {v}')}" for k, v in ic.http_headers.items())
-        path = ic.http_path_equal or ic.http_path_prefix or "/"
-        port = f":{ic.service_port}" if ic.service_port and ic.service_port.isdigit() else ""
-        lines.append(f"    Try           : curl {hs} http://{ic.service or ic.workload}.{ic.namespace}{port}{path}")
+    try_ = try_command(ic)
+    if try_:
+        lines.append(f"    Try           : {try_}")
     if mount_root is not None:  # where the pod's volumes are mounted (tpnb/mounts.py)
         lines.insert(6, f"    Volume Mount Point: {mount_root}")
     return "\n".join(lines)
@@ -104,6 +129,8 @@ def status_text(st: Status) -> str:
         lines.append("  Intercepts       :")
         for ic in st.intercepts:
             lines.append(f"    {ic.name}: {ic.namespace}/{ic.workload} -> {ic.target_host}:{ic.local_port} ({ic.state})")
+            if ic.data_path:
+                lines.append(f"      data path: {ic.data_path}")
     if st.wiretaps:
         lines.append("  Wiretaps         :")
         for w in st.wiretaps:

@@ -4,7 +4,8 @@ What it shows: the connection line with a Connect/Quit button; a namespace
 selector; the namespace's workloads (services/ports, free / intercepted by me /
 by someone else) each with a port field and an Intercept toggle, and the
 personal-intercept filter fields used by the next Intercept (`--http-header`,
-path prefix / equal / regex); per in-kernel server a live chart of requests
+path prefix / equal / regex) and its app container (`--container`, for pods with
+several); per in-kernel server a live chart of requests
 per second by status class (2xx/3xx/4xx/5xx) and of latency p50/p99; the
 request log, where picking a request opens its details (method, path,
 headers, bodies) with Replay buttons (to the kernel's app, or to the cluster's
@@ -39,8 +40,8 @@ shows the panel.
 Why actions run on threads: button callbacks arrive on the kernel's shell
 thread; a connect, intercept or replay takes time, so it runs on a worker
 thread and the kernel stays responsive.  Every action is a call of the one
-use-case layer (`tpnb.api.Session`, the same one the CLI and %tp use; filter
-text is parsed by the CLI's own `parse_http_headers`).
+use-case layer (`tpnb.api.Session`, the same one the CLI and %tp use; the
+intercept fields are mapped to its arguments by the CLI's own `intercept_kwargs`).
 """
 from __future__ import annotations
 
@@ -328,8 +329,14 @@ class Panel:
         self.f_path_kind.add_class("tpnb-filter-path-kind")
         self.f_path = w.Text(value="", placeholder="/api", layout=w.Layout(width="220px"))
         self.f_path.add_class("tpnb-filter-path")
-        filters = w.HBox([w.HTML("<b>Intercept only</b>&nbsp;", layout=w.Layout(width="110px")), self.f_header,
-                          self.f_path_kind, self.f_path])
+        # the app container of the next Intercept, in pods with several (the CLI's --container)
+        self.f_container = w.Text(value="", placeholder="app container (pods with several)", description="Container",
+                                  layout=w.Layout(width="300px"))
+        self.f_container.add_class("tpnb-intercept-container")
+        filters = w.VBox([w.HBox([w.HTML("<b>Intercept only</b>&nbsp;", layout=w.Layout(width="110px")),
+                                  self.f_header, self.f_path_kind, self.f_path]),
+                          w.HBox([w.HTML("<b>In the pod</b>&nbsp;", layout=w.Layout(width="110px")),
+                                  self.f_container])])
         # traffic: live charts per server, the request list and a request's details with Replay
         self.traffic_select = w.Dropdown(options=[], description="Traffic of", layout=w.Layout(width="360px"))
         self.traffic_select.add_class("tpnb-traffic-select")
@@ -718,20 +725,25 @@ class Panel:
     def _say(self, text: str, error: bool = False) -> None:
         self.message.value = _pre(text, error) if text else ""
 
-    def filter_kwargs(self) -> dict[str, Any]:
-        """Session.intercept's HTTP-filter arguments from the filter fields (parsed as the CLI parses them)."""
-        from .cli import parse_http_headers
+    def intercept_kwargs(self) -> dict[str, Any]:
+        """Session.intercept's filter and container arguments from the panel's fields: the fields are put
+        in the shape of `tpnb intercept`'s parsed options (--http-header, --http-path-*, --container)
+        and mapped by the CLI's own `intercept_kwargs`, so both faces pass the same arguments."""
+        from argparse import Namespace
+
+        from .cli import intercept_kwargs
         from .errors import ConfigError
 
-        headers = [h.strip() for h in self.f_header.value.split(",") if h.strip()]
-        out: dict[str, Any] = {"http_headers": parse_http_headers(headers)}
         kind, path = self.f_path_kind.value, self.f_path.value.strip()
         if kind and not path:
             raise ConfigError(f"the path {kind} filter is empty", "a path filter needs a path",
                               "type one (e.g. /api), or choose 'every path'")
+        opts = Namespace(http_header=[h.strip() for h in self.f_header.value.split(",") if h.strip()],
+                         http_path_prefix="", http_path_equal="", http_path_regex="",
+                         container=self.f_container.value.strip())
         if kind:
-            out[f"http_path_{kind}"] = path
-        return out
+            setattr(opts, f"http_path_{kind}", path)
+        return intercept_kwargs(opts)
 
     def _progress(self, p: pb.Progress) -> None:
         self.bar_label.value = p.message or self.bar_label.value
@@ -770,9 +782,9 @@ class Panel:
 
     def intercept(self, name: str, port: int, namespace: str | None = None) -> threading.Thread | None:
         def act(progress: Callable[[pb.Progress], None]) -> str:
-            filters = self.filter_kwargs()
+            kwargs = self.intercept_kwargs()
             ic = lifecycle.session().intercept(name, port, namespace=namespace or None, progress=progress,
-                                               owner_pid=os.getpid(), **filters)  # ends with this kernel
+                                               owner_pid=os.getpid(), **kwargs)  # ends with this kernel
             lifecycle.own(ic.name, port)
             srv = inkernel.attach(ic.name, port)
             where = "this kernel" if srv is not None else "the program listening there"

@@ -4,7 +4,9 @@ The list fills from a background thread while the wiretap runs (the kernel's
 own thread stays free for cells), so `log = %tp wiretap hello` then, a moment
 later, `len(log)`, `log[-1]["status"]` or `log.df()` show what has arrived so
 far.  Records are the dicts of `tpnb.api.wiretap_record`, in the shape of
-`tpnb.requests_log` (time, type, method, path, status, duration_ms, ...).
+`tpnb.requests_log` (time, type, method, path, status, duration_ms, ...); a gRPC
+call over HTTP/2 has its method as `path` and its status as `grpc_code` (trailers
+in `response_trailers`).
 `stop()` (or `%tp wiretap --stop NAME`, `%tp leave NAME`, the kernel's end)
 ends the wiretap and removes it from the cluster.
 """
@@ -18,7 +20,8 @@ from .errors import TpnbError
 
 #: columns of a wiretap DataFrame, in order (other fields follow)
 COLUMNS = ("time", "type", "method", "path", "query", "status", "duration_ms", "bytes", "client", "pod",
-           "error", "request_headers", "request_body", "response_headers", "response_body")
+           "error", "grpc_code", "request_headers", "request_body", "response_headers", "response_body",
+           "response_trailers")
 
 
 class WiretapLog(list):
@@ -97,7 +100,9 @@ class WiretapLog(list):
     def _repr_html_(self) -> str:
         from .magics.output import html_table
 
-        cols = ("time", "method", "path", "status", "duration_ms", "bytes", "client")
+        shown = self.records()[-20:]
+        grpc = any(r.get("grpc_code") is not None for r in shown)   # gRPC calls: their status beside HTTP's
+        cols = ("time", "method", "path", "status", *(("grpc_code",) if grpc else ()), "duration_ms", "bytes", "client")
         head = f"<b>wiretap {self.name}</b>: {len(self)} records, {self.dropped} dropped, " + \
             ("running" if self.running else "stopped")
-        return head + html_table(cols, ([r.get(c) for c in cols] for r in self.records()[-20:]))
+        return head + html_table(cols, ([r.get(c) for c in cols] for r in shown))

@@ -107,16 +107,33 @@ def build_coredns(progress: Progress | None = None) -> BuiltImage:
 
 def build_tpnb_image(progress: Progress | None = None) -> BuiltImage:
     """The traffic-manager/agent image, tagged `tpnb.imageref.default_image()`."""
-    p = progress or _silent
     import tpnb.proto  # noqa: F401  (regenerates stale stubs before they are hashed)
     from tpnb.imageref import default_image, image_sources
 
     tag = default_image()
-    step = "image tpnb"
     sources = image_sources()
     reqs = requirements_file()
     deps_key, app_key, key = tpnb_image_keys(tag, sources, reqs)
-    out = _archive_path("tpnb", tag, key)
+    return _python_image(
+        "tpnb", tag, key, progress or _silent, sources=sources, requirements=reqs, deps_key=deps_key,
+        app_key=app_key, entrypoint=["python3", "-m", "tpnb.cluster"], workdir=f"/{APP_DIR}",
+        title="tpnb cluster (traffic-manager, traffic-agent)")
+
+
+def _python_image(short: str, tag: str, key: str, p: Progress, *, sources: list[tuple[str, Path]],
+                  requirements: Path | str, deps_key: str, app_key: str, entrypoint: list[str], workdir: str,
+                  title: str, layer_prefix: str = "", env: dict[str, str] | None = None,
+                  extra_layers: Callable[[Path], tuple[list[Layer], list[Layer]]] | None = None,
+                  user: str = "") -> BuiltImage:
+    """A Python 3.11 image on the Debian base: its dependencies (`requirements`: a file, or the text of
+    one) in /opt/tpnb/deps, `sources` in /opt/tpnb, byte-compiled -- the project image and the notebook
+    pod's image are both built here, so they share the base, the recipe and the cache's rules.
+
+    `short` names the archive (images/SHORT_VERSION_KEY.tar); `layer_prefix` the cached layers
+    (PREFIXdeps-*, PREFIXapp-*); `extra_layers(root)` builds layers that go (before, after) the app
+    layer; only the current app layer (and extra layers) of this image stay in the cache."""
+    step = f"image {short}"
+    out = _archive_path(short, tag, key)
     if out.exists():
         p(step, f"{tag} up to date", 1.0)
         return BuiltImage(tag, out)
@@ -126,23 +143,43 @@ def build_tpnb_image(progress: Progress | None = None) -> BuiltImage:
         start = time.monotonic()
         cache = cache_dir()
         root, base = rootfs.ensure_rootfs(cache, p, step)
-        deps = _deps_layer(root, reqs, deps_key, p, step)
+        reqs = requirements if isinstance(requirements, Path) else cache / f"{layer_prefix}requirements-{deps_key}.txt"
+        if not isinstance(requirements, Path):
+            reqs.write_text(requirements)
+        try:
+            deps = _deps_layer(root, reqs, deps_key, p, step, kind=f"{layer_prefix}deps")
+        finally:
+            if not isinstance(requirements, Path):
+                reqs.unlink(missing_ok=True)
         p(step, "writing the app layer", 0.95)
-        app = _app_layer(root, sources, app_key)
-        layers = [base, deps, app]
+        app = _app_layer(root, sources, app_key, kind=f"{layer_prefix}app")
+        before, after = extra_layers(root) if extra_layers is not None else ([], [])
+        layers = [base, deps, *before, app, *after]
         cfg = image_config(
             layers,
-            entrypoint=["python3", "-m", "tpnb.cluster"],
-            env={"PYTHONPATH": f"/{APP_DIR}:/{APP_DIR}/deps", "PYTHONUNBUFFERED": "1",
-                 "LANG": "C.UTF-8"},
-            workdir=f"/{APP_DIR}",
-            labels={"org.opencontainers.image.title": "tpnb cluster (traffic-manager, traffic-agent)"},
+            entrypoint=entrypoint,
+            env={"PYTHONPATH": f"/{APP_DIR}:/{APP_DIR}/deps", "PYTHONUNBUFFERED": "1", "LANG": "C.UTF-8",
+                 **(env or {})},
+            workdir=workdir,
+            labels={"org.opencontainers.image.title": title},
         )
+        if user:
+            cfg["config"]["User"] = user
         p(step, f"writing {out.name}", 0.97)
         write_docker_archive(out, tag, layers, cfg)
-        _prune(out, "tpnb", keep_layers={base.path, deps.path, app.path})
+        _prune(out, short)
+        current = {layer.path.name for layer in layers}
+        for kind in (f"{layer_prefix}app", *{_layer_kind(layer) for layer in after}):
+            for old in cache.glob(f"{kind}-*.tar*"):   # earlier app (and after-app) layers of this image
+                if old.name.removesuffix(".digest") not in current:
+                    old.unlink(missing_ok=True)
         p(step, f"{tag} built in {time.monotonic() - start:.1f} s", 1.0)
     return BuiltImage(tag, out)
+
+
+def _layer_kind(layer: Layer) -> str:
+    """A cached layer's kind: the part of its file name before the key (nbuser-KEY.tar -> nbuser)."""
+    return layer.path.name.rpartition("-")[0]
 
 
 def tpnb_image_keys(tag: str, sources: list[tuple[str, Path]], reqs: Path) -> tuple[str, str, str]:
@@ -234,55 +271,21 @@ def build_notebook_image(progress: Progress | None = None) -> BuiltImage:
     it with `pip install jupyterlab`.
     """
     p = progress or _silent
-    step = "image notebook"
     sources = notebook_sources()
     tag = notebook_image_tag(sources)
     req_text = notebook_requirements()
     deps_key = _hash(["nbdeps", RECIPE_VERSION, rootfs.cache_key(), req_text, *PIP_TARGET_FLAGS])
     app_key = _hash(["nbapp", RECIPE_VERSION, *_hash_named(sources)])
     key = _hash([tag, deps_key, app_key, _notebook_tools_key(), NOTEBOOK_UID, NOTEBOOK_GID])
-    out = _archive_path("notebook", tag, key)
-    if out.exists():
-        p(step, f"{tag} up to date", 1.0)
-        return BuiltImage(tag, out)
-    with _lock():
-        if out.exists():
-            return BuiltImage(tag, out)
-        start = time.monotonic()
-        cache = cache_dir()
-        root, base = rootfs.ensure_rootfs(cache, p, step)
-        reqs = cache / f"notebook-requirements-{deps_key}.txt"
-        reqs.write_text(req_text)
-        try:
-            deps = _deps_layer(root, reqs, deps_key, p, step, kind="nbdeps")
-        finally:
-            reqs.unlink(missing_ok=True)
-        p(step, "writing the app layer", 0.95)
-        app = _app_layer(root, sources, app_key, kind="nbapp")
-        tools = _notebook_tools_layer(root, p, step)
-        user = _notebook_user_layer(root, key)
-        layers = [base, deps, tools, app, user]
-        cfg = image_config(
-            layers,
-            entrypoint=["sleep", "infinity"],
-            env={"PYTHONPATH": f"/{APP_DIR}:/{APP_DIR}/deps", "PYTHONUNBUFFERED": "1", "LANG": "C.UTF-8",
-                 "HOME": NOTEBOOK_HOME, "USER": "jovyan",
-                 },
-            workdir=NOTEBOOK_HOME,
-            labels={"org.opencontainers.image.title": "tpnb notebook pod (tpnb client, ipykernel, nbclient)"},
-        )
-        cfg["config"]["User"] = f"{NOTEBOOK_UID}:{NOTEBOOK_GID}"
-        p(step, f"writing {out.name}", 0.97)
-        write_docker_archive(out, tag, layers, cfg)
-        _prune(out, "notebook")
-        for old in cache.glob("nbapp-*.tar*"):  # only the current app layer of this image is reused
-            if old.name.removesuffix(".digest") != app.path.name:
-                old.unlink(missing_ok=True)
-        for old in cache.glob("nbuser-*.tar*"):
-            if old.name.removesuffix(".digest") != user.path.name:
-                old.unlink(missing_ok=True)
-        p(step, f"{tag} built in {time.monotonic() - start:.1f} s", 1.0)
-    return BuiltImage(tag, out)
+
+    def tools_and_user(root: Path) -> tuple[list[Layer], list[Layer]]:
+        return [_notebook_tools_layer(root, p, "image notebook")], [_notebook_user_layer(root, key)]
+
+    return _python_image(
+        "notebook", tag, key, p, sources=sources, requirements=req_text, deps_key=deps_key, app_key=app_key,
+        layer_prefix="nb", entrypoint=["sleep", "infinity"], workdir=NOTEBOOK_HOME,
+        env={"HOME": NOTEBOOK_HOME, "USER": "jovyan"}, extra_layers=tools_and_user,
+        user=f"{NOTEBOOK_UID}:{NOTEBOOK_GID}", title="tpnb notebook pod (tpnb client, ipykernel, nbclient)")
 
 
 def _kubectl() -> Path:
@@ -569,16 +572,11 @@ def _archive_path(short: str, tag: str, key: str) -> Path:
     return images_dir() / f"{short}_{version}_{key}.tar"
 
 
-def _prune(keep: Path, short: str, keep_layers: set[Path] | None = None) -> None:
-    """Drop older archives of an image (and unused cached layers)."""
+def _prune(keep: Path, short: str) -> None:
+    """Drop older archives of an image."""
     for old in images_dir().glob(f"{short}_*.tar"):
         if old != keep:
             old.unlink(missing_ok=True)
-    if keep_layers is not None:
-        names = {p.name for p in keep_layers}
-        for old in cache_dir().glob("app-*.tar*"):
-            if old.name.removesuffix(".digest") not in names:
-                old.unlink(missing_ok=True)
 
 
 @contextmanager
