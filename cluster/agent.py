@@ -386,8 +386,8 @@ class Agent:
                           peer: tuple[Any, ...]) -> None:
         """Personal intercepts: each request to the intercept whose filter it matches, else the app."""
         def choose(req: Any) -> str:
-            for flt, ic in self.filtered_intercepts():  # re-read per request: a `leave` applies at once
-                if flt.matches(req.target, list(req.headers)):
+            for flt, ic in self._filters_now():  # re-read per request: a `leave` applies at once
+                if flt.matches(req.target, req.headers):
                     return ic.id
             return ""
 
@@ -413,12 +413,21 @@ class Agent:
             # only wiretaps here: HTTP/2 goes to the app untouched, copied as TCP (counts and first bytes)
             await self._to_app(reader, writer, peer, first=first, copy=self.wiretaps.wants_tcp())
             return
+        async def connect_h1(key: Any) -> Any:
+            if key:
+                return await connect(key)
+            try:  # the app as an asyncio Protocol: its answers are relayed in the callback that reads them
+                return await httproute.TcpLeg.connect("127.0.0.1", self.s.app_port, APP_CONNECT_TIMEOUT)
+            except (OSError, asyncio.TimeoutError) as exc:
+                log.warning("cannot connect to the app on 127.0.0.1:%d: %s", self.s.app_port, exc)
+                return None
+
         router: Any
         if first == h2route.PREFACE:
             router = h2route.H2Router(reader, writer, choose, connect, first=first)
             self._h2.add(router)
         else:
-            router = httproute.HttpRouter(reader, writer, choose, connect, first=first, tap=tap)
+            router = httproute.HttpRouter(reader, writer, choose, connect_h1, first=first, tap=tap)
         try:
             await router.run()
         except httproute.NotHTTP as exc:  # not HTTP/1.1 (or h2c): the app gets it untouched
@@ -435,6 +444,16 @@ class Agent:
                   {k or "app": n for k, n in router.routed.items()})
         with contextlib.suppress(Exception):
             writer.close()
+
+    def _filters_now(self) -> list[tuple[httproute.Filter, pb.InterceptInfo]]:
+        """filtered_intercepts(), built again only when the instructions or the app's protocol change
+        (each request asks: compiling filters per request was a measurable part of its cost)."""
+        cached = getattr(self, "_filters_cache", None)
+        if cached is not None and cached[0] is self.intercepts and cached[1] == self.app_protocol:
+            return cached[2]
+        out = self.filtered_intercepts()
+        self._filters_cache = (self.intercepts, self.app_protocol, out)
+        return out
 
     async def _to_app(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                       peer: tuple[Any, ...], first: bytes = b"", copy: bool = False) -> None:
