@@ -34,7 +34,7 @@ Wiretaps (cluster/wiretap.py) copy what the app serves on the HTTP/1.1 path (an
 HTTP/2 connection as TCP: counts and first bytes); the app's answers never wait
 for the copy.
 
-Runs inside the cluster image: Python 3.11, grpcio, protobuf, h11, h2 and stdlib only.
+Runs inside the cluster image: Python 3.11, grpcio, protobuf, h11, httptools, h2 and stdlib only.
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ import grpc  # noqa: E402
 from tpnb.proto import pb, rpc  # noqa: E402
 from tpnb.version import __version__  # noqa: E402
 
-from . import h2route, httproute  # noqa: E402
+from . import h2route, httproute, relay  # noqa: E402
 from .agentlink import AgentLinks  # noqa: E402
 from tpnb.common.linkframes import LinkChannel  # noqa: E402
 from .wiretap import Wiretaps  # noqa: E402
@@ -457,6 +457,16 @@ class Agent:
 
     async def _to_app(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                       peer: tuple[Any, ...], first: bytes = b"", copy: bool = False) -> None:
+        if not copy:  # both connections as Protocols: no task wake-up per chunk (cluster/relay.py)
+            try:
+                a2b, b2a = await relay.relay(reader, writer, "127.0.0.1", self.s.app_port, first,
+                                             APP_CONNECT_TIMEOUT)
+            except (OSError, asyncio.TimeoutError) as exc:
+                log.warning("cannot connect to the app on 127.0.0.1:%d: %s", self.s.app_port, exc)
+                writer.transport.abort()
+                return
+            log.debug("%s:%s -> app done (%d up, %d down)", peer[0], peer[1], a2b, b2a)
+            return
         try:
             ar, aw = await asyncio.wait_for(
                 asyncio.open_connection("127.0.0.1", self.s.app_port, limit=STREAM_LIMIT), APP_CONNECT_TIMEOUT)
@@ -464,14 +474,9 @@ class Agent:
             log.warning("cannot connect to the app on 127.0.0.1:%d: %s", self.s.app_port, exc)
             writer.transport.abort()
             return
-        if copy:  # a wiretap without filters: counts and first bytes of a non-HTTP connection
-            a2b, b2a = await self.wiretaps.copy_tcp(reader, writer, ar, aw, first, peer)
-            log.debug("%s:%s -> app done (%d up, %d down, copied)", peer[0], peer[1], a2b, b2a)
-            return
-        if first:
-            aw.write(first)
-        a2b, b2a = await splice(reader, writer, ar, aw)
-        log.debug("%s:%s -> app done (%d up, %d down)", peer[0], peer[1], a2b, b2a)
+        # a wiretap without filters: counts and first bytes of a non-HTTP connection
+        a2b, b2a = await self.wiretaps.copy_tcp(reader, writer, ar, aw, first, peer)
+        log.debug("%s:%s -> app done (%d up, %d down, copied)", peer[0], peer[1], a2b, b2a)
 
     async def _open_tunnel(self, ic: pb.InterceptInfo, peer: tuple[Any, ...]) -> Any:
         """A FrameChannel to the intercepting session: over its agent link when one is up (no round

@@ -45,6 +45,7 @@ from typing import Any, Awaitable, Callable, Hashable, Protocol
 import h11
 import httptools
 
+from .relay import take_buffered
 from tpnb.common.httpfilter import Filter, check, describe, filter_key, is_filtered  # noqa: F401 - re-exported
 
 log = logging.getLogger("tpnb.agent.http")
@@ -639,7 +640,7 @@ class HttpRouter(asyncio.Protocol):
         self.done = loop.create_future()
         t = self.transport
         self._orig = t.get_protocol()
-        pending = self.first + _take_buffered(self.reader)
+        pending = self.first + take_buffered(self.reader)
         eof = self.reader.at_eof()
         t.set_protocol(self)
         if not t.is_reading() and not t.is_closing():
@@ -992,17 +993,6 @@ class HttpRouter(asyncio.Protocol):
             if v is leg:
                 del self.legs[k]
         leg.close()
-
-
-def _take_buffered(reader: asyncio.StreamReader) -> bytes:
-    """What a StreamReader has read but not yet handed out (its `_buffer`, an asyncio internal
-    stable since 3.4): the router takes the connection over from it."""
-    buf = getattr(reader, "_buffer", None)
-    if not buf:
-        return b""
-    data = bytes(buf)
-    buf.clear()
-    return data
 
 
 def decline_h2c_upgrade(req: h11.Request) -> h11.Request:
