@@ -93,12 +93,11 @@ async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host
     A reset on either side, or cancellation, aborts both connections."""
     loop = asyncio.get_running_loop()
     r = _Relay()
-    up = _Side(r)
-    await asyncio.wait_for(loop.create_connection(lambda: up, host, port), timeout)
-    down = _Side(r)
+    up, down = _Side(r), _Side(r)
     down.peer, up.peer = up, down
     t: Any = writer.transport
-    down.transport = t
+    down.transport = t  # before connecting: a server that speaks first (SSH) may do so at once
+    await asyncio.wait_for(loop.create_connection(lambda: up, host, port), timeout)
     pending = first + take_buffered(reader)
     eof = reader.at_eof()
     t.set_protocol(down)
