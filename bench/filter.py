@@ -181,6 +181,10 @@ def main() -> None:
     for label in results:
         print(f"| {label} | {med(label, 'p50_us'):.0f} | {med(label, 'p99_us'):.0f} | {med(label, 'rps'):.0f} "
               f"| {med(label, 'p50_us', paired):.0f} | {added(label):+.0f} |")
+    print("\nper round, p50 µs (row / its paired no-agent round):")
+    for label in results:
+        print(f"  {label}: " + ", ".join(f"{r['p50_us']:.0f}/{b['p50_us']:.0f}"
+                                         for r, b in zip(results[label], paired[label])))
     nonmatch = added("non-matching, personal intercept active (app via agent)")
     splice = added("agent, nothing intercepted (app via agent)")
     matched = (med("matching, personal intercept (laptop)", "p50_us")
