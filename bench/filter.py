@@ -8,13 +8,20 @@ p50/p99) and throughput (4 connections in parallel: requests/s):
 
   * no agent at all (the Service reaches the app directly);
   * a personal intercept (`--http-header x-bench=1`) is active:
-      - requests WITHOUT the header (parsed by h11 in the agent, then served by the app),
+      - requests WITHOUT the header (parsed by the agent's router, cluster/httproute.py, then served
+        by the app),
       - requests WITH it (served by a small server on the laptop);
   * the agent present but nothing intercepted (bytes spliced to the app);
   * an unfiltered (global) intercept: every request served by the same laptop server.
 
-Figures are medians over the rounds; each round checks that every answer came
-from where it should (a misrouted request stops the benchmark).  The goal of
+Every round of every row is paired with a round against a second echoserver
+that never gets an agent (Service `plain`, measured just before): the machine is
+shared, so the added cost is the median over rounds of (row - its paired
+no-agent round), not a difference of figures taken minutes apart.  All pods are
+placed on one node (the dev cluster may have two), so that a re-rolled pod does
+not move to the other node between rows.  Figures are medians over the rounds;
+each round checks that every answer came from where it should (a misrouted
+request stops the benchmark).  The goal of
 issue 12: non-matching requests cost <= 0.3 ms p50 more than no agent.  All
 traffic stays inside the dev cluster's network namespaces on this machine.
 """
@@ -96,6 +103,14 @@ APP = "CLIENT VALUES:"
 LAPTOP_ANSWER = "served by the laptop"
 
 
+def _load() -> str:
+    """The machine's load average (1, 5, 15 min): how busy the shared cores were."""
+    try:
+        return " ".join(open("/proc/loadavg").read().split()[:3])
+    except OSError:
+        return "?"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=2000)
@@ -105,22 +120,31 @@ def main() -> None:
     dc, lap, kubectl = laptop(LAPTOP)
     image = tpnb_config.get().manager_image
     fresh_namespace(lap, kubectl, NS)
-    apply_and_wait(kubectl, NS, [
-        deployment("web", ECHO, port=8080),
-        deployment("client", image, ["sleep", "infinity"]),
-        service("web", 80, 8080),
-    ])
+    node = kubectl("get", "nodes", "-o", "jsonpath={.items[0].metadata.name}").strip()
+    items = [deployment("web", ECHO, port=8080), deployment("plain", ECHO, port=8080),
+             deployment("client", image, ["sleep", "infinity"]), service("web", 80, 8080), service("plain", 80, 8080)]
+    for it in items:
+        if it["kind"] == "Deployment":
+            it["spec"]["template"]["spec"]["nodeSelector"] = {"kubernetes.io/hostname": node}
+    apply_and_wait(kubectl, NS, items)
     results: dict[str, list[dict]] = {}
+    paired: dict[str, list[dict]] = {}  # the no-agent round (Service plain) just before each round
+
+    def one(svc: str, header: str, want: str, label: str) -> dict:
+        out = kubectl("-n", NS, "exec", "-i", "deploy/client", "--", "python3", "-", f"{svc}.{NS}",
+                      str(args.requests), header, want, input=CLIENT, timeout=600)
+        r = json.loads(out.strip().splitlines()[-1])
+        if r["bad"]:
+            raise SystemExit(f"{label}: {r['bad']} answers not from {want!r}: {r['sample']}")
+        return r
 
     def measure(label: str, header: str, want: str) -> None:
         for _ in range(args.rounds):
-            out = kubectl("-n", NS, "exec", "-i", "deploy/client", "--", "python3", "-", f"web.{NS}",
-                          str(args.requests), header, want, input=CLIENT, timeout=600)
-            r = json.loads(out.strip().splitlines()[-1])
-            if r["bad"]:
-                raise SystemExit(f"{label}: {r['bad']} answers not from {want!r}: {r['sample']}")
-            results.setdefault(label, []).append(r)
+            paired.setdefault(label, []).append(one("plain", "", APP, "no agent (plain)"))
+            results.setdefault(label, []).append(one("web", header, want, label))
         print(f"  measured: {label}", flush=True)
+
+    print(f"all pods on node {node}; load average {_load()}", flush=True)
 
     print(f"{args.requests} sequential + {args.requests} parallel (4 connections) GETs per round, "
           f"{args.rounds} rounds", flush=True)
@@ -145,20 +169,29 @@ def main() -> None:
         lap(["tpnb", "quit", "--daemon"], check=False)
         kubectl("delete", "ns", NS, "--wait=false", check=False)
 
-    def med(label: str, key: str) -> float:
-        return statistics.median(r[key] for r in results[label])
+    def med(label: str, key: str, table: dict[str, list[dict]] = results) -> float:
+        return statistics.median(r[key] for r in table[label])
 
-    print("\n| requests | p50 µs | p99 µs | req/s (4 connections) |\n|---|---|---|---|")
+    def added(label: str) -> float:
+        """Median over rounds of (this round's p50 - the paired no-agent round's p50), in µs."""
+        return statistics.median(r["p50_us"] - b["p50_us"] for r, b in zip(results[label], paired[label]))
+
+    print("\n| requests | p50 µs | p99 µs | req/s (4 connections) | paired no-agent p50 µs | added p50 µs |\n"
+          "|---|---|---|---|---|---|")
     for label in results:
-        print(f"| {label} | {med(label, 'p50_us'):.0f} | {med(label, 'p99_us'):.0f} | {med(label, 'rps'):.0f} |")
-    base = min(med("no agent", "p50_us"), med("no agent (again, after uninstall)", "p50_us"))
-    added = med("non-matching, personal intercept active (app via agent)", "p50_us") - base
-    splice = med("agent, nothing intercepted (app via agent)", "p50_us") - base
+        print(f"| {label} | {med(label, 'p50_us'):.0f} | {med(label, 'p99_us'):.0f} | {med(label, 'rps'):.0f} "
+              f"| {med(label, 'p50_us', paired):.0f} | {added(label):+.0f} |")
+    print("\nper round, p50 µs (row / its paired no-agent round):")
+    for label in results:
+        print(f"  {label}: " + ", ".join(f"{r['p50_us']:.0f}/{b['p50_us']:.0f}"
+                                         for r, b in zip(results[label], paired[label])))
+    nonmatch = added("non-matching, personal intercept active (app via agent)")
+    splice = added("agent, nothing intercepted (app via agent)")
     matched = (med("matching, personal intercept (laptop)", "p50_us")
                - med("unfiltered intercept (laptop)", "p50_us"))
-    print(f"\nnon-matching requests add {added / 1000:.3f} ms p50 over no agent (goal <= 0.3 ms; the agent "
-          f"without filter adds {splice / 1000:.3f} ms); matching requests {matched / 1000:+.3f} ms p50 against "
-          "an unfiltered intercept")
+    print(f"\nnon-matching requests add {nonmatch / 1000:.3f} ms p50 over no agent (paired rounds; goal <= 0.3 ms; "
+          f"the agent without filter adds {splice / 1000:.3f} ms); matching requests {matched / 1000:+.3f} ms p50 "
+          f"against an unfiltered intercept; load average at the end {_load()}")
     print(f"(command: sudo .venv/bin/python bench/filter.py --requests {args.requests} --rounds {args.rounds}; "
           f"repo {REPO})")
 

@@ -34,7 +34,7 @@ Wiretaps (cluster/wiretap.py) copy what the app serves on the HTTP/1.1 path (an
 HTTP/2 connection as TCP: counts and first bytes); the app's answers never wait
 for the copy.
 
-Runs inside the cluster image: Python 3.11, grpcio, protobuf, h11, h2 and stdlib only.
+Runs inside the cluster image: Python 3.11, grpcio, protobuf, h11, httptools, h2 and stdlib only.
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ import grpc  # noqa: E402
 from tpnb.proto import pb, rpc  # noqa: E402
 from tpnb.version import __version__  # noqa: E402
 
-from . import h2route, httproute  # noqa: E402
+from . import h2route, httproute, relay  # noqa: E402
 from .agentlink import AgentLinks  # noqa: E402
 from tpnb.common.linkframes import LinkChannel  # noqa: E402
 from .wiretap import Wiretaps  # noqa: E402
@@ -386,8 +386,8 @@ class Agent:
                           peer: tuple[Any, ...]) -> None:
         """Personal intercepts: each request to the intercept whose filter it matches, else the app."""
         def choose(req: Any) -> str:
-            for flt, ic in self.filtered_intercepts():  # re-read per request: a `leave` applies at once
-                if flt.matches(req.target, list(req.headers)):
+            for flt, ic in self._filters_now():  # re-read per request: a `leave` applies at once
+                if flt.matches(req.target, req.headers):
                     return ic.id
             return ""
 
@@ -413,12 +413,21 @@ class Agent:
             # only wiretaps here: HTTP/2 goes to the app untouched, copied as TCP (counts and first bytes)
             await self._to_app(reader, writer, peer, first=first, copy=self.wiretaps.wants_tcp())
             return
+        async def connect_h1(key: Any) -> Any:
+            if key:
+                return await connect(key)
+            try:  # the app as an asyncio Protocol: its answers are relayed in the callback that reads them
+                return await httproute.TcpLeg.connect("127.0.0.1", self.s.app_port, APP_CONNECT_TIMEOUT)
+            except (OSError, asyncio.TimeoutError) as exc:
+                log.warning("cannot connect to the app on 127.0.0.1:%d: %s", self.s.app_port, exc)
+                return None
+
         router: Any
         if first == h2route.PREFACE:
             router = h2route.H2Router(reader, writer, choose, connect, first=first)
             self._h2.add(router)
         else:
-            router = httproute.HttpRouter(reader, writer, choose, connect, first=first, tap=tap)
+            router = httproute.HttpRouter(reader, writer, choose, connect_h1, first=first, tap=tap)
         try:
             await router.run()
         except httproute.NotHTTP as exc:  # not HTTP/1.1 (or h2c): the app gets it untouched
@@ -436,8 +445,28 @@ class Agent:
         with contextlib.suppress(Exception):
             writer.close()
 
+    def _filters_now(self) -> list[tuple[httproute.Filter, pb.InterceptInfo]]:
+        """filtered_intercepts(), built again only when the instructions or the app's protocol change
+        (each request asks: compiling filters per request was a measurable part of its cost)."""
+        cached = getattr(self, "_filters_cache", None)
+        if cached is not None and cached[0] is self.intercepts and cached[1] == self.app_protocol:
+            return cached[2]
+        out = self.filtered_intercepts()
+        self._filters_cache = (self.intercepts, self.app_protocol, out)
+        return out
+
     async def _to_app(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                       peer: tuple[Any, ...], first: bytes = b"", copy: bool = False) -> None:
+        if not copy:  # both connections as Protocols: no task wake-up per chunk (cluster/relay.py)
+            try:
+                a2b, b2a = await relay.relay(reader, writer, "127.0.0.1", self.s.app_port, first,
+                                             APP_CONNECT_TIMEOUT)
+            except (OSError, asyncio.TimeoutError) as exc:
+                log.warning("cannot connect to the app on 127.0.0.1:%d: %s", self.s.app_port, exc)
+                writer.transport.abort()
+                return
+            log.debug("%s:%s -> app done (%d up, %d down)", peer[0], peer[1], a2b, b2a)
+            return
         try:
             ar, aw = await asyncio.wait_for(
                 asyncio.open_connection("127.0.0.1", self.s.app_port, limit=STREAM_LIMIT), APP_CONNECT_TIMEOUT)
@@ -445,14 +474,9 @@ class Agent:
             log.warning("cannot connect to the app on 127.0.0.1:%d: %s", self.s.app_port, exc)
             writer.transport.abort()
             return
-        if copy:  # a wiretap without filters: counts and first bytes of a non-HTTP connection
-            a2b, b2a = await self.wiretaps.copy_tcp(reader, writer, ar, aw, first, peer)
-            log.debug("%s:%s -> app done (%d up, %d down, copied)", peer[0], peer[1], a2b, b2a)
-            return
-        if first:
-            aw.write(first)
-        a2b, b2a = await splice(reader, writer, ar, aw)
-        log.debug("%s:%s -> app done (%d up, %d down)", peer[0], peer[1], a2b, b2a)
+        # a wiretap without filters: counts and first bytes of a non-HTTP connection
+        a2b, b2a = await self.wiretaps.copy_tcp(reader, writer, ar, aw, first, peer)
+        log.debug("%s:%s -> app done (%d up, %d down, copied)", peer[0], peer[1], a2b, b2a)
 
     async def _open_tunnel(self, ic: pb.InterceptInfo, peer: tuple[Any, ...]) -> Any:
         """A FrameChannel to the intercepting session: over its agent link when one is up (no round

@@ -196,3 +196,233 @@ def test_probe_result_of_a_non_http_app_is_reported(monkeypatch: pytest.MonkeyPa
             await ra.close()
             app.close()
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+# ------------------------------------------------------------------ the router's HTTP/1.1 glue (httptools)
+
+async def _h11_app(tag: str) -> tuple[asyncio.AbstractServer, int]:
+    """An app that parses with h11 (an independent parser: what the router writes must be valid
+    HTTP/1.1 to it) and answers `TAG METHOD TARGET BODYLEN trailers=...`; `Upgrade: echo` switches to
+    an echo of raw bytes; `/close` answers without framing (the body ends when the app closes);
+    `Expect: 100-continue` gets its 100 from h11."""
+    import h11
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        conn = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                req, body, trailers = None, 0, b""
+                while True:
+                    ev = conn.next_event()
+                    if ev is h11.NEED_DATA:
+                        if conn.they_are_waiting_for_100_continue:
+                            w.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+                        data = await r.read(65536)
+                        conn.receive_data(data)
+                        continue
+                    if isinstance(ev, h11.Request):
+                        req = ev
+                    elif isinstance(ev, h11.Data):
+                        body += len(ev.data)
+                    elif isinstance(ev, h11.EndOfMessage):
+                        trailers = b",".join(n + b"=" + v for n, v in ev.headers)
+                        break
+                    elif isinstance(ev, (h11.ConnectionClosed,)) or ev is h11.PAUSED:
+                        break
+                if req is None:
+                    return
+                if dict(req.headers).get(b"upgrade") == b"echo":
+                    w.write(conn.send(h11.InformationalResponse(status_code=101, headers=[
+                        ("upgrade", "echo"), ("connection", "upgrade")])))
+                    rest, _ = conn.trailing_data
+                    if rest:
+                        w.write(rest)
+                    while data := await r.read(65536):
+                        w.write(data)
+                    return
+                text = b"%s %s %s %d trailers=%s" % (tag.encode(), req.method, req.target, body, trailers)
+                if req.target == b"/close":
+                    w.write(b"HTTP/1.0 200 OK\r\n\r\n" + text)
+                    return
+                w.write(conn.send(h11.Response(status_code=200, headers=[("content-length", str(len(text)))])))
+                if req.method != b"HEAD":
+                    w.write(conn.send(h11.Data(data=text)))
+                w.write(conn.send(h11.EndOfMessage()))
+                await w.drain()
+                if conn.our_state is not h11.DONE:
+                    return
+                conn.start_next_cycle()
+        except (h11.ProtocolError, ConnectionError):
+            pass
+        finally:
+            w.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return srv, srv.sockets[0].getsockname()[1]
+
+
+async def _router_front(app: int, laptop: int, results: list[Any]) -> tuple[asyncio.AbstractServer, int]:
+    """An agent-like listener: requests with `x-dev: alice` go to `laptop` through an async Upstream
+    (as an intercept's tunnel does), the rest to `app` as a TcpLeg."""
+    async def connect(key: Any) -> Any:
+        if key == "alice":
+            return await httproute.StreamUpstream.connect("127.0.0.1", laptop)
+        return await httproute.TcpLeg.connect("127.0.0.1", app)
+
+    def choose(req: Any) -> str:
+        return "alice" if (b"x-dev", b"alice") in req.headers else ""
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        router = httproute.HttpRouter(r, w, choose, connect)
+        try:
+            await router.run()
+            results.append(("done", dict(router.routed)))
+        except httproute.NotHTTP as exc:
+            results.append(("not http", exc.raw))
+        except Exception as exc:  # noqa: BLE001
+            results.append(("error", repr(exc)))
+        w.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return srv, srv.sockets[0].getsockname()[1]
+
+
+async def _exchange(port: int, data: bytes, *, until_close: bool = True, then: bytes = b"",
+                    wait_for: bytes = b"") -> bytes:
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(data)
+    got = b""
+    if wait_for:
+        while wait_for not in got:
+            chunk = await asyncio.wait_for(r.read(65536), 10)
+            assert chunk, got
+            got += chunk
+        w.write(then)
+    w.write_eof()
+    while until_close and (chunk := await asyncio.wait_for(r.read(65536), 10)):
+        got += chunk
+    w.close()
+    return got
+
+
+def _bodies(raw: bytes, methods: str = "") -> list[bytes]:
+    """The bodies of a stream of responses, in order (parsed with h11; `methods`: H for a HEAD)."""
+    import h11
+    c = h11.Connection(h11.CLIENT)
+    out: list[bytes] = []
+    c.receive_data(raw)
+    c.receive_data(b"")
+    cur = b""
+    for i in range(100):
+        head = methods[i:i + 1] == "H"
+        c.send(h11.Request(method="HEAD" if head else "GET", target="/", headers=[("host", "x")]))
+        c.send(h11.EndOfMessage())
+        while True:
+            try:
+                ev = c.next_event()
+            except h11.RemoteProtocolError:  # the end of the stream
+                return out
+            if isinstance(ev, h11.Data):
+                cur += ev.data
+            elif isinstance(ev, h11.EndOfMessage):
+                out.append(cur)
+                cur = b""
+                break
+            elif ev is h11.NEED_DATA or isinstance(ev, h11.ConnectionClosed):
+                return out
+        if c.our_state is not h11.DONE or c.their_state is not h11.DONE:
+            return out
+        c.start_next_cycle()
+    return out
+
+
+def test_router_pipelined_mixed_chunked_head_and_expect() -> None:
+    async def main() -> None:
+        app, ap = await _h11_app("app")
+        lap, lp = await _h11_app("alice")
+        results: list[Any] = []
+        front, fp = await _router_front(ap, lp, results)
+        try:
+            # pipelined in one write, alternating app / laptop, a chunked body with a trailer, a HEAD
+            reqs = (b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n"
+                    b"GET /2 HTTP/1.1\r\nHost: x\r\nX-Dev: alice\r\n\r\n"
+                    b"POST /3 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTrailer: t\r\n\r\n"
+                    b"3;ext=1\r\nabc\r\n4\r\ndefg\r\n0\r\nT: 9\r\n\r\n"
+                    b"POST /4 HTTP/1.1\r\nHost: x\r\nx-dev: alice\r\nContent-Length: 5\r\n\r\nhello"
+                    b"HEAD /5 HTTP/1.1\r\nHost: x\r\n\r\n"
+                    b"GET /6 HTTP/1.1\r\nHost: x\r\nx-dev: alice\r\n\r\n")
+            got = await _exchange(fp, reqs)
+            assert _bodies(got, "....H") == [
+                b"app GET /1 0 trailers=", b"alice GET /2 0 trailers=", b"app POST /3 7 trailers=t=9",
+                b"alice POST /4 5 trailers=", b"", b"alice GET /6 0 trailers="], got
+            assert results[-1] == ("done", {"": 3, "alice": 3})
+
+            # the same, byte by byte: framing does not depend on how the bytes arrive
+            r, w = await asyncio.open_connection("127.0.0.1", fp)
+            for i in range(len(reqs)):
+                w.write(reqs[i:i + 1])
+                if i % 50 == 0:
+                    await asyncio.sleep(0)
+            w.write_eof()
+            got2 = await asyncio.wait_for(r.read(), 10)
+            w.close()
+            assert got2 == got
+
+            # Expect: 100-continue: the app's 100 reaches the client, then the body goes
+            got = await _exchange(fp, b"POST /e HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
+                                  wait_for=b"100 ", then=b"xyz")
+            assert got.startswith(b"HTTP/1.1 100 ") and got.endswith(b"app POST /e 3 trailers="), got
+        finally:
+            for s in (front, app, lap):
+                s.close()
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_router_http10_close_delimited_upgrades_and_malformed_heads() -> None:
+    async def main() -> None:
+        app, ap = await _h11_app("app")
+        lap, lp = await _h11_app("alice")
+        results: list[Any] = []
+        front, fp = await _router_front(ap, lp, results)
+        try:
+            # HTTP/1.0 without keep-alive: one answer, then the connection closes (the client sends no EOF)
+            got = await _exchange(fp, b"GET /a HTTP/1.0\r\n\r\n")
+            assert got.endswith(b"app GET /a 0 trailers="), got
+            # an answer framed by the app's close: relayed whole, then the client's connection closes
+            got = await _exchange(fp, b"GET /close HTTP/1.1\r\nHost: x\r\n\r\nGET /never HTTP/1.1\r\n\r\n")
+            assert got == b"HTTP/1.0 200 OK\r\n\r\napp GET /close 0 trailers=", got
+
+            # an upgrade the app accepts: raw bytes both ways after its 101, to the laptop's side too
+            for hdr, tag in ((b"", b"app"), (b"x-dev: alice\r\n", b"alice")):
+                got = await _exchange(fp, b"GET /ws HTTP/1.1\r\nHost: x\r\n" + hdr +
+                                      b"Upgrade: echo\r\nConnection: upgrade\r\n\r\nraw-1 ",
+                                      wait_for=b"raw-1 ", then=b"raw-2")
+                assert got.startswith(b"HTTP/1.1 101 ") and got.endswith(b"\r\n\r\nraw-1 raw-2"), (tag, got)
+
+            # h2c is declined (the router keeps the connection HTTP/1.1), a body included
+            got = await _exchange(fp, b"POST /u HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\n"
+                                      b"Connection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n"
+                                      b"Content-Length: 3\r\n\r\nabcGET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _bodies(got) == [b"app POST /u 3 trailers=", b"app GET /next 0 trailers="], got
+            # a websocket-style upgrade with a body is served as a plain request (the upgrade declined)
+            got = await _exchange(fp, b"POST /b HTTP/1.1\r\nHost: x\r\nUpgrade: echo\r\nConnection: upgrade\r\n"
+                                      b"Transfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\n"
+                                      b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _bodies(got) == [b"app POST /b 2 trailers=", b"app GET /after 0 trailers="], got
+
+            # not HTTP at all: nothing is sent anywhere, the bytes read so far come back (for the app)
+            results.clear()
+            await _exchange(fp, b"\x16\x03\x01\x00\x05hello\r\n\r\n")
+            assert results == [("not http", b"\x16\x03\x01\x00\x05hello\r\n\r\n")]
+            # a first request cut short by the client: the same (the app gets it, as before)
+            results.clear()
+            await _exchange(fp, b"GET /half HTTP/1.1\r\nHo")
+            assert results == [("not http", b"GET /half HTTP/1.1\r\nHo")]
+            # a malformed request after good ones: they are answered, then a 400 and the connection ends
+            got = await _exchange(fp, b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\nGET /bad HTTP/1.1\r\nBad Header\r\n\r\n")
+            assert b"app GET /ok 0 trailers=" in got and got.endswith(
+                b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"), got
+        finally:
+            for s in (front, app, lap):
+                s.close()
+    asyncio.run(asyncio.wait_for(main(), 60))
