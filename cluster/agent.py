@@ -30,9 +30,9 @@ Personal intercepts (HTTP filters) are routed request by request by
 cluster/httproute.py (HTTP/1.1), stream by stream by cluster/h2route.py (HTTP/2
 with prior knowledge, as gRPC speaks it): matching requests to the holder's
 tunnel, the rest to the app.  A global intercept takes whole connections, as before.
-Wiretaps (cluster/wiretap.py) copy what the app serves on the HTTP/1.1 path (an
-HTTP/2 connection as TCP: counts and first bytes); the app's answers never wait
-for the copy.
+Wiretaps (cluster/wiretap.py) copy what the app serves: HTTP/1.1 requests from
+the router, HTTP/2 streams decoded from a copy of the connection's bytes; the
+app's answers never wait for the copy.
 
 Runs inside the cluster image: Python 3.11, grpcio, protobuf, h11, httptools, h2 and stdlib only.
 """
@@ -73,7 +73,6 @@ from tpnb.common.forward import (  # noqa: E402
     TunnelError,
     bridge,
     cancel_channel,
-    splice,
 )
 
 log = logging.getLogger("tpnb.agent")
@@ -410,7 +409,7 @@ class Agent:
 
         first = await h2route.sniff(reader)  # HTTP/2's preface must not reach h11 (it parses as a request line)
         if first == h2route.PREFACE and not self.filtered_intercepts():
-            # only wiretaps here: HTTP/2 goes to the app untouched, copied as TCP (counts and first bytes)
+            # only wiretaps here: HTTP/2 goes to the app untouched; a wiretap decodes a copy (wiretap.H2Copy)
             await self._to_app(reader, writer, peer, first=first, copy=self.wiretaps.wants_tcp())
             return
         async def connect_h1(key: Any) -> Any:
