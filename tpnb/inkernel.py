@@ -64,6 +64,7 @@ from __future__ import annotations
 import asyncio
 import datetime as _dt
 import errno
+import gc
 import inspect
 import itertools
 import logging
@@ -92,6 +93,9 @@ STOP_GRACE = 5.0
 WSGI_WORKERS = 16
 #: largest websocket message (uvicorn's default is 16 MiB)
 WS_MAX_SIZE = 16 * 1024 * 1024
+#: keep the kernel's own objects out of the cyclic garbage collector's passes while in-kernel servers run
+#: (`gc.freeze`, see the module docstring); False leaves the collector alone
+GC_FREEZE = True
 
 Listener = Callable[[dict], None]
 
@@ -1057,8 +1061,29 @@ def serve_grpc(app: Any, port: int, name: str | None = None, host: str = "127.0.
         srv.stop_on_leave = srv.stop_on_leave or stop_on_leave
         if name:
             attach(name, port)
+    _freeze_heap()
     _tell_watchers(srv, None)
     return srv
+
+
+# ------------------------------------------------------------------ the garbage collector
+def _freeze_heap() -> None:
+    """Collect once, then freeze what is alive (the kernel, its imports, the notebook's data, the app).
+
+    Called when a server starts or swaps its app, on the caller's thread (the cell's).  Previously frozen
+    objects are unfrozen first so that what became garbage since (an old app version, a deleted variable)
+    is collected by this pass instead of staying frozen.
+    """
+    if GC_FREEZE:
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
+
+
+def _thaw_heap() -> None:
+    """The last in-kernel server stopped: give the frozen objects back to the collector."""
+    if GC_FREEZE and not _servers:
+        gc.unfreeze()
 
 
 # ------------------------------------------------------------------ registry: one server per port
@@ -1110,6 +1135,7 @@ def serve(app: Any, port: int, name: str | None = None, host: str = "127.0.0.1",
         srv.stop_on_leave = srv.stop_on_leave or stop_on_leave
         if name:
             attach(name, port)
+    _freeze_heap()
     _tell_watchers(srv, None)
     return srv
 
@@ -1169,6 +1195,7 @@ def stop(port: int, grace: float = STOP_GRACE) -> bool:
     try:
         srv.stop(grace)
     finally:
+        _thaw_heap()
         _tell_watchers(srv, None)
     return True
 
