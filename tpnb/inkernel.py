@@ -311,8 +311,11 @@ class _HttpRec:
         if t == "http.response.body":
             data = msg.get("body")
             if data:
-                self.nbytes += len(data)
-                if self.kept_out < BODY_KEEP:
+                n = len(data)
+                self.nbytes += n
+                if self.sb is None and type(data) is bytes and n <= BODY_KEEP:  # the usual one-chunk body
+                    self.sb, self.kept_out = data, n
+                elif self.kept_out < BODY_KEEP:
                     self.sb, self.kept_out = _keep(self.sb, self.kept_out, data)
             if not msg.get("more_body", False):
                 self.finish(self.status or 500, None)  # before the last bytes leave (module docstring)
