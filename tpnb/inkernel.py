@@ -47,15 +47,17 @@ that port.  Design decisions, and why:
   the layer's per-request state and, once answered, the record; its `send`
   is a plain function returning uvicorn's own coroutine, so no coroutine of
   ours sits between the app and uvicorn.  That took the layer from ~8 to
-  ~4.5 µs a request (`bench/inkernel_layer.py`) and, on the minimal app in a
-  real server, from ~15 µs to a few.  Followers get each record by push:
+  ~4.5 µs a request (`bench/inkernel_layer.py`); in a real server, on the
+  minimal app, it still costs ~8 µs of CPU against a direct call of the app
+  (was ~15).  Followers get each record by push:
   `subscribe` (one server) and `watch` (every server, the panel).
 * **The kernel's heap is frozen for the garbage collector** (`gc.freeze`,
   `GC_FREEZE`) while servers run: a kernel holds several times the objects of
   a plain uvicorn process (IPython, jedi, zmq, the notebook's data), and a
   server's allocations start a full (gen-2) pass after every tenth gen-1
-  pass, each walking all of them: for FastAPI ~190 ms of gen-2 passes per 3 s
-  of load (60-70 ms pauses, the p99) against ~20 ms frozen (bench/inkernel.py).
+  pass, each walking all of them: for FastAPI ~170 ms of gen-2 passes per 3 s
+  of load (pauses up to ~75 ms: the p99) against ~12 ms frozen
+  (`bench/inkernel_gc.py`).
   Each `serve` (a cell run) unfreezes, collects once and freezes again, so
   what became garbage since (an old app version, a deleted variable) is
   collected then; cyclic garbage among frozen objects waits for the next
