@@ -40,11 +40,28 @@ that port.  Design decisions, and why:
   before the response's last bytes are handed to uvicorn: a client that got
   its answer finds its request in the log.  Logs outlive the server so a
   notebook can still inspect them after `%tp leave`.  The hot path keeps the
-  record raw (a float time, the scope's own byte headers, references to the
-  body chunks, no copies: bytes are immutable) and `public_record` decodes it
-  only when somebody reads it (`requests_log`, the panel), which took the
-  layer's own cost from ~14 to ~6 µs per request.  Followers get each record
-  by push: `subscribe` (one server) and `watch` (every server, the panel).
+  record raw (a perf_counter reading, the scope's own byte headers,
+  references to the body chunks, no copies: bytes are immutable) and
+  `public_record` decodes it only when somebody reads it (`requests_log`, the
+  panel).  An HTTP request is one object with slots (`_HttpRec`) that is both
+  the layer's per-request state and, once answered, the record; its `send`
+  is a plain function returning uvicorn's own coroutine, so no coroutine of
+  ours sits between the app and uvicorn.  That took the layer from ~8 to
+  ~4.5 µs a request (`bench/inkernel_layer.py`); in a real server, on the
+  minimal app, it still costs ~8 µs of CPU against a direct call of the app
+  (was ~15).  Followers get each record by push:
+  `subscribe` (one server) and `watch` (every server, the panel).
+* **The kernel's heap is frozen for the garbage collector** (`gc.freeze`,
+  `GC_FREEZE`) while servers run: a kernel holds several times the objects of
+  a plain uvicorn process (IPython, jedi, zmq, the notebook's data), and a
+  server's allocations start a full (gen-2) pass after every tenth gen-1
+  pass, each walking all of them: for FastAPI ~170 ms of gen-2 passes per 3 s
+  of load (pauses up to ~75 ms: the p99) against ~12 ms frozen
+  (`bench/inkernel_gc.py`).
+  Each `serve` (a cell run) unfreezes, collects once and freezes again, so
+  what became garbage since (an old app version, a deleted variable) is
+  collected then; cyclic garbage among frozen objects waits for the next
+  `serve` or the last server's stop (which unfreezes).
 * **The loop runs `run_until_complete(<a task that never ends>)`**, not
   `run_forever()`: anyio (FastAPI's/Starlette's thread pool for sync routes)
   ties its worker threads to the loop's root task and finds it as the task
@@ -64,6 +81,7 @@ from __future__ import annotations
 import asyncio
 import datetime as _dt
 import errno
+import gc
 import inspect
 import itertools
 import logging
@@ -75,6 +93,7 @@ import traceback
 import urllib.parse
 from collections import deque
 from dataclasses import dataclass, field
+from time import perf_counter
 from typing import Any, Callable
 
 from .errors import ConfigError
@@ -91,6 +110,9 @@ STOP_GRACE = 5.0
 WSGI_WORKERS = 16
 #: largest websocket message (uvicorn's default is 16 MiB)
 WS_MAX_SIZE = 16 * 1024 * 1024
+#: keep the kernel's own objects out of the cyclic garbage collector's passes while in-kernel servers run
+#: (`gc.freeze`, see the module docstring); False leaves the collector alone
+GC_FREEZE = True
 
 Listener = Callable[[dict], None]
 
@@ -265,13 +287,144 @@ def _joined(parts: Any) -> bytes:
     return b"".join(parts)[:BODY_KEEP]
 
 
-def public_record(rec: dict) -> dict:
+class _HttpRec:
+    """One HTTP request: the layer's state while it is served, then (once answered) its raw log record.
+
+    One object with slots instead of a dict and three closures: this is the whole per-request cost of the
+    layer (`bench/inkernel_layer.py`), and a served request's record is this object as it was left, decoded
+    by `public_record` only when somebody reads it.  `send` is a plain function that returns uvicorn's own
+    coroutine, so the app awaits uvicorn's send directly (no extra coroutine per message).
+    """
+
+    __slots__ = ("t0", "ms", "srv", "version", "method", "path", "qs", "client", "http_version", "rh", "sh",
+                 "rb", "sb", "kept_in", "kept_out", "status", "nbytes", "req_bytes", "error", "done", "seq",
+                 "intercept", "_send", "_receive")
+    type = "http"
+
+    def __init__(self, srv: "InKernelServer", version: int, scope: dict, receive: Callable, send: Callable) -> None:
+        self.t0 = perf_counter()
+        self.srv, self.version, self._receive, self._send = srv, version, receive, send
+        self.method, self.path, self.qs = scope["method"], scope["path"], scope.get("query_string")
+        self.client, self.http_version, self.rh = scope.get("client"), scope.get("http_version", "1.1"), scope["headers"]
+        self.rb = self.sb = self.sh = self.error = None  # a body kept is one bytes object, or a list of chunks
+        self.status = self.nbytes = self.req_bytes = self.kept_in = self.kept_out = self.seq = 0
+        self.ms = 0.0
+        self.done = False
+        self.intercept = ""
+
+    async def receive(self) -> dict:
+        msg = await self._receive()
+        if msg["type"] == "http.request":
+            data = msg.get("body")
+            if data:
+                self.req_bytes += len(data)
+                if self.kept_in < BODY_KEEP:
+                    self.rb, self.kept_in = _keep(self.rb, self.kept_in, data)
+        return msg
+
+    def send(self, msg: dict) -> Any:
+        send = self._send  # finish() lets go of it
+        t = msg["type"]
+        if t == "http.response.body":
+            data = msg.get("body")
+            if data:
+                n = len(data)
+                self.nbytes += n
+                if self.sb is None and type(data) is bytes and n <= BODY_KEEP:  # the usual one-chunk body
+                    self.sb, self.kept_out = data, n
+                elif self.kept_out < BODY_KEEP:
+                    self.sb, self.kept_out = _keep(self.sb, self.kept_out, data)
+            if not msg.get("more_body", False):
+                self.finish(self.status or 500, None)  # before the last bytes leave (module docstring)
+        elif t == "http.response.start":
+            self.status = int(msg["status"])
+            self.sh = msg.get("headers")
+        return send(msg)
+
+    def finish(self, status: int, error: str | None) -> None:
+        """Answered (or failed): the record is complete; log and count it."""
+        if self.done:
+            return
+        self.done = True
+        self.ms = (perf_counter() - self.t0) * 1000
+        self.status, self.error = status, error
+        self._send = self._receive = None  # do not keep uvicorn's connection objects alive in the log
+        srv = self.srv
+        names = srv.names
+        self.intercept = min(names) if names else ""
+        srv._record(self, status, error, self.ms)
+
+    def get(self, key: str, default: Any = None) -> Any:  # the field lookups the log's readers make
+        return getattr(self, key, default)
+
+
+#: status // 100 -> the counter it goes to (1xx and other oddities count as 2xx, 6xx+ as 5xx)
+_CLASS = ("2xx", "2xx", "2xx", "3xx", "4xx") + ("5xx",) * 6
+
+
+def _headers(raw: Any) -> list[tuple[str, str]]:
+    return [(bytes(k).decode("latin-1"), bytes(v).decode("latin-1")) for k, v in raw or ()]
+
+
+def _keep(parts: Any, kept: int, data: Any) -> tuple[Any, int]:
+    """Keep (a reference to) `data` for the record while fewer than BODY_KEEP bytes are kept; returns the
+    new (parts, count).  bytes are immutable, so no copy is made here (the record joins and cuts them when
+    read); the usual one-chunk body is kept as that bytes object, more chunks as a list."""
+    if kept < BODY_KEEP and data:
+        if type(data) is not bytes:  # a bytearray/memoryview the app may reuse: copy what we keep
+            data = bytes(data[:BODY_KEEP - kept])
+        if parts is None:
+            parts = data
+        elif type(parts) is bytes:
+            parts = [parts, data]
+        else:
+            parts.append(data)
+        kept += len(data)
+    return parts, kept
+
+
+def _joined(parts: Any) -> bytes:
+    if not parts:
+        return b""
+    if type(parts) is bytes:
+        return parts[:BODY_KEEP]
+    if len(parts) == 1 and len(parts[0]) <= BODY_KEEP:
+        return parts[0]
+    return b"".join(parts)[:BODY_KEEP]
+
+
+def _query(qs: Any) -> str:
+    return urllib.parse.unquote(bytes(qs).decode("latin-1")) if qs else ""
+
+
+def _client(client: Any) -> str:
+    client = client or ("", 0)
+    return f"{client[0]}:{client[1]}"
+
+
+def _wall(t0: float) -> str:
+    return _dt.datetime.fromtimestamp(_WALL0 + t0).isoformat(timespec="milliseconds")
+
+
+#: time.time() - perf_counter(): records keep only a perf_counter() reading, the wall time is derived when read
+_WALL0 = time.time() - perf_counter()
+
+
+def public_record(rec: Any) -> dict:
     """A record as users see it (`requests_log`, listeners, the panel).
 
-    Served requests are recorded raw on the hot path (a float time, the scope's byte headers, references to
-    the body chunks): decoding headers, formatting the time and joining bodies happen here, only for the
-    records somebody reads.  gRPC records are built in this form already.
+    Served requests are recorded raw on the hot path (`_HttpRec`; websocket sessions as a dict with "_t"):
+    decoding headers, formatting the time and joining bodies happen here, only for the records somebody
+    reads.  gRPC records are built in this form already.
     """
+    if type(rec) is _HttpRec:
+        r = rec
+        return {"time": _wall(r.t0), "type": "http", "method": r.method, "path": r.path, "query": _query(r.qs),
+                "status": r.status, "duration_ms": round(r.ms, 2), "bytes": r.nbytes, "client": _client(r.client),
+                "port": r.srv.port, "app_version": r.version, "error": r.error, "intercept": r.intercept,
+                "http_version": r.http_version, "request_headers": _headers(r.rh), "request_body": _joined(r.rb),
+                "request_bytes": r.req_bytes, "response_headers": _headers(r.sh), "response_body": _joined(r.sb),
+                "seq": r.seq}
     if "_t" not in rec:
         out = dict(rec)
         out["duration_ms"] = round(out.get("duration_ms") or 0.0, 2)
@@ -279,10 +432,8 @@ def public_record(rec: dict) -> dict:
     out = {k: v for k, v in rec.items() if k[0] != "_"}
     out["time"] = _dt.datetime.fromtimestamp(rec["_t"]).isoformat(timespec="milliseconds")
     out["duration_ms"] = round(rec["duration_ms"], 2)
-    qs = rec["_qs"]
-    out["query"] = urllib.parse.unquote(bytes(qs).decode("latin-1")) if qs else ""
-    client = rec["_client"] or ("", 0)
-    out["client"] = f"{client[0]}:{client[1]}"
+    out["query"] = _query(rec["_qs"])
+    out["client"] = _client(rec["_client"])
     out["request_headers"] = _headers(rec["_rh"])
     out["request_body"] = _joined(rec["_rb"])
     out["response_headers"] = _headers(rec["_sh"])
@@ -455,105 +606,68 @@ class InKernelServer:
 
     # ---------------------------------------------------------------- the one ASGI app uvicorn serves
     async def _asgi(self, scope: dict, receive: Callable, send: Callable) -> None:
-        kind = scope["type"]
-        if kind != "http" and kind != "websocket":
+        if scope["type"] != "http":
+            if scope["type"] == "websocket":
+                await self._websocket(scope, receive, send)
             return
-        ref = self._ref  # read once: this request (or websocket session) stays on this app version
-        t0 = time.perf_counter()
-        # the record, raw: decoded only when read (public_record), so the hot path stays cheap
-        rec = {"_t": time.time(), "type": kind, "method": scope.get("method", "GET"), "path": scope.get("path", ""),
+        ref = self._ref  # read once: this request stays on this app version
+        if ref is None:
+            r = _HttpRec(self, 0, scope, receive, send)
+            body = b"no app is being served on this port yet\n"
+            await r.send({"type": "http.response.start", "status": 503,
+                          "headers": [(b"content-type", b"text/plain"), (b"content-length", b"%d" % len(body))]})
+            r.nbytes, r.sb = len(body), body
+            r.finish(503, "no app")
+            await send({"type": "http.response.body", "body": body})
+            return
+        r = _HttpRec(self, ref.version, scope, receive, send)
+        if ref.state:  # this version's lifespan state, a shallow copy per request (spec); uvicorn's is empty
+            scope["state"] = ref.state.copy()
+        ref.inflight += 1
+        try:
+            await ref.asgi(scope, r.receive, r.send)
+        except Exception as exc:  # noqa: BLE001 - the user's app raised: 500, and show them why
+            error = self._report_app_error(scope, exc)
+            if not r.status:
+                r.finish(500, error)
+                body = b"Internal Server Error\n"
+                await send({"type": "http.response.start", "status": 500,
+                            "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                                        (b"content-length", b"%d" % len(body)), (b"connection", b"close")]})
+                await send({"type": "http.response.body", "body": body})
+            elif r.done:  # answered (e.g. Starlette sent its 500, then re-raised)
+                self._mark_error(r, error)
+            else:  # cut short: recorded as failed; uvicorn closes the connection
+                r.finish(r.status, error)
+            return
+        finally:
+            ref.inflight -= 1
+        if not r.done:
+            r.finish(r.status or 500, None if r.status else "the app sent no response")
+
+    async def _websocket(self, scope: dict, receive: Callable, send: Callable) -> None:
+        ref = self._ref  # read once: this session stays on this app version
+        t0 = perf_counter()
+        rec = {"_t": time.time(), "type": "websocket", "method": "GET", "path": scope.get("path", ""),
                "_qs": scope.get("query_string"), "status": 0, "duration_ms": 0.0, "bytes": 0,
                "_client": scope.get("client"), "port": self.port, "app_version": ref.version if ref else 0,
                "error": None, "intercept": min(self.names) if self.names else "",
                "http_version": scope.get("http_version", "1.1"), "_rh": scope.get("headers"),
                "_rb": None, "request_bytes": 0, "_sh": None, "_sb": None}
         if ref is None:
-            if kind == "http":
-                body = b"no app is being served on this port yet\n"
-                await send({"type": "http.response.start", "status": 503,
-                            "headers": [(b"content-type", b"text/plain"), (b"content-length", b"%d" % len(body))]})
-                await send({"type": "http.response.body", "body": body})
-            else:
-                await send({"type": "websocket.close", "code": 1013})
+            await send({"type": "websocket.close", "code": 1013})
             self._finish(rec, t0, 503, "no app")
             return
-        # uvicorn makes a fresh scope per request: set this version's lifespan state on it (a shallow copy, spec)
-        scope["state"] = ref.state.copy()
+        if ref.state:
+            scope["state"] = ref.state.copy()
         ref.inflight += 1
         try:
-            if kind == "http":
-                await self._http(ref, scope, receive, send, rec, t0)
-            else:
-                await self._websocket(ref, scope, receive, send, rec, t0)
+            await self._ws_session(ref, scope, receive, send, rec, t0)
         finally:
             ref.inflight -= 1
 
-    async def _http(self, ref: _AppRef, scope: dict, receive: Callable, send: Callable, rec: dict,
-                    t0: float) -> None:
-        req_parts: list = []
-        resp_parts: list = []
-        status = 0
-        nbytes = req_bytes = req_kept = resp_kept = 0
-        done = False
-
-        def finish(code: int, error: str | None) -> None:
-            nonlocal done
-            if not done:
-                done = True
-                rec["_rb"], rec["request_bytes"], rec["_sb"] = req_parts, req_bytes, resp_parts
-                self._finish(rec, t0, code, error, nbytes)
-
-        async def rcv() -> dict:
-            nonlocal req_bytes, req_kept
-            msg = await receive()
-            if msg["type"] == "http.request":
-                data = msg.get("body")
-                if data:
-                    req_bytes += len(data)
-                    if req_kept < BODY_KEEP:
-                        req_kept = _keep(req_parts, req_kept, data)
-            return msg
-
-        async def snd(msg: dict) -> None:
-            nonlocal status, nbytes, resp_kept
-            t = msg["type"]
-            if t == "http.response.body":
-                data = msg.get("body")
-                if data:
-                    nbytes += len(data)
-                    if resp_kept < BODY_KEEP:
-                        resp_kept = _keep(resp_parts, resp_kept, data)
-                if not msg.get("more_body", False):
-                    finish(status or 500, None)  # before the last bytes leave (module docstring)
-            elif t == "http.response.start":
-                status = int(msg["status"])
-                rec["_sh"] = msg.get("headers")
-            try:
-                await send(msg)
-            except OSError:
-                finish(status or 500, "client disconnected")
-                raise
-
-        try:
-            await ref.asgi(scope, rcv, snd)
-        except Exception as exc:  # noqa: BLE001 - the user's app raised: 500, and show them why
-            error = self._report_app_error(scope, exc)
-            if not status:
-                finish(500, error)
-                body = b"Internal Server Error\n"
-                await send({"type": "http.response.start", "status": 500,
-                            "headers": [(b"content-type", b"text/plain; charset=utf-8"),
-                                        (b"content-length", b"%d" % len(body)), (b"connection", b"close")]})
-                await send({"type": "http.response.body", "body": body})
-            elif done:  # answered (e.g. Starlette sent its 500, then re-raised)
-                self._mark_error(rec, error)
-            else:  # cut short: recorded as failed; uvicorn closes the connection
-                finish(status, error)
-            return
-        finish(status or 500, None if status else "the app sent no response")
-
-    async def _websocket(self, ref: _AppRef, scope: dict, receive: Callable, send: Callable, rec: dict,
-                         t0: float) -> None:
+    async def _ws_session(self, ref: _AppRef, scope: dict, receive: Callable, send: Callable, rec: dict,
+                          t0: float) -> None:
         st: dict[str, Any] = {"status": None, "in": 0, "out": 0, "in_bytes": 0, "out_bytes": 0, "code": None}
         opened = False
 
@@ -598,13 +712,27 @@ class InKernelServer:
             self._finish(rec, t0, st["status"] or (500 if error else 403), error, st["out_bytes"])
 
     # ---------------------------------------------------------------- records
-    def _finish(self, rec: dict, t0: float, status: int, error: str | None, nbytes: int = 0) -> None:
-        ms = (time.perf_counter() - t0) * 1000
-        rec["status"], rec["duration_ms"], rec["bytes"], rec["error"] = status, ms, nbytes, error  # rounded when read
+    def _record(self, rec: Any, status: int, error: str | None, ms: float) -> None:
+        """Log and count a finished request or session (on the loop thread)."""
         self.log.append(rec)  # a bounded deque: the oldest record drops off
         c = self.counters
+        n = c["requests"] = c["requests"] + 1
+        rec.seq = n  # this server's request number (`by_seq`)
+        c[_CLASS[status // 100] if status < 1100 else "5xx"] += 1
+        if error:
+            c["errors"] += 1
+        self.total_ms += ms
+        if self._listeners or _watchers:
+            self._notify(rec)
+
+    def _finish(self, rec: dict, t0: float, status: int, error: str | None, nbytes: int = 0) -> None:
+        """A websocket session or gRPC call ended: complete its dict record and log it."""
+        ms = (perf_counter() - t0) * 1000
+        rec["status"], rec["duration_ms"], rec["bytes"], rec["error"] = status, ms, nbytes, error  # rounded when read
+        self.log.append(rec)
+        c = self.counters
         c["requests"] += 1
-        rec["seq"] = c["requests"]  # this server's request number (`by_seq`)
+        rec["seq"] = c["requests"]
         if rec["type"] == "websocket":
             c["websockets"] += 1
         c[f"{min(max(status // 100, 2), 5)}xx"] += 1
@@ -614,9 +742,13 @@ class InKernelServer:
         if self._listeners or _watchers:
             self._notify(rec)
 
-    def _mark_error(self, rec: dict, error: str) -> None:
+    def _mark_error(self, rec: Any, error: str) -> None:
         """A request already recorded as answered turned out to fail afterwards."""
-        if not rec.get("error"):
+        if type(rec) is _HttpRec:
+            if not rec.error:
+                rec.error = error
+                self.counters["errors"] += 1
+        elif not rec.get("error"):
             rec["error"] = error
             self.counters["errors"] += 1
 
@@ -949,8 +1081,29 @@ def serve_grpc(app: Any, port: int, name: str | None = None, host: str = "127.0.
         srv.stop_on_leave = srv.stop_on_leave or stop_on_leave
         if name:
             attach(name, port)
+    _freeze_heap()
     _tell_watchers(srv, None)
     return srv
+
+
+# ------------------------------------------------------------------ the garbage collector
+def _freeze_heap() -> None:
+    """Collect once, then freeze what is alive (the kernel, its imports, the notebook's data, the app).
+
+    Called when a server starts or swaps its app, on the caller's thread (the cell's).  Previously frozen
+    objects are unfrozen first so that what became garbage since (an old app version, a deleted variable)
+    is collected by this pass instead of staying frozen.
+    """
+    if GC_FREEZE:
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
+
+
+def _thaw_heap() -> None:
+    """The last in-kernel server stopped: give the frozen objects back to the collector."""
+    if GC_FREEZE and not _servers:
+        gc.unfreeze()
 
 
 # ------------------------------------------------------------------ registry: one server per port
@@ -1002,6 +1155,7 @@ def serve(app: Any, port: int, name: str | None = None, host: str = "127.0.0.1",
         srv.stop_on_leave = srv.stop_on_leave or stop_on_leave
         if name:
             attach(name, port)
+    _freeze_heap()
     _tell_watchers(srv, None)
     return srv
 
@@ -1061,6 +1215,7 @@ def stop(port: int, grace: float = STOP_GRACE) -> bool:
     try:
         srv.stop(grace)
     finally:
+        _thaw_heap()
         _tell_watchers(srv, None)
     return True
 

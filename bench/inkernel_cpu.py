@@ -1,0 +1,113 @@
+"""CPU time per request of the server process: the in-kernel server, the same in plain processes, uvicorn.
+
+    .venv/bin/python bench/inkernel_cpu.py [plain|fastapi] [--rounds 12] [--seconds 1.5] [--only NAME,...]
+
+Throughput on a shared 2-core machine swings with the other agents' load; the CPU the server process
+spent per request (utime+stime from /proc/PID/stat over the round, divided by the requests answered)
+swings less, so this compares servers by it, over many short alternating rounds (medians):
+  uvicorn        `python -m uvicorn` standalone, in the client's session (what bench/inkernel.py compares with)
+  uvicorn-own    the same started in its own session (setsid, as jupyter_client starts kernels): autogroup
+  kernel         a real Jupyter kernel running `tpnb.inkernel.serve`
+  process        `tpnb.inkernel.serve` in a plain Python process (no kernel)
+  process-own    the same in its own session
+  log1           process with `inkernel.LOG_SIZE = 1` (no records kept: their retention and GC load)
+  bypass         process with the layer replaced by a direct call of the app (what the layer costs)
+Client: bench/inkernel.py's (keep-alive connections of small GETs, 127.0.0.1 only).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+import inkernel as B  # noqa: E402 - bench/inkernel.py: the client, the kernel and helpers
+
+BYPASS = ("async def _pass(self, scope, receive, send):\n    await self._ref.asgi(scope, receive, send)\n"
+          "inkernel.InKernelServer._asgi = _pass\n")
+#: name -> (kind, own session, code run before serving)
+TARGETS = {"uvicorn": ("uvicorn", False, ""), "uvicorn-own": ("uvicorn", True, ""), "kernel": ("kernel", True, ""),
+           "process": ("process", False, ""), "process-own": ("process", True, ""),
+           "log1": ("process", False, "inkernel.LOG_SIZE = 1\n"), "bypass": ("process", False, BYPASS)}
+TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TCK
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("app", nargs="?", default="plain", choices=sorted(B.APPS))
+    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--seconds", type=float, default=1.5)
+    ap.add_argument("--conns", type=int, default=16)
+    ap.add_argument("--only", default=",".join(TARGETS), help="comma-separated names (default: all)")
+    args = ap.parse_args()
+    names = [n for n in args.only.split(",") if n]
+    bad = [n for n in names if n not in TARGETS]
+    if bad:
+        raise SystemExit(f"unknown server {bad[0]!r}; choose from {', '.join(TARGETS)}")
+    var, path = B.APPS[args.app]
+    env = {**os.environ, "PYTHONPATH": f"{BENCH}{os.pathsep}{BENCH.parent}"}
+    servers: dict[str, tuple[int, int]] = {}
+    procs: list[subprocess.Popen] = []
+    kernels: list[B.Kernel] = []
+    try:
+        for name in names:
+            kind, own, code = TARGETS[name]
+            port = B.free_port()
+            if kind == "kernel":
+                k = B.Kernel()
+                kernels.append(k)
+                k.run(f"import sys; sys.path.insert(0, {str(BENCH)!r})\nfrom tpnb import inkernel\nimport inkernel_app\n"
+                      f"inkernel.serve(inkernel_app.{var}, {port})")
+                pid = k.km.provisioner.pid  # type: ignore[attr-defined]
+            else:
+                if kind == "process":
+                    argv = [sys.executable, "-c", f"from tpnb import inkernel\nimport inkernel_app, time\n{code}"
+                            f"inkernel.serve(inkernel_app.{var}, {port})\ntime.sleep(3600)"]
+                else:
+                    argv = [sys.executable, "-m", "uvicorn", f"inkernel_app:{var}", "--port", str(port),
+                            "--log-level", "warning", "--no-access-log", "--lifespan", "off"]
+                pr = subprocess.Popen(argv, env=env, cwd=BENCH, start_new_session=own)
+                procs.append(pr)
+                pid = pr.pid
+            servers[name] = (port, pid)
+        for port, _pid in servers.values():
+            B.wait_port(port)
+        res: dict[str, list[tuple[float, float, float]]] = {n: [] for n in servers}
+        load0 = os.getloadavg()[0]
+        for _ in range(args.rounds):
+            for name, (port, pid) in servers.items():
+                asyncio.run(B._load(port, path, 0.3, args.conns))  # warm-up
+                c0 = cpu_seconds(pid)
+                rps, lat = asyncio.run(B._load(port, path, args.seconds, args.conns))
+                lat.sort()
+                res[name].append((rps, (cpu_seconds(pid) - c0) / len(lat) * 1e6, lat[int(len(lat) * 0.99)] * 1e6))
+    finally:
+        for pr in procs:
+            pr.terminate()
+            pr.wait(10)
+        for k in kernels:
+            k.close()
+    print(f"\n{args.app}: {args.conns} keep-alive connections, {args.rounds} rounds of {args.seconds} s "
+          f"(medians; load average {load0:.1f} -> {os.getloadavg()[0]:.1f})")
+    print("| server | req/s | vs first | CPU µs / request | vs first | p99 µs |")
+    print("|---|---|---|---|---|---|")
+    base = None
+    for name, rs in res.items():
+        rps, cpu, p99 = (statistics.median(r[i] for r in rs) for i in range(3))
+        base = base or (rps, cpu)
+        print(f"| {name} | {rps:.0f} | {rps / base[0]:.2f}x | {cpu:.1f} | {cpu / base[1]:.2f}x | {p99:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
