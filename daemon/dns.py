@@ -23,6 +23,7 @@ so "Could not resolve host" is fast.  A namespace named like a TLD (say
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import random
@@ -353,17 +354,25 @@ class DNSServer:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
+        """Bind UDP and TCP on one port.  With port 0 the kernel picks the UDP port, and
+        that number may be taken for TCP by another process: then pick again (a few times)."""
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _UDPProtocol(self), local_addr=(self.host, self.port)
-        )
-        self._udp = transport  # type: ignore[assignment]
-        self.port = transport.get_extra_info("sockname")[1]
-        try:
-            self._tcp = await asyncio.start_server(self._serve_tcp, self.host, self.port)
-        except OSError:
-            transport.close()
-            raise
+        wanted = self.port
+        for attempt in range(8 if wanted == 0 else 1):
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _UDPProtocol(self), local_addr=(self.host, wanted)
+            )
+            port = transport.get_extra_info("sockname")[1]
+            try:
+                self._tcp = await asyncio.start_server(self._serve_tcp, self.host, port)
+            except OSError as exc:
+                transport.close()
+                if wanted == 0 and exc.errno == errno.EADDRINUSE and attempt < 7:
+                    continue
+                raise
+            self._udp = transport  # type: ignore[assignment]
+            self.port = port
+            break
         log.info("DNS server on %s:%d (udp+tcp)", self.host, self.port)
 
     async def stop(self) -> None:

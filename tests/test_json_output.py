@@ -12,7 +12,7 @@ import pytest
 
 from conftest import LaptopRunner
 from tpnb import render
-from tpnb.api import Intercept, Status
+from tpnb.api import DataPlane, Intercept, Status
 
 pytestmark = pytest.mark.cluster
 
@@ -57,7 +57,8 @@ def _json(lap: LaptopRunner, *argv: str, timeout: float = 120, check: bool = Tru
 
 
 def _status_from(doc: dict[str, Any]) -> Status:
-    return Status(**{**doc, "intercepts": [Intercept(**i) for i in doc["intercepts"]]})
+    return Status(**{**doc, "intercepts": [Intercept(**i) for i in doc["intercepts"]],
+                     "data_plane": DataPlane(**doc["data_plane"])})
 
 
 def test_connect_status_list_intercept_leave_quit_as_json(lap: LaptopRunner, server: int) -> None:
