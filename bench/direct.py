@@ -25,7 +25,8 @@ import os
 import statistics
 import subprocess
 
-from common import REPO, cpu_delta, fresh_namespace, laptop, proc_cpu  # noqa: E402  (bench/common.py)
+from common import (REPO, apply_and_wait, cpu_delta, deployment, fresh_namespace, laptop,  # noqa: E402
+                    proc_cpu, service)  # (bench/common.py)
 
 from tpnb import config as tpnb_config  # noqa: E402
 
@@ -46,19 +47,8 @@ def main() -> None:
     dc, lap, kubectl = laptop(LAPTOP)
     image = tpnb_config.get().manager_image
     fresh_namespace(lap, kubectl, NS)
-    objs = {"apiVersion": "v1", "kind": "List", "items": [
-        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "netbench"},
-         "spec": {"selector": {"matchLabels": {"app": "netbench"}}, "template": {
-             "metadata": {"labels": {"app": "netbench"}},
-             "spec": {"containers": [{"name": "srv", "image": image, "command": ["python3", "/srv/server.py"],
-                                      "ports": [{"containerPort": 7070}],
-                                      "volumeMounts": [{"name": "src", "mountPath": "/srv"}]}],
-                      "volumes": [{"name": "src", "configMap": {"name": "netbench"}}]}}}},
-        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "netbench"},
-         "spec": {"selector": {"app": "netbench"}, "ports": [{"port": 7070}]}},
-    ]}
-    kubectl("-n", NS, "apply", "-f", "-", input=json.dumps(objs))
-    kubectl("-n", NS, "rollout", "status", "deploy/netbench", "--timeout=120s")
+    apply_and_wait(kubectl, NS, [deployment("netbench", image, ["python3", "/srv/server.py"], 7070),
+                                 service("netbench", 7070, 7070)])
     pod = kubectl("-n", NS, "get", "pod", "-l", "app=netbench", "-o", "jsonpath={.items[0].metadata.name}")
     cluster_ip = kubectl("-n", NS, "get", "svc", "netbench", "-o", "jsonpath={.spec.clusterIP}")
     client = str(REPO / "bench" / "netbench_client.py")
