@@ -388,6 +388,9 @@ class Network:
         return chan
 
     async def _on_tcp(self, flow: Flow | SocketFlow) -> None:
+        if self._closing:
+            self._refuse(flow, "the network is going down")
+            return
         if isinstance(flow, SocketFlow):
             await self._on_kernel_tcp(flow)
             return
@@ -488,15 +491,19 @@ class Network:
             async def _restore() -> None:
                 await asyncio.to_thread(resolv.restore)
             steps.append(("resolv.conf", _restore))
-        if self.kernel_tcp is not None:
-            steps.append(("nft redirect", self.kernel_tcp.aclose))
-        if self.tun is not None:
-            tun, routed = self.tun, list(self.routed)
+        # routes first: from then on a new connection fails at once (no route) instead of
+        # reaching a half-dismantled path -- with the redirect gone but the routes still up, a
+        # SYN would be answered by the TUN engine just before the TUN goes, and hang the client
+        tun = self.tun
+        if tun is not None:
+            routed = list(self.routed)
 
             async def _routes() -> None:
                 await routes.remove_routes(tun.name, routed)
             steps.append(("routes", _routes))
-
+        if self.kernel_tcp is not None:
+            steps.append(("nft redirect", self.kernel_tcp.aclose))
+        if tun is not None:
             async def _tun() -> None:
                 await tun.__aexit__(None, None, None)
             steps.append(("tun", _tun))
