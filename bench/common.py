@@ -133,6 +133,10 @@ def _label(pid: str, comm: str) -> str:
             return "tpnb connector"
         if "tpnb.cluster" in cmd and "manager" in cmd:
             return "traffic-manager"
+        if "tpnb.cluster" in cmd and "agent" in cmd:
+            return "traffic-agent"
+        if "client.py" in cmd:
+            return "netbench client"
         if "server.py" in cmd:
             return "netbench server"
         if "relay_only.py" in cmd:

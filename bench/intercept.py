@@ -5,7 +5,8 @@
 One run measures:
   * time to create an intercept the first time (agent injection + rollout)
     and again with the agent already present (leave, then intercept);
-  * from a client pod inside the cluster: bulk throughput, 1,000 small
+  * from a client pod inside the cluster: bulk throughput (median of `--rounds` rounds, with
+    the CPU every process spent per GB moved in them), 1,000 small
     request/response round trips and 200 new connections to a Service,
       - served by the app in the cluster (no agent), and
       - intercepted, served by the same server program on the laptop: first over the
@@ -22,8 +23,8 @@ import json
 import re
 import time
 
-from common import (REPO, apply_and_wait, deployment, fresh_namespace, laptop, laptop_process,  # noqa: E402
-                    print_table, service, stop_process)  # (bench/common.py)
+from common import (REPO, apply_and_wait, cpu_delta, deployment, fresh_namespace, laptop,  # noqa: E402
+                    laptop_process, print_table, proc_cpu, service, stop_process)  # (bench/common.py)
 
 from tpnb import config as tpnb_config  # noqa: E402
 
@@ -34,6 +35,7 @@ LAPTOP = "benchic"
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-mb", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3, help="bulk rounds (one transfer each way) per row")
     args = ap.parse_args()
     size = args.size_mb * 1024 * 1024
 
@@ -47,13 +49,31 @@ def main() -> None:
         service("netapp", 7070, 7070),
     ])
 
-    def measure() -> dict:
+    cpu: dict[str, dict[str, float]] = {}
+
+    def client(mode: str) -> dict:
         out = kubectl("-n", NS, "exec", "deploy/netclient", "--", "python3", "/srv/client.py",
-                      f"netapp.{NS}", "7070", str(size), timeout=600)
+                      f"netapp.{NS}", "7070", str(size), mode, timeout=600)
         return json.loads(out.strip().splitlines()[-1])
 
-    print(f"bulk {args.size_mb} MiB x3 each way, 1000 small requests, 200 new connections", flush=True)
-    results = {"app in the cluster (no agent)": measure()}
+    def measure(key: str) -> dict:
+        """Bulk rounds (CPU of every process counted over them), then the latency rounds."""
+        rounds, spent = [], {}
+        for _ in range(args.rounds):
+            before = proc_cpu()
+            rounds.append(client("bulk"))
+            for proc, sec in cpu_delta(before, proc_cpu()).items():
+                spent[proc] = spent.get(proc, 0.0) + sec
+        cpu[key] = spent
+        res = client("latency")
+        for k in ("down_MBps", "up_MBps"):
+            res[k] = sorted(r[k] for r in rounds)[len(rounds) // 2]
+        res["bulk_rounds"] = " ".join(f"{r['down_MBps']:.0f}/{r['up_MBps']:.0f}" for r in rounds)
+        return res
+
+    print(f"bulk {args.size_mb} MiB each way x{args.rounds} rounds (medians), 1000 small requests, "
+          "200 new connections", flush=True)
+    results = {"app in the cluster (no agent)": measure("app in the cluster (no agent)")}
 
     def data_path() -> str:
         m = re.search(r"^      data path: (.*)$", lap(["tpnb", "status"]), re.M)
@@ -67,7 +87,7 @@ def main() -> None:
         lap(["tpnb", "intercept", "netapp", "--port", "7070", "--mount=false"], timeout=300)
         first = time.perf_counter() - t0
         key = "intercepted, agent link (served on the laptop)"
-        results[key] = measure()
+        results[key] = measure(key)
         paths[key] = data_path()
         print(f"data path: {paths[key]}", flush=True)
         again = []
@@ -82,7 +102,7 @@ def main() -> None:
         lap(["env", "TPNB_AGENT_LINK=never", "tpnb", "connect", "--namespace", NS], timeout=300)
         lap(["tpnb", "intercept", "netapp", "--port", "7070", "--mount=false"], timeout=300)
         key = "intercepted, through the traffic-manager (agent.link: never)"
-        results[key] = measure()
+        results[key] = measure(key)
         paths[key] = data_path()
         print(f"data path: {paths[key]}", flush=True)
         lap(["tpnb", "leave", "netapp"])
@@ -92,6 +112,17 @@ def main() -> None:
         kubectl("delete", "ns", NS, "--wait=false", check=False)
 
     print_table("served by", results)
+    # what each process spent per GB moved in the bulk rounds (the client in its pod is not counted)
+    gb = 2 * size * args.rounds / 1e9
+    procs = sorted({p for c in cpu.values() for p in c if p not in ("other", "netbench client")},
+                   key=lambda p: -max(c.get(p, 0) for c in cpu.values()))
+    print("\nbulk rounds (MB/s down/up):")
+    for key, r in results.items():
+        print(f"  {key}: {r['bulk_rounds']}")
+    print("\nCPU core-seconds per GB moved during the bulk rounds:")
+    print("| process | " + " | ".join(cpu) + " |\n|---|" + "---|" * len(cpu))
+    for p in procs + ["other"]:
+        print(f"| {p} | " + " | ".join(f"{cpu[k].get(p, 0.0) / gb:.2f}" for k in cpu) + " |")
     for key, path in paths.items():
         print(f"\n{key}: data path {path}")
     print("\n| tpnb intercept | seconds |\n|---|---|")
