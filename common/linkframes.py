@@ -376,6 +376,8 @@ class Link(asyncio.BufferedProtocol):
         self.on_open = on_open
         self.on_control = on_control
         self.transport: asyncio.Transport | None = None
+        #: the transport's own way to write a frame's parts as one (connector/spdy.py's stream transport)
+        self._write_parts: Callable[[tuple[bytes, ...]], None] | None = None
         self.authenticated = False
         self.conns: dict[int, LinkChannel] = {}
         self.next_id = 1
@@ -395,6 +397,7 @@ class Link(asyncio.BufferedProtocol):
     # -------------------------------------------------- transport callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._write_parts = getattr(transport, "write_parts", None)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
@@ -514,7 +517,9 @@ class Link(asyncio.BufferedProtocol):
         batching by call_soon cost more in latency than it saved in syscalls)."""
         if self.lost or self.transport is None:
             return
-        if len(parts) == 1:
+        if self._write_parts is not None:
+            self._write_parts(parts)
+        elif len(parts) == 1:
             self.transport.write(parts[0])
         elif len(parts[-1]) > 16384:
             # header and a large payload as two writes (no joined copy).  Not writelines: in 3.12.1

@@ -23,8 +23,9 @@ through the manager as before (session.py `_answer_dial`), so the choice never
 loses a connection; `data_path()` says which path carried how many, for
 `tpnb status` and the log.
 
-The SPDY stream pumps to and from a socket (its relay API); we give it one end
-of a socketpair and run the link protocol on the other.
+The link protocol runs on the SPDY stream itself (`SpdyStream.attach`): frames are
+parsed where TLS decrypted them, with no socketpair and pump tasks in between
+(those cost two syscalls, two copies and, upward, a task wake-up per chunk).
 """
 from __future__ import annotations
 
@@ -33,7 +34,6 @@ import contextlib
 import hmac
 import logging
 import os
-import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -243,23 +243,13 @@ class AgentLinks:
             raise OSError("not connected")
         ns = ic.spec.namespace
         stream, early = await open_stream(target, ns, link.pod_name, link.port, portforward_path(ns, link.pod_name))
-        a, b = socket.socketpair()
-        tasks: list[asyncio.Task[Any]] = []
         side = _ConnectorSide(self, ic, link)
+        loop = asyncio.get_running_loop()
+        ended = stream.attach(side, early)  # the link protocol runs on the stream itself (no socketpair)
         try:
-            for s in (a, b):
-                s.setblocking(False)
-                with contextlib.suppress(OSError):
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
-            loop = asyncio.get_running_loop()
-            await loop.connect_accepted_socket(lambda: side, b)
-            for data in early:
-                await loop.sock_sendall(a, data)
-            tasks = [asyncio.ensure_future(stream.pump_down(a)), asyncio.ensure_future(stream.pump_up(a))]
             try:
                 async with asyncio.timeout(HANDSHAKE_TIMEOUT):
-                    await asyncio.wait([side.ready, *tasks], return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait([side.ready, ended], return_when=asyncio.FIRST_COMPLETED)
             except TimeoutError:
                 raise lf.LinkError("no handshake in time") from None
             if not side.ready.done() or side.ready.exception() is not None:
@@ -269,8 +259,8 @@ class AgentLinks:
             self.stats_for(ic.id).notes.pop(link.pod_name, None)
             self._changed.set()
             log.info("agent link to %s/%s up for intercept %s", ns, link.pod_name, ic.id)
-            while not side.lost and not any(t.done() for t in tasks):
-                await asyncio.wait([side.closed, *tasks], timeout=5.0, return_when=asyncio.FIRST_COMPLETED)
+            while not side.lost and not ended.done():
+                await asyncio.wait([side.closed, ended], timeout=5.0, return_when=asyncio.FIRST_COMPLETED)
                 if loop.time() - side.last_heard > DEAD_AFTER:
                     side.abort("the agent stopped answering")
             log.info("agent link to %s/%s down: %s", ns, link.pod_name, side.lost or stream.error or "stream ended")
@@ -279,15 +269,11 @@ class AgentLinks:
                 del self.live[key]
             self._changed.set()
             side.abort(side.lost or "link closed")
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             for t in list(side.tasks):
                 t.cancel()
             await asyncio.gather(*side.tasks, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await stream.aclose()
-            a.close()
 
     async def aclose(self) -> None:
         tasks = [t for _, t in self.runners.values()]

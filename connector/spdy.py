@@ -40,7 +40,7 @@ import socket
 import ssl
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
 
 from tpnb import config
@@ -132,6 +132,8 @@ class _Conn(asyncio.BufferedProtocol):
         self._waiter: asyncio.Future[None] | None = None
         self._can_write = asyncio.Event()
         self._can_write.set()
+        #: an in-process protocol run over the data stream (`SpdyStream.attach`): told of write pauses
+        self.writer: asyncio.BaseProtocol | None = None
 
     # ---------------------------------------------------------- protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -161,9 +163,13 @@ class _Conn(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self._can_write.clear()
+        if self.writer is not None:
+            self.writer.pause_writing()
 
     def resume_writing(self) -> None:
         self._can_write.set()
+        if self.writer is not None:
+            self.writer.resume_writing()
 
     # ---------------------------------------------------------- helpers
     def _compact(self, need: int) -> None:
@@ -388,6 +394,41 @@ class SpdyStream:
         return True
 
     # ------------------------------------------------------------ relay
+    def _take_frames(self) -> tuple[list[memoryview], bool]:
+        """Consume every complete frame in the receive buffer: (the data stream's payloads, in
+        place, valid until the next read; whether the stream is over).  Control frames are
+        handled, error-stream text kept in `error` (it ends the stream)."""
+        conn = self.conn
+        mv, pos, end = conn.mv, conn.start, conn.end
+        out: list[memoryview] = []
+        ended = False
+        while end - pos >= 8:
+            word, flags, lhi, llo = _HDR.unpack_from(mv, pos)
+            length = (lhi << 16) | llo
+            if end - pos - 8 < length:
+                conn.need = length + 8  # the next read makes room for all of it
+                break
+            payload = mv[pos + 8: pos + 8 + length]
+            pos += 8 + length
+            if word & 0x80000000:
+                if not self._control(word & 0xFFFF, flags, bytes(payload)):
+                    ended = True
+                    break
+                continue
+            sid = word & 0x7FFFFFFF
+            if sid == DATA_STREAM:
+                if length:
+                    out.append(payload)
+                if flags & FLAG_FIN:
+                    self.remote_fin = ended = True
+                    break
+            elif sid == ERROR_STREAM and length:
+                self.error += bytes(payload).decode("utf-8", "replace")
+                ended = True
+                break
+        conn.start = pos
+        return out, ended
+
     async def pump_down(self, sock: socket.socket, on_data: Callable[[], None] | None = None) -> None:
         """Server -> local socket until the data stream ends; half-closes the socket.
 
@@ -441,34 +482,7 @@ class SpdyStream:
             nonlocal pending, ending
             if pending or done.done():
                 return
-            mv, pos, end = conn.mv, conn.start, conn.end
-            out: list[memoryview] = []
-            ended = False
-            while end - pos >= 8:
-                word, flags, lhi, llo = _HDR.unpack_from(mv, pos)
-                length = (lhi << 16) | llo
-                if end - pos - 8 < length:
-                    conn.need = length + 8  # the next read makes room for all of it
-                    break
-                payload = mv[pos + 8: pos + 8 + length]
-                pos += 8 + length
-                if word & 0x80000000:
-                    if not self._control(word & 0xFFFF, flags, bytes(payload)):
-                        ended = True
-                        break
-                    continue
-                sid = word & 0x7FFFFFFF
-                if sid == DATA_STREAM:
-                    if length:
-                        out.append(payload)
-                    if flags & FLAG_FIN:
-                        self.remote_fin = ended = True
-                        break
-                elif sid == ERROR_STREAM and length:
-                    self.error += bytes(payload).decode("utf-8", "replace")
-                    ended = True
-                    break
-            conn.start = pos
+            out, ended = self._take_frames()
             if out:
                 total = sum(len(v) for v in out)
                 try:
@@ -518,6 +532,61 @@ class SpdyStream:
             sent += n
             await self.conn.drain()
 
+    def attach(self, protocol: asyncio.BufferedProtocol, early: Iterable[bytes] = ()) -> asyncio.Future[None]:
+        """Run `protocol` over the data stream in this process, as if it were a socket's.
+
+        Why: the agent link (connector/agentlink.py) used to sit on one end of a socketpair with
+        `pump_down`/`pump_up` on the other; every chunk then cost two more syscalls, two copies and,
+        upward, a task wake-up.  Here frames are parsed where the TLS layer decrypted them and the
+        payloads copied into the protocol's buffer; what it writes becomes a data frame at once.
+        `early`: data that came with the stream's reply.  The future is done when the stream or the
+        connection ended (the protocol has had `eof_received` / `connection_lost`)."""
+        loop = asyncio.get_running_loop()
+        conn = self.conn
+        done: asyncio.Future[None] = loop.create_future()
+        tr = _StreamTransport(self)
+
+        def deliver(view: memoryview) -> None:
+            while view and not tr.closing:
+                buf = protocol.get_buffer(len(view))
+                n = min(len(buf), len(view))
+                buf[:n] = view[:n]
+                view = view[n:]
+                protocol.buffer_updated(n)
+
+        def finish(exc: BaseException | None = None) -> None:
+            conn.sink = None
+            conn.writer = None
+            if not done.done():
+                tr.closing = True
+                conn.close()
+                protocol.connection_lost(exc)
+                done.set_result(None)
+
+        def feed() -> None:
+            if done.done():
+                return
+            out, ended = self._take_frames()
+            for v in out:
+                deliver(v)
+            if tr.closing:
+                finish()
+            elif ended:
+                if self.remote_fin and not tr.closing and protocol.eof_received():
+                    return  # the protocol keeps its sending side: the stream lives on until it closes
+                finish()
+            elif conn.eof:
+                finish(SpdyError("connection ended inside a frame") if conn.available else None)
+
+        tr.on_close = finish
+        protocol.connection_made(tr)
+        for data in early:
+            deliver(memoryview(data))
+        conn.writer = protocol
+        conn.sink = feed
+        feed()
+        return done
+
     def send_fin(self) -> None:
         if not self._sent_fin:
             self._sent_fin = True
@@ -526,6 +595,73 @@ class SpdyStream:
     async def aclose(self) -> None:
         self.conn.sink = None
         self.conn.close()
+
+
+class _StreamTransport(asyncio.Transport):
+    """A SpdyStream's data stream as the transport of an in-process protocol (`SpdyStream.attach`)."""
+
+    def __init__(self, stream: SpdyStream) -> None:
+        super().__init__()
+        self.stream = stream
+        self.closing = False
+        self.on_close: Callable[[], None] = lambda: None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.write_parts((data,))
+
+    def write_parts(self, parts: tuple[bytes | bytearray | memoryview, ...]) -> None:
+        """One data frame for `parts` (a frame header and its payload, say); a large last part is
+        written on its own so that it is not copied into a joined buffer."""
+        if self.closing:
+            return
+        conn = self.stream.conn
+        total = sum(len(p) for p in parts)
+        if not total:
+            return
+        head = data_header(DATA_STREAM, 0, total)
+        last = parts[-1]
+        if len(last) > 16384:
+            conn.write(head + b"".join(parts[:-1]) if len(parts) > 1 else head)
+            conn.write(bytes(last) if not isinstance(last, bytes) else last)
+        else:
+            conn.write(head + b"".join(parts))
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        if not self.closing:
+            self.stream.send_fin()
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        if not self.closing:
+            self.stream.send_fin()
+            self.closing = True
+            asyncio.get_running_loop().call_soon(self.on_close)
+
+    def abort(self) -> None:
+        if not self.closing:
+            self.closing = True
+            asyncio.get_running_loop().call_soon(self.on_close)
+
+    def pause_reading(self) -> None:
+        if self.stream.conn.transport is not None:
+            self.stream.conn.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.stream.conn.transport is not None:
+            self.stream.conn.transport.resume_reading()
+
+    def is_reading(self) -> bool:
+        return True
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        if name == "peername":
+            return self.stream.conn.get_extra_info("peername") or default
+        return default  # no "socket": there is none of ours
 
 
 async def open_stream(t: KubeTarget, namespace: str, pod: str, port: int, path: str) -> tuple[SpdyStream, list[bytes]]:

@@ -211,3 +211,88 @@ async def test_pump_up_frames_local_bytes_and_ends_with_fin() -> None:
     assert b"".join(p for _, _, _, p in frames) == payload
     assert frames[-1][2] == spdy.FLAG_FIN and frames[-1][3] == b""
     assert max(len(p) for _, _, _, p in frames) <= spdy.FRAME_MAX
+
+
+class Recorder(asyncio.BufferedProtocol):
+    """An in-process protocol on a stream (what the agent link is): keeps what it gets, small buffers."""
+
+    def __init__(self, keep_open: bool = False) -> None:
+        self.buf = bytearray(1000)  # smaller than the frames: a payload must be handed over in pieces
+        self.got = bytearray()
+        self.events: list[str] = []
+        self.transport: asyncio.Transport | None = None
+        self.keep_open = keep_open
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.events.append("made")
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return memoryview(self.buf)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.got += self.buf[:nbytes]
+
+    def eof_received(self) -> bool:
+        self.events.append("eof")
+        return self.keep_open
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.events.append(f"lost {type(exc).__name__}" if exc else "lost")
+
+    def pause_writing(self) -> None:
+        self.events.append("pause")
+
+    def resume_writing(self) -> None:
+        self.events.append("resume")
+
+
+async def test_attach_runs_a_protocol_on_the_stream_in_order() -> None:
+    st, conn, tr = new_stream()
+    proto = Recorder()
+    payloads = [os.urandom(n) for n in (5, 2500, 70 * 1024, 1)]
+    done = st.attach(proto, [b"early:"])
+    wire = b"".join(data_frame(3, p) for p in payloads) + spdy.control_frame(spdy.PING, 0, b"\0\0\0\x04") \
+        + data_frame(3, b"", fin=True)
+    for i in range(0, len(wire), 4099):  # reads cut frames anywhere
+        feed(conn, wire[i:i + 4099])
+    await asyncio.wait_for(done, 2)
+    assert bytes(proto.got) == b"early:" + b"".join(payloads)
+    assert proto.events == ["made", "eof", "lost"]  # the stream's FIN, then the end
+    assert (True, spdy.PING, 0, b"\0\0\0\x04") in parse_frames(bytes(tr.out))
+    assert tr.closed  # the stream's own connection is closed at the end
+
+
+async def test_attach_writes_frames_and_passes_write_pauses() -> None:
+    st, conn, tr = new_stream()
+    proto = Recorder(keep_open=True)
+    done = st.attach(proto)
+    assert proto.transport is not None
+    big = os.urandom(100 * 1024)
+    proto.transport.write(b"small")
+    proto.transport.write_parts((b"HEADER123", big))  # type: ignore[attr-defined]
+    frames = parse_frames(bytes(tr.out))
+    assert [(c, k, p) for c, k, _, p in frames] == [(False, 3, b"small"), (False, 3, b"HEADER123" + big)]
+    conn.pause_writing()
+    conn.resume_writing()
+    assert proto.events[-2:] == ["pause", "resume"]
+    # the pod side ends its direction: the protocol keeps sending until it closes
+    feed(conn, data_frame(3, b"", fin=True))
+    await asyncio.sleep(0)
+    assert not done.done() and "eof" in proto.events
+    proto.transport.write(b"last words")
+    proto.transport.close()
+    await asyncio.wait_for(done, 2)
+    frames = parse_frames(bytes(tr.out))
+    assert frames[-2][3] == b"last words" and frames[-1][2] == spdy.FLAG_FIN
+    assert proto.events[-1] == "lost" and tr.closed
+
+
+async def test_attach_connection_lost_mid_frame_is_an_error_for_the_protocol() -> None:
+    st, conn, _ = new_stream()
+    proto = Recorder()
+    done = st.attach(proto)
+    feed(conn, data_frame(3, b"x" * 100)[:50])
+    conn.connection_lost(None)
+    await asyncio.wait_for(done, 2)
+    assert proto.events[-1] == "lost SpdyError"
