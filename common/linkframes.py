@@ -521,12 +521,11 @@ class Link(asyncio.BufferedProtocol):
             self._write_parts(parts)
         elif len(parts) == 1:
             self.transport.write(parts[0])
-        elif len(parts[-1]) > 16384:
-            # header and a large payload as two writes (no joined copy).  Not writelines: in 3.12.1
-            # it never calls pause_writing, so the link's backpressure would be lost
-            for p in parts:
-                self.transport.write(p)
         else:
+            # header and payload joined (a copy): as two writes, the 9-byte header went out as a
+            # message of its own through every hop behind us (containerd, kubelet and API server
+            # each read, frame and write it on its own).  Not writelines: in 3.12.1 it never calls
+            # pause_writing, so the link's backpressure would be lost
             self.transport.write(b"".join(parts))
 
     async def drain(self) -> None:

@@ -610,21 +610,14 @@ class _StreamTransport(asyncio.Transport):
         self.write_parts((data,))
 
     def write_parts(self, parts: tuple[bytes | bytearray | memoryview, ...]) -> None:
-        """One data frame for `parts` (a frame header and its payload, say); a large last part is
-        written on its own so that it is not copied into a joined buffer."""
+        """One data frame for `parts` (a frame header and its payload, say), in one write: a
+        separate small write would be a TLS record of its own, which the API server, the kubelet
+        and the runtime each read and pass on as a message of its own."""
         if self.closing:
             return
-        conn = self.stream.conn
         total = sum(len(p) for p in parts)
-        if not total:
-            return
-        head = data_header(DATA_STREAM, 0, total)
-        last = parts[-1]
-        if len(last) > 16384:
-            conn.write(head + b"".join(parts[:-1]) if len(parts) > 1 else head)
-            conn.write(bytes(last) if not isinstance(last, bytes) else last)
-        else:
-            conn.write(head + b"".join(parts))
+        if total:
+            self.stream.conn.write(b"".join((data_header(DATA_STREAM, 0, total), *parts)))
 
     def can_write_eof(self) -> bool:
         return True
