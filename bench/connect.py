@@ -27,7 +27,8 @@ import statistics
 import subprocess
 import time
 
-from common import REPO, cpu_delta, fresh_namespace, laptop, print_table, proc_cpu, sh  # noqa: E402  (bench/common.py)
+from common import (REPO, apply_and_wait, cpu_delta, deployment, fresh_namespace, laptop,  # noqa: E402
+                    print_table, proc_cpu, service, sh)  # (bench/common.py)
 
 from tpnb import config as tpnb_config  # noqa: E402
 
@@ -55,19 +56,8 @@ def main() -> None:
     image = tpnb_config.get().manager_image
 
     fresh_namespace(lap, kubectl, NS)
-    objs = {"apiVersion": "v1", "kind": "List", "items": [
-        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "netbench"},
-         "spec": {"selector": {"matchLabels": {"app": "netbench"}}, "template": {
-             "metadata": {"labels": {"app": "netbench"}},
-             "spec": {"containers": [{"name": "srv", "image": image, "command": ["python3", "/srv/server.py"],
-                                      "ports": [{"containerPort": 7070}],
-                                      "volumeMounts": [{"name": "src", "mountPath": "/srv"}]}],
-                      "volumes": [{"name": "src", "configMap": {"name": "netbench"}}]}}}},
-        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "netbench"},
-         "spec": {"selector": {"app": "netbench"}, "ports": [{"port": 7070}]}},
-    ]}
-    kubectl("-n", NS, "apply", "-f", "-", input=json.dumps(objs))
-    kubectl("-n", NS, "rollout", "status", "deploy/netbench", "--timeout=120s")
+    apply_and_wait(kubectl, NS, [deployment("netbench", image, ["python3", "/srv/server.py"], 7070),
+                                 service("netbench", 7070, 7070)])
     pod = kubectl("-n", NS, "get", "pod", "-l", "app=netbench", "-o", "jsonpath={.items[0].metadata.name}")
     pod_ip = kubectl("-n", NS, "get", "pod", pod, "-o", "jsonpath={.status.podIP}")
     client = str(REPO / "bench" / "netbench_client.py")

@@ -19,7 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from common import REPO, fresh_namespace, laptop, print_table  # noqa: E402  (bench/common.py)
+from common import (REPO, apply_and_wait, deployment, fresh_namespace, laptop,  # noqa: E402
+                    print_table)  # (bench/common.py)
 
 from tpnb import config as tpnb_config  # noqa: E402
 
@@ -74,17 +75,7 @@ def main() -> None:
     dc, lap, kubectl = laptop(LAPTOP)
     image = tpnb_config.get().manager_image
     fresh_namespace(lap, kubectl, NS)
-    objs = {"apiVersion": "v1", "kind": "List", "items": [
-        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "netbench"},
-         "spec": {"selector": {"matchLabels": {"app": "netbench"}}, "template": {
-             "metadata": {"labels": {"app": "netbench"}},
-             "spec": {"containers": [{"name": "srv", "image": image, "command": ["python3", "/srv/server.py"],
-                                      "ports": [{"containerPort": 7070}],
-                                      "volumeMounts": [{"name": "src", "mountPath": "/srv"}]}],
-                      "volumes": [{"name": "src", "configMap": {"name": "netbench"}}]}}}},
-    ]}
-    kubectl("-n", NS, "apply", "-f", "-", input=json.dumps(objs))
-    kubectl("-n", NS, "rollout", "status", "deploy/netbench", "--timeout=120s")
+    apply_and_wait(kubectl, NS, [deployment("netbench", image, ["python3", "/srv/server.py"], 7070)])
     pod_ip = kubectl("-n", NS, "get", "pod", "-l", "app=netbench", "-o", "jsonpath={.items[0].status.podIP}")
     client = str(REPO / "bench" / "netbench_client.py")
     target = [pod_ip, "7070", str(size), "all"]
