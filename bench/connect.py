@@ -27,10 +27,8 @@ import statistics
 import subprocess
 import time
 
-from common import (REPO, apply_and_wait, cpu_delta, deployment, fresh_namespace, laptop,  # noqa: E402
-                    print_table, proc_cpu, service, sh)  # (bench/common.py)
-
-from tpnb import config as tpnb_config  # noqa: E402
+from common import (REPO, cpu_delta, fresh_namespace, laptop, netbench_server, print_table,  # noqa: E402
+                    proc_cpu, sh)  # (bench/common.py)
 
 NS = "bench"
 LATENCY = ("small_p50_us", "small_p99_us", "conn_p50_us", "conn_p99_us")
@@ -53,12 +51,9 @@ def main() -> None:
     size = args.size_mb * 1024 * 1024
 
     dc, lap, kubectl = laptop(LAPTOP)
-    image = tpnb_config.get().manager_image
 
     fresh_namespace(lap, kubectl, NS)
-    apply_and_wait(kubectl, NS, [deployment("netbench", image, ["python3", "/srv/server.py"], 7070),
-                                 service("netbench", 7070, 7070)])
-    pod = kubectl("-n", NS, "get", "pod", "-l", "app=netbench", "-o", "jsonpath={.items[0].metadata.name}")
+    pod = netbench_server(kubectl, NS)
     pod_ip = kubectl("-n", NS, "get", "pod", pod, "-o", "jsonpath={.status.podIP}")
     client = str(REPO / "bench" / "netbench_client.py")
     results: dict[str, dict[str, float]] = {}
