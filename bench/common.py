@@ -92,6 +92,24 @@ def apply_and_wait(kubectl: Callable[..., str], ns: str, items: list[dict[str, A
             kubectl("-n", ns, "rollout", "status", f"deploy/{it['metadata']['name']}", "--timeout=180s", timeout=240)
 
 
+#: the port bench/netbench_server.py listens on in its pod (and its Service's port)
+NETBENCH_PORT = 7070
+
+
+def netbench_server(kubectl: Callable[..., str], ns: str, with_service: bool = True) -> str:
+    """Deployment `netbench` (bench/netbench_server.py from fresh_namespace's ConfigMap, run by the
+    python3 of the manager's image: no image to build) on NETBENCH_PORT, and Service `netbench` in
+    front of it unless `with_service` is false; rolled out.  Returns the pod's name: the benches that
+    measure against the pod all set it up the same way."""
+    from tpnb import config as tpnb_config
+
+    items = [deployment("netbench", tpnb_config.get().manager_image, ["python3", "/srv/server.py"], NETBENCH_PORT)]
+    if with_service:
+        items.append(service("netbench", NETBENCH_PORT, NETBENCH_PORT))
+    apply_and_wait(kubectl, ns, items)
+    return kubectl("-n", ns, "get", "pod", "-l", "app=netbench", "-o", "jsonpath={.items[0].metadata.name}")
+
+
 def laptop_process(dc: Any, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
     """Start argv in laptop `name` as its own process group (stop it with stop_process)."""
     return subprocess.Popen(dc.laptop_cmd(name, argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -27,9 +27,8 @@ import statistics
 import subprocess
 import time
 
-from common import REPO, cpu_delta, fresh_namespace, laptop, print_table, proc_cpu, sh  # noqa: E402  (bench/common.py)
-
-from tpnb import config as tpnb_config  # noqa: E402
+from common import (REPO, cpu_delta, fresh_namespace, laptop, netbench_server, print_table,  # noqa: E402
+                    proc_cpu, sh)  # (bench/common.py)
 
 NS = "bench"
 LATENCY = ("small_p50_us", "small_p99_us", "conn_p50_us", "conn_p99_us")
@@ -52,23 +51,9 @@ def main() -> None:
     size = args.size_mb * 1024 * 1024
 
     dc, lap, kubectl = laptop(LAPTOP)
-    image = tpnb_config.get().manager_image
 
     fresh_namespace(lap, kubectl, NS)
-    objs = {"apiVersion": "v1", "kind": "List", "items": [
-        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "netbench"},
-         "spec": {"selector": {"matchLabels": {"app": "netbench"}}, "template": {
-             "metadata": {"labels": {"app": "netbench"}},
-             "spec": {"containers": [{"name": "srv", "image": image, "command": ["python3", "/srv/server.py"],
-                                      "ports": [{"containerPort": 7070}],
-                                      "volumeMounts": [{"name": "src", "mountPath": "/srv"}]}],
-                      "volumes": [{"name": "src", "configMap": {"name": "netbench"}}]}}}},
-        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "netbench"},
-         "spec": {"selector": {"app": "netbench"}, "ports": [{"port": 7070}]}},
-    ]}
-    kubectl("-n", NS, "apply", "-f", "-", input=json.dumps(objs))
-    kubectl("-n", NS, "rollout", "status", "deploy/netbench", "--timeout=120s")
-    pod = kubectl("-n", NS, "get", "pod", "-l", "app=netbench", "-o", "jsonpath={.items[0].metadata.name}")
+    pod = netbench_server(kubectl, NS)
     pod_ip = kubectl("-n", NS, "get", "pod", pod, "-o", "jsonpath={.status.podIP}")
     client = str(REPO / "bench" / "netbench_client.py")
     results: dict[str, dict[str, float]] = {}

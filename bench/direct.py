@@ -25,10 +25,7 @@ import os
 import statistics
 import subprocess
 
-from common import (REPO, apply_and_wait, cpu_delta, deployment, fresh_namespace, laptop,  # noqa: E402
-                    proc_cpu, service)  # (bench/common.py)
-
-from tpnb import config as tpnb_config  # noqa: E402
+from common import REPO, cpu_delta, fresh_namespace, laptop, netbench_server, proc_cpu  # noqa: E402  (bench/common.py)
 
 NS = "bench-direct"
 LAPTOP = "bench"
@@ -45,11 +42,8 @@ def main() -> None:
     size = args.size_mb * 1024 * 1024
 
     dc, lap, kubectl = laptop(LAPTOP)
-    image = tpnb_config.get().manager_image
     fresh_namespace(lap, kubectl, NS)
-    apply_and_wait(kubectl, NS, [deployment("netbench", image, ["python3", "/srv/server.py"], 7070),
-                                 service("netbench", 7070, 7070)])
-    pod = kubectl("-n", NS, "get", "pod", "-l", "app=netbench", "-o", "jsonpath={.items[0].metadata.name}")
+    pod = netbench_server(kubectl, NS)
     cluster_ip = kubectl("-n", NS, "get", "svc", "netbench", "-o", "jsonpath={.spec.clusterIP}")
     client = str(REPO / "bench" / "netbench_client.py")
     relay_only = str(REPO / "bench" / "relay_only.py")

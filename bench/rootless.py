@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from common import REPO, fresh_namespace, laptop, print_table  # noqa: E402  (bench/common.py)
-
-from tpnb import config as tpnb_config  # noqa: E402
+from common import REPO, fresh_namespace, laptop, netbench_server, print_table  # noqa: E402  (bench/common.py)
 
 NS = "benchrl"
 LAPTOP = "benchrl"
@@ -72,20 +70,9 @@ def main() -> None:
     args = ap.parse_args()
     size = args.size_mb * 1024 * 1024
     dc, lap, kubectl = laptop(LAPTOP)
-    image = tpnb_config.get().manager_image
     fresh_namespace(lap, kubectl, NS)
-    objs = {"apiVersion": "v1", "kind": "List", "items": [
-        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "netbench"},
-         "spec": {"selector": {"matchLabels": {"app": "netbench"}}, "template": {
-             "metadata": {"labels": {"app": "netbench"}},
-             "spec": {"containers": [{"name": "srv", "image": image, "command": ["python3", "/srv/server.py"],
-                                      "ports": [{"containerPort": 7070}],
-                                      "volumeMounts": [{"name": "src", "mountPath": "/srv"}]}],
-                      "volumes": [{"name": "src", "configMap": {"name": "netbench"}}]}}}},
-    ]}
-    kubectl("-n", NS, "apply", "-f", "-", input=json.dumps(objs))
-    kubectl("-n", NS, "rollout", "status", "deploy/netbench", "--timeout=120s")
-    pod_ip = kubectl("-n", NS, "get", "pod", "-l", "app=netbench", "-o", "jsonpath={.items[0].status.podIP}")
+    pod = netbench_server(kubectl, NS, with_service=False)
+    pod_ip = kubectl("-n", NS, "get", "pod", pod, "-o", "jsonpath={.status.podIP}")
     client = str(REPO / "bench" / "netbench_client.py")
     target = [pod_ip, "7070", str(size), "all"]
     print(f"bulk {args.size_mb} MiB each way (median of 3), 1000 small requests, 200 new connections; pod {pod_ip}",

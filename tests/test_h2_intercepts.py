@@ -23,49 +23,28 @@ from typing import Any, Iterator
 import pytest
 
 from conftest import LaptopRunner, stop_process_group
+from greeter_rig import APP, PORT, deploy_greeter
 
 pytestmark = pytest.mark.cluster
 
 NS = "tph2"
-APP = Path(__file__).resolve().parent / "greeter_app.py"
-TARGET = f"greeter.{NS}:50051"
+TARGET = f"greeter.{NS}:{PORT}"
 
 
 @pytest.fixture(scope="module")
 def team(devcluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    from tpnb.imageref import default_image
-
     a, b = (LaptopRunner(devcluster, n) for n in ("dev-a", "dev-b"))
-    for lap in (a, b):
-        lap.run(["tpnb", "quit", "--daemon"], check=False)
-    a.kubectl("delete", "ns", NS, "--ignore-not-found", "--wait=true", timeout=180)
-    a.kubectl("create", "ns", NS)
-    script = APP.read_text()
-    labels = {"app": "greeter"}
-    deploy = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "greeter", "namespace": NS},
-              "spec": {"replicas": 1, "selector": {"matchLabels": labels}, "template": {
-                  "metadata": {"labels": labels}, "spec": {"containers": [{
-                      "name": "greeter", "image": default_image(), "imagePullPolicy": "IfNotPresent",
-                      "command": ["python3", "-u", "-c", script, "--serve", "50051", "app"],
-                      "ports": [{"name": "grpc", "containerPort": 50051}]}]}}}}
-    svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "greeter", "namespace": NS},
-           "spec": {"selector": labels, "ports": [{"name": "grpc", "port": 50051, "targetPort": "grpc"}]}}
-    a.kubectl("apply", "-f", "-", input=json.dumps(deploy))
-    a.kubectl("apply", "-f", "-", input=json.dumps(svc))
-    # the caller: a pod with grpcio (the tpnb image), not part of the intercepted workload
-    a.kubectl("-n", NS, "create", "deploy", "caller", f"--image={default_image()}", "--",
-              "python3", "-c", "import time; time.sleep(10**8)")
-    for d in ("greeter", "caller"):
-        a.kubectl("-n", NS, "rollout", "status", f"deploy/{d}", "--timeout=120s", timeout=150)
+    b.run(["tpnb", "quit", "--daemon"], check=False)
+    a.fresh_namespace(NS)
+    deploy_greeter(a, NS)
     d = tmp_path_factory.mktemp("h2")
     os.chmod(d, 0o755)
     procs: list[subprocess.Popen[bytes]] = []
     yield {"a": a, "b": b, "dir": d, "procs": procs}
     for p in procs:
         stop_process_group(p)
-    for lap in (a, b):
-        lap.run(["tpnb", "quit", "--daemon"], check=False)
-    a.kubectl("delete", "ns", NS, "--ignore-not-found", "--wait=false", check=False)
+    b.run(["tpnb", "quit", "--daemon"], check=False)
+    a.drop_namespace(NS)
 
 
 def _start(team: dict[str, Any], lap: LaptopRunner, tag: str, *flags: str) -> tuple[subprocess.Popen[bytes], Path]:

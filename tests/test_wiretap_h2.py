@@ -1,7 +1,7 @@
 """Wiretaps of HTTP/2 (h2c) end to end: a gRPC service's calls recorded one by one on a laptop.
 
 The app is tests/greeter_app.py, a grpcio server run by the tpnb image's python3 in the dev cluster
-(Deployment + Service `greeter`, port 50051), as in tests/test_h2_intercepts.py.  Laptop `dev-a`
+(Deployment + Service `greeter`, port 50051; tests/greeter_rig.py).  Laptop `dev-a`
 runs two wiretaps of it (`tpnb wiretap ... -o json`): one of every call, one filtered on the gRPC
 metadata `x-dev: alice`.  A grpcio client in a pod calls through ONE channel -- one HTTP/2
 connection to the agent -- unary, server-, client- and bidi-streaming calls, an error and 50
@@ -23,46 +23,27 @@ from typing import Any, Iterator
 import pytest
 
 from conftest import LaptopRunner, stop_process_group
+from greeter_rig import APP, PORT, deploy_greeter
 
 pytestmark = pytest.mark.cluster
 
 NS = "tpwireh2"
-APP = Path(__file__).resolve().parent / "greeter_app.py"
-TARGET = f"greeter.{NS}:50051"
+TARGET = f"greeter.{NS}:{PORT}"
 G = "/greeter.Greeter/"
 
 
 @pytest.fixture(scope="module")
 def greeter(devcluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    from tpnb.imageref import default_image
-
     a = LaptopRunner(devcluster, "dev-a")
-    a.run(["tpnb", "quit", "--daemon"], check=False)
-    a.kubectl("delete", "ns", NS, "--ignore-not-found", "--wait=true", timeout=180)
-    a.kubectl("create", "ns", NS)
-    labels = {"app": "greeter"}
-    deploy = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "greeter", "namespace": NS},
-              "spec": {"replicas": 1, "selector": {"matchLabels": labels}, "template": {
-                  "metadata": {"labels": labels}, "spec": {"containers": [{
-                      "name": "greeter", "image": default_image(), "imagePullPolicy": "IfNotPresent",
-                      "command": ["python3", "-u", "-c", APP.read_text(), "--serve", "50051", "app"],
-                      "ports": [{"name": "grpc", "containerPort": 50051}]}]}}}}
-    svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "greeter", "namespace": NS},
-           "spec": {"selector": labels, "ports": [{"name": "grpc", "port": 50051, "targetPort": "grpc"}]}}
-    a.kubectl("apply", "-f", "-", input=json.dumps(deploy))
-    a.kubectl("apply", "-f", "-", input=json.dumps(svc))
-    a.kubectl("-n", NS, "create", "deploy", "caller", f"--image={default_image()}", "--",
-              "python3", "-c", "import time; time.sleep(10**8)")
-    for d in ("greeter", "caller"):
-        a.kubectl("-n", NS, "rollout", "status", f"deploy/{d}", "--timeout=120s", timeout=150)
+    a.fresh_namespace(NS)
+    deploy_greeter(a, NS)
     d = tmp_path_factory.mktemp("wireh2")
     os.chmod(d, 0o755)
     procs: list[subprocess.Popen[str]] = []
     yield {"a": a, "dir": d, "procs": procs}
     for p in procs:
         stop_process_group(p)
-    a.run(["tpnb", "quit", "--daemon"], check=False)
-    a.kubectl("delete", "ns", NS, "--ignore-not-found", "--wait=false", check=False)
+    a.drop_namespace(NS)
 
 
 def _wiretap(g: dict[str, Any], name: str, *flags: str) -> tuple[subprocess.Popen[str], Path, Path]:
