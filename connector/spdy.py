@@ -40,7 +40,7 @@ import socket
 import ssl
 import struct
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from urllib.parse import urlsplit
 
 from tpnb import config
@@ -194,6 +194,21 @@ class _Conn(asyncio.BufferedProtocol):
             raise asyncio.IncompleteReadError(bytes(self.mv[self.start:self.end]), None)
         self._waiter = asyncio.get_running_loop().create_future()
         await self._waiter
+
+    def frames(self) -> Iterator[tuple[int, int, memoryview]]:
+        """The complete SPDY frames in the buffer, each consumed as it is yielded: (first word,
+        flags, payload in place, valid until the next read).  A partial frame stays, and the next
+        read makes room for all of it."""
+        mv = self.mv
+        while self.end - self.start >= 8:
+            pos = self.start
+            word, flags, lhi, llo = _HDR.unpack_from(mv, pos)
+            length = (lhi << 16) | llo
+            if self.end - pos - 8 < length:
+                self.need = length + 8
+                return
+            self.start = pos + 8 + length
+            yield word, flags, mv[pos + 8: self.start]
 
     @property
     def available(self) -> int:
@@ -398,36 +413,23 @@ class SpdyStream:
         """Consume every complete frame in the receive buffer: (the data stream's payloads, in
         place, valid until the next read; whether the stream is over).  Control frames are
         handled, error-stream text kept in `error` (it ends the stream)."""
-        conn = self.conn
-        mv, pos, end = conn.mv, conn.start, conn.end
         out: list[memoryview] = []
-        ended = False
-        while end - pos >= 8:
-            word, flags, lhi, llo = _HDR.unpack_from(mv, pos)
-            length = (lhi << 16) | llo
-            if end - pos - 8 < length:
-                conn.need = length + 8  # the next read makes room for all of it
-                break
-            payload = mv[pos + 8: pos + 8 + length]
-            pos += 8 + length
+        for word, flags, payload in self.conn.frames():
             if word & 0x80000000:
                 if not self._control(word & 0xFFFF, flags, bytes(payload)):
-                    ended = True
-                    break
+                    return out, True
                 continue
             sid = word & 0x7FFFFFFF
             if sid == DATA_STREAM:
-                if length:
+                if payload:
                     out.append(payload)
                 if flags & FLAG_FIN:
-                    self.remote_fin = ended = True
-                    break
-            elif sid == ERROR_STREAM and length:
+                    self.remote_fin = True
+                    return out, True
+            elif sid == ERROR_STREAM and payload:
                 self.error += bytes(payload).decode("utf-8", "replace")
-                ended = True
-                break
-        conn.start = pos
-        return out, ended
+                return out, True
+        return out, False
 
     async def pump_down(self, sock: socket.socket, on_data: Callable[[], None] | None = None) -> None:
         """Server -> local socket until the data stream ends; half-closes the socket.
@@ -1194,18 +1196,11 @@ class SpdySession:
     # ------------------------------------------------------------ reading
     def _feed(self) -> None:
         conn = self.conn
-        mv, pos, end = conn.mv, conn.start, conn.end
         batches: dict[MuxStream, list[memoryview]] = {}
         fins: list[MuxStream] = []
         bad = ""
-        while end - pos >= 8:
-            word, flags, lhi, llo = _HDR.unpack_from(mv, pos)
-            length = (lhi << 16) | llo
-            if end - pos - 8 < length:
-                conn.need = length + 8  # the next read makes room for all of it
-                break
-            payload = mv[pos + 8: pos + 8 + length]
-            pos += 8 + length
+        for word, flags, payload in conn.frames():
+            length = len(payload)
             if word & 0x80000000:
                 if (word >> 16) & 0x7FFF != VERSION:
                     bad = f"SPDY version {(word >> 16) & 0x7FFF} frame"
@@ -1227,7 +1222,6 @@ class SpdySession:
                 if length or flags & FLAG_FIN:
                     self._deliver(batches, fins)
                     st._error_text(bytes(payload).decode("utf-8", "replace"), bool(flags & FLAG_FIN))
-        conn.start = pos
         self._deliver(batches, fins)
         if bad:
             self.close(f"protocol error: {bad}")
