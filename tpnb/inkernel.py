@@ -91,7 +91,7 @@ import threading
 import time
 import traceback
 import urllib.parse
-from collections import deque
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any, Callable
@@ -272,28 +272,39 @@ def _headers(raw: Any) -> list[tuple[str, str]]:
     return [(bytes(k).decode("latin-1"), bytes(v).decode("latin-1")) for k, v in raw or ()]
 
 
-def _keep(parts: list | None, kept: int, data: Any) -> tuple[list | None, int]:
-    """Keep `data` (up to BODY_KEEP bytes in all) for the record; returns the new (parts, count).  bytes are
-    immutable, so a chunk that fits is kept by reference, not copied; the record joins them when read."""
-    if kept < BODY_KEEP and data:
-        if type(data) is not bytes or len(data) > BODY_KEEP - kept:  # a buffer the app may reuse, or too long
-            data = bytes(data[:BODY_KEEP - kept])
-        if parts is None:
-            parts = [data]
-        else:
-            parts.append(data)
-        kept += len(data)
-    return parts, kept
+class _Body:
+    """A body of several chunks (or a first one that is long or a mutable buffer) as a record keeps it: its
+    size, and its first BODY_KEEP bytes as chunks (bytes are immutable: a chunk that fits is kept by
+    reference, not copied), joined when read."""
+
+    __slots__ = ("parts", "n", "kept")
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.n = self.kept = 0
+
+    def add(self, data: Any) -> None:
+        self.n += len(data)
+        if self.kept < BODY_KEEP:
+            if type(data) is not bytes or len(data) > BODY_KEEP - self.kept:  # a buffer the app may reuse, or long
+                data = bytes(data[:BODY_KEEP - self.kept])
+            self.parts.append(data)
+            self.kept += len(data)
 
 
-def _joined(parts: Any) -> bytes:
-    if not parts:
+def _joined(body: Any) -> bytes:
+    """A kept body (None, one bytes chunk, or a `_Body`) as bytes."""
+    if body is None:
         return b""
-    if type(parts) is bytes:
-        return parts
-    if len(parts) == 1:
-        return parts[0]
-    return b"".join(parts)
+    if type(body) is _Body:
+        return b"".join(body.parts)
+    return body
+
+
+def _size(body: Any) -> int:
+    if body is None:
+        return 0
+    return body.n if type(body) is _Body else len(body)
 
 
 #: status // 100 -> the counter it goes to (1xx and other oddities count as 2xx, 6xx+ as 5xx)
@@ -318,8 +329,8 @@ class _HttpRec:
     unspecialized ones were half of the layer's instructions.
     """
 
-    __slots__ = ("t0", "t1", "srv", "version", "scope", "sh", "rb", "sb", "status", "nbytes", "kept_out",
-                 "req_bytes", "kept_in", "error", "seq", "intercept", "_send", "_receive")
+    __slots__ = ("t0", "t1", "srv", "version", "scope", "sh", "rb", "sb", "status", "error", "seq", "intercept",
+                 "_send", "_receive")
     type = "http"
 
     async def receive(self) -> dict:
@@ -327,9 +338,9 @@ class _HttpRec:
         if msg["type"] == "http.request":
             data = msg.get("body")
             if data:
-                self.req_bytes += len(data)
-                if self.kept_in < BODY_KEEP:
-                    self.rb, self.kept_in = _keep(self.rb, self.kept_in, data)
+                if self.rb is None:
+                    self.rb = _Body()
+                self.rb.add(data)
         return msg
 
     def send(self, msg: dict) -> Any:
@@ -350,16 +361,13 @@ class _HttpRec:
     def _more(self, data: Any) -> None:
         """A body chunk past the first (or a first one that is long or a mutable buffer): count it, keep what
         fits in BODY_KEEP."""
-        if type(self.sb) is bytes:  # the first chunk, kept whole by `send`
-            self.sb, self.nbytes = [self.sb], len(self.sb)
-            self.kept_out = self.nbytes
-        self.nbytes += len(data)
-        if self.kept_out < BODY_KEEP:
-            self.sb, self.kept_out = _keep(self.sb, self.kept_out, data)
-
-    @property
-    def sent_bytes(self) -> int:
-        return len(self.sb) if type(self.sb) is bytes else self.nbytes
+        sb = self.sb
+        if type(sb) is not _Body:
+            self.sb = body = _Body()
+            if sb is not None:  # the first chunk, kept whole by `send`
+                body.add(sb)
+            sb = body
+        sb.add(data)
 
     def finish(self, status: int, error: str | None) -> None:
         """Answered (or failed): the record is complete; log and count it (on the loop thread)."""
@@ -367,19 +375,16 @@ class _HttpRec:
             return
         self.t1 = t1 = perf_counter()
         self.status = status
-        if error is not None:
-            self.error = error
+        self.error = error
         self._send = self._receive = None  # do not keep uvicorn's connection objects alive in the log
         srv = self.srv
-        if srv.names:
-            self.intercept = min(srv.names)
+        self.intercept = min(srv.names) if srv.names else ""
         srv.log.append(self)  # a bounded deque: the oldest record drops off
-        c = srv.counters
-        self.seq = c["requests"] = c["requests"] + 1  # this server's request number (`by_seq`)
-        c[_CLASS[status // 100] if status < 1100 else "5xx"] += 1
+        self.seq = next(srv._seq)  # this server's request number (`by_seq`)
+        srv._by_status[status] += 1  # the counters are summed from these when read
         if error:
-            c["errors"] += 1
-        srv.total_ms += (t1 - self.t0) * 1000
+            srv._errors += 1
+        srv._busy += t1 - self.t0
         if srv._listeners or _watchers:
             srv._notify(self)
 
@@ -398,10 +403,9 @@ def _http_rec(srv: "InKernelServer", version: int, scope: dict, receive: Callabl
     r.scope = scope.copy()
     r._receive = receive
     r._send = send
-    r.sh = r.rb = r.sb = r.error = None  # response headers; request/response body kept (bytes, or chunks)
-    r.status = r.nbytes = r.kept_out = r.req_bytes = r.kept_in = r.seq = 0
-    r.intercept = ""
-    return r
+    r.sh = r.rb = r.sb = None  # response headers; request/response body kept (None, bytes or a _Body)
+    r.status = 0
+    return r  # error, seq and intercept are set by finish(), before anybody can read the record
 
 
 def _query(qs: Any) -> str:
@@ -432,10 +436,10 @@ def public_record(rec: Any) -> dict:
         r, sc = rec, rec.scope
         return {"time": _wall(r.t0), "type": "http", "method": sc.get("method", ""), "path": sc.get("path", ""),
                 "query": _query(sc.get("query_string")), "status": r.status, "duration_ms": round((r.t1 - r.t0) * 1000, 2),
-                "bytes": r.sent_bytes, "client": _client(sc.get("client")), "port": r.srv.port, "app_version": r.version,
+                "bytes": _size(r.sb), "client": _client(sc.get("client")), "port": r.srv.port, "app_version": r.version,
                 "error": r.error, "intercept": r.intercept, "http_version": sc.get("http_version", "1.1"),
                 "request_headers": _headers(sc.get("headers")), "request_body": _joined(r.rb),
-                "request_bytes": r.req_bytes, "response_headers": _headers(r.sh), "response_body": _joined(r.sb),
+                "request_bytes": _size(r.rb), "response_headers": _headers(r.sh), "response_body": _joined(r.sb),
                 "seq": r.seq}
     if "_t" not in rec:
         out = dict(rec)
@@ -454,6 +458,25 @@ def public_record(rec: Any) -> dict:
 
 
 # ------------------------------------------------------------------ the server
+def _init_tallies(srv: Any) -> None:
+    """A server's tallies behind `counters` and `total_ms`, shaped to be cheap to update per request (a
+    record's `finish`): the sums and the status classes are made when somebody reads them."""
+    srv._seq = itertools.count(1)  # request numbers ("seq")
+    srv._by_status = defaultdict(int)  # status -> requests answered with it (websockets, gRPC calls included)
+    srv._errors = 0
+    srv._websockets = 0
+    srv._busy = 0.0  # seconds spent answering, summed over requests
+
+
+def _counters(srv: Any) -> dict[str, int]:
+    """Requests (websocket sessions and gRPC calls included) by status class, errors, websocket sessions."""
+    c = {"requests": 0, "2xx": 0, "3xx": 0, "4xx": 0, "5xx": 0, "errors": srv._errors, "websockets": srv._websockets}
+    for status, n in list(srv._by_status.items()):
+        c["requests"] += n
+        c[_CLASS[max(status // 100, 0)] if status < 1100 else "5xx"] += n
+    return c
+
+
 class InKernelServer:
     """One uvicorn server on one 127.0.0.1 port, serving the current app version."""
 
@@ -465,9 +488,7 @@ class InKernelServer:
         #: stop the server when its last intercept is left (true for `%%tp intercept` servers)
         self.stop_on_leave = False
         self.log: deque[dict] = deque(maxlen=LOG_SIZE)
-        self.counters: dict[str, int] = {"requests": 0, "2xx": 0, "3xx": 0, "4xx": 0, "5xx": 0, "errors": 0,
-                                         "websockets": 0}
-        self.total_ms = 0.0
+        _init_tallies(self)
         self.started = _dt.datetime.now()
         #: websocket sessions open now
         self.ws_open = 0
@@ -480,6 +501,9 @@ class InKernelServer:
         self._lt = _the_loop()
 
     # ---------------------------------------------------------------- control (any thread but the loop's)
+    counters = property(_counters)
+    total_ms = property(lambda self: self._busy * 1000)
+
     @property
     def running(self) -> bool:
         return self._task is not None and not self._task.done() and not self._stopping
@@ -732,15 +756,13 @@ class InKernelServer:
         ms = (perf_counter() - t0) * 1000
         rec["status"], rec["duration_ms"], rec["bytes"], rec["error"] = status, ms, nbytes, error  # rounded when read
         self.log.append(rec)
-        c = self.counters
-        c["requests"] += 1
-        rec["seq"] = c["requests"]
+        rec["seq"] = next(self._seq)
+        self._by_status[status] += 1
         if rec["type"] == "websocket":
-            c["websockets"] += 1
-        c[f"{min(max(status // 100, 2), 5)}xx"] += 1
+            self._websockets += 1
         if error:
-            c["errors"] += 1
-        self.total_ms += ms
+            self._errors += 1
+        self._busy += ms / 1000
         if self._listeners or _watchers:
             self._notify(rec)
 
@@ -749,10 +771,10 @@ class InKernelServer:
         if type(rec) is _HttpRec:
             if not rec.error:
                 rec.error = error
-                self.counters["errors"] += 1
+                self._errors += 1
         elif not rec.get("error"):
             rec["error"] = error
-            self.counters["errors"] += 1
+            self._errors += 1
 
     def _notify(self, rec: dict) -> None:
         pub = public_record(rec)
@@ -870,9 +892,7 @@ class GrpcServer:
         self.names: set[str] = set()
         self.stop_on_leave = False
         self.log: deque[dict] = deque(maxlen=LOG_SIZE)
-        self.counters: dict[str, int] = {"requests": 0, "2xx": 0, "3xx": 0, "4xx": 0, "5xx": 0, "errors": 0,
-                                         "websockets": 0}
-        self.total_ms = 0.0
+        _init_tallies(self)
         self.ws_open = 0
         self.started = _dt.datetime.now()
         self.app: Any = None
@@ -886,6 +906,8 @@ class GrpcServer:
         self._lt = _the_loop()
 
     running = property(lambda self: self._server is not None and not self._stopping)
+    counters = InKernelServer.counters
+    total_ms = InKernelServer.total_ms
     url = property(lambda self: f"{self.host}:{self.port}")
     subscribe = InKernelServer.subscribe
     records = InKernelServer.records
