@@ -46,10 +46,14 @@ that port.  Design decisions, and why:
   panel).  An HTTP request is one object with slots (`_HttpRec`) that is both
   the layer's per-request state and, once answered, the record; its `send`
   is a plain function returning uvicorn's own coroutine, so no coroutine of
-  ours sits between the app and uvicorn.  That took the layer from ~8 to
-  ~4.5 µs a request (`bench/inkernel_layer.py`); in a real server, on the
-  minimal app, it still costs ~8 µs of CPU against a direct call of the app
-  (was ~15).  Followers get each record by push:
+  ours sits between the app and uvicorn.  None of its attributes has a
+  class-level default (CPython 3.12 does not specialize an attribute access
+  that a class attribute of the same name shadows), and the counters are
+  per-status tallies summed when read.  The layer costs ~3.5-4.3 µs a request
+  in `bench/inkernel_layer.py` (~16,000 instructions; was ~6 µs and ~22,400);
+  in a real server, on the minimal app, ~12 µs of CPU against a direct call
+  of the app (was ~15; `bench/inkernel_cpu.py`).  Followers get each record
+  by push:
   `subscribe` (one server) and `watch` (every server, the panel).
 * **The kernel's heap is frozen for the garbage collector** (`gc.freeze`,
   `GC_FREEZE`) while servers run: a kernel holds several times the objects of
