@@ -5,7 +5,9 @@
 A: a real Jupyter kernel (jupyter_client + ipykernel, idle between cells as a notebook is) runs
    `tpnb.inkernel.serve(app, port)`: uvicorn on the kernel's background loop thread, behind tpnb's
    swap/record layer.
-B: `python -m uvicorn bench.inkernel_app:APP` in its own process (same uvicorn, httptools, asyncio loop).
+B: `python -m uvicorn bench.inkernel_app:APP` in its own process (same uvicorn, httptools, asyncio loop),
+   with the options tpnb gives uvicorn (`uvicorn_args`: no proxy headers, no access log, no lifespan,
+   keep-alive timeout and backlog as in `tpnb.inkernel`) so both servers do the same work per request.
 Apps: `plain` (minimal ASGI: the server's own cost) and `fastapi` (a FastAPI JSON route).  The client is
 one asyncio process with `--conns` keep-alive connections sending small GETs as fast as answered; rounds
 alternate A and B.  Prints requests/s and p50/p99 latency (µs), medians over rounds, and the ratio A/B.
@@ -24,6 +26,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 APPS = {"plain": ("plain", "/"), "fastapi": ("fastapi_app", "/json")}
+
+
+def uvicorn_args(var: str, port: int) -> list[str]:
+    """The standalone server's command line, after `python -m uvicorn`: the same configuration as tpnb's
+    `uvicorn.Config` (tpnb/inkernel.py `_start`).  uvicorn's default `--proxy-headers` wraps every request in
+    ProxyHeadersMiddleware (one more coroutine and a scan of the headers): tpnb turns it off, so must this."""
+    from tpnb import inkernel
+
+    return [f"inkernel_app:{var}", "--port", str(port), "--log-level", "warning", "--no-access-log",
+            "--lifespan", "off", "--no-proxy-headers", "--timeout-keep-alive", str(int(inkernel.KEEPALIVE_TIMEOUT)),
+            "--backlog", "1024", "--http", "httptools", "--loop", "asyncio"]
 
 
 def free_port() -> int:
@@ -141,8 +154,7 @@ def main() -> None:
                        f"inkernel.serve(inkernel_app.{var}, {kport})")
             wait_port(kport)
             uport = free_port()
-            uv = subprocess.Popen([sys.executable, "-m", "uvicorn", f"inkernel_app:{var}", "--port", str(uport),
-                                   "--log-level", "warning", "--no-access-log", "--lifespan", "off"],
+            uv = subprocess.Popen([sys.executable, "-m", "uvicorn", *uvicorn_args(var, uport)],
                                   cwd=REPO / "bench", env={**os.environ, "PYTHONPATH": str(REPO / "bench")})
             try:
                 wait_port(uport)

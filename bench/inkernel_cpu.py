@@ -75,8 +75,7 @@ def main() -> None:
                     argv = [sys.executable, "-c", f"from tpnb import inkernel\nimport inkernel_app, time\n{code}"
                             f"inkernel.serve(inkernel_app.{var}, {port})\ntime.sleep(3600)"]
                 else:
-                    argv = [sys.executable, "-m", "uvicorn", f"inkernel_app:{var}", "--port", str(port),
-                            "--log-level", "warning", "--no-access-log", "--lifespan", "off"]
+                    argv = [sys.executable, "-m", "uvicorn", *B.uvicorn_args(var, port)]
                 pr = subprocess.Popen(argv, env=env, cwd=BENCH, start_new_session=own)
                 procs.append(pr)
                 pid = pr.pid

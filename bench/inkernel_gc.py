@@ -80,8 +80,7 @@ def main() -> None:
                   f"import inkernel_app\ninkernel.serve(inkernel_app.{var}, {port})")
             targets[name] = (port, k.km.provisioner.pid)  # type: ignore[attr-defined]
         port = B.free_port()
-        argv = ["uvicorn", f"inkernel_app:{var}", "--port", str(port), "--log-level", "warning", "--no-access-log",
-                "--lifespan", "off"]
+        argv = ["uvicorn", *B.uvicorn_args(var, port)]
         uv = subprocess.Popen([sys.executable, "-c", f"{probe}\nimport sys; sys.argv = {argv!r}\n"
                                "from uvicorn.main import main; main()"],
                               cwd=BENCH, env={**os.environ, "PYTHONPATH": str(BENCH)})

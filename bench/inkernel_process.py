@@ -37,8 +37,8 @@ def main() -> None:
         code = f"from tpnb import inkernel\nimport inkernel_app, time\n{patch}inkernel.serve(inkernel_app.{app}, {p})\ntime.sleep(3600)"
         procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, cwd=BENCH))
     ports["uvicorn"] = B.free_port()
-    procs.append(subprocess.Popen([sys.executable, "-m", "uvicorn", f"inkernel_app:{app}", "--port", str(ports["uvicorn"]),
-                                   "--log-level", "warning", "--no-access-log", "--lifespan", "off"], env=env, cwd=BENCH))
+    procs.append(subprocess.Popen([sys.executable, "-m", "uvicorn", *B.uvicorn_args(app, ports["uvicorn"])], env=env,
+                                  cwd=BENCH))
     try:
         for p in ports.values():
             B.wait_port(p)

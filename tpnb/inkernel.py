@@ -46,10 +46,14 @@ that port.  Design decisions, and why:
   panel).  An HTTP request is one object with slots (`_HttpRec`) that is both
   the layer's per-request state and, once answered, the record; its `send`
   is a plain function returning uvicorn's own coroutine, so no coroutine of
-  ours sits between the app and uvicorn.  That took the layer from ~8 to
-  ~4.5 µs a request (`bench/inkernel_layer.py`); in a real server, on the
-  minimal app, it still costs ~8 µs of CPU against a direct call of the app
-  (was ~15).  Followers get each record by push:
+  ours sits between the app and uvicorn.  None of its attributes has a
+  class-level default (CPython 3.12 does not specialize an attribute access
+  that a class attribute of the same name shadows), and the counters are
+  per-status tallies summed when read.  The layer costs ~3.5-4.3 µs a request
+  in `bench/inkernel_layer.py` (~16,000 instructions; was ~6 µs and ~22,400);
+  in a real server, on the minimal app, ~12 µs of CPU against a direct call
+  of the app (was ~15; `bench/inkernel_cpu.py`).  Followers get each record
+  by push:
   `subscribe` (one server) and `watch` (every server, the panel).
 * **The kernel's heap is frozen for the garbage collector** (`gc.freeze`,
   `GC_FREEZE`) while servers run: a kernel holds several times the objects of
@@ -91,7 +95,7 @@ import threading
 import time
 import traceback
 import urllib.parse
-from collections import deque
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any, Callable
@@ -203,9 +207,13 @@ def _quiet_uvicorn() -> None:
 
 
 # ------------------------------------------------------------------ app references
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _AppRef:
-    """One version of the app.  Immutable once published; requests hold on to it."""
+    """One version of the app.  Immutable once published; requests hold on to it.
+
+    Slots: each request reads `asgi`, `version`, `state` and counts `inflight`; a dataclass default
+    without slots is a class attribute, which keeps CPython from specializing those accesses.
+    """
 
     app: Any
     kind: str  # "asgi" | "wsgi"
@@ -268,129 +276,140 @@ def _headers(raw: Any) -> list[tuple[str, str]]:
     return [(bytes(k).decode("latin-1"), bytes(v).decode("latin-1")) for k, v in raw or ()]
 
 
-def _keep(parts: list, kept: int, data: Any) -> int:
-    """Keep (a reference to) `data` for the record while fewer than BODY_KEEP bytes are kept; returns the
-    new count.  bytes are immutable, so no copy is made here (the record joins and cuts them when read)."""
-    if kept < BODY_KEEP and data:
-        if type(data) is not bytes:  # a bytearray/memoryview the app may reuse: copy what we keep
-            data = bytes(data[:BODY_KEEP - kept])
-        parts.append(data)
-        kept += len(data)
-    return kept
+class _Body:
+    """A body of several chunks (or a first one that is long or a mutable buffer) as a record keeps it: its
+    size, and its first BODY_KEEP bytes as chunks (bytes are immutable: a chunk that fits is kept by
+    reference, not copied), joined when read."""
+
+    __slots__ = ("parts", "n", "kept")
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.n = self.kept = 0
+
+    def add(self, data: Any) -> None:
+        self.n += len(data)
+        if self.kept < BODY_KEEP:
+            if type(data) is not bytes or len(data) > BODY_KEEP - self.kept:  # a buffer the app may reuse, or long
+                data = bytes(data[:BODY_KEEP - self.kept])
+            self.parts.append(data)
+            self.kept += len(data)
 
 
-def _joined(parts: Any) -> bytes:
-    if not parts:
+def _joined(body: Any) -> bytes:
+    """A kept body (None, one bytes chunk, or a `_Body`) as bytes."""
+    if body is None:
         return b""
-    if len(parts) == 1 and len(parts[0]) <= BODY_KEEP:
-        return parts[0]
-    return b"".join(parts)[:BODY_KEEP]
+    if type(body) is _Body:
+        return b"".join(body.parts)
+    return body
 
 
-class _HttpRec:
-    """One HTTP request: the layer's state while it is served, then (once answered) its raw log record.
-
-    One object with slots instead of a dict and three closures: this is the whole per-request cost of the
-    layer (`bench/inkernel_layer.py`), and a served request's record is this object as it was left, decoded
-    by `public_record` only when somebody reads it.  `send` is a plain function that returns uvicorn's own
-    coroutine, so the app awaits uvicorn's send directly (no extra coroutine per message).
-    """
-
-    __slots__ = ("t0", "ms", "srv", "version", "method", "path", "qs", "client", "http_version", "rh", "sh",
-                 "rb", "sb", "kept_in", "kept_out", "status", "nbytes", "req_bytes", "error", "done", "seq",
-                 "intercept", "_send", "_receive")
-    type = "http"
-
-    def __init__(self, srv: "InKernelServer", version: int, scope: dict, receive: Callable, send: Callable) -> None:
-        self.t0 = perf_counter()
-        self.srv, self.version, self._receive, self._send = srv, version, receive, send
-        self.method, self.path, self.qs = scope["method"], scope["path"], scope.get("query_string")
-        self.client, self.http_version, self.rh = scope.get("client"), scope.get("http_version", "1.1"), scope["headers"]
-        self.rb = self.sb = self.sh = self.error = None  # a body kept is one bytes object, or a list of chunks
-        self.status = self.nbytes = self.req_bytes = self.kept_in = self.kept_out = self.seq = 0
-        self.ms = 0.0
-        self.done = False
-        self.intercept = ""
-
-    async def receive(self) -> dict:
-        msg = await self._receive()
-        if msg["type"] == "http.request":
-            data = msg.get("body")
-            if data:
-                self.req_bytes += len(data)
-                if self.kept_in < BODY_KEEP:
-                    self.rb, self.kept_in = _keep(self.rb, self.kept_in, data)
-        return msg
-
-    def send(self, msg: dict) -> Any:
-        send = self._send  # finish() lets go of it
-        t = msg["type"]
-        if t == "http.response.body":
-            data = msg.get("body")
-            if data:
-                n = len(data)
-                self.nbytes += n
-                if self.sb is None and type(data) is bytes and n <= BODY_KEEP:  # the usual one-chunk body
-                    self.sb, self.kept_out = data, n
-                elif self.kept_out < BODY_KEEP:
-                    self.sb, self.kept_out = _keep(self.sb, self.kept_out, data)
-            if not msg.get("more_body", False):
-                self.finish(self.status or 500, None)  # before the last bytes leave (module docstring)
-        elif t == "http.response.start":
-            self.status = int(msg["status"])
-            self.sh = msg.get("headers")
-        return send(msg)
-
-    def finish(self, status: int, error: str | None) -> None:
-        """Answered (or failed): the record is complete; log and count it."""
-        if self.done:
-            return
-        self.done = True
-        self.ms = (perf_counter() - self.t0) * 1000
-        self.status, self.error = status, error
-        self._send = self._receive = None  # do not keep uvicorn's connection objects alive in the log
-        srv = self.srv
-        names = srv.names
-        self.intercept = min(names) if names else ""
-        srv._record(self, status, error, self.ms)
-
-    def get(self, key: str, default: Any = None) -> Any:  # the field lookups the log's readers make
-        return getattr(self, key, default)
+def _size(body: Any) -> int:
+    if body is None:
+        return 0
+    return body.n if type(body) is _Body else len(body)
 
 
 #: status // 100 -> the counter it goes to (1xx and other oddities count as 2xx, 6xx+ as 5xx)
 _CLASS = ("2xx", "2xx", "2xx", "3xx", "4xx") + ("5xx",) * 6
 
 
-def _headers(raw: Any) -> list[tuple[str, str]]:
-    return [(bytes(k).decode("latin-1"), bytes(v).decode("latin-1")) for k, v in raw or ()]
+class _HttpRec:
+    """One HTTP request: the layer's state while it is served, then (once answered) its raw log record.
+
+    This is the whole per-request cost of the layer (`bench/inkernel_layer.py`), so the hot path does as
+    little as it can and `public_record` does the rest, only for the records somebody reads:
+    * one object with slots, no closures, made by `_http_rec`; `send` is a plain function that returns
+      uvicorn's own coroutine, so the app awaits uvicorn's send directly (no extra coroutine per message);
+    * the scope is kept as a shallow copy taken before the app adds its own keys (one C call instead of
+      six lookups and stores, and the log does not keep the app's objects alive); its header list is
+      uvicorn's own, not copied;
+    * the usual one-chunk response body is kept as is (bytes are immutable) and its size is its length;
+      only a body of several chunks is counted as it goes (`_more`);
+    * the duration is two perf_counter readings, subtracted when read.
+    Every field is a slot and no slot has a class-level default: CPython 3.12 specializes an attribute
+    access only when the class has no attribute of that name (a slot's descriptor excepted), and the
+    unspecialized ones were half of the layer's instructions.
+    """
+
+    __slots__ = ("t0", "t1", "srv", "version", "scope", "sh", "rb", "sb", "status", "error", "seq", "intercept",
+                 "_send", "_receive")
+    type = "http"
+
+    async def receive(self) -> dict:
+        msg = await self._receive()
+        if msg["type"] == "http.request":
+            data = msg.get("body")
+            if data:
+                if self.rb is None:
+                    self.rb = _Body()
+                self.rb.add(data)
+        return msg
+
+    def send(self, msg: dict) -> Any:
+        send = self._send  # finish() lets go of it
+        if msg["type"] == "http.response.body":
+            data = msg.get("body")
+            if data:
+                if self.sb is None and type(data) is bytes and len(data) <= BODY_KEEP:
+                    self.sb = data  # the usual one-chunk body
+                else:
+                    self._more(data)
+            if not msg.get("more_body"):
+                self.finish(self.status or 500, None)  # before the last bytes leave (module docstring)
+        elif msg["type"] == "http.response.start":
+            self.status, self.sh = msg["status"], msg.get("headers")
+        return send(msg)
+
+    def _more(self, data: Any) -> None:
+        """A body chunk past the first (or a first one that is long or a mutable buffer): count it, keep what
+        fits in BODY_KEEP."""
+        sb = self.sb
+        if type(sb) is not _Body:
+            self.sb = body = _Body()
+            if sb is not None:  # the first chunk, kept whole by `send`
+                body.add(sb)
+            sb = body
+        sb.add(data)
+
+    def finish(self, status: int, error: str | None) -> None:
+        """Answered (or failed): the record is complete; log and count it (on the loop thread)."""
+        if self.t1:
+            return
+        self.t1 = t1 = perf_counter()
+        self.status = status
+        self.error = error
+        self._send = self._receive = None  # do not keep uvicorn's connection objects alive in the log
+        srv = self.srv
+        self.intercept = min(srv.names) if srv.names else ""
+        srv.log.append(self)  # a bounded deque: the oldest record drops off
+        self.seq = next(srv._seq)  # this server's request number (`by_seq`)
+        srv._by_status[status] += 1  # the counters are summed from these when read
+        if error:
+            srv._errors += 1
+        srv._busy += t1 - self.t0
+        if srv._listeners or _watchers:
+            srv._notify(self)
+
+    def get(self, key: str, default: Any = None) -> Any:  # the field lookups the log's readers make
+        return getattr(self, key, default)
 
 
-def _keep(parts: Any, kept: int, data: Any) -> tuple[Any, int]:
-    """Keep (a reference to) `data` for the record while fewer than BODY_KEEP bytes are kept; returns the
-    new (parts, count).  bytes are immutable, so no copy is made here (the record joins and cuts them when
-    read); the usual one-chunk body is kept as that bytes object, more chunks as a list."""
-    if kept < BODY_KEEP and data:
-        if type(data) is not bytes:  # a bytearray/memoryview the app may reuse: copy what we keep
-            data = bytes(data[:BODY_KEEP - kept])
-        if parts is None:
-            parts = data
-        elif type(parts) is bytes:
-            parts = [parts, data]
-        else:
-            parts.append(data)
-        kept += len(data)
-    return parts, kept
-
-
-def _joined(parts: Any) -> bytes:
-    if not parts:
-        return b""
-    if type(parts) is bytes:
-        return parts[:BODY_KEEP]
-    if len(parts) == 1 and len(parts[0]) <= BODY_KEEP:
-        return parts[0]
-    return b"".join(parts)[:BODY_KEEP]
+def _http_rec(srv: "InKernelServer", version: int, scope: dict, receive: Callable, send: Callable) -> _HttpRec:
+    """A new request's record.  A function rather than `__init__`: calling a class whose `__init__` is
+    Python goes through C (type call, slot wrapper) where a Python-to-Python call does not."""
+    r = _HttpRec()
+    r.t0 = perf_counter()
+    r.t1 = 0.0  # perf_counter() when answered; 0.0 while in flight
+    r.srv = srv
+    r.version = version
+    r.scope = scope.copy()
+    r._receive = receive
+    r._send = send
+    r.sh = r.rb = r.sb = None  # response headers; request/response body kept (None, bytes or a _Body)
+    r.status = 0
+    return r  # error, seq and intercept are set by finish(), before anybody can read the record
 
 
 def _query(qs: Any) -> str:
@@ -418,12 +437,13 @@ def public_record(rec: Any) -> dict:
     reads.  gRPC records are built in this form already.
     """
     if type(rec) is _HttpRec:
-        r = rec
-        return {"time": _wall(r.t0), "type": "http", "method": r.method, "path": r.path, "query": _query(r.qs),
-                "status": r.status, "duration_ms": round(r.ms, 2), "bytes": r.nbytes, "client": _client(r.client),
-                "port": r.srv.port, "app_version": r.version, "error": r.error, "intercept": r.intercept,
-                "http_version": r.http_version, "request_headers": _headers(r.rh), "request_body": _joined(r.rb),
-                "request_bytes": r.req_bytes, "response_headers": _headers(r.sh), "response_body": _joined(r.sb),
+        r, sc = rec, rec.scope
+        return {"time": _wall(r.t0), "type": "http", "method": sc.get("method", ""), "path": sc.get("path", ""),
+                "query": _query(sc.get("query_string")), "status": r.status, "duration_ms": round((r.t1 - r.t0) * 1000, 2),
+                "bytes": _size(r.sb), "client": _client(sc.get("client")), "port": r.srv.port, "app_version": r.version,
+                "error": r.error, "intercept": r.intercept, "http_version": sc.get("http_version", "1.1"),
+                "request_headers": _headers(sc.get("headers")), "request_body": _joined(r.rb),
+                "request_bytes": _size(r.rb), "response_headers": _headers(r.sh), "response_body": _joined(r.sb),
                 "seq": r.seq}
     if "_t" not in rec:
         out = dict(rec)
@@ -442,6 +462,25 @@ def public_record(rec: Any) -> dict:
 
 
 # ------------------------------------------------------------------ the server
+def _init_tallies(srv: Any) -> None:
+    """A server's tallies behind `counters` and `total_ms`, shaped to be cheap to update per request (a
+    record's `finish`): the sums and the status classes are made when somebody reads them."""
+    srv._seq = itertools.count(1)  # request numbers ("seq")
+    srv._by_status = defaultdict(int)  # status -> requests answered with it (websockets, gRPC calls included)
+    srv._errors = 0
+    srv._websockets = 0
+    srv._busy = 0.0  # seconds spent answering, summed over requests
+
+
+def _counters(srv: Any) -> dict[str, int]:
+    """Requests (websocket sessions and gRPC calls included) by status class, errors, websocket sessions."""
+    c = {"requests": 0, "2xx": 0, "3xx": 0, "4xx": 0, "5xx": 0, "errors": srv._errors, "websockets": srv._websockets}
+    for status, n in list(srv._by_status.items()):
+        c["requests"] += n
+        c[_CLASS[max(status // 100, 0)] if status < 1100 else "5xx"] += n
+    return c
+
+
 class InKernelServer:
     """One uvicorn server on one 127.0.0.1 port, serving the current app version."""
 
@@ -453,9 +492,7 @@ class InKernelServer:
         #: stop the server when its last intercept is left (true for `%%tp intercept` servers)
         self.stop_on_leave = False
         self.log: deque[dict] = deque(maxlen=LOG_SIZE)
-        self.counters: dict[str, int] = {"requests": 0, "2xx": 0, "3xx": 0, "4xx": 0, "5xx": 0, "errors": 0,
-                                         "websockets": 0}
-        self.total_ms = 0.0
+        _init_tallies(self)
         self.started = _dt.datetime.now()
         #: websocket sessions open now
         self.ws_open = 0
@@ -468,6 +505,9 @@ class InKernelServer:
         self._lt = _the_loop()
 
     # ---------------------------------------------------------------- control (any thread but the loop's)
+    counters = property(_counters)
+    total_ms = property(lambda self: self._busy * 1000)
+
     @property
     def running(self) -> bool:
         return self._task is not None and not self._task.done() and not self._stopping
@@ -606,21 +646,14 @@ class InKernelServer:
 
     # ---------------------------------------------------------------- the one ASGI app uvicorn serves
     async def _asgi(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
+        ref = self._ref  # read once: this request stays on this app version
+        if ref is None or scope["type"] != "http":
             if scope["type"] == "websocket":
                 await self._websocket(scope, receive, send)
+            elif scope["type"] == "http":
+                await self._no_app(scope, receive, send)
             return
-        ref = self._ref  # read once: this request stays on this app version
-        if ref is None:
-            r = _HttpRec(self, 0, scope, receive, send)
-            body = b"no app is being served on this port yet\n"
-            await r.send({"type": "http.response.start", "status": 503,
-                          "headers": [(b"content-type", b"text/plain"), (b"content-length", b"%d" % len(body))]})
-            r.nbytes, r.sb = len(body), body
-            r.finish(503, "no app")
-            await send({"type": "http.response.body", "body": body})
-            return
-        r = _HttpRec(self, ref.version, scope, receive, send)
+        r = _http_rec(self, ref.version, scope, receive, send)
         if ref.state:  # this version's lifespan state, a shallow copy per request (spec); uvicorn's is empty
             scope["state"] = ref.state.copy()
         ref.inflight += 1
@@ -635,15 +668,25 @@ class InKernelServer:
                             "headers": [(b"content-type", b"text/plain; charset=utf-8"),
                                         (b"content-length", b"%d" % len(body)), (b"connection", b"close")]})
                 await send({"type": "http.response.body", "body": body})
-            elif r.done:  # answered (e.g. Starlette sent its 500, then re-raised)
+            elif r.t1:  # answered (e.g. Starlette sent its 500, then re-raised)
                 self._mark_error(r, error)
             else:  # cut short: recorded as failed; uvicorn closes the connection
                 r.finish(r.status, error)
             return
         finally:
             ref.inflight -= 1
-        if not r.done:
+        if not r.t1:
             r.finish(r.status or 500, None if r.status else "the app sent no response")
+
+    async def _no_app(self, scope: dict, receive: Callable, send: Callable) -> None:
+        """A request before the first app version is published: 503, recorded."""
+        r = _http_rec(self, 0, scope, receive, send)
+        body = b"no app is being served on this port yet\n"
+        await r.send({"type": "http.response.start", "status": 503,
+                      "headers": [(b"content-type", b"text/plain"), (b"content-length", b"%d" % len(body))]})
+        r.sb = body
+        r.finish(503, "no app")
+        await send({"type": "http.response.body", "body": body})
 
     async def _websocket(self, scope: dict, receive: Callable, send: Callable) -> None:
         ref = self._ref  # read once: this session stays on this app version
@@ -712,33 +755,18 @@ class InKernelServer:
             self._finish(rec, t0, st["status"] or (500 if error else 403), error, st["out_bytes"])
 
     # ---------------------------------------------------------------- records
-    def _record(self, rec: Any, status: int, error: str | None, ms: float) -> None:
-        """Log and count a finished request or session (on the loop thread)."""
-        self.log.append(rec)  # a bounded deque: the oldest record drops off
-        c = self.counters
-        n = c["requests"] = c["requests"] + 1
-        rec.seq = n  # this server's request number (`by_seq`)
-        c[_CLASS[status // 100] if status < 1100 else "5xx"] += 1
-        if error:
-            c["errors"] += 1
-        self.total_ms += ms
-        if self._listeners or _watchers:
-            self._notify(rec)
-
     def _finish(self, rec: dict, t0: float, status: int, error: str | None, nbytes: int = 0) -> None:
         """A websocket session or gRPC call ended: complete its dict record and log it."""
         ms = (perf_counter() - t0) * 1000
         rec["status"], rec["duration_ms"], rec["bytes"], rec["error"] = status, ms, nbytes, error  # rounded when read
         self.log.append(rec)
-        c = self.counters
-        c["requests"] += 1
-        rec["seq"] = c["requests"]
+        rec["seq"] = next(self._seq)
+        self._by_status[status] += 1
         if rec["type"] == "websocket":
-            c["websockets"] += 1
-        c[f"{min(max(status // 100, 2), 5)}xx"] += 1
+            self._websockets += 1
         if error:
-            c["errors"] += 1
-        self.total_ms += ms
+            self._errors += 1
+        self._busy += ms / 1000
         if self._listeners or _watchers:
             self._notify(rec)
 
@@ -747,10 +775,10 @@ class InKernelServer:
         if type(rec) is _HttpRec:
             if not rec.error:
                 rec.error = error
-                self.counters["errors"] += 1
+                self._errors += 1
         elif not rec.get("error"):
             rec["error"] = error
-            self.counters["errors"] += 1
+            self._errors += 1
 
     def _notify(self, rec: dict) -> None:
         pub = public_record(rec)
@@ -868,9 +896,7 @@ class GrpcServer:
         self.names: set[str] = set()
         self.stop_on_leave = False
         self.log: deque[dict] = deque(maxlen=LOG_SIZE)
-        self.counters: dict[str, int] = {"requests": 0, "2xx": 0, "3xx": 0, "4xx": 0, "5xx": 0, "errors": 0,
-                                         "websockets": 0}
-        self.total_ms = 0.0
+        _init_tallies(self)
         self.ws_open = 0
         self.started = _dt.datetime.now()
         self.app: Any = None
@@ -884,6 +910,8 @@ class GrpcServer:
         self._lt = _the_loop()
 
     running = property(lambda self: self._server is not None and not self._stopping)
+    counters = InKernelServer.counters
+    total_ms = InKernelServer.total_ms
     url = property(lambda self: f"{self.host}:{self.port}")
     subscribe = InKernelServer.subscribe
     records = InKernelServer.records
