@@ -574,7 +574,7 @@ class SpdyStream:
             if tr.closing:
                 finish()
             elif ended:
-                if self.remote_fin and not tr.closing and protocol.eof_received():
+                if self.remote_fin and protocol.eof_received():
                     return  # the protocol keeps its sending side: the stream lives on until it closes
                 finish()
             elif conn.eof:
