@@ -1,13 +1,14 @@
 """Shared plumbing of the benchmark scripts: run commands, set up a laptop, print tables."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -188,3 +189,26 @@ def cpu_delta(before: dict[str, tuple[str, float]], after: dict[str, tuple[str, 
         if spent > 0:
             total[label] = total.get(label, 0.0) + spent
     return total
+
+
+@contextlib.contextmanager
+def counting_cpu(into: dict[str, float]) -> Iterator[None]:
+    """Add the CPU seconds every process spent during the block to `into`, by process label."""
+    before = proc_cpu()
+    yield
+    for label, sec in cpu_delta(before, proc_cpu()).items():
+        into[label] = into.get(label, 0.0) + sec
+
+
+def print_cpu_per_gb(cpu: dict[str, dict[str, float]], gb: float, note: str = "",
+                     hide: tuple[str, ...] = (), total: bool = False) -> None:
+    """The table of CPU core-seconds per GB moved, a column per path (`cpu`: path -> label ->
+    seconds), processes by their largest figure, "other" last; `hide`: labels not shown."""
+    names = sorted({p for c in cpu.values() for p in c if p != "other" and p not in hide},
+                   key=lambda p: -max(c.get(p, 0.0) for c in cpu.values()))
+    print(f"\nCPU core-seconds per GB moved during the bulk rounds{note}:")
+    print("| process | " + " | ".join(cpu) + " |\n|---|" + "---|" * len(cpu))
+    for p in names + ["other"]:
+        print(f"| {p} | " + " | ".join(f"{c.get(p, 0.0) / gb:.2f}" for c in cpu.values()) + " |")
+    if total:
+        print("| total | " + " | ".join(f"{sum(c.values()) / gb:.2f}" for c in cpu.values()) + " |")

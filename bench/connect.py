@@ -27,8 +27,8 @@ import statistics
 import subprocess
 import time
 
-from common import (REPO, cpu_delta, fresh_namespace, laptop, netbench_server, print_table,  # noqa: E402
-                    proc_cpu, sh)  # (bench/common.py)
+from common import (REPO, counting_cpu, fresh_namespace, laptop, netbench_server,  # noqa: E402
+                    print_cpu_per_gb, print_table, sh)  # (bench/common.py)
 
 NS = "bench"
 LATENCY = ("small_p50_us", "small_p99_us", "conn_p50_us", "conn_p99_us")
@@ -89,10 +89,8 @@ def main() -> None:
         for r in range(args.rounds):
             order = list(paths) if r % 2 == 0 else list(reversed(paths))
             for label in order:
-                before = proc_cpu()
-                out = lap(["python3", client, *paths[label], str(size), "bulk"])
-                for proc, sec in cpu_delta(before, proc_cpu()).items():
-                    cpu[label][proc] = cpu[label].get(proc, 0.0) + sec
+                with counting_cpu(cpu[label]):
+                    out = lap(["python3", client, *paths[label], str(size), "bulk"])
                 rounds[label].append(json.loads(out.strip().splitlines()[-1]))
         # latency alternates round by round too: one noisy moment must not decide a ratio
         lat_rounds: dict[str, list[dict[str, float]]] = {k: [] for k in lat_paths}
@@ -147,13 +145,7 @@ def main() -> None:
     print("tpnb/port-forward latency ratio (median of the rounds' ratios): "
           + ", ".join(f"{k} {v:.2f}x" for k, v in lat_ratios.items()))
     # both tunnels are CPU-bound here: what each process spends per GB moved decides the race
-    gb = 2 * size * args.rounds / 1e9
-    procs = sorted({p for c in cpu.values() for p in c if p != "other"}, key=lambda p: -max(c.get(p, 0) for c in cpu.values()))
-    print("\nCPU core-seconds per GB moved during the bulk rounds (the client itself not counted):")
-    print("| process | " + " | ".join(paths) + " |\n|---|" + "---|" * len(paths))
-    for p in procs + ["other"]:
-        print(f"| {p} | " + " | ".join(f"{cpu[k].get(p, 0.0) / gb:.2f}" for k in paths) + " |")
-    print("| total | " + " | ".join(f"{sum(cpu[k].values()) / gb:.2f}" for k in paths) + " |")
+    print_cpu_per_gb(cpu, 2 * size * args.rounds / 1e9, " (the client itself not counted)", total=True)
     print("\n| tpnb connect | seconds |\n|---|---|")
     for k, v in times.items():
         print(f"| {k} | {v:.2f} |")

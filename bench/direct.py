@@ -25,7 +25,8 @@ import os
 import statistics
 import subprocess
 
-from common import REPO, cpu_delta, fresh_namespace, laptop, netbench_server, proc_cpu  # noqa: E402  (bench/common.py)
+from common import (REPO, counting_cpu, fresh_namespace, laptop, netbench_server,  # noqa: E402
+                    print_cpu_per_gb)  # (bench/common.py)
 
 NS = "bench-direct"
 LAPTOP = "bench"
@@ -78,10 +79,8 @@ def main() -> None:
         cpu: dict[str, dict[str, float]] = {k: {} for k in bulk}
         for r in range(args.bulk_rounds):
             for label in (list(bulk) if r % 2 == 0 else list(reversed(bulk))):
-                before = proc_cpu()
-                out = lap(["python3", client, "127.0.0.1", paths[label], str(size), "bulk"])
-                for proc, sec in cpu_delta(before, proc_cpu()).items():
-                    cpu[label][proc] = cpu[label].get(proc, 0.0) + sec
+                with counting_cpu(cpu[label]):
+                    out = lap(["python3", client, "127.0.0.1", paths[label], str(size), "bulk"])
                 bulk[label].append(json.loads(out.strip().splitlines()[-1]))
     finally:
         for p in reversed(procs):
@@ -113,12 +112,7 @@ def main() -> None:
             print(f"  {label:22s} down {statistics.median(x['down_MBps'] for x in rs):.0f}  "
                   f"up {statistics.median(x['up_MBps'] for x in rs):.0f}   rounds "
                   + "  ".join(f"{x['down_MBps']:.0f}/{x['up_MBps']:.0f}" for x in rs))
-        gb = 2 * size * args.bulk_rounds / 1e9
-        names = sorted({p for c in cpu.values() for p in c}, key=lambda p: -max(c.get(p, 0) for c in cpu.values()))
-        print("\nCPU core-seconds per GB moved during the bulk rounds ('tpnb bench relay': bench/relay_only.py):")
-        print("| process | " + " | ".join(bulk) + " |\n|---|" + "---|" * len(bulk))
-        for p in names:
-            print(f"| {p} | " + " | ".join(f"{cpu[k].get(p, 0.0) / gb:.2f}" for k in bulk) + " |")
+        print_cpu_per_gb(cpu, 2 * size * args.bulk_rounds / 1e9, " ('tpnb bench relay': bench/relay_only.py)")
     if direct_err:
         print(f"\n{direct_err}")
 

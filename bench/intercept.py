@@ -21,10 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import time
 
-from common import (REPO, apply_and_wait, cpu_delta, deployment, fresh_namespace, laptop,  # noqa: E402
-                    laptop_process, print_table, proc_cpu, service, stop_process)  # (bench/common.py)
+from common import (REPO, apply_and_wait, counting_cpu, deployment, fresh_namespace, laptop,  # noqa: E402
+                    laptop_process, print_cpu_per_gb, print_table, service, stop_process)  # (bench/common.py)
 
 from tpnb import config as tpnb_config  # noqa: E402
 
@@ -58,16 +59,14 @@ def main() -> None:
 
     def measure(key: str) -> dict:
         """Bulk rounds (CPU of every process counted over them), then the latency rounds."""
-        rounds, spent = [], {}
+        rounds: list[dict] = []
+        cpu[key] = {}
         for _ in range(args.rounds):
-            before = proc_cpu()
-            rounds.append(client("bulk"))
-            for proc, sec in cpu_delta(before, proc_cpu()).items():
-                spent[proc] = spent.get(proc, 0.0) + sec
-        cpu[key] = spent
+            with counting_cpu(cpu[key]):
+                rounds.append(client("bulk"))
         res = client("latency")
         for k in ("down_MBps", "up_MBps"):
-            res[k] = sorted(r[k] for r in rounds)[len(rounds) // 2]
+            res[k] = statistics.median(r[k] for r in rounds)
         res["bulk_rounds"] = " ".join(f"{r['down_MBps']:.0f}/{r['up_MBps']:.0f}" for r in rounds)
         return res
 
@@ -112,17 +111,11 @@ def main() -> None:
         kubectl("delete", "ns", NS, "--wait=false", check=False)
 
     print_table("served by", results)
-    # what each process spent per GB moved in the bulk rounds (the client in its pod is not counted)
-    gb = 2 * size * args.rounds / 1e9
-    procs = sorted({p for c in cpu.values() for p in c if p not in ("other", "netbench client")},
-                   key=lambda p: -max(c.get(p, 0) for c in cpu.values()))
     print("\nbulk rounds (MB/s down/up):")
     for key, r in results.items():
         print(f"  {key}: {r['bulk_rounds']}")
-    print("\nCPU core-seconds per GB moved during the bulk rounds:")
-    print("| process | " + " | ".join(cpu) + " |\n|---|" + "---|" * len(cpu))
-    for p in procs + ["other"]:
-        print(f"| {p} | " + " | ".join(f"{cpu[k].get(p, 0.0) / gb:.2f}" for k in cpu) + " |")
+    # the client in its pod is not counted
+    print_cpu_per_gb(cpu, 2 * size * args.rounds / 1e9, hide=("netbench client",))
     for key, path in paths.items():
         print(f"\n{key}: data path {path}")
     print("\n| tpnb intercept | seconds |\n|---|---|")
