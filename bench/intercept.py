@@ -10,9 +10,10 @@ One run measures:
     request/response round trips and 200 new connections to a Service,
       - served by the app in the cluster (no agent), and
       - intercepted, served by the same server program on the laptop: first over the
-        agent links (issue 15: port-forwards from the connector straight to the agent pods,
-        the default where RBAC allows), then through the traffic-manager (`agent.link: never`,
-        the path before issue 15 and the fallback), in the same run.
+        agent links as by default (issue 15: an upgrade through the API server's pods/proxy
+        to each agent pod), then over agent links on port-forwards (`agent.link: port-forward`,
+        the way where pods/proxy is not allowed), then through the traffic-manager
+        (`agent.link: never`, the path before issue 15 and the last fallback), in the same run.
 A line after each intercepted measurement shows the data path `tpnb status` reported.
 All traffic stays inside the dev cluster's network namespaces on this machine.
 """
@@ -85,7 +86,7 @@ def main() -> None:
         t0 = time.perf_counter()
         lap(["tpnb", "intercept", "netapp", "--port", "7070", "--mount=false"], timeout=300)
         first = time.perf_counter() - t0
-        key = "intercepted, agent link (served on the laptop)"
+        key = "intercepted, agent link via pods/proxy (default)"
         results[key] = measure(key)
         paths[key] = data_path()
         print(f"data path: {paths[key]}", flush=True)
@@ -96,15 +97,16 @@ def main() -> None:
             lap(["tpnb", "intercept", "netapp", "--port", "7070", "--mount=false"], timeout=300)
             again.append(time.perf_counter() - t0)
         lap(["tpnb", "leave", "netapp"])
-        # the same, through the traffic-manager: a connector started with agent.link: never
-        lap(["tpnb", "quit", "--daemon"], check=False)
-        lap(["env", "TPNB_AGENT_LINK=never", "tpnb", "connect", "--namespace", NS], timeout=300)
-        lap(["tpnb", "intercept", "netapp", "--port", "7070", "--mount=false"], timeout=300)
-        key = "intercepted, through the traffic-manager (agent.link: never)"
-        results[key] = measure(key)
-        paths[key] = data_path()
-        print(f"data path: {paths[key]}", flush=True)
-        lap(["tpnb", "leave", "netapp"])
+        # the same with other settings: a connector started with agent.link: port-forward, then never
+        for setting, key in (("port-forward", "intercepted, agent link via port-forward (agent.link: port-forward)"),
+                             ("never", "intercepted, through the traffic-manager (agent.link: never)")):
+            lap(["tpnb", "quit", "--daemon"], check=False)
+            lap(["env", f"TPNB_AGENT_LINK={setting}", "tpnb", "connect", "--namespace", NS], timeout=300)
+            lap(["tpnb", "intercept", "netapp", "--port", "7070", "--mount=false"], timeout=300)
+            results[key] = measure(key)
+            paths[key] = data_path()
+            print(f"data path: {paths[key]}", flush=True)
+            lap(["tpnb", "leave", "netapp"])
     finally:
         stop_process(server)
         lap(["tpnb", "quit", "--daemon"], check=False)

@@ -535,6 +535,7 @@ class Agent:
             agent_port=s.agent_port,
             version=__version__,
             link_port=self.links.port,
+            link_upgrade=self.links.upgrade,
         )
 
     def _forget(self) -> None:
@@ -751,7 +752,7 @@ class Agent:
         if self.s.health_port:
             self.health = await asyncio.start_server(_close_at_once, "0.0.0.0", self.s.health_port,
                                                      reuse_address=True)
-        await self.links.start(self.s.link_port)
+        await self.links.start(self.s.link_port, self.s.pod_ip)
         self.ready.set()
 
     async def run(self) -> None:

@@ -21,6 +21,19 @@ intercept it authenticated for, and is closed when that intercept ends here.
 When no link is up (not allowed, broken, an older connector) the agent uses
 the manager's tunnel exactly as before: `channel_for` returns None.
 
+The faster way in (issue 15's intercepted bulk): the same port also listens on
+the pod IP for the connector's HTTP upgrade through the API server's
+`pods/NAME:PORT/proxy/` (`_UpgradeSide`).  The API server splices that
+connection straight to the pod: no kubelet, no container runtime, no SPDY, one
+TLS leg; measured on the dev cluster it moved 4x the bytes of a port-forward
+for half the API server's CPU.  This listener *is* reachable from every pod,
+so it relies on the handshake alone, which is the same as on loopback: until
+the caller proved it holds the (intercept, pod) key, it has been sent our
+nonce and nothing else, and a wrong or missing proof, a request that is not
+our upgrade, a head over 8 KB or silence for `AUTH_TIMEOUT` closes it.  The
+leg from the API server to the pod is plain TCP inside the cluster network,
+like the intercepted app's own traffic on it.
+
 Runs inside the cluster image: Python 3.11 and stdlib only.
 """
 from __future__ import annotations
@@ -65,6 +78,9 @@ class _AgentSide(lf.Link):
             return
         self.server.pending.add(self)
         self._timer = self.loop.call_later(AUTH_TIMEOUT, self._auth_timeout)
+        self._greet()
+
+    def _greet(self) -> None:
         self.write(lf.frame(lf.HELLO, 0, lf.hello_payload(self.nonce)))
 
     def _auth_timeout(self) -> None:
@@ -100,6 +116,43 @@ class _AgentSide(lf.Link):
             self.server.remove(self)
 
 
+class _UpgradeSide(_AgentSide):
+    """A link from the pod network: the API server's proxied upgrade request first, then the handshake.
+
+    The request head is read into the link's own buffer; once it is complete and asks for our
+    upgrade, `101` and HELLO go out in one write and the link parses frames from right behind the
+    head.  The caller's time to authenticate (`AUTH_TIMEOUT`) runs from the TCP accept."""
+
+    def __init__(self, server: AgentLinks) -> None:
+        super().__init__(server)
+        self._in_head = True
+
+    def _greet(self) -> None:
+        pass  # HELLO follows the 101
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if not self._in_head:
+            super().buffer_updated(nbytes)
+            return
+        self._end += nbytes
+        i = self._buf.find(b"\r\n\r\n", self._start, self._end)
+        if i < 0:
+            if self._end - self._start > lf.MAX_UPGRADE_HEAD:
+                log.warning("link from %s refused: request head over %d bytes", self.peer, lf.MAX_UPGRADE_HEAD)
+                self.abort("request head too long")
+            return
+        head = bytes(self._mv[self._start:i])
+        if i - self._start > lf.MAX_UPGRADE_HEAD or not lf.upgrade_request_ok(head):
+            log.warning("link from %s refused: not a %s upgrade request", self.peer, lf.UPGRADE_TOKEN)
+            self.abort("not a link upgrade request")  # nothing is sent back
+            return
+        self._in_head = False
+        self._start = i + 4
+        self.name = "agent link (pods/proxy)"
+        self.write(lf.UPGRADE_RESPONSE + lf.frame(lf.HELLO, 0, lf.hello_payload(self.nonce)))
+        super().buffer_updated(0)  # frames right behind the head (a caller should wait for HELLO)
+
+
 class AgentLinks:
     """The link listener and the authenticated links, by intercept id."""
 
@@ -108,14 +161,22 @@ class AgentLinks:
         self._intercepts = intercepts
         self.port = 0
         self.server: asyncio.AbstractServer | None = None
+        #: the pod-IP listener for upgrades through pods/proxy (None: not offered)
+        self.upgrade_server: asyncio.AbstractServer | None = None
         self.pending: set[_AgentSide] = set()
         self.links: dict[str, list[_AgentSide]] = {}
         self._ping: asyncio.Task[None] | None = None
         #: connections sent over links (for logs)
         self.opened = 0
 
-    async def start(self, port: int) -> None:
-        """Listen on the pod's loopback; a port in use means no link (the manager path stays)."""
+    @property
+    def upgrade(self) -> bool:
+        """Whether links through pods/proxy are offered (the pod-IP listener is up)."""
+        return self.upgrade_server is not None
+
+    async def start(self, port: int, pod_ip: str = "") -> None:
+        """Listen on the pod's loopback and, for pods/proxy upgrades, on `pod_ip`; a port in use
+        means no link (the manager path stays), a pod IP we cannot bind means port-forward only."""
         if not port:
             return
         loop = asyncio.get_running_loop()
@@ -128,6 +189,14 @@ class AgentLinks:
         self.port = port
         self._ping = asyncio.ensure_future(self._ping_loop())
         log.info("agent link on 127.0.0.1:%d (port-forward from the intercepting session)", port)
+        if pod_ip and pod_ip not in ("127.0.0.1", "::1"):
+            try:
+                self.upgrade_server = await loop.create_server(lambda: _UpgradeSide(self), pod_ip, port,
+                                                               reuse_address=True, backlog=64)
+            except OSError as exc:
+                log.warning("agent link on %s:%d: %s; links only through port-forward", pod_ip, port, exc)
+            else:
+                log.info("agent link on %s:%d (upgrades through the API server's pods/proxy)", pod_ip, port)
 
     def secret_for(self, intercept_id: str) -> bytes | None:
         for ic in self._intercepts():
@@ -194,8 +263,9 @@ class AgentLinks:
                         link.write(lf.frame(lf.PING, 0, b"p"))
 
     async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
+        for srv in (self.server, self.upgrade_server):
+            if srv is not None:
+                srv.close()
         if self._ping is not None:
             self._ping.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -200,7 +200,7 @@ class Manager(WiretapBroker, rpc.ManagerServicer):
             del ic.pod_ips[:]
             del ic.links[:]
             ic.links.extend(pb.AgentLink(pod_name=a.info.pod_name, pod_ip=a.info.pod_ip, port=a.info.link_port,
-                                         secret=self.link_secret(ic, a.info))
+                                         secret=self.link_secret(ic, a.info), upgrade=a.info.link_upgrade)
                             for a in sorted(agents, key=lambda a: a.info.pod_name) if a.info.link_port)
             not_http = [a for a in agents if a.app_protocol.startswith("tcp")] if httpfilter.is_filtered(ic.spec) else []
             unprobed = [a for a in agents if not a.app_protocol] if httpfilter.is_filtered(ic.spec) else []

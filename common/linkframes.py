@@ -45,6 +45,13 @@ it in constant time and proves itself back.  A failed AUTH gets nothing and
 the connection is closed; an authenticated link receives only connections of
 the intercept it authenticated for.
 
+The same link also runs over an HTTP/1.1 upgrade through the API server's
+`pods/NAME:PORT/proxy/` (the agent listens on its pod IP too, see
+cluster/agentlink.py): the connector sends `GET UPGRADE_PATH` with
+`Upgrade: UPGRADE_TOKEN`, the agent answers `101` and HELLO in one write, and
+the frames above follow unchanged.  `upgrade_request_ok` is the agent's check
+of that request head.
+
 Runs inside the cluster image: Python 3.11 and stdlib only.
 """
 from __future__ import annotations
@@ -79,6 +86,38 @@ CREDIT_STEP = 256 * 1024
 MAX_HANDSHAKE = 1024
 #: the largest control payload (OPEN, RESET, CREDIT, PING) after it
 MAX_CONTROL = 4096
+
+
+#: the HTTP upgrade token and path of a link through the API server's pods/proxy
+UPGRADE_TOKEN = "tpnb-link"
+UPGRADE_PATH = "/tpnb-link"
+#: the largest request head the agent reads before it gives up on a caller
+MAX_UPGRADE_HEAD = 8192
+UPGRADE_RESPONSE = (b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                    b"Upgrade: " + UPGRADE_TOKEN.encode() + b"\r\n\r\n")
+UPGRADE_REFUSED = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+def upgrade_request_ok(head: bytes) -> bool:
+    """Whether `head` (the request line and headers, up to the blank line) asks for a link upgrade:
+    `GET UPGRADE_PATH` and an `Upgrade` header naming `UPGRADE_TOKEN`.  Anything else is refused
+    before a byte of the link protocol is sent."""
+    try:
+        text = head.decode("latin-1")
+    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
+        return False
+    line, *headers = text.split("\r\n")
+    parts = line.split(" ")
+    if len(parts) != 3 or parts[0] != "GET" or not parts[2].startswith("HTTP/1."):
+        return False
+    if parts[1].split("?", 1)[0] != UPGRADE_PATH:
+        return False
+    for h in headers:
+        name, sep, value = h.partition(":")
+        if sep and name.strip().lower() == "upgrade":
+            if UPGRADE_TOKEN in (t.strip().lower() for t in value.split(",")):
+                return True
+    return False
 
 
 class LinkError(Exception):

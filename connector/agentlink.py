@@ -23,6 +23,16 @@ through the manager as before (session.py `_answer_dial`), so the choice never
 loses a connection; `data_path()` says which path carried how many, for
 `tpnb status` and the log.
 
+Which way to the pod: where the agent offers it (`AgentLink.upgrade`) and the
+user may `get pods/proxy`, an HTTP upgrade through the API server's pods/proxy
+(connector/podproxy.py: the API server splices it to the pod IP, skipping the
+kubelet and the container runtime; 4x the bulk throughput on the dev cluster);
+else the port-forward.  A pods/proxy attempt that fails before the link is up
+(RBAC, an older agent, a NetworkPolicy between the API server and the pod)
+falls back to the port-forward in the same attempt and is not tried again for
+that pod for `PROXY_RETRY` seconds, so the fallback costs one round trip.
+`agent.link: port-forward` skips pods/proxy.
+
 The link protocol runs on the SPDY stream itself (`SpdyStream.attach`): frames are
 parsed where TLS decrypted them, with no socketpair and pump tasks in between
 (those cost two syscalls, two copies and, upward, a task wake-up per chunk).
@@ -55,6 +65,10 @@ DENIED_BACKOFF = 60.0
 DEAD_AFTER = 35.0
 #: local dial timeout for an intercepted connection
 LOCAL_DIAL_TIMEOUT = 5.0
+#: after pods/proxy failed for a pod, how long its link uses the port-forward before trying again
+PROXY_RETRY = 60.0
+#: the ways a link reaches its agent (shown by `tpnb status`)
+VIA_PROXY, VIA_PORTFORWARD = "pods/proxy", "port-forward"
 
 
 @dataclass
@@ -141,6 +155,10 @@ class AgentLinks:
         self.stats: dict[str, InterceptStats] = {}
         #: links RBAC refused (no point in waiting for them)
         self.denied: set[tuple[str, str]] = set()
+        #: which way each live link took (VIA_PROXY / VIA_PORTFORWARD)
+        self.via: dict[tuple[str, str], str] = {}
+        #: pods/proxy failed for these links: (when to try it again, why)
+        self.no_proxy: dict[tuple[str, str], tuple[float, str]] = {}
         self._changed = asyncio.Event()
 
     def stats_for(self, ic_id: str) -> InterceptStats:
@@ -164,6 +182,7 @@ class AgentLinks:
                 task.cancel()
                 del self.runners[key]
                 self.denied.discard(key)
+                self.no_proxy.pop(key, None)
         for key, (ic, link) in want.items():
             if key not in self.runners:
                 task = asyncio.ensure_future(self._run(key, ic, link))
@@ -202,7 +221,13 @@ class AgentLinks:
         if not keys:
             return f"traffic-manager (no agent link offered); {counts}"
         notes = "; ".join(f"{pod}: {why}" for pod, why in sorted(st.notes.items()) if (ic_id, pod) not in self.live)
-        head = f"agent link ({up}/{len(keys)} pods)" if up else "traffic-manager (agent links down)"
+        ways = sorted({self.via[k] for k in keys if k in self.live and k in self.via})
+        fallback = sorted({f"{k[1]}: pods/proxy {why}" for k in keys
+                           if self.via.get(k) == VIA_PORTFORWARD and (why := self.no_proxy.get(k, (0, ""))[1])})
+        if fallback:
+            notes = "; ".join(filter(None, [notes, *fallback]))
+        head = (f"agent link ({up}/{len(keys)} pods, {' + '.join(ways)})" if up
+                else "traffic-manager (agent links down)")
         return f"{head}; {counts}" + (f"; {notes}" if notes else "")
 
     def count_manager(self, ic_id: str) -> None:
@@ -234,18 +259,52 @@ class AgentLinks:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, max(backoff, MAX_BACKOFF))
 
-    async def _once(self, key: tuple[str, str], ic: pb.InterceptInfo, link: pb.AgentLink) -> None:
-        from .portforward import portforward_path
-        from .spdy import open_stream
+    def _proxy_wanted(self, key: tuple[str, str], link: pb.AgentLink) -> bool:
+        if not link.upgrade or tpnb_config.get().agent.link == "port-forward":
+            return False
+        until = self.no_proxy.get(key)
+        return until is None or asyncio.get_running_loop().time() >= until[0]
 
+    async def _once(self, key: tuple[str, str], ic: pb.InterceptInfo, link: pb.AgentLink) -> None:
+        """One link's life: pods/proxy first where offered, the port-forward when that fails."""
+        if self._proxy_wanted(key, link):
+            from .podproxy import ProxyUnavailable
+
+            try:
+                await self._once_via(key, ic, link, VIA_PROXY)
+                return
+            except asyncio.CancelledError:
+                raise
+            except (PermissionDenied, ProxyUnavailable, TpnbError, lf.LinkError, OSError, TimeoutError) as exc:
+                if key in self.via:  # it was up: just come back (pods/proxy again)
+                    raise
+                why = (f"not allowed ({exc.what})" if isinstance(exc, PermissionDenied)
+                       else str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                self.no_proxy[key] = (asyncio.get_running_loop().time() + PROXY_RETRY, why)
+                log.info("agent link to %s for intercept %s: pods/proxy: %s; using a port-forward",
+                         link.pod_name, ic.id, why)
+        await self._once_via(key, ic, link, VIA_PORTFORWARD)
+
+    async def _once_via(self, key: tuple[str, str], ic: pb.InterceptInfo, link: pb.AgentLink, via: str) -> None:
         target = self.session.target
         if target is None:
             raise OSError("not connected")
         ns = ic.spec.namespace
-        stream, early = await open_stream(target, ns, link.pod_name, link.port, portforward_path(ns, link.pod_name))
+        self.via.pop(key, None)
+        stream: Any
+        if via == VIA_PROXY:
+            from .podproxy import open_link
+
+            stream, early = await open_link(target, ns, link.pod_name, link.port), []
+        else:
+            from .portforward import portforward_path
+            from .spdy import open_stream
+
+            stream, early = await open_stream(target, ns, link.pod_name, link.port,
+                                              portforward_path(ns, link.pod_name))
         side = _ConnectorSide(self, ic, link)
         loop = asyncio.get_running_loop()
-        ended = stream.attach(side, early)  # the link protocol runs on the stream itself (no socketpair)
+        ended = stream.attach(side, early)  # the link protocol runs on the connection itself (no socketpair)
         try:
             try:
                 async with asyncio.timeout(HANDSHAKE_TIMEOUT):
@@ -255,10 +314,13 @@ class AgentLinks:
             if not side.ready.done() or side.ready.exception() is not None:
                 raise lf.LinkError(stream.error.strip() or side.lost or "the link closed during the handshake")
             self.live[key] = side
+            self.via[key] = via
+            if via == VIA_PROXY:
+                self.no_proxy.pop(key, None)
             self.denied.discard(key)
             self.stats_for(ic.id).notes.pop(link.pod_name, None)
             self._changed.set()
-            log.info("agent link to %s/%s up for intercept %s", ns, link.pod_name, ic.id)
+            log.info("agent link to %s/%s up for intercept %s (%s)", ns, link.pod_name, ic.id, via)
             while not side.lost and not ended.done():
                 await asyncio.wait([side.closed, ended], timeout=5.0, return_when=asyncio.FIRST_COMPLETED)
                 if loop.time() - side.last_heard > DEAD_AFTER:
@@ -267,6 +329,8 @@ class AgentLinks:
         finally:
             if self.live.get(key) is side:
                 del self.live[key]
+                if via == VIA_PORTFORWARD:
+                    self.via.pop(key, None)  # the next attempt may try pods/proxy again
             self._changed.set()
             side.abort(side.lost or "link closed")
             for t in list(side.tasks):

@@ -248,10 +248,14 @@ class _Conn(asyncio.BufferedProtocol):
             self.transport.close()
 
 
-async def _upgrade(t: KubeTarget, path: str, namespace: str, pod: str, port_: int, timeout: float) -> _Conn:
-    """TLS to the API server and the HTTP/1.1 SPDY upgrade; raises ClusterError / SpdyUnsupported."""
-    if t.proxy:
-        raise SpdyUnsupported("a proxy-url is configured (only the WebSocket path tunnels through proxies)")
+async def http_upgrade(t: KubeTarget, method: str, path: str, upgrade: list[str], timeout: float,
+                       what: str) -> tuple[_Conn, int, str, bytes]:
+    """TLS to the API server and an HTTP/1.1 upgrade request for `path`.
+
+    Returns the connection (its buffer holds whatever followed the response head) and the status,
+    reason and (for a refusal) body; a non-101 answer has closed the connection.  `what` names
+    the attempt in errors ("cannot port-forward to pod ns/p port 80").  Shared by the SPDY
+    port-forward and the agent link through pods/proxy (connector/podproxy.py)."""
     u = urlsplit(t.server)
     host = u.hostname or ""
     port = u.port or (443 if t.secure else 80)
@@ -272,32 +276,44 @@ async def _upgrade(t: KubeTarget, path: str, namespace: str, pod: str, port_: in
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    lines = [f"POST {u.path.rstrip('/')}{path} HTTP/1.1", f"Host: {u.netloc}", "Connection: Upgrade",
-             "Upgrade: SPDY/3.1", f"X-Stream-Protocol-Version: {PROTOCOL}", "User-Agent: tpnb",
-             "Content-Length: 0"]
+    lines = [f"{method} {u.path.rstrip('/')}{path} HTTP/1.1", f"Host: {u.netloc}", "Connection: Upgrade",
+             *upgrade, "User-Agent: tpnb", "Content-Length: 0"]
     lines += [f"{k}: {v}" for k, v in headers.items()]
     conn.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    body = b""
     try:
         async with asyncio.timeout(timeout):
             head = await conn.readuntil(b"\r\n\r\n")
             status_line, *hdr_lines = head.decode("latin-1").split("\r\n")
             parts = status_line.split(" ", 2)
             status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+            reason = parts[2] if len(parts) > 2 else ""
             if status == 101:
-                return conn
+                return conn, status, reason, b""
             hdrs = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in hdr_lines if h)}
-            body = b""
             n = int(hdrs.get("content-length", "0") or 0)
             if 0 < n <= 1 << 20:
                 body = await conn.readexactly(n)
     except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
         conn.close()
-        raise ClusterError(f"cannot port-forward to pod {namespace}/{pod} port {port_}", f"the SPDY upgrade failed: {exc!r}",
+        raise ClusterError(what, f"the upgrade through the API server failed: {exc!r}",
                            "check that the API server is reachable") from None
     conn.close()
+    return conn, status, reason, body
+
+
+async def _upgrade(t: KubeTarget, path: str, namespace: str, pod: str, port_: int, timeout: float) -> _Conn:
+    """The HTTP/1.1 SPDY upgrade; raises ClusterError / SpdyUnsupported."""
+    if t.proxy:
+        raise SpdyUnsupported("a proxy-url is configured (only the WebSocket path tunnels through proxies)")
+    conn, status, reason, body = await http_upgrade(
+        t, "POST", path, ["Upgrade: SPDY/3.1", f"X-Stream-Protocol-Version: {PROTOCOL}"], timeout,
+        f"cannot port-forward to pod {namespace}/{pod} port {port_}")
+    if status == 101:
+        return conn
     if status in (400, 405, 426, 501, 505) or status == 0:  # e.g. a WebSocket-only proxy
-        raise SpdyUnsupported(f"HTTP {status} {parts[2] if len(parts) > 2 else ''}".strip())
-    raise http_error(status, parts[2] if len(parts) > 2 else "", body, namespace, pod, port_)
+        raise SpdyUnsupported(f"HTTP {status} {reason}".strip())
+    raise http_error(status, reason, body, namespace, pod, port_)
 
 
 class SpdyError(Exception):

@@ -1,14 +1,17 @@
 """The agent link (issue 15) end to end: intercepted connections straight from the agent pods to the
-connector over one authenticated port-forward per pod, the traffic-manager off the data path.
+connector over one authenticated link per pod (an upgrade through the API server's pods/proxy, or a
+port-forward), the traffic-manager off the data path.
 
 A two-replica echoserver is intercepted from laptop `lnk`; a client pod in the cluster sends 500
 requests (keep-alive and new connections) and 64 MiB each way through it, and `tpnb status` shows
-that the agent links carried them (and the manager none).  An attacker pod in another namespace
-connects to the agent pods' link port and gets nothing; another laptop that may port-forward to the
-pods (the realistic attacker: a second user of the namespace) reaches the link port and fails the
-handshake with no key or a wrong one, while the legitimate link serves on.  A personal (header)
-intercept routes per request through the link; leave / intercept again works; and kill -9 of the
-connector while a pod sends requests leaves the app serving again, as without links.
+that pods/proxy links carried them (and the manager none).  An attacker pod in another namespace
+knocks on the agent pods' link port by pod IP (raw link frames, another HTTP request, our upgrade
+with a wrong key) and gets nothing past the nonce; another laptop that may port-forward to the
+pods (a second user of the namespace) reaches the loopback link port and fails the handshake with
+no key or a wrong one, while the legitimate link serves on.  `agent.link: port-forward` and a
+user RBAC does not allow pods/proxy both take port-forward links, byte-exact too.  A personal
+(header) intercept routes per request through the link; leave / intercept again works; and kill
+-9 of the connector while a pod sends requests leaves the app serving again, as without links.
 """
 from __future__ import annotations
 
@@ -122,19 +125,37 @@ while time.monotonic() < end:
 print(json.dumps(seen))
 '''
 
-#: the attacker pod: connect to each agent pod's link port by pod IP; report what came back
+#: the attacker pod: knock on each agent pod's link port by pod IP; report what came back past the
+#: 101 and the nonce (an upgrade is answered with those two: they prove nothing and give nothing)
 POD_IP_ATTACK = r'''
-import json, socket, sys
-out = {}
-for ip in sys.argv[1:]:
+import json, os, socket, struct, sys, time
+UPGRADE = (b"GET /tpnb-link HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: tpnb-link\r\n\r\n")
+WRONG = struct.pack("!BII", 2, 0, 80) + os.urandom(64) + b"0123456789abcdef"
+def knock(ip, send):
     try:
         s = socket.create_connection((ip, 9903), 5)
-        s.settimeout(8)
-        s.sendall(b"\x02\x00\x00\x00\x00\x00\x00\x00\x40" + b"x" * 64)
-        data = s.recv(4096)
-        out[ip] = "got %d bytes" % len(data)
     except OSError as exc:
-        out[ip] = "refused: %s" % exc.__class__.__name__
+        return {"refused": exc.__class__.__name__}
+    s.settimeout(12)
+    t0 = time.monotonic()
+    s.sendall(send)
+    got = b""
+    try:
+        while d := s.recv(65536):
+            got += d
+    except OSError:
+        pass
+    head, sep, rest = got.partition(b"\r\n\r\n")
+    if head.startswith(b"HTTP/1.1 101 ") and rest[9:17] == b"TPNBLNK1":
+        rest = rest[49:]      # the 101 and the HELLO frame with its nonce
+        head = "101+hello"
+    else:
+        head, rest = "", got
+    return {"head": head, "after": len(rest), "closed_after_s": round(time.monotonic() - t0, 1)}
+out = {}
+for ip in sys.argv[1:]:
+    out[ip] = {"raw-frames": knock(ip, WRONG), "http": knock(ip, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+               "upgrade-wrong-key": knock(ip, UPGRADE + WRONG), "upgrade-silent": knock(ip, UPGRADE)}
 print(json.dumps(out))
 '''
 
@@ -237,7 +258,7 @@ def test_intercept_through_the_agent_links(env: dict[str, Any]) -> None:
     lap.run(["tpnb", "connect", "--namespace", NS], timeout=180)
     lap.run(["tpnb", "intercept", "hello", "--port", "9400", "--mount=false"], timeout=300)
     path = _data_path(lap)
-    assert path.startswith("agent link (2/2 pods)"), path   # one link per replica, both up
+    assert path.startswith("agent link (2/2 pods, pods/proxy)"), path   # one link per replica, both up
 
     got = _in_pod(lap, CLIENT, f"hello.{NS}", str(MIB64), "served by laptop")
     assert got["ok"] == 500 and got["bad"] == 0, got
@@ -248,9 +269,14 @@ def test_intercept_through_the_agent_links(env: dict[str, Any]) -> None:
     # --- attacks, while the legitimate link serves ---
     pods = _hello_pods(lap)
     assert len(pods) == 2
-    # (1) a pod of another namespace, by pod IP: the link port is not on the pod network
-    res = _in_pod(lap, POD_IP_ATTACK, *pods.values(), ns=EVIL_NS, deploy="attacker", timeout=120)
-    assert all(v.startswith("refused") for v in res.values()), res
+    # (1) a pod of another namespace, by pod IP: reaches the upgrade listener, gets nothing past the nonce
+    res = _in_pod(lap, POD_IP_ATTACK, *pods.values(), ns=EVIL_NS, deploy="attacker", timeout=240)
+    for ip, tries in res.items():
+        assert tries["raw-frames"] == {"head": "", "after": 0, "closed_after_s": tries["raw-frames"]["closed_after_s"]}, res
+        assert tries["http"]["head"] == "" and tries["http"]["after"] == 0, res
+        for t in ("upgrade-wrong-key", "upgrade-silent"):
+            assert tries[t]["head"] == "101+hello" and tries[t]["after"] == 0, res
+        assert all(t["closed_after_s"] <= 10 for t in tries.values()), res   # nobody is kept waiting on
     # (2) another user's laptop that may port-forward to the pods: reaches the port, fails the handshake
     evil.run(["tpnb", "connect", "--namespace", NS], timeout=180)   # a session of its own, too
     pod = sorted(pods)[0]
@@ -277,22 +303,28 @@ def test_intercept_through_the_agent_links(env: dict[str, Any]) -> None:
     evil.run(["tpnb", "quit", "--daemon"], check=False)
     agent_log = lap.kubectl("-n", NS, "logs", f"pod/{pod}", "-c", "traffic-agent").stdout
     assert "link from" in agent_log and "refused: authentication failed" in agent_log, agent_log[-3000:]
+    assert "refused: not a tpnb-link upgrade request" in agent_log, agent_log[-3000:]
     assert _counts(_data_path(lap))[1] == 0
 
-    # --- leave and intercept again: the app answers in between, the links come back ---
+    # --- leave, and intercept again with `agent.link: port-forward`: the app answers in between, the
+    # links come back as port-forwards, byte-exact too ---
     lap.run(["tpnb", "leave", "hello"])
     assert all(s == "app" for s in _in_pod(lap, LOOP, f"hello.{NS}", "2"))
+    lap.run(["tpnb", "quit", "--daemon"])   # the connector reads its configuration when it starts
+    lap.run(["env", "TPNB_AGENT_LINK=port-forward", "tpnb", "connect", "--namespace", NS], timeout=180)
     lap.run(["tpnb", "intercept", "hello", "--port", "9400", "--mount=false"], timeout=300)
-    assert _data_path(lap).startswith("agent link (2/2 pods)")
-    got = _in_pod(lap, CLIENT, f"hello.{NS}", "0", "served by laptop")
-    assert got["ok"] == 500 and got["bad"] == 0, got
+    assert _data_path(lap).startswith("agent link (2/2 pods, port-forward)"), _data_path(lap)
+    got = _in_pod(lap, CLIENT, f"hello.{NS}", str(MIB64 // 4), "served by laptop")
+    assert got["ok"] == 500 and got["bad"] == 0 and got["down_exact"] and got["up_exact"], got
     assert _counts(_data_path(lap))[1] == 0
     lap.run(["tpnb", "leave", "hello"])
+    lap.run(["tpnb", "quit", "--daemon"])
+    lap.run(["tpnb", "connect", "--namespace", NS], timeout=180)
 
     # --- a personal intercept: routed request by request, the matching ones over the link ---
     lap.run(["tpnb", "intercept", "hello", "--port", "9400", "--mount=false", "--http-header", "x-dev=me"],
             timeout=300)
-    assert _data_path(lap).startswith("agent link (2/2 pods)")
+    assert _data_path(lap).startswith("agent link (2/2 pods, pods/proxy)"), _data_path(lap)
     mixed = r'''
 import http.client, json, sys
 c = http.client.HTTPConnection(sys.argv[1], 80, timeout=20)
@@ -307,6 +339,58 @@ print(json.dumps(out))
     via_link, via_manager = _counts(_data_path(lap))
     assert via_link >= 1 and via_manager == 0, _data_path(lap)
     lap.run(["tpnb", "leave", "hello"])
+
+
+def _developer_roles(ns: str, manager_ns: str = "tpnb") -> list[dict[str, Any]]:
+    """README's developer rows ("RBAC: every rule"), pods/portforward in the workload's namespace, and
+    not `get pods/proxy`: a user who may port-forward but not proxy."""
+    def role(name: str, namespace: str, rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                 "metadata": {"name": name, "namespace": namespace}, "rules": rules},
+                {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                 "metadata": {"name": name, "namespace": namespace},
+                 "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+                 "subjects": [{"kind": "ServiceAccount", "name": "pfonly", "namespace": ns}]}]
+    rw = ["get", "list", "watch", "patch", "update"]
+    return role("tpnb-test-pfonly", manager_ns, [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
+        {"apiGroups": [""], "resources": ["pods/portforward"], "verbs": ["create"]},
+        {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get"]},
+    ]) + role("tpnb-test-pfonly", ns, [
+        {"apiGroups": ["apps"], "resources": ["deployments", "statefulsets", "replicasets"], "verbs": rw},
+        {"apiGroups": [""], "resources": ["services"], "verbs": rw},
+        {"apiGroups": [""], "resources": ["pods", "events"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["pods/portforward"], "verbs": ["create"]},
+    ])
+
+
+def test_without_pods_proxy_rbac_the_links_take_port_forwards(env: dict[str, Any], tmp_path: Path) -> None:
+    """A developer with README's rules but not `get pods/proxy`: the links fall back to port-forwards at
+    once, `tpnb status` says why, and the intercept carries every request and byte through them."""
+    lap = env["lap"]
+    lap.run(["tpnb", "quit", "--daemon"], check=False)
+    lap.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
+                                                     "items": _developer_roles(NS)}))
+    f = lap.kubeconfig_as("pfonly", NS, tmp_path)
+    as_dev = ["env", f"KUBECONFIG={f}"]
+    try:
+        denied = lap.run([*as_dev, "kubectl", "auth", "can-i", "get", "pods", "--subresource=proxy", "-n", NS], check=False)
+        assert denied.stdout.strip() == "no", denied.stdout
+        lap.run([*as_dev, "tpnb", "connect", "--namespace", NS], timeout=180)
+        lap.run([*as_dev, "tpnb", "intercept", "hello", "--port", "9400", "--mount=false"], timeout=300)
+        path = _data_path(lap)
+        assert path.startswith("agent link (2/2 pods, port-forward)"), path
+        assert "pods/proxy not allowed" in path and "pods/proxy" in path, path
+        got = _in_pod(lap, CLIENT, f"hello.{NS}", str(MIB64 // 4), "served by laptop")
+        assert got["ok"] == 500 and got["bad"] == 0 and got["down_exact"] and got["up_exact"], got
+        assert _counts(_data_path(lap))[1] == 0
+        lap.run([*as_dev, "tpnb", "leave", "hello"])
+    finally:
+        lap.run(["tpnb", "quit", "--daemon"], check=False)
+        for ns in (NS, "tpnb"):
+            lap.kubectl("-n", ns, "delete", "role,rolebinding", "tpnb-test-pfonly", "--ignore-not-found", check=False)
 
 
 def _connector_pids(netns: str) -> list[int]:
@@ -329,7 +413,7 @@ def test_kill9_of_the_connector_gives_the_workload_back(env: dict[str, Any]) -> 
     lap = env["lap"]
     lap.run(["tpnb", "connect", "--namespace", NS], timeout=180)
     lap.run(["tpnb", "intercept", "hello", "--port", "9400", "--mount=false"], timeout=300)
-    assert _data_path(lap).startswith("agent link (2/2 pods)")
+    assert _data_path(lap).startswith("agent link (2/2 pods, pods/proxy)"), _data_path(lap)
     loop = subprocess.Popen(lap.cmd(["kubectl", "-n", NS, "exec", "-i", "deploy/client", "--", "python3", "-",
                                      f"hello.{NS}", "60"]),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -4,6 +4,7 @@ a plain TCP connection instead of a port-forward (the cluster test has the real 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import socket
@@ -440,4 +441,166 @@ def test_the_manager_hands_each_key_to_its_session_and_its_agent_only() -> None:
         del m.intercepts["ic1"]
         m._refresh_states()
         assert "ic1" not in m.link_keys
+    run(main)
+
+
+# ------------------------------------------------------------------ the link through pods/proxy
+
+UPGRADE = (b"GET /tpnb-link HTTP/1.1\r\nHost: 10.0.0.5:9903\r\nUser-Agent: tpnb\r\nConnection: Upgrade\r\n"
+           b"Upgrade: tpnb-link\r\nX-Forwarded-For: 10.9.9.9\r\nAccept-Encoding: gzip\r\n\r\n")
+
+
+def test_the_agent_takes_only_its_own_upgrade_request() -> None:
+    assert lf.upgrade_request_ok(UPGRADE[:-4])
+    assert lf.upgrade_request_ok(b"GET /tpnb-link?x=1 HTTP/1.1\r\nupgrade: websocket, TPNB-LINK")
+    for bad in (b"GET / HTTP/1.1\r\nUpgrade: tpnb-link",                       # another path
+                b"POST /tpnb-link HTTP/1.1\r\nUpgrade: tpnb-link",             # another method
+                b"GET /tpnb-link HTTP/1.1\r\nUpgrade: websocket",              # another protocol
+                b"GET /tpnb-link HTTP/1.1\r\nX-Upgrade: tpnb-link",            # not the header
+                b"GET /tpnb-link\r\nUpgrade: tpnb-link",                       # not HTTP/1.x
+                b"\x02\x00\x00\x00\x00\x00\x00\x00\x40", b""):
+        assert not lf.upgrade_request_ok(bad), bad
+
+
+async def _upgraded_link(addr: tuple[str, int], ic: pb.InterceptInfo, secret: bytes,
+                         request: bytes = UPGRADE) -> tuple[_ConnectorSide, ConnectorLinks, bytes]:
+    """What connector/podproxy.py does after the API server, on a plain TCP connection."""
+    from tpnb.connector.podproxy import UpgradedLink
+    from tpnb.connector.spdy import _Conn
+
+    conn = _Conn()
+    await asyncio.get_running_loop().create_connection(lambda: conn, *addr)
+    conn.write(request)
+    head = await asyncio.wait_for(conn.readuntil(b"\r\n\r\n"), 5)
+    owner = ConnectorLinks(_FakeSession())
+    side = _ConnectorSide(owner, ic, pb.AgentLink(pod_name="pod-a", port=addr[1], secret=secret, upgrade=True))
+    UpgradedLink(conn).attach(side)   # HELLO came in the same read as the 101, or right after
+    await asyncio.wait_for(side.ready, 5)
+    return side, owner, head
+
+
+async def _attack(addr: tuple[str, int], send: bytes) -> tuple[bytes, float]:
+    """Everything the listener sends to a caller that sends `send` and then waits; and when it closed."""
+    loop = asyncio.get_running_loop()
+    r, w = await asyncio.open_connection(*addr)
+    t0 = loop.time()
+    w.write(send)
+    got = b""
+    with contextlib.suppress(ConnectionError):
+        while d := await asyncio.wait_for(r.read(65536), 15):
+            got += d
+    w.close()
+    return got, loop.time() - t0
+
+
+def test_a_link_through_the_pod_ip_listener_and_attacks_on_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pod-IP listener (reachable from every pod): the connector's upgrade gets 101 and a working
+    link; a caller that does not send our upgrade, or sends it without the key, gets nothing past
+    the 101 and the nonce, and is closed."""
+    from tpnb.cluster import agentlink as cag
+
+    monkeypatch.setattr(cag, "AUTH_TIMEOUT", 1.0)
+
+    async def main() -> None:
+        echo, app_port = await _echo_server()
+        secret = os.urandom(32)
+        intercepts = [pb.InterceptInfo(id=IID, state=pb.InterceptInfo.ACTIVE, link_secret=secret)]
+        agent = AgentSide(lambda: intercepts)
+        port = free_port()
+        await agent.start(port, "127.0.0.2")   # the pod IP, here another loopback address
+        assert agent.upgrade
+        addr = ("127.0.0.2", port)
+        ic = pb.InterceptInfo(id=IID, state=pb.InterceptInfo.ACTIVE,
+                              spec=pb.InterceptSpec(target_host="127.0.0.1", local_port=app_port))
+        side, owner, head = await _upgraded_link(addr, ic, secret)
+        assert head.startswith(b"HTTP/1.1 101 ") and b"Upgrade: tpnb-link" in head
+        await asyncio.sleep(0.05)
+        for i in range(20):
+            ch = agent.channel_for(IID, ("10.0.0.1", 1000 + i))
+            assert ch is not None and await _roundtrip(ch, f"hi {i}".encode()) == f"hi {i}".encode()
+        bulk = os.urandom(8 * 1024 * 1024)
+        ch = agent.channel_for(IID, ("10.0.0.1", 2))
+        assert ch is not None and await _roundtrip(ch, bulk) == bulk
+        assert owner.stats[IID].via_link == 21
+
+        hello = lf.frame(lf.HELLO, 0, b"")[:1]
+        # the link protocol straight at the pod IP, no upgrade: nothing at all, closed after AUTH_TIMEOUT
+        wrong = lf.frame(lf.AUTH, 0, os.urandom(64) + IID.encode())
+        got, took = await _attack(addr, wrong)
+        assert got == b"" and took < 4, (got, took)
+        # another HTTP request: nothing, closed at once
+        got, took = await _attack(addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert got == b"" and took < 1, (got, took)
+        # a request head that never ends: closed once it passes 8 KB
+        got, took = await _attack(addr, b"GET /tpnb-link HTTP/1.1\r\n" + b"X-Pad: " + b"a" * 9000)
+        assert got == b"" and took < 1, (got, took)
+        # our upgrade, then a wrong key: the 101 and the nonce, then nothing; closed
+        got, took = await _attack(addr, UPGRADE + wrong)
+        head, _, rest = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101 ") and rest[:1] == hello and len(rest) == lf.HDR.size + 40, got
+        # our upgrade and silence: the same, closed after AUTH_TIMEOUT
+        got, took = await _attack(addr, UPGRADE)
+        head2, _, rest2 = got.partition(b"\r\n\r\n")
+        assert head2 == head and rest2[:1] == hello and len(rest2) == lf.HDR.size + 40 and took < 4, got
+        # the legitimate link served throughout
+        ch = agent.channel_for(IID, ("10.0.0.1", 3))
+        assert ch is not None and await _roundtrip(ch, b"still here") == b"still here"
+        assert not side.lost
+        await agent.stop()
+        echo.close()
+    run(main)
+
+
+def test_no_pod_ip_no_upgrade_listener() -> None:
+    async def main() -> None:
+        agent = AgentSide(lambda: [])
+        await agent.start(free_port(), "")
+        assert agent.port and not agent.upgrade
+        other = AgentSide(lambda: [])
+        await other.start(free_port(), "192.0.2.1")   # not an address of this host: port-forward only
+        assert other.port and not other.upgrade
+        await agent.stop()
+        await other.stop()
+    run(main)
+
+
+def test_a_link_falls_back_to_the_port_forward_when_pods_proxy_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pods/proxy refused (an older agent, a NetworkPolicy, RBAC): the same attempt takes the
+    port-forward, status says which way and why, and pods/proxy waits PROXY_RETRY before a retry."""
+    from tpnb import config as tpnb_config
+    from tpnb.connector import agentlink as cal
+    from tpnb.connector.podproxy import ProxyUnavailable
+
+    async def main() -> None:
+        links = ConnectorLinks(SimpleNamespace(target=None))
+        calls: list[str] = []
+
+        async def once_via(key: tuple[str, str], ic: Any, link: Any, via: str) -> None:
+            calls.append(via)
+            if via == cal.VIA_PROXY:
+                raise ProxyUnavailable("HTTP 503 error trying to reach service")
+            links.live[key] = SimpleNamespace()
+            links.via[key] = via
+            try:
+                await asyncio.sleep(3600)
+            finally:
+                del links.live[key]
+        links._once_via = once_via  # type: ignore[method-assign]
+        ic = pb.InterceptInfo(id=IID, state=pb.InterceptInfo.ACTIVE,
+                              links=[pb.AgentLink(pod_name="p1", port=9903, secret=b"k" * 32, upgrade=True),
+                                     pb.AgentLink(pod_name="p2", port=9903, secret=b"j" * 32)])
+        links.update([ic])
+        assert await links.wait_up(IID, 5)
+        assert sorted(calls) == sorted([cal.VIA_PORTFORWARD, cal.VIA_PORTFORWARD, cal.VIA_PROXY])  # p2 offers none
+        path = links.data_path(IID)
+        assert path.startswith("agent link (2/2 pods, port-forward)"), path
+        assert "p1: pods/proxy HTTP 503" in path, path
+        assert links.no_proxy[(IID, "p1")][0] > asyncio.get_running_loop().time() + cal.PROXY_RETRY - 5
+        assert not links._proxy_wanted((IID, "p1"), ic.links[0])   # not again until PROXY_RETRY
+        links.no_proxy.clear()
+        assert links._proxy_wanted((IID, "p1"), ic.links[0])
+        monkeypatch.setenv("TPNB_AGENT_LINK", "port-forward")
+        monkeypatch.setattr(tpnb_config, "_cached", None)
+        assert not links._proxy_wanted((IID, "p1"), ic.links[0])   # agent.link: port-forward
+        await links.aclose()
     run(main)

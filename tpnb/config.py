@@ -68,9 +68,11 @@ class AgentConfig:
     #: the file service, on the pod's loopback only (brokered to the intercept's holder)
     sftp_port: int = 9902
     mount_prefix: str = "/tpnb/volumes"
-    #: intercepted connections straight from the agent pods to the connector over a port-forward
-    #: to each pod's agent link port (issue 15; needs `pods/portforward` on the workload's
-    #: namespace): "auto" (use it where allowed, else the traffic-manager), "never" (always the manager)
+    #: intercepted connections straight from the agent pods to the connector over one link per
+    #: pod (issue 15): "auto" (an HTTP upgrade through the API server's pods/proxy where `get
+    #: pods/proxy` is allowed and the agent offers it, else a port-forward to the pod's link port
+    #: where `pods/portforward` is, else the traffic-manager), "port-forward" (never pods/proxy),
+    #: "never" (always the traffic-manager)
     link: str = "auto"
 
 
@@ -241,7 +243,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "connector.data_plane": ("auto", "direct", "manager"),
     "manager.install": ("auto", "never"),
     "daemon.portforward_protocol": ("auto", "spdy", "websocket"),
-    "agent.link": ("auto", "never"),
+    "agent.link": ("auto", "port-forward", "never"),
 }
 
 
