@@ -172,7 +172,7 @@ def _uninstall(admin: LaptopRunner) -> None:
 def helm_env(devcluster: Any, laptop: LaptopRunner) -> Iterator[Env]:
     from tpnb_devcluster.users import user_kubeconfig
 
-    _helm()  # built by `tpnb devcluster up`; here in case it was not
+    _helm()  # built on first use (not by `up`); then on every laptop's PATH
     admin = laptop
     dev = LaptopRunner(devcluster, "helmdev")
     dev.run(["tpnb", "quit", "--daemon"], check=False)

@@ -104,6 +104,9 @@ def mn(devcluster: Any, laptop: LaptopRunner) -> Iterator[Cluster]:
     names = [n.name for n in devcluster.nodes()]
     assert len(names) >= 2, names
     node_a, node_b = names[0], names[1]
+    from tpnb_devcluster import helm
+
+    helm.ensure()   # built on first use (not by `up`); then on every laptop's PATH
     admin = laptop
     dev = LaptopRunner(devcluster, "mnlap")
     dev.run(["tpnb", "quit", "--daemon"], check=False)

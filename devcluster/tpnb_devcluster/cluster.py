@@ -223,7 +223,7 @@ class DevCluster:
         """argv that runs `argv` in laptop `name` (created if missing).
 
         The laptop sees the API server at the kubeconfig's address, has
-        kubectl, helm (once built by `up`) and tpnb on PATH, and logs to its own directory so two
+        kubectl, helm (once built: `tpnb devcluster helm-path`) and tpnb on PATH, and logs to its own directory so two
         laptops' daemons never share log files.
         """
         self.ensure_laptop(name)
@@ -490,7 +490,6 @@ class DevCluster:
             # images up to date (the project image follows the source), make
             # sure CoreDNS is there, and wait for readiness.
             self._restore_kernel_sysctls()
-            helm.ensure(progress, frac=(0.3, 0.35), state_dir=self.layout.state)
             built = self._build_images(progress)
             self._import_images(built, progress, (0.6, 0.8))
             self._refresh_coredns(built, progress)
@@ -508,8 +507,9 @@ class DevCluster:
             progress("cleanup", "stopping what an earlier, unfinished up left behind", 0.03)
             self._teardown(progress, purge=False)
 
-        binaries.ensure(self.layout.state, progress, frac=(0.05, 0.3))
-        helm.ensure(progress, frac=(0.3, 0.35), state_dir=self.layout.state)
+        binaries.ensure(self.layout.state, progress, frac=(0.05, 0.35))
+        # helm is not built here: nothing in `up` or `connect` needs it (the connector installs the manager
+        # itself); `tpnb devcluster helm-path` and the Helm tests build it on first use (2-3 min cold)
         built = self._build_images(progress)
 
         progress("config", "certificates, kubeconfigs and component configs", 0.56)
