@@ -27,7 +27,7 @@ from tpnb.common import linkframes as lf
 from tpnb.errors import ClusterError
 
 from .kube import KubeTarget, rbac_error, status_message
-from .spdy import http_upgrade
+from .spdy import feed_protocol, http_upgrade
 
 
 class ProxyUnavailable(Exception):
@@ -61,13 +61,7 @@ class UpgradedLink:
         tr.set_protocol(link)
         link.connection_made(tr)
         for data in (leftover, *early):
-            view = memoryview(data)
-            while view and not link.lost:
-                buf = link.get_buffer(len(view))
-                n = min(len(buf), len(view))
-                buf[:n] = view[:n]
-                view = view[n:]
-                link.buffer_updated(n)
+            feed_protocol(link, memoryview(data), lambda: bool(link.lost))
         if getattr(conn, "eof", False) and not link.lost:
             link.connection_lost(None)  # it ended before we took it over
         return link.closed

@@ -316,6 +316,16 @@ async def _upgrade(t: KubeTarget, path: str, namespace: str, pod: str, port_: in
     raise http_error(status, reason, body, namespace, pod, port_)
 
 
+def feed_protocol(protocol: asyncio.BufferedProtocol, view: memoryview, stopped: Callable[[], bool]) -> None:
+    """Copy `view` into `protocol`'s buffers as a transport would, until done or `stopped()`."""
+    while view and not stopped():
+        buf = protocol.get_buffer(len(view))
+        n = min(len(buf), len(view))
+        buf[:n] = view[:n]
+        view = view[n:]
+        protocol.buffer_updated(n)
+
+
 class SpdyError(Exception):
     """The SPDY connection broke the protocol or ended mid-frame."""
 
@@ -565,12 +575,7 @@ class SpdyStream:
         tr = _StreamTransport(self)
 
         def deliver(view: memoryview) -> None:
-            while view and not tr.closing:
-                buf = protocol.get_buffer(len(view))
-                n = min(len(buf), len(view))
-                buf[:n] = view[:n]
-                view = view[n:]
-                protocol.buffer_updated(n)
+            feed_protocol(protocol, view, lambda: tr.closing)
 
         def finish(exc: BaseException | None = None) -> None:
             conn.sink = None

@@ -220,6 +220,17 @@ async def _connector_link(port: int, ic: pb.InterceptInfo, secret: bytes) -> tup
     return side, owner
 
 
+async def _agent_and_app(pod_ip: str = "") -> tuple[asyncio.AbstractServer, int, bytes, AgentSide, int]:
+    """An echo app, and an agent link listener with one active intercept keyed by a random secret."""
+    echo, app_port = await _echo_server()
+    secret = os.urandom(32)
+    intercepts = [pb.InterceptInfo(id=IID, state=pb.InterceptInfo.ACTIVE, link_secret=secret)]
+    agent = AgentSide(lambda: intercepts)
+    port = free_port()
+    await agent.start(port, pod_ip)
+    return echo, app_port, secret, agent, port
+
+
 async def _roundtrip(ch: lf.LinkChannel, data: bytes) -> bytes:
     async def sender() -> None:
         await ch.send_data(data)
@@ -348,12 +359,7 @@ def test_sockets_joined_by_callbacks_on_both_ends() -> None:
     """The agent's accepted connection and the connector's dial, each spliced to the link (no tasks
     per message): byte-exact both ways, half-close passed on, a local reset reaches the other end."""
     async def main() -> None:
-        echo, app_port = await _echo_server()
-        secret = os.urandom(32)
-        intercepts = [pb.InterceptInfo(id=IID, state=pb.InterceptInfo.ACTIVE, link_secret=secret)]
-        agent = AgentSide(lambda: intercepts)
-        port = free_port()
-        await agent.start(port)
+        echo, app_port, secret, agent, port = await _agent_and_app()
         ic = pb.InterceptInfo(id=IID, state=pb.InterceptInfo.ACTIVE,
                               spec=pb.InterceptSpec(target_host="127.0.0.1", local_port=app_port))
         side, owner = await _connector_link(port, ic, secret)
@@ -502,12 +508,7 @@ def test_a_link_through_the_pod_ip_listener_and_attacks_on_it(monkeypatch: pytes
     monkeypatch.setattr(cag, "AUTH_TIMEOUT", 1.0)
 
     async def main() -> None:
-        echo, app_port = await _echo_server()
-        secret = os.urandom(32)
-        intercepts = [pb.InterceptInfo(id=IID, state=pb.InterceptInfo.ACTIVE, link_secret=secret)]
-        agent = AgentSide(lambda: intercepts)
-        port = free_port()
-        await agent.start(port, "127.0.0.2")   # the pod IP, here another loopback address
+        echo, app_port, secret, agent, port = await _agent_and_app("127.0.0.2")  # the pod IP: another loopback address
         assert agent.upgrade
         addr = ("127.0.0.2", port)
         ic = pb.InterceptInfo(id=IID, state=pb.InterceptInfo.ACTIVE,
