@@ -81,7 +81,10 @@ class _AgentSide(lf.Link):
         self._greet()
 
     def _greet(self) -> None:
-        self.write(lf.frame(lf.HELLO, 0, lf.hello_payload(self.nonce)))
+        self.write(self._hello())
+
+    def _hello(self) -> bytes:
+        return lf.frame(lf.HELLO, 0, lf.hello_payload(self.nonce))
 
     def _auth_timeout(self) -> None:
         if not self.authenticated:
@@ -149,7 +152,7 @@ class _UpgradeSide(_AgentSide):
         self._in_head = False
         self._start = i + 4
         self.name = "agent link (pods/proxy)"
-        self.write(lf.UPGRADE_RESPONSE + lf.frame(lf.HELLO, 0, lf.hello_payload(self.nonce)))
+        self.write(lf.UPGRADE_RESPONSE + self._hello())
         super().buffer_updated(0)  # frames right behind the head (a caller should wait for HELLO)
 
 

@@ -95,18 +95,13 @@ UPGRADE_PATH = "/tpnb-link"
 MAX_UPGRADE_HEAD = 8192
 UPGRADE_RESPONSE = (b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
                     b"Upgrade: " + UPGRADE_TOKEN.encode() + b"\r\n\r\n")
-UPGRADE_REFUSED = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
 
 def upgrade_request_ok(head: bytes) -> bool:
     """Whether `head` (the request line and headers, up to the blank line) asks for a link upgrade:
     `GET UPGRADE_PATH` and an `Upgrade` header naming `UPGRADE_TOKEN`.  Anything else is refused
     before a byte of the link protocol is sent."""
-    try:
-        text = head.decode("latin-1")
-    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
-        return False
-    line, *headers = text.split("\r\n")
+    line, *headers = head.decode("latin-1").split("\r\n")
     parts = line.split(" ")
     if len(parts) != 3 or parts[0] != "GET" or not parts[2].startswith("HTTP/1."):
         return False

@@ -27,7 +27,7 @@ from tpnb.common import linkframes as lf
 from tpnb.errors import ClusterError
 
 from .kube import KubeTarget, rbac_error, status_message
-from .spdy import feed_protocol, http_upgrade
+from .spdy import _Conn, feed_protocol, http_upgrade
 
 
 class ProxyUnavailable(Exception):
@@ -45,9 +45,9 @@ class UpgradedLink:
     #: no separate error channel (the port-forward's has the pod's dial error)
     error = ""
 
-    def __init__(self, conn: object) -> None:
+    def __init__(self, conn: _Conn) -> None:
         self._conn = conn
-        self._transport: asyncio.Transport | None = getattr(conn, "transport", None)
+        self._transport = conn.transport
 
     def attach(self, link: lf.Link, early: Iterable[bytes] = ()) -> asyncio.Future[str]:
         """Give the TLS transport to `link`; the future is the link's end."""
@@ -56,13 +56,13 @@ class UpgradedLink:
         if tr is None or tr.is_closing():
             link._lose("the API server closed the connection after the upgrade")
             return link.closed
-        leftover = bytes(conn.mv[conn.start:conn.end])  # type: ignore[attr-defined]
-        conn.start = conn.end = 0  # type: ignore[attr-defined]
+        leftover = bytes(conn.mv[conn.start:conn.end])
+        conn.start = conn.end = 0
         tr.set_protocol(link)
         link.connection_made(tr)
         for data in (leftover, *early):
             feed_protocol(link, memoryview(data), lambda: bool(link.lost))
-        if getattr(conn, "eof", False) and not link.lost:
+        if conn.eof and not link.lost:
             link.connection_lost(None)  # it ended before we took it over
         return link.closed
 
@@ -97,4 +97,3 @@ async def open_link(t: KubeTarget, namespace: str, pod: str, port: int) -> Upgra
     # 503 (the API server cannot dial the pod: an older agent, a NetworkPolicy), 400 (our request
     # refused), 404 (pod gone: the port-forward will say so in its own words) and the rest
     raise ProxyUnavailable(f"HTTP {status} {msg}".strip())
-
