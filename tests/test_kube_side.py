@@ -260,73 +260,8 @@ def test_kubeconfig_list_merges_like_kubectl(tmp_path: Path, pki: PKI, monkeypat
 
 
 # ============================================================ reachability (unit)
-class FakeVersionServer:
-    """HTTPS on loopback answering GET /version like an API server."""
-
-    def __init__(self, ctx: ssl.SSLContext | None, status: int = 200) -> None:
-        self.ctx = ctx
-        self.status = status
-        self.seen: list[dict[str, str]] = []
-        self.server: asyncio.AbstractServer | None = None
-        self.port = 0
-
-    async def __aenter__(self) -> Self:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self.ctx)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
-
-    async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        try:
-            head = (await r.readuntil(b"\r\n\r\n")).decode()
-        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
-            w.close()
-            return
-        lines = head.split("\r\n")
-        self.seen.append({k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)})
-        if self.status == 200:
-            body = json.dumps({"major": "1", "minor": "32", "gitVersion": "v1.32.13"}).encode()
-        else:
-            body = json.dumps({"kind": "Status", "status": "Failure", "message": "Unauthorized",
-                               "reason": "Unauthorized", "code": self.status}).encode()
-        w.write(f"HTTP/1.1 {self.status} X\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        await w.drain()
-        w.close()
-
-
-@pytest.mark.unit
-async def test_check_reachable_version_and_auth_header(tmp_path: Path, pki: PKI) -> None:
-    async with FakeVersionServer(pki.server_ctx(tmp_path, require_client=True)) as srv:
-        kc = write_kubeconfig(tmp_path / "kc", f"https://127.0.0.1:{srv.port}", pki, token="abc")
-        t = load_target(str(kc), None)
-        assert await check_reachable(t, 5) == "v1.32.13"
-        assert srv.seen[-1]["authorization"] == "Bearer abc"
-
-
-@pytest.mark.unit
-async def test_check_reachable_401(tmp_path: Path, pki: PKI) -> None:
-    async with FakeVersionServer(pki.server_ctx(tmp_path), status=401) as srv:
-        kc = write_kubeconfig(tmp_path / "kc", f"https://127.0.0.1:{srv.port}", pki, token="expired",
-                              client_cert=False)
-        with pytest.raises(ClusterError) as ei:
-            await check_reachable(load_target(str(kc), None), 5)
-    assert "rejected your credentials" in str(ei.value) and "401" in str(ei.value)
-
-
-@pytest.mark.unit
-async def test_check_reachable_tls_failure(tmp_path: Path, pki: PKI) -> None:
-    other = PKI()  # the kubeconfig trusts a different CA
-    async with FakeVersionServer(pki.server_ctx(tmp_path)) as srv:
-        kc = write_kubeconfig(tmp_path / "kc", f"https://127.0.0.1:{srv.port}", other)
-        with pytest.raises(ClusterError) as ei:
-            await check_reachable(load_target(str(kc), None), 5)
-    assert "TLS verification" in str(ei.value) and f"127.0.0.1:{srv.port}" in str(ei.value)
-
-
+# Credentials and TLS failures are checked against the dev cluster's real API server
+# (test_cluster_check_reachable_rejections, below); a closed loopback port needs no server.
 @pytest.mark.unit
 async def test_check_reachable_refused(tmp_path: Path, pki: PKI) -> None:
     s = socket.socket()
@@ -1032,6 +967,45 @@ async def test_cluster_reachable_and_subnets(in_cluster: KubeTarget | None) -> N
     want = ipaddress.collapse_addresses(ipaddress.ip_network(node_pod_cidr(dc, i)) for i in range(1, n_nodes + 1))
     assert n_nodes >= 1 and pods == [str(net) for net in want], (n_nodes, pods)
     assert services == [dc.service_cidr]
+
+
+def _dev_variant(path: Path, *, token: str | None = None, ca_pem: bytes | None = None) -> Path:
+    """The dev cluster's kubeconfig with its user replaced by a bearer token, or its CA by another one."""
+    doc = yaml.safe_load(DEVCLUSTER_KUBECONFIG.read_text())
+    ctx = next(c["context"] for c in doc["contexts"] if c["name"] == doc["current-context"])
+    cluster = dict(next(c["cluster"] for c in doc["clusters"] if c["name"] == ctx["cluster"]))
+    user = next(u["user"] for u in doc["users"] if u["name"] == ctx["user"])
+    if token is not None:
+        user = {"token": token}
+    if ca_pem is not None:
+        cluster["certificate-authority-data"] = b64(ca_pem)
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "v",
+        "clusters": [{"name": "v", "cluster": cluster}], "users": [{"name": "v", "user": user}],
+        "contexts": [{"name": "v", "context": {"cluster": "v", "user": "v"}}]}))
+    return path
+
+
+@pytest.mark.cluster
+async def test_cluster_check_reachable_rejections(in_cluster: KubeTarget | None, tmp_path: Path) -> None:
+    """The real API server: its version with the user's credentials; a token it does not know is a 401 (so
+    the token is sent: anonymous requests may read /version); a kubeconfig trusting another CA fails TLS."""
+    t = in_cluster
+    if t is None:
+        return
+    from tpnb_devcluster.binaries import k8s_version
+
+    assert await check_reachable(t, 10) == k8s_version()
+    bad = load_target(str(_dev_variant(tmp_path / "kc-token", token="expired-token")), None)
+    with pytest.raises(ClusterError) as ei:
+        await check_reachable(bad, 10)
+    assert "rejected your credentials" in str(ei.value) and "401" in str(ei.value), str(ei.value)
+    other = load_target(str(_dev_variant(tmp_path / "kc-ca", ca_pem=PKI.pem(PKI().ca))), None)
+    with pytest.raises(ClusterError) as ei:
+        await check_reachable(other, 10)
+    hostport = t.server.split("://", 1)[1]
+    assert "TLS verification" in str(ei.value) and hostport in str(ei.value), str(ei.value)
+    assert "Traceback" not in str(ei.value)
 
 
 @pytest.mark.cluster
