@@ -117,10 +117,13 @@ def b64(data: bytes) -> str:
 
 def write_kubeconfig(path: Path, server: str, pki: PKI | None = None, *, token: str | None = None,
                      token_file: str | None = None, namespace: str | None = None, client_cert: bool = True,
-                     context: str = "test", current: str | None = "test") -> Path:
+                     context: str = "test", current: str | None = "test", ca_pem: bytes | None = None) -> Path:
+    """A kubeconfig trusting `pki`'s CA (or `ca_pem`), with `pki`'s client certificate and/or a token."""
     cluster: dict[str, Any] = {"server": server}
-    if pki is not None:
-        cluster["certificate-authority-data"] = b64(PKI.pem(pki.ca))
+    if ca_pem is None and pki is not None:
+        ca_pem = PKI.pem(pki.ca)
+    if ca_pem is not None:
+        cluster["certificate-authority-data"] = b64(ca_pem)
     user: dict[str, Any] = {}
     if pki is not None and client_cert:
         user["client-certificate-data"] = b64(PKI.pem(pki.client))
@@ -969,23 +972,6 @@ async def test_cluster_reachable_and_subnets(in_cluster: KubeTarget | None) -> N
     assert services == [dc.service_cidr]
 
 
-def _dev_variant(path: Path, *, token: str | None = None, ca_pem: bytes | None = None) -> Path:
-    """The dev cluster's kubeconfig with its user replaced by a bearer token, or its CA by another one."""
-    doc = yaml.safe_load(DEVCLUSTER_KUBECONFIG.read_text())
-    ctx = next(c["context"] for c in doc["contexts"] if c["name"] == doc["current-context"])
-    cluster = dict(next(c["cluster"] for c in doc["clusters"] if c["name"] == ctx["cluster"]))
-    user = next(u["user"] for u in doc["users"] if u["name"] == ctx["user"])
-    if token is not None:
-        user = {"token": token}
-    if ca_pem is not None:
-        cluster["certificate-authority-data"] = b64(ca_pem)
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "v",
-        "clusters": [{"name": "v", "cluster": cluster}], "users": [{"name": "v", "user": user}],
-        "contexts": [{"name": "v", "context": {"cluster": "v", "user": "v"}}]}))
-    return path
-
-
 @pytest.mark.cluster
 async def test_cluster_check_reachable_rejections(in_cluster: KubeTarget | None, tmp_path: Path) -> None:
     """The real API server: its version with the user's credentials; a token it does not know is a 401 (so
@@ -996,11 +982,13 @@ async def test_cluster_check_reachable_rejections(in_cluster: KubeTarget | None,
     from tpnb_devcluster.binaries import k8s_version
 
     assert await check_reachable(t, 10) == k8s_version()
-    bad = load_target(str(_dev_variant(tmp_path / "kc-token", token="expired-token")), None)
+    dev_ca = (DEVCLUSTER_KUBECONFIG.parent / "pki" / "ca.crt").read_bytes()
+    bad = load_target(str(write_kubeconfig(tmp_path / "kc-token", t.server, token="expired-token",
+                                           ca_pem=dev_ca)), None)
     with pytest.raises(ClusterError) as ei:
         await check_reachable(bad, 10)
     assert "rejected your credentials" in str(ei.value) and "401" in str(ei.value), str(ei.value)
-    other = load_target(str(_dev_variant(tmp_path / "kc-ca", ca_pem=PKI.pem(PKI().ca))), None)
+    other = load_target(str(write_kubeconfig(tmp_path / "kc-ca", t.server, PKI())), None)  # another CA
     with pytest.raises(ClusterError) as ei:
         await check_reachable(other, 10)
     hostport = t.server.split("://", 1)[1]
