@@ -62,6 +62,8 @@ import anyio
 from tpnb import config
 from tpnb.errors import ClusterError, InterceptError, PermissionDenied
 
+from .kube import credentials_rejected
+
 log = logging.getLogger("tpnb.connector.agent_injector")
 
 AGENT_CONTAINER = "traffic-agent"
@@ -204,8 +206,8 @@ def _fail(exc: _ApiError, verb: str, resource: str, namespace: str | None) -> Ex
     if exc.status == 403:
         return _denied(exc, verb, resource, namespace)
     if exc.status == 401:
-        return ClusterError("the Kubernetes API server rejected your credentials", exc.message,
-                            "refresh your kubeconfig credentials (kubectl get ns should work)")
+        return credentials_rejected(f"cannot {verb} {resource}" + (f" in namespace {namespace}" if namespace else ""),
+                                    exc.message)
     return ClusterError(f"cannot {verb} {resource}" + (f" in namespace {namespace}" if namespace else ""),
                         f"HTTP {exc.status} {exc.reason}: {exc.message}".strip(),
                         "see the daemon log for details")

@@ -372,6 +372,17 @@ def status_message(body: Any) -> str:
     return "" if body is None else str(body)[:500]
 
 
+def credentials_rejected(what: str, msg: str) -> ClusterError:
+    """A 401 from the API server, whatever was being done: the one wording for every caller."""
+    return ClusterError(
+        f"{what}: the Kubernetes API server rejected your credentials (401 Unauthorized)" if what else
+        "the Kubernetes API server rejected your credentials (401 Unauthorized)",
+        msg,
+        "your token or client certificate is wrong or expired; log in again / refresh the kubeconfig "
+        "(`kubectl get ns` should work)",
+    )
+
+
 _RBAC_RE = re.compile(
     r'User "(?P<user>[^"]*)" cannot (?P<verb>[\w-]+) resource "(?P<resource>[^"]+)"'
     r'(?: in API group "(?P<group>[^"]*)")?'
@@ -417,11 +428,7 @@ def api_error(exc: ApiException, doing: str, verb: str, resource: str, namespace
         return rbac_error(exc, verb, resource, namespace)
     msg = status_message(getattr(exc, "body", None)) or str(getattr(exc, "reason", "") or exc)
     if status == 401:
-        return ClusterError(
-            f"the Kubernetes API server {server} rejected your credentials (401 Unauthorized)".replace("  ", " "),
-            msg,
-            "your token or client certificate is wrong or expired; log in again / refresh the kubeconfig",
-        )
+        return credentials_rejected(f"cannot {doing} on {server}" if server else f"cannot {doing}", msg)
     if status == 0:
         return ClusterError(f"cannot {doing}", msg, "check that the cluster is reachable (`kubectl get --raw /version`)")
     return ClusterError(f"cannot {doing} (HTTP {status})", msg)

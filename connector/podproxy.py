@@ -26,7 +26,7 @@ from tpnb import config
 from tpnb.common import linkframes as lf
 from tpnb.errors import ClusterError
 
-from .kube import KubeTarget, rbac_error, status_message
+from .kube import KubeTarget, credentials_rejected, rbac_error, status_message
 from .spdy import _Conn, feed_protocol, http_upgrade
 
 
@@ -92,8 +92,7 @@ async def open_link(t: KubeTarget, namespace: str, pod: str, port: int) -> Upgra
         raise rbac_error(ApiException(status=403, reason="Forbidden", body=body.decode("utf-8", "replace")),
                          "get", "pods/proxy", namespace)
     if status == 401:
-        raise ClusterError(f"{where}: the API server rejected your credentials", msg,
-                           "log in again / refresh the kubeconfig")
+        raise credentials_rejected(where, msg)
     # 503 (the API server cannot dial the pod: an older agent, a NetworkPolicy), 400 (our request
     # refused), 404 (pod gone: the port-forward will say so in its own words) and the rest
     raise ProxyUnavailable(f"HTTP {status} {msg}".strip())

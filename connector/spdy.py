@@ -46,7 +46,7 @@ from urllib.parse import urlsplit
 from tpnb import config
 from tpnb.errors import ClusterError
 
-from .kube import KubeTarget, connect_error, rbac_error, status_message
+from .kube import KubeTarget, connect_error, credentials_rejected, rbac_error, status_message
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +95,7 @@ def http_error(status: int, reason: str, body: bytes, namespace: str, pod: str, 
         return rbac_error(ApiException(status=403, reason="Forbidden", body=body.decode("utf-8", "replace")),
                           "create", "pods/portforward", namespace)
     if status == 401:
-        return ClusterError(f"cannot port-forward to {where}: the API server rejected your credentials",
-                            msg, "log in again / refresh the kubeconfig")
+        return credentials_rejected(f"cannot port-forward to {where}", msg)
     if status == 404:
         return ClusterError(f"cannot port-forward to {where}: not found", msg,
                             "the pod is gone (restarted?); look it up again")
