@@ -499,7 +499,9 @@ def test_records_are_raw_until_read_and_pushed_to_watchers(port) -> None:
         assert r.status_code == 200
         assert _until(lambda: any(rec for _p, rec in got))
         raw = srv.log[-1]
-        assert isinstance(raw.t0, float) and isinstance(raw.scope["headers"], list)  # not decoded on the hot path
+        method, path, _qs, headers, _client, _version = raw.req
+        assert (method, path) == ("POST", "/p")
+        assert isinstance(raw.t0, float) and isinstance(headers, list)  # not decoded on the hot path
         pub = [rec for _p, rec in got if rec][-1]
         assert pub["query"] == "a= b" and ("x-hello", "w\u00f6rld".encode().decode("latin-1")) in pub["request_headers"]
         assert pub["request_body"] == body[:inkernel.BODY_KEEP] and pub["request_bytes"] == len(body)

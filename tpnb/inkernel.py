@@ -322,9 +322,12 @@ class _HttpRec:
     little as it can and `public_record` does the rest, only for the records somebody reads:
     * one object with slots, no closures, made by `_http_rec`; `send` is a plain function that returns
       uvicorn's own coroutine, so the app awaits uvicorn's send directly (no extra coroutine per message);
-    * the scope is kept as a shallow copy taken before the app adds its own keys (one C call instead of
-      six lookups and stores, and the log does not keep the app's objects alive); its header list is
-      uvicorn's own, not copied;
+    * of the scope only what a record shows is kept, as one tuple `req` (method, path, query string,
+      headers, client, HTTP version; the header list is uvicorn's own, not copied): as cheap as a shallow
+      copy of the scope, and a record keeps ~0.7 KB alive instead of ~1.4 KB (the copy also held uvicorn's
+      per-request `asgi` and `state` dicts).  With `LOG_SIZE` records kept, what each holds is memory
+      the server's allocations keep missing in cache: in one run of alternating rounds the tuple took
+      ~2 µs of CPU off each request of the minimal app (~42 -> ~40 µs, standalone uvicorn ~34);
     * the usual one-chunk response body is kept as is (bytes are immutable) and its size is its length;
       only a body of several chunks is counted as it goes (`_more`);
     * the duration is two perf_counter readings, subtracted when read.
@@ -333,7 +336,7 @@ class _HttpRec:
     unspecialized ones were half of the layer's instructions.
     """
 
-    __slots__ = ("t0", "t1", "srv", "version", "scope", "sh", "rb", "sb", "status", "error", "seq", "intercept",
+    __slots__ = ("t0", "t1", "srv", "version", "req", "sh", "rb", "sb", "status", "error", "seq", "intercept",
                  "_send", "_receive")
     type = "http"
 
@@ -404,7 +407,8 @@ def _http_rec(srv: "InKernelServer", version: int, scope: dict, receive: Callabl
     r.t1 = 0.0  # perf_counter() when answered; 0.0 while in flight
     r.srv = srv
     r.version = version
-    r.scope = scope.copy()
+    r.req = (scope["method"], scope["path"], scope["query_string"], scope["headers"], scope["client"],
+             scope["http_version"])
     r._receive = receive
     r._send = send
     r.sh = r.rb = r.sb = None  # response headers; request/response body kept (None, bytes or a _Body)
@@ -437,12 +441,13 @@ def public_record(rec: Any) -> dict:
     reads.  gRPC records are built in this form already.
     """
     if type(rec) is _HttpRec:
-        r, sc = rec, rec.scope
-        return {"time": _wall(r.t0), "type": "http", "method": sc.get("method", ""), "path": sc.get("path", ""),
-                "query": _query(sc.get("query_string")), "status": r.status, "duration_ms": round((r.t1 - r.t0) * 1000, 2),
-                "bytes": _size(r.sb), "client": _client(sc.get("client")), "port": r.srv.port, "app_version": r.version,
-                "error": r.error, "intercept": r.intercept, "http_version": sc.get("http_version", "1.1"),
-                "request_headers": _headers(sc.get("headers")), "request_body": _joined(r.rb),
+        r = rec
+        method, path, qs, req_headers, client, http_version = rec.req
+        return {"time": _wall(r.t0), "type": "http", "method": method, "path": path,
+                "query": _query(qs), "status": r.status, "duration_ms": round((r.t1 - r.t0) * 1000, 2),
+                "bytes": _size(r.sb), "client": _client(client), "port": r.srv.port, "app_version": r.version,
+                "error": r.error, "intercept": r.intercept, "http_version": http_version,
+                "request_headers": _headers(req_headers), "request_body": _joined(r.rb),
                 "request_bytes": _size(r.rb), "response_headers": _headers(r.sh), "response_body": _joined(r.sb),
                 "seq": r.seq}
     if "_t" not in rec:
