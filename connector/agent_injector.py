@@ -1230,10 +1230,16 @@ async def _revert_workload(api: Any, wl: Workload) -> bool:
     raise ClusterError(f"{wl.kind} {wl.name} keeps changing under tpnb", hint="try again")
 
 
+def _owned_replicaset(kind: str, obj: dict[str, Any]) -> bool:
+    """A ReplicaSet a Deployment controls: it carries the Deployment's template (agent included) as revision
+    history, and only the Deployment is ever changed; patching it would rewrite that history."""
+    return kind == "ReplicaSet" and any(o.get("controller") for o in obj["metadata"].get("ownerReferences") or [])
+
+
 async def _find_any(api: Any, namespace: str, name: str) -> Workload | None:
     for kind, _ in KINDS:
         obj = await _get(api, kind, namespace, name)
-        if obj is not None and (injected_info(obj) is not None or has_agent(obj)):
+        if obj is not None and not _owned_replicaset(kind, obj) and (injected_info(obj) is not None or has_agent(obj)):
             return Workload(kind, name, namespace, obj)
     return None
 
@@ -1270,7 +1276,7 @@ async def remove_all_agents(api: Any, progress: Progress) -> list[str]:
     found: list[Workload] = []
     for kind, _ in KINDS:
         for obj in await _run(_list_sync, api, kind, None):
-            if injected_info(obj) is not None or has_agent(obj):
+            if not _owned_replicaset(kind, obj) and (injected_info(obj) is not None or has_agent(obj)):
                 md = obj["metadata"]
                 found.append(Workload(kind, md["name"], md["namespace"], obj))
     removed: list[str] = []
@@ -1525,7 +1531,7 @@ def list_workloads(api: Any, namespace: str) -> list[dict[str, Any]]:
     for kind, _ in KINDS:
         for obj in _list_sync(api, kind, namespace):
             md = obj["metadata"]
-            if kind == "ReplicaSet" and any(o.get("controller") for o in md.get("ownerReferences") or []):
+            if _owned_replicaset(kind, obj):
                 continue
             labels = _template_labels(restore_workload(obj))
             ports = [_describe_port(s["metadata"]["name"], p) for s in services if _selects(s, labels)
