@@ -12,6 +12,8 @@ swings less, so this compares servers by it, over many short alternating rounds 
   process-own    the same in its own session
   log1           process with `inkernel.LOG_SIZE = 1` (no records kept: their retention and GC load)
   bypass         process with the layer replaced by a direct call of the app (what the layer costs)
+  scopecopy      process whose records keep a shallow copy of the whole scope, as before session 12 (what
+                 keeping only the six fields a record shows saves)
 Client: bench/inkernel.py's (keep-alive connections of small GETs, 127.0.0.1 only).
 """
 from __future__ import annotations
@@ -30,10 +32,25 @@ import inkernel as B  # noqa: E402 - bench/inkernel.py: the client, the kernel a
 
 BYPASS = ("async def _pass(self, scope, receive, send):\n    await self._ref.asgi(scope, receive, send)\n"
           "inkernel.InKernelServer._asgi = _pass\n")
+SCOPECOPY = ("from time import perf_counter\n_R = inkernel._HttpRec\n"
+             "def _copying(srv, version, scope, receive, send):\n"
+             "    r = _R()\n"
+             "    r.t0 = perf_counter()\n"
+             "    r.t1 = 0.0\n"
+             "    r.srv = srv\n"
+             "    r.version = version\n"
+             "    r.req = scope.copy()\n"
+             "    r._receive = receive\n"
+             "    r._send = send\n"
+             "    r.sh = r.rb = r.sb = None\n"
+             "    r.status = 0\n"
+             "    return r\n"
+             "inkernel._http_rec = _copying\n")
 #: name -> (kind, own session, code run before serving)
 TARGETS = {"uvicorn": ("uvicorn", False, ""), "uvicorn-own": ("uvicorn", True, ""), "kernel": ("kernel", True, ""),
            "process": ("process", False, ""), "process-own": ("process", True, ""),
-           "log1": ("process", False, "inkernel.LOG_SIZE = 1\n"), "bypass": ("process", False, BYPASS)}
+           "log1": ("process", False, "inkernel.LOG_SIZE = 1\n"), "bypass": ("process", False, BYPASS),
+           "scopecopy": ("process", False, SCOPECOPY)}
 TCK = os.sysconf("SC_CLK_TCK")
 
 
