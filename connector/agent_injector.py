@@ -1149,11 +1149,13 @@ async def inject_agent(api: Any, wl: Workload, target: ServiceTarget, image: str
     """
     changed = False
     cfg = config.get()
-    redirect = needs_redirect(wl, await _run(_list_sync, api, "Service", wl.namespace), target)
     for attempt in range(6):
         obj = await _get(api, wl.kind, wl.namespace, wl.name)
         if obj is None:
             raise InterceptError(f"{wl.kind} {wl.name} disappeared from namespace {wl.namespace}")
+        # read again on every attempt: a re-plan after a conflict must see the Services as they are now
+        redirect = needs_redirect(Workload(wl.kind, wl.name, wl.namespace, obj),
+                                  await _run(_list_sync, api, "Service", wl.namespace), target)
         base = restore_workload(obj)
         planned = inject_workload(base, wl, target, image, cfg, redirect)
         cur_info, new_info = injected_info(obj), injected_info(planned)
