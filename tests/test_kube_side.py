@@ -1,9 +1,9 @@
 """The daemon's Kubernetes side: kubeconfig loading, reachability, the
 port-forward channel protocol, manager manifests -- and, against the dev
-cluster, a real port-forward and the manager's install error path.
+cluster, real port-forwards (both protocols: data, errors, RBAC, half-close)
+and the manager's install / reuse / upgrade / failure / RBAC paths.
 
-unit:    pure logic plus fakes on loopback (a fake API server speaking the
-         kubelet's WebSocket channel protocol).
+unit:    pure logic (no API server, fake or real).
 netns:   reachability failures inside a throw-away network namespace.
 cluster: the dev cluster (`tpnb devcluster up`), run from the laptop netns.
 """
@@ -23,10 +23,11 @@ import subprocess
 import sys
 import textwrap
 import time
-import types
 import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import pytest
 from conftest import rerun_in_laptop
@@ -338,213 +339,6 @@ def test_channel_frames() -> None:
         portforward._ChannelReader(80).feed(b"\x05xx")
 
 
-# ============================================== fake API server + kubelet (unit)
-class FakeKubelet:
-    """An API server on loopback that speaks the kubelet's port-forward
-    WebSocket protocol, forwarding pod port P to 127.0.0.1:ports[P]."""
-
-    def __init__(self, ssl_ctx: ssl.SSLContext, ports: dict[int, int]) -> None:
-        self.ssl_ctx = ssl_ctx
-        self.ports = ports
-        self.pods = {"default/echo"}
-        self.forbidden = False
-        self.seen_headers: list[dict[str, str]] = []
-        self.port = 0
-        self._server: Any = None
-        self.max_message = 0
-
-    async def __aenter__(self) -> Self:
-        from websockets.asyncio.server import serve
-
-        self._server = await serve(self._handle, "127.0.0.1", 0, ssl=self.ssl_ctx,
-                                   subprotocols=["v4.channel.k8s.io"],  # type: ignore[list-item]
-                                   process_request=self._check, max_size=2**22, compression=None)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._server.close()
-        await self._server.wait_closed()
-
-    def _check(self, conn: Any, req: Any) -> Any:
-        from websockets.datastructures import Headers
-        from websockets.http11 import Response
-
-        self.seen_headers.append({k.lower(): v for k, v in req.headers.raw_items()})
-        parts = req.path.split("?")[0].split("/")  # /api/v1/namespaces/NS/pods/POD/portforward
-        ns, pod = parts[4], parts[6]
-
-        def status(code: int, reason: str, msg: str) -> Response:
-            body = json.dumps({"kind": "Status", "status": "Failure", "message": msg, "code": code}).encode()
-            return Response(code, reason, Headers([("Content-Type", "application/json"),
-                                                   ("Content-Length", str(len(body)))]), body)
-
-        if self.forbidden:
-            return status(403, "Forbidden", f'pods "{pod}" is forbidden: User "alice" cannot create resource '
-                                            f'"pods/portforward" in API group "" in the namespace "{ns}"')
-        if f"{ns}/{pod}" not in self.pods:
-            return status(404, "Not Found", f'pods "{pod}" not found')
-        return None
-
-    async def _handle(self, ws: Any) -> None:
-        from urllib.parse import parse_qs, urlsplit
-
-        port = int(parse_qs(urlsplit(ws.request.path).query)["ports"][0])
-        pre = portforward.encode_port(port)
-        await ws.send(b"\x00" + pre)
-        await ws.send(b"\x01" + pre)
-        try:
-            r, w = await asyncio.open_connection("127.0.0.1", self.ports.get(port, 1))
-        except OSError as exc:
-            await ws.send(b"\x01" + f"error forwarding port {port} to pod echo: dial tcp 127.0.0.1:{port}: "
-                                    f"connect: {os.strerror(exc.errno or 111).lower()}".encode())
-            await ws.close()
-            return
-
-        async def up() -> None:
-            async for msg in ws:
-                self.max_message = max(self.max_message, len(msg))
-                assert msg[0] == 0
-                w.write(msg[1:])
-                await w.drain()
-
-        async def down() -> None:
-            while data := await r.read(32768):
-                await ws.send(b"\x00" + data)
-
-        tasks = [asyncio.create_task(up()), asyncio.create_task(down())]
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in tasks:
-            task.cancel()
-        w.close()
-        await ws.close()
-
-
-async def _echo_server() -> tuple[asyncio.AbstractServer, int]:
-    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        try:
-            while data := await r.read(65536):
-                w.write(data)
-                await w.drain()
-        except ConnectionError:
-            pass
-        w.close()
-
-    srv = await asyncio.start_server(echo, "127.0.0.1", 0)
-    return srv, srv.sockets[0].getsockname()[1]
-
-
-@pytest.fixture
-async def fake_cluster(tmp_path: Path, pki: PKI):  # type: ignore[no-untyped-def]
-    echo, echo_port = await _echo_server()
-    async with FakeKubelet(pki.server_ctx(tmp_path), {8080: echo_port}) as fk:
-        kc = write_kubeconfig(tmp_path / "kc", f"https://127.0.0.1:{fk.port}", pki, token="pf-token")
-        yield fk, load_target(str(kc), None)
-    echo.close()
-
-
-@pytest.mark.unit
-async def test_portforward_roundtrip_large(fake_cluster: tuple[FakeKubelet, KubeTarget]) -> None:
-    fk, t = fake_cluster
-    pf = PortForward(t, "default", "echo", 8080)
-    port = await pf.start()
-    assert port == pf.local_port and port > 0
-    assert fk.seen_headers[-1]["authorization"] == "Bearer pf-token"
-    assert fk.seen_headers[-1]["sec-websocket-protocol"].startswith("v4.channel.k8s.io")
-    try:
-        payload = os.urandom(8 * 1024 * 1024)
-
-        async def one() -> None:
-            r, w = await asyncio.open_connection("127.0.0.1", port)
-
-            async def send() -> None:
-                w.write(payload)
-                await w.drain()
-
-            sender = asyncio.create_task(send())
-            got = await r.readexactly(len(payload))
-            await sender
-            assert got == payload
-            w.close()
-
-        await asyncio.wait_for(asyncio.gather(one(), one(), one()), 60)
-        assert fk.max_message > 64 * 1024 + 1  # big frames, not tiny chunks
-        assert fk.max_message <= portforward.FRAME_MAX + 1
-    finally:
-        await pf.aclose()
-    # nothing listens any more
-    with pytest.raises(OSError):
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-
-
-@pytest.mark.unit
-async def test_portforward_refused_port(fake_cluster: tuple[FakeKubelet, KubeTarget]) -> None:
-    _fk, t = fake_cluster
-    with pytest.raises(ClusterError) as ei:
-        await PortForward(t, "default", "echo", 9999).start()
-    assert "connection refused" in ei.value.why and "default/echo:9999" in str(ei.value)
-
-
-@pytest.mark.unit
-async def test_portforward_error_channel_closes_local(fake_cluster: tuple[FakeKubelet, KubeTarget],
-                                                      caplog: pytest.LogCaptureFixture) -> None:
-    fk, t = fake_cluster
-    pf = PortForward(t, "default", "echo", 8080)
-    port = await pf.start()
-    try:
-        fk.ports[8080] = 1  # the pod stopped listening
-        r, w = await asyncio.open_connection("127.0.0.1", port)
-        with caplog.at_level(logging.WARNING, logger="tpnb.connector.portforward"):
-            assert await asyncio.wait_for(r.read(), 10) == b""  # closed by us
-            await asyncio.sleep(0.1)
-        w.close()
-        assert "connection refused" in caplog.text
-        assert "connection refused" in pf.last_error
-    finally:
-        await pf.aclose()
-
-
-@pytest.mark.unit
-async def test_portforward_missing_pod_and_forbidden(fake_cluster: tuple[FakeKubelet, KubeTarget]) -> None:
-    fk, t = fake_cluster
-    with pytest.raises(ClusterError) as ei:
-        await PortForward(t, "default", "gone", 8080).start()
-    assert "not found" in str(ei.value) and 'pods "gone" not found' in ei.value.why
-    fk.forbidden = True
-    with pytest.raises(PermissionDenied) as pe:
-        await PortForward(t, "default", "echo", 8080).start()
-    assert pe.value.what == "user 'alice' may not create pods/portforward in namespace 'default'"
-
-
-@pytest.mark.unit
-async def test_open_stream(fake_cluster: tuple[FakeKubelet, KubeTarget]) -> None:
-    _fk, t = fake_cluster
-    r, w = await open_stream(t, "default", "echo", 8080)
-    w.write(b"ping\n")
-    await w.drain()
-    assert await asyncio.wait_for(r.readline(), 5) == b"ping\n"
-    w.close()
-    with pytest.raises(ClusterError):
-        await open_stream(t, "default", "gone", 8080)
-
-
-@pytest.mark.unit
-async def test_portforward_half_close_gets_answer(fake_cluster: tuple[FakeKubelet, KubeTarget]) -> None:
-    """A client that shuts down its write side still receives the answer."""
-    _fk, t = fake_cluster
-    async with PortForward(t, "default", "echo", 8080) as pf:
-        s = socket.create_connection(("127.0.0.1", pf.local_port))
-        s.sendall(b"request")
-        s.shutdown(socket.SHUT_WR)
-        s.setblocking(False)
-        loop = asyncio.get_running_loop()
-        got = b""
-        while len(got) < 7:
-            got += await asyncio.wait_for(loop.sock_recv(s, 100), 5)
-        assert got == b"request"
-        s.close()
-
-
 # ============================================================== manifests (unit)
 @pytest.mark.unit
 def test_manager_manifests() -> None:
@@ -670,206 +464,6 @@ def test_check_reachable_unreachable_in_netns(tmp_path: Path, pki: PKI, mode: st
         assert "Network is unreachable" in out["why"]
     else:
         assert "timed out" in out["why"] and 2.5 < out["elapsed"]
-
-
-# ================================================ manager install (unit, fake API)
-class FakeAPI:
-    """In-memory stand-in for `kube.request`, enough for the manager's flow:
-    server-side apply, GET/DELETE, pods by label, logs, namespace deletion.
-
-    `scenario` decides what the manager pod does: ok | neverpull | crash | pending.
-    """
-
-    def __init__(self, scenario: str = "ok") -> None:
-        self.scenario = scenario
-        self.store: dict[str, dict[str, Any]] = {}
-        self.calls: list[tuple[str, str]] = []
-        self.forbid: set[str] = set()
-        self.ns_linger = 2  # GETs a deleted namespace survives
-
-    def _pods_path(self, ns: str) -> str:
-        return f"/api/v1/namespaces/{ns}/pods"
-
-    def _make_pod(self, dep: dict[str, Any]) -> None:
-        ns = dep["metadata"]["namespace"]
-        image = dep["spec"]["template"]["spec"]["containers"][0]["image"]
-        name = f"traffic-manager-{uuid.uuid4().hex[:5]}"
-        st: dict[str, Any] = {"phase": "Pending", "conditions": []}
-        cs: dict[str, Any] = {"name": "manager", "ready": False, "restartCount": 0, "state": {}}
-        if self.scenario == "ok":
-            st = {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
-            cs["state"] = {"running": {}}
-            dep["status"] = {"observedGeneration": dep["metadata"]["generation"], "replicas": 1,
-                             "updatedReplicas": 1, "availableReplicas": 1, "readyReplicas": 1}
-        elif self.scenario == "neverpull":
-            cs["state"] = {"waiting": {"reason": "ErrImageNeverPull",
-                                       "message": f'Container image "{image}" is not present with pull policy of Never'}}
-        elif self.scenario == "crash":
-            st["phase"] = "Running"
-            cs["state"] = {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 10s restarting"}}
-            cs["lastState"] = {"terminated": {"exitCode": 3}}
-        st["containerStatuses"] = [cs]
-        pods = {p: o for p, o in self.store.items() if p.startswith(self._pods_path(ns) + "/")}
-        for p in pods:
-            del self.store[p]
-        self.store[f"{self._pods_path(ns)}/{name}"] = {
-            "metadata": {"name": name, "namespace": ns, "labels": dict(manager_install.SELECTOR),
-                         "creationTimestamp": "2025-01-01T00:00:00Z"},
-            "spec": {"containers": [{"name": "manager", "image": image}]},
-            "status": st,
-        }
-
-    async def __call__(self, t: Any, method: str, path: str, *, query: Any = None, body: Any = None,
-                       content_type: str | None = None, timeout: float | None = None,
-                       accept_status: tuple[int, ...] = (), raw: bool = False) -> Any:
-        from kubernetes.client import ApiException
-
-        self.calls.append((method, path))
-        if method == "POST" and path.endswith("/selfsubjectaccessreviews"):  # `kubectl auth can-i`
-            res = body["spec"]["resourceAttributes"]["resource"]
-            return {"status": {"allowed": res not in self.forbid}}
-        for f in self.forbid:
-            if f in path and method != "GET":
-                raise ApiException(status=403, reason="Forbidden", body=json.dumps({
-                    "message": f'{f} "x" is forbidden: User "carol" cannot create resource "{f}" in API group '
-                               f'"rbac.authorization.k8s.io" at the cluster scope'}))
-        if method == "GET" and path.endswith("/log"):
-            return b"Traceback (most recent call last):\nRuntimeError: boom\n"
-        if method == "GET" and path.endswith("/pods"):
-            items = [o for p, o in self.store.items() if p.startswith(path + "/")]
-            return {"items": items}
-        if method == "GET":
-            obj = self.store.get(path)
-            if obj is None:
-                raise ApiException(status=404, reason="Not Found", body='{"message": "not found"}')
-            if obj["metadata"].get("deletionTimestamp"):
-                self.ns_linger -= 1
-                if self.ns_linger < 0:
-                    self._purge(path)
-                    raise ApiException(status=404, reason="Not Found", body='{"message": "not found"}')
-            return json.loads(json.dumps(obj))
-        if method == "PATCH":
-            assert content_type == "application/apply-patch+yaml" and query["fieldManager"] == "tpnb"
-            old = self.store.get(path)
-            obj = json.loads(json.dumps(body))
-            gen = (old or {}).get("metadata", {}).get("generation", 0)
-            changed = old is None or old.get("spec") != obj.get("spec")
-            obj["metadata"]["generation"] = gen + 1 if changed else gen
-            self.store[path] = obj
-            if obj["kind"] == "Deployment" and changed:
-                self._make_pod(obj)
-            return obj
-        if method == "DELETE":
-            if path not in self.store:
-                raise ApiException(status=404, reason="Not Found", body='{"message": "not found"}')
-            obj = self.store[path]
-            if obj.get("kind") == "Namespace":
-                obj["metadata"]["deletionTimestamp"] = "now"
-            else:
-                del self.store[path]
-            if "/pods/" in path:  # the ReplicaSet makes a new one
-                ns = obj["metadata"]["namespace"]
-                dep = next((o for o in self.store.values()
-                            if o.get("kind") == "Deployment" and o["metadata"].get("namespace") == ns), None)
-                if dep is not None:
-                    self._make_pod(dep)
-            return {}
-        raise AssertionError(f"unexpected {method} {path}")
-
-    def _purge(self, ns_path: str) -> None:
-        ns = ns_path.rsplit("/", 1)[1]
-        for p in [p for p in self.store if p == ns_path or f"/namespaces/{ns}/" in p]:
-            del self.store[p]
-
-
-@pytest.fixture
-def fake_api(monkeypatch: pytest.MonkeyPatch) -> FakeAPI:
-    from tpnb import config
-
-    fake = FakeAPI()
-    monkeypatch.setattr(manager_install, "request", fake)
-    monkeypatch.setattr(manager_install.asyncio, "sleep", _fast_sleep)
-    monkeypatch.setattr(config.get().timeouts, "rollout", 5.0)
-    return fake
-
-
-_real_sleep = asyncio.sleep
-
-
-async def _fast_sleep(delay: float, result: Any = None) -> Any:
-    return await _real_sleep(min(delay, 0.01), result)
-
-
-IMG = "tpnb.local/tpnb:0.1.0-aaaa"
-FAKE_T: Any = types.SimpleNamespace(server="https://fake:6443")
-
-
-@pytest.mark.unit
-async def test_ensure_manager_install_reuse_upgrade(fake_api: FakeAPI) -> None:
-    lines: list[tuple[str, str, float]] = []
-    h = await manager_install.ensure_manager(FAKE_T, IMG, lambda *a: lines.append(a))
-    assert (h.namespace, h.version) == ("tpnb", "0.1.0-aaaa") and h.pod.startswith("traffic-manager-")
-    assert lines[0][0] == "install" and lines[-1][0] == "ready" and lines[-1][2] == 1.0
-    assert all(0 <= f <= 1 for _, _, f in lines)
-    applied = [p for m, p in fake_api.calls if m == "PATCH"]
-    assert len(applied) == 6 and applied[0] == "/api/v1/namespaces/tpnb"
-
-    fake_api.calls.clear()
-    h2 = await manager_install.ensure_manager(FAKE_T, IMG, lambda *a: lines.append(a))
-    assert h2.pod == h.pod and not [c for c in fake_api.calls if c[0] != "GET"]  # reuse: nothing written
-
-    lines.clear()
-    h3 = await manager_install.ensure_manager(FAKE_T, IMG + "b", lambda *a: lines.append(a))
-    assert h3.version == "0.1.0-aaaab" and h3.pod != h.pod
-    assert lines[0][0] == "upgrade" and "0.1.0-aaaa -> 0.1.0-aaaab" in lines[0][1]
-    assert await manager_install.find_manager_pod(FAKE_T) == h3.pod
-
-
-@pytest.mark.unit
-async def test_ensure_manager_image_missing_then_uninstall(fake_api: FakeAPI) -> None:
-    fake_api.scenario = "neverpull"
-    with pytest.raises(ClusterError) as ei:
-        await manager_install.ensure_manager(FAKE_T, IMG, None)
-    msg = str(ei.value)
-    assert f"image {IMG} is not in the cluster (ErrImageNeverPull)" in msg
-    # the first pod in back-off was replaced once (the image may have been loaded since it started)
-    assert sum(1 for m, p in fake_api.calls if m == "DELETE" and "/pods/" in p) == 1
-    assert "tpnb devcluster up" in msg and "kind load image-archive" in msg
-    with pytest.raises(ClusterError, match="no ready traffic-manager pod"):
-        await manager_install.find_manager_pod(FAKE_T)
-    steps: list[str] = []
-    await manager_install.uninstall_manager(FAKE_T, lambda s, m, f: steps.append(m))
-    assert fake_api.store == {}  # namespace content and cluster RBAC gone
-    assert steps[-1] == "traffic-manager removed"
-    await manager_install.uninstall_manager(FAKE_T, None)  # idempotent
-
-
-@pytest.mark.unit
-async def test_ensure_manager_crashloop_and_timeout(fake_api: FakeAPI) -> None:
-    fake_api.scenario = "crash"
-    with pytest.raises(ClusterError) as ei:
-        await manager_install.ensure_manager(FAKE_T, IMG, None)
-    assert "keeps crashing (exit code 3)" in ei.value.what and "RuntimeError: boom" in ei.value.why
-    fake_api.store.clear()
-    fake_api.scenario = "pending"
-    from tpnb import config
-
-    config.get().timeouts.rollout = 0.3
-    with pytest.raises(ClusterError) as ei:
-        await manager_install.ensure_manager(FAKE_T, IMG, None)
-    assert "did not become ready within 0.3s" in ei.value.what
-
-
-@pytest.mark.unit
-async def test_ensure_manager_rbac_denied(fake_api: FakeAPI) -> None:
-    fake_api.forbid.add("clusterroles")
-    with pytest.raises(PermissionDenied) as ei:
-        await manager_install.ensure_manager(FAKE_T, IMG, None)
-    # asked before anything is applied: nothing half-installed, and the admin's way named
-    assert ei.value.what == "no traffic-manager in namespace tpnb, and you may not install one"
-    assert "create clusterroles.rbac.authorization.k8s.io (cluster-wide)" in ei.value.why
-    assert "helm install traffic-manager charts/traffic-manager -n tpnb" in ei.value.hint
-    assert not [c for c in fake_api.calls if c[0] == "PATCH"]
 
 
 # ================================================================ dev cluster
@@ -1019,17 +613,366 @@ async def test_cluster_portforward_echoserver(echo_pod: tuple[KubeTarget, str] |
 @pytest.mark.cluster
 @pytest.mark.parametrize("protocol", ["spdy", "websocket"])
 async def test_cluster_portforward_errors(echo_pod: tuple[KubeTarget, str] | None, protocol: str) -> None:
+    """A port nothing listens on in the pod, and a pod that does not exist: refused at `start`, in words."""
     if echo_pod is None:
         return
     t, ns = echo_pod
     with pytest.raises(ClusterError) as ei:
         await PortForward(t, ns, "echo", 9999, protocol).start()
-    assert "refused" in ei.value.why, str(ei.value)
+    assert f"{ns}/echo:9999" in ei.value.what and "connection refused" in ei.value.why, str(ei.value)
     with pytest.raises(ClusterError) as ei:
         await PortForward(t, ns, "no-such-pod", 8080, protocol).start()
-    assert "not found" in str(ei.value)
+    assert "not found" in ei.value.what and 'pods "no-such-pod" not found' in ei.value.why, str(ei.value)
 
 
+# ------------------------------------------------- a raw TCP echo pod (real cluster)
+PROTOCOLS = ["spdy", "websocket"]
+ECHO_PORT, STOP_PORT = 8080, 8081
+
+#: The echo pod's program (the project image has python3).  8080 echoes every
+#: byte as it arrives and, at EOF, half-closes only after the last byte went
+#: out, so a truncated tail shows as such.  (The pod never sees a client's
+#: half-close as one: containerd 1.6 closes the pod-side connection 1 s after
+#: the stream's end, over SPDY and WebSocket alike; an answer written only
+#: after the EOF is lost.  It logs when its EOF came.)  Any connection to 8081
+#: closes the 8080 listener for good: "the pod stopped listening" while a
+#: port-forward to it is open.
+_TCP_ECHO = textwrap.dedent("""
+    import socket, threading, time
+
+    def listen(port):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", port))
+        s.listen(64)
+        return s
+
+    def echo(c):
+        n, last = 0, time.monotonic()
+        try:
+            while data := c.recv(65536):
+                c.sendall(data)
+                n, last = n + len(data), time.monotonic()
+            c.shutdown(socket.SHUT_WR)
+            if n:
+                print(f"echo: {n} bytes, EOF {time.monotonic() - last:.2f}s after the last", flush=True)
+        except OSError as exc:
+            print(f"echo: {n} bytes, then {exc}", flush=True)
+        finally:
+            c.close()
+
+    def stop(c):
+        # shutdown() stops a listening socket at once and wakes the accept()
+        # blocked on it; close() alone would leave it listening
+        try:
+            echo_listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        echo_listener.close()
+        print("echo: no longer listening on 8080", flush=True)
+        c.sendall(b"stopped\\n")
+        c.close()
+
+    def serve(listener, handler):
+        while True:
+            try:
+                c, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=handler, args=(c,), daemon=True).start()
+
+    echo_listener = listen(8080)
+    control = listen(8081)
+    threading.Thread(target=serve, args=(echo_listener, echo), daemon=True).start()
+    print("echo: 8080 echoes, 8081 stops it", flush=True)
+    serve(control, stop)
+""")
+
+
+def _dev_ca() -> bytes:
+    """The dev cluster's CA, for kubeconfigs of our own (ServiceAccount tokens)."""
+    return (DEVCLUSTER_KUBECONFIG.parent / "pki" / "ca.crt").read_bytes()
+
+
+async def _poll(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.3) -> Any:
+    """`check()` (awaited if it is a coroutine) until truthy: the cluster settles in its own time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if asyncio.iscoroutine(got):
+            got = await got
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+@asynccontextmanager
+async def _namespace(t: KubeTarget, prefix: str = "tpnb-kt") -> AsyncIterator[str]:
+    """A fresh namespace, deleted (with all in it) on the way out."""
+    ns = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    await kube.request(t, "POST", "/api/v1/namespaces",
+                       body={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    try:
+        yield ns
+    finally:
+        await kube.request(t, "DELETE", f"/api/v1/namespaces/{ns}")
+
+
+async def _wait_pod_ready(t: KubeTarget, ns: str, name: str, timeout: float = 120) -> None:
+    async def ready() -> bool:
+        pod = await kube.request(t, "GET", f"/api/v1/namespaces/{ns}/pods/{name}")
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions") or [])
+
+    await _poll(ready, timeout, f"pod {ns}/{name} Ready", interval=1)
+
+
+async def _ssa(t: KubeTarget, path: str, obj: dict[str, Any]) -> Any:
+    """Create or update `obj` (server-side apply), as an admin's `kubectl apply` would."""
+    return await kube.request(t, "PATCH", path, query={"fieldManager": "tpnb-kube-side-test", "force": "true"},
+                              body=obj, content_type="application/apply-patch+yaml")
+
+
+async def _service_account(t: KubeTarget, ns: str, name: str, tmp_path: Path) -> tuple[KubeTarget, str]:
+    """A ServiceAccount and a kubeconfig with a 10-minute token of it: (its target, its user name)."""
+    await kube.request(t, "POST", f"/api/v1/namespaces/{ns}/serviceaccounts",
+                       body={"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name}})
+    tr = await kube.request(t, "POST", f"/api/v1/namespaces/{ns}/serviceaccounts/{name}/token",
+                            body={"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                                  "spec": {"expirationSeconds": 600}})
+    kc = write_kubeconfig(tmp_path / f"kc-{ns}-{name}", t.server, token=tr["status"]["token"], ca_pem=_dev_ca())
+    return load_target(str(kc), None), f"system:serviceaccount:{ns}:{name}"
+
+
+async def _wait_access(sa: KubeTarget, verb: str, resource: str, ns: str | None, allowed: bool) -> None:
+    """RBAC edits reach the authorizer's cache a moment later: wait until the account's own review agrees."""
+    await _poll(lambda: _access_is(sa, verb, resource, ns, allowed), 30,
+                f"{verb} {resource} allowed={allowed}")
+
+
+async def _access_is(sa: KubeTarget, verb: str, resource: str, ns: str | None, allowed: bool) -> bool:
+    return await manager_install.can_i(sa, verb, resource, ns) is allowed
+
+
+@pytest.fixture
+async def tcp_echo(in_cluster: KubeTarget | None) -> AsyncIterator[tuple[KubeTarget, str] | None]:
+    """(target, namespace) with a Ready pod "echo" running `_TCP_ECHO`, in a fresh namespace.
+
+    Function-scoped on purpose: `in_cluster` runs every test in a pytest of
+    its own, so a wider scope would not save a pod start, and the stop test
+    leaves its pod deaf.
+    """
+    t = in_cluster
+    if t is None:
+        yield None
+        return
+    from tpnb.imageref import default_image
+
+    image = default_image()
+    if image not in await _images_on_node(t):
+        pytest.skip(f"tpnb image {image} is not imported into the dev cluster (tpnb devcluster up)")
+    async with _namespace(t) as ns:
+        await kube.request(t, "POST", f"/api/v1/namespaces/{ns}/pods", body={
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "echo"},
+            "spec": {"terminationGracePeriodSeconds": 1,
+                     "containers": [{"name": "echo", "image": image, "imagePullPolicy": "IfNotPresent",
+                                     "command": ["python3", "-c", _TCP_ECHO],
+                                     "ports": [{"containerPort": ECHO_PORT}, {"containerPort": STOP_PORT}],
+                                     "readinessProbe": {"tcpSocket": {"port": ECHO_PORT}, "periodSeconds": 1}}]}})
+        await _wait_pod_ready(t, ns, "echo")
+        yield t, ns
+
+
+async def _roundtrip(port: int, payload: bytes, timeout: float = 60) -> bytes:
+    """Send `payload` on a new connection to 127.0.0.1:`port` while reading the echo (both at
+    once: neither side buffers 8 MiB); returns what came back."""
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        async def send() -> None:
+            w.write(payload)
+            await w.drain()
+
+        sender = asyncio.create_task(send())
+        try:
+            return await asyncio.wait_for(r.readexactly(len(payload)), timeout)
+        finally:
+            await asyncio.wait_for(sender, 10)
+    finally:
+        w.close()
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_cluster_portforward_roundtrip_large(tcp_echo: tuple[KubeTarget, str] | None, protocol: str) -> None:
+    """Three concurrent 8 MiB roundtrips through pod and API server arrive intact, each on its own stream;
+    after `aclose` the local port is gone.  (How we cut the data into frames is our business and the
+    cluster does not tell; the fake's frame-size checks have no real counterpart.)"""
+    if tcp_echo is None:
+        return
+    t, ns = tcp_echo
+    pf = PortForward(t, ns, "echo", ECHO_PORT, protocol)
+    port = await pf.start()
+    assert port == pf.local_port and port > 0 and pf.protocol == protocol
+    try:
+        payloads = [os.urandom(8 * 1024 * 1024) for _ in range(3)]  # distinct: crossed streams would show
+        got = await asyncio.wait_for(asyncio.gather(*(_roundtrip(port, p, 150) for p in payloads)), 180)
+        assert [g == p for g, p in zip(got, payloads)] == [True, True, True]
+        assert pf.connections == 3 and pf.last_error == ""
+    finally:
+        await pf.aclose()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+class KnownBug(AssertionError):
+    """A product failure the real cluster shows and that is not fixed yet (named in an xfail's reason)."""
+
+
+#: containerd (1.6) ends the data stream *before* it writes the dial error on the error stream;
+#: the SPDY relay stops at the data stream's FIN and never reads the reason (the probe and the
+#: multiplexed session wait for it; the one-stream relay does not)
+SPDY_REFUSAL_LOST = ("connector/spdy.py SpdyStream._take_frames ends the relay at the data stream's FIN, "
+                     "before the error stream's text: an SPDY forward whose pod stopped listening sets "
+                     "no last_error and logs no warning")
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("protocol", [
+    pytest.param("spdy", marks=pytest.mark.xfail(raises=KnownBug, strict=True, reason=SPDY_REFUSAL_LOST)),
+    "websocket"])
+async def test_cluster_portforward_pod_stops_listening(tcp_echo: tuple[KubeTarget, str] | None, protocol: str,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """The pod closes its port while a forward to it is open: a new local connection is closed by us
+    (not left hanging), and the reason the runtime gives is in `last_error` and in a WARNING."""
+    if tcp_echo is None:
+        if protocol == "spdy":
+            # reached only when the run inside the laptop xfailed with KnownBug (anything else,
+            # an XPASS included, failed the in_cluster fixture already)
+            pytest.xfail(SPDY_REFUSAL_LOST)
+        return
+    t, ns = tcp_echo
+    async with PortForward(t, ns, "echo", ECHO_PORT, protocol) as pf:
+        assert await _roundtrip(pf.local_port, b"before\n", 20) == b"before\n"
+        # the control connection goes without a probe of its own (a probe would already trigger the stop)
+        r, w = await open_stream(t, ns, "echo", STOP_PORT)
+        assert await asyncio.wait_for(r.readline(), 20) == b"stopped\n"
+        w.close()
+        with caplog.at_level(logging.WARNING, logger="tpnb.connector.portforward"):
+            r, w = await asyncio.open_connection("127.0.0.1", pf.local_port)
+            # (nothing written: unread bytes would turn our close into a reset)
+            assert await asyncio.wait_for(r.read(), 20) == b""  # closed by us
+            w.close()
+            try:
+                await _poll(lambda: "connection refused" in pf.last_error, 15, "last_error set")
+            except AssertionError as exc:
+                if protocol == "spdy" and not pf.last_error:
+                    raise KnownBug(SPDY_REFUSAL_LOST) from exc
+                raise
+        warnings = [rec.getMessage() for rec in caplog.records
+                    if rec.name == "tpnb.connector.portforward" and rec.levelno == logging.WARNING]
+        assert any(f"{ns}/echo:{ECHO_PORT}" in m and "connection refused" in m for m in warnings), warnings
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_cluster_portforward_half_close_gets_answer(tcp_echo: tuple[KubeTarget, str] | None,
+                                                          protocol: str) -> None:
+    """A client that shuts down its write side after the request still receives the whole answer,
+    and then the connection ends by itself."""
+    if tcp_echo is None:
+        return
+    t, ns = tcp_echo
+    async with PortForward(t, ns, "echo", ECHO_PORT, protocol) as pf:
+        r, w = await asyncio.open_connection("127.0.0.1", pf.local_port)
+        request = os.urandom(200 * 1024) + b"request"  # a few frames, so the answer is still flowing at the EOF
+        w.write(request)
+        await w.drain()
+        w.write_eof()
+        t0 = time.monotonic()
+        got = await asyncio.wait_for(r.read(), 30)  # to EOF
+        ended = time.monotonic() - t0
+        w.close()
+    assert len(got) == len(request) and got == request
+    # SPDY passes the EOF on and the runtime ends the pod connection (containerd: 1 s later), before our
+    # EOF_LINGER; over WebSocket the pod cannot be told, so the linger's quiet ends it
+    assert ended < (portforward.EOF_LINGER if protocol == "spdy" else portforward.EOF_LINGER + 10), ended
+
+
+@pytest.mark.cluster
+async def test_cluster_open_stream(tcp_echo: tuple[KubeTarget, str] | None) -> None:
+    """`open_stream`: plain asyncio streams to a pod port; a missing pod raises before any data."""
+    if tcp_echo is None:
+        return
+    t, ns = tcp_echo
+    r, w = await open_stream(t, ns, "echo", ECHO_PORT)
+    for line in (b"ping\n", b"pong\n"):
+        w.write(line)
+        await w.drain()
+        assert await asyncio.wait_for(r.readline(), 20) == line
+    w.close()
+    with pytest.raises(ClusterError) as ei:
+        await open_stream(t, ns, "gone", ECHO_PORT)
+    assert 'pods "gone" not found' in ei.value.why, str(ei.value)
+
+
+#: the pods/portforward verb each protocol's upgrade is authorized as (the real API
+#: server: the SPDY upgrade is a POST, the WebSocket one a GET)
+PORTFORWARD_VERB = {"spdy": "create", "websocket": "get"}
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_cluster_portforward_rbac(tcp_echo: tuple[KubeTarget, str] | None, protocol: str,
+                                        tmp_path: Path) -> None:
+    """A ServiceAccount that may read pods but not port-forward is refused, in words that name it,
+    the verb, pods/portforward and the namespace; the other verb alone does not help; with the
+    protocol's verb the same token forwards (so the token is what the API server judged)."""
+    if tcp_echo is None:
+        return
+    t, ns = tcp_echo
+    sa, user = await _service_account(t, ns, "pf-user", tmp_path)
+    rbac = "/apis/rbac.authorization.k8s.io/v1"
+
+    async def grant(*portforward_verbs: str) -> None:
+        rules = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}]
+        if portforward_verbs:
+            rules.append({"apiGroups": [""], "resources": ["pods/portforward"], "verbs": list(portforward_verbs)})
+        await _ssa(t, f"{rbac}/namespaces/{ns}/roles/pf-user", {
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": "pf-user", "namespace": ns}, "rules": rules})
+
+    await grant()
+    await _ssa(t, f"{rbac}/namespaces/{ns}/rolebindings/pf-user", {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "pf-user", "namespace": ns},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pf-user"},
+        "subjects": [{"kind": "ServiceAccount", "name": "pf-user", "namespace": ns}]})
+    await _wait_access(sa, "list", "pods", ns, True)
+
+    need = PORTFORWARD_VERB[protocol]
+    other = "get" if need == "create" else "create"
+    want = f"user '{user}' may not {need} pods/portforward in namespace '{ns}'"
+    with pytest.raises(PermissionDenied) as ei:
+        await PortForward(sa, ns, "echo", ECHO_PORT, protocol).start()
+    assert ei.value.what == want, str(ei.value)
+    assert f"kubectl auth can-i {need} pods/portforward -n {ns}" in ei.value.hint
+    assert "Traceback" not in str(ei.value)
+
+    await grant(other)
+    await _wait_access(sa, other, "pods/portforward", ns, True)
+    with pytest.raises(PermissionDenied) as ei:
+        await PortForward(sa, ns, "echo", ECHO_PORT, protocol).start()
+    assert ei.value.what == want, str(ei.value)
+
+    await grant(need)
+    await _wait_access(sa, need, "pods/portforward", ns, True)
+    await _wait_access(sa, other, "pods/portforward", ns, False)
+    async with PortForward(sa, ns, "echo", ECHO_PORT, protocol) as pf:
+        assert await _roundtrip(pf.local_port, b"allowed\n", 20) == b"allowed\n"
+
+
+# ------------------------------------------------------- the manager (real cluster)
 @pytest.fixture
 def manager_ns(monkeypatch: pytest.MonkeyPatch) -> str:
     """A manager namespace of our own: the shared `tpnb` install is left alone."""
@@ -1052,24 +995,54 @@ async def _assert_uninstalled(t: KubeTarget, ns: str) -> None:
         assert ei.value.status == 404
 
 
+async def _live_manager_pods(t: KubeTarget, ns: str) -> dict[str, dict[str, Any]]:
+    """The manager pods in `ns` that are not being deleted, by name."""
+    sel = ",".join(f"{k}={v}" for k, v in manager_install.SELECTOR.items())
+    res = await kube.request(t, "GET", f"/api/v1/namespaces/{ns}/pods", query={"labelSelector": sel})
+    return {p["metadata"]["name"]: p for p in res["items"] if not p["metadata"].get("deletionTimestamp")}
+
+
+async def _need_images(t: KubeTarget, *images: str) -> None:
+    have = await _images_on_node(t)
+    for image in images:
+        if image not in have:
+            pytest.skip(f"image {image} is not imported into the dev cluster (tpnb devcluster up)")
+
+
+Lines = list[tuple[str, str, float]]
+
+
 @pytest.mark.cluster
 async def test_cluster_manager_image_missing(in_cluster: KubeTarget | None, manager_ns: str) -> None:
+    """An image the cluster does not have: named, with how to load it; the pod in back-off is replaced
+    once (the image may have arrived since); nothing Ready is reported; uninstall cleans up, twice."""
     t = in_cluster
     if t is None:
         return
     image = "tpnb.local/tpnb:0.0.0-kube-side-missing"
-    lines: list[tuple[str, str, float]] = []
+    lines: Lines = []
+    steps: list[str] = []
     t0 = time.monotonic()
     try:
         with pytest.raises(ClusterError) as ei:
             await manager_install.ensure_manager(t, image, lambda *a: lines.append(a))
         assert time.monotonic() - t0 < 150
         assert f"image {image} is not in the cluster" in ei.value.what, str(ei.value)
-        assert "tpnb devcluster up" in ei.value.hint
+        assert "tpnb devcluster up" in ei.value.hint and "kind load image-archive" in ei.value.hint
         assert lines and lines[0][0] == "install"
+        # the first pod the progress named was deleted once; its replacement failed the same way
+        named = [m.split()[1].rstrip(":") for _, m, _ in lines if m.startswith("pod traffic-manager-")]
+        assert named, lines
+        first = named[0]
+        live = await _live_manager_pods(t, manager_ns)
+        assert live and first not in live, (first, list(live))
+        with pytest.raises(ClusterError, match="no ready traffic-manager pod"):
+            await manager_install.find_manager_pod(t)
     finally:
-        await manager_install.uninstall_manager(t, lambda *a: lines.append(a))
+        await manager_install.uninstall_manager(t, lambda s, m, f: steps.append(m))
+    assert steps[-1] == "traffic-manager removed"
     await _assert_uninstalled(t, manager_ns)
+    await manager_install.uninstall_manager(t, None)  # nothing left to remove: no error
 
 
 @pytest.mark.cluster
@@ -1099,4 +1072,245 @@ async def test_cluster_manager_end_to_end(in_cluster: KubeTarget | None, manager
         assert info.name == "traffic-manager"
     finally:
         await manager_install.uninstall_manager(t, None)
+    await _assert_uninstalled(t, manager_ns)
+
+
+@pytest.mark.cluster
+async def test_cluster_manager_timeout_upgrade_reuse_reconfigure(in_cluster: KubeTarget | None, manager_ns: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Version A is the echoserver image: it runs, ignores the manager's arguments and never opens
+    the agents' port, so the rollout times out saying so.  tpnb's image then upgrades it ("A -> B",
+    a new pod, Ready); asking once more reuses it: same pod, same Deployment generation; another
+    setting (same image) rolls out a new pod."""
+    t = in_cluster
+    if t is None:
+        return
+    from tpnb import config
+    from tpnb.imageref import default_image
+
+    image = default_image()
+    await _need_images(t, ECHO_IMAGE, image)
+    tag = manager_install.image_tag(image)
+    lines: Lines = []
+    dep_path = f"/apis/apps/v1/namespaces/{manager_ns}/deployments/{manager_install.NAME}"
+    try:
+        monkeypatch.setattr(config.get().timeouts, "rollout", 25.0)
+        t0 = time.monotonic()
+        with pytest.raises(ClusterError) as ei:
+            await manager_install.ensure_manager(t, ECHO_IMAGE, lambda *a: lines.append(a))
+        assert 25 <= time.monotonic() - t0 < 60
+        assert ei.value.what == "the traffic-manager did not become ready within 25s", str(ei.value)
+        assert "running, not ready yet" in ei.value.why, str(ei.value)
+        assert "raise timeouts.rollout" in ei.value.hint
+        assert lines[0][:2] == ("install", f"installing traffic-manager 1.4 in namespace {manager_ns}")
+        assert all(0 <= f <= 1 for _, _, f in lines)
+        old = await _live_manager_pods(t, manager_ns)
+        assert len(old) == 1
+
+        monkeypatch.setattr(config.get().timeouts, "rollout", 150.0)
+        lines.clear()
+        h = await manager_install.ensure_manager(t, image, lambda *a: lines.append(a))
+        assert lines[0][:2] == ("upgrade", f"upgrading traffic-manager 1.4 -> {tag}"), lines[0]
+        assert lines[-1][0] == "ready" and lines[-1][2] == 1.0
+        assert (h.namespace, h.version) == (manager_ns, tag) and h.pod not in old
+        assert await manager_install.find_manager_pod(t) == h.pod
+        dep = await kube.request(t, "GET", dep_path)
+        pod = (await _live_manager_pods(t, manager_ns))[h.pod]
+
+        lines.clear()
+        h2 = await manager_install.ensure_manager(t, image, lambda *a: lines.append(a))
+        assert h2.pod == h.pod
+        assert lines[0][:2] == ("reuse", f"traffic-manager {tag} already installed in {manager_ns}")
+        assert lines[-1][0] == "ready" and {s for s, _, _ in lines} <= {"reuse", "wait", "ready"}, lines
+        # nothing applied: the spec's generation and the pod are the same
+        # (a no-op apply would leave no trace on a real API server; what a write would change did not)
+        dep2 = await kube.request(t, "GET", dep_path)
+        assert dep2["metadata"]["generation"] == dep["metadata"]["generation"]
+        assert dep2["metadata"]["annotations"] == dep["metadata"]["annotations"]
+        pod2 = (await _live_manager_pods(t, manager_ns))[h.pod]
+        assert pod2["metadata"]["uid"] == pod["metadata"]["uid"]
+        assert [c["restartCount"] for c in pod2["status"]["containerStatuses"]] == \
+            [c["restartCount"] for c in pod["status"]["containerStatuses"]]
+
+        # same image, other settings (they are in the manifests' hash): applied and rolled out
+        monkeypatch.setattr(config.get().manager, "session_ttl", config.get().manager.session_ttl + 5)
+        lines.clear()
+        h3 = await manager_install.ensure_manager(t, image, lambda *a: lines.append(a))
+        assert lines[0][:2] == ("upgrade", "updating the traffic-manager's configuration"), lines[0]
+        assert h3.pod != h.pod and h3.version == tag
+        dep3 = await kube.request(t, "GET", dep_path)
+        assert dep3["metadata"]["generation"] > dep["metadata"]["generation"]
+        env = {e["name"]: e.get("value") for e in dep3["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["TPNB_MANAGER_SESSION_TTL"] == str(config.get().manager.session_ttl)
+    finally:
+        await manager_install.uninstall_manager(t, None)
+    await _assert_uninstalled(t, manager_ns)
+
+
+#: a gRPC port the manager cannot bind: privileged, and the manager's container drops every capability
+UNBINDABLE_PORT = 1
+
+
+async def _crash_manager(t: KubeTarget, image: str, monkeypatch: pytest.MonkeyPatch, lines: Lines) -> ClusterError:
+    """Install a manager that exits at start (`UNBINDABLE_PORT`); returns the error connect reports."""
+    from tpnb import config
+
+    monkeypatch.setattr(config.get().manager, "grpc_port", UNBINDABLE_PORT)
+    with pytest.raises(ClusterError) as ei:
+        await manager_install.ensure_manager(t, image, lambda *a: lines.append(a))
+    return ei.value
+
+
+@pytest.mark.cluster
+async def test_cluster_manager_crashloop(in_cluster: KubeTarget | None, manager_ns: str,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A manager that exits at start is reported as a crash loop with its exit code and the last
+    lines it logged (the real traceback), long before the rollout timeout."""
+    t = in_cluster
+    if t is None:
+        return
+    from tpnb.imageref import default_image
+
+    image = default_image()
+    await _need_images(t, image)
+    lines: Lines = []
+    t0 = time.monotonic()
+    try:
+        err = await _crash_manager(t, image, monkeypatch, lines)
+        assert time.monotonic() - t0 < 100  # the fixture's rollout timeout is 150 s
+        assert f"the traffic-manager pod {manager_ns}/traffic-manager-" in err.what, str(err)
+        assert err.what.endswith("keeps crashing (exit code 1)"), str(err)
+        assert err.why.startswith("last log lines:\n"), err.why
+        assert f"RuntimeError: Failed to bind to address 127.0.0.1:{UNBINDABLE_PORT}" in err.why, err.why
+        assert "--previous" in err.hint and "tpnb uninstall" in err.hint
+        assert lines[0][0] == "install"
+    finally:
+        await manager_install.uninstall_manager(t, None)
+    await _assert_uninstalled(t, manager_ns)
+
+
+#: `_pod_problem` tells the new pods from the old ones by image only: right after a configuration-only
+#: change (same image), before the controllers have marked the old pod for deletion, the old
+#: crash-looping pod is taken for the new one -- a race the dev cluster loses about 2 times in 3
+SAME_IMAGE_OLD_POD = ("connector/manager_install.py _wait_rollout/_pod_problem judge every pod with the new "
+                      "image, so a configuration-only repair of a crash-looping manager often fails at once, "
+                      "blaming the old pod (the next connect then succeeds)")
+#: crash/repair rounds: the bug is a race, so one clean round proves little
+REPAIR_ROUNDS = 6
+
+
+@pytest.mark.cluster
+@pytest.mark.xfail(raises=KnownBug, strict=True, reason=SAME_IMAGE_OLD_POD)
+async def test_cluster_manager_crash_repaired_by_config(in_cluster: KubeTarget | None, manager_ns: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Setting the port right again after a crash loop is a configuration-only upgrade that brings
+    the manager up in one go, every time."""
+    t = in_cluster
+    if t is None:
+        # reached only when the run inside the laptop xfailed with KnownBug
+        pytest.xfail(SAME_IMAGE_OLD_POD)
+    from tpnb import config
+    from tpnb.imageref import default_image
+
+    image = default_image()
+    await _need_images(t, image)
+    lines: Lines = []
+    try:
+        for round_ in range(REPAIR_ROUNDS):
+            err = await _crash_manager(t, image, monkeypatch, lines)
+            assert "keeps crashing" in err.what, str(err)
+            crashed = await _live_manager_pods(t, manager_ns)
+            monkeypatch.setattr(config.get().manager, "grpc_port", 8081)
+            lines.clear()
+            try:
+                h = await manager_install.ensure_manager(t, image, lambda *a: lines.append(a))
+            except ClusterError as exc:
+                if any(name in exc.what for name in crashed):
+                    raise KnownBug(f"round {round_ + 1}: {SAME_IMAGE_OLD_POD}: {exc.what}") from exc
+                raise
+            assert lines[0][:2] == ("upgrade", "updating the traffic-manager's configuration"), lines[0]
+            assert h.pod not in crashed
+    finally:
+        await manager_install.uninstall_manager(t, None)
+    await _assert_uninstalled(t, manager_ns)
+
+
+def _installer_rules(image: str, ns: str, cluster_rbac: bool) -> list[dict[str, Any]]:
+    """What installing a manager in `ns` takes, without creating its ClusterRole/Binding unless
+    `cluster_rbac`.  The manager's own read rights are included: RBAC grants only what one holds."""
+    rules = [dict(r) for r in manager_install.manifests(image, ns)[2]["rules"]]
+    rules += [
+        {"apiGroups": [""], "resources": ["namespaces", "serviceaccounts", "services"],
+         "verbs": ["get", "create", "patch"]},
+        {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "create", "patch"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "delete"]},
+        {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+    ]
+    if cluster_rbac:
+        rules.append({"apiGroups": ["rbac.authorization.k8s.io"],
+                      "resources": ["clusterroles", "clusterrolebindings"], "verbs": ["get", "create", "patch"]})
+    return rules
+
+
+@pytest.mark.cluster
+async def test_cluster_manager_rbac_refused_then_allowed(in_cluster: KubeTarget | None, manager_ns: str,
+                                                         tmp_path: Path) -> None:
+    """A user who may create the namespace and everything in it, but not the manager's cluster-wide
+    RBAC, is refused before anything is applied (the namespace does not exist afterwards), told
+    what is missing and the admin's Helm way; once granted that too, the same user installs it."""
+    t = in_cluster
+    if t is None:
+        return
+    from kubernetes.client import ApiException
+    from tpnb.imageref import default_image
+
+    image = default_image()
+    await _need_images(t, image)
+    rbac = "/apis/rbac.authorization.k8s.io/v1"
+    name = f"tpnb-kt-installer-{uuid.uuid4().hex[:6]}"
+    lines: Lines = []
+
+    async def grant(user_ns: str, cluster_rbac: bool) -> None:
+        await _ssa(t, f"{rbac}/clusterroles/{name}", {
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": name},
+            "rules": _installer_rules(image, manager_ns, cluster_rbac)})
+        await _ssa(t, f"{rbac}/clusterrolebindings/{name}", {
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": "installer", "namespace": user_ns}]})
+
+    try:
+        async with _namespace(t, "tpnb-kt-sa") as user_ns:
+            sa, _user = await _service_account(t, user_ns, "installer", tmp_path)
+            await grant(user_ns, cluster_rbac=False)
+            await _wait_access(sa, "create", "namespaces", None, True)
+
+            with pytest.raises(PermissionDenied) as ei:
+                await manager_install.ensure_manager(sa, image, lambda *a: lines.append(a))
+            assert ei.value.what == f"no traffic-manager in namespace {manager_ns}, and you may not install one"
+            assert ei.value.why == ("installing it needs rights you lack: "
+                                    "create clusterroles.rbac.authorization.k8s.io (cluster-wide); "
+                                    "create clusterrolebindings.rbac.authorization.k8s.io (cluster-wide)"), ei.value.why
+            assert f"helm install traffic-manager charts/traffic-manager -n {manager_ns}" in ei.value.hint
+            assert not [m for _, m, _ in lines if m.startswith("applied")]
+            for path in (f"/api/v1/namespaces/{manager_ns}",
+                         f"{rbac}/clusterroles/{manager_install.rbac_name(manager_ns)}"):
+                with pytest.raises(ApiException) as ae:  # asked before applying: nothing half-installed
+                    await kube.request(t, "GET", path)
+                assert ae.value.status == 404, path
+
+            await grant(user_ns, cluster_rbac=True)
+            await _wait_access(sa, "create", "clusterrolebindings.rbac.authorization.k8s.io", None, True)
+            lines.clear()
+            h = await manager_install.ensure_manager(sa, image, lambda *a: lines.append(a))
+            assert lines[0][0] == "install" and lines[-1][0] == "ready", lines
+            assert h.namespace == manager_ns and await manager_install.find_manager_pod(t) == h.pod
+    finally:
+        await manager_install.uninstall_manager(t, None)
+        for kind in ("clusterrolebindings", "clusterroles"):
+            try:
+                await kube.request(t, "DELETE", f"{rbac}/{kind}/{name}")
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
     await _assert_uninstalled(t, manager_ns)
