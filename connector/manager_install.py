@@ -186,6 +186,9 @@ def manifests(image: str, namespace: str | None = None, grpc_port: int | None = 
     ]
     digest = hashlib.sha256(json.dumps(objs, sort_keys=True).encode()).hexdigest()[:16]
     objs[-1]["metadata"]["annotations"] = {HASH_ANNOTATION: digest}
+    # the pods carry it too: after a change that keeps the image (configuration only), it is what tells
+    # the new pod from the old one, still there (and maybe crash-looping) until the controller acts
+    objs[-1]["spec"]["template"]["metadata"]["annotations"] = {HASH_ANNOTATION: digest}
     return objs
 
 
@@ -338,6 +341,13 @@ def _pod_ready(pod: dict[str, Any]) -> bool:
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
 
 
+def _is_wanted(pod: dict[str, Any], image: str, want_hash: str) -> bool:
+    """Whether `pod` is of the manifests being rolled out: by their hash where the pod carries one, else
+    (a pod of a tpnb that did not annotate pods) by image."""
+    have = ((pod.get("metadata") or {}).get("annotations") or {}).get(HASH_ANNOTATION)
+    return have == want_hash if have is not None else _pod_image(pod) == image
+
+
 def _pod_image(pod: dict[str, Any]) -> str:
     for c in (pod.get("spec") or {}).get("containers") or []:
         if c.get("name") == "manager":
@@ -386,7 +396,7 @@ def _image_missing_error(image: str, reason: str, message: str) -> ClusterError:
     )
 
 
-async def _pod_problem(t: KubeTarget, namespace: str, pods: list[dict[str, Any]], image: str,
+async def _pod_problem(t: KubeTarget, namespace: str, pods: list[dict[str, Any]], image: str, want_hash: str,
                        retried: set[str] | None = None) -> ClusterError | None:
     """A fatal problem of the new manager pod, or None while it may still come up.
 
@@ -396,7 +406,7 @@ async def _pod_problem(t: KubeTarget, namespace: str, pods: list[dict[str, Any]]
     replacement pulls at once, and only a replacement failing too is fatal.
     """
     for pod in pods:
-        if (pod.get("metadata") or {}).get("deletionTimestamp") or _pod_image(pod) != image:
+        if (pod.get("metadata") or {}).get("deletionTimestamp") or not _is_wanted(pod, image, want_hash):
             continue
         name = pod["metadata"]["name"]
         for cs in (pod.get("status") or {}).get("containerStatuses") or []:
@@ -441,7 +451,7 @@ def _describe_pending(pods: list[dict[str, Any]], dep: dict[str, Any] | None) ->
             if waiting:
                 return f"pod {pod['metadata']['name']}: {waiting.get('reason')} {waiting.get('message', '')}".strip()
         if pod.get("status", {}).get("phase") == "Running" and not _pod_ready(pod):
-            return f"pod {pod['metadata']['name']} running, not ready yet (readiness probe on the gRPC port)"
+            return f"pod {pod['metadata']['name']} running, not ready yet (readiness probe on the agents' port)"
     if not pods:
         for c in ((dep or {}).get("status") or {}).get("conditions") or []:
             if c.get("status") == "False" or c.get("type") == "ReplicaFailure":
@@ -534,7 +544,7 @@ async def ensure_manager(t: KubeTarget, image: str, progress: Progress | None = 
             await _apply(t, obj)
             progress(step, f"applied {obj['kind']} {obj['metadata']['name']}", 0.05 + 0.25 * (i + 1) / len(objs))
 
-    pod = await _wait_rollout(t, ns, dep_path, image, deadline, progress, step)
+    pod = await _wait_rollout(t, ns, dep_path, image, want_hash, deadline, progress, step)
     progress("ready", f"traffic-manager {image_tag(image)} ready ({ns}/{pod})", 1.0)
     return ManagerHandle(namespace=ns, pod=pod, version=image_tag(image), image=image)
 
@@ -609,7 +619,7 @@ def _rollout_complete(dep: dict[str, Any]) -> bool:
     )
 
 
-async def _wait_rollout(t: KubeTarget, ns: str, dep_path: str, image: str, deadline: float,
+async def _wait_rollout(t: KubeTarget, ns: str, dep_path: str, image: str, want_hash: str, deadline: float,
                         progress: Progress, step: str) -> str:
     last_note = ""
     started = time.monotonic()
@@ -618,14 +628,14 @@ async def _wait_rollout(t: KubeTarget, ns: str, dep_path: str, image: str, deadl
         dep = await _get(t, dep_path, "deployments.apps", ns)
         pods = await _manager_pods(t, ns)
         if dep and _rollout_complete(dep):
-            ready = [p for p in pods if _pod_ready(p) and _pod_image(p) == image]
+            ready = [p for p in pods if _pod_ready(p) and _is_wanted(p, image, want_hash)]
             if ready:
                 ready.sort(key=lambda p: (p.get("metadata") or {}).get("creationTimestamp", ""), reverse=True)
                 return str(ready[0]["metadata"]["name"])
-        problem = await _pod_problem(t, ns, pods, image, retried)
+        problem = await _pod_problem(t, ns, pods, image, want_hash, retried)
         if problem is not None:
             raise problem
-        note = _describe_pending([p for p in pods if _pod_image(p) == image], dep)
+        note = _describe_pending([p for p in pods if _is_wanted(p, image, want_hash)], dep)
         if note != last_note:
             elapsed = time.monotonic() - started
             total = max(deadline - started, 1.0)
