@@ -50,7 +50,7 @@ from tpnb import config
 from tpnb.errors import ClusterError
 
 from .kube import KubeTarget, connect_error, path_quote
-from .spdy import SpdyError, SpdyStream, SpdyUnsupported, http_error
+from .spdy import REFUSAL_WAIT, SpdyError, SpdyStream, SpdyUnsupported, http_error
 from .spdy import open_stream as spdy_open_stream
 
 log = logging.getLogger(__name__)
@@ -326,6 +326,7 @@ class _SpdyRelay(_Relay):
         for data in self.early:
             await loop.sock_sendall(self.sock, data)
         await self.stream.pump_down(self.sock, self._activity.set)
+        await self.stream.await_refusal(REFUSAL_WAIT)
 
     async def _close_remote(self) -> None:
         await self.stream.aclose()

@@ -341,6 +341,8 @@ class SpdyStream:
         #: the server finished the error stream (after the error text, if any)
         self.error_done = False
         self._sent_fin = False
+        #: data-stream bytes the relay took from the server
+        self.received = 0
 
     # ------------------------------------------------------------ frames
     def _syn_stream(self, stream_id: int, kind: str, fin: bool) -> bytes:
@@ -512,6 +514,7 @@ class SpdyStream:
             out, ended = self._take_frames()
             if out:
                 total = sum(len(v) for v in out)
+                self.received += total
                 try:
                     sent = sock.sendmsg(out)
                 except BlockingIOError:
@@ -539,6 +542,18 @@ class SpdyStream:
             await done
         finally:
             finish()
+
+    async def await_refusal(self, wait: float) -> None:
+        """After the data stream ended with nothing on it: read on for up to `wait` s for the error stream.
+
+        A failed dial ends the data stream, and the runtime may write why only after that (containerd
+        1.6 sends the data stream's FIN first), so a relay that stopped at the FIN would lose the reason."""
+        if not self.remote_fin or self.received or self.error or self.error_done:
+            return
+        with contextlib.suppress(TimeoutError, SpdyError, OSError):
+            async with asyncio.timeout(wait):
+                while not self.error and await self.next_event():
+                    pass
 
     async def pump_up(self, sock: socket.socket) -> int:
         """Local socket -> data frames until local EOF, then FIN; returns bytes sent."""

@@ -825,31 +825,13 @@ async def test_cluster_portforward_roundtrip_large(tcp_echo: tuple[KubeTarget, s
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
 
 
-class KnownBug(AssertionError):
-    """A product failure the real cluster shows and that is not fixed yet (named in an xfail's reason)."""
-
-
-#: containerd (1.6) ends the data stream *before* it writes the dial error on the error stream;
-#: the SPDY relay stops at the data stream's FIN and never reads the reason (the probe and the
-#: multiplexed session wait for it; the one-stream relay does not)
-SPDY_REFUSAL_LOST = ("connector/spdy.py SpdyStream._take_frames ends the relay at the data stream's FIN, "
-                     "before the error stream's text: an SPDY forward whose pod stopped listening sets "
-                     "no last_error and logs no warning")
-
-
 @pytest.mark.cluster
-@pytest.mark.parametrize("protocol", [
-    pytest.param("spdy", marks=pytest.mark.xfail(raises=KnownBug, strict=True, reason=SPDY_REFUSAL_LOST)),
-    "websocket"])
+@pytest.mark.parametrize("protocol", ["spdy", "websocket"])
 async def test_cluster_portforward_pod_stops_listening(tcp_echo: tuple[KubeTarget, str] | None, protocol: str,
                                                        caplog: pytest.LogCaptureFixture) -> None:
     """The pod closes its port while a forward to it is open: a new local connection is closed by us
     (not left hanging), and the reason the runtime gives is in `last_error` and in a WARNING."""
     if tcp_echo is None:
-        if protocol == "spdy":
-            # reached only when the run inside the laptop xfailed with KnownBug (anything else,
-            # an XPASS included, failed the in_cluster fixture already)
-            pytest.xfail(SPDY_REFUSAL_LOST)
         return
     t, ns = tcp_echo
     async with PortForward(t, ns, "echo", ECHO_PORT, protocol) as pf:
@@ -863,12 +845,8 @@ async def test_cluster_portforward_pod_stops_listening(tcp_echo: tuple[KubeTarge
             # (nothing written: unread bytes would turn our close into a reset)
             assert await asyncio.wait_for(r.read(), 20) == b""  # closed by us
             w.close()
-            try:
-                await _poll(lambda: "connection refused" in pf.last_error, 15, "last_error set")
-            except AssertionError as exc:
-                if protocol == "spdy" and not pf.last_error:
-                    raise KnownBug(SPDY_REFUSAL_LOST) from exc
-                raise
+            # (over SPDY containerd ends the data stream before it writes why: the relay reads on for it)
+            await _poll(lambda: "connection refused" in pf.last_error, 15, "last_error set")
         warnings = [rec.getMessage() for rec in caplog.records
                     if rec.name == "tpnb.connector.portforward" and rec.levelno == logging.WARNING]
         assert any(f"{ns}/echo:{ECHO_PORT}" in m and "connection refused" in m for m in warnings), warnings
