@@ -564,7 +564,7 @@ async def use_installed(t: KubeTarget, ns: str, dep: dict[str, Any] | None, prog
             raise PermissionDenied(
                 f"cannot find a traffic-manager in namespace {ns}: {exc.what}",
                 exc.why,
-                f"if a cluster admin installed it there, ask for get/list on pods and create on pods/portforward "
+                f"if a cluster admin installed it there, ask for get/list on pods and create (or get) on pods/portforward "
                 f"in {ns} (README: RBAC); if none is installed, {helm_install_hint(ns, config.get().manager_image)}",
             ) from None
         ready = [p for p in pods if _pod_ready(p)]

@@ -47,7 +47,7 @@ from websockets.exceptions import (
 )
 
 from tpnb import config
-from tpnb.errors import ClusterError
+from tpnb.errors import ClusterError, PermissionDenied
 
 from .kube import KubeTarget, connect_error, path_quote
 from .spdy import REFUSAL_WAIT, SpdyError, SpdyStream, SpdyUnsupported, http_error
@@ -390,6 +390,20 @@ class PortForward:
                                        "set daemon.portforward_protocol to websocket or auto") from None
                 log.info("port-forward %s: SPDY refused (%s); using WebSocket", self.label, exc)
                 self.protocol = "websocket"
+            except PermissionDenied as exc:
+                # the API server authorizes the SPDY upgrade as `create` and the WebSocket one as `get`
+                # on pods/portforward: a user granted only `get` still forwards over WebSocket
+                if self.protocol == "spdy":
+                    raise
+                try:
+                    await self._probe_ws()
+                except PermissionDenied:
+                    exc.hint = (f"grant get and create on pods/portforward in namespace {self.namespace} "
+                                "(SPDY port-forwards need create, WebSocket ones get); " + exc.hint).strip("; ")
+                    raise exc from None
+                log.info("port-forward %s: SPDY refused by RBAC (%s); using WebSocket", self.label, exc.what)
+                self.protocol = "websocket"
+                return
         await self._probe_ws()
 
     async def _probe_spdy(self) -> None:

@@ -91,7 +91,8 @@ def http_error(status: int, reason: str, body: bytes, namespace: str, pod: str, 
     if status == 403:
         from kubernetes.client import ApiException
 
-        # 1.30+ checks "create" on pods/portforward for the WebSocket GET too
+        # the SPDY upgrade (a POST) is authorized as "create" on pods/portforward, the WebSocket one (a GET)
+        # as "get" (1.32); rbac_error takes the verb from the server's own words where it can
         return rbac_error(ApiException(status=403, reason="Forbidden", body=body.decode("utf-8", "replace")),
                           "create", "pods/portforward", namespace)
     if status == 401:

@@ -70,6 +70,22 @@ def test_config_rejects_unknown_keys(tmp_path, monkeypatch) -> None:
         config.load()
 
 
+def test_config_rejects_ports_out_of_range(tmp_path, monkeypatch) -> None:
+    f = tmp_path / "config.yaml"
+    f.write_text("manager:\n  grpc_port: 70000\n")
+    monkeypatch.setenv("TPNB_CONFIG", str(f))
+    with pytest.raises(errors.ConfigError) as ei:
+        config.load()  # gRPC itself would bind 4464 (70000 mod 65536) without a word
+    assert ei.value.what == f"invalid value 70000 for manager.grpc_port (set in {f})"
+    assert "1-65535" in ei.value.why
+    monkeypatch.setenv("TPNB_AGENT_PORT", "0")
+    f.write_text("manager:\n  grpc_port: 8081\n")
+    with pytest.raises(errors.ConfigError, match="invalid value 0 for agent.port"):
+        config.load()
+    monkeypatch.setenv("TPNB_AGENT_PORT", "9900")
+    assert config.load().manager.grpc_port == 8081
+
+
 def test_config_view_shows_sources(tmp_path) -> None:
     f = tmp_path / "config.yaml"
     f.write_text("logs:\n  level: debug\n")

@@ -936,6 +936,10 @@ async def test_cluster_portforward_rbac(tcp_echo: tuple[KubeTarget, str] | None,
     assert ei.value.what == want, str(ei.value)
     assert f"kubectl auth can-i {need} pods/portforward -n {ns}" in ei.value.hint
     assert "Traceback" not in str(ei.value)
+    if protocol == "websocket":  # "auto" tries both, and then names both verbs
+        with pytest.raises(PermissionDenied) as ei:
+            await PortForward(sa, ns, "echo", ECHO_PORT, "auto").start()
+        assert f"grant get and create on pods/portforward in namespace {ns}" in ei.value.hint, str(ei.value)
 
     await grant(other)
     await _wait_access(sa, other, "pods/portforward", ns, True)
@@ -948,6 +952,10 @@ async def test_cluster_portforward_rbac(tcp_echo: tuple[KubeTarget, str] | None,
     await _wait_access(sa, other, "pods/portforward", ns, False)
     async with PortForward(sa, ns, "echo", ECHO_PORT, protocol) as pf:
         assert await _roundtrip(pf.local_port, b"allowed\n", 20) == b"allowed\n"
+    if protocol == "websocket":  # only `get`: "auto" is refused over SPDY and forwards over WebSocket
+        async with PortForward(sa, ns, "echo", ECHO_PORT, "auto") as pf:
+            assert pf.protocol == "websocket"
+            assert await _roundtrip(pf.local_port, b"auto\n", 20) == b"auto\n"
 
 
 # ------------------------------------------------------- the manager (real cluster)

@@ -247,6 +247,21 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+def _check_ports(cfg: Config) -> None:
+    """Every `*port` setting is a TCP port: gRPC, for one, silently wraps 70000 to 4464."""
+    for f in dataclasses.fields(cfg):
+        sect = getattr(cfg, f.name)
+        if f.name == "sources" or not dataclasses.is_dataclass(sect):
+            continue
+        for g in dataclasses.fields(sect):
+            value = getattr(sect, g.name)
+            if (g.name == "port" or g.name.endswith("_port")) and type(value) is int and not 1 <= value <= 65535:
+                dotted = f"{f.name}.{g.name}"
+                raise ConfigError(f"invalid value {value!r} for {dotted} (set in {cfg.sources.get(dotted)})",
+                                  "expected a TCP port, 1-65535",
+                                  "fix the value or remove it to use the default (see `tpnb config view`)")
+
+
 def _check_choices(cfg: Config) -> None:
     for dotted, allowed in CHOICES.items():
         sect, key = dotted.split(".")
@@ -297,6 +312,7 @@ def load() -> Config:
                 setattr(obj, key, _coerce(getattr(obj, key), os.environ[var], var))
                 cfg.sources[f"{sect}.{key}"] = var
     _check_choices(cfg)
+    _check_ports(cfg)
     return cfg
 
 
