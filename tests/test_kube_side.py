@@ -511,8 +511,7 @@ async def echo_pod(in_cluster: KubeTarget | None):  # type: ignore[no-untyped-de
     if t is None:
         yield None
         return
-    if ECHO_IMAGE not in await _images_on_node(t):
-        pytest.skip(f"{ECHO_IMAGE} is not imported into the dev cluster")
+    await _need_images(t, ECHO_IMAGE)
     ns = f"tpnb-kt-{uuid.uuid4().hex[:6]}"
     await kube.request(t, "POST", "/api/v1/namespaces",
                        body={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
@@ -767,11 +766,7 @@ async def tcp_echo(in_cluster: KubeTarget | None) -> AsyncIterator[tuple[KubeTar
     if t is None:
         yield None
         return
-    from tpnb.imageref import default_image
-
-    image = default_image()
-    if image not in await _images_on_node(t):
-        pytest.skip(f"tpnb image {image} is not imported into the dev cluster (tpnb devcluster up)")
+    image = await _tpnb_image(t)
     async with _namespace(t) as ns:
         await kube.request(t, "POST", f"/api/v1/namespaces/{ns}/pods", body={
             "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "echo"},
@@ -989,10 +984,20 @@ async def _live_manager_pods(t: KubeTarget, ns: str) -> dict[str, dict[str, Any]
 
 
 async def _need_images(t: KubeTarget, *images: str) -> None:
+    """`tpnb devcluster up` imports these: one missing is a broken dev cluster, not a reason to skip."""
     have = await _images_on_node(t)
     for image in images:
         if image not in have:
-            pytest.skip(f"image {image} is not imported into the dev cluster (tpnb devcluster up)")
+            pytest.fail(f"image {image} is not imported into the dev cluster: run `tpnb devcluster up`")
+
+
+async def _tpnb_image(t: KubeTarget, *others: str) -> str:
+    """The project image (manager and agent), checked to be in the dev cluster with `others`."""
+    from tpnb.imageref import default_image
+
+    image = default_image()
+    await _need_images(t, *others, image)
+    return image
 
 
 Lines = list[tuple[str, str, float]]
@@ -1037,11 +1042,7 @@ async def test_cluster_manager_end_to_end(in_cluster: KubeTarget | None, manager
     t = in_cluster
     if t is None:
         return
-    from tpnb.imageref import default_image
-
-    image = default_image()
-    if image not in await _images_on_node(t):
-        pytest.skip(f"tpnb image {image} is not imported into the dev cluster (tpnb devcluster up)")
+    image = await _tpnb_image(t)
     import grpc
 
     from tpnb.proto import tpnb_pb2, tpnb_pb2_grpc
@@ -1072,10 +1073,7 @@ async def test_cluster_manager_timeout_upgrade_reuse_reconfigure(in_cluster: Kub
     if t is None:
         return
     from tpnb import config
-    from tpnb.imageref import default_image
-
-    image = default_image()
-    await _need_images(t, ECHO_IMAGE, image)
+    image = await _tpnb_image(t, ECHO_IMAGE)
     tag = manager_install.image_tag(image)
     lines: Lines = []
     dep_path = f"/apis/apps/v1/namespaces/{manager_ns}/deployments/{manager_install.NAME}"
@@ -1155,10 +1153,7 @@ async def test_cluster_manager_crashloop(in_cluster: KubeTarget | None, manager_
     t = in_cluster
     if t is None:
         return
-    from tpnb.imageref import default_image
-
-    image = default_image()
-    await _need_images(t, image)
+    image = await _tpnb_image(t)
     lines: Lines = []
     t0 = time.monotonic()
     try:
@@ -1191,10 +1186,7 @@ async def test_cluster_manager_crash_repaired_by_config(in_cluster: KubeTarget |
     if t is None:
         return
     from tpnb import config
-    from tpnb.imageref import default_image
-
-    image = default_image()
-    await _need_images(t, image)
+    image = await _tpnb_image(t)
     lines: Lines = []
     try:
         for round_ in range(REPAIR_ROUNDS):
@@ -1241,10 +1233,8 @@ async def test_cluster_manager_rbac_refused_then_allowed(in_cluster: KubeTarget 
     if t is None:
         return
     from kubernetes.client import ApiException
-    from tpnb.imageref import default_image
 
-    image = default_image()
-    await _need_images(t, image)
+    image = await _tpnb_image(t)
     rbac = "/apis/rbac.authorization.k8s.io/v1"
     name = f"tpnb-kt-installer-{uuid.uuid4().hex[:6]}"
     lines: Lines = []
