@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import json
 import threading
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -34,12 +33,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from test_kube_side import DEVCLUSTER_KUBECONFIG, _wait_gone, in_cluster, write_kubeconfig  # noqa: F401
+from test_kube_side import (_access_is, _poll, _service_account, _wait_access, _wait_gone,  # noqa: F401
+                            in_cluster)
 
 from tpnb import config
 from tpnb.connector import agent_injector as inj
 from tpnb.connector import kube
-from tpnb.connector.kube import KubeTarget, load_target
+from tpnb.connector.kube import KubeTarget
 from tpnb.errors import InterceptError, PermissionDenied
 from tpnb.imageref import default_image
 
@@ -172,17 +172,6 @@ async def _live_pods(t: KubeTarget, ns: str) -> list[dict[str, Any]]:
     return [p for p in doc["items"] if not p["metadata"].get("deletionTimestamp")]
 
 
-async def _until(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Await `check()` until it is truthy: the cluster settles in its own time."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = await check()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f}s"
-        await asyncio.sleep(1)
-
-
 async def _deploy_hello(t: KubeTarget, ns: str) -> None:
     """The Deployment `hello` (echoserver on 8080) and Service `hello` 80 -> 8080, rolled out."""
     await kube.request(t, "POST", f"/apis/apps/v1/namespaces/{ns}/deployments", body={
@@ -201,7 +190,7 @@ async def _deploy_hello(t: KubeTarget, ns: str) -> None:
         pods = await _live_pods(t, ns)
         return len(pods) == 1 and _ready(pods[0])
 
-    await _until(one_ready_pod, 180, f"a Ready pod of Deployment {APP}")
+    await _poll(one_ready_pod, 180, f"a Ready pod of Deployment {APP}", interval=1)
 
 
 def _containers(pod: dict[str, Any]) -> list[str]:
@@ -408,23 +397,6 @@ async def _grant(t: KubeTarget, ns: str, name: str, rules: list[dict[str, Any]])
         "subjects": [{"kind": "ServiceAccount", "name": SA, "namespace": ns}]})
 
 
-async def _may(t: KubeTarget, ns: str, verb: str, group: str, resource: str) -> bool:
-    """What the API server's authorizer says for `t`'s identity right now (RBAC takes a moment to apply)."""
-    got = await kube.request(t, "POST", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", body={
-        "apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
-        "spec": {"resourceAttributes": {"namespace": ns, "verb": verb, "group": group, "resource": resource}}})
-    return bool(got["status"].get("allowed"))
-
-
-async def _sa_target(t: KubeTarget, ns: str, tmp: Path) -> KubeTarget:
-    """A KubeTarget with a 10-minute token of the ServiceAccount, loaded from a kubeconfig like a user's."""
-    got = await kube.request(t, "POST", f"/api/v1/namespaces/{ns}/serviceaccounts/{SA}/token", body={
-        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": 600}})
-    kc = write_kubeconfig(tmp / "sa-kubeconfig", t.server, token=got["status"]["token"],
-                          ca_pem=(DEVCLUSTER_KUBECONFIG.parent / "pki" / "ca.crt").read_bytes())
-    return load_target(str(kc), None)
-
-
 def test_patch_refused_by_rbac_names_who_and_changes_nothing(in_cluster: KubeTarget | None,
                                                              tmp_path: Path) -> None:
     """A ServiceAccount that may read but not patch: refused with the real 403's identity; with patch, allowed."""
@@ -438,12 +410,10 @@ async def _rbac_flow(t: KubeTarget, tmp: Path) -> None:
     image = default_image()
     async with _fresh_namespace(t) as ns:
         await _deploy_hello(t, ns)
-        await kube.request(t, "POST", f"/api/v1/namespaces/{ns}/serviceaccounts",
-                           body={"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": SA}})
+        dev, user = await _service_account(t, ns, SA, tmp)
         await _grant(t, ns, "read-workloads", READ_ONLY)
-        dev = await _sa_target(t, ns, tmp)
-        await _until(lambda: _may(dev, ns, "list", "apps", "deployments"), 60, "read rights of the ServiceAccount")
-        assert not await _may(dev, ns, "patch", "apps", "deployments")
+        await _wait_access(dev, "list", "deployments.apps", ns, True, timeout=60)
+        assert await _access_is(dev, "patch", "deployments.apps", ns, False)
         dep0 = await kube.request(t, "GET", _dep_path(ns))
         svc0 = await kube.request(t, "GET", _svc_path(ns))
         pods0 = [p["metadata"]["name"] for p in await _live_pods(t, ns)]
@@ -453,7 +423,6 @@ async def _rbac_flow(t: KubeTarget, tmp: Path) -> None:
         target = await inj.resolve_service(api, wl, None, None)
         with pytest.raises(PermissionDenied) as pe:
             await inj.inject_agent(api, wl, target, image, None)
-        user = f"system:serviceaccount:{ns}:{SA}"
         err = pe.value
         assert err.what == f"user {user!r} may not patch deployments.apps in namespace {ns!r}", str(err)
         assert f'User "{user}" cannot patch resource "deployments" in API group "apps"' in err.why, err.why
@@ -470,8 +439,8 @@ async def _rbac_flow(t: KubeTarget, tmp: Path) -> None:
 
         # the legitimate path: with patch rights, the very same token injects and removes
         await _grant(t, ns, "patch-workloads", PATCH)
-        await _until(lambda: _may(dev, ns, "patch", "apps", "deployments"), 60, "patch rights of the ServiceAccount")
-        await _until(lambda: _may(dev, ns, "patch", "", "services"), 60, "patch rights on Services")
+        await _wait_access(dev, "patch", "deployments.apps", ns, True, timeout=60)
+        await _wait_access(dev, "patch", "services", ns, True, timeout=60)
         wl = await inj.find_workload(dev, ns, APP)
         assert await inj.inject_agent(dev, wl, target, image, None) is True
         await _agent_rolled_out(t, ns)

@@ -744,9 +744,10 @@ async def _service_account(t: KubeTarget, ns: str, name: str, tmp_path: Path) ->
     return load_target(str(kc), None), f"system:serviceaccount:{ns}:{name}"
 
 
-async def _wait_access(sa: KubeTarget, verb: str, resource: str, ns: str | None, allowed: bool) -> None:
+async def _wait_access(sa: KubeTarget, verb: str, resource: str, ns: str | None, allowed: bool,
+                       timeout: float = 30) -> None:
     """RBAC edits reach the authorizer's cache a moment later: wait until the account's own review agrees."""
-    await _poll(lambda: _access_is(sa, verb, resource, ns, allowed), 30,
+    await _poll(lambda: _access_is(sa, verb, resource, ns, allowed), timeout,
                 f"{verb} {resource} allowed={allowed}")
 
 
