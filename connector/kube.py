@@ -375,8 +375,7 @@ def status_message(body: Any) -> str:
 def credentials_rejected(what: str, msg: str) -> ClusterError:
     """A 401 from the API server, whatever was being done: the one wording for every caller."""
     return ClusterError(
-        f"{what}: the Kubernetes API server rejected your credentials (401 Unauthorized)" if what else
-        "the Kubernetes API server rejected your credentials (401 Unauthorized)",
+        f"{what}: the Kubernetes API server rejected your credentials (401 Unauthorized)",
         msg,
         "your token or client certificate is wrong or expired; log in again / refresh the kubeconfig "
         "(`kubectl get ns` should work)",

@@ -411,10 +411,7 @@ class PortForward:
                                            portforward_path(self.namespace, self.pod))
         try:
             # a failed dial: the data stream ends, then the reason comes on the error stream
-            with contextlib.suppress(TimeoutError, SpdyError, OSError):
-                async with asyncio.timeout(self.probe_wait * (4 if stream.remote_fin else 1)):
-                    while not stream.error_done and await stream.next_event():
-                        pass
+            await stream.read_error(self.probe_wait * (4 if stream.remote_fin else 1))
         finally:
             await stream.aclose()
         self._raise_dial_error(stream.error)

@@ -544,17 +544,20 @@ class SpdyStream:
         finally:
             finish()
 
+    async def read_error(self, wait: float) -> None:
+        """Read frames for up to `wait` s until the error stream is finished (its text in `error`)."""
+        with contextlib.suppress(TimeoutError, SpdyError, OSError):
+            async with asyncio.timeout(wait):
+                while not self.error_done and await self.next_event():
+                    pass
+
     async def await_refusal(self, wait: float) -> None:
-        """After the data stream ended with nothing on it: read on for up to `wait` s for the error stream.
+        """After the data stream ended with nothing on it: read on for the error stream.
 
         A failed dial ends the data stream, and the runtime may write why only after that (containerd
         1.6 sends the data stream's FIN first), so a relay that stopped at the FIN would lose the reason."""
-        if not self.remote_fin or self.received or self.error or self.error_done:
-            return
-        with contextlib.suppress(TimeoutError, SpdyError, OSError):
-            async with asyncio.timeout(wait):
-                while not self.error and await self.next_event():
-                    pass
+        if self.remote_fin and not (self.received or self.error or self.error_done):
+            await self.read_error(wait)
 
     async def pump_up(self, sock: socket.socket) -> int:
         """Local socket -> data frames until local EOF, then FIN; returns bytes sent."""

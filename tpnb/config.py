@@ -213,6 +213,12 @@ def config_file() -> Path:
     return _home() / ".config" / "tpnb" / "config.yaml"
 
 
+def _invalid(value: Any, where: str, expected: str) -> ConfigError:
+    """The one wording for a setting whose value cannot be used."""
+    return ConfigError(f"invalid value {value!r} for {where}", expected,
+                       "fix the value or remove it to use the default (see `tpnb config view`)")
+
+
 def _coerce(current: Any, raw: Any, where: str) -> Any:
     try:
         if isinstance(current, bool):
@@ -225,11 +231,7 @@ def _coerce(current: Any, raw: Any, where: str) -> Any:
             return float(raw)
         return str(raw)
     except (TypeError, ValueError):
-        raise ConfigError(
-            f"invalid value {raw!r} for {where}",
-            f"expected a {type(current).__name__}",
-            "fix the value or remove it to use the default (see `tpnb config view`)",
-        ) from None
+        raise _invalid(raw, where, f"expected a {type(current).__name__}") from None
 
 
 #: sections of the same file that other packages read (tpnb_devcluster.config)
@@ -257,9 +259,7 @@ def _check_ports(cfg: Config) -> None:
             value = getattr(sect, g.name)
             if (g.name == "port" or g.name.endswith("_port")) and type(value) is int and not 1 <= value <= 65535:
                 dotted = f"{f.name}.{g.name}"
-                raise ConfigError(f"invalid value {value!r} for {dotted} (set in {cfg.sources.get(dotted)})",
-                                  "expected a TCP port, 1-65535",
-                                  "fix the value or remove it to use the default (see `tpnb config view`)")
+                raise _invalid(value, f"{dotted} (set in {cfg.sources.get(dotted)})", "expected a TCP port, 1-65535")
 
 
 def _check_choices(cfg: Config) -> None:
@@ -267,9 +267,8 @@ def _check_choices(cfg: Config) -> None:
         sect, key = dotted.split(".")
         value = getattr(getattr(cfg, sect), key)
         if value not in allowed:
-            raise ConfigError(f"invalid value {value!r} for {dotted} (set in {cfg.sources.get(dotted)})",
-                              f"expected one of: {', '.join(allowed)}",
-                              "fix the value or remove it to use the default (see `tpnb config view`)")
+            raise _invalid(value, f"{dotted} (set in {cfg.sources.get(dotted)})",
+                           f"expected one of: {', '.join(allowed)}")
 
 
 def load() -> Config:
