@@ -551,9 +551,10 @@ async def watch_events(t: KubeTarget, path: str, resource_version: str, timeout_
     the caller cancels.  Same TLS and credentials as the port-forwards.  The
     server ends the watch after `timeout_seconds` (the caller then watches
     again from the last resourceVersion it saw); BOOKMARK events keep that
-    version fresh.  An HTTP error raises `ApiException` (410: the version is
-    too old, list again); transport failures raise OSError / ssl.SSLError /
-    asyncio.IncompleteReadError.
+    version fresh.  A version the API server no longer has arrives as an
+    ERROR event whose object is a 410 Status (the caller lists again); an
+    HTTP error (403, 404, ...) raises `ApiException`; transport failures raise
+    OSError / ssl.SSLError / asyncio.IncompleteReadError.
     """
     if connect_timeout is None:
         connect_timeout = config.get().timeouts.api

@@ -25,6 +25,7 @@ from typing import Any, AsyncIterator
 import pytest
 import yaml
 from conftest import rerun_in_laptop
+from test_kube_side import _namespace
 
 from tpnb import config
 from tpnb.connector import kube
@@ -435,3 +436,149 @@ async def test_direct_rbac_denied_namespace_falls_back(app: tuple[KubeTarget, st
             await plane.aclose()
     finally:
         await kube.request(admin, "DELETE", f"/api/v1/namespaces/{other}", accept_status=(404,))
+
+
+# ====================================================================== the watches behind the address book
+def _svc(name: str, **labels: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "labels": labels},
+            "spec": {"ports": [{"port": 80}], "selector": {"app": name}}}
+
+
+@pytest.fixture
+async def fresh_ns(admin: KubeTarget | None) -> AsyncIterator[str | None]:
+    """An empty namespace of the admin's (deleted afterwards)."""
+    if admin is None:
+        yield None
+        return
+    async with _namespace(admin, "tpnb-watch") as ns:
+        yield ns
+
+
+async def _first_event(t: KubeTarget, path: str, rv: str) -> tuple[str, dict[str, Any]]:
+    async for ev in kube.watch_events(t, path, rv, 10):
+        return ev
+    raise AssertionError(f"the watch of {path} from {rv} ended without an event")
+
+
+async def test_watch_events_follows_the_api_server_and_reports_expiry_and_refusal(
+        admin: KubeTarget | None, fresh_ns: str | None, tmp_path: Path) -> None:
+    """`kube.watch_events` against the real API server.
+
+    From a list's version it sees a Service's ADDED, MODIFIED and DELETED, in order, the MODIFIED one
+    whole although its 200 KB annotation takes many reads of the stream.  A version the
+    API server's watch cache no longer holds (leases are renewed every few seconds, so version 1 drops
+    out of theirs within minutes of the cluster's start) comes back as it really does: an ERROR event
+    carrying a 410 Status inside a 200 stream, which the reflector turns into a relist.  A user without
+    the right to watch gets the API server's 403 as an ApiException."""
+    if admin is None or fresh_ns is None:
+        return
+    from kubernetes.client import ApiException
+
+    ns, path = fresh_ns, f"/api/v1/namespaces/{fresh_ns}/services"
+    rv = (await kube.request(admin, "GET", path))["metadata"]["resourceVersion"]
+    seen: list[tuple[str, str, int]] = []
+    big = "".join(uuid.uuid4().hex for _ in range(6250))  # 200 KB that no compression shortens
+    annotations: list[str] = []
+
+    async def follow() -> None:
+        async for typ, obj in kube.watch_events(admin, path, rv, 60):
+            if typ != "BOOKMARK":
+                seen.append((typ, obj["metadata"]["name"], int(obj["metadata"]["resourceVersion"])))
+            if typ == "MODIFIED":
+                annotations.append((obj["metadata"].get("annotations") or {}).get("big", ""))
+            if typ == "DELETED":
+                return
+
+    task = asyncio.create_task(follow())
+    await kube.request(admin, "POST", path, body=_svc("w"))
+    await kube.request(admin, "PATCH", f"{path}/w", body={"metadata": {"labels": {"step": "two"}, "annotations": {"big": big}}},
+                       content_type="application/merge-patch+json")
+    await kube.request(admin, "DELETE", f"{path}/w")
+    await asyncio.wait_for(task, 30)
+    assert [(typ, name) for typ, name, _ in seen] == [("ADDED", "w"), ("MODIFIED", "w"), ("DELETED", "w")]
+    assert [v for _, _, v in seen] == sorted({v for _, _, v in seen})  # versions only grow
+    assert annotations == [big]
+
+    leases = "/apis/coordination.k8s.io/v1/leases"
+    for _ in range(40):  # a cluster that has just started may still hold version 1: wait it out (<= 200 s)
+        typ, obj = await _first_event(admin, leases, "1")
+        if typ == "ERROR":
+            break
+        await asyncio.sleep(5)
+    assert (typ, obj.get("code"), obj.get("reason")) == ("ERROR", 410, "Expired"), (typ, obj)
+    assert "too old resource version" in obj.get("message", "")
+    # the legitimate path right after: from a current version the same watch delivers
+    now = (await kube.request(admin, "GET", leases))["metadata"]["resourceVersion"]
+    typ, _ = await _first_event(admin, leases, now)
+    assert typ in ("ADDED", "MODIFIED", "BOOKMARK")
+
+    nobody = await _sa_target(admin, ns, "nobody", tmp_path)
+    with pytest.raises(ApiException) as ei:
+        await _first_event(nobody, path, rv)
+    assert ei.value.status == 403 and "cannot watch resource" in ei.value.body, ei.value.body
+
+
+async def test_reflector_rewatches_from_its_last_version_and_a_denied_list_ends_it(
+        admin: KubeTarget | None, fresh_ns: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The address book's reflector against the real API server: it lists once, follows the watch, and
+    when the server ends a watch (here after 2 s, `WATCH_SECONDS`) it watches again from the last
+    version it saw: nothing is missed and nothing is listed again.  A user who may not list Services
+    cluster-wide is told so by the API server's 403, and the reflector ends (the plane then watches
+    per namespace, `test_direct_rbac_denied_namespace_falls_back`)."""
+    if admin is None or fresh_ns is None:
+        return
+    from tpnb.connector import direct
+
+    ns, path = fresh_ns, f"/api/v1/namespaces/{fresh_ns}/services"
+    lists: list[str] = []
+    real_request = kube.request
+
+    async def counting(t: KubeTarget, method: str, p: str, **kw: Any) -> Any:  # the real call, counted
+        if method == "GET" and p == path:
+            lists.append(p)
+        return await real_request(t, method, p, **kw)
+
+    watches: list[int] = []
+    real_watch = kube.watch_events
+
+    async def counting_watch(t: KubeTarget, p: str, rv: str, *a: Any, **kw: Any) -> AsyncIterator[Any]:
+        watches.append(int(rv))
+        async for ev in real_watch(t, p, rv, *a, **kw):
+            yield ev
+
+    monkeypatch.setattr(direct.kube, "request", counting)
+    monkeypatch.setattr(direct.kube, "watch_events", counting_watch)
+    monkeypatch.setattr(direct, "WATCH_SECONDS", 2)
+    await kube.request(admin, "POST", path, body=_svc("before"))
+    plane = DirectPlane(admin, [ns])
+    r = direct._Reflector(plane, "Service", ns)
+    task = asyncio.create_task(r.run())
+
+    async def book_is(names: list[str]) -> None:
+        for _ in range(100):
+            if sorted(n for s, n in plane.book.services if s == ns) == names:
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"the book has {sorted(plane.book.services)}, not {names}: {r.error}")
+
+    try:
+        await asyncio.wait_for(r.first.wait(), 30)
+        await book_is(["before"])
+        await kube.request(admin, "POST", path, body=_svc("during"))
+        await book_is(["before", "during"])
+        await asyncio.sleep(5)  # the server has ended at least two 2-second watches
+        await kube.request(admin, "POST", path, body=_svc("after"))
+        await kube.request(admin, "DELETE", f"{path}/before")
+        await book_is(["after", "during"])
+        assert lists == [path] and r.listed and not r.error, (lists, r.error)
+        # watched again and again, each time from where the last one got to (BOOKMARKs move it too)
+        assert len(watches) >= 3 and watches == sorted(watches) and watches[-1] > watches[0], watches
+        assert r.events >= 3  # ADDED during, ADDED after, DELETED before ("before" itself was listed)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    nobody = await _sa_target(admin, ns, "nobody", tmp_path)
+    denied = direct._Reflector(DirectPlane(nobody, [ns]), "Service", None)
+    await asyncio.wait_for(denied.run(), 30)  # a 403 on the first list ends it
+    assert denied.denied and denied.first.is_set() and "cannot list resource" in denied.error, denied.error
