@@ -16,16 +16,14 @@ side's EOF it gives the other direction one second, then closes both, as for
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 import pytest
-import yaml
 from conftest import rerun_in_laptop
-from test_kube_side import _namespace
+from test_kube_side import _namespace, _service_account
 
 from tpnb import config
 from tpnb.connector import kube
@@ -357,22 +355,6 @@ async def test_direct_refused_port_and_a_broken_session(app: tuple[KubeTarget, s
         await plane.aclose()
 
 
-async def _sa_target(admin: KubeTarget, ns: str, sa: str, tmp: Path) -> KubeTarget:
-    """A KubeTarget that authenticates as ServiceAccount ns/sa (a short-lived token)."""
-    await kube.request(admin, "POST", f"/api/v1/namespaces/{ns}/serviceaccounts",
-                       body={"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": sa}})
-    tok = await kube.request(admin, "POST", f"/api/v1/namespaces/{ns}/serviceaccounts/{sa}/token",
-                             body={"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-                                   "spec": {"expirationSeconds": 3600}})
-    kc = yaml.safe_load(KUBECONFIG.read_text())
-    kc["users"] = [{"name": sa, "user": {"token": tok["status"]["token"]}}]
-    for c in kc["contexts"]:
-        c["context"]["user"] = sa
-    path = tmp / f"{sa}.kubeconfig"
-    path.write_text(json.dumps(kc))
-    return load_target(str(path), None)
-
-
 def _role(name: str, rules: list[dict[str, Any]]) -> dict[str, Any]:
     return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": name},
             "rules": rules}
@@ -402,7 +384,7 @@ async def test_direct_rbac_denied_namespace_falls_back(app: tuple[KubeTarget, st
                                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                                                "name": "direct-dev"},
                                    "subjects": [{"kind": "ServiceAccount", "name": "dev", "namespace": ns}]})
-        dev = await _sa_target(admin, ns, "dev", tmp_path)
+        dev = (await _service_account(admin, ns, "dev", tmp_path))[0]
         plane = DirectPlane(dev, [ns, other])
         await plane.start()
         try:
@@ -512,7 +494,7 @@ async def test_watch_events_follows_the_api_server_and_reports_expiry_and_refusa
     typ, _ = await _first_event(admin, leases, now)
     assert typ in ("ADDED", "MODIFIED", "BOOKMARK")
 
-    nobody = await _sa_target(admin, ns, "nobody", tmp_path)
+    nobody = (await _service_account(admin, ns, "nobody", tmp_path))[0]
     with pytest.raises(ApiException) as ei:
         await _first_event(nobody, path, rv)
     assert ei.value.status == 403 and "cannot watch resource" in ei.value.body, ei.value.body
@@ -578,7 +560,7 @@ async def test_reflector_rewatches_from_its_last_version_and_a_denied_list_ends_
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
-    nobody = await _sa_target(admin, ns, "nobody", tmp_path)
+    nobody = (await _service_account(admin, ns, "nobody", tmp_path))[0]
     denied = direct._Reflector(DirectPlane(nobody, [ns]), "Service", None)
     await asyncio.wait_for(denied.run(), 30)  # a 403 on the first list ends it
     assert denied.denied and denied.first.is_set() and "cannot list resource" in denied.error, denied.error

@@ -22,18 +22,16 @@ re-runs it there) in a fresh namespace of its own, deleted at the end.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import threading
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from test_kube_side import (_access_is, _poll, _service_account, _wait_access, _wait_gone,  # noqa: F401
+from test_kube_side import (_access_is, _namespace, _poll, _service_account, _wait_access,  # noqa: F401
                             in_cluster)
 
 from tpnb import config
@@ -144,22 +142,6 @@ def _svc_path(ns: str) -> str:
     return f"/api/v1/namespaces/{ns}/services/{APP}"
 
 
-@contextlib.asynccontextmanager
-async def _fresh_namespace(t: KubeTarget) -> AsyncIterator[str]:
-    """A namespace of our own; deleted afterwards (and waited for when the test passed)."""
-    ns = f"tpnb-kt-{uuid.uuid4().hex[:6]}"
-    await kube.request(t, "POST", "/api/v1/namespaces",
-                       body={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
-    try:
-        yield ns
-    except BaseException:
-        with contextlib.suppress(Exception):
-            await kube.request(t, "DELETE", f"/api/v1/namespaces/{ns}")
-        raise
-    await kube.request(t, "DELETE", f"/api/v1/namespaces/{ns}")
-    await _wait_gone(t, f"/api/v1/namespaces/{ns}", timeout=240)
-
-
 def _ready(pod: dict[str, Any]) -> bool:
     st = pod.get("status", {})
     return (any(c["type"] == "Ready" and c["status"] == "True" for c in st.get("conditions") or [])
@@ -226,7 +208,7 @@ def test_injection_survives_a_real_conflict_and_removal_restores_exactly(in_clus
 async def _injection_flow(t: KubeTarget) -> None:
     image = default_image()
     agent_port = config.get().agent.port
-    async with _fresh_namespace(t) as ns:
+    async with _namespace(t, wait_gone=240) as ns:
         await _deploy_hello(t, ns)
         dep0 = await kube.request(t, "GET", _dep_path(ns))
         svc0 = await kube.request(t, "GET", _svc_path(ns))
@@ -355,7 +337,7 @@ def test_remove_all_agents_leaves_the_deployments_replicasets_alone(in_cluster: 
 
 
 async def _remove_all_flow(t: KubeTarget) -> None:
-    async with _fresh_namespace(t) as ns:
+    async with _namespace(t, wait_gone=240) as ns:
         await _deploy_hello(t, ns)
         wl = await inj.find_workload(t, ns, APP)
         target = await inj.resolve_service(t, wl, None, None)
@@ -408,7 +390,7 @@ def test_patch_refused_by_rbac_names_who_and_changes_nothing(in_cluster: KubeTar
 
 async def _rbac_flow(t: KubeTarget, tmp: Path) -> None:
     image = default_image()
-    async with _fresh_namespace(t) as ns:
+    async with _namespace(t, wait_gone=240) as ns:
         await _deploy_hello(t, ns)
         dev, user = await _service_account(t, ns, SA, tmp)
         await _grant(t, ns, "read-workloads", READ_ONLY)

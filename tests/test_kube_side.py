@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -708,15 +709,21 @@ async def _poll(check: Callable[[], Any], timeout: float, what: str, interval: f
 
 
 @asynccontextmanager
-async def _namespace(t: KubeTarget, prefix: str = "tpnb-kt") -> AsyncIterator[str]:
-    """A fresh namespace, deleted (with all in it) on the way out."""
+async def _namespace(t: KubeTarget, prefix: str = "tpnb-kt", wait_gone: float = 0) -> AsyncIterator[str]:
+    """A fresh namespace, deleted (with all in it) on the way out; when the body passed and `wait_gone`
+    is set, waited for until it is gone (tests that count what the cluster holds afterwards)."""
     ns = f"{prefix}-{uuid.uuid4().hex[:6]}"
     await kube.request(t, "POST", "/api/v1/namespaces",
                        body={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
     try:
         yield ns
-    finally:
-        await kube.request(t, "DELETE", f"/api/v1/namespaces/{ns}")
+    except BaseException:
+        with contextlib.suppress(Exception):  # the test's own error is the one to see
+            await kube.request(t, "DELETE", f"/api/v1/namespaces/{ns}", accept_status=(404,))
+        raise
+    await kube.request(t, "DELETE", f"/api/v1/namespaces/{ns}", accept_status=(404,))
+    if wait_gone:
+        await _wait_gone(t, f"/api/v1/namespaces/{ns}", timeout=wait_gone)
 
 
 async def _wait_pod_ready(t: KubeTarget, ns: str, name: str, timeout: float = 120) -> None:
