@@ -162,8 +162,8 @@ def _request_sync(api: Any, method: str, path: str, *, query: dict[str, Any] | N
         raise
     except Exception as exc:  # urllib3 errors, ApiException(status=0) for TLS, ...
         status = getattr(exc, "status", 0) or 0
-        if status:
-            raise _ApiError(status, str(getattr(exc, "body", "") or exc)) from None
+        if status:  # a client that raises for HTTP errors instead of returning them: same error, same body
+            raise _status_error(status, getattr(exc, "body", None), str(getattr(exc, "reason", "") or exc)) from None
         raise ClusterError(
             "cannot reach the Kubernetes API server",
             f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
@@ -171,16 +171,24 @@ def _request_sync(api: Any, method: str, path: str, *, query: dict[str, Any] | N
         ) from None
     status = int(resp.status)
     if not 200 <= status <= 299:
-        message, reason = "", ""
-        try:
-            doc = json.loads(data)
-            message, reason = doc.get("message", ""), doc.get("reason", "")
-        except (ValueError, AttributeError, TypeError):
-            message = (data or b"")[:300].decode("utf-8", "replace")
-        raise _ApiError(status, message or str(resp.reason), reason, data)
+        raise _status_error(status, data, str(resp.reason))
     if raw:
         return data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
     return json.loads(data) if data else {}
+
+
+def _status_error(status: int, data: Any, fallback: str) -> _ApiError:
+    """A non-2xx answer as _ApiError: the Status document's message and reason, and the body kept (the
+    RBAC wording names the user the API server saw from it)."""
+    message, reason = "", ""
+    if isinstance(data, str):
+        data = data.encode()
+    try:
+        doc = json.loads(data)
+        message, reason = doc.get("message", ""), doc.get("reason", "")
+    except (ValueError, AttributeError, TypeError):
+        message = (data or b"")[:300].decode("utf-8", "replace")
+    return _ApiError(status, message or fallback, reason, data)
 
 
 def _denied(exc: _ApiError, verb: str, resource: str, namespace: str | None) -> PermissionDenied:

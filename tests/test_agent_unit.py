@@ -769,3 +769,21 @@ def test_rollout_state() -> None:
     paused = copy.deepcopy(new)
     paused["spec"]["paused"] = True
     assert "paused" in (inj.rollout_state("Deployment", paused, []).failure or "")
+
+
+@pytest.mark.unit
+def test_an_api_error_keeps_the_status_document_whether_the_client_returns_or_raises_it() -> None:
+    """kubernetes client 37 returns non-2xx responses (bytes body); other versions raise ApiException with
+    a str body.  Both become the same _ApiError, whose 403 wording names the user the API server saw."""
+    doc = {"kind": "Status", "status": "Failure", "reason": "Forbidden", "code": 403,
+           "message": 'deployments.apps "hello" is forbidden: User "system:serviceaccount:a:dev" cannot patch '
+                      'resource "deployments" in API group "apps" in the namespace "a"'}
+    returned = inj._status_error(403, json.dumps(doc).encode(), "Forbidden")
+    raised = inj._status_error(403, json.dumps(doc), "Forbidden")
+    for e in (returned, raised):
+        assert (e.status, e.reason, e.message) == (403, "Forbidden", doc["message"])
+        denied = inj._denied(e, "patch", "deployments", "a")
+        assert "system:serviceaccount:a:dev" in str(denied) and "patch" in str(denied)
+    # a body that is no Status document: its start is the message; none at all: the HTTP reason
+    assert inj._status_error(502, b"<html>bad gateway</html>", "Bad Gateway").message == "<html>bad gateway</html>"
+    assert inj._status_error(503, None, "Service Unavailable").message == "Service Unavailable"
