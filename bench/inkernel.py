@@ -7,10 +7,15 @@ A: a real Jupyter kernel (jupyter_client + ipykernel, idle between cells as a no
    swap/record layer.
 B: `python -m uvicorn bench.inkernel_app:APP` in its own process (same uvicorn, httptools, asyncio loop),
    with the options tpnb gives uvicorn (`uvicorn_args`: no proxy headers, no access log, no lifespan,
-   keep-alive timeout and backlog as in `tpnb.inkernel`) so both servers do the same work per request.
+   keep-alive timeout and backlog as in `tpnb.inkernel`): uvicorn doing no per-request work beyond HTTP,
+   the strictest comparison (tpnb records every request; this server records none).
+C: the same app as `uvicorn app:app` runs it, with uvicorn's defaults (`default_args`: access log on,
+   written to /dev/null here; proxy headers; lifespan auto), only parser and loop pinned as in A and B:
+   what a developer gets from uvicorn standalone, one access-log line per request being its record.
 Apps: `plain` (minimal ASGI: the server's own cost) and `fastapi` (a FastAPI JSON route).  The client is
 one asyncio process with `--conns` keep-alive connections sending small GETs as fast as answered; rounds
-alternate A and B.  Prints requests/s and p50/p99 latency (µs), medians over rounds, and the ratio A/B.
+alternate A, B and C.  Prints requests/s and p50/p99 latency (µs), medians over rounds, and the ratios
+A/B and A/C.
 """
 from __future__ import annotations
 
@@ -37,6 +42,11 @@ def uvicorn_args(var: str, port: int) -> list[str]:
     return [f"inkernel_app:{var}", "--port", str(port), "--log-level", "warning", "--no-access-log",
             "--lifespan", "off", "--no-proxy-headers", "--timeout-keep-alive", str(int(inkernel.KEEPALIVE_TIMEOUT)),
             "--backlog", "1024", "--http", "httptools", "--loop", "asyncio"]
+
+
+def default_args(var: str, port: int) -> list[str]:
+    """Server C's command line after `python -m uvicorn`: uvicorn's defaults, parser and loop as in A and B."""
+    return [f"inkernel_app:{var}", "--port", str(port), "--http", "httptools", "--loop", "asyncio"]
 
 
 def free_port() -> int:
@@ -147,38 +157,46 @@ def main() -> None:
     rows = []
     try:
         for name, (var, path) in APPS.items():
-            res: dict[str, list[dict[str, float]]] = {"kernel": [], "uvicorn": []}
+            res: dict[str, list[dict[str, float]]] = {"kernel": [], "uvicorn": [], "defaults": []}
             kport = free_port()
             kernel.run(f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r})\n"
                        f"from tpnb import inkernel\nimport inkernel_app\n"
                        f"inkernel.serve(inkernel_app.{var}, {kport})")
             wait_port(kport)
-            uport = free_port()
-            uv = subprocess.Popen([sys.executable, "-m", "uvicorn", *uvicorn_args(var, uport)],
-                                  cwd=REPO / "bench", env={**os.environ, "PYTHONPATH": str(REPO / "bench")})
+            ports = {"kernel": kport, "uvicorn": free_port(), "defaults": free_port()}
+            env = {**os.environ, "PYTHONPATH": str(REPO / "bench")}
+            procs = [subprocess.Popen([sys.executable, "-m", "uvicorn", *uvicorn_args(var, ports["uvicorn"])],
+                                      cwd=REPO / "bench", env=env),
+                     subprocess.Popen([sys.executable, "-m", "uvicorn", *default_args(var, ports["defaults"])],
+                                      cwd=REPO / "bench", env=env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL)]
             try:
-                wait_port(uport)
+                for port in ports.values():
+                    wait_port(port)
                 for _ in range(args.rounds):
-                    res["kernel"].append(measure(kport, path, args.seconds, args.conns))
-                    res["uvicorn"].append(measure(uport, path, args.seconds, args.conns))
+                    for who, port in ports.items():
+                        res[who].append(measure(port, path, args.seconds, args.conns))
             finally:
-                uv.terminate()
-                uv.wait(10)
+                for pr in procs:
+                    pr.terminate()
+                    pr.wait(10)
                 kernel.run(f"inkernel.stop({kport}, grace=0)")
             med = {who: {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50", "p99")}
                    for who, rs in res.items()}
-            rounds = " ".join(f"{a['rps']:.0f}/{b['rps']:.0f}" for a, b in zip(res["kernel"], res["uvicorn"]))
+            rounds = " ".join(f"{a['rps']:.0f}/{b['rps']:.0f}/{c['rps']:.0f}"
+                              for a, b, c in zip(res["kernel"], res["uvicorn"], res["defaults"]))
             rows.append((name, med, rounds))
     finally:
         kernel.close()
-    print(f"\n{args.conns} keep-alive connections, {args.seconds:.0f} s per round, {args.rounds} rounds (medians)")
-    print("| app | in-kernel req/s | uvicorn req/s | ratio | in-kernel p50 / p99 µs | uvicorn p50 / p99 µs | rounds (kernel/uvicorn req/s) |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\n{args.conns} keep-alive connections, {args.seconds:.0f} s per round, {args.rounds} rounds (medians); "
+          "A in-kernel, B uvicorn with tpnb's options, C uvicorn with its defaults")
+    print("| app | A req/s | B req/s | A/B | C req/s | A/C | p50 / p99 µs A, B, C | rounds (A/B/C req/s) |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, med, rounds in rows:
-        k, u = med["kernel"], med["uvicorn"]
-        print(f"| {name} | {k['rps']:.0f} | {u['rps']:.0f} | {k['rps'] / u['rps']:.2f}x | {k['p50']:.0f} / {k['p99']:.0f} "
-              f"| {u['p50']:.0f} / {u['p99']:.0f} | {rounds} |")
-
+        a, b, c = med["kernel"], med["uvicorn"], med["defaults"]
+        print(f"| {name} | {a['rps']:.0f} | {b['rps']:.0f} | {a['rps'] / b['rps']:.2f}x | {c['rps']:.0f} | "
+              f"{a['rps'] / c['rps']:.2f}x | {a['p50']:.0f} / {a['p99']:.0f}, {b['p50']:.0f} / {b['p99']:.0f}, "
+              f"{c['p50']:.0f} / {c['p99']:.0f} | {rounds} |")
 
 if __name__ == "__main__":
     main()

@@ -14,6 +14,15 @@ swings less, so this compares servers by it, over many short alternating rounds 
   bypass         process with the layer replaced by a direct call of the app (what the layer costs)
   scopecopy      process whose records keep a shallow copy of the whole scope, as before session 12 (what
                  keeping only the six fields a record shows saves)
+  shared         process whose records share one str object per method and HTTP version instead of
+                 keeping uvicorn's fresh ones (two objects fewer per kept record)
+  fewer          shared, and no float or int objects of their own per record (timestamps and sequence
+                 number replaced by constants: wrong records, only to price those five objects)
+  bare           process whose records let go of the request tuple and the response's headers and body
+                 once answered (the record object alone is kept: wrong records, only to price them)
+  nogc           process with the cyclic garbage collector off (`gc.disable()`)
+  bulk           process whose log is a list cut by 2000 records whenever it reaches 4000 (the old
+                 records' objects are freed in bursts instead of one record per request)
 Client: bench/inkernel.py's (keep-alive connections of small GETs, 127.0.0.1 only).
 """
 from __future__ import annotations
@@ -46,11 +55,44 @@ SCOPECOPY = ("from time import perf_counter\n_R = inkernel._HttpRec\n"
              "    r.status = 0\n"
              "    return r\n"
              "inkernel._http_rec = _copying\n")
+_MAKE = ("from time import perf_counter\n_R = inkernel._HttpRec\n"
+         "_S = {'GET': 'GET', 'POST': 'POST', '1.1': '1.1', '1.0': '1.0'}\n"
+         "def _shared(srv, version, scope, receive, send):\n"
+         "    r = _R()\n    r.t0 = T0\n    r.t1 = 0.0\n    r.srv = srv\n    r.version = version\n"
+         "    m = scope['method']\n    v = scope['http_version']\n"
+         "    r.req = (_S.get(m, m), scope['path'], scope['query_string'], scope['headers'], scope['client'],"
+         " _S.get(v, v))\n"
+         "    r._receive = receive\n    r._send = send\n    r.sh = r.rb = r.sb = None\n    r.status = 0\n"
+         "    return r\n"
+         "inkernel._http_rec = _shared\n")
+
+
+def _finish(t1: str, seq: str, trim: str = "") -> str:
+    """A replacement of `_HttpRec.finish` with other values for the end time and the sequence number."""
+    return ("def _fin(self, status, error):\n    if self.t1:\n        return\n"
+            f"    self.t1 = t1 = {t1}\n    self.status = status\n    self.error = error\n"
+            "    self._send = self._receive = None\n    srv = self.srv\n"
+            "    self.intercept = min(srv.names) if srv.names else ''\n    srv.log.append(self)\n"
+            f"{trim}    self.seq = {seq}\n    srv._by_status[status] += 1\n    srv._busy += t1 - self.t0\n"
+            "    if srv._listeners or inkernel._watchers:\n        srv._notify(self)\n"
+            "inkernel._HttpRec.finish = _fin\n")
+
+
+BULK = (_finish("inkernel.perf_counter()", "next(srv._seq)", "    if len(srv.log) > 4000:\n        del srv.log[:2000]\n")
+        + "_init = inkernel.InKernelServer.__init__\n"
+          "def _list_log(self, *a, **k):\n    _init(self, *a, **k)\n    self.log = []\n"
+          "inkernel.InKernelServer.__init__ = _list_log\n")
 #: name -> (kind, own session, code run before serving)
 TARGETS = {"uvicorn": ("uvicorn", False, ""), "uvicorn-own": ("uvicorn", True, ""), "kernel": ("kernel", True, ""),
            "process": ("process", False, ""), "process-own": ("process", True, ""),
            "log1": ("process", False, "inkernel.LOG_SIZE = 1\n"), "bypass": ("process", False, BYPASS),
-           "scopecopy": ("process", False, SCOPECOPY)}
+           "scopecopy": ("process", False, SCOPECOPY),
+           "shared": ("process", False, _MAKE.replace("T0", "perf_counter()")),
+           "fewer": ("process", False, _MAKE.replace("T0", "1.0") + _finish("2.0", "next(srv._seq) and 1")),
+           "bare": ("process", False, _finish("inkernel.perf_counter()", "next(srv._seq)",
+                                              "    self.req = self.sh = self.sb = None\n")),
+           "nogc": ("process", False, "import gc\ngc.disable()\n"),
+           "bulk": ("process", False, BULK)}
 TCK = os.sysconf("SC_CLK_TCK")
 
 
