@@ -7,6 +7,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -141,6 +142,18 @@ def test_busy_port_and_mixed_kinds_are_clear_errors(port) -> None:
         inkernel.serve_grpc(object(), port)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:  # the failed swap left v1 serving
         assert say(ch, "c") == "hello c from v1"
+    # and the other way round: a web app holds the port, a servicer is refused, the app keeps serving
+    assert inkernel.stop(port, grace=0)
+
+    def web(environ, start_response):  # noqa: ANN001, ANN202
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"web"]
+
+    inkernel.serve(web, port)
+    with pytest.raises(ConfigError, match="serves a web app"):
+        inkernel.serve_grpc(greeter("v1"), port)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+        assert r.read() == b"web"
 
 
 def test_stop_closes_the_port(port) -> None:

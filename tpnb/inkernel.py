@@ -1094,29 +1094,9 @@ class GrpcServer:
 def serve_grpc(app: Any, port: int, name: str | None = None, host: str = "127.0.0.1",
                stop_on_leave: bool = False) -> GrpcServer:
     """Serve the gRPC servicer(s) `app` (see `grpc_registrations`) on host:port; swap them if already served."""
-    with _lock:
-        srv = _servers.get(port)
-        if srv is not None and srv.running and not isinstance(srv, GrpcServer):
-            raise ConfigError(f"port {port} serves a web app in this kernel",
-                              hint="stop it first (`%tp leave NAME`) or choose another port")
-        fresh = srv is None or not srv.running
-        if fresh:
-            srv = GrpcServer(port, host)
-            srv.start()
-        assert srv is not None
-        try:
-            srv.set_app(app)
-        except BaseException:
-            if fresh:
-                srv.stop(grace=0)
-            raise
-        _servers[port] = srv
-        srv.stop_on_leave = srv.stop_on_leave or stop_on_leave
-        if name:
-            attach(name, port)
-    _freeze_heap()
-    _tell_watchers(srv, None)
-    return srv
+    return _serve_on(GrpcServer, app, port, name, host, stop_on_leave,
+                     ConfigError(f"port {port} serves a web app in this kernel",
+                                 hint="stop it first (`%tp leave NAME`) or choose another port"))
 
 
 # ------------------------------------------------------------------ the garbage collector
@@ -1168,14 +1148,22 @@ def serve(app: Any, port: int, name: str | None = None, host: str = "127.0.0.1",
           stop_on_leave: bool = False) -> InKernelServer:
     """Serve `app` on host:port in this kernel; if a server already runs there, swap its app."""
     app_kind(app)  # validate before touching the port
+    return _serve_on(InKernelServer, app, port, name, host, stop_on_leave,
+                     ConfigError(f"port {port} serves a gRPC servicer in this kernel",
+                                 hint=f"stop it first (`%tp serve --stop --port {port}`) or choose another port"))
+
+
+def _serve_on(cls: type, app: Any, port: int, name: str | None, host: str, stop_on_leave: bool,
+              other_kind: ConfigError) -> Any:
+    """Start a `cls` server on the port (or reuse the running one) and publish `app` on it; `other_kind` is
+    the error when a server of the other kind (web app / gRPC) holds the port."""
     with _lock:
         srv = _servers.get(port)
-        if srv is not None and srv.running and not isinstance(srv, InKernelServer):
-            raise ConfigError(f"port {port} serves a gRPC servicer in this kernel",
-                              hint=f"stop it first (`%tp serve --stop --port {port}`) or choose another port")
+        if srv is not None and srv.running and not isinstance(srv, cls):
+            raise other_kind
         fresh = srv is None or not srv.running
         if fresh:
-            srv = InKernelServer(port, host)
+            srv = cls(port, host)
             srv.start()
         assert srv is not None
         try:
