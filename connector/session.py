@@ -52,6 +52,16 @@ def _cidr(net: pb.IPNet) -> str:
     return f"{ipaddress.ip_address(net.ip)}/{net.prefix}"
 
 
+def collapsed(cidrs: list[str]) -> list[str]:
+    """The fewest subnets that cover `cidrs` (the manager's cluster-wide pod range and the nodes' podCIDRs
+    inside it become the one range): one route each, and `status` lists each address once."""
+    nets = [ipaddress.ip_network(c, strict=False) for c in cidrs]
+    out: list[str] = []
+    for version in (4, 6):
+        out += [str(n) for n in ipaddress.collapse_addresses(n for n in nets if n.version == version)]
+    return out
+
+
 @dataclass
 class ManagerLink:
     """The port-forward and gRPC channel to one manager pod."""
@@ -204,8 +214,8 @@ class Session:
                 kpods, ksvcs = await kube.cluster_subnets(self.target, self.mapped)
             except TpnbError as exc:
                 log.warning("cannot read cluster subnets with the user's credentials: %s", exc)
-        self.pod_subnets = sorted(set(pods) | set(kpods))
-        self.service_subnets = sorted(set(ksvcs))
+        self.pod_subnets = collapsed(pods + kpods)
+        self.service_subnets = collapsed(ksvcs)
         log.info("session %s: pod subnets %s, service subnets %s", self.session_id,
                  self.pod_subnets, self.service_subnets)
         # intercepts survive a manager restart: claim them again

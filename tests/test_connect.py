@@ -5,6 +5,7 @@ cluster, against real Services and pods.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -107,6 +108,10 @@ def test_seed_walkthrough_outbound(lap: LaptopRunner) -> None:
     st = lap.run(["tpnb", "status"]).stdout
     assert "Connected to context tpnb-dev" in st
     assert "10.43.0.0/16" in st and "10.42.0.0/" in st
+    # each cluster address is routed once: the nodes' podCIDRs inside the cluster's pod range are that range
+    line = next(ln for ln in st.splitlines() if "Pod subnets" in ln)
+    nets = [ipaddress.ip_network(n.strip()) for n in line.split(":", 1)[1].split(",")]
+    assert nets and not any(a != b and a.overlaps(b) for a in nets for b in nets), line
     # TCP to the cluster rides the kernel's TCP stack (nftables redirect to the daemon)
     assert "TCP engine       : kernel (nftables redirect)" in st
     assert "table ip tpnb0" in lap.run(["nft", "list", "ruleset"]).stdout

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import render
-from .api import Intercept, Session
+from .api import Intercept, Session, Status
 from .errors import ConfigError, TpnbError, run_reporting
 from .proto import pb
 
@@ -57,6 +57,20 @@ class Progress:
         if self.tty and self.last:
             self.stream.write("\r\033[K")
             self.stream.flush()
+
+
+def connect_saying(s: Session, **kwargs: Any) -> Status:
+    """Connect with a progress line, then say "Connected to context ..." once (the progress' last step may
+    have said it already) and, without system-wide outbound, what the user gets instead."""
+    prog = Progress()
+    st = s.connect(progress=prog, say=lambda m: print(m, flush=True), **kwargs)
+    prog.end()
+    text = render.connected_text(st)
+    if prog.last and text.startswith(prog.last):
+        text = text[len(prog.last):].lstrip("\n")
+    if text:
+        print(text, flush=True)
+    return st
 
 
 def split_cmd(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -527,16 +541,9 @@ def _run(args: argparse.Namespace, cmd: list[str], out: Output) -> int:
         # `eval "$(tpnb connect --no-root)"`: stdout is only the export lines, everything else stderr
         for_eval = args.no_root and not cmd and not out.json
         with contextlib.redirect_stdout(sys.stderr) if for_eval else contextlib.nullcontext():
-            prog = Progress()
             mapped = [m.strip() for m in args.mapped_namespaces.split(",") if m.strip()]
-            st = s.connect(namespace=args.namespace, mapped_namespaces=mapped, also_proxy=args.also_proxy,
-                           context=args.context, progress=prog, say=lambda m: print(m, flush=True),
-                           no_root=args.no_root, in_cluster=args.in_cluster)
-            prog.end()
-            if prog.last != f"Connected to context {st.context} ({st.server})":
-                print(f"Connected to context {st.context} ({st.server})")
-            if not st.outbound:
-                print(render.outbound_notice(st))
+            st = connect_saying(s, namespace=args.namespace, mapped_namespaces=mapped, also_proxy=args.also_proxy,
+                                context=args.context, no_root=args.no_root, in_cluster=args.in_cluster)
         if for_eval:
             from . import rootless
 
@@ -589,9 +596,7 @@ def _intercept(s: Session, args: argparse.Namespace, cmd: list[str], out: Output
     prog = Progress()
     connected_here = False
     if not s.status().connected:
-        st = s.connect(namespace=args.namespace, progress=prog, say=lambda m: print(m, flush=True))
-        prog.end()
-        print(render.connected_text(st))
+        connect_saying(s, namespace=args.namespace)
         connected_here = True
     try:
         ic = s.intercept(args.name, port, namespace=args.namespace, service=args.service,
@@ -691,9 +696,7 @@ def _wiretap(s: Session, args: argparse.Namespace, out: Output) -> int:
     kwargs = wiretap_kwargs(args)
     prog = Progress()
     if not s.status().connected:
-        st = s.connect(namespace=args.namespace, progress=prog, say=lambda m: print(m, flush=True))
-        prog.end()
-        print(render.connected_text(st))
+        connect_saying(s, namespace=args.namespace)
     prev = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends it like ^C
     stream = None
     try:
