@@ -21,6 +21,9 @@ swings less, so this compares servers by it, over many short alternating rounds 
   bare           process whose records let go of the request tuple and the response's headers and body
                  once answered (the record object alone is kept: wrong records, only to price them)
   nogc           process with the cyclic garbage collector off (`gc.disable()`)
+  nowrap         process whose records are made and finished, but the app gets uvicorn's own `send`
+                 (no status, headers or body captured: wrong records, only to price the wrapped `send`)
+  passthru       nowrap, with a do-nothing Python method between the app and uvicorn's `send`
   bulk           process whose log is a list cut by 2000 records whenever it reaches 4000 (the old
                  records' objects are freed in bursts instead of one record per request)
 Client: bench/inkernel.py's (keep-alive connections of small GETs, 127.0.0.1 only).
@@ -82,6 +85,12 @@ BULK = (_finish("inkernel.perf_counter()", "next(srv._seq)", "    if len(srv.log
         + "_init = inkernel.InKernelServer.__init__\n"
           "def _list_log(self, *a, **k):\n    _init(self, *a, **k)\n    self.log = []\n"
           "inkernel.InKernelServer.__init__ = _list_log\n")
+NOWRAP = ("async def _direct_send(self, scope, receive, send):\n    ref = self._ref\n"
+          "    r = inkernel._http_rec(self, ref.version, scope, receive, send)\n"
+          "    await ref.asgi(scope, receive, SENDER)\n    r.finish(200, None)\n"
+          "inkernel.InKernelServer._asgi = _direct_send\n")
+PASSTHRU = ("def _pass_on(self, msg):\n    return self._send(msg)\ninkernel._HttpRec.pass_on = _pass_on\n"
+            + NOWRAP.replace("SENDER", "r.pass_on"))
 #: name -> (kind, own session, code run before serving)
 TARGETS = {"uvicorn": ("uvicorn", False, ""), "uvicorn-own": ("uvicorn", True, ""), "kernel": ("kernel", True, ""),
            "process": ("process", False, ""), "process-own": ("process", True, ""),
@@ -92,7 +101,9 @@ TARGETS = {"uvicorn": ("uvicorn", False, ""), "uvicorn-own": ("uvicorn", True, "
            "bare": ("process", False, _finish("inkernel.perf_counter()", "next(srv._seq)",
                                               "    self.req = self.sh = self.sb = None\n")),
            "nogc": ("process", False, "import gc\ngc.disable()\n"),
-           "bulk": ("process", False, BULK)}
+           "bulk": ("process", False, BULK),
+           "nowrap": ("process", False, NOWRAP.replace("SENDER", "send")),
+           "passthru": ("process", False, PASSTHRU)}
 TCK = os.sysconf("SC_CLK_TCK")
 
 
