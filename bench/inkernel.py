@@ -198,5 +198,6 @@ def main() -> None:
               f"{a['rps'] / c['rps']:.2f}x | {a['p50']:.0f} / {a['p99']:.0f}, {b['p50']:.0f} / {b['p99']:.0f}, "
               f"{c['p50']:.0f} / {c['p99']:.0f} | {rounds} |")
 
+
 if __name__ == "__main__":
     main()

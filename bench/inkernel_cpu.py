@@ -44,34 +44,29 @@ import inkernel as B  # noqa: E402 - bench/inkernel.py: the client, the kernel a
 
 BYPASS = ("async def _pass(self, scope, receive, send):\n    await self._ref.asgi(scope, receive, send)\n"
           "inkernel.InKernelServer._asgi = _pass\n")
-SCOPECOPY = ("from time import perf_counter\n_R = inkernel._HttpRec\n"
-             "def _copying(srv, version, scope, receive, send):\n"
-             "    r = _R()\n"
-             "    r.t0 = perf_counter()\n"
-             "    r.t1 = 0.0\n"
-             "    r.srv = srv\n"
-             "    r.version = version\n"
-             "    r.req = scope.copy()\n"
-             "    r._receive = receive\n"
-             "    r._send = send\n"
-             "    r.sh = r.rb = r.sb = None\n"
-             "    r.status = 0\n"
-             "    return r\n"
-             "inkernel._http_rec = _copying\n")
-_MAKE = ("from time import perf_counter\n_R = inkernel._HttpRec\n"
-         "_S = {'GET': 'GET', 'POST': 'POST', '1.1': '1.1', '1.0': '1.0'}\n"
-         "def _shared(srv, version, scope, receive, send):\n"
-         "    r = _R()\n    r.t0 = T0\n    r.t1 = 0.0\n    r.srv = srv\n    r.version = version\n"
-         "    m = scope['method']\n    v = scope['http_version']\n"
-         "    r.req = (_S.get(m, m), scope['path'], scope['query_string'], scope['headers'], scope['client'],"
-         " _S.get(v, v))\n"
-         "    r._receive = receive\n    r._send = send\n    r.sh = r.rb = r.sb = None\n    r.status = 0\n"
-         "    return r\n"
-         "inkernel._http_rec = _shared\n")
 
+
+def _make(req: str, t0: str = "perf_counter()", prelude: str = "") -> str:
+    """A replacement of `inkernel._http_rec` whose records keep `req` (an expression of `scope` and of
+    what `prelude`, lines of the function's body, sets) and start at `t0`; otherwise the same fields."""
+    return ("from time import perf_counter\n_R = inkernel._HttpRec\n"
+            "_S = {'GET': 'GET', 'POST': 'POST', '1.1': '1.1', '1.0': '1.0'}\n"
+            "def _other_record(srv, version, scope, receive, send):\n"
+            f"    r = _R()\n    r.t0 = {t0}\n    r.t1 = 0.0\n    r.srv = srv\n    r.version = version\n"
+            f"{prelude}    r.req = {req}\n"
+            "    r._receive = receive\n    r._send = send\n    r.sh = r.rb = r.sb = None\n    r.status = 0\n"
+            "    return r\n"
+            "inkernel._http_rec = _other_record\n")
+
+
+SCOPECOPY = _make("scope.copy()")
+#: the method and HTTP version as one shared str each
+SHARED = {"prelude": "    m = scope['method']\n    v = scope['http_version']\n",
+          "req": "(_S.get(m, m), scope['path'], scope['query_string'], scope['headers'], scope['client'], _S.get(v, v))"}
 
 def _finish(t1: str, seq: str, trim: str = "") -> str:
-    """A replacement of `_HttpRec.finish` with other values for the end time and the sequence number."""
+    """A replacement of `_HttpRec.finish` with other values for the end time and the sequence number, and
+    `trim` run after the append (errors are not counted: the bench's requests have none)."""
     return ("def _fin(self, status, error):\n    if self.t1:\n        return\n"
             f"    self.t1 = t1 = {t1}\n    self.status = status\n    self.error = error\n"
             "    self._send = self._receive = None\n    srv = self.srv\n"
@@ -96,8 +91,8 @@ TARGETS = {"uvicorn": ("uvicorn", False, ""), "uvicorn-own": ("uvicorn", True, "
            "process": ("process", False, ""), "process-own": ("process", True, ""),
            "log1": ("process", False, "inkernel.LOG_SIZE = 1\n"), "bypass": ("process", False, BYPASS),
            "scopecopy": ("process", False, SCOPECOPY),
-           "shared": ("process", False, _MAKE.replace("T0", "perf_counter()")),
-           "fewer": ("process", False, _MAKE.replace("T0", "1.0") + _finish("2.0", "next(srv._seq) and 1")),
+           "shared": ("process", False, _make(**SHARED)),
+           "fewer": ("process", False, _make(**SHARED, t0="1.0") + _finish("2.0", "next(srv._seq) and 1")),
            "bare": ("process", False, _finish("inkernel.perf_counter()", "next(srv._seq)",
                                               "    self.req = self.sh = self.sb = None\n")),
            "nogc": ("process", False, "import gc\ngc.disable()\n"),
