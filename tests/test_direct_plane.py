@@ -421,8 +421,8 @@ async def test_direct_rbac_denied_namespace_falls_back(app: tuple[KubeTarget, st
 
 
 # ====================================================================== the watches behind the address book
-def _svc(name: str, **labels: str) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "labels": labels},
+def _svc(name: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
             "spec": {"ports": [{"port": 80}], "selector": {"app": name}}}
 
 
